@@ -1,0 +1,67 @@
+-- delete.lua: delete a base id (head, history, empty sequences) or one sequence "base::N".
+-- Refuses while a sequence is flushing or holds pending items, so no item is ever dropped.
+--
+-- KEYS[1] head     pfx.."b:"..base
+-- KEYS[2] history  pfx.."h:"..base
+-- KEYS[3] ids      pfx.."ids"
+-- KEYS[4] due      pfx.."due"
+-- ARGV[1] pfx
+-- ARGV[2] base
+-- ARGV[3] seq        sequence number, or '' for the whole base id
+-- ARGV[4] retention  seconds to keep head/history when a single sequence is deleted
+-- Derived keys: state and items of the sequences concerned.
+-- Reply: {deleted (0|1), reason ('' when deleted)}
+local head, hist, ids, due = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local pfx, base, want = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('EXISTS', head) == 0 then
+  return {0, 'Batch not found'}
+end
+
+-- reason this sequence must not be deleted, or nil
+local function blocker(seq)
+  local member = member_of(base, seq)
+  local status = redis.call('HGET', pfx .. 's:' .. member, 'status')
+  if status == 'flushing' then
+    return 'Cannot delete batch while flushing'
+  end
+  if redis.call('LLEN', pfx .. 'i:' .. member) > 0 then
+    return 'Cannot delete batch with pending items'
+  end
+  return nil
+end
+
+local function drop(seq)
+  local member = member_of(base, seq)
+  redis.call('DEL', pfx .. 's:' .. member, pfx .. 'i:' .. member)
+  redis.call('ZREM', due, member)
+end
+
+if want == '' then
+  local fields = redis.call('HGETALL', head)
+  local active = {}
+  for i = 1, #fields, 2 do
+    local seq = string.match(fields[i], '^a:(%d+)$')
+    if seq then
+      local why = blocker(seq)
+      if why then return {0, why} end
+      table.insert(active, seq)
+    end
+  end
+  for _, seq in ipairs(active) do drop(seq) end
+  redis.call('DEL', head, hist)
+  redis.call('SREM', ids, base)
+  return {1, ''}
+end
+
+if redis.call('HEXISTS', head, 'a:' .. want) == 1 then
+  local why = blocker(want)
+  if why then return {0, why} end
+  drop(want)
+  retire(pfx, head, ids, base, want, tonumber(ARGV[4]))
+  return {1, ''}
+end
+if redis.call('HGET', head, 'done_seq') == want then
+  redis.call('HDEL', head, 'done_seq', 'done_items', 'done_at')
+  return {1, ''}
+end
+return {0, 'Batch not found'}

@@ -1,0 +1,18 @@
+-- extend.lua: heartbeat -- renew the lease of a flush whose handler is still running.
+--
+-- KEYS[1] due  pfx.."due"
+-- ARGV[1] pfx
+-- ARGV[2] member    "base::N"
+-- ARGV[3] owner     token from claim.lua
+-- ARGV[4] lease_ms  new lease length from now
+-- Derived keys: pfx.."s:"..member.
+-- Reply: 1 when renewed, 0 when the lease belongs to someone else (or the flush is gone)
+local due = KEYS[1]
+local meta = ARGV[1] .. 's:' .. ARGV[2]
+if redis.call('HGET', meta, 'owner') ~= ARGV[3] then
+  return 0
+end
+local until_ms = now_ms() + tonumber(ARGV[4])
+redis.call('HSET', meta, 'lease_until', int(until_ms))
+redis.call('ZADD', due, 'XX', int(until_ms), ARGV[2])
+return 1

@@ -1,0 +1,45 @@
+-- flush.lua: manual flush -- seal a base id's accumulating sequence so workers take it now.
+--
+-- KEYS[1] head  pfx.."b:"..base
+-- KEYS[2] due   pfx.."due"
+-- ARGV[1] pfx
+-- ARGV[2] base
+-- ARGV[3] seq      sequence number to flush, or '' for the current accumulating one
+-- ARGV[4] channel  pub/sub channel to wake workers
+-- Reply: {code, seq, count, status}
+--   code 'ok'               sealed; count items will be delivered
+--        'empty'            nothing is accumulating (seq -1) or the sequence holds no items
+--        'not_found'        unknown base id or sequence
+--        'not_accumulating' the sequence exists but is in `status`
+local head, due = KEYS[1], KEYS[2]
+local pfx, base, want = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('EXISTS', head) == 0 then
+  return {'not_found', -1, 0, ''}
+end
+local seq
+if want ~= '' then
+  seq = want
+  local status = redis.call('HGET', pfx .. 's:' .. member_of(base, seq), 'status')
+  if not status then
+    local nxt = tonumber(redis.call('HGET', head, 'next') or '0')
+    if tonumber(seq) < nxt then
+      return {'not_accumulating', tonumber(seq), 0, 'completed'}
+    end
+    return {'not_found', tonumber(seq), 0, ''}
+  end
+  if status ~= 'accumulating' then
+    return {'not_accumulating', tonumber(seq), 0, status}
+  end
+else
+  seq = redis.call('HGET', head, 'acc')
+  if not seq then
+    return {'empty', -1, 0, ''}
+  end
+end
+local count = redis.call('LLEN', pfx .. 'i:' .. member_of(base, seq))
+if count == 0 then
+  return {'empty', tonumber(seq), 0, 'accumulating'}
+end
+seal(pfx, head, due, base, seq, count, 'manual', now_ms())
+redis.call('PUBLISH', ARGV[4], pfx)
+return {'ok', tonumber(seq), count, 'flushing'}

@@ -1,0 +1,74 @@
+"""redis-batcher: accumulate items into batches inside Redis and hand each batch to a handler.
+
+Quick use::
+
+    import redis_batcher
+
+    batcher = redis_batcher.Batcher("redis://127.0.0.1:6379/0", prefix="rb")
+
+    @batcher.processor(name="events", max_batch_size=100, flush_interval=5.0)
+    def send_events(flush: redis_batcher.Flush) -> None:
+        ...
+
+    send_events.add("user:42", {"type": "click"})
+    redis_batcher.Worker(batcher).run()
+"""
+
+from .batcher import Batcher
+from .codec import Codec, JsonCodec, MsgpackCodec
+from .errors import (
+    BatcherError,
+    BatchNotAccumulating,
+    BatchNotFound,
+    ConfigError,
+    DecodeError,
+    DuplicateProcessor,
+    InvalidBatchId,
+    ItemEncodeError,
+    ItemError,
+    ItemTooLarge,
+    UnknownProcessor,
+)
+from .models import (
+    AddResult,
+    BatchInfo,
+    BatchStatus,
+    DeleteResult,
+    Flush,
+    FlushRecord,
+    FlushResult,
+    ProcessorConfig,
+)
+from .processor import Processor
+from .worker import Worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AddResult",
+    "BatchInfo",
+    "BatchNotAccumulating",
+    "BatchNotFound",
+    "BatchStatus",
+    "Batcher",
+    "BatcherError",
+    "Codec",
+    "ConfigError",
+    "DecodeError",
+    "DeleteResult",
+    "DuplicateProcessor",
+    "Flush",
+    "FlushRecord",
+    "FlushResult",
+    "InvalidBatchId",
+    "ItemEncodeError",
+    "ItemError",
+    "ItemTooLarge",
+    "JsonCodec",
+    "MsgpackCodec",
+    "Processor",
+    "ProcessorConfig",
+    "UnknownProcessor",
+    "Worker",
+    "__version__",
+]

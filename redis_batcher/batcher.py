@@ -1,0 +1,255 @@
+"""The entry point: a Redis connection, a key prefix and the processors defined on it."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any, overload
+
+import redis
+
+from .codec import Codec, codec_name, resolve_codec
+from .errors import ConfigError, DuplicateProcessor, UnknownProcessor
+from .keys import registry_key, validate_name
+from .models import ProcessorConfig
+from .processor import Handler, Processor
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+
+def default_url() -> str:
+    """``$REDIS_URL``, else ``redis://127.0.0.1:6379/0``."""
+    return os.environ.get("REDIS_URL") or DEFAULT_URL
+
+
+def _seconds(name: str, value: float | timedelta | None, *, allow_none: bool, positive: bool = False) -> float | None:
+    if value is None:
+        if allow_none:
+            return None
+        raise ConfigError(f"{name} must not be None")
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a number of seconds or a timedelta, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ConfigError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+    return float(value)
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+class Batcher:
+    """Holds the Redis client and the processors.
+
+    ``connection`` is a URL (``redis://``, ``rediss://``, ``unix://``), an existing
+    ``redis.Redis`` / ``redis.RedisCluster`` client, or ``None`` for ``$REDIS_URL`` /
+    ``redis://127.0.0.1:6379/0``. ``prefix`` namespaces every key. Pass ``cluster=True`` with a
+    URL to connect to Redis Cluster.
+    """
+
+    def __init__(
+        self,
+        connection: str | redis.Redis | redis.RedisCluster | None = None,
+        *,
+        prefix: str = "rb",
+        cluster: bool = False,
+        **redis_options: Any,
+    ) -> None:
+        self.prefix = validate_name("prefix", prefix)
+        self.client: Any = None
+        self.url: str | None = None
+        self.is_cluster = False
+        self.processors: dict[str, Processor] = {}
+        self._registered: set[str] = set()
+        self._lock = threading.Lock()
+        self.connect(connection, cluster=cluster, **redis_options)
+
+    def connect(
+        self,
+        connection: str | redis.Redis | redis.RedisCluster | None = None,
+        *,
+        cluster: bool = False,
+        **redis_options: Any,
+    ) -> None:
+        """(Re)bind the batcher to a URL or client; the CLI uses this for ``--redis-url``."""
+        if connection is None:
+            connection = default_url()
+        if isinstance(connection, str):
+            if cluster:
+                client: Any = redis.RedisCluster.from_url(connection, **redis_options)
+            else:
+                client = redis.Redis.from_url(connection, **redis_options)
+            url: str | None = connection
+        else:
+            client, url = connection, None
+        kwargs = getattr(client, "get_connection_kwargs", lambda: {})()
+        if kwargs.get("decode_responses"):
+            raise ConfigError("redis-batcher needs a client with decode_responses=False (items are bytes)")
+        self.client = client
+        self.url = url
+        self.is_cluster = isinstance(client, redis.RedisCluster)
+        self._registered.clear()
+
+    def __repr__(self) -> str:
+        return f"<Batcher prefix={self.prefix!r} processors={sorted(self.processors)}>"
+
+    @overload
+    def processor(self, fn: Handler, /) -> Processor: ...
+
+    @overload
+    def processor(
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        max_batch_size: int = 100,
+        flush_interval: float | timedelta | None = 30.0,
+        partitions: int = 1,
+        codec: str | Codec = "msgpack",
+        max_item_bytes: int = 1 << 20,
+        history_limit: int = 100,
+        retention: float | timedelta = timedelta(days=7),
+        lease_timeout: float | timedelta = 60.0,
+        retry_backoff: float = 1.0,
+        retry_backoff_max: float = 300.0,
+    ) -> Callable[[Handler], Processor]: ...
+
+    def processor(
+        self,
+        fn: Handler | None = None,
+        /,
+        *,
+        name: str | None = None,
+        max_batch_size: int = 100,
+        flush_interval: float | timedelta | None = 30.0,
+        partitions: int = 1,
+        codec: str | Codec = "msgpack",
+        max_item_bytes: int = 1 << 20,
+        history_limit: int = 100,
+        retention: float | timedelta = timedelta(days=7),
+        lease_timeout: float | timedelta = 60.0,
+        retry_backoff: float = 1.0,
+        retry_backoff_max: float = 300.0,
+    ) -> Processor | Callable[[Handler], Processor]:
+        """Decorator that turns ``handler(flush)`` into a :class:`Processor`.
+
+        ``max_batch_size``: a sequence is sealed and delivered when it holds this many items.
+        ``flush_interval``: seconds (or timedelta) after a sequence's first item at which it is
+        delivered even if not full; ``None`` = only size and manual flushes.
+        ``partitions``: hash-tagged shards of the processor (spread one hot processor over a
+        cluster). ``codec``: ``"msgpack"`` (default), ``"json"`` or a :class:`Codec`.
+        ``max_item_bytes``: largest encoded item accepted. ``history_limit``: flush records kept
+        per batch id. ``retention``: how long a finished batch id's head and history stay.
+        ``lease_timeout``: how long a claimed flush is owned by a worker without a heartbeat.
+        ``retry_backoff``/``retry_backoff_max``: failed flushes are retried after
+        ``retry_backoff * 2**(attempt-1)`` seconds (with jitter), capped at ``retry_backoff_max``.
+        """
+        # validate everything eagerly: bad configuration fails at import time, not in production
+        size = _positive_int("max_batch_size", max_batch_size)
+        interval = _seconds("flush_interval", flush_interval, allow_none=True)
+        parts = _positive_int("partitions", partitions)
+        codec_obj = resolve_codec(codec)
+        item_limit = _positive_int("max_item_bytes", max_item_bytes)
+        hist = _positive_int("history_limit", history_limit)
+        keep = _seconds("retention", retention, allow_none=False, positive=True)
+        lease = _seconds("lease_timeout", lease_timeout, allow_none=False, positive=True)
+        backoff = _seconds("retry_backoff", retry_backoff, allow_none=False)
+        backoff_max = _seconds("retry_backoff_max", retry_backoff_max, allow_none=False)
+        assert keep is not None and lease is not None and backoff is not None and backoff_max is not None
+        if name is not None:
+            validate_name("processor name", name)
+
+        def decorate(handler: Handler) -> Processor:
+            if not callable(handler):
+                raise ConfigError(f"processor handler must be callable, got {handler!r}")
+            pname = name or f"{handler.__module__}.{handler.__qualname__}"
+            validate_name("processor name", pname)
+            config = ProcessorConfig(
+                name=pname,
+                max_batch_size=size,
+                flush_interval=interval,
+                partitions=parts,
+                codec=codec_name(codec_obj),
+                max_item_bytes=item_limit,
+                history_limit=hist,
+                retention=keep,
+                lease_timeout=lease,
+                retry_backoff=backoff,
+                retry_backoff_max=backoff_max,
+            )
+            with self._lock:
+                if pname in self.processors:
+                    raise DuplicateProcessor(f"a processor named {pname!r} is already defined on this batcher")
+                proc = Processor(self, handler, config, codec_obj)
+                self.processors[pname] = proc
+            return proc
+
+        if fn is not None:
+            return decorate(fn)
+        return decorate
+
+    def get_processor(self, name: str) -> Processor:
+        """The processor called ``name`` (raises :class:`UnknownProcessor`)."""
+        try:
+            return self.processors[name]
+        except KeyError:
+            raise UnknownProcessor(f"no processor named {name!r}; known: {sorted(self.processors)}") from None
+
+    def batch_ids(self, processor: str) -> Iterator[str]:
+        """Active base ids of a processor, iterated with SSCAN over each partition (never KEYS)."""
+        proc = self.get_processor(processor)
+        for part in proc.keys.parts:
+            for raw in self.client.sscan_iter(part.ids, count=500):
+                yield raw.decode() if isinstance(raw, bytes) else raw
+
+    # -- registry ---------------------------------------------------------------------------------
+
+    def _ensure_registered(self, proc: Processor) -> None:
+        if proc.name in self._registered:
+            return
+        self.client.hset(registry_key(self.prefix), proc.name, proc.config.to_json())
+        self._registered.add(proc.name)
+
+    def register(self) -> None:
+        """Publish every processor's config to ``<prefix>:processors`` (the CLI reads it)."""
+        for proc in self.processors.values():
+            self._registered.discard(proc.name)
+            self._ensure_registered(proc)
+
+    def registered(self) -> dict[str, ProcessorConfig]:
+        """Processor configs found in Redis, written by any producer or worker of this prefix."""
+        raw = self.client.hgetall(registry_key(self.prefix))
+        return {
+            (k.decode() if isinstance(k, bytes) else k): ProcessorConfig.from_json(v) for k, v in raw.items()
+        }
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self.client.close()
+
+    def remote(self, name: str) -> Processor:
+        """A processor rebuilt from the Redis registry, for inspecting and flushing batches
+        without importing the application (as the CLI does). Its handler cannot be called."""
+        if name in self.processors:
+            return self.processors[name]
+        configs = self.registered()
+        if name not in configs:
+            raise UnknownProcessor(f"processor {name!r} is not registered under prefix {self.prefix!r}")
+        config = configs[name]
+        try:
+            codec_obj = resolve_codec(config.codec)
+        except ConfigError:
+            codec_obj = resolve_codec("msgpack")
+
+        def unavailable(flush: Any) -> None:
+            raise UnknownProcessor(f"processor {name!r} was loaded from the registry; its handler is not here")
+
+        return Processor(self, unavailable, config, codec_obj)

@@ -1,0 +1,281 @@
+"""The ``redis-batcher`` command: worker daemon, inspection, manual flush and the demo."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import sys
+from datetime import datetime
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from .batcher import Batcher, default_url
+from .errors import BatcherError
+from .processor import Processor
+
+console = Console()
+URL_HELP = "Redis URL (default: $REDIS_URL, then redis://127.0.0.1:6379/0)."
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(_jsonable(value), indent=2, ensure_ascii=False))
+
+
+def _fmt_time(value: datetime | None) -> str:
+    return value.isoformat(timespec="milliseconds") if value else "-"
+
+
+def load_target(spec: str) -> tuple[Batcher, list[str] | None]:
+    """Import ``module:attr`` naming a Batcher or a Processor (then only that processor)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise click.BadParameter(f"expected MODULE:ATTR, got {spec!r}", param_hint="APP")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.BadParameter(f"cannot import {module_name!r}: {exc}", param_hint="APP") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise click.BadParameter(f"{module_name!r} has no attribute {attr!r}", param_hint="APP") from None
+    if isinstance(obj, Batcher):
+        return obj, None
+    if isinstance(obj, Processor):
+        return obj.batcher, [obj.name]
+    raise click.BadParameter(f"{spec} is a {type(obj).__name__}, not a Batcher or Processor", param_hint="APP")
+
+
+def _batcher(url: str | None, prefix: str, cluster: bool) -> Batcher:
+    return Batcher(url or default_url(), prefix=prefix, cluster=cluster)
+
+
+def _remote(url: str | None, prefix: str, cluster: bool, name: str) -> Processor:
+    try:
+        return _batcher(url, prefix, cluster).remote(name)
+    except BatcherError as exc:
+        raise click.BadParameter(str(exc), param_hint="--processor") from exc
+
+
+def _common(f: Any) -> Any:
+    f = click.option("--cluster", is_flag=True, help="Connect to Redis Cluster.")(f)
+    f = click.option("--prefix", default="rb", show_default=True, help="Key prefix of the batcher.")(f)
+    f = click.option("--redis-url", envvar="REDIS_URL", default=None, help=URL_HELP)(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="redis-batcher")
+def main() -> None:
+    """Batch items in Redis and deliver them to handlers."""
+
+
+@main.command()
+@click.argument("app")
+@click.option("--redis-url", envvar="REDIS_URL", default=None, help="Override the app batcher's Redis URL.")
+@click.option("--concurrency", "-c", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--burst", is_flag=True, help="Deliver what is due now, then exit.")
+@click.option("--processor", "-p", "names", multiple=True, help="Only serve these processors (repeatable).")
+@click.option("--max-idle-wait", type=click.FloatRange(min=0.01), default=5.0, show_default=True,
+              help="Longest sleep between delay-queue checks when no wake-up arrives.")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def worker(
+    app: str,
+    redis_url: str | None,
+    concurrency: int,
+    burst: bool,
+    names: tuple[str, ...],
+    max_idle_wait: float,
+    log_level: str,
+) -> None:
+    """Run a worker for the processors of APP (``module:batcher`` or ``module:processor``).
+
+    SIGTERM/SIGINT: stop claiming, finish in-flight flushes, exit 0. A second signal exits at once.
+    """
+    from .worker import Worker
+
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(message)s",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=True)],
+    )
+    batcher, only = load_target(app)
+    selected = list(names) or only
+    if selected:
+        unknown = [n for n in selected if n not in batcher.processors]
+        if unknown:
+            raise click.BadParameter(
+                f"unknown processor(s) {unknown}; {app} defines {sorted(batcher.processors)}",
+                param_hint="--processor",
+            )
+    if redis_url:
+        batcher.connect(redis_url, cluster=batcher.is_cluster)
+    try:
+        w = Worker(batcher, concurrency=concurrency, processors=selected, max_idle_wait=max_idle_wait)
+    except BatcherError as exc:
+        raise click.UsageError(str(exc)) from exc
+    w.run(burst=burst)
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--processor", "-p", required=True, help="Processor name.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_common
+def status(batch_id: str, processor: str, as_json: bool, redis_url: str | None, prefix: str, cluster: bool) -> None:
+    """Show the sequences of BATCH_ID (active ones and the last completed one)."""
+    proc = _remote(redis_url, prefix, cluster, processor)
+    try:
+        seqs = proc.sequences(batch_id)
+    except BatcherError as exc:
+        raise click.BadParameter(str(exc), param_hint="BATCH_ID") from exc
+    if as_json:
+        st = proc.status(batch_id)
+        _print_json({"batch_id": batch_id, "active": st is not None, "sequences": seqs, "config": proc.config})
+        return
+    if not seqs:
+        console.print(f"[yellow]no sequences for {batch_id!r} in processor {processor!r}[/]")
+        return
+    table = Table(title=f"{processor} / {batch_id}")
+    for col in ("seq", "status", "items", "attempt", "created", "updated", "last error"):
+        table.add_column(col)
+    for b in seqs:
+        table.add_row(
+            str(b.sequence), b.status, str(b.item_count), str(b.attempt),
+            _fmt_time(b.created_at), _fmt_time(b.updated_at), b.last_error or "",
+        )
+    console.print(table)
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--processor", "-p", required=True, help="Processor name.")
+@click.option("--limit", "-n", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_common
+def history(
+    batch_id: str, processor: str, limit: int, as_json: bool, redis_url: str | None, prefix: str, cluster: bool
+) -> None:
+    """Show the flush history of BATCH_ID, newest first."""
+    proc = _remote(redis_url, prefix, cluster, processor)
+    try:
+        records = proc.history(batch_id, limit=limit)
+    except BatcherError as exc:
+        raise click.BadParameter(str(exc), param_hint="BATCH_ID") from exc
+    if as_json:
+        _print_json(records)
+        return
+    table = Table(title=f"history of {processor} / {batch_id}")
+    for col in ("seq", "items", "started", "ms", "ok", "attempt", "error"):
+        table.add_column(col)
+    for r in records:
+        table.add_row(
+            str(r.sequence), str(r.item_count), _fmt_time(r.started_at), f"{r.duration_ms:.1f}",
+            "yes" if r.success else "[red]no[/]", str(r.attempt), r.error or "",
+        )
+    console.print(table)
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--processor", "-p", required=True, help="Processor name.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_common
+def flush(batch_id: str, processor: str, as_json: bool, redis_url: str | None, prefix: str, cluster: bool) -> None:
+    """Seal BATCH_ID's accumulating sequence now (a base id or base::N)."""
+    proc = _remote(redis_url, prefix, cluster, processor)
+    try:
+        result = proc.flush(batch_id)
+    except BatcherError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        _print_json(result)
+    elif result.flushed:
+        console.print(f"sealed {batch_id}::{result.sequence} with {result.item_count} items")
+    else:
+        console.print(f"nothing flushed: {result.reason}")
+
+
+@main.command(name="ls")
+@click.option("--processor", "-p", default=None, help="List the active batch ids of this processor.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_common
+def ls_cmd(processor: str | None, as_json: bool, redis_url: str | None, prefix: str, cluster: bool) -> None:
+    """List registered processors, or the active batch ids of one processor."""
+    batcher = _batcher(redis_url, prefix, cluster)
+    if processor is None:
+        rows = []
+        for name, cfg in sorted(batcher.registered().items()):
+            proc = batcher.remote(name)
+            ids = sum(batcher.client.scard(p.ids) for p in proc.keys.parts)
+            due = sum(batcher.client.zcard(p.due) for p in proc.keys.parts)
+            rows.append({"processor": name, "active_batch_ids": ids, "queued_sequences": due, "config": cfg})
+        if as_json:
+            _print_json(rows)
+            return
+        table = Table(title=f"processors under prefix {prefix!r}")
+        for col in ("processor", "max size", "interval s", "partitions", "active ids", "queued"):
+            table.add_column(col)
+        for row in rows:
+            cfg = row["config"]
+            table.add_row(
+                row["processor"], str(cfg.max_batch_size), str(cfg.flush_interval), str(cfg.partitions),
+                str(row["active_batch_ids"]), str(row["queued_sequences"]),
+            )
+        console.print(table)
+        return
+    proc = _remote(redis_url, prefix, cluster, processor)
+    batch_ids = sorted(proc.batch_ids())
+    if as_json:
+        _print_json(batch_ids)
+        return
+    for bid in batch_ids:
+        click.echo(bid)
+
+
+@main.command()
+@click.option("--redis-url", default=None, help="Use this Redis instead of a throwaway redis-server.")
+@click.option("--items", type=click.IntRange(min=1), default=20_000, show_default=True, help="Items to add.")
+@click.option("--producers", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--batch-ids", "batch_ids", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--flush-interval", type=click.FloatRange(min=0), default=0.5, show_default=True)
+def demo(
+    redis_url: str | None, items: int, producers: int, batch_ids: int, max_batch_size: int, flush_interval: float
+) -> None:
+    """Run producers and a worker against a throwaway redis-server and report throughput."""
+    from .demo import run_demo
+
+    code = run_demo(
+        redis_url=redis_url,
+        items=items,
+        producers=producers,
+        batch_ids=batch_ids,
+        max_batch_size=max_batch_size,
+        flush_interval=flush_interval,
+        console=console,
+    )
+    sys.exit(code)

@@ -1,0 +1,96 @@
+"""Item codecs: how items are turned into the bytes stored in Redis lists.
+
+msgpack is the default. ``json`` and any object with ``encode``/``decode`` methods
+(see :class:`Codec`) are accepted too. Pickle is deliberately not supported: a worker must
+never execute code found in Redis.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol, runtime_checkable
+
+import msgpack
+
+from .errors import ConfigError, DecodeError, ItemEncodeError, ItemTooLarge
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """What a custom codec must provide."""
+
+    name: str
+
+    def encode(self, item: Any) -> bytes:
+        """Serialise one item to bytes; raise on unsupported values."""
+        ...
+
+    def decode(self, data: bytes) -> Any:
+        """Turn stored bytes back into the item."""
+        ...
+
+
+class MsgpackCodec:
+    """dict, list, str, bytes, int, float, bool and None, via msgpack (tuples become lists)."""
+
+    name = "msgpack"
+
+    def encode(self, item: Any) -> bytes:
+        return msgpack.packb(item, use_bin_type=True)  # type: ignore[no-any-return]
+
+    def decode(self, data: bytes) -> Any:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+class JsonCodec:
+    """UTF-8 JSON (no NaN/Infinity, no bytes)."""
+
+    name = "json"
+
+    def encode(self, item: Any) -> bytes:
+        return json.dumps(item, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+    def decode(self, data: bytes) -> Any:
+        return json.loads(data)
+
+
+_BUILTIN: dict[str, Codec] = {"msgpack": MsgpackCodec(), "json": JsonCodec()}
+
+
+def resolve_codec(codec: str | Codec) -> Codec:
+    """Return a codec object for ``"msgpack"``, ``"json"`` or a user codec."""
+    if isinstance(codec, str):
+        try:
+            return _BUILTIN[codec]
+        except KeyError:
+            raise ConfigError(f"unknown codec {codec!r}; use 'msgpack', 'json' or a Codec object") from None
+    if not (callable(getattr(codec, "encode", None)) and callable(getattr(codec, "decode", None))):
+        raise ConfigError("codec must be 'msgpack', 'json' or an object with encode() and decode()")
+    return codec
+
+
+def codec_name(codec: Codec) -> str:
+    """A printable name for a codec (used in the processor registry)."""
+    return str(getattr(codec, "name", type(codec).__qualname__))
+
+
+def encode_item(codec: Codec, item: Any, max_bytes: int) -> bytes:
+    """Encode one item, raising :class:`ItemEncodeError` / ``ItemTooLarge`` before any write."""
+    try:
+        data = codec.encode(item)
+    except Exception as exc:  # the codec decides what it cannot encode
+        raise ItemEncodeError(f"cannot encode item of type {type(item).__name__}: {exc}") from exc
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ItemEncodeError(f"codec {codec_name(codec)!r} returned {type(data).__name__}, not bytes")
+    data = bytes(data)
+    if len(data) > max_bytes:
+        raise ItemTooLarge(f"encoded item is {len(data)} bytes, over max_item_bytes={max_bytes}")
+    return data
+
+
+def decode_item(codec: Codec, data: bytes, index: int) -> Any:
+    """Decode one stored entry, raising :class:`DecodeError` with its index on failure."""
+    try:
+        return codec.decode(data)
+    except Exception as exc:
+        raise DecodeError(f"cannot decode item {index} with codec {codec_name(codec)!r}: {exc}") from exc

@@ -1,0 +1,122 @@
+"""Key names, hash tags, partitions and batch-id rules.
+
+Every key of one processor partition shares the hash tag ``{<processor>:<partition>}``, so each
+Lua script touches a single Cluster slot. Layout (prefix ``rb``, processor ``events``, partition 0)::
+
+    rb:processors                      HASH  processor name -> JSON config (registry for the CLI)
+    rb:{events:0}:due                  ZSET  delay queue: "base::N" -> due / lease-expiry time (ms)
+    rb:{events:0}:ids                  SET   base ids with at least one active sequence
+    rb:{events:0}:b:<base>             HASH  head record of a base id
+    rb:{events:0}:h:<base>             LIST  flush history, newest first (JSON)
+    rb:{events:0}:s:<base>::<N>        HASH  state of sequence N
+    rb:{events:0}:i:<base>::<N>        LIST  encoded items of sequence N, in add order
+    rb:wake:events                     pub/sub channel that wakes idle workers
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+import zlib
+from dataclasses import dataclass
+
+from .errors import ConfigError, InvalidBatchId
+
+MAX_BATCH_ID_BYTES = 1024
+_SEQ_SUFFIX = re.compile(r"^(.*)::(\d+)$", re.DOTALL)
+_NAME_FORBIDDEN = re.compile(r"[{}\s]")
+
+
+def _has_control(text: str) -> bool:
+    return any(unicodedata.category(ch) == "Cc" for ch in text)
+
+
+def validate_name(kind: str, value: object, max_len: int = 200) -> str:
+    """Validate a processor name or key prefix: no braces, whitespace or control characters."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{kind} must be a non-empty string, got {value!r}")
+    if len(value) > max_len or _NAME_FORBIDDEN.search(value) or _has_control(value):
+        raise ConfigError(
+            f"{kind} {value!r} is invalid: at most {max_len} characters, no braces, whitespace or control characters"
+        )
+    return value
+
+
+def parse_batch_id(batch_id: object) -> tuple[str, int | None]:
+    """Split ``"base::N"`` into ``("base", N)``; a plain id gives ``(id, None)``.
+
+    Raises :class:`InvalidBatchId` for non-strings, empty ids, ids over 1 KiB (UTF-8) and ids
+    containing control characters.
+    """
+    if not isinstance(batch_id, str):
+        raise InvalidBatchId(f"batch id must be a str, got {type(batch_id).__name__}")
+    if not batch_id:
+        raise InvalidBatchId("batch id must not be empty")
+    try:
+        size = len(batch_id.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidBatchId(f"batch id is not valid unicode: {exc}") from None
+    if size > MAX_BATCH_ID_BYTES:
+        raise InvalidBatchId(f"batch id is {size} bytes, the limit is {MAX_BATCH_ID_BYTES}")
+    if _has_control(batch_id):
+        raise InvalidBatchId(f"batch id {batch_id!r} contains control characters")
+    match = _SEQ_SUFFIX.match(batch_id)
+    if match is None:
+        return batch_id, None
+    base = match.group(1)
+    if not base:
+        raise InvalidBatchId(f"batch id {batch_id!r} has an empty base before '::'")
+    return base, int(match.group(2))
+
+
+def partition_of(base: str, partitions: int) -> int:
+    """Stable partition of a base id (CRC-32 of its UTF-8 bytes), the same in every process."""
+    if partitions == 1:
+        return 0
+    return zlib.crc32(base.encode("utf-8")) % partitions
+
+
+@dataclass(frozen=True)
+class PartitionKeys:
+    """Key names of one processor partition; ``pfx`` is what scripts prepend to derived keys."""
+
+    pfx: str
+
+    @property
+    def due(self) -> str:
+        return self.pfx + "due"
+
+    @property
+    def ids(self) -> str:
+        return self.pfx + "ids"
+
+    def head(self, base: str) -> str:
+        return f"{self.pfx}b:{base}"
+
+    def history(self, base: str) -> str:
+        return f"{self.pfx}h:{base}"
+
+    def meta(self, base: str, seq: int) -> str:
+        return f"{self.pfx}s:{base}::{seq}"
+
+    def items(self, base: str, seq: int) -> str:
+        return f"{self.pfx}i:{base}::{seq}"
+
+
+class KeySpace:
+    """Key names of one processor across its partitions."""
+
+    def __init__(self, prefix: str, processor: str, partitions: int) -> None:
+        self.prefix = prefix
+        self.processor = processor
+        self.partitions = partitions
+        self.parts = [PartitionKeys(f"{prefix}:{{{processor}:{k}}}:") for k in range(partitions)]
+        self.channel = f"{prefix}:wake:{processor}"
+
+    def for_base(self, base: str) -> PartitionKeys:
+        return self.parts[partition_of(base, self.partitions)]
+
+
+def registry_key(prefix: str) -> str:
+    """The HASH where processors publish their configuration for the CLI and workers."""
+    return f"{prefix}:processors"

@@ -1,0 +1,158 @@
+"""Value objects returned by the public API. Times are timezone-aware UTC datetimes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+
+def ms_to_dt(value: Any) -> datetime | None:
+    """Epoch milliseconds (as stored in Redis) to an aware UTC datetime."""
+    if value is None or value == b"" or value == "":
+        return None
+    return datetime.fromtimestamp(int(value) / 1000.0, tz=timezone.utc)
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    """A processor's settings, as stored in the ``<prefix>:processors`` registry."""
+
+    name: str
+    max_batch_size: int
+    flush_interval: float | None
+    partitions: int
+    codec: str
+    max_item_bytes: int
+    history_limit: int
+    retention: float
+    lease_timeout: float
+    retry_backoff: float
+    retry_backoff_max: float
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> ProcessorConfig:
+        data = json.loads(raw)
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """Outcome of ``add``/``add_many``.
+
+    ``sequence`` received the last item and now holds ``pending`` items; ``status`` is
+    ``"flushing"`` when that item sealed it. ``flushed`` is true when the call sealed at least
+    one sequence (``sealed`` says how many).
+    """
+
+    batch_id: str
+    sequence: int | None
+    added: int
+    pending: int
+    flushed: bool
+    status: str | None
+    sealed: int = 0
+
+
+@dataclass(frozen=True)
+class FlushResult:
+    """Outcome of a manual ``flush``: ``flushed`` is false with ``reason`` when nothing was sealed."""
+
+    batch_id: str
+    sequence: int | None
+    item_count: int
+    flushed: bool
+    status: str | None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """One sequence ``base::N`` of a batch id."""
+
+    sequence: int
+    status: str
+    item_count: int
+    created_at: datetime | None
+    updated_at: datetime | None
+    batch_id: str = ""
+    attempt: int = 0
+    last_error: str | None = None
+    next_attempt_at: datetime | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class BatchStatus:
+    """Active sequences (accumulating or flushing) of a base id, plus the processor config."""
+
+    batch_id: str
+    batches: list[BatchInfo]
+    config: ProcessorConfig
+    last_completed: BatchInfo | None = None
+
+    @property
+    def pending(self) -> int:
+        """Items not yet delivered, over all active sequences."""
+        return sum(b.item_count for b in self.batches)
+
+
+@dataclass(frozen=True)
+class FlushRecord:
+    """One entry of a base id's flush history (newest first)."""
+
+    sequence: int
+    item_count: int
+    started_at: datetime
+    duration_ms: float
+    success: bool
+    error: str | None
+    attempt: int
+    flush_id: str = ""
+    reason: str | None = None
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> FlushRecord:
+        d = json.loads(raw)
+        started = ms_to_dt(d["started_at"])
+        assert started is not None
+        return cls(
+            sequence=int(d["seq"]),
+            item_count=int(d["items"]),
+            started_at=started,
+            duration_ms=float(d["duration_ms"]),
+            success=bool(d["success"]),
+            error=d.get("error"),
+            attempt=int(d.get("attempt", 1)),
+            flush_id=str(d.get("flush_id", "")),
+            reason=d.get("reason"),
+        )
+
+
+@dataclass(frozen=True)
+class DeleteResult:
+    """Outcome of ``delete``: ``reason`` says why nothing was deleted."""
+
+    deleted: bool
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Flush:
+    """What a handler receives: one sequence's items, in add order."""
+
+    processor: str
+    batch_id: str
+    sequence: int
+    items: list[Any]
+    attempt: int
+    flush_id: str
+    reason: str = ""
+
+    def __len__(self) -> int:
+        return len(self.items)

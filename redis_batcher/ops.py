@@ -1,0 +1,260 @@
+"""Script calls as data: what to send for each operation and how to read the reply.
+
+Both the sync API and any async twin build a :class:`Call` here, run it on their own client and
+parse the reply here, so the two never drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import BatchNotAccumulating, BatchNotFound
+from .keys import PartitionKeys
+from .models import (
+    AddResult,
+    BatchInfo,
+    DeleteResult,
+    FlushRecord,
+    FlushResult,
+    ms_to_dt,
+)
+from .scripts import Arg, Script, scripts
+
+if TYPE_CHECKING:
+    from .processor import Processor
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, str]:
+    return {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+@dataclass(frozen=True)
+class Call:
+    """One script invocation."""
+
+    script: Script
+    keys: tuple[str, ...]
+    args: tuple[Arg, ...]
+
+    def run(self, client: Any) -> Any:
+        return self.script(client, self.keys, self.args)
+
+
+# -- producer side -----------------------------------------------------------------------------
+
+
+def add_call(proc: Processor, base: str, encoded: Sequence[bytes]) -> Call:
+    part = proc.keys.for_base(base)
+    return Call(
+        scripts().add,
+        (part.head(base), part.ids, part.due, part.history(base)),
+        (part.pfx, base, proc.config.max_batch_size, proc.interval_ms, proc.keys.channel, *encoded),
+    )
+
+
+def parse_add(base: str, reply: Sequence[Any]) -> AddResult:
+    seq, pending, status, sealed, added = reply
+    return AddResult(
+        batch_id=base,
+        sequence=int(seq),
+        added=int(added),
+        pending=int(pending),
+        flushed=int(sealed) > 0,
+        status=_s(status),
+        sealed=int(sealed),
+    )
+
+
+def flush_call(proc: Processor, base: str, seq: int | None) -> Call:
+    part = proc.keys.for_base(base)
+    return Call(
+        scripts().flush,
+        (part.head(base), part.due),
+        (part.pfx, base, "" if seq is None else seq, proc.keys.channel),
+    )
+
+
+def parse_flush(batch_id: str, base: str, reply: Sequence[Any]) -> FlushResult:
+    code, seq, count, status = _s(reply[0]), int(reply[1]), int(reply[2]), _s(reply[3])
+    sequence = None if seq < 0 else seq
+    if code == "not_found":
+        raise BatchNotFound(f"batch {batch_id!r} does not exist")
+    if code == "not_accumulating":
+        raise BatchNotAccumulating(batch_id, status)
+    if code == "empty":
+        return FlushResult(base, sequence, 0, False, status or None, "Batch is empty")
+    return FlushResult(base, sequence, count, True, status)
+
+
+def status_call(proc: Processor, base: str) -> Call:
+    part = proc.keys.for_base(base)
+    return Call(scripts().status, (part.head(base),), (part.pfx, base))
+
+
+def parse_status(base: str, reply: Sequence[Any]) -> tuple[list[BatchInfo], BatchInfo | None]:
+    """Active sequences (ordered) and the last completed one, from a status.lua reply."""
+    head = _pairs(reply[0])
+    active: list[BatchInfo] = []
+    for seq, flat, llen in reply[1:]:
+        meta = _pairs(flat)
+        status = meta.get("status", "accumulating")
+        count = int(meta["cutoff"]) if status == "flushing" and "cutoff" in meta else int(llen)
+        active.append(
+            BatchInfo(
+                sequence=int(seq),
+                status=status,
+                item_count=count,
+                created_at=ms_to_dt(meta.get("created_at")),
+                updated_at=ms_to_dt(meta.get("updated_at")),
+                batch_id=f"{base}::{int(seq)}",
+                attempt=int(meta.get("attempt", 0)),
+                last_error=meta.get("last_error"),
+                next_attempt_at=ms_to_dt(meta.get("next_attempt_at")),
+                reason=meta.get("reason"),
+            )
+        )
+    active.sort(key=lambda b: b.sequence)
+    done = None
+    if "done_seq" in head:
+        done_at = ms_to_dt(head.get("done_at"))
+        done = BatchInfo(
+            sequence=int(head["done_seq"]),
+            status="completed",
+            item_count=int(head.get("done_items", 0)),
+            created_at=None,
+            updated_at=done_at,
+            batch_id=f"{base}::{head['done_seq']}",
+        )
+    return active, done
+
+
+def history_range(proc: Processor, base: str, limit: int) -> tuple[str, int, int]:
+    return proc.keys.for_base(base).history(base), 0, limit - 1
+
+
+def parse_history(raw: Sequence[bytes]) -> list[FlushRecord]:
+    return [FlushRecord.from_json(r) for r in raw]
+
+
+def delete_call(proc: Processor, base: str, seq: int | None) -> Call:
+    part = proc.keys.for_base(base)
+    return Call(
+        scripts().delete,
+        (part.head(base), part.history(base), part.ids, part.due),
+        (part.pfx, base, "" if seq is None else seq, proc.retention_s),
+    )
+
+
+def parse_delete(reply: Sequence[Any]) -> DeleteResult:
+    deleted, reason = int(reply[0]), _s(reply[1])
+    return DeleteResult(bool(deleted), reason or None)
+
+
+# -- worker side -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A leased flush, as returned by claim.lua."""
+
+    processor: Processor
+    part: PartitionKeys
+    member: str
+    base: str
+    sequence: int
+    cutoff: int
+    attempt: int
+    flush_id: str
+    reason: str
+    owner: str
+
+
+def new_token() -> str:
+    return secrets.token_hex(8)
+
+
+def claim_call(proc: Processor, part: PartitionKeys, limit: int, owner: str) -> Call:
+    return Call(
+        scripts().claim,
+        (part.due,),
+        (part.pfx, limit, proc.lease_ms, owner, new_token(), proc.retention_s),
+    )
+
+
+def parse_claim(
+    proc: Processor, part: PartitionKeys, owner: str, reply: Sequence[Any]
+) -> tuple[int, list[Claimed]]:
+    """(ms until the next due entry, -1 if none; claimed flushes)."""
+    next_due = int(reply[0])
+    out = []
+    for i in range(1, len(reply), 5):
+        member = _s(reply[i])
+        base, _, seq = member.rpartition("::")
+        out.append(
+            Claimed(
+                processor=proc,
+                part=part,
+                member=member,
+                base=base,
+                sequence=int(seq),
+                cutoff=int(reply[i + 1]),
+                attempt=int(reply[i + 2]),
+                flush_id=_s(reply[i + 3]),
+                reason=_s(reply[i + 4]),
+                owner=owner,
+            )
+        )
+    return next_due, out
+
+
+def history_entry(
+    c: Claimed, started_ms: int, duration_ms: float, success: bool, error: str | None
+) -> str:
+    return json.dumps(
+        {
+            "seq": c.sequence,
+            "items": c.cutoff,
+            "started_at": started_ms,
+            "duration_ms": round(duration_ms, 3),
+            "success": success,
+            "error": error,
+            "attempt": c.attempt,
+            "flush_id": c.flush_id,
+            "reason": c.reason,
+        },
+        separators=(",", ":"),
+    )
+
+
+def ack_call(c: Claimed, entry: str) -> Call:
+    proc = c.processor
+    return Call(
+        scripts().ack,
+        (c.part.due, c.part.head(c.base), c.part.history(c.base), c.part.ids),
+        (c.part.pfx, c.member, c.owner, entry, proc.config.history_limit, proc.retention_s),
+    )
+
+
+def nack_call(c: Claimed, entry: str, delay_ms: int, error: str) -> Call:
+    proc = c.processor
+    return Call(
+        scripts().nack,
+        (c.part.due, c.part.history(c.base)),
+        (c.part.pfx, c.member, c.owner, entry, proc.config.history_limit, delay_ms, error),
+    )
+
+
+def extend_call(c: Claimed) -> Call:
+    return Call(scripts().extend, (c.part.due,), (c.part.pfx, c.member, c.owner, c.processor.lease_ms))
+
+
+def items_key(c: Claimed) -> str:
+    return c.part.items(c.base, c.sequence)

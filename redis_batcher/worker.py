@@ -1,0 +1,367 @@
+"""The worker: claims due sequences, runs handlers, acknowledges or retries them.
+
+A worker never busy-polls. It claims what is due, then sleeps until the earliest entry of its
+delay queues is due, a slot frees up, or a pub/sub message says a sequence was sealed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from . import ops
+from .batcher import Batcher
+from .codec import decode_item
+from .errors import ConfigError, DecodeError
+from .keys import PartitionKeys
+from .models import Flush
+from .processor import Processor
+
+log = logging.getLogger("redis_batcher.worker")
+
+MAX_ERROR_CHARS = 2000
+DRAIN_CHUNK = 10_000
+
+
+@dataclass
+class WorkerStats:
+    """Counters of one :meth:`Worker.run`."""
+
+    delivered: int = 0
+    failed: int = 0
+    items: int = 0
+    lease_lost: int = 0
+
+
+def backoff_seconds(proc: Processor, attempt: int) -> float:
+    """``retry_backoff * 2**(attempt-1)`` capped at ``retry_backoff_max``, with 50-100% jitter."""
+    cfg = proc.config
+    raw = min(cfg.retry_backoff_max, cfg.retry_backoff * (2 ** min(max(attempt - 1, 0), 62)))
+    return raw * random.uniform(0.5, 1.0)
+
+
+class Worker:
+    """Delivers due batches of a :class:`Batcher`'s processors to their handlers.
+
+    ``concurrency`` handlers run at once (threads). ``processors`` limits the worker to some
+    processor names. ``max_idle_wait`` bounds how long an idle worker sleeps between checks of
+    its delay queues when no wake-up message arrives (a safety net; wake-ups are instant).
+    """
+
+    def __init__(
+        self,
+        batcher: Batcher,
+        *,
+        concurrency: int = 4,
+        processors: Iterable[str] | None = None,
+        max_idle_wait: float = 5.0,
+    ) -> None:
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        if not max_idle_wait > 0:
+            raise ConfigError(f"max_idle_wait must be > 0, got {max_idle_wait!r}")
+        self.batcher = batcher
+        self.client: Any = batcher.client
+        self.concurrency = concurrency
+        self.max_idle_wait = float(max_idle_wait)
+        names = list(processors) if processors is not None else list(batcher.processors)
+        self.processors = [batcher.get_processor(n) for n in names]
+        if not self.processors:
+            raise ConfigError("the worker has no processors to serve")
+        self.parts: list[tuple[Processor, PartitionKeys]] = [
+            (p, part) for p in self.processors for part in p.keys.parts
+        ]
+        self.stats = WorkerStats()
+        self._inflight: dict[str, ops.Claimed] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._done = threading.Event()
+        self._rr = 0
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- public ----------------------------------------------------------------------------------
+
+    def run(self, burst: bool = False) -> WorkerStats:
+        """Serve until :meth:`stop`, SIGTERM or SIGINT (then finish in-flight flushes and return).
+
+        With ``burst=True``, deliver everything that is due now and return once nothing due is
+        left and no handler is running (for tests and cron jobs).
+        """
+        self._stopping.clear()
+        self._done.clear()
+        self.stats = WorkerStats()
+        restore = self._install_signals()
+        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="rb-flush")
+        threads = [threading.Thread(target=self._heartbeat, name="rb-heartbeat", daemon=True)]
+        if not burst:
+            threads.append(threading.Thread(target=self._listen, name="rb-wake", daemon=True))
+        try:
+            self._register()
+            for t in threads:
+                t.start()
+            log.info(
+                "worker serving %s (concurrency %d%s)",
+                ", ".join(p.name for p in self.processors),
+                self.concurrency,
+                ", burst" if burst else "",
+            )
+            self._loop(burst)
+        finally:
+            if self._inflight:
+                log.info("waiting for %d in-flight flush(es) to finish", len(self._inflight))
+            self._pool.shutdown(wait=True)
+            self._stopping.set()
+            self._done.set()
+            for t in threads:
+                t.join(timeout=5)
+            restore()
+            log.info(
+                "worker stopped: %d delivered, %d failed, %d items",
+                self.stats.delivered,
+                self.stats.failed,
+                self.stats.items,
+            )
+        return self.stats
+
+    def stop(self) -> None:
+        """Stop claiming; :meth:`run` returns once in-flight handlers have finished."""
+        self._stopping.set()
+        self._wake.set()
+
+    @property
+    def inflight(self) -> int:
+        """Flushes whose handlers are running now."""
+        return len(self._inflight)
+
+    # -- main loop -------------------------------------------------------------------------------
+
+    def _register(self) -> None:
+        delay = 0.1
+        while not self._stopping.is_set():
+            try:
+                for proc in self.processors:
+                    self.batcher._registered.discard(proc.name)
+                    self.batcher._ensure_registered(proc)
+                return
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                log.warning("cannot reach Redis (%s); retrying in %.1fs", exc, delay)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _loop(self, burst: bool) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            wait, more = self._claim_round()
+            free = self.concurrency - len(self._inflight)
+            if burst and not more and not self._inflight:
+                return
+            if more and free > 0:
+                continue
+            self._wake.wait(wait)
+
+    def _claim_round(self) -> tuple[float, bool]:
+        """Claim from every partition, round-robin. Returns (seconds to sleep, more due now)."""
+        wait = self.max_idle_wait
+        more = False
+        n = len(self.parts)
+        start, self._rr = self._rr, (self._rr + 1) % n
+        for i in range(n):
+            if self._stopping.is_set():
+                break
+            free = self.concurrency - len(self._inflight)
+            if free <= 0:
+                more = True
+                break
+            proc, part = self.parts[(start + i) % n]
+            owner = ops.new_token()
+            try:
+                reply = ops.claim_call(proc, part, free, owner).run(self.client)
+            except RedisError as exc:
+                log.warning("claim on %s failed: %s", part.pfx, exc)
+                wait = min(wait, 1.0)
+                continue
+            next_due, claimed = ops.parse_claim(proc, part, owner, reply)
+            for c in claimed:
+                self._submit(c)
+            if next_due == 0:
+                more = True
+            elif next_due > 0:
+                wait = min(wait, next_due / 1000.0)
+        return max(wait, 0.001), more
+
+    def _submit(self, c: ops.Claimed) -> None:
+        key = c.part.pfx + c.member
+        with self._lock:
+            self._inflight[key] = c
+        assert self._pool is not None
+        self._pool.submit(self._execute, key, c)
+
+    # -- one flush -------------------------------------------------------------------------------
+
+    def _drain(self, c: ops.Claimed) -> list[bytes]:
+        key = ops.items_key(c)
+        raw: list[bytes] = []
+        while len(raw) < c.cutoff:
+            stop = min(c.cutoff, len(raw) + DRAIN_CHUNK) - 1
+            chunk = self.client.lrange(key, len(raw), stop)
+            if not chunk:
+                break
+            raw.extend(chunk)
+        if len(raw) != c.cutoff:
+            log.warning("%s: expected %d items, found %d", c.member, c.cutoff, len(raw))
+        return raw
+
+    def _execute(self, key: str, c: ops.Claimed) -> None:
+        proc = c.processor
+        started = time.time()
+        t0 = time.perf_counter()
+        error: str | None = None
+        count = c.cutoff
+        try:
+            raw = self._drain(c)
+            count = len(raw)
+            items = [decode_item(proc.codec, data, i) for i, data in enumerate(raw)]
+            flush = Flush(proc.name, c.base, c.sequence, items, c.attempt, c.flush_id, c.reason)
+            proc.handler(flush)
+        except DecodeError as exc:
+            error = str(exc)
+            log.error("%s %s: %s (items kept)", proc.name, c.member, error)
+        except Exception as exc:  # a handler may raise anything: record it and retry later
+            error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+            log.warning("%s %s attempt %d failed: %s", proc.name, c.member, c.attempt, error, exc_info=True)
+        duration_ms = (time.perf_counter() - t0) * 1000.0
+        try:
+            entry = ops.history_entry(c, int(started * 1000), duration_ms, error is None, error)
+            if error is None:
+                ok = self._settle(c, ops.ack_call(c, entry))
+                if ok:
+                    self.stats.delivered += 1
+                    self.stats.items += count
+                    log.info(
+                        "%s %s: %d items in %.1f ms (attempt %d, %s)",
+                        proc.name,
+                        c.member,
+                        count,
+                        duration_ms,
+                        c.attempt,
+                        c.reason or "size",
+                    )
+            else:
+                delay = backoff_seconds(proc, c.attempt)
+                self.stats.failed += 1
+                if self._settle(c, ops.nack_call(c, entry, int(delay * 1000), error)):
+                    log.info("%s %s: retry in %.1fs", proc.name, c.member, delay)
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+            self._wake.set()
+
+    def _settle(self, c: ops.Claimed, call: ops.Call) -> bool:
+        """Run an ack/nack, retrying through connection errors while the lease lasts."""
+        delay = 0.05
+        deadline = time.monotonic() + c.processor.config.lease_timeout
+        while True:
+            try:
+                reply = call.run(self.client)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    log.error(
+                        "%s %s: cannot record the result (%s); the lease will expire and the flush "
+                        "will be delivered again",
+                        c.processor.name,
+                        c.member,
+                        exc,
+                    )
+                    return False
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            code = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+            if code == "lease_lost":
+                self.stats.lease_lost += 1
+                log.warning(
+                    "%s %s: lease lost before the result was recorded; another worker owns it now",
+                    c.processor.name,
+                    c.member,
+                )
+                return False
+            return True
+
+    # -- background threads ----------------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        """Renew the leases of running flushes every third of the shortest lease timeout."""
+        interval = min(p.config.lease_timeout for p in self.processors) / 3.0
+        while not self._done.wait(interval):
+            with self._lock:
+                running = list(self._inflight.values())
+            for c in running:
+                try:
+                    if not ops.extend_call(c).run(self.client):
+                        log.warning("%s %s: lease lost during the handler", c.processor.name, c.member)
+                except RedisError as exc:
+                    log.warning("%s %s: heartbeat failed: %s", c.processor.name, c.member, exc)
+
+    def _listen(self) -> None:
+        """Wake the main loop when a producer seals a sequence (pub/sub; a lost message only
+        delays work until the next timed check)."""
+        channels = sorted({p.keys.channel for p in self.processors})
+        delay = 0.1
+        while not self._stopping.is_set():
+            pubsub = None
+            try:
+                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(*channels)
+                self._wake.set()
+                delay = 0.1
+                while not self._stopping.is_set():
+                    if pubsub.get_message(timeout=1.0) is not None:
+                        self._wake.set()
+            except Exception as exc:  # reconnect with backoff whatever went wrong
+                log.debug("wake-up subscription failed: %s", exc)
+                self._wake.set()
+                self._stopping.wait(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except Exception:
+                        pass
+
+    def _install_signals(self) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            if self._stopping.is_set():
+                log.warning("second signal: exiting now; unfinished flushes will be redelivered")
+                os._exit(1)
+            log.info(
+                "%s: warm shutdown, finishing %d in-flight flush(es)",
+                signal.Signals(signum).name,
+                len(self._inflight),
+            )
+            self.stop()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def restore() -> None:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+        return restore

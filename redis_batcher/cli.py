@@ -65,7 +65,9 @@ def load_target(spec: str) -> tuple[Batcher, list[str] | None]:
         return obj, None
     if isinstance(obj, Processor):
         return obj.batcher, [obj.name]
-    raise click.BadParameter(f"{spec} is a {type(obj).__name__}, not a Batcher or Processor", param_hint="APP")
+    raise click.BadParameter(
+        f"{spec} is a {type(obj).__name__}, not a Batcher or Processor", param_hint="APP"
+    )
 
 
 def _batcher(url: str | None, prefix: str, cluster: bool) -> Batcher:
@@ -98,10 +100,19 @@ def main() -> None:
 @click.option("--concurrency", "-c", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--burst", is_flag=True, help="Deliver what is due now, then exit.")
 @click.option("--processor", "-p", "names", multiple=True, help="Only serve these processors (repeatable).")
-@click.option("--max-idle-wait", type=click.FloatRange(min=0.01), default=5.0, show_default=True,
-              help="Longest sleep between delay-queue checks when no wake-up arrives.")
-@click.option("--log-level", default="INFO", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option(
+    "--max-idle-wait",
+    type=click.FloatRange(min=0.01),
+    default=5.0,
+    show_default=True,
+    help="Longest sleep between delay-queue checks when no wake-up arrives.",
+)
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
 def worker(
     app: str,
     redis_url: str | None,
@@ -145,7 +156,9 @@ def worker(
 @click.option("--processor", "-p", required=True, help="Processor name.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_common
-def status(batch_id: str, processor: str, as_json: bool, redis_url: str | None, prefix: str, cluster: bool) -> None:
+def status(
+    batch_id: str, processor: str, as_json: bool, redis_url: str | None, prefix: str, cluster: bool
+) -> None:
     """Show the sequences of BATCH_ID (active ones and the last completed one)."""
     proc = _remote(redis_url, prefix, cluster, processor)
     try:
@@ -154,7 +167,9 @@ def status(batch_id: str, processor: str, as_json: bool, redis_url: str | None, 
         raise click.BadParameter(str(exc), param_hint="BATCH_ID") from exc
     if as_json:
         st = proc.status(batch_id)
-        _print_json({"batch_id": batch_id, "active": st is not None, "sequences": seqs, "config": proc.config})
+        _print_json(
+            {"batch_id": batch_id, "active": st is not None, "sequences": seqs, "config": proc.config}
+        )
         return
     if not seqs:
         console.print(f"[yellow]no sequences for {batch_id!r} in processor {processor!r}[/]")
@@ -164,8 +179,13 @@ def status(batch_id: str, processor: str, as_json: bool, redis_url: str | None, 
         table.add_column(col)
     for b in seqs:
         table.add_row(
-            str(b.sequence), b.status, str(b.item_count), str(b.attempt),
-            _fmt_time(b.created_at), _fmt_time(b.updated_at), b.last_error or "",
+            str(b.sequence),
+            b.status,
+            str(b.item_count),
+            str(b.attempt),
+            _fmt_time(b.created_at),
+            _fmt_time(b.updated_at),
+            b.last_error or "",
         )
     console.print(table)
 
@@ -177,7 +197,13 @@ def status(batch_id: str, processor: str, as_json: bool, redis_url: str | None, 
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_common
 def history(
-    batch_id: str, processor: str, limit: int, as_json: bool, redis_url: str | None, prefix: str, cluster: bool
+    batch_id: str,
+    processor: str,
+    limit: int,
+    as_json: bool,
+    redis_url: str | None,
+    prefix: str,
+    cluster: bool,
 ) -> None:
     """Show the flush history of BATCH_ID, newest first."""
     proc = _remote(redis_url, prefix, cluster, processor)
@@ -193,8 +219,13 @@ def history(
         table.add_column(col)
     for r in records:
         table.add_row(
-            str(r.sequence), str(r.item_count), _fmt_time(r.started_at), f"{r.duration_ms:.1f}",
-            "yes" if r.success else "[red]no[/]", str(r.attempt), r.error or "",
+            str(r.sequence),
+            str(r.item_count),
+            _fmt_time(r.started_at),
+            f"{r.duration_ms:.1f}",
+            "yes" if r.success else "[red]no[/]",
+            str(r.attempt),
+            r.error or "",
         )
     console.print(table)
 
@@ -204,7 +235,9 @@ def history(
 @click.option("--processor", "-p", required=True, help="Processor name.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_common
-def flush(batch_id: str, processor: str, as_json: bool, redis_url: str | None, prefix: str, cluster: bool) -> None:
+def flush(
+    batch_id: str, processor: str, as_json: bool, redis_url: str | None, prefix: str, cluster: bool
+) -> None:
     """Seal BATCH_ID's accumulating sequence now (a base id or base::N)."""
     proc = _remote(redis_url, prefix, cluster, processor)
     try:
@@ -242,8 +275,12 @@ def ls_cmd(processor: str | None, as_json: bool, redis_url: str | None, prefix: 
         for row in rows:
             cfg = row["config"]
             table.add_row(
-                row["processor"], str(cfg.max_batch_size), str(cfg.flush_interval), str(cfg.partitions),
-                str(row["active_batch_ids"]), str(row["queued_sequences"]),
+                row["processor"],
+                str(cfg.max_batch_size),
+                str(cfg.flush_interval),
+                str(cfg.partitions),
+                str(row["active_batch_ids"]),
+                str(row["queued_sequences"]),
             )
         console.print(table)
         return
@@ -264,7 +301,12 @@ def ls_cmd(processor: str | None, as_json: bool, redis_url: str | None, prefix: 
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--flush-interval", type=click.FloatRange(min=0), default=0.5, show_default=True)
 def demo(
-    redis_url: str | None, items: int, producers: int, batch_ids: int, max_batch_size: int, flush_interval: float
+    redis_url: str | None,
+    items: int,
+    producers: int,
+    batch_ids: int,
+    max_batch_size: int,
+    flush_interval: float,
 ) -> None:
     """Run producers and a worker against a throwaway redis-server and report throughput."""
     from .demo import run_demo

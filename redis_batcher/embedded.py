@@ -85,12 +85,18 @@ class RedisServer:
     def command(self) -> list[str]:
         cmd = [
             self.binary,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", self.directory,
-            "--daemonize", "no",
-            "--logfile", os.path.join(self.directory, "redis.log"),
-            "--protected-mode", "no",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            self.directory,
+            "--daemonize",
+            "no",
+            "--logfile",
+            os.path.join(self.directory, "redis.log"),
+            "--protected-mode",
+            "no",
         ]
         if not self.persistence:
             cmd += ["--save", "", "--appendonly", "no"]
@@ -106,7 +112,9 @@ class RedisServer:
             while True:
                 if self.process.poll() is not None:
                     err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
-                    raise RedisServerError(f"redis-server exited with {self.process.returncode}: {err}{self.log_tail()}")
+                    raise RedisServerError(
+                        f"redis-server exited with {self.process.returncode}: {err}{self.log_tail()}"
+                    )
                 try:
                     client.ping()
                     break
@@ -174,7 +182,9 @@ class RedisClusterServers:
         if not self.binary:
             raise RedisServerError("no redis-server binary for the cluster")
         self.nodes = [
-            RedisServer(self.binary, extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+            RedisServer(
+                self.binary, extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+            )
             for _ in range(masters)
         ]
 
@@ -206,7 +216,7 @@ class RedisClusterServers:
             states = []
             for node in self.nodes:
                 c = redis.Redis(host="127.0.0.1", port=node.port)
-                info = c.execute_command("CLUSTER", "INFO")
+                info = c.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
                 c.close()
                 text = info.decode() if isinstance(info, bytes) else str(info)
                 states.append("cluster_state:ok" in text)
@@ -224,9 +234,9 @@ class RedisClusterServers:
             c = redis.Redis(host="127.0.0.1", port=node.port)
             lo = i * per
             hi = 16383 if i == n - 1 else (i + 1) * per - 1
-            c.execute_command("CLUSTER", "ADDSLOTS", *range(lo, hi + 1))
+            c.execute_command("CLUSTER", "ADDSLOTS", *range(lo, hi + 1))  # type: ignore[no-untyped-call]
             if i:
-                first.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
+                first.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)  # type: ignore[no-untyped-call]
             c.close()
         first.close()
 

@@ -37,7 +37,8 @@ def validate_name(kind: str, value: object, max_len: int = 200) -> str:
         raise ConfigError(f"{kind} must be a non-empty string, got {value!r}")
     if len(value) > max_len or _NAME_FORBIDDEN.search(value) or _has_control(value):
         raise ConfigError(
-            f"{kind} {value!r} is invalid: at most {max_len} characters, no braces, whitespace or control characters"
+            f"{kind} {value!r} is invalid: at most {max_len} characters, "
+            "no braces, whitespace or control characters"
         )
     return value
 

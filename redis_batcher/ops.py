@@ -215,9 +215,7 @@ def parse_claim(
     return next_due, out
 
 
-def history_entry(
-    c: Claimed, started_ms: int, duration_ms: float, success: bool, error: str | None
-) -> str:
+def history_entry(c: Claimed, started_ms: int, duration_ms: float, success: bool, error: str | None) -> str:
     return json.dumps(
         {
             "seq": c.sequence,

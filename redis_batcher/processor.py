@@ -7,9 +7,18 @@ from typing import TYPE_CHECKING, Any
 
 from . import ops
 from .codec import Codec, encode_item
-from .keys import KeySpace, parse_batch_id
-from .models import AddResult, BatchInfo, BatchStatus, DeleteResult, Flush, FlushRecord, FlushResult, ProcessorConfig
 from .errors import ConfigError
+from .keys import KeySpace, parse_batch_id
+from .models import (
+    AddResult,
+    BatchInfo,
+    BatchStatus,
+    DeleteResult,
+    Flush,
+    FlushRecord,
+    FlushResult,
+    ProcessorConfig,
+)
 
 if TYPE_CHECKING:
     from .batcher import Batcher
@@ -30,9 +39,9 @@ class Processor:
         self.codec = codec
         self.name = config.name
         self.keys = KeySpace(batcher.prefix, config.name, config.partitions)
-        self.interval_ms = -1 if config.flush_interval is None else int(round(config.flush_interval * 1000))
-        self.lease_ms = int(round(config.lease_timeout * 1000))
-        self.retention_s = max(1, int(round(config.retention)))
+        self.interval_ms = -1 if config.flush_interval is None else round(config.flush_interval * 1000)
+        self.lease_ms = round(config.lease_timeout * 1000)
+        self.retention_s = max(1, round(config.retention))
         self.__doc__ = getattr(handler, "__doc__", None)
         self.__wrapped__ = handler
 

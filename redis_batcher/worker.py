@@ -50,7 +50,7 @@ def backoff_seconds(proc: Processor, attempt: int) -> float:
     """``retry_backoff * 2**(attempt-1)`` capped at ``retry_backoff_max``, with 50-100% jitter."""
     cfg = proc.config
     raw = min(cfg.retry_backoff_max, cfg.retry_backoff * (2 ** min(max(attempt - 1, 0), 62)))
-    return raw * random.uniform(0.5, 1.0)
+    return float(raw * random.uniform(0.5, 1.0))
 
 
 class Worker:

@@ -1,0 +1,416 @@
+"""Producer/inspection API against both backends (real redis-server and fakeredis+lupa)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+import redis_batcher as rb
+from redis_batcher import Batcher, Worker
+
+from .conftest import snapshot
+
+
+def make(batcher: Batcher, **kw: Any) -> tuple[rb.Processor, list[rb.Flush]]:
+    got: list[rb.Flush] = []
+    kw.setdefault("name", "events")
+    kw.setdefault("max_batch_size", 3)
+    kw.setdefault("flush_interval", None)
+    proc = batcher.processor(**kw)(got.append)
+    return proc, got
+
+
+def test_add_one_item(batcher: Batcher) -> None:
+    proc, _ = make(batcher)
+    r = proc.add("user:42", {"type": "click"})
+    assert r == rb.AddResult("user:42", 0, 1, 1, False, "accumulating", 0)
+    st = proc.status("user:42")
+    assert st is not None
+    assert st.batch_id == "user:42"
+    assert [(b.sequence, b.status, b.item_count) for b in st.batches] == [(0, "accumulating", 1)]
+    assert st.config.max_batch_size == 3
+    b = st.batches[0]
+    assert b.created_at is not None and b.created_at.tzinfo is timezone.utc
+    assert abs((datetime.now(timezone.utc) - b.created_at).total_seconds()) < 60
+
+
+def test_size_seals_and_next_add_starts_new_sequence(batcher: Batcher) -> None:
+    proc, _ = make(batcher)
+    proc.add("b", 1)
+    proc.add("b", 2)
+    r = proc.add("b", 3)
+    assert (r.sequence, r.pending, r.status, r.flushed, r.sealed) == (0, 3, "flushing", True, 1)
+    r = proc.add("b", 4)
+    assert (r.sequence, r.pending, r.status, r.flushed) == (1, 1, "accumulating", False)
+    st = proc.status("b")
+    assert st is not None
+    assert [(x.sequence, x.status, x.item_count, x.reason) for x in st.batches] == [
+        (0, "flushing", 3, "size"),
+        (1, "accumulating", 1, None),
+    ]
+
+
+def test_add_many_spills_over_sequences_in_one_call(batcher: Batcher, client: Any) -> None:
+    proc, got = make(batcher)
+    proc.add("b", "first")
+    r = proc.add_many("b", list(range(8)))
+    # 1 + 8 items, size 3: seq 0 [first,0,1], seq 1 [2,3,4], seq 2 [5,6,7] sealed
+    assert (r.sequence, r.pending, r.status, r.sealed, r.added) == (2, 3, "flushing", 3, 8)
+    r = proc.add_many("b", ["x", "y"])
+    assert (r.sequence, r.pending, r.status, r.sealed) == (3, 2, "accumulating", 0)
+    Worker(batcher).run(burst=True)
+    by_seq = {f.sequence: f.items for f in got}
+    assert by_seq == {0: ["first", 0, 1], 1: [2, 3, 4], 2: [5, 6, 7]}
+    assert all(len(f.items) <= 3 for f in got)
+
+
+def test_add_many_large_call_never_exceeds_max(batcher: Batcher) -> None:
+    proc, got = make(batcher, max_batch_size=1000)
+    r = proc.add_many("big", list(range(12_345)))
+    assert r.sealed == 12 and r.pending == 345
+    proc.flush("big")
+    Worker(batcher, concurrency=2).run(burst=True)
+    assert max(len(f.items) for f in got) == 1000
+    assert [i for f in sorted(got, key=lambda f: f.sequence) for i in f.items] == list(range(12_345))
+
+
+def test_add_many_empty_writes_nothing(batcher: Batcher, client: Any) -> None:
+    proc, _ = make(batcher)
+    before = snapshot(client)
+    r = proc.add_many("b", [])
+    assert (r.added, r.sequence, r.flushed) == (0, None, False)
+    assert snapshot(client) == before
+
+
+def test_sequence_suffix_is_stripped_on_add(batcher: Batcher) -> None:
+    proc, _ = make(batcher)
+    assert proc.add("order::7", 1).batch_id == "order"
+    st = proc.status("order::0")
+    assert st is not None and st.batch_id == "order"
+
+
+def test_manual_flush_semantics(batcher: Batcher) -> None:
+    proc, got = make(batcher, max_batch_size=100)
+    with pytest.raises(rb.BatchNotFound):
+        proc.flush("nobody")
+    proc.add_many("b", [1, 2])
+    res = proc.flush("b")
+    assert (res.flushed, res.sequence, res.item_count, res.status) == (True, 0, 2, "flushing")
+    again = proc.flush("b")
+    assert (again.flushed, again.reason) == (False, "Batch is empty")
+    with pytest.raises(rb.BatchNotAccumulating) as err:
+        proc.flush("b::0")
+    assert err.value.status == "flushing"
+    with pytest.raises(rb.BatchNotFound):
+        proc.flush("b::9")
+    proc.add("b", 3)
+    assert proc.flush("b::1").item_count == 1
+    Worker(batcher).run(burst=True)
+    assert sorted((f.sequence, tuple(f.items), f.reason) for f in got) == [
+        (0, (1, 2), "manual"),
+        (1, (3,), "manual"),
+    ]
+    with pytest.raises(rb.BatchNotAccumulating) as err:
+        proc.flush("b::0")
+    assert err.value.status == "completed"
+
+
+def test_flush_delivery_fields(batcher: Batcher) -> None:
+    proc, got = make(batcher)
+    proc.add_many("user:1", ["a", "b", "c"])
+    Worker(batcher).run(burst=True)
+    (f,) = got
+    assert (f.processor, f.batch_id, f.sequence, f.items, f.attempt) == (
+        "events",
+        "user:1",
+        0,
+        ["a", "b", "c"],
+        1,
+    )
+    assert f.flush_id and f.reason == "size" and len(f) == 3
+
+
+def test_history_newest_first_and_capped(batcher: Batcher) -> None:
+    proc, _ = make(batcher, max_batch_size=2, history_limit=3)
+    for i in range(5):
+        proc.add_many("h", [i, i])
+        Worker(batcher).run(burst=True)
+    hist = proc.history("h", limit=20)
+    assert [r.sequence for r in hist] == [4, 3, 2]
+    assert all(r.success and r.error is None and r.item_count == 2 and r.attempt == 1 for r in hist)
+    assert hist[0].started_at.tzinfo is timezone.utc and hist[0].duration_ms >= 0
+    assert [r.sequence for r in proc.history("h", limit=1)] == [4]
+    assert proc.history("unknown") == []
+    with pytest.raises(rb.BatcherError):
+        proc.history("h", limit=0)
+
+
+def test_failed_flush_keeps_items_and_records_error(batcher: Batcher) -> None:
+    calls: list[int] = []
+
+    def handler(flush: rb.Flush) -> None:
+        calls.append(flush.attempt)
+        raise RuntimeError("downstream is down")
+
+    proc = batcher.processor(name="f", max_batch_size=2, flush_interval=None, retry_backoff=30)(handler)
+    proc.add_many("b", [1, 2])
+    Worker(batcher).run(burst=True)
+    assert calls == [1]
+    (rec,) = proc.history("b")
+    assert (rec.success, rec.error, rec.attempt) == (False, "RuntimeError: downstream is down", 1)
+    st = proc.status("b")
+    assert st is not None
+    (info,) = st.batches
+    assert (info.status, info.item_count, info.attempt) == ("flushing", 2, 1)
+    assert info.last_error == "RuntimeError: downstream is down"
+    assert info.next_attempt_at is not None and info.next_attempt_at > datetime.now(timezone.utc)
+    assert proc.delete("b") == rb.DeleteResult(False, "Cannot delete batch while flushing")
+
+
+def test_delete_semantics(batcher: Batcher, client: Any) -> None:
+    proc, _ = make(batcher)
+    assert proc.delete("nothing") == rb.DeleteResult(False, "Batch not found")
+    proc.add("b", 1)
+    assert proc.delete("b") == rb.DeleteResult(False, "Cannot delete batch with pending items")
+    assert proc.delete("b::0") == rb.DeleteResult(False, "Cannot delete batch with pending items")
+    proc.flush("b")
+    assert proc.delete("b") == rb.DeleteResult(False, "Cannot delete batch while flushing")
+    Worker(batcher).run(burst=True)
+    assert proc.delete("b::5") == rb.DeleteResult(False, "Batch not found")
+    assert proc.delete("b::0") == rb.DeleteResult(True, None)
+    assert [s.status for s in proc.sequences("b")] == []
+    assert proc.delete("b") == rb.DeleteResult(True, None)
+    assert proc.history("b") == []
+    assert [k for k in client.scan_iter("t:{events*")] == []
+
+
+def test_completed_batches_leave_only_head_and_history_with_ttl(batcher: Batcher, client: Any) -> None:
+    proc, _ = make(batcher, retention=timedelta(hours=1))
+    proc.add_many("u", [1, 2, 3, 4])
+    proc.flush("u")
+    assert list(proc.batch_ids()) == ["u"]
+    Worker(batcher).run(burst=True)
+    keys = sorted(k.decode() for k in client.scan_iter("t:*"))
+    assert keys == ["t:processors", "t:{events:0}:b:u", "t:{events:0}:h:u"]
+    for k in ("t:{events:0}:b:u", "t:{events:0}:h:u"):
+        assert 0 < client.ttl(k) <= 3600
+    assert list(proc.batch_ids()) == []
+    assert proc.status("u") is None
+    (done,) = proc.sequences("u")
+    assert (done.sequence, done.status, done.item_count) == (1, "completed", 1)
+    # a new add revives the base id: the head stops expiring and numbering continues
+    assert proc.add("u", 5).sequence == 2
+    assert client.ttl("t:{events:0}:b:u") == -1
+
+
+def test_batch_ids_iterates_active_ids(batcher: Batcher) -> None:
+    proc, _ = make(batcher, partitions=4)
+    ids = {f"tenant:{i}" for i in range(50)}
+    for i in ids:
+        proc.add(i, 1)
+    assert set(batcher.batch_ids("events")) == ids
+    assert set(proc.batch_ids()) == ids
+
+
+@pytest.mark.parametrize(
+    "batch_id",
+    [
+        "{user}:42",
+        "a b c",
+        "ü:{x}}",
+        "x::y",
+        "::",
+        "emoji 🎉",
+        "{",
+        "}{",
+        "a" * 1024,
+        "tab-free:" + "é" * 300,
+    ],
+)
+def test_unusual_batch_ids_work(batcher: Batcher, client: Any, batch_id: str) -> None:
+    proc, got = make(batcher, partitions=3)
+    r = proc.add_many(batch_id, [1, 2])
+    assert r.batch_id == batch_id
+    proc.flush(batch_id)
+    Worker(batcher).run(burst=True)
+    assert [(f.batch_id, f.items) for f in got] == [(batch_id, [1, 2])]
+    # the key is readable: it carries the raw id after the processor's hash tag
+    keys = [k.decode() for k in client.scan_iter("t:{events:*}:b:*")]
+    assert len(keys) == 1 and keys[0].endswith(":b:" + batch_id)
+
+
+def test_partition_placement_ignores_braces_in_ids(batcher: Batcher) -> None:
+    proc, _ = make(batcher, partitions=8)
+    from redis_batcher.keys import partition_of
+
+    for bid in ["{a}", "{b}", "x{y}z", "plain"]:
+        part = proc.keys.for_base(bid)
+        assert part is proc.keys.parts[partition_of(bid, 8)]
+        assert part.head(bid).startswith(part.pfx)
+        # the first {...} of every key is the processor's tag, whatever the id holds
+        assert part.head(bid).split("}")[0].endswith(":" + str(proc.keys.parts.index(part)))
+
+
+def test_codecs(batcher: Batcher) -> None:
+    class Upper:
+        name = "upper"
+
+        def encode(self, item: Any) -> bytes:
+            return str(item).upper().encode()
+
+        def decode(self, data: bytes) -> Any:
+            return data.decode()
+
+    got: dict[str, list[Any]] = {}
+
+    def keep(flush: rb.Flush) -> None:
+        got[flush.processor] = flush.items
+
+    pj = batcher.processor(name="j", codec="json", max_batch_size=2)(keep)
+    pm = batcher.processor(name="m", max_batch_size=3)(keep)
+    pu = batcher.processor(name="u", codec=Upper(), max_batch_size=1)(keep)
+    pj.add_many("x", [{"a": [1, 2]}, "é"])
+    pm.add_many("x", [b"\x00\xff", {1: None}, [1.5, True]])
+    pu.add("x", "abc")
+    Worker(batcher).run(burst=True)
+    assert got == {"j": [{"a": [1, 2]}, "é"], "m": [b"\x00\xff", {1: None}, [1.5, True]], "u": ["ABC"]}
+    with pytest.raises(rb.ItemEncodeError):
+        pj.add("x", b"bytes are not json")
+
+
+BAD_IDS: list[Any] = [
+    "",
+    "a" * 1025,
+    "é" * 513,
+    "a\x00b",
+    "line\nbreak",
+    "\x1b[31m",
+    42,
+    None,
+    b"bytes",
+    "::3",
+]
+
+
+def test_bad_input_raises_and_leaves_redis_untouched(batcher: Batcher, client: Any) -> None:
+    proc, _ = make(batcher, max_item_bytes=100)
+    proc.add("existing", 1)  # registry and one batch exist before the snapshot
+    before = snapshot(client)
+    for bad_id in BAD_IDS:
+        with pytest.raises(rb.InvalidBatchId):
+            proc.add(bad_id, 1)
+        with pytest.raises(rb.InvalidBatchId):
+            proc.add_many(bad_id, [1])
+        with pytest.raises(rb.InvalidBatchId):
+            proc.flush(bad_id)
+        with pytest.raises(rb.InvalidBatchId):
+            proc.status(bad_id)
+        with pytest.raises(rb.InvalidBatchId):
+            proc.delete(bad_id)
+    for bad_item in [object(), {1, 2}, datetime.now(), 2**70, lambda: 1]:
+        with pytest.raises(rb.ItemEncodeError):
+            proc.add("existing", bad_item)
+    with pytest.raises(rb.ItemTooLarge):
+        proc.add("existing", "x" * 200)
+    with pytest.raises(rb.ItemEncodeError):
+        proc.add_many("existing", [1, 2, object(), 4])  # one bad item: nothing of the call is written
+    with pytest.raises(rb.ItemTooLarge):
+        proc.add_many("existing", [1, "y" * 101])
+    with pytest.raises(rb.BatchNotFound):
+        proc.flush("unknown-batch")
+    with pytest.raises(rb.BatchNotFound):
+        proc.flush("existing::5")
+    assert snapshot(client) == before
+    assert issubclass(rb.ItemTooLarge, rb.BatcherError) and issubclass(rb.InvalidBatchId, rb.BatcherError)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_batch_size": 0},
+        {"max_batch_size": -1},
+        {"max_batch_size": True},
+        {"max_batch_size": 2.5},
+        {"flush_interval": -1},
+        {"flush_interval": timedelta(seconds=-1)},
+        {"flush_interval": float("nan")},
+        {"flush_interval": "5"},
+        {"partitions": 0},
+        {"codec": "pickle"},
+        {"codec": object()},
+        {"max_item_bytes": 0},
+        {"history_limit": 0},
+        {"retention": 0},
+        {"lease_timeout": 0},
+        {"name": "has space"},
+        {"name": "br{ace"},
+        {"name": ""},
+    ],
+)
+def test_bad_config_raises_before_any_write(batcher: Batcher, client: Any, kwargs: dict[str, Any]) -> None:
+    before = snapshot(client)
+    with pytest.raises(rb.ConfigError):
+        batcher.processor(**{"name": "p", **kwargs})(lambda f: None)
+    assert snapshot(client) == before
+    assert batcher.processors == {}
+
+
+def test_duplicate_processor_name(batcher: Batcher, client: Any) -> None:
+    make(batcher)
+    before = snapshot(client)
+    with pytest.raises(rb.DuplicateProcessor):
+        make(batcher)
+    assert snapshot(client) == before
+
+
+def test_default_name_and_interval_types(batcher: Batcher) -> None:
+    @batcher.processor(flush_interval=timedelta(milliseconds=1500))
+    def my_handler(flush: rb.Flush) -> str:
+        return "called"
+
+    assert my_handler.name == f"{__name__}.test_default_name_and_interval_types.<locals>.my_handler"
+    assert my_handler.config.flush_interval == 1.5 and my_handler.interval_ms == 1500
+    assert my_handler(rb.Flush("p", "b", 0, [], 1, "id")) == "called"
+
+    @batcher.processor
+    def bare(flush: rb.Flush) -> None:
+        pass
+
+    assert bare.config.flush_interval == 30.0 and bare.config.max_batch_size == 100
+
+
+def test_decode_responses_client_is_rejected() -> None:
+    import redis
+
+    with pytest.raises(rb.ConfigError):
+        Batcher(redis.Redis(decode_responses=True))
+    with pytest.raises(rb.ConfigError):
+        Batcher("redis://127.0.0.1:1/0", prefix="has space")
+
+
+def test_noscript_recovery_after_script_flush(batcher: Batcher, client: Any) -> None:
+    proc, got = make(batcher)
+    proc.add("n", 1)
+    client.script_flush()
+    assert proc.add("n", 2).pending == 2
+    client.script_flush()
+    proc.flush("n")
+    client.script_flush()
+    Worker(batcher).run(burst=True)
+    assert [f.items for f in got] == [[1, 2]]
+    client.script_flush()
+    assert proc.status("n") is None
+
+
+def test_registry_and_remote_processor(batcher: Batcher) -> None:
+    proc, _ = make(batcher, partitions=2)
+    proc.add("r", 1)
+    other = Batcher(batcher.client, prefix="t")
+    remote = other.remote("events")
+    assert remote.config == proc.config
+    st = remote.status("r")
+    assert st is not None and st.batches[0].item_count == 1
+    with pytest.raises(rb.UnknownProcessor):
+        other.remote("missing")

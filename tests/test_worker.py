@@ -1,0 +1,223 @@
+"""Worker behaviour against a real redis-server: timers, wake-ups, retries, leases, bad entries."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+
+import redis_batcher as rb
+from redis_batcher import Batcher, Worker, ops
+
+
+@contextmanager
+def running(worker: Worker) -> Iterator[Worker]:
+    t = threading.Thread(target=worker.run, daemon=True)
+    t.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        t.join(timeout=30)
+        assert not t.is_alive(), "worker did not stop"
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+
+
+def test_interval_flush_fires_without_further_adds(real_batcher: Batcher) -> None:
+    got: list[rb.Flush] = []
+    proc = real_batcher.processor(name="iv", max_batch_size=1000, flush_interval=0.3)(got.append)
+    with running(Worker(real_batcher, max_idle_wait=30)):
+        proc.add_many("slow-trickle", [1, 2, 3])
+        proc.add("other", "x")
+        # wait a few intervals; lateness is measured by benchmarks, not asserted here
+        wait_for(lambda: len(got) == 2, timeout=5)
+    assert sorted((f.batch_id, tuple(f.items), f.reason) for f in got) == [
+        ("other", ("x",), "interval"),
+        ("slow-trickle", (1, 2, 3), "interval"),
+    ]
+    assert proc.status("slow-trickle") is None
+
+
+def test_idle_worker_wakes_on_seal_not_on_timer(real_batcher: Batcher) -> None:
+    """With max_idle_wait=30 s, only the pub/sub wake-up can explain a prompt delivery."""
+    started: list[float] = []
+    proc = real_batcher.processor(name="wake", max_batch_size=5, flush_interval=None)(
+        lambda f: started.append(time.monotonic())
+    )
+    with running(Worker(real_batcher, max_idle_wait=30)) as w:
+        wait_for(lambda: w._pool is not None)
+        time.sleep(0.3)  # let it go idle
+        for _ in range(3):
+            t0 = time.monotonic()
+            proc.add_many("w", [1, 2, 3, 4, 5])
+            before = len(started)
+            wait_for(lambda: len(started) > before, timeout=5)  # noqa: B023
+            assert started[-1] - t0 < 5
+            time.sleep(0.2)
+
+
+def test_items_added_during_a_flush_go_to_the_next_sequence(real_batcher: Batcher) -> None:
+    gate = threading.Event()
+    inside = threading.Event()
+    got: list[rb.Flush] = []
+
+    def handler(flush: rb.Flush) -> None:
+        if flush.sequence == 0:
+            inside.set()
+            assert gate.wait(10)
+        got.append(flush)
+
+    proc = real_batcher.processor(name="late", max_batch_size=100, flush_interval=None)(handler)
+    proc.add_many("b", [1, 2])
+    proc.flush("b")
+    with running(Worker(real_batcher, max_idle_wait=0.2)):
+        assert inside.wait(10)
+        r = proc.add_many("b", [3, 4])  # after the cutoff of sequence 0
+        assert (r.sequence, r.status) == (1, "accumulating")
+        gate.set()
+        wait_for(lambda: len(got) == 1)
+        proc.flush("b")
+        wait_for(lambda: len(got) == 2)
+    assert [(f.sequence, f.items) for f in got] == [(0, [1, 2]), (1, [3, 4])]
+
+
+def test_failing_handler_is_retried_with_backoff_then_succeeds(real_batcher: Batcher) -> None:
+    attempts: list[tuple[int, str, float]] = []
+
+    def handler(flush: rb.Flush) -> None:
+        attempts.append((flush.attempt, flush.flush_id, time.monotonic()))
+        if flush.attempt < 3:
+            raise ConnectionError(f"try {flush.attempt}")
+
+    proc = real_batcher.processor(name="retry", max_batch_size=2, flush_interval=None, retry_backoff=0.2)(
+        handler
+    )
+    proc.add_many("b", ["a", "b"])
+    with running(Worker(real_batcher, max_idle_wait=5)):
+        wait_for(lambda: proc.status("b") is None, timeout=10)
+    assert [a[0] for a in attempts] == [1, 2, 3]
+    assert len({a[1] for a in attempts}) == 1  # one flush_id across redeliveries
+    gap1, gap2 = attempts[1][2] - attempts[0][2], attempts[2][2] - attempts[1][2]
+    assert gap1 >= 0.09 and gap2 >= 0.19  # 0.2*2**(n-1) with 50-100% jitter
+    hist = proc.history("b")
+    assert [(h.attempt, h.success, h.error) for h in hist] == [
+        (3, True, None),
+        (2, False, "ConnectionError: try 2"),
+        (1, False, "ConnectionError: try 1"),
+    ]
+
+
+def test_undecodable_entry_is_kept_and_recorded(real_batcher: Batcher, real_client: redis.Redis) -> None:
+    calls: list[rb.Flush] = []
+    proc = real_batcher.processor(name="dec", max_batch_size=10, flush_interval=None, retry_backoff=60)(
+        calls.append
+    )
+    proc.add("b", {"ok": 1})
+    real_client.rpush(proc.keys.for_base("b").items("b", 0), b"\xc1")  # 0xc1 is never valid msgpack
+    proc.flush("b")
+    stats = Worker(real_batcher).run(burst=True)
+    assert calls == [] and stats.failed == 1
+    (rec,) = proc.history("b")
+    assert not rec.success and rec.error is not None and "cannot decode item 1" in rec.error
+    st = proc.status("b")
+    assert st is not None and st.batches[0].item_count == 2  # nothing was dropped
+    assert real_client.llen(proc.keys.for_base("b").items("b", 0)) == 2
+
+
+def claim_directly(proc: rb.Processor, base: str) -> ops.Claimed:
+    part = proc.keys.for_base(base)
+    owner = ops.new_token()
+    _, claimed = ops.parse_claim(
+        proc, part, owner, ops.claim_call(proc, part, 10, owner).run(proc.batcher.client)
+    )
+    (c,) = claimed
+    return c
+
+
+def test_expired_lease_is_redelivered_and_stale_ack_is_refused(real_batcher: Batcher) -> None:
+    got: list[rb.Flush] = []
+    proc = real_batcher.processor(name="lease", max_batch_size=2, flush_interval=None, lease_timeout=0.3)(
+        got.append
+    )
+    proc.add_many("b", [1, 2])
+    dead = claim_directly(proc, "b")  # a worker claims, then "dies" without acking
+    assert dead.attempt == 1
+    assert Worker(real_batcher).run(burst=True).delivered == 0  # leased: not due yet
+    time.sleep(0.4)
+    Worker(real_batcher).run(burst=True)
+    (f,) = got
+    assert (f.items, f.attempt, f.flush_id) == ([1, 2], 2, dead.flush_id)
+    # the stale worker comes back and tries to ack: refused, nothing trimmed twice
+    entry = ops.history_entry(dead, 0, 1.0, True, None)
+    reply = ops.ack_call(dead, entry).run(real_batcher.client)
+    assert reply[0] == b"lease_lost"
+    assert [h.attempt for h in proc.history("b")] == [2]
+
+
+def test_heartbeat_keeps_a_long_handler_from_being_redelivered(real_batcher: Batcher) -> None:
+    calls: list[int] = []
+
+    def slow(flush: rb.Flush) -> None:
+        calls.append(flush.attempt)
+        time.sleep(1.2)  # four times the lease
+
+    proc = real_batcher.processor(name="hb", max_batch_size=1, flush_interval=None, lease_timeout=0.3)(slow)
+    proc.add("b", 1)
+    stats = Worker(real_batcher, concurrency=2).run(burst=True)
+    assert calls == [1] and stats.delivered == 1 and stats.lease_lost == 0
+
+
+def test_concurrency_limits_running_handlers(real_batcher: Batcher) -> None:
+    lock = threading.Lock()
+    running_now = [0]
+    peak = [0]
+
+    def handler(flush: rb.Flush) -> None:
+        with lock:
+            running_now[0] += 1
+            peak[0] = max(peak[0], running_now[0])
+        time.sleep(0.05)
+        with lock:
+            running_now[0] -= 1
+
+    proc = real_batcher.processor(name="conc", max_batch_size=1, flush_interval=None)(handler)
+    proc.add_many("b", list(range(20)))
+    stats = Worker(real_batcher, concurrency=3).run(burst=True)
+    assert stats.delivered == 20 and peak[0] == 3
+
+
+def test_two_workers_never_deliver_a_sequence_twice(real_batcher: Batcher, redis_server: Any) -> None:
+    seen: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def handler(flush: rb.Flush) -> None:
+        with lock:
+            seen.append((flush.batch_id, flush.sequence))
+
+    proc = real_batcher.processor(name="race", max_batch_size=5, flush_interval=None)(handler)
+    for i in range(40):
+        proc.add_many(f"id{i}", list(range(5)))
+    other = Batcher(redis.Redis(port=redis_server.port), prefix="t")
+    other.processor(name="race", max_batch_size=5, flush_interval=None)(handler)
+    results: list[Any] = []
+    threads = [
+        threading.Thread(target=lambda b=b: results.append(Worker(b, concurrency=4).run(burst=True)))
+        for b in (real_batcher, other)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(seen) == sorted({(f"id{i}", 0) for i in range(40)})
+    assert sum(r.delivered for r in results) == 40

@@ -209,10 +209,7 @@ class Batcher:
 
     def batch_ids(self, processor: str) -> Iterator[str]:
         """Active base ids of a processor, iterated with SSCAN over each partition (never KEYS)."""
-        proc = self.get_processor(processor)
-        for part in proc.keys.parts:
-            for raw in self.client.sscan_iter(part.ids, count=500):
-                yield raw.decode() if isinstance(raw, bytes) else raw
+        return self.get_processor(processor).batch_ids()
 
     # -- registry ---------------------------------------------------------------------------------
 

@@ -20,7 +20,8 @@ from .batcher import Batcher, default_url
 from .errors import BatcherError
 from .processor import Processor
 
-console = Console()
+# Piped output (CI, log files, grep) must not be cut at rich's default of 80 columns.
+console = Console() if sys.stdout.isatty() else Console(width=200)
 URL_HELP = "Redis URL (default: $REDIS_URL, then redis://127.0.0.1:6379/0)."
 
 
@@ -128,11 +129,13 @@ def worker(
     """
     from .worker import Worker
 
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="%(message)s",
-        handlers=[RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=True)],
-    )
+    if sys.stderr.isatty():
+        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:  # one greppable line per record in log files
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=log_level.upper(), handlers=[handler])
     batcher, only = load_target(app)
     selected = list(names) or only
     if selected:

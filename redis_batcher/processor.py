@@ -126,7 +126,10 @@ class Processor:
 
     def batch_ids(self) -> Iterator[str]:
         """Base ids with at least one active sequence (SSCAN over each partition, never KEYS)."""
-        return self.batcher.batch_ids(self.name)
+        client = self.batcher.client
+        for part in self.keys.parts:
+            for raw in client.sscan_iter(part.ids, count=500):
+                yield raw.decode() if isinstance(raw, bytes) else raw
 
     def pending(self, batch_id: str) -> int:
         """Items of the base id not yet delivered."""

@@ -1,0 +1,1 @@
+"""Small applications that tests run inside ``redis-batcher worker`` subprocesses."""

@@ -50,6 +50,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free port that a cluster node can use: its bus port (port + 10000) must exist and be free."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RedisServerError("no free port pair (port, port + 10000) for a cluster node")
+
+
 class RedisServer:
     """A redis-server child process bound to 127.0.0.1 with its own temporary directory.
 
@@ -103,6 +118,13 @@ class RedisServer:
         return cmd + self.extra_args
 
     def start(self, timeout: float = 10.0) -> RedisServer:
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()  # the directory is kept: it may hold data a restart needs
+            raise
+
+    def _start(self, timeout: float) -> RedisServer:
         self.process = subprocess.Popen(
             self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
@@ -183,7 +205,9 @@ class RedisClusterServers:
             raise RedisServerError("no redis-server binary for the cluster")
         self.nodes = [
             RedisServer(
-                self.binary, extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+                self.binary,
+                port=free_cluster_port(),
+                extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"],
             )
             for _ in range(masters)
         ]
@@ -197,6 +221,13 @@ class RedisClusterServers:
         return self.nodes[0].url
 
     def start(self, timeout: float = 30.0) -> RedisClusterServers:
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()  # never leave half a cluster running
+            raise
+
+    def _start(self, timeout: float) -> RedisClusterServers:
         for node in self.nodes:
             node.start()
         cli = shutil.which("redis-cli")

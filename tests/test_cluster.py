@@ -1,0 +1,354 @@
+"""Smoke tests on a real 3-master Redis Cluster: hash tags keep every script on one slot,
+partitions spread a processor over slots, NOSCRIPT is recovered, and the worker's pub/sub
+wake-up works through ``RedisCluster``."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from redis.cluster import ClusterNode, RedisCluster
+
+from redis_batcher import Batcher, Flush, Processor, Worker
+from redis_batcher.embedded import RedisClusterServers
+from redis_batcher.keys import partition_of
+from redis_batcher.scripts import scripts
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+# Batch ids that could confuse hash-tag routing or key parsing: braces (a tag of their own, empty,
+# unbalanced, or looking like a partition tag), colons, spaces, "::" and non-ASCII text.
+ODD_IDS = [
+    "{user}:1",
+    "{user}:2",
+    "a b",
+    "ü:{x}",
+    "{",
+    "}",
+    "{}",
+    "}{",
+    "x{}y",
+    "{events:0}",
+    "{events:2}:tail",
+    "a::b",
+    "::",
+    "日本語 {id}",
+    "emoji 🎉",
+    " leading and trailing ",
+]
+IDS = ODD_IDS + [f"order:{i}" for i in range(30 - len(ODD_IDS))]
+
+
+# -- the cluster ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def nodes(redis_cluster: RedisClusterServers) -> Iterator[list[redis.Redis]]:
+    """One plain client per master, emptied before the test."""
+    clients = [redis.Redis(host=h, port=p) for h, p in redis_cluster.startup_nodes]
+    for c in clients:
+        c.flushall()
+    try:
+        yield clients
+    finally:
+        for c in clients:
+            c.close()
+
+
+@pytest.fixture
+def cluster_client(redis_cluster: RedisClusterServers, nodes: list[redis.Redis]) -> Iterator[RedisCluster]:
+    client = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in redis_cluster.startup_nodes])
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def keyslot(client: RedisCluster, key: str) -> int:
+    """The slot of ``key`` according to the server (CLUSTER KEYSLOT)."""
+    return int(client.execute_command("CLUSTER KEYSLOT", key))
+
+
+def owner_of(nodes: list[redis.Redis], slot: int) -> redis.Redis:
+    """The master serving ``slot``, according to CLUSTER SLOTS."""
+    for lo, hi, master, *_ in nodes[0].execute_command("CLUSTER SLOTS"):
+        if int(lo) <= slot <= int(hi):
+            port = int(master[1])
+            return next(c for c in nodes if c.connection_pool.connection_kwargs["port"] == port)
+    raise AssertionError(f"no node serves slot {slot}")
+
+
+class Recorder:
+    """A handler that records every flush it is given (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.flushes: list[Flush] = []
+        self.times: list[float] = []
+        self.lock = threading.Lock()
+        self.event = threading.Event()
+
+    def __call__(self, flush: Flush) -> None:
+        with self.lock:
+            self.flushes.append(flush)
+            self.times.append(time.monotonic())
+        self.event.set()
+
+    def wait_for(self, count: int, timeout: float) -> float | None:
+        """Seconds until ``count`` flushes were recorded, or None after ``timeout``."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            with self.lock:
+                if len(self.flushes) >= count:
+                    return self.times[count - 1] - t0
+            self.event.wait(0.01)
+            self.event.clear()
+        return None
+
+
+# -- smoke test ----------------------------------------------------------------------------------
+
+
+def test_cluster_end_to_end_with_partitions_and_odd_ids(
+    cluster_client: RedisCluster, nodes: list[redis.Redis]
+) -> None:
+    batcher = Batcher(cluster_client, prefix="c")
+    assert batcher.is_cluster
+    rec = Recorder()
+    proc = batcher.processor(name="events", partitions=3, max_batch_size=5, flush_interval=None)(rec)
+
+    expected: dict[str, list[Any]] = {}
+    for n, bid in enumerate(IDS):
+        items: list[Any] = [{"id": bid, "i": i} for i in range(3)]
+        for item in items:
+            proc.add(bid, item)
+        more = [[n, i] for i in range(3, 7)] + [f"{bid}/{n}"]
+        res = proc.add_many(bid, more)  # 8 items in all: sequence 0 sealed by size, 3 accumulating
+        assert res.sealed == 1 and res.sequence == 1 and res.pending == 3, (bid, res)
+        expected[bid] = items + more
+
+    # -- pending: batch_ids and status list every id, on every partition
+    assert sorted(proc.batch_ids()) == sorted(IDS)
+    assert sorted(batcher.batch_ids("events")) == sorted(IDS)
+    for bid in IDS:
+        st = proc.status(bid)
+        assert st is not None and st.batch_id == bid and st.pending == 8
+        assert [(b.sequence, b.status, b.item_count) for b in st.batches] == [
+            (0, "flushing", 5),
+            (1, "accumulating", 3),
+        ]
+    used_partitions = {partition_of(bid, 3) for bid in IDS}
+    assert used_partitions == {0, 1, 2}
+
+    # -- slots: one per partition, all different; every key of a base id in its partition's slot
+    part_slots = [keyslot(cluster_client, part.due) for part in proc.keys.parts]
+    assert len(set(part_slots)) == 3, part_slots
+    for part, slot in zip(proc.keys.parts, part_slots, strict=True):
+        assert keyslot(cluster_client, part.ids) == slot
+        assert keyslot(cluster_client, part.pfx + "anything {else}") == slot
+    for bid in IDS:
+        k = partition_of(bid, 3)
+        part = proc.keys.parts[k]
+        assert part is proc.keys.for_base(bid)
+        keys = [part.head(bid), part.history(bid), part.meta(bid, 0), part.meta(bid, 1)]
+        keys += [part.items(bid, 0), part.items(bid, 1)]
+        for key in keys:
+            assert keyslot(cluster_client, key) == part_slots[k], (bid, key)
+        assert cluster_client.exists(part.head(bid), part.items(bid, 0), part.items(bid, 1)) == 3, bid
+    # a brace pair inside the id does not make a hash tag of its own
+    user_part = proc.keys.for_base("{user}:1")
+    assert keyslot(cluster_client, user_part.head("{user}:1")) != keyslot(cluster_client, "user")
+    assert keyslot(cluster_client, user_part.head("{user}:1")) == part_slots[partition_of("{user}:1", 3)]
+
+    # every key the scripts wrote (on whichever node) sits in one of the partition slots
+    written: list[bytes] = []
+    for c in nodes:
+        written += list(c.scan_iter(match="c:*", count=1000))
+    assert written
+    data_keys = [k for k in written if k != b"c:processors"]
+    assert len(data_keys) == len(written) - 1
+    for key in data_keys:
+        assert keyslot(cluster_client, key.decode()) in part_slots, key
+    counted = sum(int(owner_of(nodes, s).execute_command("CLUSTER COUNTKEYSINSLOT", s)) for s in part_slots)
+    assert counted == len(data_keys)
+
+    # -- flush every id, deliver with a concurrent burst worker
+    for bid in IDS:
+        fr = proc.flush(bid)
+        assert fr.flushed and fr.sequence == 1 and fr.item_count == 3, (bid, fr)
+    stats = Worker(batcher, concurrency=4).run(burst=True)
+    assert stats.delivered == 2 * len(IDS) and stats.failed == 0 and stats.lease_lost == 0
+    assert stats.items == 8 * len(IDS)
+
+    # exactly once, in order per id
+    by_id: dict[str, list[Flush]] = defaultdict(list)
+    for f in rec.flushes:
+        by_id[f.batch_id].append(f)
+    assert sorted(by_id) == sorted(IDS)
+    assert len({f.flush_id for f in rec.flushes}) == len(rec.flushes)
+    for bid, flushes in by_id.items():
+        flushes.sort(key=lambda f: f.sequence)
+        assert [(f.sequence, len(f.items), f.attempt) for f in flushes] == [(0, 5, 1), (1, 3, 1)], bid
+        assert [f.reason for f in flushes] == ["size", "manual"], bid
+        delivered = [item for f in flushes for item in f.items]
+        assert delivered == expected[bid], bid
+
+    # -- afterwards: nothing active, history recorded, the last sequence shown as completed
+    assert list(proc.batch_ids()) == []
+    for bid in IDS:
+        assert proc.status(bid) is None, bid
+        assert proc.pending(bid) == 0
+        hist = proc.history(bid)
+        assert sorted((h.sequence, h.item_count, h.success) for h in hist) == [(0, 5, True), (1, 3, True)]
+        seqs = proc.sequences(bid)
+        assert [(s.sequence, s.status) for s in seqs] == [(1, "completed")], bid
+    # items and sequence state are gone; only heads and histories remain (with a TTL)
+    for c in nodes:
+        for key in c.scan_iter(match="c:*", count=1000):
+            if key == b"c:processors":
+                continue
+            assert b":b:" in key or b":h:" in key, key
+            assert c.ttl(key) > 0, key
+
+
+def test_batcher_from_cluster_url(redis_cluster: RedisClusterServers, nodes: list[redis.Redis]) -> None:
+    batcher = Batcher(redis_cluster.url, cluster=True, prefix="u")
+    try:
+        assert batcher.is_cluster and isinstance(batcher.client, RedisCluster)
+        rec = Recorder()
+        proc = batcher.processor(name="url", partitions=2, max_batch_size=10, flush_interval=None)(rec)
+        for i in range(3):
+            proc.add("k", i)
+        assert proc.flush("k").item_count == 3
+        assert batcher.registered()["url"].partitions == 2
+        assert Worker(batcher).run(burst=True).delivered == 1
+        assert [f.items for f in rec.flushes] == [[0, 1, 2]]
+    finally:
+        batcher.close()
+
+
+# -- NOSCRIPT ------------------------------------------------------------------------------------
+
+
+def _script_cached(node: redis.Redis, sha: str) -> bool:
+    return bool(node.script_exists(sha)[0])
+
+
+def _eval_calls(node: redis.Redis) -> tuple[int, int]:
+    """(EVALSHA calls, EVAL calls) since the last CONFIG RESETSTAT."""
+    stats = node.info("commandstats")
+    return (
+        int(stats.get("cmdstat_evalsha", {}).get("calls", 0)),
+        int(stats.get("cmdstat_eval", {}).get("calls", 0)),
+    )
+
+
+def test_noscript_on_cluster_is_recovered(cluster_client: RedisCluster, nodes: list[redis.Redis]) -> None:
+    batcher = Batcher(cluster_client, prefix="ns")
+    rec = Recorder()
+    proc: Processor = batcher.processor(name="ns", partitions=3, max_batch_size=100, flush_interval=None)(rec)
+    ids = ["{a}", "ö ö", "b b", "d"]
+    assert [partition_of(b, 3) for b in ids] == [0, 1, 2, 0]
+    for bid in ids:
+        proc.add(bid, 0)
+    add_sha = scripts().add.sha
+    owners = {bid: owner_of(nodes, keyslot(cluster_client, proc.keys.for_base(bid).due)) for bid in ids}
+    for bid in ids:
+        assert _script_cached(owners[bid], add_sha)
+
+    # cached: a second add is one EVALSHA, no EVAL
+    for c in nodes:
+        c.config_resetstat()
+    proc.add("d", 1)
+    assert _eval_calls(owners["d"]) == (1, 0)
+
+    # SCRIPT FLUSH on every node
+    assert cluster_client.execute_command("SCRIPT FLUSH", target_nodes=RedisCluster.ALL_NODES)
+    for c in nodes:
+        assert not _script_cached(c, add_sha)
+        c.config_resetstat()
+
+    # the next add answers normally: EVALSHA got NOSCRIPT, EVAL ran it and cached it again
+    res = proc.add("d", 2)
+    assert res.added == 1 and res.pending == 3
+    evalsha_calls, eval_calls = _eval_calls(owners["d"])
+    assert eval_calls == 1, (evalsha_calls, eval_calls)
+    assert _script_cached(owners["d"], add_sha)
+    proc.add("d", 3)
+    assert _eval_calls(owners["d"])[1] == 1  # cached again: no further EVAL
+
+    # flush/claim/ack/status scripts recover the same way on every node
+    for bid in ids:
+        assert proc.flush(bid).flushed
+    stats = Worker(batcher, concurrency=2).run(burst=True)
+    assert stats.delivered == len(ids) and stats.failed == 0
+    got = {f.batch_id: f.items for f in rec.flushes}
+    assert got == {"{a}": [0], "ö ö": [0], "b b": [0], "d": [0, 1, 2, 3]}
+    assert all(proc.status(bid) is None for bid in ids)
+    for name in ("flush", "claim", "ack", "status"):
+        sha = scripts().scripts[name].sha
+        assert all(_script_cached(owners[bid], sha) for bid in ids), name
+
+
+# -- non-burst worker: pub/sub wake-up -----------------------------------------------------------
+
+
+def _subscribers(nodes: list[redis.Redis], channel: str) -> int:
+    """Subscribers of ``channel`` over all nodes (PUBSUB NUMSUB only counts a node's own)."""
+    return sum(int(dict(c.pubsub_numsub(channel)).get(channel.encode(), 0)) for c in nodes)
+
+
+def test_worker_wakes_on_pubsub_on_cluster(cluster_client: RedisCluster, nodes: list[redis.Redis]) -> None:
+    """A size-sealed batch is delivered at once by an idle worker whose timed check is 30 s
+    away: only the pub/sub message from add.lua can have woken it."""
+    batcher = Batcher(cluster_client, prefix="w")
+    rec = Recorder()
+    proc = batcher.processor(name="wake", partitions=3, max_batch_size=5, flush_interval=None)(rec)
+    ids = ["{a}", "ö ö", "b b"]
+    assert [partition_of(b, 3) for b in ids] == [0, 1, 2]
+    batcher.register()
+
+    worker = Worker(batcher, concurrency=2, max_idle_wait=30)
+    result: dict[str, Any] = {}
+
+    def serve() -> None:
+        try:
+            result["stats"] = worker.run()
+        except BaseException as exc:  # surfaced by the assertions below
+            result["error"] = exc
+
+    thread = threading.Thread(target=serve, name="cluster-worker", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while _subscribers(nodes, proc.keys.channel) < 1:
+            assert time.monotonic() < deadline, "the worker never subscribed to its wake-up channel"
+            assert thread.is_alive(), result
+            time.sleep(0.02)
+        time.sleep(0.5)  # let the worker finish its first claim round and go to sleep (30 s)
+
+        latencies: list[float] = []
+        for n, bid in enumerate(ids):  # one id per partition: each publish comes from another slot
+            proc.add_many(bid, [f"{bid}-{i}" for i in range(5)])
+            waited = rec.wait_for(n + 1, timeout=5.0)
+            assert waited is not None, (
+                f"size-sealed batch {bid!r} not delivered within 5 s: the pub/sub wake-up did not reach "
+                "the worker on RedisCluster (only the 30 s timed check would deliver it)"
+            )
+            latencies.append(waited)
+            time.sleep(0.3)
+        print(f"pub/sub wake-up latencies on RedisCluster (s): {[round(x, 4) for x in latencies]}")
+        assert max(latencies) < 3.0, latencies
+        assert [f.items for f in rec.flushes] == [[f"{bid}-{i}" for i in range(5)] for bid in ids]
+        assert all(f.reason == "size" for f in rec.flushes)
+    finally:
+        worker.stop()
+        thread.join(timeout=15)
+    assert not thread.is_alive(), "worker.run() did not return after stop()"
+    assert "error" not in result, result
+    assert result["stats"].delivered == len(ids)
+    assert _subscribers(nodes, proc.keys.channel) == 0

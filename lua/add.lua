@@ -8,7 +8,8 @@
 -- ARGV[2] base           base batch id
 -- ARGV[3] max_batch_size a sequence is sealed when it holds this many items
 -- ARGV[4] interval_ms    delay before an interval flush; -1 = no interval timer
--- ARGV[5] channel        pub/sub channel published to when a sequence is sealed
+-- ARGV[5] channel        pub/sub channel published to when a sequence is sealed or a new
+--                        timer became the earliest entry of the delay queue
 -- ARGV[6..] items        encoded items, in add order
 -- Derived keys: pfx.."s:"..base.."::"..N and pfx.."i:"..base.."::"..N for the sequences touched.
 -- Reply: {seq, pending, status, sealed, added}
@@ -23,6 +24,7 @@ local max = tonumber(ARGV[3])
 local interval = tonumber(ARGV[4])
 local first, last = 6, #ARGV
 local now = now_ms()
+local wake = false
 
 local function open_sequence()
   local seq = redis.call('HINCRBY', head, 'next', 1) - 1
@@ -37,6 +39,10 @@ local function open_sequence()
   end
   if interval >= 0 then
     redis.call('ZADD', due, int(now + interval), member)
+    -- an idle worker sleeps until the earliest due entry: tell it when that changed
+    if redis.call('ZRANGE', due, 0, 0)[1] == member then
+      wake = true
+    end
   end
   return seq
 end
@@ -83,7 +89,7 @@ while i <= last do
     status = 'accumulating'
   end
 end
-if sealed > 0 then
+if sealed > 0 or wake then
   redis.call('PUBLISH', ARGV[5], pfx)
 end
 return {seq, count, status, sealed, last - first + 1}

@@ -221,3 +221,16 @@ def test_two_workers_never_deliver_a_sequence_twice(real_batcher: Batcher, redis
         t.join(30)
     assert sorted(seen) == sorted({(f"id{i}", 0) for i in range(40)})
     assert sum(r.delivered for r in results) == 40
+
+
+def test_new_timer_wakes_an_idle_worker(real_batcher: Batcher) -> None:
+    """An idle worker sleeping max_idle_wait (30 s) must learn about a new, earlier timer."""
+    got = threading.Event()
+    proc = real_batcher.processor(name="timer-wake", max_batch_size=100, flush_interval=0.2)(
+        lambda f: got.set()
+    )
+    with running(Worker(real_batcher, max_idle_wait=30)) as w:
+        wait_for(lambda: w._pool is not None)
+        time.sleep(0.5)  # idle: its last check found an empty queue
+        proc.add("x", {"n": 1})
+        assert got.wait(10)  # without the wake-up this takes the full 30 s

@@ -7,6 +7,7 @@ delay queues is due, a slot frees up, or a pub/sub message says a sequence was s
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import signal
@@ -91,6 +92,10 @@ class Worker:
         self._stopping = threading.Event()
         self._done = threading.Event()
         self._rr = 0
+        # monotonic time at which each partition may next have something due (0 = check now)
+        self._due_at: list[float] = [0.0] * len(self.parts)
+        self._part_index = {part.pfx: i for i, (_, part) in enumerate(self.parts)}
+        self._full_check_at = 0.0
         self._pool: ThreadPoolExecutor | None = None
 
     # -- public ----------------------------------------------------------------------------------
@@ -104,6 +109,7 @@ class Worker:
         self._stopping.clear()
         self._done.clear()
         self.stats = WorkerStats()
+        self._full_check_at = 0.0
         restore = self._install_signals()
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="rb-flush")
         threads = [threading.Thread(target=self._heartbeat, name="rb-heartbeat", daemon=True)]
@@ -165,43 +171,58 @@ class Worker:
     def _loop(self, burst: bool) -> None:
         while not self._stopping.is_set():
             self._wake.clear()
-            wait, more = self._claim_round()
+            now = time.monotonic()
+            if now >= self._full_check_at:
+                # safety net for due entries nobody announced (another worker's retry, an expired
+                # lease of a dead worker, a lost pub/sub message): look at every partition
+                self._due_at = [0.0] * len(self.parts)
+                self._full_check_at = now + self.max_idle_wait
+            more = self._claim_round(now)
             free = self.concurrency - len(self._inflight)
             if burst and not more and not self._inflight:
                 return
             if more and free > 0:
                 continue
-            self._wake.wait(wait)
+            now = time.monotonic()
+            wait = self._full_check_at - now
+            if free > 0:
+                wait = min(wait, min(self._due_at) - now)
+            # a finished flush, a wake-up message or stop() sets the event
+            self._wake.wait(max(wait, 0.001))
 
-    def _claim_round(self) -> tuple[float, bool]:
-        """Claim from every partition, round-robin. Returns (seconds to sleep, more due now)."""
-        wait = self.max_idle_wait
+    def _claim_round(self, now: float) -> bool:
+        """Claim from the partitions that may have due entries, round-robin.
+
+        Returns True when more is due than was claimed (or slots ran out first)."""
         more = False
         n = len(self.parts)
         start, self._rr = self._rr, (self._rr + 1) % n
         for i in range(n):
+            idx = (start + i) % n
             if self._stopping.is_set():
                 break
+            if self._due_at[idx] > now:
+                continue
             free = self.concurrency - len(self._inflight)
             if free <= 0:
-                more = True
-                break
-            proc, part = self.parts[(start + i) % n]
+                return True
+            proc, part = self.parts[idx]
             owner = ops.new_token()
             try:
                 reply = ops.claim_call(proc, part, free, owner).run(self.client)
             except RedisError as exc:
                 log.warning("claim on %s failed: %s", part.pfx, exc)
-                wait = min(wait, 1.0)
+                self._due_at[idx] = now + 1.0
                 continue
             next_due, claimed = ops.parse_claim(proc, part, owner, reply)
             for c in claimed:
                 self._submit(c)
             if next_due == 0:
+                self._due_at[idx] = 0.0
                 more = True
-            elif next_due > 0:
-                wait = min(wait, next_due / 1000.0)
-        return max(wait, 0.001), more
+            else:
+                self._due_at[idx] = now + next_due / 1000.0 if next_due > 0 else math.inf
+        return more
 
     def _submit(self, c: ops.Claimed) -> None:
         key = c.part.pfx + c.member
@@ -268,6 +289,7 @@ class Worker:
         finally:
             with self._lock:
                 self._inflight.pop(key, None)
+            self._due_at[self._part_index[c.part.pfx]] = 0.0  # a retry or remainder may be due
             self._wake.set()
 
     def _settle(self, c: ops.Claimed, call: ops.Call) -> bool:
@@ -329,7 +351,15 @@ class Worker:
                 self._wake.set()
                 delay = 0.1
                 while not self._stopping.is_set():
-                    if pubsub.get_message(timeout=1.0) is not None:
+                    msg = pubsub.get_message(timeout=1.0)
+                    if msg is not None:
+                        data = msg.get("data")
+                        pfx = data.decode() if isinstance(data, bytes) else str(data)
+                        idx = self._part_index.get(pfx)
+                        if idx is None:  # not ours (or an old publisher): check everything
+                            self._due_at = [0.0] * len(self.parts)
+                        else:
+                            self._due_at[idx] = 0.0
                         self._wake.set()
             except Exception as exc:  # reconnect with backoff whatever went wrong
                 log.debug("wake-up subscription failed: %s", exc)

@@ -234,3 +234,25 @@ def test_new_timer_wakes_an_idle_worker(real_batcher: Batcher) -> None:
         time.sleep(0.5)  # idle: its last check found an empty queue
         proc.add("x", {"n": 1})
         assert got.wait(10)  # without the wake-up this takes the full 30 s
+
+
+def test_each_add_is_exactly_one_evalsha(redis_server: Any) -> None:
+    """The hot path: one round trip, one EVALSHA, nothing else (registry write is once per process)."""
+    sent: list[str] = []
+
+    class Counting(redis.Redis):
+        def execute_command(self, *args: Any, **options: Any) -> Any:
+            sent.append(str(args[0]).upper())
+            return super().execute_command(*args, **options)
+
+    client = Counting(host="127.0.0.1", port=redis_server.port)
+    batcher = Batcher(client, prefix="one")
+    proc = batcher.processor(name="hot", max_batch_size=7, flush_interval=1.0)(lambda f: None)
+    proc.add("warm", 0)  # registers the processor (HSET) once per process
+    sent.clear()
+    for i in range(50):
+        proc.add(f"id{i % 5}", i)
+    for i in range(10):
+        proc.add_many(f"id{i}", list(range(20)))  # spans several sequences, still one call
+    assert sent == ["EVALSHA"] * 60
+    client.close()

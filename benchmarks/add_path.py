@@ -79,9 +79,7 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in results.items()}
         for k, v in results.items():
             print(f"  {k:<16} {med[k]:>12,.0f} items/s   (min {min(v):,.0f}, max {max(v):,.0f})")
-        print(
-            f"add() / bare RPUSH = {med['add()'] / med['bare RPUSH x1']:.2f}  (target >= 0.80)"
-        )
+        print(f"add() / bare RPUSH = {med['add()'] / med['bare RPUSH x1']:.2f}  (target >= 0.80)")
         print(
             f"add_many(100) / bare variadic RPUSH = {med['add_many(100)'] / med['bare RPUSH x100']:.2f}"
             "  (target >= 0.60)"

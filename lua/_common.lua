@@ -3,11 +3,18 @@
 -- Key layout (pfx = "<prefix>:{<processor>:<partition>}:", one hash tag per partition):
 --   pfx.."due"            ZSET  member "base::N", score = due time / lease expiry (ms, server clock)
 --   pfx.."ids"            SET   base ids with at least one active sequence
---   pfx.."b:"..base       HASH  head: next, acc, active, a:<N> = status, done_seq, done_items, done_at
---   pfx.."h:"..base       LIST  flush history, newest first (JSON written by the worker)
---   pfx.."s:"..base.."::"..N  HASH  sequence state: status, created_at, updated_at, cutoff, ...
+--   pfx.."b:"..base       HASH  head: next, acc, active, pending, a:<N> = status, done_seq, ...
+--   pfx.."h:"..base       LIST  flush history, newest first (JSON)
+--   pfx.."s:"..base.."::"..N  HASH  sequence state: status, cutoff, window, attempt, deaths, ...
 --   pfx.."i:"..base.."::"..N  LIST  encoded items in add order
+--   pfx.."dead"           ZSET  dead-letter ids, score = time they died (ms)
+--   pfx.."d:"..id         HASH  dead letter: batch_id, sequence, count, error, reason, ...
+--   pfx.."di:"..id        LIST  its items
 -- Keys derived here from pfx always carry the same hash tag as the declared KEYS.
+--
+-- A sealed sequence's list holds `cutoff` undelivered items at its head. Each claim delivers the
+-- first `window` of them (window <= cutoff, <= max_batch_size). Acks, partial failures and
+-- dead-lettering remove items from the head; what is left is delivered next.
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -27,6 +34,11 @@ local function split_member(member)
   return base, seq
 end
 
+local function push_history(hist, entry, cap)
+  redis.call('LPUSH', hist, entry)
+  redis.call('LTRIM', hist, 0, cap - 1)
+end
+
 -- Seal an accumulating sequence: it becomes 'flushing' with its cutoff recorded and is due now.
 local function seal(pfx, head, due, base, seq, count, reason, now)
   local member = member_of(base, seq)
@@ -37,6 +49,33 @@ local function seal(pfx, head, due, base, seq, count, reason, now)
   end
   redis.call('HSET', head, 'a:' .. seq, 'flushing')
   redis.call('ZADD', due, int(now), member)
+end
+
+-- Lowest active sequence number of a base id (nil when none); used by ordered processors.
+local function lowest_active(head)
+  local fields = redis.call('HKEYS', head)
+  local low = nil
+  for _, f in ipairs(fields) do
+    local n = string.match(f, '^a:(%d+)$')
+    if n then
+      n = tonumber(n)
+      if low == nil or n < low then low = n end
+    end
+  end
+  return low
+end
+
+-- Ordered processors: a parked sequence becomes due when it is the lowest active one again.
+local function unpark(pfx, head, due, base, now)
+  local low = lowest_active(head)
+  if low then
+    local member = member_of(base, low)
+    local meta = pfx .. 's:' .. member
+    if redis.call('HGET', meta, 'parked') == '1' then
+      redis.call('HDEL', meta, 'parked')
+      redis.call('ZADD', due, int(now), member)
+    end
+  end
 end
 
 -- Drop a sequence from its head's index; when no active sequence is left the base id leaves
@@ -57,7 +96,69 @@ local function retire(pfx, head, ids, base, seq, retention)
   end
 end
 
-local function push_history(hist, entry, cap)
-  redis.call('LPUSH', hist, entry)
-  redis.call('LTRIM', hist, 0, cap - 1)
+-- `n` items left the head of a sealed sequence (delivered or dead-lettered). Either the
+-- sequence is done (completed) or the rest becomes a fresh delivery, due now.
+-- cfg: {retention=, ordered=, max=}
+local function advance(pfx, base, seq, n, now, cfg)
+  local member = member_of(base, seq)
+  local meta = pfx .. 's:' .. member
+  local head = pfx .. 'b:' .. base
+  local due = pfx .. 'due'
+  local left = tonumber(redis.call('HGET', meta, 'cutoff') or '0') - n
+  local pending = redis.call('HINCRBY', head, 'pending', -n)
+  if pending < 0 then redis.call('HSET', head, 'pending', 0) end
+  if left > 0 then
+    redis.call('HSET', meta, 'cutoff', left, 'window', math.min(left, cfg.max), 'owner', '',
+      'attempt', 0, 'deaths', 0, 'updated_at', int(now))
+    redis.call('HDEL', meta, 'flush_id', 'lease_until', 'last_error', 'next_attempt_at')
+    redis.call('ZADD', due, int(now), member)
+    return left
+  end
+  redis.call('DEL', meta)
+  redis.call('ZREM', due, member)
+  retire(pfx, head, pfx .. 'ids', base, seq, cfg.retention)
+  if cfg.ordered then unpark(pfx, head, due, base, now) end
+  return 0
+end
+
+-- Move items into a new dead letter. `items` is a Lua table of raw entries, or nil to move the
+-- whole list of the sequence (RENAME, O(1) whatever its length).
+local function bury(pfx, id, member, items, count, reason, err, f, now)
+  local base, seq = split_member(member)
+  local dlist = pfx .. 'di:' .. id
+  if items == nil then
+    redis.call('RENAME', pfx .. 'i:' .. member, dlist)
+  else
+    for i = 1, #items, 5000 do
+      redis.call('RPUSH', dlist, unpack(items, i, math.min(i + 4999, #items)))
+    end
+  end
+  redis.call('HSET', pfx .. 'd:' .. id, 'batch_id', base, 'sequence', seq, 'count', count,
+    'reason', reason, 'error', err or '', 'attempts', f.attempt or 0, 'deaths', f.deaths or 0,
+    'flush_id', f.flush_id or '', 'created_at', f.created_at or '', 'dead_at', int(now))
+  redis.call('ZADD', pfx .. 'dead', int(now), id)
+end
+
+-- Pop the first `n` entries of a list (LPOP with a count; Redis >= 6.2).
+local function pop_head(key, n)
+  if n <= 0 then return {} end
+  local got = redis.call('LPOP', key, n)
+  if not got then return {} end
+  return got
+end
+
+-- Put entries back at the head of a list, keeping their order.
+local function push_head(key, items)
+  for i = #items, 1, -5000 do
+    local lo = math.max(1, i - 4999)
+    local chunk = {}
+    for j = i, lo, -1 do table.insert(chunk, items[j]) end
+    redis.call('LPUSH', key, unpack(chunk))
+  end
+end
+
+local function history_entry(seq, count, started, duration, ok, err, attempt, flush_id, reason)
+  return cjson.encode({seq = tonumber(seq), items = count, started_at = started,
+    duration_ms = duration, success = ok, error = err, attempt = attempt,
+    flush_id = flush_id or '', reason = reason or ''})
 end

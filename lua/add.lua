@@ -10,9 +10,12 @@
 -- ARGV[4] interval_ms    delay before an interval flush; -1 = no interval timer
 -- ARGV[5] channel        pub/sub channel published to when a sequence is sealed or a new
 --                        timer became the earliest entry of the delay queue
--- ARGV[6..] items        encoded items, in add order
+-- ARGV[6] max_pending    refuse the whole call when the base id would hold more undelivered
+--                        items than this; -1 = no limit
+-- ARGV[7..] items        encoded items, in add order
 -- Derived keys: pfx.."s:"..base.."::"..N and pfx.."i:"..base.."::"..N for the sequences touched.
--- Reply: {seq, pending, status, sealed, added}
+-- Reply: {seq, pending, status, sealed, added}, or {'full', undelivered} when max_pending
+-- would be exceeded (nothing written)
 --   seq      sequence that received the last item
 --   pending  items in that sequence after the add
 --   status   'accumulating' or 'flushing' (the last item sealed it)
@@ -22,7 +25,8 @@ local head, ids, due, hist = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local pfx, base = ARGV[1], ARGV[2]
 local max = tonumber(ARGV[3])
 local interval = tonumber(ARGV[4])
-local first, last = 6, #ARGV
+local first, last = 7, #ARGV
+local max_pending = tonumber(ARGV[6])
 local now = now_ms()
 local wake = false
 
@@ -47,7 +51,12 @@ local function open_sequence()
   return seq
 end
 
-local seq = redis.call('HGET', head, 'acc')
+local state = redis.call('HMGET', head, 'acc', 'pending')
+if max_pending >= 0 and tonumber(state[2] or '0') + (last - first + 1) > max_pending then
+  return {'full', tonumber(state[2] or '0')}
+end
+redis.call('HINCRBY', head, 'pending', last - first + 1)
+local seq = state[1]
 local count = nil
 if seq then seq = tonumber(seq) end
 local status = 'accumulating'

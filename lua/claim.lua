@@ -2,29 +2,39 @@
 --
 -- KEYS[1] due  pfx.."due"
 -- ARGV[1] pfx
--- ARGV[2] limit       claim at most this many sequences
--- ARGV[3] lease_ms    lease length; the entry is re-scored to now + lease_ms, so a flush whose
---                     worker dies becomes due again when the lease runs out
--- ARGV[4] owner       random token of this claim; ack/nack/extend must present it
--- ARGV[5] id_seed     random string; first deliveries get flush_id = id_seed.."-"..i
--- ARGV[6] retention   seconds to keep head/history of a base id left without sequences
--- Derived keys: head, sequence state and items of each claimed member.
--- Reply: {next_due_ms, member, cutoff, attempt, flush_id, reason, ...}
+-- ARGV[2] limit          claim at most this many sequences
+-- ARGV[3] lease_ms       lease length; the entry is re-scored to now + lease_ms, so a flush whose
+--                        worker dies becomes due again when the lease runs out
+-- ARGV[4] owner          random token of this claim; ack/nack/extend/release must present it
+-- ARGV[5] id_seed        random string; new deliveries get flush_id = id_seed.."-"..i
+-- ARGV[6] retention      seconds to keep head/history of a base id left without sequences
+-- ARGV[7] max_batch_size largest delivery window
+-- ARGV[8] max_attempts   deliveries of one window before it is dead-lettered
+-- ARGV[9] max_deaths     deliveries whose worker died (lease expired unsettled) before dead-letter
+-- ARGV[10] bisect        '1': a window whose worker died is halved instead (poison isolation)
+-- ARGV[11] ordered       '1': only the lowest active sequence of a base id is delivered
+-- ARGV[12] history_cap   history length limit (deaths are recorded in the history)
+-- Derived keys: head, history, state and items of each member; dead-letter keys.
+-- Reply: {next_due_ms, member, window, attempt, flush_id, reason, ...}
 --   next_due_ms  ms until the earliest remaining entry is due (0 = due now, -1 = queue empty)
---   then five fields per claimed sequence.
+--   then five fields per claimed sequence: deliver its first `window` items.
 local due = KEYS[1]
 local pfx = ARGV[1]
 local limit = tonumber(ARGV[2])
 local lease = tonumber(ARGV[3])
 local owner, seed = ARGV[4], ARGV[5]
-local retention = tonumber(ARGV[6])
+local cfg = {retention = tonumber(ARGV[6]), max = tonumber(ARGV[7]), ordered = ARGV[11] == '1'}
+local max_attempts, max_deaths = tonumber(ARGV[8]), tonumber(ARGV[9])
+local bisect = ARGV[10] == '1'
+local cap = tonumber(ARGV[12])
 local now = now_ms()
 local out = {0}
 local members = redis.call('ZRANGEBYSCORE', due, '-inf', int(now), 'LIMIT', 0, limit)
 for n, member in ipairs(members) do
   local meta = pfx .. 's:' .. member
   local base, seq = split_member(member)
-  local f = redis.call('HMGET', meta, 'status', 'cutoff', 'attempt', 'flush_id', 'reason')
+  local f = redis.call('HMGET', meta, 'status', 'cutoff', 'attempt', 'flush_id', 'reason', 'owner',
+    'deaths', 'window', 'last_error', 'created_at', 'claimed_at')
   if (not base) or (not f[1]) then
     -- an entry whose sequence no longer exists: nothing to deliver
     redis.call('ZREM', due, member)
@@ -33,6 +43,7 @@ for n, member in ipairs(members) do
     local ikey = pfx .. 'i:' .. member
     local cutoff = tonumber(f[2])
     local reason = f[5]
+    local deliver = true
     if f[1] == 'accumulating' then
       -- interval timer fired: seal with the current length as the cutoff
       cutoff = redis.call('LLEN', ikey)
@@ -48,16 +59,55 @@ for n, member in ipairs(members) do
       -- nothing to deliver: drop the sequence instead of leaving a due entry that never clears
       redis.call('DEL', meta, ikey)
       redis.call('ZREM', due, member)
-      retire(pfx, head, pfx .. 'ids', base, seq, retention)
+      retire(pfx, head, pfx .. 'ids', base, seq, cfg.retention)
+      deliver = false
     end
-    if cutoff > 0 then
-      local attempt = tonumber(f[3] or '0') + 1
-      local flush_id = f[4] or (seed .. '-' .. n)
+    if deliver and cfg.ordered then
+      local low = lowest_active(head)
+      if low and low < tonumber(seq) then
+        -- an earlier sequence is still in flight or retrying: wait until it is done
+        redis.call('ZREM', due, member)
+        redis.call('HSET', meta, 'parked', 1)
+        deliver = false
+      end
+    end
+    local attempt = tonumber(f[3] or '0')
+    local flush_id = f[4]
+    local window = math.min(tonumber(f[8] or cutoff), cutoff, cfg.max)
+    if deliver and f[6] and f[6] ~= '' then
+      -- the previous delivery was never settled: its worker died or lost its lease
+      local deaths = tonumber(f[7] or '0') + 1
+      local err = 'worker died or lost its lease during the handler'
+      push_history(pfx .. 'h:' .. base, history_entry(seq, window, tonumber(f[11] or now), 0,
+        false, err, attempt, flush_id, reason), cap)
+      if bisect and window > 1 then
+        -- the crash may be caused by one item: deliver the first half on its own
+        window = math.ceil(window / 2)
+        attempt, flush_id = 0, nil
+        redis.call('HDEL', meta, 'flush_id')
+        redis.call('HSET', meta, 'deaths', 0, 'last_error', err)
+      elseif deaths >= max_deaths or attempt >= max_attempts then
+        local why = deaths >= max_deaths and 'max_deaths' or 'max_attempts'
+        local whole = window == redis.call('LLEN', ikey)
+        local items = nil
+        if not whole then items = pop_head(ikey, window) end
+        bury(pfx, flush_id or (seed .. '-' .. n), member, items, window, why, f[9] or err,
+          {attempt = attempt, deaths = deaths, flush_id = flush_id, created_at = f[10]}, now)
+        advance(pfx, base, seq, window, now, cfg)
+        deliver = false
+      else
+        redis.call('HSET', meta, 'deaths', deaths, 'last_error', err)
+      end
+    end
+    if deliver then
+      attempt = attempt + 1
+      flush_id = flush_id or (seed .. '-' .. n)
       redis.call('HSET', meta, 'attempt', attempt, 'owner', owner, 'flush_id', flush_id,
-        'claimed_at', int(now), 'lease_until', int(now + lease), 'updated_at', int(now))
+        'window', window, 'claimed_at', int(now), 'lease_until', int(now + lease),
+        'updated_at', int(now))
       redis.call('ZADD', due, int(now + lease), member)
       table.insert(out, member)
-      table.insert(out, cutoff)
+      table.insert(out, window)
       table.insert(out, attempt)
       table.insert(out, flush_id)
       table.insert(out, reason or '')

@@ -5,16 +5,20 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, overload
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
+from . import ops
 from .codec import Codec, codec_name, resolve_codec
-from .errors import ConfigError, DuplicateProcessor, UnknownProcessor
+from .errors import ConfigError, DuplicateProcessor, NotReplicated, UnknownProcessor
 from .keys import registry_key, validate_name
-from .models import ProcessorConfig
+from .models import AddResult, ProcessorConfig
 from .processor import Handler, Processor
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -41,6 +45,13 @@ def _seconds(
     return float(value)
 
 
+def _never_sent(exc: BaseException) -> bool:
+    """True when a redis-py connection error happened while connecting, before any command
+    bytes were sent (so retrying cannot run a script twice)."""
+    text = str(exc).lower()
+    return "connecting to" in text or "timeout connecting" in text or "connection refused" in text
+
+
 def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
@@ -62,9 +73,19 @@ class Batcher:
         *,
         prefix: str = "rb",
         cluster: bool = False,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
+        connect_retry: float = 10.0,
         **redis_options: Any,
     ) -> None:
         self.prefix = validate_name("prefix", prefix)
+        if isinstance(wait_replicas, bool) or not isinstance(wait_replicas, int) or wait_replicas < 0:
+            raise ConfigError(f"wait_replicas must be an int >= 0, got {wait_replicas!r}")
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = round(
+            _seconds("wait_timeout", wait_timeout, allow_none=False, positive=True) or 1
+        )
+        self.connect_retry = _seconds("connect_retry", connect_retry, allow_none=False) or 0.0
         self.client: Any = None
         self.url: str | None = None
         self.is_cluster = False
@@ -84,6 +105,10 @@ class Batcher:
         if connection is None:
             connection = default_url()
         if isinstance(connection, str):
+            # never let redis-py re-send a command after a connection error: a script that ran
+            # but whose reply was lost would run twice (a duplicated add). Connection attempts
+            # that failed before anything was sent are retried by _execute instead.
+            redis_options.setdefault("retry", Retry(NoBackoff(), 0))
             if cluster:
                 client: Any = redis.RedisCluster.from_url(connection, **redis_options)
             else:
@@ -97,7 +122,37 @@ class Batcher:
         self.client = client
         self.url = url
         self.is_cluster = isinstance(client, redis.RedisCluster)
+        if self.is_cluster and self.wait_replicas:
+            raise ConfigError("wait_replicas is not supported on Redis Cluster clients")
         self._registered.clear()
+
+    # -- running scripts --------------------------------------------------------------------------
+
+    def _execute(self, call: ops.Call, *, wait: bool = True) -> Any:
+        """Run a script call: retries connection attempts that failed before anything was sent
+        (for up to ``connect_retry`` seconds, with backoff), never a command that may have run,
+        and ``WAIT``s for ``wait_replicas`` replicas when configured (same round trip)."""
+        deadline = time.monotonic() + self.connect_retry
+        delay = 0.05
+        while True:
+            try:
+                if wait and self.wait_replicas:
+                    reply, acked = call.script.call_and_wait(
+                        self.client, call.keys, call.args, self.wait_replicas, self.wait_timeout_ms
+                    )
+                    if acked < self.wait_replicas:
+                        raise NotReplicated(self.wait_replicas, acked)
+                    return reply
+                return call.run(self.client)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if not _never_sent(exc) or time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _run_add(self, proc: Processor, base: str, encoded: list[bytes]) -> AddResult:
+        reply = self._execute(ops.add_call(proc, base, encoded))
+        return ops.parse_add(proc, base, len(encoded), reply)
 
     def __repr__(self) -> str:
         return f"<Batcher prefix={self.prefix!r} processors={sorted(self.processors)}>"
@@ -122,6 +177,12 @@ class Batcher:
         lease_timeout: float | timedelta = 60.0,
         retry_backoff: float = 1.0,
         retry_backoff_max: float = 300.0,
+        max_attempts: int = 10,
+        max_deaths: int = 3,
+        handler_timeout: float | timedelta | None = None,
+        bisect_on_error: bool = False,
+        ordered: bool = False,
+        max_pending: int | None = None,
     ) -> Callable[[Handler], Processor]: ...
 
     def processor(
@@ -140,6 +201,12 @@ class Batcher:
         lease_timeout: float | timedelta = 60.0,
         retry_backoff: float = 1.0,
         retry_backoff_max: float = 300.0,
+        max_attempts: int = 10,
+        max_deaths: int = 3,
+        handler_timeout: float | timedelta | None = None,
+        bisect_on_error: bool = False,
+        ordered: bool = False,
+        max_pending: int | None = None,
     ) -> Processor | Callable[[Handler], Processor]:
         """Decorator that turns ``handler(flush)`` into a :class:`Processor`.
 
@@ -153,6 +220,15 @@ class Batcher:
         ``lease_timeout``: how long a claimed flush is owned by a worker without a heartbeat.
         ``retry_backoff``/``retry_backoff_max``: failed flushes are retried after
         ``retry_backoff * 2**(attempt-1)`` seconds (with jitter), capped at ``retry_backoff_max``.
+        ``max_attempts``: after this many failed deliveries the items go to the dead-letter store.
+        ``max_deaths``: same, counting deliveries whose worker died (or lost its lease) in the
+        handler, so a poison item that crashes the process cannot crash-loop the workers.
+        ``handler_timeout``: a handler running longer counts as failed (its late result is
+        ignored). ``bisect_on_error``: a failing delivery of several items is split in halves
+        (retried at once, without spending attempts) to isolate poison items.
+        ``ordered``: deliver the sequences of one batch id one at a time, in order; a retrying
+        sequence holds back the later ones. ``max_pending``: ``add`` raises :class:`BatchFull`
+        instead of letting one batch id hold more undelivered items than this.
         """
         # validate everything eagerly: bad configuration fails at import time, not in production
         size = _positive_int("max_batch_size", max_batch_size)
@@ -163,8 +239,15 @@ class Batcher:
         hist = _positive_int("history_limit", history_limit)
         keep = _seconds("retention", retention, allow_none=False, positive=True)
         lease = _seconds("lease_timeout", lease_timeout, allow_none=False, positive=True)
-        backoff = _seconds("retry_backoff", retry_backoff, allow_none=False)
+        backoff = _seconds("retry_backoff", retry_backoff, allow_none=False, positive=True)
         backoff_max = _seconds("retry_backoff_max", retry_backoff_max, allow_none=False)
+        attempts = _positive_int("max_attempts", max_attempts)
+        deaths = _positive_int("max_deaths", max_deaths)
+        timeout = _seconds("handler_timeout", handler_timeout, allow_none=True, positive=True)
+        pending_cap = None if max_pending is None else _positive_int("max_pending", max_pending)
+        for flag_name, flag in (("bisect_on_error", bisect_on_error), ("ordered", ordered)):
+            if not isinstance(flag, bool):
+                raise ConfigError(f"{flag_name} must be True or False, got {flag!r}")
         assert keep is not None and lease is not None and backoff is not None and backoff_max is not None
         if name is not None:
             validate_name("processor name", name)
@@ -186,6 +269,12 @@ class Batcher:
                 lease_timeout=lease,
                 retry_backoff=backoff,
                 retry_backoff_max=backoff_max,
+                max_attempts=attempts,
+                max_deaths=deaths,
+                handler_timeout=timeout,
+                bisect_on_error=bisect_on_error,
+                ordered=ordered,
+                max_pending=pending_cap,
             )
             with self._lock:
                 if pname in self.processors:

@@ -50,3 +50,50 @@ class BatchNotAccumulating(BatcherError):
         super().__init__(f"batch {batch_id!r} is not accumulating (current status: {status})")
         self.batch_id = batch_id
         self.status = status
+
+
+class BatchFull(BatcherError):
+    """``add``/``add_many`` would take a batch id over its processor's ``max_pending``.
+
+    Nothing was written. ``pending`` is how many undelivered items the batch id holds.
+    """
+
+    def __init__(self, batch_id: str, pending: int, adding: int, limit: int) -> None:
+        super().__init__(
+            f"batch {batch_id!r} holds {pending} undelivered items; adding {adding} would exceed "
+            f"max_pending={limit}"
+        )
+        self.batch_id = batch_id
+        self.pending = pending
+        self.adding = adding
+        self.limit = limit
+
+
+class DeadLetterNotFound(BatcherError, LookupError):
+    """No dead letter with that id (already replayed or purged?)."""
+
+
+class NotReplicated(BatcherError):
+    """``WAIT`` confirmed fewer replicas than ``wait_replicas`` before its timeout.
+
+    The write itself happened on the primary; it may be lost if the primary fails now.
+    """
+
+    def __init__(self, wanted: int, got: int) -> None:
+        super().__init__(f"write reached {got} replica(s), wanted {wanted}")
+        self.wanted = wanted
+        self.got = got
+
+
+class PartialFailure(BatcherError):
+    """Raise (or return) from a handler when only some items failed.
+
+    ``failed`` are indices into ``flush.items``. Only those items are retried (with backoff, up
+    to ``max_attempts``, then dead-lettered); the others count as delivered.
+    """
+
+    def __init__(self, failed: list[int] | tuple[int, ...] | set[int], message: str = "") -> None:
+        self.failed = sorted({int(i) for i in failed})
+        text = message or f"{len(self.failed)} item(s) failed"
+        super().__init__(text)
+        self.message = text

@@ -10,6 +10,9 @@ Lua script touches a single Cluster slot. Layout (prefix ``rb``, processor ``eve
     rb:{events:0}:h:<base>             LIST  flush history, newest first (JSON)
     rb:{events:0}:s:<base>::<N>        HASH  state of sequence N
     rb:{events:0}:i:<base>::<N>        LIST  encoded items of sequence N, in add order
+    rb:{events:0}:dead                 ZSET  dead-letter ids -> time they died (ms)
+    rb:{events:0}:d:<id>               HASH  dead letter: batch_id, sequence, count, reason, error, ...
+    rb:{events:0}:di:<id>              LIST  its items
     rb:wake:events                     pub/sub channel that wakes idle workers
 """
 
@@ -90,6 +93,16 @@ class PartitionKeys:
     @property
     def ids(self) -> str:
         return self.pfx + "ids"
+
+    @property
+    def dead(self) -> str:
+        return self.pfx + "dead"
+
+    def dead_meta(self, dead_id: str) -> str:
+        return f"{self.pfx}d:{dead_id}"
+
+    def dead_items(self, dead_id: str) -> str:
+        return f"{self.pfx}di:{dead_id}"
 
     def head(self, base: str) -> str:
         return f"{self.pfx}b:{base}"

@@ -30,6 +30,12 @@ class ProcessorConfig:
     lease_timeout: float
     retry_backoff: float
     retry_backoff_max: float
+    max_attempts: int = 10
+    max_deaths: int = 3
+    handler_timeout: float | None = None
+    bisect_on_error: bool = False
+    ordered: bool = False
+    max_pending: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -85,6 +91,8 @@ class BatchInfo:
     last_error: str | None = None
     next_attempt_at: datetime | None = None
     reason: str | None = None
+    deaths: int = 0
+    window: int | None = None
 
 
 @dataclass(frozen=True)
@@ -156,3 +164,25 @@ class Flush:
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """Items that could not be delivered, kept with why: ``reason`` is ``max_attempts`` (the
+    handler kept failing), ``max_deaths`` (workers kept dying in the handler) or
+    ``decode_error`` (the codec cannot read the entry). ``items`` is filled by
+    ``Processor.dead_letter(id)``; entries that cannot be decoded stay ``bytes``."""
+
+    id: str
+    processor: str
+    batch_id: str
+    sequence: int
+    item_count: int
+    reason: str
+    error: str
+    attempts: int
+    deaths: int
+    flush_id: str
+    created_at: datetime | None
+    dead_at: datetime | None
+    items: list[Any] | None = None

@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import BatchNotAccumulating, BatchNotFound
+from .errors import BatchFull, BatchNotAccumulating, BatchNotFound
 from .keys import PartitionKeys
 from .models import (
     AddResult,
     BatchInfo,
+    DeadLetter,
     DeleteResult,
     FlushRecord,
     FlushResult,
@@ -53,14 +54,26 @@ class Call:
 
 def add_call(proc: Processor, base: str, encoded: Sequence[bytes]) -> Call:
     part = proc.keys.for_base(base)
+    cfg = proc.config
     return Call(
         scripts().add,
         (part.head(base), part.ids, part.due, part.history(base)),
-        (part.pfx, base, proc.config.max_batch_size, proc.interval_ms, proc.keys.channel, *encoded),
+        (
+            part.pfx,
+            base,
+            cfg.max_batch_size,
+            proc.interval_ms,
+            proc.keys.channel,
+            -1 if cfg.max_pending is None else cfg.max_pending,
+            *encoded,
+        ),
     )
 
 
-def parse_add(base: str, reply: Sequence[Any]) -> AddResult:
+def parse_add(proc: Processor, base: str, adding: int, reply: Sequence[Any]) -> AddResult:
+    if reply[0] == b"full":
+        limit = proc.config.max_pending if proc.config.max_pending is not None else -1
+        raise BatchFull(base, int(reply[1]), adding, limit)
     seq, pending, status, sealed, added = reply
     return AddResult(
         batch_id=base,
@@ -119,6 +132,8 @@ def parse_status(base: str, reply: Sequence[Any]) -> tuple[list[BatchInfo], Batc
                 last_error=meta.get("last_error"),
                 next_attempt_at=ms_to_dt(meta.get("next_attempt_at")),
                 reason=meta.get("reason"),
+                deaths=int(meta.get("deaths", 0)),
+                window=int(meta["window"]) if "window" in meta else None,
             )
         )
     active.sort(key=lambda b: b.sequence)
@@ -181,11 +196,29 @@ def new_token() -> str:
     return secrets.token_hex(8)
 
 
+def _flag(value: bool) -> str:
+    return "1" if value else "0"
+
+
 def claim_call(proc: Processor, part: PartitionKeys, limit: int, owner: str) -> Call:
+    cfg = proc.config
     return Call(
         scripts().claim,
         (part.due,),
-        (part.pfx, limit, proc.lease_ms, owner, new_token(), proc.retention_s),
+        (
+            part.pfx,
+            limit,
+            proc.lease_ms,
+            owner,
+            new_token(),
+            proc.retention_s,
+            cfg.max_batch_size,
+            cfg.max_attempts,
+            cfg.max_deaths,
+            _flag(cfg.bisect_on_error),
+            _flag(cfg.ordered),
+            cfg.history_limit,
+        ),
     )
 
 
@@ -234,20 +267,54 @@ def history_entry(c: Claimed, started_ms: int, duration_ms: float, success: bool
 
 def ack_call(c: Claimed, entry: str) -> Call:
     proc = c.processor
+    cfg = proc.config
     return Call(
         scripts().ack,
         (c.part.due, c.part.head(c.base), c.part.history(c.base), c.part.ids),
-        (c.part.pfx, c.member, c.owner, entry, proc.config.history_limit, proc.retention_s),
+        (
+            c.part.pfx,
+            c.member,
+            c.owner,
+            entry,
+            cfg.history_limit,
+            proc.retention_s,
+            cfg.max_batch_size,
+            _flag(cfg.ordered),
+        ),
     )
 
 
-def nack_call(c: Claimed, entry: str, delay_ms: int, error: str) -> Call:
+def nack_call(
+    c: Claimed, entry: str, delay_ms: int, error: str, mode: str = "fail", indices: Sequence[int] = ()
+) -> Call:
+    """mode: 'fail' (handler raised), 'partial' (``indices`` failed), 'decode' (``indices``
+    cannot be decoded: quarantined)."""
     proc = c.processor
+    cfg = proc.config
     return Call(
         scripts().nack,
         (c.part.due, c.part.history(c.base)),
-        (c.part.pfx, c.member, c.owner, entry, proc.config.history_limit, delay_ms, error),
+        (
+            c.part.pfx,
+            c.member,
+            c.owner,
+            entry,
+            cfg.history_limit,
+            delay_ms,
+            error,
+            mode,
+            cfg.max_attempts,
+            _flag(cfg.bisect_on_error),
+            proc.retention_s,
+            cfg.max_batch_size,
+            _flag(cfg.ordered),
+            *indices,
+        ),
     )
+
+
+def release_call(c: Claimed) -> Call:
+    return Call(scripts().release, (c.part.due,), (c.part.pfx, c.member, c.owner, c.processor.keys.channel))
 
 
 def extend_call(c: Claimed) -> Call:
@@ -256,3 +323,39 @@ def extend_call(c: Claimed) -> Call:
 
 def items_key(c: Claimed) -> str:
     return c.part.items(c.base, c.sequence)
+
+
+# -- dead letters ------------------------------------------------------------------------------
+
+
+def parse_dead_letter(proc: Processor, dead_id: str, flat: Any) -> DeadLetter | None:
+    meta = flat if isinstance(flat, dict) else _pairs(flat)
+    meta = {_s(k): _s(v) for k, v in meta.items()}
+    if not meta:
+        return None
+    return DeadLetter(
+        id=dead_id,
+        processor=proc.name,
+        batch_id=meta.get("batch_id", ""),
+        sequence=int(meta.get("sequence", -1)),
+        item_count=int(meta.get("count", 0)),
+        reason=meta.get("reason", ""),
+        error=meta.get("error", ""),
+        attempts=int(meta.get("attempts", 0)),
+        deaths=int(meta.get("deaths", 0)),
+        flush_id=meta.get("flush_id", ""),
+        created_at=ms_to_dt(meta.get("created_at")),
+        dead_at=ms_to_dt(meta.get("dead_at")),
+    )
+
+
+def replay_call(proc: Processor, part: PartitionKeys, dead_id: str, base: str) -> Call:
+    return Call(
+        scripts().replay,
+        (part.head(base), part.ids, part.due, part.history(base)),
+        (part.pfx, dead_id, base, proc.config.max_batch_size, proc.keys.channel),
+    )
+
+
+def purge_call(part: PartitionKeys, ids: Sequence[str]) -> Call:
+    return Call(scripts().purge, (part.dead,), (part.pfx, *ids))

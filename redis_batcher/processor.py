@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import ops
-from .codec import Codec, encode_item
-from .errors import ConfigError
-from .keys import KeySpace, parse_batch_id
+from .codec import Codec, decode_item, encode_item
+from .errors import ConfigError, DeadLetterNotFound, DecodeError
+from .keys import KeySpace, PartitionKeys, parse_batch_id
 from .models import (
     AddResult,
     BatchInfo,
     BatchStatus,
+    DeadLetter,
     DeleteResult,
     Flush,
     FlushRecord,
@@ -24,6 +26,9 @@ if TYPE_CHECKING:
     from .batcher import Batcher
 
 Handler = Callable[[Flush], Any]
+
+ADD_CHUNK = 10_000
+DEAD_PURGE_CHUNK = 100
 
 
 class Processor:
@@ -59,21 +64,36 @@ class Processor:
         return [encode_item(self.codec, item, limit) for item in items]
 
     def add(self, batch_id: str, item: Any) -> AddResult:
-        """Append one item to ``batch_id``: one round trip (a single EVALSHA)."""
+        """Append one item to ``batch_id``: one round trip (a single EVALSHA).
+
+        Raises :class:`BatchFull` (nothing written) when ``max_pending`` would be exceeded."""
         base, _ = parse_batch_id(batch_id)
         data = encode_item(self.codec, item, self.config.max_item_bytes)
         self.batcher._ensure_registered(self)
-        return ops.parse_add(base, ops.add_call(self, base, (data,)).run(self.batcher.client))
+        return self.batcher._run_add(self, base, [data])
 
     def add_many(self, batch_id: str, items: Iterable[Any]) -> AddResult:
-        """Append many items in order, in one round trip. Full sequences are sealed on the way,
-        so no flush ever holds more than ``max_batch_size`` items."""
+        """Append many items in order. Full sequences are sealed on the way, so no flush ever
+        holds more than ``max_batch_size`` items.
+
+        Up to ``ADD_CHUNK`` (10,000) items go in one atomic round trip; a larger call is split
+        into chunks of that size, each atomic, so no script call can block Redis for long.
+        Every item is encoded (and checked) before the first chunk is written."""
         base, _ = parse_batch_id(batch_id)
         encoded = self.encode(items)
         if not encoded:
             return AddResult(base, None, 0, 0, False, None, 0)
         self.batcher._ensure_registered(self)
-        return ops.parse_add(base, ops.add_call(self, base, encoded).run(self.batcher.client))
+        if len(encoded) <= ADD_CHUNK:
+            return self.batcher._run_add(self, base, encoded)
+        added = sealed = 0
+        result: AddResult | None = None
+        for start in range(0, len(encoded), ADD_CHUNK):
+            result = self.batcher._run_add(self, base, encoded[start : start + ADD_CHUNK])
+            added += result.added
+            sealed += result.sealed
+        assert result is not None
+        return AddResult(base, result.sequence, added, result.pending, sealed > 0, result.status, sealed)
 
     def flush(self, batch_id: str) -> FlushResult:
         """Seal the accumulating sequence of ``batch_id`` (or the named ``base::N``) now.
@@ -84,14 +104,14 @@ class Processor:
         """
         base, seq = parse_batch_id(batch_id)
         self.batcher._ensure_registered(self)
-        reply = ops.flush_call(self, base, seq).run(self.batcher.client)
+        reply = self.batcher._execute(ops.flush_call(self, base, seq))
         return ops.parse_flush(batch_id, base, reply)
 
     # -- inspecting -----------------------------------------------------------------------------
 
     def _snapshot(self, batch_id: str) -> tuple[str, list[BatchInfo], BatchInfo | None]:
         base, _ = parse_batch_id(batch_id)
-        reply = ops.status_call(self, base).run(self.batcher.client)
+        reply = self.batcher._execute(ops.status_call(self, base), wait=False)
         active, done = ops.parse_status(base, reply)
         return base, active, done
 
@@ -122,7 +142,7 @@ class Processor:
         items, so deleting never drops an item.
         """
         base, seq = parse_batch_id(batch_id)
-        return ops.parse_delete(ops.delete_call(self, base, seq).run(self.batcher.client))
+        return ops.parse_delete(self.batcher._execute(ops.delete_call(self, base, seq)))
 
     def batch_ids(self) -> Iterator[str]:
         """Base ids with at least one active sequence (SSCAN over each partition, never KEYS)."""
@@ -135,3 +155,73 @@ class Processor:
         """Items of the base id not yet delivered."""
         st = self.status(batch_id)
         return 0 if st is None else st.pending
+
+    # -- dead letters ---------------------------------------------------------------------------
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters of this processor, newest first (without their items)."""
+        if not isinstance(limit, int) or limit < 1:
+            raise ConfigError(f"limit must be a positive int, got {limit!r}")
+        client = self.batcher.client
+        found: list[tuple[float, PartitionKeys, str]] = []
+        for part in self.keys.parts:
+            for raw, score in client.zrevrange(part.dead, 0, limit - 1, withscores=True):
+                found.append((score, part, raw.decode() if isinstance(raw, bytes) else raw))
+        found.sort(key=lambda t: t[0], reverse=True)
+        out = []
+        for _, part, dead_id in found[:limit]:
+            letter = ops.parse_dead_letter(self, dead_id, client.hgetall(part.dead_meta(dead_id)))
+            if letter is not None:
+                out.append(letter)
+        return out
+
+    def _find_dead(self, dead_id: str) -> tuple[PartitionKeys, DeadLetter]:
+        if not isinstance(dead_id, str) or not dead_id:
+            raise DeadLetterNotFound(f"no dead letter {dead_id!r}")
+        for part in self.keys.parts:
+            letter = ops.parse_dead_letter(
+                self, dead_id, self.batcher.client.hgetall(part.dead_meta(dead_id))
+            )
+            if letter is not None:
+                return part, letter
+        raise DeadLetterNotFound(f"no dead letter {dead_id!r} in processor {self.name!r}")
+
+    def dead_letter(self, dead_id: str) -> DeadLetter:
+        """One dead letter with its items (entries the codec cannot read stay ``bytes``)."""
+        part, letter = self._find_dead(dead_id)
+        raw = self.batcher.client.lrange(part.dead_items(dead_id), 0, -1)
+        items: list[Any] = []
+        for i, data in enumerate(raw):
+            try:
+                items.append(decode_item(self.codec, data, i))
+            except DecodeError:
+                items.append(data)
+        return dataclasses.replace(letter, items=items)
+
+    def replay_dead(self, dead_id: str) -> int:
+        """Put a dead letter's items back into its batch id as a new sequence, due now.
+
+        Returns the new sequence number."""
+        part, letter = self._find_dead(dead_id)
+        reply = self.batcher._execute(ops.replay_call(self, part, dead_id, letter.batch_id))
+        if reply[0] != b"ok":
+            raise DeadLetterNotFound(f"no dead letter {dead_id!r} (replayed or purged meanwhile?)")
+        return int(reply[1])
+
+    def purge_dead(self, dead_id: str | None = None) -> int:
+        """Delete one dead letter, or all of them with ``None``. Returns how many were deleted."""
+        client = self.batcher.client
+        if dead_id is not None:
+            part, _ = self._find_dead(dead_id)
+            return int(self.batcher._execute(ops.purge_call(part, [dead_id])))
+        total = 0
+        for part in self.keys.parts:
+            while True:
+                ids = [
+                    r.decode() if isinstance(r, bytes) else r
+                    for r in client.zrange(part.dead, 0, DEAD_PURGE_CHUNK - 1)
+                ]
+                if not ids:
+                    break
+                total += int(self.batcher._execute(ops.purge_call(part, ids)))
+        return total

@@ -16,7 +16,19 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-SCRIPT_NAMES = ("add", "flush", "claim", "ack", "nack", "extend", "status", "delete")
+SCRIPT_NAMES = (
+    "add",
+    "flush",
+    "claim",
+    "ack",
+    "nack",
+    "extend",
+    "release",
+    "status",
+    "delete",
+    "replay",
+    "purge",
+)
 
 Arg = str | bytes | int | float
 
@@ -45,6 +57,24 @@ class Script:
         except NoScriptError:
             return client.eval(self.source, len(keys), *keys, *args)
 
+    def call_and_wait(
+        self, client: Any, keys: Sequence[str], args: Sequence[Arg], replicas: int, timeout_ms: int
+    ) -> tuple[Any, int]:
+        """Run and ``WAIT replicas timeout_ms`` in one pipelined round trip.
+
+        Returns (script reply, replicas that acknowledged)."""
+        for command in ("EVALSHA", "EVAL"):
+            pipe = client.pipeline(transaction=False)
+            head = self.sha if command == "EVALSHA" else self.source
+            pipe.execute_command(command, head, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", replicas, timeout_ms)
+            try:
+                reply, acked = pipe.execute()
+            except NoScriptError:
+                continue
+            return reply, int(acked)
+        raise AssertionError("unreachable: EVAL never answers NOSCRIPT")
+
     async def call_async(self, client: Any, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """Run on an asyncio redis-py client."""
         try:
@@ -71,6 +101,9 @@ class ScriptTable:
         self.extend = self.scripts["extend"]
         self.status = self.scripts["status"]
         self.delete = self.scripts["delete"]
+        self.release = self.scripts["release"]
+        self.replay = self.scripts["replay"]
+        self.purge = self.scripts["purge"]
 
 
 _TABLE: ScriptTable | None = None

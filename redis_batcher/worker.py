@@ -14,7 +14,6 @@ import signal
 import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -26,7 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from . import ops
 from .batcher import Batcher
 from .codec import decode_item
-from .errors import ConfigError, DecodeError
+from .errors import ConfigError, DecodeError, NotReplicated, PartialFailure
 from .keys import PartitionKeys
 from .models import Flush
 from .processor import Processor
@@ -45,6 +44,21 @@ class WorkerStats:
     failed: int = 0
     items: int = 0
     lease_lost: int = 0
+    dead_lettered: int = 0
+    partial: int = 0
+    timed_out: int = 0
+    released: int = 0
+    quarantined: int = 0
+
+
+@dataclass
+class _Running:
+    """A claimed flush this worker is working on."""
+
+    claimed: ops.Claimed
+    started: float  # time.monotonic()
+    abandoned: bool = False  # timed out or released: whatever the thread does next is ignored
+    settling: bool = False  # the thread is recording its result; the watchdog leaves it alone
 
 
 def backoff_seconds(proc: Processor, attempt: int) -> float:
@@ -58,8 +72,10 @@ class Worker:
     """Delivers due batches of a :class:`Batcher`'s processors to their handlers.
 
     ``concurrency`` handlers run at once (threads). ``processors`` limits the worker to some
-    processor names. ``max_idle_wait`` bounds how long an idle worker sleeps between checks of
-    its delay queues when no wake-up message arrives (a safety net; wake-ups are instant).
+    processor names. ``max_idle_wait`` bounds how long an idle worker sleeps between full checks
+    of its delay queues when no wake-up message arrives (a safety net; wake-ups are instant).
+    ``grace_period``: on shutdown, how long in-flight handlers may still run; the leases of those
+    still running after it are released at once so another worker takes them.
     """
 
     def __init__(
@@ -69,15 +85,19 @@ class Worker:
         concurrency: int = 4,
         processors: Iterable[str] | None = None,
         max_idle_wait: float = 5.0,
+        grace_period: float = 30.0,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigError(f"concurrency must be an int >= 1, got {concurrency!r}")
         if not max_idle_wait > 0:
             raise ConfigError(f"max_idle_wait must be > 0, got {max_idle_wait!r}")
+        if not grace_period >= 0:
+            raise ConfigError(f"grace_period must be >= 0, got {grace_period!r}")
         self.batcher = batcher
         self.client: Any = batcher.client
         self.concurrency = concurrency
         self.max_idle_wait = float(max_idle_wait)
+        self.grace_period = float(grace_period)
         names = list(processors) if processors is not None else list(batcher.processors)
         self.processors = [batcher.get_processor(n) for n in names]
         if not self.processors:
@@ -86,22 +106,23 @@ class Worker:
             (p, part) for p in self.processors for part in p.keys.parts
         ]
         self.stats = WorkerStats()
-        self._inflight: dict[str, ops.Claimed] = {}
+        self._inflight: dict[str, _Running] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._done = threading.Event()
+        self.ready = threading.Event()  # set once the worker has started claiming
         self._rr = 0
         # monotonic time at which each partition may next have something due (0 = check now)
         self._due_at: list[float] = [0.0] * len(self.parts)
         self._part_index = {part.pfx: i for i, (_, part) in enumerate(self.parts)}
         self._full_check_at = 0.0
-        self._pool: ThreadPoolExecutor | None = None
 
     # -- public ----------------------------------------------------------------------------------
 
     def run(self, burst: bool = False) -> WorkerStats:
-        """Serve until :meth:`stop`, SIGTERM or SIGINT (then finish in-flight flushes and return).
+        """Serve until :meth:`stop`, SIGTERM or SIGINT, then finish in-flight flushes (up to
+        ``grace_period``, releasing the rest) and return.
 
         With ``burst=True``, deliver everything that is due now and return once nothing due is
         left and no handler is running (for tests and cron jobs).
@@ -111,7 +132,6 @@ class Worker:
         self.stats = WorkerStats()
         self._full_check_at = 0.0
         restore = self._install_signals()
-        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="rb-flush")
         threads = [threading.Thread(target=self._heartbeat, name="rb-heartbeat", daemon=True)]
         if not burst:
             threads.append(threading.Thread(target=self._listen, name="rb-wake", daemon=True))
@@ -125,20 +145,21 @@ class Worker:
                 self.concurrency,
                 ", burst" if burst else "",
             )
+            self.ready.set()
             self._loop(burst)
         finally:
-            if self._inflight:
-                log.info("waiting for %d in-flight flush(es) to finish", len(self._inflight))
-            self._pool.shutdown(wait=True)
+            self.ready.clear()
             self._stopping.set()
+            self._finish_inflight()
             self._done.set()
             for t in threads:
                 t.join(timeout=5)
             restore()
             log.info(
-                "worker stopped: %d delivered, %d failed, %d items",
+                "worker stopped: %d delivered, %d failed, %d dead-lettered, %d items",
                 self.stats.delivered,
                 self.stats.failed,
+                self.stats.dead_lettered,
                 self.stats.items,
             )
         return self.stats
@@ -226,10 +247,46 @@ class Worker:
 
     def _submit(self, c: ops.Claimed) -> None:
         key = c.part.pfx + c.member
+        running = _Running(c, time.monotonic())
         with self._lock:
-            self._inflight[key] = c
-        assert self._pool is not None
-        self._pool.submit(self._execute, key, c)
+            self._inflight[key] = running
+        # one thread per flush: a handler past its handler_timeout can be abandoned without
+        # holding one of the `concurrency` slots
+        threading.Thread(target=self._execute, args=(key, running), name="rb-flush", daemon=True).start()
+
+    def _finish_inflight(self) -> None:
+        """Shutdown: wait up to grace_period for running handlers, release the others' leases."""
+        deadline = time.monotonic() + self.grace_period
+        if self._inflight:
+            log.info(
+                "waiting up to %.0fs for %d in-flight flush(es) to finish",
+                self.grace_period,
+                len(self._inflight),
+            )
+        while self._inflight and time.monotonic() < deadline:
+            self._wake.wait(0.05)
+            self._wake.clear()
+        self._release_all()
+
+    def _release_all(self) -> None:
+        with self._lock:
+            leftovers = [r for r in self._inflight.values() if not r.settling and not r.abandoned]
+            for r in leftovers:
+                r.abandoned = True
+        for r in leftovers:
+            c = r.claimed
+            try:
+                if self.batcher._execute(ops.release_call(c), wait=False):
+                    self.stats.released += 1
+                    log.warning(
+                        "%s %s: released unfinished flush for another worker", c.processor.name, c.member
+                    )
+            except RedisError as exc:
+                log.warning(
+                    "%s %s: could not release (%s); its lease will expire", c.processor.name, c.member, exc
+                )
+            with self._lock:
+                self._inflight.pop(c.part.pfx + c.member, None)
 
     # -- one flush -------------------------------------------------------------------------------
 
@@ -246,59 +303,148 @@ class Worker:
             log.warning("%s: expected %d items, found %d", c.member, c.cutoff, len(raw))
         return raw
 
-    def _execute(self, key: str, c: ops.Claimed) -> None:
+    def _run_handler(self, c: ops.Claimed) -> tuple[str, str | None, list[int], int]:
+        """Returns (mode, error, indices, item count); mode is ack, fail, partial or decode."""
         proc = c.processor
+        raw = self._drain(c)
+        items: list[Any] = []
+        bad: list[int] = []
+        errors: list[str] = []
+        for i, data in enumerate(raw):
+            try:
+                items.append(decode_item(proc.codec, data, i))
+            except DecodeError as exc:
+                bad.append(i)
+                errors.append(str(exc))
+        if bad:
+            return "decode", "; ".join(errors[:3])[:MAX_ERROR_CHARS], bad, len(raw)
+        flush = Flush(proc.name, c.base, c.sequence, items, c.attempt, c.flush_id, c.reason)
+        try:
+            result = proc.handler(flush)
+            if isinstance(result, PartialFailure):
+                raise result
+        except PartialFailure as pf:
+            failed = [i for i in pf.failed if 0 <= i < len(items)]
+            if len(failed) != len(pf.failed):
+                error = f"PartialFailure named indices outside 0..{len(items) - 1}: {pf.failed}"
+                return "fail", error, [], len(items)
+            if not failed:
+                return "ack", None, [], len(items)
+            return "partial", f"PartialFailure: {pf.message}"[:MAX_ERROR_CHARS], failed, len(items)
+        except Exception as exc:  # a handler may raise anything: record it and retry later
+            log.debug("handler traceback", exc_info=True)
+            return "fail", f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS], [], len(items)
+        return "ack", None, [], len(items)
+
+    def _execute(self, key: str, r: _Running) -> None:
+        c = r.claimed
         started = time.time()
         t0 = time.perf_counter()
-        error: str | None = None
-        count = c.cutoff
         try:
-            raw = self._drain(c)
-            count = len(raw)
-            items = [decode_item(proc.codec, data, i) for i, data in enumerate(raw)]
-            flush = Flush(proc.name, c.base, c.sequence, items, c.attempt, c.flush_id, c.reason)
-            proc.handler(flush)
-        except DecodeError as exc:
-            error = str(exc)
-            log.error("%s %s: %s (items kept)", proc.name, c.member, error)
-        except Exception as exc:  # a handler may raise anything: record it and retry later
-            error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
-            log.warning("%s %s attempt %d failed: %s", proc.name, c.member, c.attempt, error, exc_info=True)
+            mode, error, indices, count = self._run_handler(c)
+        except Exception as exc:  # Redis unreachable while draining, ...: keep the items
+            mode, error, indices, count = (
+                "fail",
+                f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS],
+                [],
+                c.cutoff,
+            )
         duration_ms = (time.perf_counter() - t0) * 1000.0
+        with self._lock:
+            if r.abandoned:
+                log.warning(
+                    "%s %s: handler finished after its timeout or release; result ignored",
+                    c.processor.name,
+                    c.member,
+                )
+                return
+            r.settling = True
         try:
-            entry = ops.history_entry(c, int(started * 1000), duration_ms, error is None, error)
-            if error is None:
-                ok = self._settle(c, ops.ack_call(c, entry))
-                if ok:
-                    self.stats.delivered += 1
-                    self.stats.items += count
-                    log.info(
-                        "%s %s: %d items in %.1f ms (attempt %d, %s)",
-                        proc.name,
-                        c.member,
-                        count,
-                        duration_ms,
-                        c.attempt,
-                        c.reason or "size",
-                    )
-            else:
-                delay = backoff_seconds(proc, c.attempt)
-                self.stats.failed += 1
-                if self._settle(c, ops.nack_call(c, entry, int(delay * 1000), error)):
-                    log.info("%s %s: retry in %.1fs", proc.name, c.member, delay)
+            self._record(c, mode, error, indices, count, started, duration_ms)
         finally:
             with self._lock:
                 self._inflight.pop(key, None)
             self._due_at[self._part_index[c.part.pfx]] = 0.0  # a retry or remainder may be due
             self._wake.set()
 
-    def _settle(self, c: ops.Claimed, call: ops.Call) -> bool:
-        """Run an ack/nack, retrying through connection errors while the lease lasts."""
+    def _record(
+        self,
+        c: ops.Claimed,
+        mode: str,
+        error: str | None,
+        indices: list[int],
+        count: int,
+        started: float,
+        duration_ms: float,
+    ) -> None:
+        proc = c.processor
+        entry = ops.history_entry(c, int(started * 1000), duration_ms, mode == "ack", error)
+        if mode == "ack":
+            if self._settle(c, ops.ack_call(c, entry)) is not None:
+                self.stats.delivered += 1
+                self.stats.items += count
+                log.info(
+                    "%s %s: %d items in %.1f ms (attempt %d, %s)",
+                    proc.name,
+                    c.member,
+                    count,
+                    duration_ms,
+                    c.attempt,
+                    c.reason or "size",
+                )
+            return
+        assert error is not None
+        delay = backoff_seconds(proc, c.attempt)
+        reply = self._settle(c, ops.nack_call(c, entry, int(delay * 1000), error, mode, indices))
+        if reply is None:
+            return
+        outcome = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        if mode == "decode":
+            self.stats.quarantined += len(indices)
+            log.error(
+                "%s %s: %s; %d entries quarantined as dead letters", proc.name, c.member, error, len(indices)
+            )
+            return
+        self.stats.failed += 1
+        if mode == "partial":
+            self.stats.partial += 1
+            self.stats.items += count - len(indices)
+        if outcome == "dead":
+            self.stats.dead_lettered += 1
+            log.error(
+                "%s %s attempt %d failed: %s; dead-lettered after %d attempts",
+                proc.name,
+                c.member,
+                c.attempt,
+                error,
+                c.attempt,
+            )
+        elif outcome == "bisect":
+            log.warning(
+                "%s %s attempt %d failed: %s; retrying the first %s items alone",
+                proc.name,
+                c.member,
+                c.attempt,
+                error,
+                int(reply[1]),
+            )
+        else:
+            log.warning(
+                "%s %s attempt %d failed: %s; retry in %.1fs", proc.name, c.member, c.attempt, error, delay
+            )
+
+    def _settle(self, c: ops.Claimed, call: ops.Call) -> Any:
+        """Run an ack/nack, retrying through connection errors while the lease lasts.
+
+        Returns the script reply, or None when the result could not be recorded (lease lost)."""
         delay = 0.05
         deadline = time.monotonic() + c.processor.config.lease_timeout
         while True:
             try:
-                reply = call.run(self.client)
+                reply = self.batcher._execute(call)
+            except NotReplicated as exc:
+                log.warning("%s %s: result recorded on the primary only: %s", c.processor.name, c.member, exc)
+                return ["ok"]
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 if time.monotonic() > deadline:
                     log.error(
@@ -308,7 +454,14 @@ class Worker:
                         c.member,
                         exc,
                     )
-                    return False
+                    return None
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            except RedisError as exc:  # e.g. the server is loading after a restart
+                if time.monotonic() > deadline:
+                    log.error("%s %s: cannot record the result: %s", c.processor.name, c.member, exc)
+                    return None
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
@@ -320,23 +473,51 @@ class Worker:
                     c.processor.name,
                     c.member,
                 )
-                return False
-            return True
+                return None
+            return reply
 
     # -- background threads ----------------------------------------------------------------------
 
     def _heartbeat(self) -> None:
-        """Renew the leases of running flushes every third of the shortest lease timeout."""
-        interval = min(p.config.lease_timeout for p in self.processors) / 3.0
-        while not self._done.wait(interval):
+        """Renew leases every third of the shortest lease timeout; enforce handler timeouts."""
+        renew_every = min(p.config.lease_timeout for p in self.processors) / 3.0
+        timeouts = [p.config.handler_timeout for p in self.processors if p.config.handler_timeout]
+        tick = min([renew_every, *(t / 4 for t in timeouts), 0.5] if timeouts else [renew_every])
+        next_renew = time.monotonic() + renew_every
+        while not self._done.wait(tick):
+            if timeouts:
+                self._enforce_timeouts()
+            if time.monotonic() < next_renew:
+                continue
+            next_renew = time.monotonic() + renew_every
             with self._lock:
-                running = list(self._inflight.values())
+                running = [r.claimed for r in self._inflight.values() if not r.abandoned]
             for c in running:
                 try:
                     if not ops.extend_call(c).run(self.client):
                         log.warning("%s %s: lease lost during the handler", c.processor.name, c.member)
                 except RedisError as exc:
                     log.warning("%s %s: heartbeat failed: %s", c.processor.name, c.member, exc)
+
+    def _enforce_timeouts(self) -> None:
+        now = time.monotonic()
+        expired: list[_Running] = []
+        with self._lock:
+            for key, r in list(self._inflight.items()):
+                limit = r.claimed.processor.config.handler_timeout
+                if limit and not r.settling and not r.abandoned and now - r.started > limit:
+                    r.abandoned = True
+                    expired.append(r)
+                    del self._inflight[key]
+        for r in expired:
+            c = r.claimed
+            limit = c.processor.config.handler_timeout
+            self.stats.timed_out += 1
+            error = f"HandlerTimeout: handler still running after {limit:g}s"
+            started = time.time() - (now - r.started)
+            self._record(c, "fail", error, [], c.cutoff, started, (now - r.started) * 1000.0)
+            self._due_at[self._part_index[c.part.pfx]] = 0.0
+            self._wake.set()
 
     def _listen(self) -> None:
         """Wake the main loop when a producer seals a sequence (pub/sub; a lost message only
@@ -379,12 +560,14 @@ class Worker:
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             if self._stopping.is_set():
-                log.warning("second signal: exiting now; unfinished flushes will be redelivered")
+                log.warning("second signal: releasing unfinished flushes and exiting now")
+                self._release_all()
                 os._exit(1)
             log.info(
-                "%s: warm shutdown, finishing %d in-flight flush(es)",
+                "%s: warm shutdown, finishing %d in-flight flush(es) (grace %.0fs)",
                 signal.Signals(signum).name,
                 len(self._inflight),
+                self.grace_period,
             )
             self.stop()
 

@@ -114,7 +114,7 @@ def test_sigterm_finishes_the_running_flush_and_exits_0(
     assert elapsed < slow.HANDLER_SECONDS + 4, f"exit took {elapsed:.1f}s"
     assert real_client.get(slow.FINISHED_KEY) == b"job::0:3"
     assert "SIGTERM: warm shutdown, finishing 1 in-flight flush(es)" in log
-    assert "worker stopped: 1 delivered, 0 failed, 3 items" in log
+    assert "worker stopped: 1 delivered, 0 failed, 0 dead-lettered, 3 items" in log
 
     records = proc.history("job")
     assert len(records) == 1
@@ -124,7 +124,7 @@ def test_sigterm_finishes_the_running_flush_and_exits_0(
     assert real_client.zcard(proc.keys.parts[0].due) == 0
 
 
-def test_second_signal_exits_at_once_and_leaves_the_flush_leased(
+def test_second_signal_exits_at_once_and_releases_the_flush(
     redis_server: RedisServer, real_client: redis.Redis, tmp_path: Path, workers: list[Worker]
 ) -> None:
     _, proc = slow.make(real_client)
@@ -137,12 +137,17 @@ def test_second_signal_exits_at_once_and_leaves_the_flush_leased(
     w.wait_until("the warm shutdown message", lambda: "warm shutdown" in w.stderr(), timeout=5)
     w.process.send_signal(signal.SIGINT)
     assert w.process.wait(5) == 1, w.stderr()
-    assert "second signal: exiting now" in w.stderr()
+    assert "second signal: releasing unfinished flushes and exiting now" in w.stderr()
     assert not real_client.exists(slow.FINISHED_KEY)
-    # not acknowledged: still leased (it is redelivered once the lease expires), no history
+    # not acknowledged but released: due again at once for another worker, the attempt not
+    # counted, no history entry (the handler never reported)
     [seq] = proc.sequences("job")
-    assert (seq.status, seq.item_count, seq.attempt) == ("flushing", 2, 1)
+    assert (seq.status, seq.item_count, seq.attempt) == ("flushing", 2, 0)
     assert proc.history("job") == []
+    part = proc.keys.for_base("job")
+    assert real_client.hget(part.meta("job", 0), "owner") == b""
+    score = real_client.zscore(part.due, "job::0")
+    assert score is not None and score <= time.time() * 1000 + 1
 
 
 def test_sigterm_on_an_idle_worker_exits_0(
@@ -191,7 +196,7 @@ def test_burst_delivers_due_items_and_exits_0(
     for bid in ("full", "manual", "timed"):
         assert proc.status(bid) is None
         assert [r.success for r in proc.history(bid)] == [True]
-    assert "burst" in log and "worker stopped: 3 delivered, 0 failed, 60 items" in log
+    assert "burst" in log and "worker stopped: 3 delivered, 0 failed, 0 dead-lettered, 60 items" in log
 
 
 def test_worker_logs_each_flush(redis_server: RedisServer, real_client: redis.Redis) -> None:

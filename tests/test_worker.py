@@ -56,7 +56,7 @@ def test_idle_worker_wakes_on_seal_not_on_timer(real_batcher: Batcher) -> None:
         lambda f: started.append(time.monotonic())
     )
     with running(Worker(real_batcher, max_idle_wait=30)) as w:
-        wait_for(lambda: w._pool is not None)
+        assert w.ready.wait(10)
         time.sleep(0.3)  # let it go idle
         for _ in range(3):
             t0 = time.monotonic()
@@ -118,21 +118,33 @@ def test_failing_handler_is_retried_with_backoff_then_succeeds(real_batcher: Bat
     ]
 
 
-def test_undecodable_entry_is_kept_and_recorded(real_batcher: Batcher, real_client: redis.Redis) -> None:
+def test_undecodable_entries_are_quarantined_and_the_rest_delivered(
+    real_batcher: Batcher, real_client: redis.Redis
+) -> None:
     calls: list[rb.Flush] = []
     proc = real_batcher.processor(name="dec", max_batch_size=10, flush_interval=None, retry_backoff=60)(
         calls.append
     )
     proc.add("b", {"ok": 1})
-    real_client.rpush(proc.keys.for_base("b").items("b", 0), b"\xc1")  # 0xc1 is never valid msgpack
+    items_key = proc.keys.for_base("b").items("b", 0)
+    real_client.rpush(items_key, b"\xc1")  # 0xc1 is never valid msgpack
+    real_client.hincrby(proc.keys.for_base("b").head("b"), "pending", 1)
+    proc.add("b", {"ok": 2})
     proc.flush("b")
     stats = Worker(real_batcher).run(burst=True)
-    assert calls == [] and stats.failed == 1
-    (rec,) = proc.history("b")
-    assert not rec.success and rec.error is not None and "cannot decode item 1" in rec.error
-    st = proc.status("b")
-    assert st is not None and st.batches[0].item_count == 2  # nothing was dropped
-    assert real_client.llen(proc.keys.for_base("b").items("b", 0)) == 2
+    # the worker neither crashed nor looped: the bad entry is a dead letter, the rest delivered
+    assert [f.items for f in calls] == [[{"ok": 1}, {"ok": 2}]]
+    assert stats.quarantined == 1 and stats.delivered == 1
+    (dead,) = proc.dead_letters()
+    assert (dead.reason, dead.item_count, dead.batch_id, dead.sequence) == ("decode_error", 1, "b", 0)
+    assert "cannot decode item 1" in dead.error
+    assert proc.dead_letter(dead.id).items == [b"\xc1"]  # kept as raw bytes
+    hist = proc.history("b")
+    assert [(h.success, h.error is not None and "cannot decode" in h.error) for h in hist] == [
+        (True, False),
+        (False, True),
+    ]
+    assert proc.status("b") is None
 
 
 def claim_directly(proc: rb.Processor, base: str) -> ops.Claimed:
@@ -162,7 +174,10 @@ def test_expired_lease_is_redelivered_and_stale_ack_is_refused(real_batcher: Bat
     entry = ops.history_entry(dead, 0, 1.0, True, None)
     reply = ops.ack_call(dead, entry).run(real_batcher.client)
     assert reply[0] == b"lease_lost"
-    assert [h.attempt for h in proc.history("b")] == [2]
+    # the death is recorded in the history, then the successful redelivery
+    hist = proc.history("b")
+    assert [(h.attempt, h.success) for h in hist] == [(2, True), (1, False)]
+    assert hist[1].error == "worker died or lost its lease during the handler"
 
 
 def test_heartbeat_keeps_a_long_handler_from_being_redelivered(real_batcher: Batcher) -> None:
@@ -230,7 +245,7 @@ def test_new_timer_wakes_an_idle_worker(real_batcher: Batcher) -> None:
         lambda f: got.set()
     )
     with running(Worker(real_batcher, max_idle_wait=30)) as w:
-        wait_for(lambda: w._pool is not None)
+        assert w.ready.wait(10)
         time.sleep(0.5)  # idle: its last check found an empty queue
         proc.add("x", {"n": 1})
         assert got.wait(10)  # without the wake-up this takes the full 30 s

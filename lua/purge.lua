@@ -1,0 +1,15 @@
+-- purge.lua: delete dead letters for good.
+--
+-- KEYS[1] dead  pfx.."dead"
+-- ARGV[1] pfx
+-- ARGV[2..] ids  dead-letter ids to delete (callers send bounded chunks)
+-- Derived keys: pfx.."d:"..id, pfx.."di:"..id.
+-- Reply: number of dead letters deleted
+local dead, pfx = KEYS[1], ARGV[1]
+local n = 0
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  n = n + redis.call('ZREM', dead, id)
+  redis.call('UNLINK', pfx .. 'd:' .. id, pfx .. 'di:' .. id)
+end
+return n

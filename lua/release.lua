@@ -1,0 +1,22 @@
+-- release.lua: give a leased flush back at once (worker shutting down before its handler ran
+-- or finished); the attempt is not counted and any worker may take it immediately.
+--
+-- KEYS[1] due  pfx.."due"
+-- ARGV[1] pfx
+-- ARGV[2] member   "base::N"
+-- ARGV[3] owner    token from claim.lua
+-- ARGV[4] channel  pub/sub channel to wake other workers
+-- Derived keys: pfx.."s:"..member.
+-- Reply: 1 when released, 0 when the lease was no longer ours
+local due = KEYS[1]
+local meta = ARGV[1] .. 's:' .. ARGV[2]
+if redis.call('HGET', meta, 'owner') ~= ARGV[3] then
+  return 0
+end
+local now = now_ms()
+local attempt = tonumber(redis.call('HGET', meta, 'attempt') or '1')
+redis.call('HSET', meta, 'owner', '', 'attempt', math.max(attempt - 1, 0), 'updated_at', int(now))
+redis.call('HDEL', meta, 'lease_until')
+redis.call('ZADD', due, int(now), ARGV[2])
+redis.call('PUBLISH', ARGV[4], ARGV[1])
+return 1

@@ -1,0 +1,44 @@
+-- replay.lua: put a dead letter's items back into its batch id as a new sealed sequence.
+--
+-- KEYS[1] head     pfx.."b:"..base
+-- KEYS[2] ids      pfx.."ids"
+-- KEYS[3] due      pfx.."due"
+-- KEYS[4] history  pfx.."h:"..base
+-- ARGV[1] pfx
+-- ARGV[2] id              dead-letter id
+-- ARGV[3] base            the dead letter's batch id (its head is KEYS[1])
+-- ARGV[4] max_batch_size  largest delivery window
+-- ARGV[5] channel         pub/sub channel to wake workers
+-- Derived keys: pfx.."d:"..id, pfx.."di:"..id, the new sequence's state and items.
+-- Reply: {code, seq, count}; code 'ok' | 'not_found'
+local head, ids, due, hist = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local pfx, id, base = ARGV[1], ARGV[2], ARGV[3]
+local dmeta, dlist = pfx .. 'd:' .. id, pfx .. 'di:' .. id
+if redis.call('EXISTS', dmeta) == 0 then
+  return {'not_found', -1, 0}
+end
+local now = now_ms()
+local count = redis.call('LLEN', dlist)
+if count == 0 then
+  redis.call('DEL', dmeta)
+  redis.call('ZREM', pfx .. 'dead', id)
+  return {'ok', -1, 0}
+end
+local seq = redis.call('HINCRBY', head, 'next', 1) - 1
+local member = member_of(base, seq)
+redis.call('RENAME', dlist, pfx .. 'i:' .. member)
+redis.call('HSET', pfx .. 's:' .. member, 'status', 'flushing', 'cutoff', count,
+  'window', math.min(count, tonumber(ARGV[4])), 'created_at', int(now), 'updated_at', int(now),
+  'sealed_at', int(now), 'reason', 'replay', 'attempt', 0)
+redis.call('HSET', head, 'a:' .. seq, 'flushing')
+redis.call('HINCRBY', head, 'pending', count)
+if redis.call('HINCRBY', head, 'active', 1) == 1 then
+  redis.call('SADD', ids, base)
+  redis.call('PERSIST', head)
+  redis.call('PERSIST', hist)
+end
+redis.call('ZADD', due, int(now), member)
+redis.call('DEL', dmeta)
+redis.call('ZREM', pfx .. 'dead', id)
+redis.call('PUBLISH', ARGV[5], pfx)
+return {'ok', seq, count}

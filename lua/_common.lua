@@ -105,7 +105,7 @@ local function advance(pfx, base, seq, n, now, cfg)
   local head = pfx .. 'b:' .. base
   local due = pfx .. 'due'
   local left = tonumber(redis.call('HGET', meta, 'cutoff') or '0') - n
-  local pending = redis.call('HINCRBY', head, 'pending', -n)
+  local pending = redis.call('HINCRBY', head, 'pending', int(-n))
   if pending < 0 then redis.call('HSET', head, 'pending', 0) end
   if left > 0 then
     redis.call('HSET', meta, 'cutoff', left, 'window', math.min(left, cfg.max), 'owner', '',

@@ -75,7 +75,7 @@ if mode == 'partial' then
   push_head(ikey, keep)
   local delivered = window - #keep
   local head = pfx .. 'b:' .. base
-  if redis.call('HINCRBY', head, 'pending', -delivered) < 0 then redis.call('HSET', head, 'pending', 0) end
+  if redis.call('HINCRBY', head, 'pending', int(-delivered)) < 0 then redis.call('HSET', head, 'pending', 0) end
   redis.call('HINCRBY', meta, 'delivered', delivered)
   cutoff = cutoff - delivered
   window = #keep

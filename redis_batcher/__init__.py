@@ -17,22 +17,27 @@ Quick use::
 from .batcher import Batcher
 from .codec import Codec, JsonCodec, MsgpackCodec
 from .errors import (
+    BatchFull,
     BatcherError,
     BatchNotAccumulating,
     BatchNotFound,
     ConfigError,
+    DeadLetterNotFound,
     DecodeError,
     DuplicateProcessor,
     InvalidBatchId,
     ItemEncodeError,
     ItemError,
     ItemTooLarge,
+    NotReplicated,
+    PartialFailure,
     UnknownProcessor,
 )
 from .models import (
     AddResult,
     BatchInfo,
     BatchStatus,
+    DeadLetter,
     DeleteResult,
     Flush,
     FlushRecord,
@@ -40,12 +45,13 @@ from .models import (
     ProcessorConfig,
 )
 from .processor import Processor
-from .worker import Worker
+from .worker import Worker, WorkerStats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AddResult",
+    "BatchFull",
     "BatchInfo",
     "BatchNotAccumulating",
     "BatchNotFound",
@@ -54,6 +60,8 @@ __all__ = [
     "BatcherError",
     "Codec",
     "ConfigError",
+    "DeadLetter",
+    "DeadLetterNotFound",
     "DecodeError",
     "DeleteResult",
     "DuplicateProcessor",
@@ -66,9 +74,12 @@ __all__ = [
     "ItemTooLarge",
     "JsonCodec",
     "MsgpackCodec",
+    "NotReplicated",
+    "PartialFailure",
     "Processor",
     "ProcessorConfig",
     "UnknownProcessor",
     "Worker",
+    "WorkerStats",
     "__version__",
 ]

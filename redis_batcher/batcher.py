@@ -82,9 +82,8 @@ class Batcher:
         if isinstance(wait_replicas, bool) or not isinstance(wait_replicas, int) or wait_replicas < 0:
             raise ConfigError(f"wait_replicas must be an int >= 0, got {wait_replicas!r}")
         self.wait_replicas = wait_replicas
-        self.wait_timeout_ms = round(
-            _seconds("wait_timeout", wait_timeout, allow_none=False, positive=True) or 1
-        )
+        wait_s = _seconds("wait_timeout", wait_timeout, allow_none=False, positive=True) or 1.0
+        self.wait_timeout_ms = max(1, round(wait_s * 1000))  # WAIT n 0 would block forever
         self.connect_retry = _seconds("connect_retry", connect_retry, allow_none=False) or 0.0
         self.client: Any = None
         self.url: str | None = None

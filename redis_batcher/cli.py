@@ -121,6 +121,7 @@ def worker(
     burst: bool,
     names: tuple[str, ...],
     max_idle_wait: float,
+    grace_period: float,
     log_level: str,
 ) -> None:
     """Run a worker for the processors of APP (``module:batcher`` or ``module:processor``).
@@ -148,7 +149,13 @@ def worker(
     if redis_url:
         batcher.connect(redis_url, cluster=batcher.is_cluster)
     try:
-        w = Worker(batcher, concurrency=concurrency, processors=selected, max_idle_wait=max_idle_wait)
+        w = Worker(
+            batcher,
+            concurrency=concurrency,
+            processors=selected,
+            max_idle_wait=max_idle_wait,
+            grace_period=grace_period,
+        )
     except BatcherError as exc:
         raise click.UsageError(str(exc)) from exc
     w.run(burst=burst)
@@ -294,6 +301,129 @@ def ls_cmd(processor: str | None, as_json: bool, redis_url: str | None, prefix: 
         return
     for bid in batch_ids:
         click.echo(bid)
+
+
+@main.group()
+def dead() -> None:
+    """Dead letters: items that exhausted their attempts, killed workers, or cannot be decoded."""
+
+
+@dead.command(name="ls")
+@click.option("--processor", "-p", required=True, help="Processor name.")
+@click.option("--limit", "-n", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_common
+def dead_ls(
+    processor: str, limit: int, as_json: bool, redis_url: str | None, prefix: str, cluster: bool
+) -> None:
+    """List dead letters, newest first."""
+    proc = _remote(redis_url, prefix, cluster, processor)
+    letters = proc.dead_letters(limit=limit)
+    if as_json:
+        _print_json(letters)
+        return
+    table = Table(title=f"dead letters of {processor}")
+    for col in ("id", "batch id", "seq", "items", "reason", "attempts", "deaths", "dead at", "error"):
+        table.add_column(col)
+    for d in letters:
+        table.add_row(
+            d.id,
+            d.batch_id,
+            str(d.sequence),
+            str(d.item_count),
+            d.reason,
+            str(d.attempts),
+            str(d.deaths),
+            _fmt_time(d.dead_at),
+            d.error,
+        )
+    console.print(table)
+
+
+@dead.command(name="show")
+@click.argument("dead_id")
+@click.option("--processor", "-p", required=True, help="Processor name.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_common
+def dead_show(
+    dead_id: str, processor: str, as_json: bool, redis_url: str | None, prefix: str, cluster: bool
+) -> None:
+    """Show one dead letter with its items."""
+    proc = _remote(redis_url, prefix, cluster, processor)
+    try:
+        letter = proc.dead_letter(dead_id)
+    except BatcherError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        data = _jsonable(letter)
+        data["items"] = [repr(i) if isinstance(i, bytes) else i for i in letter.items or []]
+        _print_json(data)
+        return
+    for field in (
+        "id",
+        "batch_id",
+        "sequence",
+        "item_count",
+        "reason",
+        "error",
+        "attempts",
+        "deaths",
+        "flush_id",
+    ):
+        console.print(f"[bold]{field}[/]: {getattr(letter, field)}")
+    console.print(f"[bold]dead_at[/]: {_fmt_time(letter.dead_at)}")
+    for i, item in enumerate(letter.items or []):
+        console.print(f"  [{i}] {item!r}")
+
+
+@dead.command(name="replay")
+@click.argument("dead_ids", nargs=-1)
+@click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter of the processor.")
+@click.option("--processor", "-p", required=True, help="Processor name.")
+@_common
+def dead_replay(
+    dead_ids: tuple[str, ...],
+    replay_all: bool,
+    processor: str,
+    redis_url: str | None,
+    prefix: str,
+    cluster: bool,
+) -> None:
+    """Put dead letters back into their batch ids (as new sequences, due now)."""
+    proc = _remote(redis_url, prefix, cluster, processor)
+    if replay_all == bool(dead_ids):
+        raise click.UsageError("give dead-letter ids or --all (not both)")
+    ids = [d.id for d in proc.dead_letters(limit=1_000_000)] if replay_all else list(dead_ids)
+    for dead_id in ids:
+        try:
+            seq = proc.replay_dead(dead_id)
+        except BatcherError as exc:
+            raise click.ClickException(str(exc)) from exc
+        console.print(f"replayed {dead_id} as sequence {seq}")
+
+
+@dead.command(name="purge")
+@click.argument("dead_ids", nargs=-1)
+@click.option("--all", "purge_all", is_flag=True, help="Delete every dead letter of the processor.")
+@click.option("--processor", "-p", required=True, help="Processor name.")
+@_common
+def dead_purge(
+    dead_ids: tuple[str, ...],
+    purge_all: bool,
+    processor: str,
+    redis_url: str | None,
+    prefix: str,
+    cluster: bool,
+) -> None:
+    """Delete dead letters for good."""
+    proc = _remote(redis_url, prefix, cluster, processor)
+    if purge_all == bool(dead_ids):
+        raise click.UsageError("give dead-letter ids or --all (not both)")
+    try:
+        n = proc.purge_dead() if purge_all else sum(proc.purge_dead(d) for d in dead_ids)
+    except BatcherError as exc:
+        raise click.ClickException(str(exc)) from exc
+    console.print(f"purged {n} dead letter(s)")
 
 
 @main.command()

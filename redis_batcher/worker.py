@@ -529,6 +529,9 @@ class Worker:
             try:
                 pubsub = self.client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(*channels)
+                # (re)subscribed: wake-ups sent while we were not listening are lost, so look
+                # at every partition once
+                self._due_at = [0.0] * len(self.parts)
                 self._wake.set()
                 delay = 0.1
                 while not self._stopping.is_set():

@@ -17,8 +17,8 @@ Quick use::
 from .batcher import Batcher
 from .codec import Codec, JsonCodec, MsgpackCodec
 from .errors import (
-    BatchFull,
     BatcherError,
+    BatchFull,
     BatchNotAccumulating,
     BatchNotFound,
     ConfigError,

@@ -150,7 +150,9 @@ def test_bisect_isolates_a_poison_item_without_spending_attempts_on_good_ones(ba
             raise RuntimeError("poison")
         good.extend(flush.items)
 
-    proc = batcher.processor(name="bi", max_batch_size=8, max_attempts=2, bisect_on_error=True, **FAST)(handler)
+    proc = batcher.processor(name="bi", max_batch_size=8, max_attempts=2, bisect_on_error=True, **FAST)(
+        handler
+    )
     proc.add_many("b", list(range(8)))
     drain(batcher, lambda: proc.status("b") is None)
     assert sorted(good) == [0, 1, 2, 3, 4, 6, 7] and len(good) == 7  # each good item exactly once
@@ -282,9 +284,9 @@ def test_shutdown_grace_period_releases_unfinished_leases(real_batcher: Batcher)
 
 def test_worker_deaths_dead_letter_after_max_deaths(real_batcher: Batcher) -> None:
     calls: list[Any] = []
-    proc = real_batcher.processor(name="dd", max_batch_size=2, flush_interval=None, lease_timeout=0.2, max_deaths=2)(
-        calls.append
-    )
+    proc = real_batcher.processor(
+        name="dd", max_batch_size=2, flush_interval=None, lease_timeout=0.2, max_deaths=2
+    )(calls.append)
     proc.add_many("b", [1, 2])
     claim_directly(proc, "b")  # delivery 1: its worker "dies"
     time.sleep(0.3)
@@ -301,7 +303,12 @@ def test_worker_deaths_dead_letter_after_max_deaths(real_batcher: Batcher) -> No
 def test_worker_deaths_with_bisect_isolate_the_killer(real_batcher: Batcher) -> None:
     calls: list[list[int]] = []
     proc = real_batcher.processor(
-        name="db", max_batch_size=4, flush_interval=None, lease_timeout=0.2, max_deaths=1, bisect_on_error=True
+        name="db",
+        max_batch_size=4,
+        flush_interval=None,
+        lease_timeout=0.2,
+        max_deaths=1,
+        bisect_on_error=True,
     )(lambda f: calls.append(f.items))
     proc.add_many("b", [1, 2, 3, 4])
     c = claim_directly(proc, "b")
@@ -325,7 +332,9 @@ def test_redis_restart_worker_and_producer_recover() -> None:
     with RedisServer() as server:
         batcher = Batcher(server.url, prefix="rs", connect_retry=0.5)
         got: list[list[int]] = []
-        proc = batcher.processor(name="rs", max_batch_size=2, flush_interval=None)(lambda f: got.append(f.items))
+        proc = batcher.processor(name="rs", max_batch_size=2, flush_interval=None)(
+            lambda f: got.append(f.items)
+        )
         channel = proc.keys.channel.encode()
         probe = redis.Redis(host="127.0.0.1", port=server.port)
 

@@ -109,6 +109,13 @@ def main() -> None:
     help="Longest sleep between delay-queue checks when no wake-up arrives.",
 )
 @click.option(
+    "--grace-period",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="On SIGTERM, how long in-flight handlers may finish before their leases are released.",
+)
+@click.option(
     "--log-level",
     default="INFO",
     show_default=True,

@@ -383,51 +383,61 @@ def dead_show(
         console.print(f"  [{i}] {item!r}")
 
 
+def _dead_selection(verb: str) -> Any:
+    """Arguments shared by `dead replay` and `dead purge`: ids, or --all, of one processor."""
+
+    def decorate(f: Any) -> Any:
+        f = _common(f)
+        f = click.option("--processor", "-p", required=True, help="Processor name.")(f)
+        f = click.option(
+            "--all", "select_all", is_flag=True, help=f"{verb} every dead letter of the processor."
+        )(f)
+        return click.argument("dead_ids", nargs=-1)(f)
+
+    return decorate
+
+
+def _selected(dead_ids: tuple[str, ...], select_all: bool) -> None:
+    if select_all == bool(dead_ids):
+        raise click.UsageError("give dead-letter ids or --all (not both)")
+
+
 @dead.command(name="replay")
-@click.argument("dead_ids", nargs=-1)
-@click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter of the processor.")
-@click.option("--processor", "-p", required=True, help="Processor name.")
-@_common
+@_dead_selection("Replay")
 def dead_replay(
     dead_ids: tuple[str, ...],
-    replay_all: bool,
+    select_all: bool,
     processor: str,
     redis_url: str | None,
     prefix: str,
     cluster: bool,
 ) -> None:
     """Put dead letters back into their batch ids (as new sequences, due now)."""
+    _selected(dead_ids, select_all)
     proc = _remote(redis_url, prefix, cluster, processor)
-    if replay_all == bool(dead_ids):
-        raise click.UsageError("give dead-letter ids or --all (not both)")
-    ids = [d.id for d in proc.dead_letters(limit=1_000_000)] if replay_all else list(dead_ids)
-    for dead_id in ids:
-        try:
-            seq = proc.replay_dead(dead_id)
-        except BatcherError as exc:
-            raise click.ClickException(str(exc)) from exc
-        console.print(f"replayed {dead_id} as sequence {seq}")
+    ids = [d.id for d in proc.dead_letters(limit=1_000_000)] if select_all else list(dead_ids)
+    try:
+        for dead_id in ids:
+            console.print(f"replayed {dead_id} as sequence {proc.replay_dead(dead_id)}")
+    except BatcherError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @dead.command(name="purge")
-@click.argument("dead_ids", nargs=-1)
-@click.option("--all", "purge_all", is_flag=True, help="Delete every dead letter of the processor.")
-@click.option("--processor", "-p", required=True, help="Processor name.")
-@_common
+@_dead_selection("Delete")
 def dead_purge(
     dead_ids: tuple[str, ...],
-    purge_all: bool,
+    select_all: bool,
     processor: str,
     redis_url: str | None,
     prefix: str,
     cluster: bool,
 ) -> None:
     """Delete dead letters for good."""
+    _selected(dead_ids, select_all)
     proc = _remote(redis_url, prefix, cluster, processor)
-    if purge_all == bool(dead_ids):
-        raise click.UsageError("give dead-letter ids or --all (not both)")
     try:
-        n = proc.purge_dead() if purge_all else sum(proc.purge_dead(d) for d in dead_ids)
+        n = proc.purge_dead() if select_all else sum(proc.purge_dead(d) for d in dead_ids)
     except BatcherError as exc:
         raise click.ClickException(str(exc)) from exc
     console.print(f"purged {n} dead letter(s)")

@@ -8,8 +8,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import click
 from rich.console import Console
@@ -21,6 +22,7 @@ from .errors import BatcherError
 from .processor import Processor
 
 # Piped output (CI, log files, grep) must not be cut at rich's default of 80 columns.
+F = TypeVar("F", bound=Callable[..., Any])
 console = Console() if sys.stdout.isatty() else Console(width=200)
 URL_HELP = "Redis URL (default: $REDIS_URL, then redis://127.0.0.1:6379/0)."
 
@@ -383,16 +385,16 @@ def dead_show(
         console.print(f"  [{i}] {item!r}")
 
 
-def _dead_selection(verb: str) -> Any:
+def _dead_selection(verb: str) -> Callable[[F], F]:
     """Arguments shared by `dead replay` and `dead purge`: ids, or --all, of one processor."""
 
-    def decorate(f: Any) -> Any:
+    def decorate(f: F) -> F:
         f = _common(f)
         f = click.option("--processor", "-p", required=True, help="Processor name.")(f)
         f = click.option(
             "--all", "select_all", is_flag=True, help=f"{verb} every dead letter of the processor."
         )(f)
-        return click.argument("dead_ids", nargs=-1)(f)
+        return cast(F, click.argument("dead_ids", nargs=-1)(f))
 
     return decorate
 

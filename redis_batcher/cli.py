@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
@@ -21,8 +21,8 @@ from .batcher import Batcher, default_url
 from .errors import BatcherError
 from .processor import Processor
 
-# Piped output (CI, log files, grep) must not be cut at rich's default of 80 columns.
 F = TypeVar("F", bound=Callable[..., Any])
+# Piped output (CI, log files, grep) must not be cut at rich's default of 80 columns.
 console = Console() if sys.stdout.isatty() else Console(width=200)
 URL_HELP = "Redis URL (default: $REDIS_URL, then redis://127.0.0.1:6379/0)."
 
@@ -394,7 +394,7 @@ def _dead_selection(verb: str) -> Callable[[F], F]:
         f = click.option(
             "--all", "select_all", is_flag=True, help=f"{verb} every dead letter of the processor."
         )(f)
-        return cast(F, click.argument("dead_ids", nargs=-1)(f))
+        return click.argument("dead_ids", nargs=-1)(f)
 
     return decorate
 

@@ -14,7 +14,11 @@
 --
 -- A sealed sequence's list holds `cutoff` undelivered items at its head. Each claim delivers the
 -- first `window` of them (window <= cutoff, <= max_batch_size). Acks, partial failures and
--- dead-lettering remove items from the head; what is left is delivered next.
+-- dead-lettering remove items from the head; what is left is delivered next. The first `fid_n`
+-- items were delivered under `flush_id`: they keep it on every redelivery (bisected or not).
+-- `attempt` counts deliveries of those items (what handlers see); `tries` counts the failed
+-- ones that spend the max_attempts budget (bisection steps do not), `deaths` the deliveries
+-- whose worker died.
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -104,13 +108,23 @@ local function advance(pfx, base, seq, n, now, cfg)
   local meta = pfx .. 's:' .. member
   local head = pfx .. 'b:' .. base
   local due = pfx .. 'due'
-  local left = tonumber(redis.call('HGET', meta, 'cutoff') or '0') - n
+  local f = redis.call('HMGET', meta, 'cutoff', 'fid_n')
+  local left = tonumber(f[1] or '0') - n
   local pending = redis.call('HINCRBY', head, 'pending', int(-n))
   if pending < 0 then redis.call('HSET', head, 'pending', 0) end
   if left > 0 then
     redis.call('HSET', meta, 'cutoff', left, 'window', math.min(left, cfg.max), 'owner', '',
-      'attempt', 0, 'deaths', 0, 'updated_at', int(now))
-    redis.call('HDEL', meta, 'flush_id', 'lease_until', 'last_error', 'next_attempt_at')
+      'updated_at', int(now))
+    redis.call('HDEL', meta, 'lease_until', 'next_attempt_at')
+    -- items already delivered under a flush_id keep it (and their attempt count) until they
+    -- leave the sequence, so a handler can always recognise a redelivery
+    local fid_n = tonumber(f[2] or '0') - n
+    if fid_n > 0 then
+      redis.call('HSET', meta, 'fid_n', fid_n)
+    else
+      redis.call('HSET', meta, 'attempt', 0, 'tries', 0, 'deaths', 0)
+      redis.call('HDEL', meta, 'flush_id', 'fid_n', 'last_error')
+    end
     redis.call('ZADD', due, int(now), member)
     return left
   end
@@ -122,7 +136,8 @@ local function advance(pfx, base, seq, n, now, cfg)
 end
 
 -- Move items into a new dead letter. `items` is a Lua table of raw entries, or nil to move the
--- whole list of the sequence (RENAME, O(1) whatever its length).
+-- whole list of the sequence (RENAME, O(1) whatever its length). Ids are "<flush_id>.<cutoff>":
+-- the cutoff only decreases within a sequence, so one flush_id never names two dead letters.
 local function bury(pfx, id, member, items, count, reason, err, f, now)
   local base, seq = split_member(member)
   local dlist = pfx .. 'di:' .. id
@@ -134,7 +149,7 @@ local function bury(pfx, id, member, items, count, reason, err, f, now)
     end
   end
   redis.call('HSET', pfx .. 'd:' .. id, 'batch_id', base, 'sequence', seq, 'count', count,
-    'reason', reason, 'error', err or '', 'attempts', f.attempt or 0, 'deaths', f.deaths or 0,
+    'reason', reason, 'error', err or '', 'attempts', f.tries or 0, 'deaths', f.deaths or 0,
     'flush_id', f.flush_id or '', 'created_at', f.created_at or '', 'dead_at', int(now))
   redis.call('ZADD', pfx .. 'dead', int(now), id)
 end

@@ -9,7 +9,7 @@
 -- ARGV[5] id_seed        random string; new deliveries get flush_id = id_seed.."-"..i
 -- ARGV[6] retention      seconds to keep head/history of a base id left without sequences
 -- ARGV[7] max_batch_size largest delivery window
--- ARGV[8] max_attempts   deliveries of one window before it is dead-lettered
+-- ARGV[8] max_attempts   (unused here: failures are counted by nack.lua)
 -- ARGV[9] max_deaths     deliveries whose worker died (lease expired unsettled) before dead-letter
 -- ARGV[10] bisect        '1': a window whose worker died is halved instead (poison isolation)
 -- ARGV[11] ordered       '1': only the lowest active sequence of a base id is delivered
@@ -24,7 +24,7 @@ local limit = tonumber(ARGV[2])
 local lease = tonumber(ARGV[3])
 local owner, seed = ARGV[4], ARGV[5]
 local cfg = {retention = tonumber(ARGV[6]), max = tonumber(ARGV[7]), ordered = ARGV[11] == '1'}
-local max_attempts, max_deaths = tonumber(ARGV[8]), tonumber(ARGV[9])
+local max_deaths = tonumber(ARGV[9])
 local bisect = ARGV[10] == '1'
 local cap = tonumber(ARGV[12])
 local now = now_ms()
@@ -34,7 +34,7 @@ for n, member in ipairs(members) do
   local meta = pfx .. 's:' .. member
   local base, seq = split_member(member)
   local f = redis.call('HMGET', meta, 'status', 'cutoff', 'attempt', 'flush_id', 'reason', 'owner',
-    'deaths', 'window', 'last_error', 'created_at', 'claimed_at')
+    'deaths', 'window', 'last_error', 'created_at', 'claimed_at', 'fid_n', 'tries')
   if (not base) or (not f[1]) then
     -- an entry whose sequence no longer exists: nothing to deliver
     redis.call('ZREM', due, member)
@@ -74,6 +74,10 @@ for n, member in ipairs(members) do
     local attempt = tonumber(f[3] or '0')
     local flush_id = f[4]
     local window = math.min(tonumber(f[8] or cutoff), cutoff, cfg.max)
+    local fid_n = tonumber(f[12] or '0')
+    if flush_id and fid_n > 0 then
+      window = math.min(window, fid_n)  -- never mix items of an earlier delivery with new ones
+    end
     if deliver and f[6] and f[6] ~= '' then
       -- the previous delivery was never settled: its worker died or lost its lease
       local deaths = tonumber(f[7] or '0') + 1
@@ -81,18 +85,17 @@ for n, member in ipairs(members) do
       push_history(pfx .. 'h:' .. base, history_entry(seq, window, tonumber(f[11] or now), 0,
         false, err, attempt, flush_id, reason), cap)
       if bisect and window > 1 then
-        -- the crash may be caused by one item: deliver the first half on its own
+        -- the crash may be caused by one item: deliver the first half on its own (same
+        -- flush_id: the dead worker's handler may have processed these items)
         window = math.ceil(window / 2)
-        attempt, flush_id = 0, nil
-        redis.call('HDEL', meta, 'flush_id')
         redis.call('HSET', meta, 'deaths', 0, 'last_error', err)
-      elseif deaths >= max_deaths or attempt >= max_attempts then
-        local why = deaths >= max_deaths and 'max_deaths' or 'max_attempts'
+      elseif deaths >= max_deaths then
+        local why = 'max_deaths'
         local whole = window == redis.call('LLEN', ikey)
         local items = nil
         if not whole then items = pop_head(ikey, window) end
-        bury(pfx, flush_id or (seed .. '-' .. n), member, items, window, why, f[9] or err,
-          {attempt = attempt, deaths = deaths, flush_id = flush_id, created_at = f[10]}, now)
+        bury(pfx, (flush_id or (seed .. '-' .. n)) .. '.' .. cutoff, member, items, window, why, f[9] or err,
+          {tries = tonumber(f[13] or '0'), deaths = deaths, flush_id = flush_id, created_at = f[10]}, now)
         advance(pfx, base, seq, window, now, cfg)
         deliver = false
       else
@@ -101,8 +104,11 @@ for n, member in ipairs(members) do
     end
     if deliver then
       attempt = attempt + 1
-      flush_id = flush_id or (seed .. '-' .. n)
-      redis.call('HSET', meta, 'attempt', attempt, 'owner', owner, 'flush_id', flush_id,
+      if not flush_id then
+        flush_id = seed .. '-' .. n
+        fid_n = window
+      end
+      redis.call('HSET', meta, 'attempt', attempt, 'owner', owner, 'flush_id', flush_id, 'fid_n', fid_n,
         'window', window, 'claimed_at', int(now), 'lease_until', int(now + lease),
         'updated_at', int(now))
       redis.call('ZADD', due, int(now + lease), member)

@@ -14,7 +14,8 @@
 --                                   count as delivered
 --                         'decode'  the entries at the given indices cannot be decoded: they go
 --                                   to the dead-letter store and the rest is redelivered at once
--- ARGV[9] max_attempts    a window failing this many times goes to the dead-letter store
+-- ARGV[9] max_attempts    items failing this many times (bisection steps not counted) go to
+--                         the dead-letter store
 -- ARGV[10] bisect         '1': a failing window of several items is halved and retried at once
 -- ARGV[11] retention      seconds to keep head/history once the base id has no active sequence
 -- ARGV[12] max_batch_size largest delivery window
@@ -36,7 +37,7 @@ local cfg = {retention = tonumber(ARGV[11]), max = tonumber(ARGV[12]), ordered =
 local meta = pfx .. 's:' .. member
 local ikey = pfx .. 'i:' .. member
 local f = redis.call('HMGET', meta, 'owner', 'status', 'window', 'cutoff', 'attempt', 'deaths',
-  'flush_id', 'created_at')
+  'flush_id', 'created_at', 'fid_n', 'tries')
 if f[1] ~= owner or f[2] ~= 'flushing' then
   return {'lease_lost', 0}
 end
@@ -44,8 +45,8 @@ local now = now_ms()
 local base, seq = split_member(member)
 local cutoff = tonumber(f[4])
 local window = math.min(tonumber(f[3] or cutoff), cutoff)
-local attempt = tonumber(f[5] or '1')
-local info = {attempt = attempt, deaths = tonumber(f[6] or '0'), flush_id = f[7], created_at = f[8]}
+local tries = tonumber(f[10] or '0')
+local info = {tries = tries, deaths = tonumber(f[6] or '0'), flush_id = f[7], created_at = f[8]}
 push_history(hist, ARGV[4], cap)
 
 local marked = {}
@@ -59,10 +60,9 @@ if mode == 'decode' then
   end
   push_head(ikey, keep)
   if #bad > 0 then
-    bury(pfx, (f[7] or 'q') .. '.q' .. int(now), member, bad, #bad, 'decode_error', err, info, now)
+    bury(pfx, (f[7] or int(now)) .. '.q' .. cutoff, member, bad, #bad, 'decode_error', err, info, now)
   end
-  -- not the handler's fault: the attempt does not count
-  redis.call('HSET', meta, 'attempt', math.max(attempt - 1, 0))
+  -- not the handler's fault: no try is spent
   return {'quarantined', advance(pfx, base, seq, #bad, now, cfg)}
 end
 
@@ -79,26 +79,29 @@ if mode == 'partial' then
   redis.call('HINCRBY', meta, 'delivered', delivered)
   cutoff = cutoff - delivered
   window = #keep
-  redis.call('HSET', meta, 'cutoff', cutoff, 'window', window)
-  redis.call('HDEL', meta, 'flush_id')  -- a different set of items: a different flush
-  info.flush_id = nil
+  -- the failed items stay at the head and keep their flush_id
+  redis.call('HSET', meta, 'cutoff', cutoff, 'window', window,
+    'fid_n', math.max(tonumber(f[9] or '0') - delivered, window))
   if window == 0 then
     return {'delivered', advance(pfx, base, seq, 0, now, cfg)}
   end
 elseif bisect and window > 1 then
   -- isolate the poison: deliver the first half on its own, now, without spending an attempt
+  -- (the flush_id stays: these items were delivered under it)
   window = math.ceil(window / 2)
-  redis.call('HSET', meta, 'window', window, 'owner', '', 'attempt', 0, 'last_error', err,
-    'updated_at', int(now))
-  redis.call('HDEL', meta, 'flush_id', 'lease_until')
+  redis.call('HSET', meta, 'window', window, 'owner', '', 'last_error', err, 'updated_at', int(now))
+  redis.call('HDEL', meta, 'lease_until')
   redis.call('ZADD', due, int(now), member)
   return {'bisect', window}
 end
 
-if attempt >= max_attempts then
+tries = tries + 1
+info.tries = tries
+redis.call('HSET', meta, 'tries', tries)
+if tries >= max_attempts then
   local items = nil
   if window < redis.call('LLEN', ikey) then items = pop_head(ikey, window) end
-  bury(pfx, info.flush_id or ('d' .. int(now)), member, items, window, 'max_attempts', err, info, now)
+  bury(pfx, (info.flush_id or int(now)) .. '.' .. cutoff, member, items, window, 'max_attempts', err, info, now)
   return {'dead', advance(pfx, base, seq, window, now, cfg)}
 end
 

@@ -412,12 +412,12 @@ class Worker:
         if outcome == "dead":
             self.stats.dead_lettered += 1
             log.error(
-                "%s %s attempt %d failed: %s; dead-lettered after %d attempts",
+                "%s %s attempt %d failed: %s; moved to the dead-letter store (max_attempts=%d)",
                 proc.name,
                 c.member,
                 c.attempt,
                 error,
-                c.attempt,
+                proc.config.max_attempts,
             )
         elif outcome == "bisect":
             log.warning(

@@ -104,7 +104,7 @@ def test_partial_failure_retries_only_the_failed_items(batcher: Batcher, style: 
     hist = proc.history("b")
     assert [(h.success, h.item_count) for h in hist] == [(True, 2), (False, 5)]
     assert hist[1].error == "PartialFailure: b and d were rejected"
-    assert hist[0].flush_id != hist[1].flush_id  # a different set of items: a different flush
+    assert hist[0].flush_id == hist[1].flush_id  # b and d were delivered under it: they keep it
     assert proc.dead_letters() == []
 
 
@@ -311,11 +311,11 @@ def test_worker_deaths_with_bisect_isolate_the_killer(real_batcher: Batcher) -> 
         bisect_on_error=True,
     )(lambda f: calls.append(f.items))
     proc.add_many("b", [1, 2, 3, 4])
-    c = claim_directly(proc, "b")
+    c = first = claim_directly(proc, "b")
     assert c.cutoff == 4
     time.sleep(0.3)
-    c = claim_directly(proc, "b")  # the death halves the window
-    assert (c.cutoff, c.attempt) == (2, 1)
+    c = claim_directly(proc, "b")  # the death halves the window; same flush, next attempt
+    assert (c.cutoff, c.attempt, c.flush_id) == (2, 2, first.flush_id)
     time.sleep(0.3)
     c = claim_directly(proc, "b")
     assert c.cutoff == 1

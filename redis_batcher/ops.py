@@ -52,7 +52,8 @@ class Call:
 # -- producer side -----------------------------------------------------------------------------
 
 
-def add_call(proc: Processor, base: str, encoded: Sequence[bytes]) -> Call:
+def add_call(proc: Processor, base: str, encoded: Sequence[bytes], segments: Sequence[int] = ()) -> Call:
+    """One add, or several coalesced adds (``segments`` = item count of each, in order)."""
     part = proc.keys.for_base(base)
     cfg = proc.config
     return Call(
@@ -65,15 +66,31 @@ def add_call(proc: Processor, base: str, encoded: Sequence[bytes]) -> Call:
             proc.interval_ms,
             proc.keys.channel,
             -1 if cfg.max_pending is None else cfg.max_pending,
+            ",".join(map(str, segments)) if len(segments) > 1 else "",
             *encoded,
         ),
     )
 
 
 def parse_add(proc: Processor, base: str, adding: int, reply: Sequence[Any]) -> AddResult:
+    """The result of a single add (raises :class:`BatchFull`)."""
+    result = parse_add_segments(proc, base, [adding], reply)[0]
+    if isinstance(result, BatchFull):
+        raise result
+    return result
+
+
+def parse_add_segments(
+    proc: Processor, base: str, sizes: Sequence[int], reply: Sequence[Any]
+) -> list[AddResult | BatchFull]:
+    """One result per coalesced add: its AddResult, or the BatchFull it must raise."""
+    return [_parse_one_add(proc, base, sizes[k], reply[5 * k : 5 * k + 5]) for k in range(len(sizes))]
+
+
+def _parse_one_add(proc: Processor, base: str, adding: int, reply: Sequence[Any]) -> AddResult | BatchFull:
     if reply[0] == b"full":
         limit = proc.config.max_pending if proc.config.max_pending is not None else -1
-        raise BatchFull(base, int(reply[1]), adding, limit)
+        return BatchFull(base, int(reply[1]), adding, limit)
     seq, pending, status, sealed, added = reply
     return AddResult(
         batch_id=base,

@@ -6,7 +6,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from typing import Any, overload
 
@@ -307,9 +307,9 @@ class Batcher:
         self.client.hset(registry_key(self.prefix), proc.name, proc.config.to_json())
         self._registered.add(proc.name)
 
-    def register(self) -> None:
-        """Publish every processor's config to ``<prefix>:processors`` (the CLI reads it)."""
-        for proc in self.processors.values():
+    def register(self, processors: Iterable[Processor] | None = None) -> None:
+        """Publish processor configs to ``<prefix>:processors`` (the CLI reads it)."""
+        for proc in processors if processors is not None else list(self.processors.values()):
             self._registered.discard(proc.name)
             self._ensure_registered(proc)
 

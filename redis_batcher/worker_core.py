@@ -1,0 +1,319 @@
+"""What the sync and asyncio workers share: scheduling, claim bookkeeping, classifying handler
+outcomes, building the ack/nack calls and recording their results. No I/O happens here; each
+worker runs the :class:`~redis_batcher.ops.Call` objects on its own client.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import ops
+from .codec import decode_item
+from .errors import ConfigError, DecodeError, PartialFailure
+from .keys import PartitionKeys
+from .models import Flush
+from .processor import Processor
+
+log = logging.getLogger("redis_batcher.worker")
+
+MAX_ERROR_CHARS = 2000
+DRAIN_CHUNK = 10_000
+
+
+@dataclass
+class WorkerStats:
+    """Counters of one worker run."""
+
+    delivered: int = 0
+    failed: int = 0
+    items: int = 0
+    lease_lost: int = 0
+    dead_lettered: int = 0
+    partial: int = 0
+    timed_out: int = 0
+    released: int = 0
+    quarantined: int = 0
+
+
+@dataclass
+class Outcome:
+    """How one delivery ended, before it is recorded in Redis."""
+
+    mode: str  # ack | fail | partial | decode
+    error: str | None
+    indices: list[int]
+    count: int
+
+
+def backoff_seconds(proc: Processor, attempt: int) -> float:
+    """``retry_backoff * 2**(attempt-1)`` capped at ``retry_backoff_max``, with 50-100% jitter."""
+    cfg = proc.config
+    raw = min(cfg.retry_backoff_max, cfg.retry_backoff * (2 ** min(max(attempt - 1, 0), 62)))
+    return float(raw * random.uniform(0.5, 1.0))
+
+
+def error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+
+
+def drain_ranges(cutoff: int) -> list[tuple[int, int]]:
+    """LRANGE (start, stop) pairs reading a window of ``cutoff`` items in bounded chunks."""
+    return [(i, min(cutoff, i + DRAIN_CHUNK) - 1) for i in range(0, cutoff, DRAIN_CHUNK)]
+
+
+def decode_window(c: ops.Claimed, raw: Sequence[bytes]) -> tuple[list[Any], Outcome | None]:
+    """Decode a delivery; an Outcome('decode') when some entries cannot be read."""
+    if len(raw) != c.cutoff:
+        log.warning("%s: expected %d items, found %d", c.member, c.cutoff, len(raw))
+    items: list[Any] = []
+    bad: list[int] = []
+    errors: list[str] = []
+    for i, data in enumerate(raw):
+        try:
+            items.append(decode_item(c.processor.codec, data, i))
+        except DecodeError as exc:
+            bad.append(i)
+            errors.append(str(exc))
+    if bad:
+        return items, Outcome("decode", "; ".join(errors[:3])[:MAX_ERROR_CHARS], bad, len(raw))
+    return items, None
+
+
+def make_flush(c: ops.Claimed, items: list[Any]) -> Flush:
+    return Flush(c.processor.name, c.base, c.sequence, items, c.attempt, c.flush_id, c.reason)
+
+
+def classify(n_items: int, result: Any = None, exc: BaseException | None = None) -> Outcome:
+    """Turn what a handler returned or raised into an Outcome."""
+    if exc is None and isinstance(result, PartialFailure):
+        exc = result
+    if exc is None:
+        return Outcome("ack", None, [], n_items)
+    if isinstance(exc, PartialFailure):
+        failed = [i for i in exc.failed if 0 <= i < n_items]
+        if len(failed) != len(exc.failed):
+            error = f"PartialFailure named indices outside 0..{n_items - 1}: {exc.failed}"
+            return Outcome("fail", error, [], n_items)
+        if not failed:
+            return Outcome("ack", None, [], n_items)
+        return Outcome("partial", f"PartialFailure: {exc.message}"[:MAX_ERROR_CHARS], failed, n_items)
+    return Outcome("fail", error_text(exc), [], n_items)
+
+
+class WorkerCore:
+    """Scheduling state and bookkeeping of a worker, independent of how it does I/O."""
+
+    def __init__(
+        self,
+        processors: Sequence[Processor],
+        *,
+        concurrency: int,
+        max_idle_wait: float,
+        grace_period: float,
+    ) -> None:
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        if not max_idle_wait > 0:
+            raise ConfigError(f"max_idle_wait must be > 0, got {max_idle_wait!r}")
+        if not grace_period >= 0:
+            raise ConfigError(f"grace_period must be >= 0, got {grace_period!r}")
+        if not processors:
+            raise ConfigError("the worker has no processors to serve")
+        self.processors = list(processors)
+        self.concurrency = concurrency
+        self.max_idle_wait = float(max_idle_wait)
+        self.grace_period = float(grace_period)
+        self.parts: list[tuple[Processor, PartitionKeys]] = [
+            (p, part) for p in self.processors for part in p.keys.parts
+        ]
+        self.channels = sorted({p.keys.channel for p in self.processors})
+        self.stats = WorkerStats()
+        # monotonic time at which each partition may next have something due (0 = check now)
+        self.due_at: list[float] = [0.0] * len(self.parts)
+        self.part_index = {part.pfx: i for i, (_, part) in enumerate(self.parts)}
+        self.full_check_at = 0.0
+        self._rr = 0
+
+    def reset(self) -> None:
+        self.stats = WorkerStats()
+        self.full_check_at = 0.0
+        self.due_at = [0.0] * len(self.parts)
+
+    # -- scheduling ------------------------------------------------------------------------------
+
+    def begin_round(self, now: float) -> list[int]:
+        """Partitions worth a claim now, round-robin. Every max_idle_wait all of them: the
+        safety net for due entries nobody announced (another worker's retry, a dead worker's
+        expired lease, a lost pub/sub message)."""
+        if now >= self.full_check_at:
+            self.due_at = [0.0] * len(self.parts)
+            self.full_check_at = now + self.max_idle_wait
+        n = len(self.parts)
+        start, self._rr = self._rr, (self._rr + 1) % n
+        order = [(start + i) % n for i in range(n)]
+        return [idx for idx in order if self.due_at[idx] <= now]
+
+    def claim_call(self, idx: int, free: int) -> tuple[str, ops.Call]:
+        proc, part = self.parts[idx]
+        owner = ops.new_token()
+        return owner, ops.claim_call(proc, part, free, owner)
+
+    def claimed(
+        self, idx: int, owner: str, reply: Sequence[Any], now: float
+    ) -> tuple[list[ops.Claimed], bool]:
+        """Record a claim reply: (flushes to run, more due now than was claimed)."""
+        proc, part = self.parts[idx]
+        next_due, claimed = ops.parse_claim(proc, part, owner, reply)
+        if next_due == 0:
+            self.due_at[idx] = 0.0
+            return claimed, True
+        self.due_at[idx] = now + next_due / 1000.0 if next_due > 0 else math.inf
+        return claimed, False
+
+    def claim_failed(self, idx: int, now: float, exc: BaseException) -> None:
+        log.warning("claim on %s failed: %s", self.parts[idx][1].pfx, exc)
+        self.due_at[idx] = now + 1.0
+
+    def sleep_time(self, now: float, free: int) -> float:
+        wait = self.full_check_at - now
+        if free > 0:
+            wait = min(wait, min(self.due_at) - now)
+        return max(wait, 0.001)
+
+    def mark_due(self, pfx: str) -> None:
+        """A retry or a remainder of this partition may be due now."""
+        self.due_at[self.part_index[pfx]] = 0.0
+
+    def on_wake(self, data: Any) -> None:
+        """A wake-up message (its payload is a partition prefix)."""
+        pfx = data.decode() if isinstance(data, bytes) else str(data)
+        idx = self.part_index.get(pfx)
+        if idx is None:  # not ours (or an old publisher): check everything
+            self.due_at = [0.0] * len(self.parts)
+        else:
+            self.due_at[idx] = 0.0
+
+    def on_subscribed(self) -> None:
+        """(Re)subscribed: wake-ups sent while nobody listened are lost; check everything."""
+        self.due_at = [0.0] * len(self.parts)
+
+    def heartbeat_tick(self) -> tuple[float, float, bool]:
+        """(seconds between lease renewals, seconds between timeout checks, any timeouts)."""
+        renew_every = min(p.config.lease_timeout for p in self.processors) / 3.0
+        timeouts = [p.config.handler_timeout for p in self.processors if p.config.handler_timeout]
+        tick = min([renew_every, *(t / 4 for t in timeouts), 0.5]) if timeouts else renew_every
+        return renew_every, tick, bool(timeouts)
+
+    # -- settling --------------------------------------------------------------------------------
+
+    def settle_call(self, c: ops.Claimed, outcome: Outcome, started: float, duration_ms: float) -> ops.Call:
+        entry = ops.history_entry(c, int(started * 1000), duration_ms, outcome.mode == "ack", outcome.error)
+        if outcome.mode == "ack":
+            return ops.ack_call(c, entry)
+        assert outcome.error is not None
+        delay_ms = int(backoff_seconds(c.processor, c.attempt) * 1000)
+        return ops.nack_call(c, entry, delay_ms, outcome.error, outcome.mode, outcome.indices)
+
+    def settled(self, c: ops.Claimed, outcome: Outcome, reply: Any, duration_ms: float) -> None:
+        """Count and log a recorded result (``reply`` None: it could not be recorded)."""
+        proc = c.processor
+        if reply is None:
+            return
+        if outcome.mode == "ack":
+            self.stats.delivered += 1
+            self.stats.items += outcome.count
+            log.info(
+                "%s %s: %d items in %.1f ms (attempt %d, %s)",
+                proc.name,
+                c.member,
+                outcome.count,
+                duration_ms,
+                c.attempt,
+                c.reason or "size",
+            )
+            return
+        code = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        if outcome.mode == "decode":
+            self.stats.quarantined += len(outcome.indices)
+            log.error(
+                "%s %s: %s; %d entries quarantined as dead letters",
+                proc.name,
+                c.member,
+                outcome.error,
+                len(outcome.indices),
+            )
+            return
+        self.stats.failed += 1
+        if outcome.mode == "partial":
+            self.stats.partial += 1
+            self.stats.items += outcome.count - len(outcome.indices)
+        if code == "dead":
+            self.stats.dead_lettered += 1
+            log.error(
+                "%s %s attempt %d failed: %s; moved to the dead-letter store (max_attempts=%d)",
+                proc.name,
+                c.member,
+                c.attempt,
+                outcome.error,
+                proc.config.max_attempts,
+            )
+        elif code == "bisect":
+            log.warning(
+                "%s %s attempt %d failed: %s; retrying the first %s items alone",
+                proc.name,
+                c.member,
+                c.attempt,
+                outcome.error,
+                int(reply[1]),
+            )
+        else:
+            log.warning(
+                "%s %s attempt %d failed: %s; retry scheduled", proc.name, c.member, c.attempt, outcome.error
+            )
+
+    def reply_code(self, c: ops.Claimed, reply: Any) -> Any:
+        """The reply, or None (counted, logged) when the lease was lost before recording."""
+        code = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        if code == "lease_lost":
+            self.stats.lease_lost += 1
+            log.warning(
+                "%s %s: lease lost before the result was recorded; another worker owns it now",
+                c.processor.name,
+                c.member,
+            )
+            return None
+        return reply
+
+    def timeout_outcome(self, c: ops.Claimed) -> Outcome:
+        self.stats.timed_out += 1
+        limit = c.processor.config.handler_timeout
+        return Outcome("fail", f"HandlerTimeout: handler still running after {limit:g}s", [], c.cutoff)
+
+    def log_start(self, burst: bool) -> None:
+        log.info(
+            "worker serving %s (concurrency %d%s)",
+            ", ".join(p.name for p in self.processors),
+            self.concurrency,
+            ", burst" if burst else "",
+        )
+
+    def log_stop(self) -> None:
+        log.info(
+            "worker stopped: %d delivered, %d failed, %d dead-lettered, %d items",
+            self.stats.delivered,
+            self.stats.failed,
+            self.stats.dead_lettered,
+            self.stats.items,
+        )
+
+
+def select_processors(
+    all_procs: dict[str, Processor], names: Iterable[str] | None, get: Any
+) -> list[Processor]:
+    """The processors a worker serves: ``names`` (looked up with ``get``) or all of them."""
+    return [get(n) for n in (list(names) if names is not None else list(all_procs))]

@@ -47,8 +47,11 @@ def _fmt_time(value: datetime | None) -> str:
     return value.isoformat(timespec="milliseconds") if value else "-"
 
 
-def load_target(spec: str) -> tuple[Batcher, list[str] | None]:
-    """Import ``module:attr`` naming a Batcher or a Processor (then only that processor)."""
+def load_target(spec: str) -> tuple[Any, list[str] | None]:
+    """Import ``module:attr`` naming a Batcher or a Processor (then only that processor), sync
+    or asyncio."""
+    from . import asyncio as aio
+
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise click.BadParameter(f"expected MODULE:ATTR, got {spec!r}", param_hint="APP")
@@ -64,9 +67,9 @@ def load_target(spec: str) -> tuple[Batcher, list[str] | None]:
             obj = getattr(obj, part)
         except AttributeError:
             raise click.BadParameter(f"{module_name!r} has no attribute {attr!r}", param_hint="APP") from None
-    if isinstance(obj, Batcher):
+    if isinstance(obj, (Batcher, aio.Batcher)):
         return obj, None
-    if isinstance(obj, Processor):
+    if isinstance(obj, (Processor, aio.AsyncProcessor)):
         return obj.batcher, [obj.name]
     raise click.BadParameter(
         f"{spec} is a {type(obj).__name__}, not a Batcher or Processor", param_hint="APP"
@@ -155,19 +158,30 @@ def worker(
                 f"unknown processor(s) {unknown}; {app} defines {sorted(batcher.processors)}",
                 param_hint="--processor",
             )
+    from . import asyncio as aio
+
     if redis_url:
         batcher.connect(redis_url, cluster=batcher.is_cluster)
+    options: dict[str, Any] = {
+        "concurrency": concurrency,
+        "processors": selected,
+        "max_idle_wait": max_idle_wait,
+        "grace_period": grace_period,
+    }
     try:
-        w = Worker(
-            batcher,
-            concurrency=concurrency,
-            processors=selected,
-            max_idle_wait=max_idle_wait,
-            grace_period=grace_period,
+        w: Any = (
+            aio.Worker(batcher, **options) if isinstance(batcher, aio.Batcher) else Worker(batcher, **options)
         )
     except BatcherError as exc:
         raise click.UsageError(str(exc)) from exc
-    w.run(burst=burst)
+    if isinstance(w, aio.Worker):
+        import asyncio
+
+        asyncio.run(w.run(burst=burst))
+        if w.forced:
+            sys.exit(1)
+    else:
+        w.run(burst=burst)
 
 
 @main.command()

@@ -1,0 +1,697 @@
+"""The asyncio twin of redis-batcher: ``Batcher``, its processors, and ``Worker``.
+
+Mirrors ``redis.asyncio``: the same processor API, awaited. It runs the same Lua scripts
+(:mod:`redis_batcher.scripts`) through the same call builders (:mod:`redis_batcher.ops`) as the
+sync client, on the same key layout, and its worker shares the sync worker's scheduling and
+bookkeeping (:mod:`redis_batcher.worker_core`). Processor *definitions* are shared too: define
+a processor once on a sync :class:`redis_batcher.Batcher` and pass that batcher as
+``definitions=``, or define it here and use ``aproc.definition`` from sync code.
+
+Group commit: ``add()`` calls made by many coroutines in the same event-loop iteration are sent
+together -- one EVALSHA per batch id, pipelined -- and each call returns only after Redis ran
+*its* items, with its own :class:`~redis_batcher.AddResult` (or its own exception).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+from redis.retry import Retry as SyncRetry
+
+from . import batcher as sync_batcher
+from . import ops
+from .batcher import _never_sent, _seconds, default_url
+from .codec import Codec, encode_item
+from .errors import ConfigError, NotReplicated, UnknownProcessor
+from .keys import parse_batch_id, registry_key, validate_name
+from .models import AddResult, BatchInfo, BatchStatus, DeleteResult, FlushRecord, FlushResult
+from .processor import ADD_CHUNK, Processor
+from .worker_core import (
+    Outcome,
+    WorkerCore,
+    WorkerStats,
+    classify,
+    decode_window,
+    drain_ranges,
+    error_text,
+    make_flush,
+    select_processors,
+)
+
+__all__ = ["AsyncProcessor", "Batcher", "Worker", "WorkerStats"]
+
+log = logging.getLogger("redis_batcher.worker")
+
+
+@dataclass
+class _Pending:
+    proc: Processor
+    base: str
+    encoded: list[bytes]
+    future: asyncio.Future[AddResult]
+
+
+@dataclass
+class _Group:
+    proc: Processor
+    base: str
+    pending: list[_Pending] = field(default_factory=list)
+
+
+class Batcher:
+    """Async batcher: a ``redis.asyncio`` client, a key prefix and processors.
+
+    ``connection``: a URL, a ``redis.asyncio.Redis`` / ``redis.asyncio.RedisCluster`` client (or
+    fakeredis' async client), or ``None`` for ``$REDIS_URL``. ``definitions``: a sync
+    :class:`redis_batcher.Batcher` whose processors (and prefix) this batcher shares. Other
+    options as for the sync batcher; ``prefix`` defaults to the definitions' prefix, else "rb".
+    """
+
+    def __init__(
+        self,
+        connection: str | Any | None = None,
+        *,
+        prefix: str | None = None,
+        cluster: bool = False,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
+        connect_retry: float = 10.0,
+        definitions: sync_batcher.Batcher | None = None,
+        **redis_options: Any,
+    ) -> None:
+        self.client: Any = None
+        self.is_cluster = False
+        self.connect(connection, cluster=cluster, **redis_options)
+        if definitions is None:
+            # the sync twin holding the processor definitions; its own client is only used by
+            # sync calls on `AsyncProcessor.definition` (lazy: it connects on first use)
+            url = self.url
+            definitions = sync_batcher.Batcher(
+                url, prefix=prefix or "rb", cluster=cluster, retry=SyncRetry(NoBackoff(), 0)
+            )
+        elif prefix is not None and validate_name("prefix", prefix) != definitions.prefix:
+            raise ConfigError(
+                f"prefix {prefix!r} differs from the definitions' prefix {definitions.prefix!r}"
+            )
+        if isinstance(wait_replicas, bool) or not isinstance(wait_replicas, int) or wait_replicas < 0:
+            raise ConfigError(f"wait_replicas must be an int >= 0, got {wait_replicas!r}")
+        self.definitions = definitions
+        self.prefix = definitions.prefix
+        if self.is_cluster and wait_replicas:
+            raise ConfigError("wait_replicas is not supported on Redis Cluster clients")
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = max(
+            1, round((_seconds("wait_timeout", wait_timeout, allow_none=False) or 1) * 1000)
+        )
+        self.connect_retry = _seconds("connect_retry", connect_retry, allow_none=False) or 0.0
+        self._registered: set[str] = set()
+        self._queue: list[_Pending] = []
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def connect(
+        self, connection: str | Any | None = None, *, cluster: bool = False, **redis_options: Any
+    ) -> None:
+        """(Re)bind to a URL or an async client; the CLI uses this for ``--redis-url``."""
+        if connection is None:
+            connection = default_url()
+        if isinstance(connection, str):
+            # never re-send a command after a connection error (see the sync Batcher)
+            redis_options.setdefault("retry", aioredis.retry.Retry(NoBackoff(), 0))
+            factory = aioredis.RedisCluster if cluster else aioredis.Redis
+            client: Any = factory.from_url(connection, **redis_options)
+            self.url: str | None = connection
+        else:
+            client, self.url = connection, None
+        kwargs: dict[str, Any] = getattr(client, "get_connection_kwargs", dict)()
+        if kwargs.get("decode_responses"):
+            raise ConfigError("redis-batcher needs a client with decode_responses=False (items are bytes)")
+        self.client = client
+        self.is_cluster = isinstance(client, aioredis.RedisCluster)
+        if hasattr(self, "_registered"):
+            self._registered.clear()
+
+    def __repr__(self) -> str:
+        return f"<async Batcher prefix={self.prefix!r} processors={sorted(self.definitions.processors)}>"
+
+    # -- processors ------------------------------------------------------------------------------
+
+    def processor(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+        """Decorator, as :meth:`redis_batcher.Batcher.processor` (handlers may be ``async def``);
+        returns an :class:`AsyncProcessor`."""
+        if fn is not None:
+            return self.use(self.definitions.processor(fn, **options))
+
+        def decorate(handler: Callable[..., Any]) -> AsyncProcessor:
+            return self.use(self.definitions.processor(**options)(handler))
+
+        return decorate
+
+    def use(self, proc: Processor | str) -> AsyncProcessor:
+        """The async face of a processor defined on the definitions batcher (or its name)."""
+        if isinstance(proc, str):
+            proc = self.definitions.get_processor(proc)
+        if self.definitions.processors.get(proc.name) is not proc:
+            raise UnknownProcessor(f"processor {proc.name!r} is not defined on this batcher's definitions")
+        return AsyncProcessor(self, proc)
+
+    @property
+    def processors(self) -> dict[str, AsyncProcessor]:
+        return {name: AsyncProcessor(self, p) for name, p in self.definitions.processors.items()}
+
+    def get_processor(self, name: str) -> Processor:
+        return self.definitions.get_processor(name)
+
+    async def batch_ids(self, processor: str) -> AsyncIterator[str]:
+        """Active base ids of a processor (SSCAN over each partition, never KEYS)."""
+        async for bid in self.use(processor).batch_ids():
+            yield bid
+
+    async def register(self, processors: Iterable[Processor] | None = None) -> None:
+        """Publish processor configs to ``<prefix>:processors`` (the CLI reads it)."""
+        for proc in processors if processors is not None else list(self.definitions.processors.values()):
+            self._registered.discard(proc.name)
+            await self._ensure_registered(proc)
+
+    async def _ensure_registered(self, proc: Processor) -> None:
+        if proc.name not in self._registered:
+            await self.client.hset(registry_key(self.prefix), proc.name, proc.config.to_json())
+            self._registered.add(proc.name)
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self.client.aclose()
+
+    # -- running scripts --------------------------------------------------------------------------
+
+    async def _retrying(self, run: Callable[[], Any]) -> Any:
+        """Retry connection attempts that failed before anything was sent (connect_retry)."""
+        deadline = time.monotonic() + self.connect_retry
+        delay = 0.05
+        while True:
+            try:
+                return await run()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if not _never_sent(exc) or time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _execute(self, call: ops.Call, *, wait: bool = True) -> Any:
+        """Run one script call (NOSCRIPT recovery, WAIT when configured)."""
+        if wait and self.wait_replicas:
+            replies = await self._pipeline([call])
+            if isinstance(replies[0], Exception):
+                raise replies[0]
+            return replies[0]
+        return await self._retrying(lambda: call.script.call_async(self.client, call.keys, call.args))
+
+    async def _pipeline(self, calls: Sequence[ops.Call]) -> list[Any]:
+        """Run calls pipelined in one round trip; each reply is a value or the exception of that
+        call alone. Calls that met NOSCRIPT are repeated with EVAL."""
+
+        async def once(use_eval: Sequence[bool]) -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for call, ev in zip(calls, use_eval, strict=True):
+                head = call.script.source if ev else call.script.sha
+                pipe.execute_command(
+                    "EVAL" if ev else "EVALSHA", head, len(call.keys), *call.keys, *call.args
+                )
+            if self.wait_replicas:
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            out: list[Any] = await pipe.execute(raise_on_error=False)
+            if self.wait_replicas:
+                acked = out.pop()
+                if not isinstance(acked, Exception) and int(acked) < self.wait_replicas:
+                    out = [
+                        r if isinstance(r, Exception) else NotReplicated(self.wait_replicas, int(acked))
+                        for r in out
+                    ]
+            return out
+
+        replies: list[Any] = await self._retrying(lambda: once([False] * len(calls)))
+        missing = [isinstance(r, NoScriptError) for r in replies]
+        if any(missing):
+            again = await self._retrying(lambda: once(missing))
+            replies = [again[i] if missing[i] else replies[i] for i in range(len(calls))]
+        return replies
+
+    # -- group commit ----------------------------------------------------------------------------
+
+    def _submit_add(self, proc: Processor, base: str, encoded: list[bytes]) -> asyncio.Future[AddResult]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[AddResult] = loop.create_future()
+        self._queue.append(_Pending(proc, base, encoded, future))
+        if not self._scheduled:
+            self._scheduled = True
+            # after every coroutine ready in this iteration had its chance to add
+            loop.call_soon(self._kick)
+        return future
+
+    def _kick(self) -> None:
+        batch, self._queue, self._scheduled = self._queue, [], False
+        # the send is its own task: a caller cancelled while it runs cannot cut it in half
+        task = asyncio.ensure_future(self._send(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[_Pending]) -> None:
+        groups: dict[tuple[str, str], _Group] = {}
+        for p in batch:
+            if p.future.cancelled():
+                continue  # cancelled before it was sent: nothing of it is written
+            groups.setdefault((p.proc.name, p.base), _Group(p.proc, p.base)).pending.append(p)
+        if not groups:
+            return
+        ordered = list(groups.values())
+        calls = [
+            ops.add_call(
+                g.proc, g.base, [e for p in g.pending for e in p.encoded], [len(p.encoded) for p in g.pending]
+            )
+            for g in ordered
+        ]
+        try:
+            for g in ordered:
+                await self._ensure_registered(g.proc)
+            if len(calls) == 1 and not self.wait_replicas:
+                replies: list[Any] = [await self._execute(calls[0])]
+            else:
+                replies = await self._pipeline(calls)
+        except BaseException as exc:  # the whole round trip failed: every caller in it is concerned
+            for g in ordered:
+                for p in g.pending:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for g, reply in zip(ordered, replies, strict=True):
+            if isinstance(reply, Exception):
+                results: list[Any] = [reply] * len(g.pending)
+            else:
+                results = ops.parse_add_segments(g.proc, g.base, [len(p.encoded) for p in g.pending], reply)
+            for p, result in zip(g.pending, results, strict=True):
+                if p.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    p.future.set_exception(result)
+                else:
+                    p.future.set_result(result)
+
+
+class AsyncProcessor:
+    """A processor used from asyncio: the sync :class:`~redis_batcher.Processor` API, awaited."""
+
+    def __init__(self, batcher: Batcher, definition: Processor) -> None:
+        self.batcher = batcher
+        self.definition = definition
+        self.name = definition.name
+        self.config = definition.config
+        self.keys = definition.keys
+
+    def __repr__(self) -> str:
+        return f"<AsyncProcessor {self.name!r}>"
+
+    def __call__(self, flush: Any) -> Any:
+        return self.definition.handler(flush)
+
+    @property
+    def codec(self) -> Codec:
+        return self.definition.codec
+
+    async def add(self, batch_id: str, item: Any) -> AddResult:
+        """Append one item. Concurrent calls are coalesced (group commit); this one returns when
+        Redis has run its item, with its own result (or raises its own error)."""
+        base, _ = parse_batch_id(batch_id)
+        data = encode_item(self.codec, item, self.config.max_item_bytes)
+        return await self.batcher._submit_add(self.definition, base, [data])
+
+    async def add_many(self, batch_id: str, items: Iterable[Any]) -> AddResult:
+        """Append many items in order (group-committed like :meth:`add`; above 10,000 items in
+        atomic chunks of 10,000)."""
+        base, _ = parse_batch_id(batch_id)
+        encoded = self.definition.encode(items)
+        if not encoded:
+            return AddResult(base, None, 0, 0, False, None, 0)
+        if len(encoded) <= ADD_CHUNK:
+            return await self.batcher._submit_add(self.definition, base, encoded)
+        added = sealed = 0
+        result: AddResult | None = None
+        for start in range(0, len(encoded), ADD_CHUNK):
+            result = await self.batcher._submit_add(self.definition, base, encoded[start : start + ADD_CHUNK])
+            added += result.added
+            sealed += result.sealed
+        assert result is not None
+        return AddResult(base, result.sequence, added, result.pending, sealed > 0, result.status, sealed)
+
+    async def flush(self, batch_id: str) -> FlushResult:
+        """Seal the accumulating sequence now (see :meth:`redis_batcher.Processor.flush`)."""
+        base, seq = parse_batch_id(batch_id)
+        await self.batcher._ensure_registered(self.definition)
+        return ops.parse_flush(
+            batch_id, base, await self.batcher._execute(ops.flush_call(self.definition, base, seq))
+        )
+
+    async def _snapshot(self, batch_id: str) -> tuple[str, list[BatchInfo], BatchInfo | None]:
+        base, _ = parse_batch_id(batch_id)
+        reply = await self.batcher._execute(ops.status_call(self.definition, base), wait=False)
+        active, done = ops.parse_status(base, reply)
+        return base, active, done
+
+    async def status(self, batch_id: str) -> BatchStatus | None:
+        """Active sequences with counts and times, or ``None``."""
+        base, active, done = await self._snapshot(batch_id)
+        return BatchStatus(base, active, self.config, done) if active else None
+
+    async def sequences(self, batch_id: str) -> list[BatchInfo]:
+        """The last completed sequence (if kept) and the active ones."""
+        _, active, done = await self._snapshot(batch_id)
+        return ([done] if done else []) + active
+
+    async def pending(self, batch_id: str) -> int:
+        """Items of the base id not yet delivered."""
+        st = await self.status(batch_id)
+        return 0 if st is None else st.pending
+
+    async def history(self, batch_id: str, limit: int = 20) -> list[FlushRecord]:
+        """Flush attempts, newest first."""
+        if not isinstance(limit, int) or limit < 1:
+            raise ConfigError(f"limit must be a positive int, got {limit!r}")
+        base, _ = parse_batch_id(batch_id)
+        key, start, stop = ops.history_range(self.definition, base, limit)
+        return ops.parse_history(await self.batcher.client.lrange(key, start, stop))
+
+    async def delete(self, batch_id: str) -> DeleteResult:
+        """Delete a base id or one ``base::N`` (refused while flushing or pending)."""
+        base, seq = parse_batch_id(batch_id)
+        return ops.parse_delete(await self.batcher._execute(ops.delete_call(self.definition, base, seq)))
+
+    async def batch_ids(self) -> AsyncIterator[str]:
+        """Active base ids (SSCAN over each partition, never KEYS)."""
+        for part in self.keys.parts:
+            async for raw in self.batcher.client.sscan_iter(part.ids, count=500):
+                yield raw.decode() if isinstance(raw, bytes) else raw
+
+
+@dataclass
+class _Running:
+    claimed: ops.Claimed
+    task: asyncio.Task[None] | None = None
+    settling: bool = False
+
+
+class Worker(WorkerCore):
+    """The asyncio worker: ``async def`` handlers run on the event loop (``concurrency`` at a
+    time), sync handlers in a thread pool. Claims, heartbeats, acks and retries are the sync
+    worker's (shared :class:`~redis_batcher.worker_core.WorkerCore`); ``handler_timeout``
+    cancels an async handler's task. ``await worker.run()`` until :meth:`stop` (or SIGTERM/SIGINT
+    when run in the main thread); ``run(burst=True)`` delivers what is due and returns."""
+
+    def __init__(
+        self,
+        batcher: Batcher,
+        *,
+        concurrency: int = 4,
+        processors: Iterable[str] | None = None,
+        max_idle_wait: float = 5.0,
+        grace_period: float = 30.0,
+    ) -> None:
+        defs = batcher.definitions
+        super().__init__(
+            select_processors(defs.processors, processors, defs.get_processor),
+            concurrency=concurrency,
+            max_idle_wait=max_idle_wait,
+            grace_period=grace_period,
+        )
+        self.batcher = batcher
+        self.client: Any = batcher.client
+        self._inflight: dict[str, _Running] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._wake: asyncio.Event | None = None
+        self._stopping = False
+        self.forced = False  # a second signal: leases released at once, exit non-zero
+        self.ready: asyncio.Event | None = None
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def stop(self) -> None:
+        """Stop claiming; :meth:`run` returns once in-flight handlers have finished."""
+        self._stopping = True
+        if self._wake is not None:
+            self._wake.set()
+
+    async def run(self, burst: bool = False) -> WorkerStats:
+        """Serve until :meth:`stop` (or a signal), then finish in-flight flushes (up to
+        ``grace_period``, releasing the rest). ``burst=True``: deliver what is due, return."""
+        self.reset()
+        self._stopping = False
+        self._wake = asyncio.Event()
+        self.ready = asyncio.Event()
+        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="rb-sync-handler")
+        loop = asyncio.get_running_loop()
+        signals = self._install_signals(loop)
+        background = [asyncio.ensure_future(self._heartbeat())]
+        if not burst:
+            background.append(asyncio.ensure_future(self._listen()))
+        try:
+            await self._register()
+            self.log_start(burst)
+            self.ready.set()
+            await self._loop(burst)
+        finally:
+            self._stopping = True
+            await self._finish_inflight()
+            for t in background:
+                t.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            for s in signals:
+                loop.remove_signal_handler(s)
+            self._pool.shutdown(wait=False)
+            self.log_stop()
+        return self.stats
+
+    async def _register(self) -> None:
+        delay = 0.1
+        while not self._stopping:
+            try:
+                await self.batcher.register(self.processors)
+                return
+            except RedisError as exc:
+                log.warning("cannot reach Redis (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _loop(self, burst: bool) -> None:
+        assert self._wake is not None
+        while not self._stopping:
+            self._wake.clear()
+            more = await self._claim_round(time.monotonic())
+            free = self.concurrency - len(self._inflight)
+            if burst and not more and not self._inflight:
+                return
+            if more and free > 0:
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.sleep_time(time.monotonic(), free))
+            except asyncio.TimeoutError:
+                pass
+
+    async def _claim_round(self, now: float) -> bool:
+        more = False
+        for idx in self.begin_round(now):
+            if self._stopping:
+                break
+            free = self.concurrency - len(self._inflight)
+            if free <= 0:
+                return True
+            owner, call = self.claim_call(idx, free)
+            try:
+                reply = await call.script.call_async(self.client, call.keys, call.args)
+            except RedisError as exc:
+                self.claim_failed(idx, now, exc)
+                continue
+            claimed, due_now = self.claimed(idx, owner, reply, now)
+            more = more or due_now
+            for c in claimed:
+                key = c.part.pfx + c.member
+                running = _Running(c)
+                self._inflight[key] = running
+                running.task = asyncio.ensure_future(self._execute(key, running))
+        return more
+
+    async def _deliver(self, c: ops.Claimed) -> Outcome:
+        raw: list[bytes] = []
+        for start, stop in drain_ranges(c.cutoff):
+            raw.extend(await self.client.lrange(ops.items_key(c), start, stop))
+        items, bad = decode_window(c, raw)
+        if bad is not None:
+            return bad
+        handler = c.processor.handler
+        flush = make_flush(c, items)
+        limit = c.processor.config.handler_timeout
+        try:
+            if inspect.iscoroutinefunction(handler):
+                result = await asyncio.wait_for(handler(flush), limit)
+            else:
+                loop = asyncio.get_running_loop()
+                result = await asyncio.wait_for(loop.run_in_executor(self._pool, handler, flush), limit)
+                if inspect.isawaitable(result):
+                    result = await asyncio.wait_for(result, limit)
+        except asyncio.TimeoutError:
+            return self.timeout_outcome(c)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a handler may raise anything: record it and retry later
+            log.debug("handler traceback", exc_info=True)
+            return classify(len(items), exc=exc)
+        return classify(len(items), result)
+
+    async def _execute(self, key: str, r: _Running) -> None:
+        c = r.claimed
+        started = time.time()
+        t0 = time.perf_counter()
+        try:
+            try:
+                outcome = await self._deliver(c)
+            except asyncio.CancelledError:
+                return  # released at shutdown: the lease was given back
+            except Exception as exc:  # Redis unreachable while draining, ...: keep the items
+                outcome = Outcome("fail", error_text(exc), [], c.cutoff)
+            r.settling = True
+            duration_ms = (time.perf_counter() - t0) * 1000.0
+            call = self.settle_call(c, outcome, started, duration_ms)
+            self.settled(c, outcome, await self._settle(c, call), duration_ms)
+        finally:
+            self._inflight.pop(key, None)
+            self.mark_due(c.part.pfx)
+            if self._wake is not None:
+                self._wake.set()
+
+    async def _settle(self, c: ops.Claimed, call: ops.Call) -> Any:
+        delay = 0.05
+        deadline = time.monotonic() + c.processor.config.lease_timeout
+        while True:
+            try:
+                return self.reply_code(c, await self.batcher._execute(call))
+            except NotReplicated as exc:
+                log.warning("%s %s: result recorded on the primary only: %s", c.processor.name, c.member, exc)
+                return [b"ok"]
+            except RedisError as exc:
+                if time.monotonic() > deadline:
+                    log.error(
+                        "%s %s: cannot record the result (%s); it will be redelivered",
+                        c.processor.name,
+                        c.member,
+                        exc,
+                    )
+                    return None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _finish_inflight(self) -> None:
+        deadline = time.monotonic() + self.grace_period
+        while self._inflight and time.monotonic() < deadline and not self.forced:
+            await asyncio.sleep(0.02)
+        for key, r in list(self._inflight.items()):
+            if r.settling:
+                continue
+            if r.task is not None:
+                r.task.cancel()
+            try:
+                if await self.batcher._execute(ops.release_call(r.claimed), wait=False):
+                    self.stats.released += 1
+                    log.warning(
+                        "%s %s: released unfinished flush", r.claimed.processor.name, r.claimed.member
+                    )
+            except RedisError as exc:
+                log.warning("%s: could not release (%s); its lease will expire", r.claimed.member, exc)
+            self._inflight.pop(key, None)
+        pending = [r.task for r in self._inflight.values() if r.task is not None]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _heartbeat(self) -> None:
+        renew_every, _, _ = self.heartbeat_tick()
+        while True:
+            await asyncio.sleep(renew_every)
+            for r in list(self._inflight.values()):
+                c = r.claimed
+                try:
+                    call = ops.extend_call(c)
+                    if not await call.script.call_async(self.client, call.keys, call.args):
+                        log.warning("%s %s: lease lost during the handler", c.processor.name, c.member)
+                except RedisError as exc:
+                    log.warning("%s %s: heartbeat failed: %s", c.processor.name, c.member, exc)
+
+    async def _listen(self) -> None:
+        delay = 0.1
+        while not self._stopping:
+            pubsub = None
+            try:
+                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                await pubsub.subscribe(*self.channels)
+                self.on_subscribed()
+                self._poke()
+                delay = 0.1
+                while not self._stopping:
+                    msg = await pubsub.get_message(timeout=1.0)
+                    if msg is not None:
+                        self.on_wake(msg.get("data"))
+                        self._poke()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # reconnect with backoff whatever went wrong
+                log.debug("wake-up subscription failed: %s", exc)
+                self._poke()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                if pubsub is not None:
+                    try:
+                        await pubsub.aclose()
+                    except Exception:
+                        pass
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return []
+        installed: list[int] = []
+
+        def on_signal(signum: int) -> None:
+            if self._stopping:
+                log.warning("second signal: releasing unfinished flushes and exiting now")
+                self.forced = True
+                self.grace_period = 0.0
+                self._poke()
+                return
+            log.info("%s: warm shutdown (grace %.0fs)", signal.Signals(signum).name, self.grace_period)
+            self.stop()
+
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(s, functools.partial(on_signal, s))
+                installed.append(s)
+            except (NotImplementedError, RuntimeError):
+                pass
+        return installed

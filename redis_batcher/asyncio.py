@@ -19,11 +19,11 @@ import functools
 import inspect
 import logging
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import redis
 import redis.asyncio as aioredis
@@ -54,6 +54,33 @@ from .worker_core import (
 __all__ = ["AsyncProcessor", "Batcher", "Worker", "WorkerStats"]
 
 log = logging.getLogger("redis_batcher.worker")
+
+
+def _sync_twin(client: Any, url: str | None, cluster: bool) -> Any:
+    """A sync client for the server an async client talks to (for the definitions batcher)."""
+    no_retry = SyncRetry(NoBackoff(), 0)
+    if url is not None:
+        factory = redis.RedisCluster if cluster else redis.Redis
+        return factory.from_url(url, retry=no_retry)
+    if isinstance(client, aioredis.RedisCluster):
+        node = client.get_nodes()[0] if client.get_nodes() else client.startup_nodes[0]
+        return redis.RedisCluster(host=node.host, port=int(node.port), retry=no_retry)
+    kwargs = dict(getattr(getattr(client, "connection_pool", None), "connection_kwargs", {}))
+    if "server" in kwargs:  # fakeredis: share its in-memory server
+        import fakeredis
+
+        return fakeredis.FakeRedis(server=kwargs["server"])
+    allowed = {
+        "host",
+        "port",
+        "db",
+        "username",
+        "password",
+        "path",
+        "socket_timeout",
+        "socket_connect_timeout",
+    }
+    return redis.Redis(retry=no_retry, **{k: v for k, v in kwargs.items() if k in allowed})
 
 
 @dataclass
@@ -94,14 +121,15 @@ class Batcher:
     ) -> None:
         self.client: Any = None
         self.is_cluster = False
+        self._own_definitions = False
         self.connect(connection, cluster=cluster, **redis_options)
         if definitions is None:
             # the sync twin holding the processor definitions; its own client is only used by
             # sync calls on `AsyncProcessor.definition` (lazy: it connects on first use)
-            url = self.url
             definitions = sync_batcher.Batcher(
-                url, prefix=prefix or "rb", cluster=cluster, retry=SyncRetry(NoBackoff(), 0)
+                _sync_twin(self.client, self.url, cluster), prefix=prefix or "rb"
             )
+            self._own_definitions = True
         elif prefix is not None and validate_name("prefix", prefix) != definitions.prefix:
             raise ConfigError(
                 f"prefix {prefix!r} differs from the definitions' prefix {definitions.prefix!r}"
@@ -143,13 +171,26 @@ class Batcher:
         self.is_cluster = isinstance(client, aioredis.RedisCluster)
         if hasattr(self, "_registered"):
             self._registered.clear()
+        if getattr(self, "_own_definitions", False):
+            # keep the sync twin (dead-letter admin, `aproc.definition`) on the same server
+            self.definitions.connect(_sync_twin(client, self.url, cluster))
 
     def __repr__(self) -> str:
         return f"<async Batcher prefix={self.prefix!r} processors={sorted(self.definitions.processors)}>"
 
     # -- processors ------------------------------------------------------------------------------
 
-    def processor(self, fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+    @overload
+    def processor(self, fn: Callable[..., Any], /) -> AsyncProcessor: ...
+
+    @overload
+    def processor(
+        self, fn: None = None, /, **options: Any
+    ) -> Callable[[Callable[..., Any]], AsyncProcessor]: ...
+
+    def processor(
+        self, fn: Callable[..., Any] | None = None, /, **options: Any
+    ) -> AsyncProcessor | Callable[[Callable[..., Any]], AsyncProcessor]:
         """Decorator, as :meth:`redis_batcher.Batcher.processor` (handlers may be ``async def``);
         returns an :class:`AsyncProcessor`."""
         if fn is not None:
@@ -223,12 +264,12 @@ class Batcher:
         """Run calls pipelined in one round trip; each reply is a value or the exception of that
         call alone. Calls that met NOSCRIPT are repeated with EVAL."""
 
-        async def once(use_eval: Sequence[bool]) -> list[Any]:
+        async def once(batch: Sequence[ops.Call], use_eval: bool) -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
-            for call, ev in zip(calls, use_eval, strict=True):
-                head = call.script.source if ev else call.script.sha
+            for call in batch:
+                head = call.script.source if use_eval else call.script.sha
                 pipe.execute_command(
-                    "EVAL" if ev else "EVALSHA", head, len(call.keys), *call.keys, *call.args
+                    "EVAL" if use_eval else "EVALSHA", head, len(call.keys), *call.keys, *call.args
                 )
             if self.wait_replicas:
                 pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
@@ -242,11 +283,13 @@ class Batcher:
                     ]
             return out
 
-        replies: list[Any] = await self._retrying(lambda: once([False] * len(calls)))
-        missing = [isinstance(r, NoScriptError) for r in replies]
-        if any(missing):
-            again = await self._retrying(lambda: once(missing))
-            replies = [again[i] if missing[i] else replies[i] for i in range(len(calls))]
+        replies: list[Any] = await self._retrying(lambda: once(calls, False))
+        # only the calls that met NOSCRIPT are sent again (with EVAL): the others already ran
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:
+            again = await self._retrying(lambda: once([calls[i] for i in missing], True))
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
         return replies
 
     # -- group commit ----------------------------------------------------------------------------
@@ -269,23 +312,41 @@ class Batcher:
         task.add_done_callback(self._tasks.discard)
 
     async def _send(self, batch: list[_Pending]) -> None:
-        groups: dict[tuple[str, str], _Group] = {}
+        try:
+            for proc in {p.proc.name: p.proc for p in batch}.values():
+                await self._ensure_registered(proc)
+        except BaseException as exc:
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        groups: list[_Group] = []
+        open_groups: dict[tuple[str, str], _Group] = {}
         for p in batch:
             if p.future.cancelled():
                 continue  # cancelled before it was sent: nothing of it is written
-            groups.setdefault((p.proc.name, p.base), _Group(p.proc, p.base)).pending.append(p)
+            key = (p.proc.name, p.base)
+            g = open_groups.get(key)
+            # one script call per batch id, but never more than ADD_CHUNK items in one call
+            if g is None or sum(len(q.encoded) for q in g.pending) + len(p.encoded) > ADD_CHUNK:
+                g = open_groups[key] = _Group(p.proc, p.base)
+                groups.append(g)
+            g.pending.append(p)
         if not groups:
             return
-        ordered = list(groups.values())
+        ordered = groups
         calls = [
             ops.add_call(
-                g.proc, g.base, [e for p in g.pending for e in p.encoded], [len(p.encoded) for p in g.pending]
+                g.proc,
+                g.base,
+                [e for p in g.pending for e in p.encoded],
+                [len(p.encoded) for p in g.pending],
             )
             for g in ordered
         ]
         try:
-            for g in ordered:
-                await self._ensure_registered(g.proc)
             if len(calls) == 1 and not self.wait_replicas:
                 replies: list[Any] = [await self._execute(calls[0])]
             else:
@@ -406,6 +467,32 @@ class AsyncProcessor:
                 yield raw.decode() if isinstance(raw, bytes) else raw
 
 
+def _in_thread(fn: Callable[[Any], Any], arg: Any) -> asyncio.Future[Any]:
+    """Run a sync handler in a thread of its own. Unlike a bounded pool, a handler abandoned
+    after its handler_timeout cannot hold back the retries."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    def target() -> None:
+        try:
+            result = fn(arg)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=target, name="rb-sync-handler", daemon=True).start()
+    return future
+
+
 @dataclass
 class _Running:
     claimed: ops.Claimed
@@ -439,7 +526,6 @@ class Worker(WorkerCore):
         self.batcher = batcher
         self.client: Any = batcher.client
         self._inflight: dict[str, _Running] = {}
-        self._pool: ThreadPoolExecutor | None = None
         self._wake: asyncio.Event | None = None
         self._stopping = False
         self.forced = False  # a second signal: leases released at once, exit non-zero
@@ -462,7 +548,6 @@ class Worker(WorkerCore):
         self._stopping = False
         self._wake = asyncio.Event()
         self.ready = asyncio.Event()
-        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="rb-sync-handler")
         loop = asyncio.get_running_loop()
         signals = self._install_signals(loop)
         background = [asyncio.ensure_future(self._heartbeat())]
@@ -481,7 +566,6 @@ class Worker(WorkerCore):
             await asyncio.gather(*background, return_exceptions=True)
             for s in signals:
                 loop.remove_signal_handler(s)
-            self._pool.shutdown(wait=False)
             self.log_stop()
         return self.stats
 
@@ -548,8 +632,7 @@ class Worker(WorkerCore):
             if inspect.iscoroutinefunction(handler):
                 result = await asyncio.wait_for(handler(flush), limit)
             else:
-                loop = asyncio.get_running_loop()
-                result = await asyncio.wait_for(loop.run_in_executor(self._pool, handler, flush), limit)
+                result = await asyncio.wait_for(_in_thread(handler, flush), limit)
                 if inspect.isawaitable(result):
                     result = await asyncio.wait_for(result, limit)
         except asyncio.TimeoutError:
@@ -672,8 +755,6 @@ class Worker(WorkerCore):
             self._wake.set()
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             return []
         installed: list[int] = []

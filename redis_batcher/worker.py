@@ -8,6 +8,8 @@ worker; this module is the threaded driver.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import os
 import signal
@@ -39,6 +41,10 @@ from .worker_core import (
 __all__ = ["Worker", "WorkerStats", "backoff_seconds"]
 
 log = logging.getLogger("redis_batcher.worker")
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
 
 
 @dataclass
@@ -230,6 +236,8 @@ class Worker(WorkerCore):
             return bad
         try:
             result = c.processor.handler(make_flush(c, items))
+            if inspect.isawaitable(result):  # an async handler served by the sync worker
+                result = asyncio.run(_awaited(result))
         except Exception as exc:  # a handler may raise anything: record it and retry later
             log.debug("handler traceback", exc_info=True)
             return classify(len(items), exc=exc)

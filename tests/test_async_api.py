@@ -1,0 +1,1153 @@
+"""The asyncio client (``redis_batcher.asyncio``) against both backends.
+
+Part 1 mirrors tests/test_api.py case by case (same test names, same assertions, awaited) on
+the real redis-server and on fakeredis' async client; ``test_every_sync_api_test_is_mirrored``
+keeps the two files in step. Part 2 covers what only the async client has: group commit
+(concurrent ``add()`` calls coalesced into one pipelined round trip, each answered on its own),
+cancellation of awaiting adds, and errors delivered to exactly the callers they concern.
+
+Every test body runs in one ``asyncio.run`` (see :func:`arun`), which fails the test when the
+event loop reports an unhandled error such as "Task exception was never retrieved".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import inspect
+import random
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, TypeVar
+
+import fakeredis
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+import redis_batcher as rb
+from redis_batcher import asyncio as aio
+from redis_batcher.embedded import RedisServer
+from redis_batcher.processor import ADD_CHUNK
+from redis_batcher.scripts import scripts
+
+from . import test_api
+from .conftest import snapshot
+
+T = TypeVar("T")
+Body = Callable[[aio.Batcher], Awaitable[None]]
+
+
+# -- running async test bodies -----------------------------------------------------------------
+
+
+def arun(body: Callable[[], Awaitable[T]], timeout: float = 60.0) -> T:
+    """Run ``body()`` in a fresh event loop; fail on errors the loop reports but nobody awaited
+    (an exception set on a future or task that was never retrieved)."""
+
+    async def main() -> T:
+        loop = asyncio.get_running_loop()
+        reported: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, context: reported.append(context))
+        result = await asyncio.wait_for(body(), timeout)
+        gc.collect()  # futures/tasks holding unretrieved exceptions report when collected
+        await asyncio.sleep(0)
+        assert not reported, f"the event loop reported unhandled errors: {reported}"
+        return result
+
+    return asyncio.run(main())
+
+
+@dataclass
+class Backend:
+    """One Redis server reachable both by a sync client (snapshots, fault injection) and by
+    async clients built inside the test's event loop."""
+
+    kind: str
+    sync: Any
+    port: int
+    fake_server: Any = None
+
+    def aclient(self, cls: type | None = None) -> Any:
+        if self.kind == "real":
+            return (cls or aioredis.Redis)(host="127.0.0.1", port=self.port)
+        return (cls or fakeredis.FakeAsyncRedis)(server=self.fake_server)
+
+    def aclient_class(self) -> type:
+        return aioredis.Redis if self.kind == "real" else fakeredis.FakeAsyncRedis
+
+    def run(self, body: Body, *, client_cls: type | None = None, **batcher_options: Any) -> None:
+        """``body(async_batcher)`` with prefix "t" on this backend, in a fresh event loop."""
+
+        async def main() -> None:
+            async with connected(self, client_cls=client_cls, **batcher_options) as ab:
+                await body(ab)
+
+        arun(main)
+
+
+@asynccontextmanager
+async def connected(
+    backend: Backend, *, client_cls: type | None = None, **batcher_options: Any
+) -> AsyncIterator[aio.Batcher]:
+    batcher_options.setdefault("prefix", "t")
+    ab = aio.Batcher(backend.aclient(client_cls), **batcher_options)
+    try:
+        yield ab
+    finally:
+        await ab.aclose()
+
+
+@pytest.fixture(params=["real", "fake"])
+def backend(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[Backend]:
+    """Parametrised backend: the session's redis-server (flushed) and a fresh fakeredis server."""
+    if request.param == "real":
+        sync: Any = redis.Redis(host="127.0.0.1", port=redis_server.port)
+        sync.flushall()
+        b = Backend("real", sync, redis_server.port)
+    else:
+        server = fakeredis.FakeServer()
+        sync = fakeredis.FakeRedis(server=server)
+        b = Backend("fake", sync, 0, server)
+    try:
+        yield b
+    finally:
+        sync.close()
+
+
+def make(ab: aio.Batcher, **kw: Any) -> tuple[aio.AsyncProcessor, list[rb.Flush]]:
+    """As test_api.make, with an ``async def`` handler (run natively by the async worker)."""
+    got: list[rb.Flush] = []
+    kw.setdefault("name", "events")
+    kw.setdefault("max_batch_size", 3)
+    kw.setdefault("flush_interval", None)
+
+    async def record(flush: rb.Flush) -> None:
+        got.append(flush)
+
+    proc: aio.AsyncProcessor = ab.processor(**kw)(record)
+    return proc, got
+
+
+async def burst(ab: aio.Batcher, **kw: Any) -> aio.WorkerStats:
+    return await aio.Worker(ab, **kw).run(burst=True)
+
+
+async def warm(ab: aio.Batcher) -> None:
+    """Register the processors and load the add script, so what follows is adds alone."""
+    await ab.register()
+    await ab.client.script_load(scripts().add.source)
+
+
+async def alist(it: AsyncIterator[T]) -> list[T]:
+    return [x async for x in it]
+
+
+# == part 1: tests/test_api.py, awaited ===========================================================
+
+
+def test_every_sync_api_test_is_mirrored() -> None:
+    sync_tests = {n for n, f in vars(test_api).items() if n.startswith("test_") and callable(f)}
+    missing = sorted(n for n in sync_tests if n not in globals())
+    assert not missing, f"tests/test_api.py cases without an async twin here: {missing}"
+
+
+def test_add_one_item(backend: Backend) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        proc, _ = make(ab)
+        r = await proc.add("user:42", {"type": "click"})
+        assert r == rb.AddResult("user:42", 0, 1, 1, False, "accumulating", 0)
+        st = await proc.status("user:42")
+        assert st is not None
+        assert st.batch_id == "user:42"
+        assert [(b.sequence, b.status, b.item_count) for b in st.batches] == [(0, "accumulating", 1)]
+        assert st.config.max_batch_size == 3
+        b = st.batches[0]
+        assert b.created_at is not None and b.created_at.tzinfo is timezone.utc
+        assert abs((datetime.now(timezone.utc) - b.created_at).total_seconds()) < 60
+
+    backend.run(body)
+
+
+def test_size_seals_and_next_add_starts_new_sequence(backend: Backend) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        proc, _ = make(ab)
+        await proc.add("b", 1)
+        await proc.add("b", 2)
+        r = await proc.add("b", 3)
+        assert (r.sequence, r.pending, r.status, r.flushed, r.sealed) == (0, 3, "flushing", True, 1)
+        r = await proc.add("b", 4)
+        assert (r.sequence, r.pending, r.status, r.flushed) == (1, 1, "accumulating", False)
+        st = await proc.status("b")
+        assert st is not None
+        assert [(x.sequence, x.status, x.item_count, x.reason) for x in st.batches] == [
+            (0, "flushing", 3, "size"),
+            (1, "accumulating", 1, None),
+        ]
+
+    backend.run(body)
+
+
+def test_add_many_spills_over_sequences_in_one_call(backend: Backend) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        proc, got = make(ab)
+        await proc.add("b", "first")
+        r = await proc.add_many("b", list(range(8)))
+        # 1 + 8 items, size 3: seq 0 [first,0,1], seq 1 [2,3,4], seq 2 [5,6,7] sealed
+        assert (r.sequence, r.pending, r.status, r.sealed, r.added) == (2, 3, "flushing", 3, 8)
+        r = await proc.add_many("b", ["x", "y"])
+        assert (r.sequence, r.pending, r.status, r.sealed) == (3, 2, "accumulating", 0)
+        await burst(ab)
+        by_seq = {f.sequence: f.items for f in got}
+        assert by_seq == {0: ["first", 0, 1], 1: [2, 3, 4], 2: [5, 6, 7]}
+        assert all(len(f.items) <= 3 for f in got)
+
+    backend.run(body)
+
+
+def test_add_many_large_call_never_exceeds_max(backend: Backend) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        proc, got = make(ab, max_batch_size=1000)
+        r = await proc.add_many("big", list(range(12_345)))
+        assert r.sealed == 12 and r.pending == 345
+        await proc.flush("big")
+        await burst(ab, concurrency=2)
+        assert max(len(f.items) for f in got) == 1000
+        assert [i for f in sorted(got, key=lambda f: f.sequence) for i in f.items] == list(range(12_345))
+
+    backend.run(body)
+
+
+def test_add_many_empty_writes_nothing(backend: Backend) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        proc, _ = make(ab)
+        before = snapshot(backend.sync)
+        r = await proc.add_many("b", [])
+        assert (r.added, r.sequence, r.flushed) == (0, None, False)
+        assert snapshot(backend.sync) == before
+
+    backend.run(body)
+
+
+def test_sequence_suffix_is_stripped_on_add(backend: Backend) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        proc, _ = make(ab)
+        assert (await proc.add("order::7", 1)).batch_id == "order"
+        st = await proc.status("order::0")
+        assert st is not None and st.batch_id == "order"
+
+    backend.run(body)
+
+
+def test_manual_flush_semantics(backend: Backend) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        proc, got = make(ab, max_batch_size=100)
+        with pytest.raises(rb.BatchNotFound):
+            await proc.flush("nobody")
+        await proc.add_many("b", [1, 2])
+        res = await proc.flush("b")
+        assert (res.flushed, res.sequence, res.item_count, res.status) == (True, 0, 2, "flushing")
+        again = await proc.flush("b")
+        assert (again.flushed, again.reason) == (False, "Batch is empty")
+        with pytest.raises(rb.BatchNotAccumulating) as err:
+            await proc.flush("b::0")
+        assert err.value.status == "flushing"
+        with pytest.raises(rb.BatchNotFound):
+            await proc.flush("b::9")
+        await proc.add("b", 3)
+        assert (await proc.flush("b::1")).item_count == 1
+        await burst(ab)
+        assert sorted((f.sequence, tuple(f.items), f.reason) for f in got) == [
+            (0, (1, 2), "manual"),
+            (1, (3,), "manual"),
+        ]
+        with pytest.raises(rb.BatchNotAccumulating) as err:
+            await proc.flush("b::0")
+        assert err.value.status == "completed"
+
+    backend.run(body)
+
+
+def test_flush_delivery_fields(backend: Backend) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        proc, got = make(ab)
+        await proc.add_many("user:1", ["a", "b", "c"])
+        await burst(ab)
+        (f,) = got
+        assert (f.processor, f.batch_id, f.sequence, f.items, f.attempt) == (
+            "events",
+            "user:1",
+            0,
+            ["a", "b", "c"],
+            1,
+        )
+        assert f.flush_id and f.reason == "size" and len(f) == 3
+
+    backend.run(body)
+
+
+def test_history_newest_first_and_capped(backend: Backend) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        proc, _ = make(ab, max_batch_size=2, history_limit=3)
+        for i in range(5):
+            await proc.add_many("h", [i, i])
+            await burst(ab)
+        hist = await proc.history("h", limit=20)
+        assert [r.sequence for r in hist] == [4, 3, 2]
+        assert all(r.success and r.error is None and r.item_count == 2 and r.attempt == 1 for r in hist)
+        assert hist[0].started_at.tzinfo is timezone.utc and hist[0].duration_ms >= 0
+        assert [r.sequence for r in await proc.history("h", limit=1)] == [4]
+        assert await proc.history("unknown") == []
+        with pytest.raises(rb.BatcherError):
+            await proc.history("h", limit=0)
+
+    backend.run(body)
+
+
+def test_failed_flush_keeps_items_and_records_error(backend: Backend) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        calls: list[int] = []
+
+        def handler(flush: rb.Flush) -> None:  # a sync handler: the async worker's thread pool
+            calls.append(flush.attempt)
+            raise RuntimeError("downstream is down")
+
+        proc = ab.processor(name="f", max_batch_size=2, flush_interval=None, retry_backoff=30)(handler)
+        await proc.add_many("b", [1, 2])
+        await burst(ab)
+        assert calls == [1]
+        (rec,) = await proc.history("b")
+        assert (rec.success, rec.error, rec.attempt) == (False, "RuntimeError: downstream is down", 1)
+        st = await proc.status("b")
+        assert st is not None
+        (info,) = st.batches
+        assert (info.status, info.item_count, info.attempt) == ("flushing", 2, 1)
+        assert info.last_error == "RuntimeError: downstream is down"
+        assert info.next_attempt_at is not None and info.next_attempt_at > datetime.now(timezone.utc)
+        assert await proc.delete("b") == rb.DeleteResult(False, "Cannot delete batch while flushing")
+
+    backend.run(body)
+
+
+def test_delete_semantics(backend: Backend) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        proc, _ = make(ab)
+        assert await proc.delete("nothing") == rb.DeleteResult(False, "Batch not found")
+        await proc.add("b", 1)
+        assert await proc.delete("b") == rb.DeleteResult(False, "Cannot delete batch with pending items")
+        assert await proc.delete("b::0") == rb.DeleteResult(False, "Cannot delete batch with pending items")
+        await proc.flush("b")
+        assert await proc.delete("b") == rb.DeleteResult(False, "Cannot delete batch while flushing")
+        await burst(ab)
+        assert await proc.delete("b::5") == rb.DeleteResult(False, "Batch not found")
+        assert await proc.delete("b::0") == rb.DeleteResult(True, None)
+        assert [s.status for s in await proc.sequences("b")] == []
+        assert await proc.delete("b") == rb.DeleteResult(True, None)
+        assert await proc.history("b") == []
+        assert list(backend.sync.scan_iter("t:{events*")) == []
+
+    backend.run(body)
+
+
+def test_completed_batches_leave_only_head_and_history_with_ttl(backend: Backend) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        client = backend.sync
+        proc, _ = make(ab, retention=timedelta(hours=1))
+        await proc.add_many("u", [1, 2, 3, 4])
+        await proc.flush("u")
+        assert await alist(proc.batch_ids()) == ["u"]
+        await burst(ab)
+        keys = sorted(k.decode() for k in client.scan_iter("t:*"))
+        assert keys == ["t:processors", "t:{events:0}:b:u", "t:{events:0}:h:u"]
+        for k in ("t:{events:0}:b:u", "t:{events:0}:h:u"):
+            assert 0 < client.ttl(k) <= 3600
+        assert await alist(proc.batch_ids()) == []
+        assert await proc.status("u") is None
+        (done,) = await proc.sequences("u")
+        assert (done.sequence, done.status, done.item_count) == (1, "completed", 1)
+        # a new add revives the base id: the head stops expiring and numbering continues
+        assert (await proc.add("u", 5)).sequence == 2
+        assert client.ttl("t:{events:0}:b:u") == -1
+
+    backend.run(body)
+
+
+def test_batch_ids_iterates_active_ids(backend: Backend) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        proc, _ = make(ab, partitions=4)
+        ids = {f"tenant:{i}" for i in range(50)}
+        for i in ids:
+            await proc.add(i, 1)
+        assert set(await alist(ab.batch_ids("events"))) == ids
+        assert set(await alist(proc.batch_ids())) == ids
+
+    backend.run(body)
+
+
+@pytest.mark.parametrize(
+    "batch_id",
+    [
+        "{user}:42",
+        "a b c",
+        "ü:{x}}",
+        "x::y",
+        "::",
+        "emoji 🎉",
+        "{",
+        "}{",
+        "a" * 1024,
+        "tab-free:" + "é" * 300,
+    ],
+)
+def test_unusual_batch_ids_work(backend: Backend, batch_id: str) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        proc, got = make(ab, partitions=3)
+        r = await proc.add_many(batch_id, [1, 2])
+        assert r.batch_id == batch_id
+        await proc.flush(batch_id)
+        await burst(ab)
+        assert [(f.batch_id, f.items) for f in got] == [(batch_id, [1, 2])]
+        # the key is readable: it carries the raw id after the processor's hash tag
+        keys = [k.decode() for k in backend.sync.scan_iter("t:{events:*}:b:*")]
+        assert len(keys) == 1 and keys[0].endswith(":b:" + batch_id)
+
+    backend.run(body)
+
+
+def test_partition_placement_ignores_braces_in_ids(backend: Backend) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        proc, _ = make(ab, partitions=8)
+        from redis_batcher.keys import partition_of
+
+        for bid in ["{a}", "{b}", "x{y}z", "plain"]:
+            part = proc.keys.for_base(bid)
+            assert part is proc.keys.parts[partition_of(bid, 8)]
+            assert part.head(bid).startswith(part.pfx)
+            # the first {...} of every key is the processor's tag, whatever the id holds
+            assert part.head(bid).split("}")[0].endswith(":" + str(proc.keys.parts.index(part)))
+        # and the async add writes exactly there
+        await proc.add("x{y}z", 1)
+        assert backend.sync.exists(proc.keys.for_base("x{y}z").head("x{y}z")) == 1
+
+    backend.run(body)
+
+
+def test_codecs(backend: Backend) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        class Upper:
+            name = "upper"
+
+            def encode(self, item: Any) -> bytes:
+                return str(item).upper().encode()
+
+            def decode(self, data: bytes) -> Any:
+                return data.decode()
+
+        got: dict[str, list[Any]] = {}
+
+        def keep(flush: rb.Flush) -> None:
+            got[flush.processor] = flush.items
+
+        pj = ab.processor(name="j", codec="json", max_batch_size=2)(keep)
+        pm = ab.processor(name="m", max_batch_size=3)(keep)
+        pu = ab.processor(name="u", codec=Upper(), max_batch_size=1)(keep)
+        await pj.add_many("x", [{"a": [1, 2]}, "é"])
+        await pm.add_many("x", [b"\x00\xff", {1: None}, [1.5, True]])
+        await pu.add("x", "abc")
+        await burst(ab)
+        assert got == {"j": [{"a": [1, 2]}, "é"], "m": [b"\x00\xff", {1: None}, [1.5, True]], "u": ["ABC"]}
+        with pytest.raises(rb.ItemEncodeError):
+            await pj.add("x", b"bytes are not json")
+
+    backend.run(body)
+
+
+BAD_IDS = test_api.BAD_IDS
+
+
+def test_bad_input_raises_and_leaves_redis_untouched(backend: Backend) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        proc, _ = make(ab, max_item_bytes=100)
+        await proc.add("existing", 1)  # registry and one batch exist before the snapshot
+        before = snapshot(backend.sync)
+        for bad_id in BAD_IDS:
+            with pytest.raises(rb.InvalidBatchId):
+                await proc.add(bad_id, 1)
+            with pytest.raises(rb.InvalidBatchId):
+                await proc.add_many(bad_id, [1])
+            with pytest.raises(rb.InvalidBatchId):
+                await proc.flush(bad_id)
+            with pytest.raises(rb.InvalidBatchId):
+                await proc.status(bad_id)
+            with pytest.raises(rb.InvalidBatchId):
+                await proc.delete(bad_id)
+            with pytest.raises(rb.InvalidBatchId):
+                await proc.history(bad_id)
+        for bad_item in [object(), {1, 2}, datetime.now(), 2**70, lambda: 1]:
+            with pytest.raises(rb.ItemEncodeError):
+                await proc.add("existing", bad_item)
+        with pytest.raises(rb.ItemTooLarge):
+            await proc.add("existing", "x" * 200)
+        with pytest.raises(rb.ItemEncodeError):
+            await proc.add_many("existing", [1, 2, object(), 4])  # one bad item: nothing written
+        with pytest.raises(rb.ItemTooLarge):
+            await proc.add_many("existing", [1, "y" * 101])
+        with pytest.raises(rb.BatchNotFound):
+            await proc.flush("unknown-batch")
+        with pytest.raises(rb.BatchNotFound):
+            await proc.flush("existing::5")
+        assert snapshot(backend.sync) == before
+        assert issubclass(rb.ItemTooLarge, rb.BatcherError) and issubclass(rb.InvalidBatchId, rb.BatcherError)
+
+    backend.run(body)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_batch_size": 0},
+        {"max_batch_size": -1},
+        {"max_batch_size": True},
+        {"max_batch_size": 2.5},
+        {"flush_interval": -1},
+        {"flush_interval": timedelta(seconds=-1)},
+        {"flush_interval": float("nan")},
+        {"flush_interval": "5"},
+        {"partitions": 0},
+        {"codec": "pickle"},
+        {"codec": object()},
+        {"max_item_bytes": 0},
+        {"history_limit": 0},
+        {"retention": 0},
+        {"lease_timeout": 0},
+        {"name": "has space"},
+        {"name": "br{ace"},
+        {"name": ""},
+    ],
+)
+def test_bad_config_raises_before_any_write(backend: Backend, kwargs: dict[str, Any]) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        before = snapshot(backend.sync)
+        with pytest.raises(rb.ConfigError):
+            ab.processor(**{"name": "p", **kwargs})(lambda f: None)
+        assert snapshot(backend.sync) == before
+        assert ab.processors == {}
+
+    backend.run(body)
+
+
+def test_duplicate_processor_name(backend: Backend) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        make(ab)
+        before = snapshot(backend.sync)
+        with pytest.raises(rb.DuplicateProcessor):
+            make(ab)
+        assert snapshot(backend.sync) == before
+
+    backend.run(body)
+
+
+def test_default_name_and_interval_types(backend: Backend) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        @ab.processor(flush_interval=timedelta(milliseconds=1500))
+        def my_handler(flush: rb.Flush) -> str:
+            return "called"
+
+        assert isinstance(my_handler, aio.AsyncProcessor)
+        assert (
+            my_handler.name
+            == f"{__name__}.test_default_name_and_interval_types.<locals>.body.<locals>.my_handler"
+        )
+        assert my_handler.config.flush_interval == 1.5 and my_handler.definition.interval_ms == 1500
+        assert my_handler(rb.Flush("p", "b", 0, [], 1, "id")) == "called"
+
+        @ab.processor
+        async def bare(flush: rb.Flush) -> str:
+            return "awaited"
+
+        assert bare.config.flush_interval == 30.0 and bare.config.max_batch_size == 100
+        call = bare(rb.Flush("p", "b", 0, [], 1, "id"))  # an async handler stays unit-testable
+        assert inspect.isawaitable(call) and await call == "awaited"
+
+    backend.run(body)
+
+
+def test_decode_responses_client_is_rejected() -> None:
+    async def body() -> None:
+        for client in (
+            aioredis.Redis(decode_responses=True),
+            fakeredis.FakeAsyncRedis(decode_responses=True),
+        ):
+            with pytest.raises(rb.ConfigError):
+                aio.Batcher(client)
+            await client.aclose()
+        with pytest.raises(rb.ConfigError):
+            aio.Batcher("redis://127.0.0.1:1/0", prefix="has space")
+
+    arun(body)
+
+
+def test_noscript_recovery_after_script_flush(backend: Backend) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        client = backend.sync
+        proc, got = make(ab)
+        await proc.add("n", 1)
+        client.script_flush()
+        assert (await proc.add("n", 2)).pending == 2
+        client.script_flush()
+        await proc.flush("n")
+        client.script_flush()
+        await burst(ab)
+        assert [f.items for f in got] == [[1, 2]]
+        client.script_flush()
+        assert await proc.status("n") is None
+
+    backend.run(body)
+
+
+def test_registry_and_remote_processor(backend: Backend) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        proc, _ = make(ab, partitions=2)
+        await proc.add("r", 1)
+        # the async client registered the processor: sync tools (the CLI) rebuild it from Redis
+        other = rb.Batcher(backend.sync, prefix="t")
+        remote = other.remote("events")
+        assert remote.config == proc.config
+        st = remote.status("r")
+        assert st is not None and st.batches[0].item_count == 1
+        with pytest.raises(rb.UnknownProcessor):
+            other.remote("missing")
+        assert set(other.registered()) == {"events"}
+
+    backend.run(body)
+
+
+# == part 2: group commit ===========================================================================
+
+
+@dataclass
+class Trips:
+    """Round trips an async client made: single commands and pipeline executions."""
+
+    sent: list[tuple[Any, ...]] = field(default_factory=list)  # args of each single command
+    pipelines: list[list[tuple[Any, ...]]] = field(default_factory=list)  # args of each command
+    fail_next_pipeline: BaseException | None = None
+    # the next pipeline meets an empty script cache (a restarted server) that another client
+    # fills again (its own EVAL after NOSCRIPT) right after the pipeline's first command:
+    # SCRIPT FLUSH before it, SCRIPT LOAD after it; their replies are removed again
+    reload_scripts_inside_next_pipeline: bool = False
+
+    def clear(self) -> None:
+        self.sent.clear()
+        self.pipelines.clear()
+
+    @property
+    def commands(self) -> list[str]:
+        return [str(args[0]).upper() for args in self.sent]
+
+    @property
+    def round_trips(self) -> int:
+        return len(self.sent) + len(self.pipelines)
+
+    def script_calls(self) -> list[tuple[Any, ...]]:
+        """Every EVAL/EVALSHA sent, alone or in a pipeline (its full argument tuple)."""
+        every = self.sent + [args for p in self.pipelines for args in p]
+        return [args for args in every if str(args[0]).upper() in ("EVAL", "EVALSHA")]
+
+
+def counting_client_class(base: type) -> tuple[type, Trips]:
+    """A subclass of an async client class that records its round trips (and can fail the next
+    pipeline execution, to inject a network error)."""
+    trips = Trips()
+
+    class Counting(base):  # type: ignore[misc]
+        async def execute_command(self, *args: Any, **options: Any) -> Any:
+            trips.sent.append(args)
+            return await super().execute_command(*args, **options)
+
+        def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+            pipe = super().pipeline(*args, **kwargs)
+            execute = pipe.execute
+
+            async def counted(*a: Any, **kw: Any) -> Any:
+                trips.pipelines.append([tuple(cmd[0]) for cmd in pipe.command_stack])
+                if trips.fail_next_pipeline is not None:
+                    exc, trips.fail_next_pipeline = trips.fail_next_pipeline, None
+                    await pipe.reset()
+                    raise exc
+                if trips.reload_scripts_inside_next_pipeline and len(pipe.command_stack) > 1:
+                    trips.reload_scripts_inside_next_pipeline = False
+                    pipe.command_stack.insert(1, (("SCRIPT", "LOAD", scripts().add.source), {}))
+                    pipe.command_stack.insert(0, (("SCRIPT", "FLUSH"), {}))
+                    trips.pipelines[-1] = [tuple(cmd[0]) for cmd in pipe.command_stack]
+                    replies = await execute(*a, **kw)
+                    del replies[2]
+                    del replies[0]
+                    return replies
+                return await execute(*a, **kw)
+
+            pipe.execute = counted
+            return pipe
+
+    return Counting, trips
+
+
+def check_positions(
+    results: dict[Any, rb.AddResult], flushes: list[rb.Flush], key: Callable[[Any], Any]
+) -> None:
+    """Every delivered item is where its own AddResult said: (sequence, pending) == (the
+    flush's sequence, its 1-based position); and every successful add was delivered once."""
+    seen: Counter[Any] = Counter()
+    for f in flushes:
+        for pos, item in enumerate(f.items, start=1):
+            k = key(item)
+            seen[k] += 1
+            if k in results:
+                r = results[k]
+                assert (r.batch_id, r.sequence, r.pending) == (f.batch_id, f.sequence, pos), (k, r, f)
+    dupes = {k: n for k, n in seen.items() if n > 1}
+    assert not dupes, f"items delivered more than once: {dupes}"
+    lost = set(results) - set(seen)
+    assert not lost, f"acknowledged adds never delivered: {sorted(lost)[:10]}"
+
+
+def test_thousand_concurrent_adds_coalesce_and_each_gets_its_own_result(backend: Backend) -> None:
+    cls, trips = counting_client_class(backend.aclient_class())
+    ids = [f"id{i}" for i in range(10)]
+
+    async def body(ab: aio.Batcher) -> None:
+        proc, got = make(ab, name="gc", max_batch_size=7)
+        await warm(ab)
+        trips.clear()
+        calls = [(k, ids[k % 10]) for k in range(1000)]
+        results = await asyncio.gather(*(proc.add(bid, {"k": k, "b": bid}) for k, bid in calls))
+        coalesced_trips = trips.round_trips
+        evals = trips.script_calls()
+
+        by_id: dict[str, list[rb.AddResult]] = defaultdict(list)
+        for (_, bid), r in zip(calls, results, strict=True):
+            assert r.batch_id == bid and r.added == 1
+            assert r.status == ("flushing" if r.pending == 7 else "accumulating"), r
+            assert (r.flushed, r.sealed) == ((True, 1) if r.pending == 7 else (False, 0)), r
+            by_id[bid].append(r)
+        for bid, rs in by_id.items():
+            # 100 adds per id: sequences 0..13 hold 1..7, sequence 14 holds 1..2 ...
+            expected = [(s, p) for s in range(15) for p in range(1, 8)][:100]
+            assert sorted((r.sequence, r.pending) for r in rs) == expected, bid
+            # ... and in call order: coalescing keeps each batch id's adds in the order made
+            assert [(r.sequence, r.pending) for r in rs] == expected, bid
+
+        # far fewer round trips than adds: one pipeline, one EVALSHA per batch id
+        assert coalesced_trips <= 3, (trips.commands, [len(p) for p in trips.pipelines])
+        assert len(evals) == 10 and {str(a[0]).upper() for a in evals} == {"EVALSHA"}
+        assert len(trips.pipelines) == 1
+
+        for bid in ids:
+            assert (await proc.flush(bid)).item_count == 2
+        stats = await burst(ab, concurrency=8)
+        assert stats.failed == 0 and stats.lease_lost == 0 and stats.items == 1000
+        check_positions(
+            {k: r for (k, _), r in zip(calls, results, strict=True)}, got, key=lambda item: item["k"]
+        )
+        for bid in ids:  # per batch id, in add order
+            flushes = sorted((f for f in got if f.batch_id == bid), key=lambda f: f.sequence)
+            assert [i["k"] for f in flushes for i in f.items] == [k for k, b in calls if b == bid]
+            assert await proc.status(bid) is None
+
+        # a lone caller is not batched with anybody: exactly one EVALSHA, no pipeline
+        trips.clear()
+        r = await proc.add("lone", 1)
+        assert (r.sequence, r.pending) == (0, 1)
+        assert trips.commands == ["EVALSHA"] and trips.pipelines == []
+        trips.clear()
+        r = await proc.add_many("lone", [2, 3])
+        assert (r.sequence, r.pending, r.added) == (0, 3, 2)
+        assert trips.commands == ["EVALSHA"] and trips.pipelines == []
+
+    backend.run(body, client_cls=cls)
+
+
+def test_coalesced_adds_to_one_batch_id_are_one_script_call(backend: Backend) -> None:
+    """Adds and add_manys to the same id in one iteration: a single EVALSHA whose segments give
+    each caller its own result, spilling over sequences exactly as sequential calls would."""
+    cls, trips = counting_client_class(backend.aclient_class())
+
+    async def body(ab: aio.Batcher) -> None:
+        proc, got = make(ab, name="one", max_batch_size=4)
+        await warm(ab)
+        trips.clear()
+        r1, r2, r3, r4 = await asyncio.gather(
+            proc.add("x", "a"),
+            proc.add_many("x", ["b", "c", "d", "e", "f"]),
+            proc.add_many("x", []),
+            proc.add("x", "g"),
+        )
+        assert trips.commands == ["EVALSHA"] and trips.pipelines == []
+        assert r1 == rb.AddResult("x", 0, 1, 1, False, "accumulating", 0)
+        assert r2 == rb.AddResult("x", 1, 5, 2, True, "accumulating", 1)
+        assert (r3.added, r3.sequence) == (0, None)
+        assert r4 == rb.AddResult("x", 1, 1, 3, False, "accumulating", 0)
+        await proc.flush("x")
+        await burst(ab)
+        assert sorted((f.sequence, tuple(f.items)) for f in got) == [
+            (0, ("a", "b", "c", "d")),
+            (1, ("e", "f", "g")),
+        ]
+
+    backend.run(body, client_cls=cls)
+
+
+def test_coalesced_script_calls_stay_within_add_chunk(real_client: redis.Redis) -> None:
+    """README: "add_many sends at most 10,000 items per script call, so no single call blocks
+    Redis for long". Group commit must not merge concurrent add_manys into one bigger call."""
+    cls, trips = counting_client_class(aioredis.Redis)
+    port = real_client.connection_pool.connection_kwargs["port"]
+    backend = Backend("real", real_client, port)
+
+    async def body(ab: aio.Batcher) -> None:
+        proc, _ = make(ab, name="chunk", max_batch_size=100_000)
+        await warm(ab)
+        trips.clear()
+        n = 4
+        results = await asyncio.gather(
+            *(proc.add_many("x", [[c, i] for i in range(6_000)]) for c in range(n))
+        )
+        assert sorted(r.pending for r in results) == [6_000 * (c + 1) for c in range(n)]
+        # EVALSHA sha numkeys, 4 keys, 7 fixed arguments, then the items
+        sizes = [len(args) - 3 - 4 - 7 for args in trips.script_calls()]
+        assert sum(sizes) == n * 6_000
+        assert max(sizes) <= ADD_CHUNK, (
+            f"one coalesced script call carried {max(sizes)} items (> ADD_CHUNK={ADD_CHUNK}); "
+            f"items per script call: {sizes}"
+        )
+        st = await proc.status("x")
+        assert st is not None and st.pending == n * 6_000
+
+    backend.run(body, client_cls=cls)
+
+
+# == part 2: cancellation ===========================================================================
+
+
+def test_cancelled_adds_are_never_half_written_or_double_counted(backend: Backend) -> None:
+    rng = random.Random(20240607)
+    ids = [f"c{i}" for i in range(5)]
+
+    async def body(ab: aio.Batcher) -> None:
+        proc, got = make(ab, name="cancel", max_batch_size=7)
+        await proc.add("warm", "up")  # registered: later sends are one round trip each
+        loop = asyncio.get_running_loop()
+        tasks: dict[tuple[int, int], asyncio.Task[rb.AddResult]] = {}
+        before_send: set[tuple[int, int]] = set()
+        for wave in range(25):
+            wave_tasks = {
+                (wave, i): asyncio.ensure_future(proc.add(rng.choice(ids), [wave, i])) for i in range(40)
+            }
+            keys = list(wave_tasks)
+            rng.shuffle(keys)
+            # cancelled before the coroutine ever ran: nothing submitted
+            for key in keys[:4]:
+                wave_tasks[key].cancel()
+                before_send.add(key)
+            await asyncio.sleep(0)  # every add of the wave is queued; the send runs after us
+            # cancelled while queued, before the loop iteration that sends them
+            for key in keys[4:8]:
+                wave_tasks[key].cancel()
+                before_send.add(key)
+            # cancelled at random later points: during the send or after Redis answered
+            for key in keys[8:16]:
+                loop.call_later(rng.uniform(0, 0.004), wave_tasks[key].cancel)
+            tasks.update(wave_tasks)
+            for _ in range(rng.randrange(3)):
+                await asyncio.sleep(0)
+        outcomes = await asyncio.gather(*tasks.values(), return_exceptions=True)
+        await asyncio.sleep(0.05)  # sends still running for cancelled callers finish
+        done: dict[tuple[int, int], rb.AddResult] = {}
+        cancelled: set[tuple[int, int]] = set()
+        for key, out in zip(tasks, outcomes, strict=True):
+            if isinstance(out, rb.AddResult):
+                done[key] = out
+            else:
+                assert isinstance(out, asyncio.CancelledError), (key, out)
+                cancelled.add(key)
+        assert before_send <= cancelled and len(cancelled) > len(before_send)
+
+        # the head's pending counter (max_pending's basis) equals what the lists really hold
+        client = ab.client
+        for bid in [*ids, "warm"]:
+            part = proc.keys.for_base(bid)
+            counter = int(await client.hget(part.head(bid), "pending") or 0)
+            seqs = await proc.sequences(bid)
+            held = sum([await client.llen(part.items(bid, s.sequence)) for s in seqs])
+            st = await proc.status(bid)
+            assert st is not None
+            assert counter == held == st.pending, (bid, counter, held, st.pending)
+
+        for bid in [*ids, "warm"]:
+            await proc.flush(bid)
+        stats = await burst(ab, concurrency=8)
+        assert stats.failed == 0
+        delivered = Counter(tuple(i) for f in got for i in f.items if i != "up")
+        assert all(n == 1 for n in delivered.values()), [k for k, n in delivered.items() if n > 1]
+        assert not (before_send & set(delivered)), "an add cancelled before its send was written"
+        assert set(done) <= set(delivered)
+        assert stats.items == sum(delivered.values()) + 1
+        # some callers were cancelled after their send: their items are in Redis (exactly once)
+        assert cancelled & set(delivered)
+        check_positions(done, got, key=lambda item: tuple(item) if item != "up" else None)
+
+    backend.run(body)
+
+
+def test_a_caller_cancelled_while_the_processor_registers_writes_nothing(backend: Backend) -> None:
+    """README: "A caller cancelled before its round trip is sent writes nothing". The first add
+    of a processor registers it (HSET) before the adds are sent; a caller cancelled during that
+    registration has not had its round trip sent yet."""
+    gate: dict[str, asyncio.Event] = {}
+
+    class Gated(backend.aclient_class()):  # type: ignore[misc]
+        async def execute_command(self, *args: Any, **options: Any) -> Any:
+            if str(args[0]).upper() == "HSET" and "open" in gate:
+                gate["hset"].set()
+                await gate["open"].wait()
+            return await super().execute_command(*args, **options)
+
+    async def body(ab: aio.Batcher) -> None:
+        gate["hset"], gate["open"] = asyncio.Event(), asyncio.Event()
+        proc, _ = make(ab, name="reg")
+        keep = asyncio.ensure_future(proc.add("x", "kept"))
+        drop = asyncio.ensure_future(proc.add("x", "cancelled"))
+        await gate["hset"].wait()  # the send is registering the processor: no EVALSHA sent yet
+        drop.cancel()
+        gate["open"].set()
+        r = await keep
+        with pytest.raises(asyncio.CancelledError):
+            await drop
+        await asyncio.sleep(0.05)
+        st = await proc.status("x")
+        assert st is not None
+        assert (r.pending, st.pending) == (1, 1), (
+            f"an add cancelled before its EVALSHA was sent was written anyway: kept add got {r}, "
+            f"batch holds {st.pending} items"
+        )
+
+    backend.run(body, client_cls=Gated)
+
+
+def test_noscript_met_by_part_of_a_pipeline_never_runs_the_rest_twice(backend: Backend) -> None:
+    """Only the calls of a pipeline that met NOSCRIPT may be sent again. Here the server's script
+    cache is empty when the pipeline's first EVALSHA arrives and is filled again by another
+    client before the second (as after a restart, when every producer meets NOSCRIPT and EVALs;
+    on a cluster it is simpler still: one node lost its cache, the others did not). The second
+    and third adds ran; re-sending them would add their items twice."""
+    cls, trips = counting_client_class(backend.aclient_class())
+
+    async def body(ab: aio.Batcher) -> None:
+        proc, got = make(ab, name="mix", max_batch_size=100)
+        await warm(ab)
+        trips.clear()
+        trips.reload_scripts_inside_next_pipeline = True
+        results = await asyncio.gather(*(proc.add(f"m{i}", i) for i in range(3)))
+        assert [(r.batch_id, r.pending) for r in results] == [("m0", 1), ("m1", 1), ("m2", 1)]
+        sent = [[str(args[0]).upper() for args in p] for p in trips.pipelines]
+        assert sent[0] == ["SCRIPT", "EVALSHA", "SCRIPT", "EVALSHA", "EVALSHA"]
+        pending = {f"m{i}": await proc.pending(f"m{i}") for i in range(3)}
+        assert pending == {"m0": 1, "m1": 1, "m2": 1}, (
+            f"adds that had already run were sent again after NOSCRIPT: pending {pending}; "
+            f"pipelines sent: {sent}"
+        )
+        for i in range(3):
+            await proc.flush(f"m{i}")
+        await burst(ab)
+        assert sorted(i for f in got for i in f.items) == [0, 1, 2]
+
+    backend.run(body, client_cls=cls)
+
+
+# == part 2: error isolation ========================================================================
+
+
+def test_errors_reach_only_the_callers_they_concern(backend: Backend) -> None:
+    """In one loop iteration: adds over max_pending (BatchFull), adds to a batch id whose head
+    key has the wrong type (WRONGTYPE inside the script), bad input, and normal adds -- after a
+    SCRIPT FLUSH, so the pipeline also meets NOSCRIPT. Each caller gets its own outcome."""
+    cls, trips = counting_client_class(backend.aclient_class())
+
+    async def body(ab: aio.Batcher) -> None:
+        full, got_full = make(ab, name="p", max_batch_size=100, max_pending=5)
+        normal, got_normal = make(ab, name="n", max_batch_size=3)
+        broken_head = full.keys.for_base("broken").head("broken")
+        assert broken_head == "t:{p:0}:b:broken"
+        backend.sync.set(broken_head, "not a hash")
+        await full.add_many("b", [0, 1])  # 2 pending of 5
+        await warm(ab)
+        backend.sync.script_flush()
+        trips.clear()
+        jobs: list[tuple[str, Awaitable[Any]]] = [
+            ("ok", full.add("b", 2)),  # 3
+            ("full", full.add_many("b", [3, 4, 5])),  # 6 > 5: refused, nothing written
+            ("ok", full.add("b", 6)),  # 4: a later segment still fits
+            ("broken", full.add("broken", "x")),
+            ("ok", normal.add("n1", "a")),
+            ("bad-id", normal.add("", "x")),
+            ("ok", full.add("b", 7)),  # 5
+            ("broken", full.add_many("broken", ["y", "z"])),
+            ("bad-item", normal.add("n1", object())),
+            ("full", full.add("b", 8)),  # 6 > 5
+            ("ok", normal.add_many("n2", ["b", "c", "d", "e"])),
+            ("ok", full.add("c", 9)),  # max_pending is per batch id
+        ]
+        outcomes = await asyncio.gather(*(j for _, j in jobs), return_exceptions=True)
+        kinds = [k for k, _ in jobs]
+        for kind, out in zip(kinds, outcomes, strict=True):
+            if kind == "ok":
+                assert isinstance(out, rb.AddResult), (kind, out)
+            elif kind == "full":
+                assert isinstance(out, rb.BatchFull), (kind, out)
+            elif kind == "broken":
+                assert isinstance(out, redis.ResponseError) and "WRONGTYPE" in str(out), (kind, out)
+            elif kind == "bad-id":
+                assert isinstance(out, rb.InvalidBatchId), (kind, out)
+            else:
+                assert isinstance(out, rb.ItemEncodeError), (kind, out)
+        assert [(r.batch_id, r.pending) for r in outcomes if isinstance(r, rb.AddResult)] == [
+            ("b", 3),
+            ("b", 4),
+            ("n1", 1),
+            ("b", 5),
+            ("n2", 1),
+            ("c", 1),
+        ]
+        refused = [o for o in outcomes if isinstance(o, rb.BatchFull)]
+        assert [(e.pending, e.adding, e.limit) for e in refused] == [(3, 3, 5), (5, 1, 5)]
+        # NOSCRIPT was recovered: one pipeline with EVALSHA, then the script calls again by EVAL
+        assert [str(args[0]).upper() for p in trips.pipelines for args in p] == ["EVALSHA"] * 5 + ["EVAL"] * 5
+        assert backend.sync.get(broken_head) == b"not a hash"
+
+        backend.sync.delete(broken_head)
+        for bid in ("b", "c"):
+            await full.flush(bid)
+        for bid in ("n1", "n2"):
+            await normal.flush(bid)
+        await burst(ab)
+        assert sorted(i for f in got_full for i in f.items) == [0, 1, 2, 6, 7, 9]
+        assert sorted(i for f in got_normal for i in f.items) == ["a", "b", "c", "d", "e"]
+        assert await full.status("broken") is None
+
+    backend.run(body, client_cls=cls)
+
+
+def test_max_pending_refuses_adds_and_writes_nothing(backend: Backend) -> None:
+    """tests/test_reliability.py's backpressure case, awaited; then the same limit met by adds
+    coalesced into one script call for one id: each segment is checked on its own."""
+    cls, trips = counting_client_class(backend.aclient_class())
+
+    async def body(ab: aio.Batcher) -> None:
+        proc = ab.processor(name="bp", max_batch_size=3, max_pending=5, **FAST)(lambda f: None)
+        await proc.add_many("b", [1, 2, 3, 4])
+        before = snapshot(backend.sync)
+        with pytest.raises(rb.BatchFull) as err:
+            await proc.add_many("b", [5, 6])
+        assert (err.value.pending, err.value.adding, err.value.limit) == (4, 2, 5)
+        assert snapshot(backend.sync) == before
+        assert (await proc.add("b", 5)).pending == 2
+        with pytest.raises(rb.BatchFull):
+            await proc.add("b", 6)
+        await proc.add_many("other", [1, 2, 3, 4, 5])  # the limit is per batch id
+        await burst(ab)  # delivers the sealed sequences 0 (3 items)
+        assert (await proc.add("b", 6)).pending == 3
+        st = await proc.status("b")
+        assert st is not None and st.pending == 3
+
+        trips.clear()
+        outs = await asyncio.gather(
+            proc.add("c", 1),
+            proc.add_many("c", [2, 3, 4, 5, 6]),  # 6 > 5: refused
+            proc.add_many("c", [2, 3, 4]),  # 4
+            proc.add("c", 5),  # 5
+            proc.add("c", 6),  # 6 > 5: refused
+            return_exceptions=True,
+        )
+        assert trips.commands == ["EVALSHA"] and trips.pipelines == []  # one script call
+        assert [type(o).__name__ for o in outs] == [
+            "AddResult",
+            "BatchFull",
+            "AddResult",
+            "AddResult",
+            "BatchFull",
+        ]
+        assert [(o.sequence, o.pending) for o in outs if isinstance(o, rb.AddResult)] == [
+            (0, 1),
+            (1, 1),
+            (1, 2),
+        ]
+        st = await proc.status("c")
+        assert st is not None and st.pending == 5
+
+    backend.run(body, client_cls=cls)
+
+
+FAST = {"flush_interval": None, "retry_backoff": 0.01, "retry_backoff_max": 0.02}
+
+
+def test_a_lone_failing_add_and_bad_input_send_nothing_else(backend: Backend) -> None:
+    cls, trips = counting_client_class(backend.aclient_class())
+
+    async def body(ab: aio.Batcher) -> None:
+        proc, _ = make(ab, name="p")
+        await warm(ab)
+        backend.sync.set(proc.keys.for_base("w").head("w"), "x")
+        trips.clear()
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            await proc.add("w", 1)  # the single-call path (no pipeline) fails just as well
+        assert trips.commands == ["EVALSHA"]
+        trips.clear()
+        with pytest.raises(rb.InvalidBatchId):
+            await proc.add("a\x00b", 1)
+        with pytest.raises(rb.ItemEncodeError):
+            await proc.add_many("ok", [1, object()])
+        assert trips.round_trips == 0  # rejected before anything was queued or sent
+        assert (await proc.add("ok", 1)).pending == 1
+
+    backend.run(body, client_cls=cls)
+
+
+def test_a_failed_round_trip_fails_its_callers_only(backend: Backend) -> None:
+    """A network error on the coalesced pipeline reaches every caller in it (their items may or
+    may not have run: they must be told) and no caller of another round trip; an error while
+    connecting (nothing sent) is retried transparently, without duplicates."""
+    cls, trips = counting_client_class(backend.aclient_class())
+
+    async def body(ab: aio.Batcher) -> None:
+        proc, got = make(ab, name="net", max_batch_size=100)
+        await warm(ab)
+        trips.fail_next_pipeline = redis.ConnectionError("Connection reset by peer")
+        first = asyncio.gather(
+            *(proc.add(f"x{i % 3}", ["lost", i]) for i in range(6)), return_exceptions=True
+        )
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the first send is under way; these adds go in the next round trip
+        second = asyncio.gather(
+            *(proc.add(f"x{i % 3}", ["kept", i]) for i in range(6)), return_exceptions=True
+        )
+        lost, kept = await first, await second
+        assert all(isinstance(e, redis.ConnectionError) for e in lost), lost
+        assert all(isinstance(r, rb.AddResult) for r in kept), kept
+        assert len(trips.pipelines) == 2
+
+        trips.fail_next_pipeline = redis.ConnectionError(
+            "Error 111 connecting to 127.0.0.1:1. Connection refused."
+        )
+        again = await asyncio.gather(*(proc.add(f"x{i % 3}", ["retried", i]) for i in range(6)))
+        assert [r.pending for r in again] == [3, 3, 3, 4, 4, 4]
+
+        for i in range(3):
+            await proc.flush(f"x{i}")
+        await burst(ab)
+        delivered = sorted(tuple(i) for f in got for i in f.items)
+        assert delivered == sorted([("kept", i) for i in range(6)] + [("retried", i) for i in range(6)])
+
+    backend.run(body, client_cls=cls)

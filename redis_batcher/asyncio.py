@@ -96,6 +96,7 @@ class _Group:
     proc: Processor
     base: str
     pending: list[_Pending] = field(default_factory=list)
+    size: int = 0  # items in this group
 
 
 class Batcher:
@@ -258,6 +259,11 @@ class Batcher:
             if isinstance(replies[0], Exception):
                 raise replies[0]
             return replies[0]
+        try:
+            return await call.script.call_async(self.client, call.keys, call.args)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if not _never_sent(exc):
+                raise
         return await self._retrying(lambda: call.script.call_async(self.client, call.keys, call.args))
 
     async def _pipeline(self, calls: Sequence[ops.Call]) -> list[Any]:
@@ -294,22 +300,55 @@ class Batcher:
 
     # -- group commit ----------------------------------------------------------------------------
 
-    def _submit_add(self, proc: Processor, base: str, encoded: list[bytes]) -> asyncio.Future[AddResult]:
+    async def _add(self, proc: Processor, base: str, encoded: list[bytes]) -> AddResult:
+        """Group commit. The first caller of a loop iteration leads: if other coroutines are
+        ready to run it yields once so they can join, then sends. Alone, it sends its EVALSHA
+        itself (no task, no pipeline: no added latency). With company, the send runs as a task
+        of its own that the leader awaits shielded, so cancelling one caller can neither cut the
+        round trip in half nor strand the others."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[AddResult] = loop.create_future()
         self._queue.append(_Pending(proc, base, encoded, future))
-        if not self._scheduled:
+        if self._scheduled:
+            return await future  # a leader is collecting this iteration's adds
+        ready = getattr(loop, "_ready", None)  # asyncio's run queue (other loops: just yield)
+        if ready is None or len(ready) > 0:
             self._scheduled = True
-            # after every coroutine ready in this iteration had its chance to add
-            loop.call_soon(self._kick)
-        return future
-
-    def _kick(self) -> None:
+            try:
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                batch, self._queue, self._scheduled = self._queue, [], False
+                others = [p for p in batch if p.future is not future]
+                if others:  # the leader leaves; the adds it collected are still sent
+                    self._spawn(self._send(others))
+                raise
         batch, self._queue, self._scheduled = self._queue, [], False
-        # the send is its own task: a caller cancelled while it runs cannot cut it in half
-        task = asyncio.ensure_future(self._send(batch))
+        if len(batch) == 1 and not self.wait_replicas and proc.name in self._registered:
+            await self._send_one(batch[0])
+        else:
+            await asyncio.shield(self._spawn(self._send(batch)))
+        return await future
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _send_one(self, p: _Pending) -> None:
+        """A lone add: one EVALSHA, no pipeline, no grouping."""
+        if p.future.cancelled():
+            return
+        try:
+            reply = await self._execute(ops.add_call(p.proc, p.base, p.encoded))
+            result: Any = ops.parse_add_segments(p.proc, p.base, [len(p.encoded)], reply)[0]
+        except Exception as exc:
+            result = exc
+        if not p.future.done():
+            if isinstance(result, BaseException):
+                p.future.set_exception(result)
+            else:
+                p.future.set_result(result)
 
     async def _send(self, batch: list[_Pending]) -> None:
         try:
@@ -330,10 +369,11 @@ class Batcher:
             key = (p.proc.name, p.base)
             g = open_groups.get(key)
             # one script call per batch id, but never more than ADD_CHUNK items in one call
-            if g is None or sum(len(q.encoded) for q in g.pending) + len(p.encoded) > ADD_CHUNK:
+            if g is None or g.size + len(p.encoded) > ADD_CHUNK:
                 g = open_groups[key] = _Group(p.proc, p.base)
                 groups.append(g)
             g.pending.append(p)
+            g.size += len(p.encoded)
         if not groups:
             return
         ordered = groups
@@ -398,7 +438,7 @@ class AsyncProcessor:
         Redis has run its item, with its own result (or raises its own error)."""
         base, _ = parse_batch_id(batch_id)
         data = encode_item(self.codec, item, self.config.max_item_bytes)
-        return await self.batcher._submit_add(self.definition, base, [data])
+        return await self.batcher._add(self.definition, base, [data])
 
     async def add_many(self, batch_id: str, items: Iterable[Any]) -> AddResult:
         """Append many items in order (group-committed like :meth:`add`; above 10,000 items in
@@ -408,11 +448,11 @@ class AsyncProcessor:
         if not encoded:
             return AddResult(base, None, 0, 0, False, None, 0)
         if len(encoded) <= ADD_CHUNK:
-            return await self.batcher._submit_add(self.definition, base, encoded)
+            return await self.batcher._add(self.definition, base, encoded)
         added = sealed = 0
         result: AddResult | None = None
         for start in range(0, len(encoded), ADD_CHUNK):
-            result = await self.batcher._submit_add(self.definition, base, encoded[start : start + ADD_CHUNK])
+            result = await self.batcher._add(self.definition, base, encoded[start : start + ADD_CHUNK])
             added += result.added
             sealed += result.sealed
         assert result is not None

@@ -1,0 +1,1 @@
+"""Runnable examples (importable as ``examples.*`` from the repository root)."""

@@ -1,34 +1,33 @@
 -- add.lua: append items to a base id's accumulating sequence, sealing full sequences.
 --
--- KEYS[1] head     pfx.."b:"..base
--- KEYS[2] ids      pfx.."ids"
--- KEYS[3] due      pfx.."due"
--- KEYS[4] history  pfx.."h:"..base
--- ARGV[1] pfx            "<prefix>:{<processor>:<partition>}:"
--- ARGV[2] base           base batch id
--- ARGV[3] max_batch_size a sequence is sealed when it holds this many items
--- ARGV[4] interval_ms    delay before an interval flush; -1 = no interval timer
--- ARGV[5] channel        pub/sub channel published to when a sequence is sealed or a new
---                        timer became the earliest entry of the delay queue
--- ARGV[6] max_pending    refuse an add when the base id would hold more undelivered items
---                        than this; -1 = no limit
--- ARGV[7] segments       '' (all items are one add) or "n1,n2,..": several adds coalesced into
---                        one call (group commit), each answered on its own
--- ARGV[8..] items        encoded items, in add order
--- Derived keys: pfx.."s:"..base.."::"..N and pfx.."i:"..base.."::"..N for the sequences touched.
--- Reply: five fields per add (segment), in order: {seq, pending, status, sealed, added}, or
--- {'full', undelivered, '', 0, 0} when that add would exceed max_pending (nothing of it written)
---   seq      sequence that received the last item
---   pending  items in that sequence after the add
---   status   'accumulating' or 'flushing' (the last item sealed it)
---   sealed   number of sequences this call sealed (0 .. n)
---   added    number of items appended
-local head, ids, due, hist = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local pfx, base = ARGV[1], ARGV[2]
-local max = tonumber(ARGV[3])
-local interval = tonumber(ARGV[4])
-local first, last = 8, #ARGV
-local max_pending = tonumber(ARGV[6])
+-- KEYS[1] head      pfx.."b:"..base; pfx = "<prefix>:{<processor>:<partition>}:" is read
+--                   from it, and the wake-up channel "<prefix>:wake:<processor>" from pfx
+-- ARGV[1] base      base batch id
+-- ARGV[2] config    "<max_batch_size> <interval_ms> <max_pending> <segments>": a sequence is
+--                   sealed at max_batch_size items; interval_ms is the delay before an interval
+--                   flush (-1 = no timer); max_pending refuses an add that would leave the base
+--                   id with more undelivered items (-1 = no limit); segments is '-' (all items
+--                   are one add) or "n1,n2,..": several adds coalesced into one call (group
+--                   commit), each answered on its own
+-- ARGV[3..] items   encoded items, in add order
+-- Few arguments and a one-string reply keep the client's cost down on the hot path.
+-- Derived keys (same hash tag): pfx.."ids", pfx.."due", pfx.."h:"..base, and the state and
+-- items of the sequences touched. Publishes on the wake-up channel when a sequence is sealed
+-- or a new timer became the earliest entry of the delay queue.
+-- Reply: one string, a ';'-separated entry per add (segment), in order:
+--   "seq,pending,A|F,sealed,added"  -- the sequence that got the add's last item, its length,
+--                                      A(ccumulating) or F(lushing: that item sealed it), how
+--                                      many sequences the add sealed, how many items it added
+--   "full,undelivered"              -- refused by max_pending, nothing of that add written
+local head = KEYS[1]
+local base = ARGV[1]
+local pfx = string.sub(head, 1, #head - #base - 2)
+local prefix, processor = string.match(pfx, '^(.*):{(.*):%d+}:$')
+local channel = prefix .. ':wake:' .. processor
+local ids, due, hist = pfx .. 'ids', pfx .. 'due', pfx .. 'h:' .. base
+local max, interval, max_pending, segments = string.match(ARGV[2], '^(%-?%d+) (%-?%d+) (%-?%d+) (%S+)$')
+max, interval, max_pending = tonumber(max), tonumber(interval), tonumber(max_pending)
+local first, last = 3, #ARGV
 local now = now_ms()
 local wake = false
 
@@ -55,10 +54,10 @@ end
 
 -- one segment per caller (group commit): each gets its own result and its own max_pending check
 local segs = {}
-if ARGV[7] == '' then
+if segments == '-' then
   segs[1] = last - first + 1
 else
-  for n in string.gmatch(ARGV[7], '%d+') do table.insert(segs, tonumber(n)) end
+  for n in string.gmatch(segments, '%d+') do table.insert(segs, tonumber(n)) end
 end
 
 local state = redis.call('HMGET', head, 'acc', 'pending')
@@ -73,7 +72,7 @@ local i = first
 for _, n in ipairs(segs) do
   local stop = i + n - 1
   if max_pending >= 0 and pending + n > max_pending then
-    for _, v in ipairs({'full', pending, '', 0, 0}) do table.insert(out, v) end
+    table.insert(out, 'full,' .. int(pending))
   else
     pending = pending + n
     accepted = accepted + n
@@ -113,7 +112,8 @@ for _, n in ipairs(segs) do
       end
     end
     if sealed > 0 then any_sealed = true end
-    for _, v in ipairs({res_seq, res_count, status, sealed, n}) do table.insert(out, v) end
+    table.insert(out, int(res_seq) .. ',' .. int(res_count) .. ',' .. (status == 'flushing' and 'F' or 'A')
+      .. ',' .. int(sealed) .. ',' .. int(n))
   end
   i = stop + 1
 end
@@ -121,6 +121,6 @@ if accepted > 0 then
   redis.call('HINCRBY', head, 'pending', accepted)
 end
 if any_sealed or wake then
-  redis.call('PUBLISH', ARGV[5], pfx)
+  redis.call('PUBLISH', channel, pfx)
 end
-return out
+return table.concat(out, ';')

@@ -131,7 +131,7 @@ class Batcher:
         """Run a script call: retries connection attempts that failed before anything was sent
         (for up to ``connect_retry`` seconds, with backoff), never a command that may have run,
         and ``WAIT``s for ``wait_replicas`` replicas when configured (same round trip)."""
-        deadline = time.monotonic() + self.connect_retry
+        deadline: float | None = None
         delay = 0.05
         while True:
             try:
@@ -144,6 +144,8 @@ class Batcher:
                     return reply
                 return call.run(self.client)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if deadline is None:
+                    deadline = time.monotonic() + self.connect_retry
                 if not _never_sent(exc) or time.monotonic() + delay > deadline:
                     raise
                 time.sleep(delay)

@@ -54,6 +54,9 @@ def parse_batch_id(batch_id: object) -> tuple[str, int | None]:
     """
     if not isinstance(batch_id, str):
         raise InvalidBatchId(f"batch id must be a str, got {type(batch_id).__name__}")
+    # fast path for the common case (a short printable id without '::'): one call per add
+    if 0 < len(batch_id) <= MAX_BATCH_ID_BYTES // 4 and batch_id.isprintable() and "::" not in batch_id:
+        return batch_id, None
     if not batch_id:
         raise InvalidBatchId("batch id must not be empty")
     try:

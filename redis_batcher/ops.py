@@ -37,13 +37,15 @@ def _pairs(flat: Sequence[Any]) -> dict[str, str]:
     return {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
-@dataclass(frozen=True)
 class Call:
-    """One script invocation."""
+    """One script invocation (a slotted class: built on every add, so kept cheap)."""
 
-    script: Script
-    keys: tuple[str, ...]
-    args: tuple[Arg, ...]
+    __slots__ = ("args", "keys", "script")
+
+    def __init__(self, script: Script, keys: tuple[str, ...], args: tuple[Arg, ...]) -> None:
+        self.script = script
+        self.keys = keys
+        self.args = args
 
     def run(self, client: Any) -> Any:
         return self.script(client, self.keys, self.args)
@@ -55,24 +57,11 @@ class Call:
 def add_call(proc: Processor, base: str, encoded: Sequence[bytes], segments: Sequence[int] = ()) -> Call:
     """One add, or several coalesced adds (``segments`` = item count of each, in order)."""
     part = proc.keys.for_base(base)
-    cfg = proc.config
-    return Call(
-        scripts().add,
-        (part.head(base), part.ids, part.due, part.history(base)),
-        (
-            part.pfx,
-            base,
-            cfg.max_batch_size,
-            proc.interval_ms,
-            proc.keys.channel,
-            -1 if cfg.max_pending is None else cfg.max_pending,
-            ",".join(map(str, segments)) if len(segments) > 1 else "",
-            *encoded,
-        ),
-    )
+    config = proc.add_config + (",".join(map(str, segments)) if len(segments) > 1 else "-")
+    return Call(scripts().add, (f"{part.pfx}b:{base}",), (base, config, *encoded))
 
 
-def parse_add(proc: Processor, base: str, adding: int, reply: Sequence[Any]) -> AddResult:
+def parse_add(proc: Processor, base: str, adding: int, reply: Any) -> AddResult:
     """The result of a single add (raises :class:`BatchFull`)."""
     result = parse_add_segments(proc, base, [adding], reply)[0]
     if isinstance(result, BatchFull):
@@ -81,24 +70,28 @@ def parse_add(proc: Processor, base: str, adding: int, reply: Sequence[Any]) -> 
 
 
 def parse_add_segments(
-    proc: Processor, base: str, sizes: Sequence[int], reply: Sequence[Any]
+    proc: Processor, base: str, sizes: Sequence[int], reply: Any
 ) -> list[AddResult | BatchFull]:
     """One result per coalesced add: its AddResult, or the BatchFull it must raise."""
-    return [_parse_one_add(proc, base, sizes[k], reply[5 * k : 5 * k + 5]) for k in range(len(sizes))]
+    text = reply.decode() if isinstance(reply, bytes) else str(reply)
+    return [
+        _parse_one_add(proc, base, size, entry) for size, entry in zip(sizes, text.split(";"), strict=True)
+    ]
 
 
-def _parse_one_add(proc: Processor, base: str, adding: int, reply: Sequence[Any]) -> AddResult | BatchFull:
-    if reply[0] == b"full":
+def _parse_one_add(proc: Processor, base: str, adding: int, entry: str) -> AddResult | BatchFull:
+    fields = entry.split(",")
+    if fields[0] == "full":
         limit = proc.config.max_pending if proc.config.max_pending is not None else -1
-        return BatchFull(base, int(reply[1]), adding, limit)
-    seq, pending, status, sealed, added = reply
+        return BatchFull(base, int(fields[1]), adding, limit)
+    seq, pending, status, sealed, added = fields
     return AddResult(
         batch_id=base,
         sequence=int(seq),
         added=int(added),
         pending=int(pending),
-        flushed=int(sealed) > 0,
-        status=_s(status),
+        flushed=sealed != "0",
+        status="flushing" if status == "F" else "accumulating",
         sealed=int(sealed),
     )
 

@@ -47,6 +47,9 @@ class Processor:
         self.interval_ms = -1 if config.flush_interval is None else round(config.flush_interval * 1000)
         self.lease_ms = round(config.lease_timeout * 1000)
         self.retention_s = max(1, round(config.retention))
+        pending_cap = -1 if config.max_pending is None else config.max_pending
+        # add.lua's packed config argument (one argument instead of three on the hot path)
+        self.add_config = f"{config.max_batch_size} {self.interval_ms} {pending_cap} "
         self.__doc__ = getattr(handler, "__doc__", None)
         self.__wrapped__ = handler
 

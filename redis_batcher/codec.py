@@ -8,6 +8,7 @@ never execute code found in Redis.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
 import msgpack
@@ -37,6 +38,11 @@ class MsgpackCodec:
 
     def encode(self, item: Any) -> bytes:
         return msgpack.packb(item, use_bin_type=True)  # type: ignore[no-any-return]
+
+    def encode_many(self, items: Iterable[Any]) -> list[bytes]:
+        """Encode many items with one Packer (packb builds a new one per call: ~4x slower)."""
+        pack = msgpack.Packer(use_bin_type=True).pack
+        return [pack(item) for item in items]
 
     def decode(self, data: bytes) -> Any:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
@@ -86,6 +92,20 @@ def encode_item(codec: Codec, item: Any, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise ItemTooLarge(f"encoded item is {len(data)} bytes, over max_item_bytes={max_bytes}")
     return data
+
+
+def encode_items(codec: Codec, items: Iterable[Any], max_bytes: int) -> list[bytes]:
+    """Encode items for one add_many: a fast path for the built-in msgpack codec; on any
+    problem, item by item so the error names the culprit. Nothing is written before this."""
+    if isinstance(codec, MsgpackCodec):
+        items = list(items)
+        try:
+            out = codec.encode_many(items)
+        except Exception:
+            out = None
+        if out is not None and all(len(d) <= max_bytes for d in out):
+            return out
+    return [encode_item(codec, item, max_bytes) for item in items]
 
 
 def decode_item(codec: Codec, data: bytes, index: int) -> Any:

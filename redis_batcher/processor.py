@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import ops
-from .codec import Codec, decode_item, encode_item
+from .codec import Codec, decode_item, encode_item, encode_items
 from .errors import ConfigError, DeadLetterNotFound, DecodeError
 from .keys import KeySpace, PartitionKeys, parse_batch_id
 from .models import (
@@ -63,8 +63,7 @@ class Processor:
 
     def encode(self, items: Iterable[Any]) -> list[bytes]:
         """Encode items, raising before anything is written if one is invalid."""
-        limit = self.config.max_item_bytes
-        return [encode_item(self.codec, item, limit) for item in items]
+        return encode_items(self.codec, items, self.config.max_item_bytes)
 
     def add(self, batch_id: str, item: Any) -> AddResult:
         """Append one item to ``batch_id``: one round trip (a single EVALSHA).

@@ -2,7 +2,8 @@
 
 Starts its own redis-server on a free loopback port (--save '' --appendonly no). Each figure is
 the median of --runs runs (runs interleave the systems so noise hits both alike); the ratios are
-what to read. Usage: python -m benchmarks.add_path [--quick] [--runs N] [--seconds S]
+what to read (ratio of the medians). Usage:
+    python -m benchmarks.add_path [--quick] [--runs N] [--seconds S] [--json PATH]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import msgpack
 import redis
 
 import redis_batcher
+from benchmarks.report import append_json, record
 from redis_batcher.embedded import RedisServer
 
 ITEM = {
@@ -40,10 +42,11 @@ def rate(fn: Callable[[], int], seconds: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="short smoke run (asserts nothing about speed)")
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=5, help="runs per figure (median shown; at least 3)")
     ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--json", metavar="PATH", help="append the figures as JSON lines to PATH")
     args = ap.parse_args()
-    runs, seconds = (1, 0.3) if args.quick else (args.runs, args.seconds)
+    runs, seconds = (1, 0.3) if args.quick else (max(3, args.runs), args.seconds)
     payload = msgpack.packb(ITEM)
     hundred = [payload] * 100
     with RedisServer() as server:
@@ -92,6 +95,23 @@ def main() -> None:
             "  (target >= 0.60)"
         )
         client.close()
+    one = med["add()"] / med["bare RPUSH x1"]
+    many = med["add_many(100)"] / med["bare RPUSH x100"]
+    append_json(
+        args.json,
+        [
+            record("add_path", "bare RPUSH x1 items/s", results["bare RPUSH x1"], "items/s"),
+            record(
+                "add_path", "add() items/s", results["add()"], "items/s",
+                ratio=one, ratio_of="bare RPUSH x1 items/s", target="≥ 0.80",
+            ),
+            record("add_path", "bare RPUSH x100 items/s", results["bare RPUSH x100"], "items/s"),
+            record(
+                "add_path", "add_many(100) items/s", results["add_many(100)"], "items/s",
+                ratio=many, ratio_of="bare RPUSH x100 items/s", target="≥ 0.60",
+            ),
+        ],
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

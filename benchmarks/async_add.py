@@ -17,7 +17,7 @@ printed too: on loopback the round trip is mostly client CPU. --profile runs cPr
 async side of one case instead of measuring.
 
 Usage: python -m benchmarks.async_add [--quick] [--runs N] [--seconds S] [--calls N]
-                                      [--profile {throughput,latency}]
+                                      [--profile {throughput,latency}] [--json PATH]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import redis
 
 import redis_batcher
 import redis_batcher.asyncio as rb_asyncio
+from benchmarks.report import append_json, record
 from redis_batcher.embedded import RedisServer
 
 ITEM = {
@@ -219,6 +220,7 @@ def main() -> None:
     ap.add_argument("--coroutines", type=int, default=100)
     ap.add_argument("--batch-ids", type=int, default=20)
     ap.add_argument("--profile", choices=["throughput", "latency"], help="cProfile that async case instead")
+    ap.add_argument("--json", metavar="PATH", help="append the figures as JSON lines to PATH")
     args = ap.parse_args()
     runs, seconds, calls = (1, 0.3, 300) if args.quick else (max(3, args.runs), args.seconds, args.calls)
     piece, block = min(0.5, seconds), 100
@@ -297,6 +299,24 @@ def main() -> None:
         f"lone await add() latency / sync add() latency = {med(fig['async_lat']) / med(fig['sync_lat']):.2f}"
         "  (target <= 1.2)"
     )
+    suite = "async_add"
+    append_json(
+        args.json,
+        [
+            record(suite, "sync add() loop items/s", fig["sync_tp"], "items/s"),
+            record(
+                suite, f"await add() items/s, {args.coroutines} coroutines", fig["async_tp"], "items/s",
+                ratio=med(fig["async_tp"]) / med(fig["sync_tp"]), ratio_of="sync add() loop items/s",
+                target="≥ 3",
+            ),
+            record(suite, "sync add() latency (median per call)", fig["sync_lat"], "µs"),
+            record(
+                suite, "lone await add() latency (median per call)", fig["async_lat"], "µs",
+                ratio=med(fig["async_lat"]) / med(fig["sync_lat"]),
+                ratio_of="sync add() latency (median per call)", target="≤ 1.2",
+            ),
+        ],
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

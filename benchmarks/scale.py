@@ -1,0 +1,279 @@
+"""Scale: add throughput and claim cost with 1, 1,000 and 100,000 active batch ids.
+
+The add path must be O(1) per add and a claim O(log n) in the number of active ids, so both
+should stay flat as the id count grows. One redis-server per id count (free loopback ports,
+--save '' --appendonly no), all up at once so the runs can interleave the id counts (noise hits
+all alike). Each server holds one processor (max_batch_size larger than anything added,
+flush_interval 1 h: every active id has a timer in the delay queue, as in production) whose n
+ids are pre-created with pipelined EVALSHA of the add script (setup, not measured).
+
+Per run and id count:
+1. add() items/s: single-item ``add()`` calls into random existing ids for --seconds, the id
+   counts taking turns in pieces of 0.25 s; also add.lua's server-side cost (``INFO
+   commandstats`` usec_per_call of EVALSHA over that phase).
+2. claim cost, a few due: --claims claim.lua calls (``ops.claim_call``, limit 10), each finding
+   --due sequences due (sealed just before with EVAL add + EVAL flush, acked after with EVAL
+   ack: only the claims go through EVALSHA, so usec_per_call of EVALSHA is theirs alone).
+3. claim cost, none due: --claims claim.lua calls on the same queue with nothing due (an idle
+   worker's poll).
+Figures: median of --runs runs (min, max); ratios against the 1-id case of the same run:
+add@max ÷ add@1 (target ≥ 0.9), claim@max ÷ claim@1 (reported; expected about flat).
+
+Usage: python -m benchmarks.scale [--quick] [--runs N] [--ids 1 1000 100000] [--seconds S]
+                                  [--claims N] [--due K] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from typing import Any
+
+import redis
+
+import redis_batcher
+from benchmarks.report import Record, append_json, record
+from redis_batcher import ops
+from redis_batcher.embedded import RedisServer
+from redis_batcher.scripts import scripts
+
+SUITE = "scale"
+ITEM = {
+    "user": "user:000042",
+    "type": "click",
+    "page": "/products/12345?ref=home",
+    "ts": 1795876429.123,
+    "session": "9f8e7d6c5b4a",
+    "n": 0,
+}
+CLAIM_LIMIT = 10
+PIECE = 0.25  # seconds of add() on one server before the next takes its turn
+
+
+def noop(flush: redis_batcher.Flush) -> None:
+    """Never called: no worker runs."""
+
+
+def evalsha_usec_per_call(client: redis.Redis) -> tuple[int, float]:
+    """(calls, usec_per_call) of EVALSHA since the last CONFIG RESETSTAT."""
+    stats: dict[str, Any] = client.info("commandstats")
+    entry = stats.get("cmdstat_evalsha", {})
+    return int(entry.get("calls", 0)), float(entry.get("usec_per_call", 0.0))
+
+
+class Scale:
+    """One redis-server holding ``n`` active batch ids of one processor."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.server = RedisServer().start()
+        self.client = redis.Redis(host="127.0.0.1", port=self.server.port)
+        self.batcher = redis_batcher.Batcher(self.client, prefix="scale")
+        processor = self.batcher.processor(name="scale", max_batch_size=10_000_000, flush_interval=3600.0)
+        self.proc = processor(noop)
+        self.part = self.proc.keys.parts[0]
+        self.ids = [f"id:{i:07d}" for i in range(n)]
+        rng = random.Random(n)
+        self.order = [self.ids[rng.randrange(n)] for _ in range(1 << 16)]
+        self.script = scripts().add
+        self.batcher.register()
+        for script in scripts().scripts.values():
+            self.client.script_load(script.source)
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.close()
+
+    def populate(self) -> None:
+        """Make every id active: one item each, pipelined EVALSHA (setup, as benchmarks.worker does)."""
+        encoded = self.proc.encode([ITEM])
+        pipe = self.client.pipeline(transaction=False)
+        for bid in self.ids:
+            call = ops.add_call(self.proc, bid, encoded)
+            pipe.evalsha(self.script.sha, len(call.keys), *call.keys, *call.args)
+            if len(pipe) >= 1000:
+                pipe.execute()
+        pipe.execute()
+        active = int(self.client.scard(self.part.ids))
+        if active != self.n:
+            raise SystemExit(f"expected {self.n} active ids, found {active}")
+
+    def add_piece(self, seconds: float, offset: int) -> int:
+        """Single-item add() calls into random existing ids for ``seconds``; how many were made."""
+        add, order, mask = self.proc.add, self.order, len(self.order) - 1
+        done = 0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            add(order[(offset + done) & mask], ITEM)
+            done += 1
+        return done
+
+    def _eval(self, pipe: Any, call: ops.Call) -> None:
+        pipe.eval(call.script.source, len(call.keys), *call.keys, *call.args)
+
+    def claim_cost(self, claims: int, due: int) -> tuple[float, float]:
+        """(claim.lua server usec per call, wall usec per call) over ``claims`` claims, each
+        finding ``due`` sealed sequences due. Setup and acks run with EVAL, so EVALSHA's
+        commandstats are the claims' alone."""
+        pool = [f"due:{j}" for j in range(due)]
+        encoded = self.proc.encode([ITEM])
+        self.client.config_resetstat()
+        wall = 0.0
+        for _ in range(claims):
+            pipe = self.client.pipeline(transaction=False)
+            for bid in pool:
+                self._eval(pipe, ops.add_call(self.proc, bid, encoded))
+                self._eval(pipe, ops.flush_call(self.proc, bid, None))
+            pipe.execute()
+            owner = ops.new_token()
+            call = ops.claim_call(self.proc, self.part, CLAIM_LIMIT, owner)
+            t0 = time.perf_counter()
+            reply = self.client.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+            wall += time.perf_counter() - t0
+            _, claimed = ops.parse_claim(self.proc, self.part, owner, reply)
+            if len(claimed) != due:
+                raise SystemExit(f"claim found {len(claimed)} due sequences, expected {due}")
+            pipe = self.client.pipeline(transaction=False)
+            for c in claimed:
+                entry = ops.history_entry(c, int(time.time() * 1000), 0.0, True, None)
+                self._eval(pipe, ops.ack_call(c, entry))
+            pipe.execute()
+        calls, usec = evalsha_usec_per_call(self.client)
+        if calls != claims:
+            raise SystemExit(f"commandstats counted {calls} EVALSHA calls for {claims} claims")
+        return usec, wall / claims * 1e6
+
+    def idle_claim_cost(self, claims: int) -> float:
+        """claim.lua server usec per call when nothing is due."""
+        owner = ops.new_token()
+        call = ops.claim_call(self.proc, self.part, CLAIM_LIMIT, owner)
+        sha = call.script.sha
+        self.client.config_resetstat()
+        for _ in range(claims):
+            reply = self.client.evalsha(sha, len(call.keys), *call.keys, *call.args)
+            if len(reply) != 1:
+                raise SystemExit("a claim found something due in the idle case")
+        return evalsha_usec_per_call(self.client)[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1, 1,000 and 10,000 ids, one short run")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--ids", type=int, nargs="+", default=[1, 1000, 100_000], help="active id counts")
+    ap.add_argument("--seconds", type=float, default=2.0, help="duration of each add() measurement")
+    ap.add_argument("--claims", type=int, default=2000, help="claim calls per claim measurement")
+    ap.add_argument("--due", type=int, default=4, help="sequences due at each claim")
+    ap.add_argument("--json", metavar="PATH", help="append the figures as JSON lines to PATH")
+    args = ap.parse_args()
+    if args.quick:
+        args.ids, args.runs, args.seconds, args.claims = [1, 1000, 10_000], 1, 0.3, 200
+    ns = sorted(set(args.ids))
+    fig: dict[tuple[str, int], list[float]] = {}
+    benches: list[Scale] = []
+    try:
+        for n in ns:
+            bench = Scale(n)
+            benches.append(bench)
+            t0 = time.perf_counter()
+            bench.populate()
+            print(f"{n:>9,} active ids created in {time.perf_counter() - t0:.1f} s")
+        version = benches[0].client.info()["redis_version"]
+        piece = min(PIECE, args.seconds)
+        for r in range(args.runs):
+            # rotate which id count goes first, so drift over the run hits all alike
+            turn = benches[r % len(benches) :] + benches[: r % len(benches)]
+            # 1. add(): every id count in alternating pieces, so noise hits all alike
+            done = dict.fromkeys(ns, 0)
+            taken = dict.fromkeys(ns, 0.0)
+            for bench in turn:
+                bench.client.config_resetstat()
+            left = args.seconds
+            while left > 1e-9:
+                for bench in turn:
+                    t0 = time.perf_counter()
+                    done[bench.n] += bench.add_piece(min(piece, left), done[bench.n])
+                    taken[bench.n] += time.perf_counter() - t0
+                left -= piece
+            for bench in turn:
+                calls, usec = evalsha_usec_per_call(bench.client)
+                if calls < done[bench.n]:
+                    raise SystemExit(f"commandstats counted {calls} EVALSHA calls for {done[bench.n]} adds")
+                fig.setdefault(("add", bench.n), []).append(done[bench.n] / taken[bench.n])
+                fig.setdefault(("add_usec", bench.n), []).append(usec)
+            # 2. and 3. claims
+            for bench in turn:
+                claim_usec, claim_wall = bench.claim_cost(args.claims, args.due)
+                idle_usec = bench.idle_claim_cost(args.claims)
+                for key, value in (
+                    ("claim_usec", claim_usec),
+                    ("claim_wall", claim_wall),
+                    ("idle_usec", idle_usec),
+                ):
+                    fig.setdefault((key, bench.n), []).append(value)
+    finally:
+        for bench in benches:
+            bench.close()
+
+    med = statistics.median
+    lo, hi = ns[0], ns[-1]
+    print(
+        f"redis-server {version}; {args.runs} run(s): add() for {args.seconds}s, {args.claims} claims "
+        f"with {args.due} due and {args.claims} with none due, per id count; median shown (min, max)"
+    )
+    rows = (
+        ("add", "add() items/s", ",.0f"),
+        ("add_usec", "add.lua server us/call", ".1f"),
+        ("claim_usec", f"claim.lua server us/call, {args.due} due", ".1f"),
+        ("claim_wall", f"claim round trip us, {args.due} due", ".1f"),
+        ("idle_usec", "claim.lua server us/call, none due", ".1f"),
+    )
+    for key, label, fmt in rows:
+        cells = []
+        for n in ns:
+            v = fig[(key, n)]
+            ids = f"{n:,} id{'s' if n != 1 else ''}"
+            cells.append(f"{ids} {format(med(v), fmt)} ({format(min(v), fmt)}..{format(max(v), fmt)})")
+        print(f"  {label:<38} " + "; ".join(cells))
+
+    def ratio(key: str) -> float:
+        return med(fig[(key, hi)]) / med(fig[(key, lo)])
+
+    print(f"add() items/s at {hi:,} ids / at {lo:,} id = {ratio('add'):.2f}  (target >= 0.9)")
+    print(f"claim.lua cost at {hi:,} ids / at {lo:,} id = {ratio('claim_usec'):.2f}  (expected about flat)")
+    print(f"idle claim.lua cost at {hi:,} ids / at {lo:,} id = {ratio('idle_usec'):.2f}")
+
+    records: list[Record] = []
+    units = {"add": "items/s", "add_usec": "µs", "claim_usec": "µs", "claim_wall": "µs", "idle_usec": "µs"}
+    names = {
+        "add": "add() items/s",
+        "add_usec": "add.lua server µs/call",
+        "claim_usec": f"claim.lua server µs/call, {args.due} due",
+        "claim_wall": f"claim round trip µs, {args.due} due",
+        "idle_usec": "claim.lua server µs/call, none due",
+    }
+    for key in ("add", "add_usec", "claim_usec", "claim_wall", "idle_usec"):
+        base_name = f"{names[key]}, {lo:,} active id{'s' if lo != 1 else ''}"
+        for n in ns:
+            name = f"{names[key]}, {n:,} active id{'s' if n != 1 else ''}"
+            if n == lo:
+                records.append(record(SUITE, name, fig[(key, n)], units[key]))
+                continue
+            records.append(
+                record(
+                    SUITE,
+                    name,
+                    fig[(key, n)],
+                    units[key],
+                    ratio=med(fig[(key, n)]) / med(fig[(key, lo)]),
+                    ratio_of=base_name,
+                    target="≥ 0.9" if key == "add" and n == hi else None,
+                )
+            )
+    append_json(args.json, records)
+
+
+if __name__ == "__main__":
+    main()

@@ -760,7 +760,9 @@ class Worker(WorkerCore):
                 c = r.claimed
                 try:
                     call = ops.extend_call(c)
-                    if not await call.script.call_async(self.client, call.keys, call.args):
+                    ok = await call.script.call_async(self.client, call.keys, call.args)
+                    key = c.part.pfx + c.member
+                    if not ok and key in self._inflight and not self._inflight[key].settling:
                         log.warning("%s %s: lease lost during the handler", c.processor.name, c.member)
                 except RedisError as exc:
                     log.warning("%s %s: heartbeat failed: %s", c.processor.name, c.member, exc)

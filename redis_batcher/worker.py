@@ -313,10 +313,16 @@ class Worker(WorkerCore):
                 running = [r.claimed for r in self._inflight.values() if not r.abandoned]
             for c in running:
                 try:
-                    if not ops.extend_call(c).run(self.client):
+                    if not ops.extend_call(c).run(self.client) and self._still_running(c):
                         log.warning("%s %s: lease lost during the handler", c.processor.name, c.member)
                 except RedisError as exc:
                     log.warning("%s %s: heartbeat failed: %s", c.processor.name, c.member, exc)
+
+    def _still_running(self, c: ops.Claimed) -> bool:
+        """False once the flush was settled (an extend that raced with its ack is no news)."""
+        with self._lock:
+            r = self._inflight.get(c.part.pfx + c.member)
+            return r is not None and not r.settling and not r.abandoned
 
     def _enforce_timeouts(self) -> None:
         now = time.monotonic()

@@ -17,17 +17,8 @@ import msgpack
 import redis
 
 import redis_batcher
-from benchmarks.report import append_json, record
+from benchmarks.report import ITEM, append_json, record
 from redis_batcher.embedded import RedisServer
-
-ITEM = {
-    "user": "user:000042",
-    "type": "click",
-    "page": "/products/12345?ref=home",
-    "ts": 1795876429.123,
-    "session": "9f8e7d6c5b4a",
-    "n": 0,
-}
 
 
 def rate(fn: Callable[[], int], seconds: float) -> float:

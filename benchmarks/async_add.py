@@ -34,17 +34,9 @@ import redis
 
 import redis_batcher
 import redis_batcher.asyncio as rb_asyncio
-from benchmarks.report import append_json, record
+from benchmarks.report import ITEM, append_json, record
 from redis_batcher.embedded import RedisServer
 
-ITEM = {
-    "user": "user:000042",
-    "type": "click",
-    "page": "/products/12345?ref=home",
-    "ts": 1795876429.123,
-    "session": "9f8e7d6c5b4a",
-    "n": 0,
-}
 PROCESSOR: dict[str, Any] = {"name": "bench", "max_batch_size": 1_000_000, "flush_interval": None}
 
 

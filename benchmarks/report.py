@@ -31,6 +31,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+# the sample item every add benchmark sends (~95 bytes of msgpack)
+ITEM = {
+    "user": "user:000042",
+    "type": "click",
+    "page": "/products/12345?ref=home",
+    "ts": 1795876429.123,
+    "session": "9f8e7d6c5b4a",
+    "n": 0,
+}
+
 Record = dict[str, Any]
 
 FIELDS = (

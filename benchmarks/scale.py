@@ -34,20 +34,12 @@ from typing import Any
 import redis
 
 import redis_batcher
-from benchmarks.report import Record, append_json, record
+from benchmarks.report import ITEM, Record, append_json, record
 from redis_batcher import ops
 from redis_batcher.embedded import RedisServer
 from redis_batcher.scripts import scripts
 
 SUITE = "scale"
-ITEM = {
-    "user": "user:000042",
-    "type": "click",
-    "page": "/products/12345?ref=home",
-    "ts": 1795876429.123,
-    "session": "9f8e7d6c5b4a",
-    "n": 0,
-}
 CLAIM_LIMIT = 10
 PIECE = 0.25  # seconds of add() on one server before the next takes its turn
 

@@ -123,6 +123,7 @@ class Batcher:
         self.client: Any = None
         self.is_cluster = False
         self._own_definitions = False
+        self._registered: set[str] = set()
         self.connect(connection, cluster=cluster, **redis_options)
         if definitions is None:
             # the sync twin holding the processor definitions; its own client is only used by
@@ -146,7 +147,6 @@ class Batcher:
             1, round((_seconds("wait_timeout", wait_timeout, allow_none=False) or 1) * 1000)
         )
         self.connect_retry = _seconds("connect_retry", connect_retry, allow_none=False) or 0.0
-        self._registered: set[str] = set()
         self._queue: list[_Pending] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -174,9 +174,8 @@ class Batcher:
             raise ConfigError("redis-batcher needs a client with decode_responses=False (items are bytes)")
         self.client = client
         self.is_cluster = isinstance(client, aioredis.RedisCluster)
-        if hasattr(self, "_registered"):
-            self._registered.clear()
-        if getattr(self, "_own_definitions", False):
+        self._registered.clear()
+        if self._own_definitions:
             # keep the sync twin (dead-letter admin, `aproc.definition`) on the same server
             self.definitions.connect(_sync_twin(client, self.url, cluster))
 
@@ -453,14 +452,11 @@ class AsyncProcessor:
             return AddResult(base, None, 0, 0, False, None, 0)
         if len(encoded) <= ADD_CHUNK:
             return await self.batcher._add(self.definition, base, encoded)
-        added = sealed = 0
-        result: AddResult | None = None
-        for start in range(0, len(encoded), ADD_CHUNK):
-            result = await self.batcher._add(self.definition, base, encoded[start : start + ADD_CHUNK])
-            added += result.added
-            sealed += result.sealed
-        assert result is not None
-        return AddResult(base, result.sequence, added, result.pending, sealed > 0, result.status, sealed)
+        results = [
+            await self.batcher._add(self.definition, base, encoded[i : i + ADD_CHUNK])
+            for i in range(0, len(encoded), ADD_CHUNK)
+        ]
+        return ops.combine_adds(base, results)
 
     async def flush(self, batch_id: str) -> FlushResult:
         """Seal the accumulating sequence now (see :meth:`redis_batcher.Processor.flush`)."""
@@ -560,9 +556,8 @@ class Worker(WorkerCore):
         max_idle_wait: float = 5.0,
         grace_period: float = 30.0,
     ) -> None:
-        defs = batcher.definitions
         super().__init__(
-            select_processors(defs.processors, processors, defs.get_processor),
+            select_processors(batcher.definitions, processors),
             concurrency=concurrency,
             max_idle_wait=max_idle_wait,
             grace_period=grace_period,

@@ -94,6 +94,13 @@ def _common(f: Any) -> Any:
     return f
 
 
+def _processor_command(f: F) -> F:
+    """Options of the commands that act on one processor found in the registry."""
+    f = _common(f)
+    f = click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
+    return click.option("--processor", "-p", required=True, help="Processor name.")(f)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="redis-batcher")
 def main() -> None:
@@ -186,9 +193,7 @@ def worker(
 
 @main.command()
 @click.argument("batch_id")
-@click.option("--processor", "-p", required=True, help="Processor name.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@_common
+@_processor_command
 def status(
     batch_id: str, processor: str, as_json: bool, redis_url: str | None, prefix: str, cluster: bool
 ) -> None:
@@ -225,10 +230,8 @@ def status(
 
 @main.command()
 @click.argument("batch_id")
-@click.option("--processor", "-p", required=True, help="Processor name.")
+@_processor_command
 @click.option("--limit", "-n", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@_common
 def history(
     batch_id: str,
     processor: str,
@@ -265,9 +268,7 @@ def history(
 
 @main.command()
 @click.argument("batch_id")
-@click.option("--processor", "-p", required=True, help="Processor name.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@_common
+@_processor_command
 def flush(
     batch_id: str, processor: str, as_json: bool, redis_url: str | None, prefix: str, cluster: bool
 ) -> None:
@@ -332,10 +333,8 @@ def dead() -> None:
 
 
 @dead.command(name="ls")
-@click.option("--processor", "-p", required=True, help="Processor name.")
+@_processor_command
 @click.option("--limit", "-n", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@_common
 def dead_ls(
     processor: str, limit: int, as_json: bool, redis_url: str | None, prefix: str, cluster: bool
 ) -> None:
@@ -365,9 +364,7 @@ def dead_ls(
 
 @dead.command(name="show")
 @click.argument("dead_id")
-@click.option("--processor", "-p", required=True, help="Processor name.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@_common
+@_processor_command
 def dead_show(
     dead_id: str, processor: str, as_json: bool, redis_url: str | None, prefix: str, cluster: bool
 ) -> None:

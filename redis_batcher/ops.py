@@ -79,6 +79,15 @@ def parse_add_segments(
     ]
 
 
+def combine_adds(base: str, results: Sequence[AddResult]) -> AddResult:
+    """One AddResult for an add_many sent as several atomic chunks (in order)."""
+    last = results[-1]
+    sealed = sum(r.sealed for r in results)
+    return AddResult(
+        base, last.sequence, sum(r.added for r in results), last.pending, sealed > 0, last.status, sealed
+    )
+
+
 def _parse_one_add(proc: Processor, base: str, adding: int, entry: str) -> AddResult | BatchFull:
     fields = entry.split(",")
     if fields[0] == "full":

@@ -88,14 +88,8 @@ class Processor:
         self.batcher._ensure_registered(self)
         if len(encoded) <= ADD_CHUNK:
             return self.batcher._run_add(self, base, encoded)
-        added = sealed = 0
-        result: AddResult | None = None
-        for start in range(0, len(encoded), ADD_CHUNK):
-            result = self.batcher._run_add(self, base, encoded[start : start + ADD_CHUNK])
-            added += result.added
-            sealed += result.sealed
-        assert result is not None
-        return AddResult(base, result.sequence, added, result.pending, sealed > 0, result.status, sealed)
+        chunks = [encoded[i : i + ADD_CHUNK] for i in range(0, len(encoded), ADD_CHUNK)]
+        return ops.combine_adds(base, [self.batcher._run_add(self, base, chunk) for chunk in chunks])
 
     def flush(self, batch_id: str) -> FlushResult:
         """Seal the accumulating sequence of ``batch_id`` (or the named ``base::N``) now.

@@ -77,7 +77,7 @@ class Worker(WorkerCore):
         grace_period: float = 30.0,
     ) -> None:
         super().__init__(
-            select_processors(batcher.processors, processors, batcher.get_processor),
+            select_processors(batcher, processors),
             concurrency=concurrency,
             max_idle_wait=max_idle_wait,
             grace_period=grace_period,

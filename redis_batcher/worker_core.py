@@ -10,7 +10,7 @@ import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import ops
 from .codec import decode_item
@@ -18,6 +18,9 @@ from .errors import ConfigError, DecodeError, PartialFailure
 from .keys import PartitionKeys
 from .models import Flush
 from .processor import Processor
+
+if TYPE_CHECKING:
+    from .batcher import Batcher
 
 log = logging.getLogger("redis_batcher.worker")
 
@@ -312,8 +315,8 @@ class WorkerCore:
         )
 
 
-def select_processors(
-    all_procs: dict[str, Processor], names: Iterable[str] | None, get: Any
-) -> list[Processor]:
-    """The processors a worker serves: ``names`` (looked up with ``get``) or all of them."""
-    return [get(n) for n in (list(names) if names is not None else list(all_procs))]
+def select_processors(batcher: Batcher, names: Iterable[str] | None) -> list[Processor]:
+    """The processors a worker serves: those called ``names``, or all of the batcher's."""
+    return [
+        batcher.get_processor(n) for n in (list(names) if names is not None else list(batcher.processors))
+    ]

@@ -20,6 +20,7 @@ from .errors import ConfigError, DuplicateProcessor, NotReplicated, UnknownProce
 from .keys import registry_key, validate_name
 from .models import AddResult, ProcessorConfig
 from .processor import Handler, Processor
+from .scripts import DirectLink
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
@@ -91,6 +92,7 @@ class Batcher:
         self.processors: dict[str, Processor] = {}
         self._registered: set[str] = set()
         self._lock = threading.Lock()
+        self._link: DirectLink | None = None
         self.connect(connection, cluster=cluster, **redis_options)
 
     def connect(
@@ -121,6 +123,10 @@ class Batcher:
         self.client = client
         self.url = url
         self.is_cluster = isinstance(client, redis.RedisCluster)
+        if self._link is not None:
+            self._link.close()
+        # the producer's hot path: script calls on this thread's own connection (see DirectLink)
+        self._link = DirectLink(client) if DirectLink.supports(client) else None
         if self.is_cluster and self.wait_replicas:
             raise ConfigError("wait_replicas is not supported on Redis Cluster clients")
         self._registered.clear()
@@ -142,6 +148,8 @@ class Batcher:
                     if acked < self.wait_replicas:
                         raise NotReplicated(self.wait_replicas, acked)
                     return reply
+                if self._link is not None:
+                    return call.script.call_direct(self._link, call.keys, call.args)
                 return call.run(self.client)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if deadline is None:
@@ -323,7 +331,9 @@ class Batcher:
         }
 
     def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool and the producer connections."""
+        if self._link is not None:
+            self._link.close()
         self.client.close()
 
     def remote(self, name: str) -> Processor:

@@ -1,9 +1,10 @@
--- _common.lua: helpers prepended to every script by redis_batcher/scripts.py.
+-- _common.lua: helpers prepended by redis_batcher/scripts.py to each script that uses them
+-- (each "local function" block up to the next one is included when its name is used).
 --
 -- Key layout (pfx = "<prefix>:{<processor>:<partition>}:", one hash tag per partition):
 --   pfx.."due"            ZSET  member "base::N", score = due time / lease expiry (ms, server clock)
 --   pfx.."ids"            SET   base ids with at least one active sequence
---   pfx.."b:"..base       HASH  head: next, acc, active, pending, a:<N> = status, done_seq, ...
+--   pfx.."b:"..base       HASH  head: next, acc, active, pending, added_at, a:<N> = status, done_seq, ...
 --   pfx.."h:"..base       LIST  flush history, newest first (JSON)
 --   pfx.."s:"..base.."::"..N  HASH  sequence state: status, cutoff, window, attempt, deaths, ...
 --   pfx.."i:"..base.."::"..N  LIST  encoded items in add order

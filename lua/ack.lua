@@ -35,7 +35,8 @@ push_history(hist, ARGV[4], tonumber(ARGV[5]))
 local delivered = redis.call('HINCRBY', meta, 'delivered', window)
 local base, seq = split_member(member)
 local left = advance(pfx, base, seq, window, now, cfg)
-if left == 0 then
+-- the head remembers the highest completed sequence (concurrent flushes finish in any order)
+if left == 0 and tonumber(seq) >= tonumber(redis.call('HGET', head, 'done_seq') or '-1') then
   redis.call('HSET', head, 'done_seq', seq, 'done_items', delivered, 'done_at', int(now))
 end
 return {'ok', left}

@@ -1,7 +1,8 @@
 -- add.lua: append items to a base id's accumulating sequence, sealing full sequences.
 --
 -- KEYS[1] head      pfx.."b:"..base; pfx = "<prefix>:{<processor>:<partition>}:" is read
---                   from it, and the wake-up channel "<prefix>:wake:<processor>" from pfx
+--                   from it, and (only when publishing) the wake-up channel
+--                   "<prefix>:wake:<processor>" from pfx
 -- ARGV[1] base      base batch id
 -- ARGV[2] config    "<max_batch_size> <interval_ms> <max_pending> <segments>": a sequence is
 --                   sealed at max_batch_size items; interval_ms is the delay before an interval
@@ -10,7 +11,9 @@
 --                   are one add) or "n1,n2,..": several adds coalesced into one call (group
 --                   commit), each answered on its own
 -- ARGV[3..] items   encoded items, in add order
--- Few arguments and a one-string reply keep the client's cost down on the hot path.
+-- Few arguments and a one-string reply keep the client's cost down on the hot path; on the
+-- server an add into an open sequence is 4 commands: TIME, HMGET head, RPUSH, HSET head
+-- (pending count and added_at, the accumulating sequence's last-add time).
 -- Derived keys (same hash tag): pfx.."ids", pfx.."due", pfx.."h:"..base, and the state and
 -- items of the sequences touched. Publishes on the wake-up channel when a sequence is sealed
 -- or a new timer became the earliest entry of the delay queue.
@@ -22,13 +25,35 @@
 local head = KEYS[1]
 local base = ARGV[1]
 local pfx = string.sub(head, 1, #head - #base - 2)
-local prefix, processor = string.match(pfx, '^(.*):{(.*):%d+}:$')
-local channel = prefix .. ':wake:' .. processor
-local ids, due, hist = pfx .. 'ids', pfx .. 'due', pfx .. 'h:' .. base
 local max, interval, max_pending, segments = string.match(ARGV[2], '^(%-?%d+) (%-?%d+) (%-?%d+) (%S+)$')
 max, interval, max_pending = tonumber(max), tonumber(interval), tonumber(max_pending)
 local first, last = 3, #ARGV
 local now = now_ms()
+local state = redis.call('HMGET', head, 'acc', 'pending')
+
+local function wake_workers()
+  local prefix, processor = string.match(pfx, '^(.*):{(.*):%d+}:$')
+  redis.call('PUBLISH', prefix .. ':wake:' .. processor, pfx)
+end
+
+-- The hot path, kept short (every Lua operation costs here): one item from one caller into
+-- the open sequence, within max_pending. Same effects and reply as the general path below.
+if last == first and segments == '-' and state[1] then
+  local pending = tonumber(state[2] or '0') + 1
+  if max_pending < 0 or pending <= max_pending then
+    local seq = state[1]
+    local count = redis.call('RPUSH', pfx .. 'i:' .. base .. '::' .. seq, ARGV[first])
+    redis.call('HSET', head, 'pending', pending, 'added_at', now)
+    if count < max then
+      return seq .. ',' .. count .. ',A,0,1'
+    end
+    seal(pfx, head, pfx .. 'due', base, seq, count, 'size', now)
+    wake_workers()
+    return seq .. ',' .. count .. ',F,1,1'
+  end
+end
+
+local ids, due, hist = pfx .. 'ids', pfx .. 'due', pfx .. 'h:' .. base
 local wake = false
 
 local function open_sequence()
@@ -60,7 +85,6 @@ else
   for n in string.gmatch(segments, '%d+') do table.insert(segs, tonumber(n)) end
 end
 
-local state = redis.call('HMGET', head, 'acc', 'pending')
 local pending = tonumber(state[2] or '0')
 local accepted = 0
 local any_sealed = false
@@ -100,7 +124,6 @@ for _, n in ipairs(segs) do
         count = count + take
         i = i + take
       end
-      redis.call('HSET', pfx .. 's:' .. member, 'updated_at', int(now))
       res_seq, res_count = seq, count
       if count >= max then
         seal(pfx, head, due, base, seq, count, 'size', now)
@@ -118,9 +141,9 @@ for _, n in ipairs(segs) do
   i = stop + 1
 end
 if accepted > 0 then
-  redis.call('HINCRBY', head, 'pending', accepted)
+  redis.call('HSET', head, 'pending', pending, 'added_at', now)
 end
 if any_sealed or wake then
-  redis.call('PUBLISH', channel, pfx)
+  wake_workers()
 end
 return table.concat(out, ';')

@@ -1,0 +1,180 @@
+"""The producer's hot path against a real redis-server: DirectLink (each thread's own
+connection for script calls), add.lua's single-item fast branch, and linking only the Lua
+helpers a script uses."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from typing import Any
+
+import pytest
+import redis
+
+import redis_batcher as rb
+from redis_batcher import Batcher, Worker
+from redis_batcher.embedded import RedisServer
+from redis_batcher.scripts import DirectLink, link_helpers, lua_dir, scripts
+
+
+def make(batcher: Batcher, **config: Any) -> rb.Processor:
+    config.setdefault("max_batch_size", 3)
+    config.setdefault("flush_interval", None)
+    return batcher.processor(name="hot", **config)(lambda flush: None)
+
+
+def items_of(client: redis.Redis, proc: rb.Processor, base: str, seq: int) -> int:
+    return int(client.llen(proc.keys.for_base(base).items(base, seq)))
+
+
+def test_link_is_used_for_plain_clients_only(redis_server: RedisServer) -> None:
+    import fakeredis
+
+    with_url = Batcher(redis_server.url)
+    assert with_url._link is not None
+    assert Batcher(redis.Redis(host="127.0.0.1", port=redis_server.port))._link is not None
+    assert Batcher(fakeredis.FakeRedis())._link is None
+
+    class Traced(redis.Connection):
+        pass
+
+    custom = redis.Redis(
+        connection_pool=redis.ConnectionPool(connection_class=Traced, port=redis_server.port)
+    )
+    assert not DirectLink.supports(custom)  # an unknown connection class keeps redis-py's own path
+    with_url.close()
+
+
+def test_link_reconnects_after_the_server_closed_an_idle_connection(
+    real_batcher: Batcher, real_client: redis.Redis
+) -> None:
+    proc = make(real_batcher, max_batch_size=100)
+    proc.add("k", 1)
+    killed = real_client.client_kill_filter(_type="normal", skipme=True)
+    assert killed >= 1
+    # the next add notices the closed socket before sending and reconnects: no error, no duplicate
+    assert proc.add("k", 2).pending == 2
+    assert items_of(real_client, proc, "k", 0) == 2
+
+
+def test_link_keeps_a_connection_per_thread_and_close_closes_them(redis_server: RedisServer) -> None:
+    batcher = Batcher(redis_server.url)
+    proc = make(batcher, max_batch_size=10_000)
+    link = batcher._link
+    assert link is not None
+
+    def adder() -> None:
+        for i in range(50):
+            proc.add("t", i)
+
+    threads = [threading.Thread(target=adder) for _ in range(4)]
+    for t in threads:
+        t.start()
+    adder()
+    for t in threads:
+        t.join()
+    assert proc.status("t") is not None
+    assert sum(b.item_count for b in proc.status("t").batches) == 250  # type: ignore[union-attr]
+    opened = list(link._open)
+    assert len(opened) == 5 and all(c._sock is not None for c in opened)
+    batcher.close()
+    assert all(c._sock is None for c in opened)
+
+
+def test_forked_child_opens_its_own_connection(redis_server: RedisServer) -> None:
+    batcher = Batcher(redis_server.url)
+    proc = make(batcher, max_batch_size=10_000)
+    proc.add("f", "parent")
+    parent_conn = batcher._link._local.conn  # type: ignore[union-attr]
+    ctx = multiprocessing.get_context("fork")
+    done = ctx.Queue()
+
+    def child() -> None:
+        conn_before = batcher._link._local.conn  # type: ignore[union-attr]
+        proc.add("f", "child")
+        done.put(batcher._link._local.conn is not conn_before)  # type: ignore[union-attr]
+
+    p = ctx.Process(target=child)
+    p.start()
+    assert done.get(timeout=20) is True
+    p.join(timeout=20)
+    assert p.exitcode == 0
+    # the parent's connection was not touched by the child and still works
+    assert proc.add("f", "parent again").pending == 3
+    assert batcher._link._local.conn is parent_conn  # type: ignore[union-attr]
+    batcher.close()
+
+
+def test_script_error_keeps_the_connection_in_step(real_batcher: Batcher) -> None:
+    link = real_batcher._link
+    assert link is not None
+    with pytest.raises(redis.ResponseError):
+        link.call((b"EVAL", "return redis.error_reply('nope')", 0))
+    assert link.call((b"PING",)) == b"PONG"
+    assert link.call((b"ECHO", "x" * 70_000)) == b"x" * 70_000
+
+
+def test_single_item_fast_branch_matches_the_general_path(
+    real_batcher: Batcher, real_client: redis.Redis
+) -> None:
+    proc = make(real_batcher, max_batch_size=3, max_pending=4)
+    first = proc.add("u", "a")  # opens sequence 0 (general path)
+    assert first == rb.AddResult("u", 0, 1, 1, False, "accumulating", 0)
+    assert proc.add("u", "b") == rb.AddResult("u", 0, 1, 2, False, "accumulating", 0)
+    # the fast branch seals a full sequence and wakes workers like the general path
+    pubsub = real_client.pubsub()
+    pubsub.subscribe(proc.keys.channel)
+    assert pubsub.get_message(timeout=1)["type"] == "subscribe"  # type: ignore[index]
+    assert proc.add("u", "c") == rb.AddResult("u", 0, 1, 3, True, "flushing", 1)
+    message = pubsub.get_message(timeout=1)
+    part = proc.keys.for_base("u")
+    assert message is not None and message["data"] == part.pfx.encode()
+    pubsub.close()
+    assert real_client.zscore(part.due, "u::0") is not None
+    assert proc.add("u", "d").sequence == 1  # general path again: opens sequence 1
+    # max_pending is checked before the fast branch writes anything
+    with pytest.raises(rb.BatchFull):
+        proc.add("u", "e")
+    assert items_of(real_client, proc, "u", 1) == 1
+    assert real_client.hget(part.head("u"), "pending") == b"4"
+
+
+def test_updated_at_of_the_accumulating_sequence_is_its_last_add(real_batcher: Batcher) -> None:
+    proc = make(real_batcher, max_batch_size=100)
+    proc.add("w", 1)
+    time.sleep(0.05)
+    proc.add("w", 2)
+    [info] = proc.status("w").batches  # type: ignore[union-attr]
+    assert info.created_at is not None and info.updated_at is not None
+    assert (info.updated_at - info.created_at).total_seconds() >= 0.04
+
+
+def test_highest_completed_sequence_is_kept_whatever_order_flushes_finish(real_batcher: Batcher) -> None:
+    release_first = threading.Event()
+
+    def handler(flush: rb.Flush) -> None:
+        if flush.sequence == 0:
+            assert release_first.wait(10)
+        else:
+            release_first.set()
+
+    proc = real_batcher.processor(name="order", max_batch_size=2, flush_interval=None)(handler)
+    proc.add_many("o", [1, 2, 3, 4])
+    stats = Worker(real_batcher, concurrency=2).run(burst=True)
+    assert stats.delivered == 2
+    [done] = [b for b in proc.sequences("o") if b.status == "completed"]
+    assert done.sequence == 1  # sequence 0 finished last, but 1 is the latest completed
+
+
+def test_scripts_link_only_the_helpers_they_use(real_client: redis.Redis) -> None:
+    table = scripts()
+    assert "local function bury" not in table.add.source
+    assert "local function advance" in table.ack.source
+    # advance uses retire and unpark: linked through it even where the body does not name them
+    assert "local function retire" in table.ack.source and "local function unpark" in table.ack.source
+    for script in table.scripts.values():
+        assert real_client.script_load(script.source) == script.sha
+    common = (lua_dir() / "_common.lua").read_text()
+    assert link_helpers(common, "return 1").strip().startswith("--")
+    assert "\nlocal function" not in link_helpers(common, "return 1")

@@ -29,6 +29,20 @@ SCRIPT_NAMES = (
     "replay",
     "purge",
 )
+# iterator jobs (redis_batcher.jobs): _jobs.lua is prepended to these after _common.lua
+JOB_SCRIPT_NAMES = (
+    "job_start",
+    "job_claim",
+    "job_commit",
+    "job_fail",
+    "job_finish",
+    "job_extend",
+    "job_release",
+    "job_pause",
+    "job_resume",
+    "job_cancel",
+    "job_delete",
+)
 
 Arg = str | bytes | int | float
 
@@ -93,6 +107,10 @@ class ScriptTable:
         for name in SCRIPT_NAMES:
             body = (directory / f"{name}.lua").read_text()
             self.scripts[name] = Script(name, common + "\n" + body)
+        jobs_common = common + "\n" + (directory / "_jobs.lua").read_text()
+        for name in JOB_SCRIPT_NAMES:
+            body = (directory / f"{name}.lua").read_text()
+            self.scripts[name] = Script(name, jobs_common + "\n" + body)
         self.add = self.scripts["add"]
         self.flush = self.scripts["flush"]
         self.claim = self.scripts["claim"]

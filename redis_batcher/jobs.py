@@ -661,6 +661,7 @@ class JobRunner:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._ended: set[str] = set()  # iterators whose job just ended: a retry may be due soon
 
     # -- control ----------------------------------------------------------------------------------
 
@@ -699,6 +700,10 @@ class JobRunner:
             while not self._stopping.is_set():
                 self._wake.clear()
                 now = time.monotonic()
+                with self._lock:
+                    ended, self._ended = self._ended, set()
+                for name in ended:
+                    due_at[name] = 0.0
                 more = self._claim_round(now, due_at)
                 if burst and not more and not self._sessions:
                     return self.stats
@@ -823,6 +828,7 @@ class JobRunner:
             with self._lock:
                 if self._sessions.get((s.iterator.name, s.claimed.job_id)) is s:
                     del self._sessions[(s.iterator.name, s.claimed.job_id)]
+                self._ended.add(s.iterator.name)
             s.done.set()
             self._wake.set()
 

@@ -36,6 +36,8 @@ from . import ops
 from .batcher import _never_sent, _seconds, default_url
 from .codec import Codec, encode_item
 from .errors import ConfigError, NotReplicated, UnknownProcessor
+from .jobs import JobStatus
+from .jobs_async import AsyncJobIterator, AsyncJobRunner
 from .keys import parse_batch_id, registry_key, validate_name
 from .models import AddResult, BatchInfo, BatchStatus, DeleteResult, FlushRecord, FlushResult
 from .processor import ADD_CHUNK, Processor
@@ -219,6 +221,24 @@ class Batcher:
 
     def get_processor(self, name: str) -> Processor:
         return self.definitions.get_processor(name)
+
+    # -- iterator jobs (redis_batcher.jobs_async) ---------------------------------------------------
+
+    def iterator(self, *, name: str, **options: Any) -> Callable[[type], AsyncJobIterator]:
+        """Class decorator, as :meth:`redis_batcher.Batcher.iterator` (methods may be
+        ``async def``); returns an :class:`~redis_batcher.jobs_async.AsyncJobIterator`."""
+        define = self.definitions.iterator(name=name, **options)
+        return lambda cls: AsyncJobIterator(self, define(cls))
+
+    def use_iterator(self, name: str) -> AsyncJobIterator:
+        """The async face of an iterator defined on the definitions batcher."""
+        return AsyncJobIterator(self, self.definitions.iterators[name])
+
+    async def jobs(self, status: str | None = None, limit: int = 50) -> list[JobStatus]:
+        """As :meth:`redis_batcher.Batcher.jobs`, awaited."""
+        from .jobs_async import list_jobs
+
+        return await list_jobs(self, status, limit)
 
     async def batch_ids(self, processor: str) -> AsyncIterator[str]:
         """Active base ids of a processor (SSCAN over each partition, never KEYS)."""
@@ -561,10 +581,17 @@ class Worker(WorkerCore):
             concurrency=concurrency,
             max_idle_wait=max_idle_wait,
             grace_period=grace_period,
+            jobs=bool(batcher.definitions.iterators),
         )
         self.batcher = batcher
         self.client: Any = batcher.client
         self._inflight: dict[str, _Running] = {}
+        # iterator jobs run as tasks of their own runner (redis_batcher.jobs_async)
+        self.jobs = (
+            AsyncJobRunner(batcher, concurrency=concurrency, grace_period=grace_period)
+            if batcher.definitions.iterators
+            else None
+        )
         self._wake: asyncio.Event | None = None
         self._stopping = False
         self.forced = False  # a second signal: leases released at once, exit non-zero
@@ -579,6 +606,8 @@ class Worker(WorkerCore):
         self._stopping = True
         if self._wake is not None:
             self._wake.set()
+        if self.jobs is not None:
+            self.jobs.stop()
 
     async def run(self, burst: bool = False) -> WorkerStats:
         """Serve until :meth:`stop` (or a signal), then finish in-flight flushes (up to
@@ -589,17 +618,27 @@ class Worker(WorkerCore):
         self.ready = asyncio.Event()
         loop = asyncio.get_running_loop()
         signals = self._install_signals(loop)
-        background = [asyncio.ensure_future(self._heartbeat())]
-        if not burst:
+        background = [asyncio.ensure_future(self._heartbeat())] if self.processors else []
+        if not burst and self.processors:
             background.append(asyncio.ensure_future(self._listen()))
+        jobs = None
         try:
             await self._register()
             self.log_start(burst)
+            if self.jobs is not None:
+                jobs = asyncio.ensure_future(self.jobs.run(burst))
             self.ready.set()
-            await self._loop(burst)
+            if self.processors:
+                await self._loop(burst)
+            if jobs is not None:
+                await asyncio.shield(jobs)  # burst: until no job is runnable; else until stop()
         finally:
             self._stopping = True
+            if self.jobs is not None:
+                self.jobs.stop()
             await self._finish_inflight()
+            if jobs is not None:
+                await asyncio.gather(jobs, return_exceptions=True)
             for t in background:
                 t.cancel()
             await asyncio.gather(*background, return_exceptions=True)

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import redis
 from redis.backoff import NoBackoff
@@ -21,6 +21,9 @@ from .keys import registry_key, validate_name
 from .models import AddResult, ProcessorConfig
 from .processor import Handler, Processor
 from .scripts import DirectLink
+
+if TYPE_CHECKING:
+    from .jobs import JobIterator, JobStatus
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
@@ -90,6 +93,7 @@ class Batcher:
         self.url: str | None = None
         self.is_cluster = False
         self.processors: dict[str, Processor] = {}
+        self.iterators: dict[str, JobIterator] = {}  # iterator jobs (redis_batcher.jobs)
         self._registered: set[str] = set()
         self._lock = threading.Lock()
         self._link: DirectLink | None = None
@@ -356,3 +360,51 @@ class Batcher:
             )
 
         return Processor(self, unavailable, config, codec_obj)
+
+    # -- iterator jobs (redis_batcher.jobs) --------------------------------------------------------
+
+    def iterator(
+        self,
+        *,
+        name: str,
+        batch_size: int = 100,
+        delay_between_batches: float | timedelta = 0.1,
+        max_retries: int = 5,
+        retry_backoff: float | timedelta = 1.0,
+        retry_backoff_max: float | timedelta = 30.0,
+        lease_timeout: float | timedelta = 60.0,
+    ) -> Callable[[type], JobIterator]:
+        """Class decorator defining an iterator (see README "Iterator jobs"); returns a
+        :class:`~redis_batcher.jobs.JobIterator` with ``start``/``pause``/``resume``/``cancel``/
+        ``status``/``delete``/``jobs``. The class has ``next_batch(cursor, batch_size, job) ->
+        Page``, ``process(items, job)`` and optionally ``on_complete(job)``.
+
+        ``batch_size``: passed to ``next_batch``. ``delay_between_batches``: pause after each
+        saved step. ``max_retries``: a step failing this many times more than once in a row fails
+        the job. Retry n waits ``retry_backoff * 2**(n-1)`` seconds, capped at
+        ``retry_backoff_max``. ``lease_timeout``: how long a job stays owned by a worker that
+        stopped renewing it (a dead worker's job is resumed by another after this)."""
+        from .jobs import define_iterator, make_config
+
+        config = make_config(
+            name,
+            batch_size=batch_size,
+            delay_between_batches=delay_between_batches,
+            max_retries=max_retries,
+            retry_backoff=retry_backoff,
+            retry_backoff_max=retry_backoff_max,
+            lease_timeout=lease_timeout,
+        )
+
+        def decorate(cls: type) -> JobIterator:
+            return define_iterator(self, cls, config)
+
+        return decorate
+
+    def jobs(self, status: str | None = None, limit: int = 50) -> list[JobStatus]:
+        """Iterator jobs under this prefix (of every iterator defined here or registered in
+        Redis), newest first; ``status`` picks one of pending, running, paused, completed,
+        failed, cancelled."""
+        from .jobs import list_jobs
+
+        return list_jobs(self, status, limit)

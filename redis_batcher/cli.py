@@ -484,3 +484,134 @@ def demo(
         console=console,
     )
     sys.exit(code)
+
+
+# -- iterator jobs ---------------------------------------------------------------------------------
+
+
+def _job_command(f: F) -> F:
+    """Options of the `jobs` commands: connection, --json and an optional --iterator."""
+    f = _common(f)
+    f = click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
+    return click.option(
+        "--iterator", "-i", default=None, help="Iterator name (found from the job id when omitted)."
+    )(f)
+
+
+def _find_job(url: str | None, prefix: str, cluster: bool, job_id: str, iterator: str | None) -> Any:
+    from .jobs import find_job
+
+    try:
+        return find_job(_batcher(url, prefix, cluster), job_id, iterator)
+    except BatcherError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _print_job(st: Any) -> None:
+    for name in ("job_id", "iterator", "status", "processed", "cursor", "retry_count", "error", "worker"):
+        console.print(f"[bold]{name}[/]: {getattr(st, name)}")
+    console.print(f"[bold]items/s (last minute)[/]: {st.items_per_second:g}")
+    for name in ("created_at", "started_at", "last_run_at", "next_run_at", "finished_at"):
+        console.print(f"[bold]{name}[/]: {_fmt_time(getattr(st, name))}")
+    console.print(f"[bold]params[/]: {json.dumps(st.params, ensure_ascii=False)}")
+    if st.config is not None:
+        console.print(f"[bold]config[/]: {json.dumps(_jsonable(st.config))}")
+
+
+@main.group()
+def jobs() -> None:
+    """Iterator jobs: list them, show one, pause, resume, cancel or delete."""
+
+
+@jobs.command(name="ls")
+@click.option("--status", "-s", "status_filter", default=None, help="Only jobs in this status.")
+@click.option("--limit", "-n", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_common
+def jobs_ls(
+    status_filter: str | None, limit: int, as_json: bool, redis_url: str | None, prefix: str, cluster: bool
+) -> None:
+    """List jobs of every registered iterator, newest first."""
+    from .jobs import STATUSES
+
+    if status_filter is not None and status_filter not in STATUSES:
+        raise click.BadParameter(f"one of {', '.join(STATUSES)}", param_hint="--status")
+    found = _batcher(redis_url, prefix, cluster).jobs(status=status_filter, limit=limit)
+    if as_json:
+        _print_json(found)
+        return
+    table = Table(title=f"jobs under prefix {prefix!r}" + (f" ({status_filter})" if status_filter else ""))
+    for col in (
+        "iterator",
+        "job id",
+        "status",
+        "processed",
+        "items/s",
+        "retries",
+        "created",
+        "last run",
+        "error",
+    ):
+        table.add_column(col)
+    for st in found:
+        table.add_row(
+            st.iterator,
+            st.job_id,
+            st.status,
+            str(st.processed),
+            f"{st.items_per_second:g}",
+            str(st.retry_count),
+            _fmt_time(st.created_at),
+            _fmt_time(st.last_run_at),
+            st.error or "",
+        )
+    console.print(table)
+
+
+@jobs.command(name="status")
+@click.argument("job_id")
+@_job_command
+def jobs_status(
+    job_id: str, iterator: str | None, as_json: bool, redis_url: str | None, prefix: str, cluster: bool
+) -> None:
+    """Show one job: status, progress, cursor, retries, error, times, params and config."""
+    control = _find_job(redis_url, prefix, cluster, job_id, iterator)
+    st = control.status(job_id)
+    if st is None:
+        raise click.ClickException(f"no job {job_id!r} for iterator {control.name!r}")
+    if as_json:
+        _print_json(st)
+    else:
+        _print_job(st)
+
+
+def _job_action(action: str, help_text: str) -> None:
+    def command(
+        job_id: str, iterator: str | None, as_json: bool, redis_url: str | None, prefix: str, cluster: bool
+    ) -> None:
+        control = _find_job(redis_url, prefix, cluster, job_id, iterator)
+        try:
+            result = getattr(control, action)(job_id)
+        except BatcherError as exc:
+            raise click.ClickException(str(exc)) from exc
+        if action == "delete":
+            if not result:
+                raise click.ClickException(f"no job {job_id!r} for iterator {control.name!r}")
+            if as_json:
+                _print_json({"job_id": job_id, "iterator": control.name, "deleted": result})
+            else:
+                console.print(f"deleted job {job_id} of {control.name}")
+            return
+        if as_json:
+            _print_json(result)
+        else:
+            console.print(f"job {job_id} of {control.name}: {result.status}")
+
+    command.__doc__ = help_text
+    jobs.command(name=action)(click.argument("job_id")(_job_command(command)))
+
+
+_job_action("pause", "Pause JOB_ID (the step in progress is saved, then its worker stops).")
+_job_action("resume", "Resume a paused or failed JOB_ID (its retry count is reset).")
+_job_action("cancel", "Cancel JOB_ID for good (status cancelled).")
+_job_action("delete", "Delete JOB_ID; refused while it is running or paused.")

@@ -97,3 +97,34 @@ class PartialFailure(BatcherError):
         text = message or f"{len(self.failed)} item(s) failed"
         super().__init__(text)
         self.message = text
+
+
+class UnknownIterator(BatcherError, LookupError):
+    """An iterator name that neither this batcher nor the Redis registry knows."""
+
+
+class InvalidJob(BatcherError, ValueError):
+    """A job id or its params cannot be accepted; nothing was written to Redis."""
+
+
+class JobExists(BatcherError):
+    """``start`` named a job id that already exists for this iterator (in any status)."""
+
+    def __init__(self, iterator: str, job_id: str, status: str) -> None:
+        super().__init__(f"job {job_id!r} of iterator {iterator!r} already exists (status: {status})")
+        self.iterator = iterator
+        self.job_id = job_id
+        self.status = status
+
+
+class JobNotFound(BatcherError, LookupError):
+    """No job with that id for this iterator."""
+
+
+class JobStateError(BatcherError):
+    """The job's status does not allow the operation (deleting a running or paused job, pausing
+    a completed one, ...). ``status`` is the job's status when it was refused."""
+
+    def __init__(self, message: str, status: str) -> None:
+        super().__init__(message)
+        self.status = status

@@ -34,6 +34,20 @@ SCRIPT_NAMES = (
     "replay",
     "purge",
 )
+# iterator jobs (redis_batcher.jobs): _jobs.lua is prepended to these after _common.lua
+JOB_SCRIPT_NAMES = (
+    "job_start",
+    "job_claim",
+    "job_commit",
+    "job_fail",
+    "job_finish",
+    "job_extend",
+    "job_release",
+    "job_pause",
+    "job_resume",
+    "job_cancel",
+    "job_delete",
+)
 
 Arg = str | bytes | int | float
 
@@ -189,24 +203,31 @@ class DirectLink:
 _HELPER = re.compile(r"^local function (\w+)\(", re.M)
 
 
-def link_helpers(common: str, body: str) -> str:
-    """``_common.lua``'s header comment plus only the helpers ``body`` uses, directly or through
-    other helpers, in file order. Redis runs a script's whole chunk on every call, so each
-    unused helper would cost a closure per call (all of them: ~3.6 µs on an add)."""
-    found = list(_HELPER.finditer(common))
-    if not found:
-        return common
-    ends = [m.start() for m in found[1:]] + [len(common)]
-    blocks = {m.group(1): common[m.start() : end] for m, end in zip(found, ends, strict=True)}
+def link_helpers(libraries: Sequence[str], body: str) -> str:
+    """Each library's header (what precedes its first ``local function``: comments, shared
+    constants) plus only the helpers ``body`` uses, directly or through other helpers, in file
+    order. Redis runs a script's whole chunk on every call, so each unused helper would cost a
+    closure per call (all of ``_common.lua``'s: ~3.6 µs on an add)."""
+    headers: list[str] = []
+    blocks: dict[str, str] = {}
+    for text in libraries:
+        found = list(_HELPER.finditer(text))
+        headers.append(text[: found[0].start()] if found else text)
+        ends = [m.start() for m in found[1:]] + [len(text)]
+        blocks.update({m.group(1): text[m.start() : end] for m, end in zip(found, ends, strict=True)})
     needed: set[str] = set()
-    todo = [body]
+    todo = [body, *headers]
     while todo:
         text = todo.pop()
         for name, block in blocks.items():
             if name not in needed and re.search(rf"\b{name}\b", text):
                 needed.add(name)
                 todo.append(block)
-    return common[: found[0].start()] + "".join(b for n, b in blocks.items() if n in needed)
+    out: list[str] = []
+    for header, text in zip(headers, libraries, strict=True):
+        out.append(header)
+        out.extend(b for n, b in blocks.items() if n in needed and b in text)
+    return "\n".join(out)
 
 
 class ScriptTable:
@@ -218,7 +239,11 @@ class ScriptTable:
         self.scripts: dict[str, Script] = {}
         for name in SCRIPT_NAMES:
             body = (directory / f"{name}.lua").read_text()
-            self.scripts[name] = Script(name, link_helpers(common, body) + "\n" + body)
+            self.scripts[name] = Script(name, link_helpers([common], body) + "\n" + body)
+        jobs_common = (directory / "_jobs.lua").read_text()
+        for name in JOB_SCRIPT_NAMES:
+            body = (directory / f"{name}.lua").read_text()
+            self.scripts[name] = Script(name, link_helpers([common, jobs_common], body) + "\n" + body)
         self.add = self.scripts["add"]
         self.flush = self.scripts["flush"]
         self.claim = self.scripts["claim"]

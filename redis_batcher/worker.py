@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from . import ops
 from .batcher import Batcher
 from .errors import NotReplicated
+from .jobs import JobRunner
 from .worker_core import (
     Outcome,
     WorkerCore,
@@ -81,6 +82,7 @@ class Worker(WorkerCore):
             concurrency=concurrency,
             max_idle_wait=max_idle_wait,
             grace_period=grace_period,
+            jobs=bool(batcher.iterators),
         )
         self.batcher = batcher
         self.client: Any = batcher.client
@@ -90,6 +92,12 @@ class Worker(WorkerCore):
         self._stopping = threading.Event()
         self._done = threading.Event()
         self.ready = threading.Event()  # set once the worker has started claiming
+        # iterator jobs run in a runner thread of their own (redis_batcher.jobs)
+        self.jobs = (
+            JobRunner(batcher, concurrency=concurrency, grace_period=grace_period)
+            if batcher.iterators
+            else None
+        )
 
     # -- public ----------------------------------------------------------------------------------
 
@@ -105,19 +113,30 @@ class Worker(WorkerCore):
         self.reset()
         restore = self._install_signals()
         threads = [threading.Thread(target=self._heartbeat, name="rb-heartbeat", daemon=True)]
-        if not burst:
+        if not self.processors:  # iterator jobs only
+            threads = []
+        elif not burst:
             threads.append(threading.Thread(target=self._listen, name="rb-wake", daemon=True))
         try:
             self._register()
             for t in threads:
                 t.start()
             self.log_start(burst)
+            if self.jobs is not None:
+                self.jobs.start(burst)
             self.ready.set()
-            self._loop(burst)
+            if self.processors:
+                self._loop(burst)
+            if self.jobs is not None:
+                self.jobs.wait()  # burst: until no job is runnable; else until stop()
         finally:
             self.ready.clear()
             self._stopping.set()
+            if self.jobs is not None:
+                self.jobs.stop()
             self._finish_inflight()
+            if self.jobs is not None:
+                self.jobs.wait()
             self._done.set()
             for t in threads:
                 t.join(timeout=5)
@@ -129,6 +148,8 @@ class Worker(WorkerCore):
         """Stop claiming; :meth:`run` returns once in-flight handlers have finished."""
         self._stopping.set()
         self._wake.set()
+        if self.jobs is not None:
+            self.jobs.stop()
 
     @property
     def inflight(self) -> int:

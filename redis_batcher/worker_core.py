@@ -118,6 +118,7 @@ class WorkerCore:
         concurrency: int,
         max_idle_wait: float,
         grace_period: float,
+        jobs: bool = False,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigError(f"concurrency must be an int >= 1, got {concurrency!r}")
@@ -125,8 +126,8 @@ class WorkerCore:
             raise ConfigError(f"max_idle_wait must be > 0, got {max_idle_wait!r}")
         if not grace_period >= 0:
             raise ConfigError(f"grace_period must be >= 0, got {grace_period!r}")
-        if not processors:
-            raise ConfigError("the worker has no processors to serve")
+        if not processors and not jobs:  # jobs: the batcher has iterators (redis_batcher.jobs)
+            raise ConfigError("the worker has no processors or iterators to serve")
         self.processors = list(processors)
         self.concurrency = concurrency
         self.max_idle_wait = float(max_idle_wait)

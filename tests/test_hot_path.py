@@ -176,5 +176,5 @@ def test_scripts_link_only_the_helpers_they_use(real_client: redis.Redis) -> Non
     for script in table.scripts.values():
         assert real_client.script_load(script.source) == script.sha
     common = (lua_dir() / "_common.lua").read_text()
-    assert link_helpers(common, "return 1").strip().startswith("--")
-    assert "\nlocal function" not in link_helpers(common, "return 1")
+    assert link_helpers([common], "return 1").strip().startswith("--")
+    assert "\nlocal function" not in link_helpers([common], "return 1")

@@ -1,0 +1,35 @@
+-- _jobs.lua: helpers prepended (after _common.lua) to the iterator-job scripts (job_*.lua).
+--
+-- Key layout (pfx = "<prefix>:{jobs:<iterator>}:", one hash tag per iterator):
+--   pfx.."due"            ZSET  runnable job ids, score = when runnable / lease expiry (ms)
+--   pfx.."j:"..id         HASH  job state: status, cursor, processed, retries, error, owner, ...
+--   pfx.."r:"..id         LIST  progress samples "<ms>:<processed>", newest first, one per second
+--   pfx.."status:"..s     ZSET  job ids in status s, score = created_at (listing by status)
+-- A job is runnable while its status is pending or running. The worker that claimed it is
+-- `owner` (a random token, the fencing token): every write of a step presents it.
+
+local JOB_SAMPLES = 64
+
+-- Move a job from one status index to another and record the new status.
+local function job_set_status(pfx, id, job, old, new, now)
+  if old then
+    redis.call('ZREM', pfx .. 'status:' .. old, id)
+  end
+  local created = redis.call('HGET', job, 'created_at') or int(now)
+  redis.call('ZADD', pfx .. 'status:' .. new, created, id)
+  redis.call('HSET', job, 'status', new, 'updated_at', int(now))
+end
+
+-- Record a progress sample, at most one per second (the first of each second is kept).
+local function job_sample(pfx, id, processed, now)
+  local key = pfx .. 'r:' .. id
+  local head = redis.call('LINDEX', key, 0)
+  if head then
+    local t = tonumber(string.match(head, '^(%d+):'))
+    if t and math.floor(t / 1000) == math.floor(now / 1000) then
+      return
+    end
+  end
+  redis.call('LPUSH', key, int(now) .. ':' .. int(processed))
+  redis.call('LTRIM', key, 0, JOB_SAMPLES - 1)
+end

@@ -1,0 +1,24 @@
+-- job_cancel.lua: stop a job for good (status cancelled, which is final). A worker in the middle
+-- of a step saves it and then stops (job_commit.lua replies 'cancelled').
+--
+-- KEYS[1] job  pfx.."j:"..id
+-- ARGV[1] pfx
+-- ARGV[2] job id
+-- Derived keys: pfx.."due", pfx.."status:*".
+-- Reply: {'ok', previous status}, {'invalid', status} (completed or already cancelled) or
+-- {'missing', ''}
+local job = KEYS[1]
+local pfx, id = ARGV[1], ARGV[2]
+local status = redis.call('HGET', job, 'status')
+if not status then
+  return {'missing', ''}
+end
+if status == 'completed' or status == 'cancelled' then
+  return {'invalid', status}
+end
+local now = now_ms()
+job_set_status(pfx, id, job, status, 'cancelled', now)
+redis.call('HSET', job, 'finished_at', int(now))
+redis.call('HDEL', job, 'next_run_at', 'paused_from')
+redis.call('ZREM', pfx .. 'due', id)
+return {'ok', status}

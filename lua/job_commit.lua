@@ -1,0 +1,42 @@
+-- job_commit.lua: record a processed step -- cursor, processed count, last run time, retry count
+-- reset -- only if the caller still holds the job's lease.
+--
+-- KEYS[1] job  pfx.."j:"..id
+-- ARGV[1] pfx
+-- ARGV[2] job id
+-- ARGV[3] owner      token from job_claim.lua
+-- ARGV[4] has_cursor '1' when ARGV[5] is the new cursor, '0' for no cursor (None)
+-- ARGV[5] cursor
+-- ARGV[6] count      items processed in this step
+-- ARGV[7] exhausted  '1' when the data source said done
+-- ARGV[8] lease_ms   lease length from now
+-- Derived keys: pfx.."due", pfx.."r:"..id.
+-- Reply: 'ok' (keep going), 'lease_lost' (nothing saved: another worker owns the job), or the
+-- job's status when it was paused or cancelled meanwhile (saved; the caller must stop)
+local job = KEYS[1]
+local pfx, id, owner = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('HGET', job, 'owner') ~= owner or owner == '' then
+  return 'lease_lost'
+end
+local now = now_ms()
+if ARGV[4] == '1' then
+  redis.call('HSET', job, 'cursor', ARGV[5])
+else
+  redis.call('HDEL', job, 'cursor')
+end
+local processed = redis.call('HINCRBY', job, 'processed', tonumber(ARGV[6]))
+redis.call('HSET', job, 'last_run_at', int(now), 'retries', 0, 'updated_at', int(now))
+if ARGV[7] == '1' then
+  redis.call('HSET', job, 'exhausted', 1)
+end
+job_sample(pfx, id, processed, now)
+local status = redis.call('HGET', job, 'status')
+if status == 'running' then
+  local until_ms = now + tonumber(ARGV[8])
+  redis.call('HSET', job, 'lease_until', int(until_ms))
+  redis.call('ZADD', pfx .. 'due', int(until_ms), id)
+  return 'ok'
+end
+redis.call('HSET', job, 'owner', '')
+redis.call('HDEL', job, 'lease_until')
+return status

@@ -1,0 +1,20 @@
+-- job_delete.lua: remove a job and its progress samples. Refused while it is running or paused.
+--
+-- KEYS[1] job  pfx.."j:"..id
+-- ARGV[1] pfx
+-- ARGV[2] job id
+-- Derived keys: pfx.."due", pfx.."r:"..id, pfx.."status:*".
+-- Reply: {'ok', status}, {'refused', status} or {'missing', ''}
+local job = KEYS[1]
+local pfx, id = ARGV[1], ARGV[2]
+local status = redis.call('HGET', job, 'status')
+if not status then
+  return {'missing', ''}
+end
+if status == 'running' or status == 'paused' then
+  return {'refused', status}
+end
+redis.call('DEL', job, pfx .. 'r:' .. id)
+redis.call('ZREM', pfx .. 'due', id)
+redis.call('ZREM', pfx .. 'status:' .. status, id)
+return {'ok', status}

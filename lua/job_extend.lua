@@ -1,0 +1,18 @@
+-- job_extend.lua: heartbeat -- renew the lease of a job whose step is still running.
+--
+-- KEYS[1] job  pfx.."j:"..id
+-- ARGV[1] pfx
+-- ARGV[2] job id
+-- ARGV[3] owner     token from job_claim.lua
+-- ARGV[4] lease_ms  new lease length from now
+-- Derived keys: pfx.."due".
+-- Reply: 1 when renewed, 0 when the lease belongs to someone else (or the job is gone)
+local job = KEYS[1]
+local owner = ARGV[3]
+if owner == '' or redis.call('HGET', job, 'owner') ~= owner then
+  return 0
+end
+local until_ms = now_ms() + tonumber(ARGV[4])
+redis.call('HSET', job, 'lease_until', int(until_ms))
+redis.call('ZADD', ARGV[1] .. 'due', 'XX', int(until_ms), ARGV[2])
+return 1

@@ -1,0 +1,38 @@
+-- job_fail.lua: a step (or on_complete) raised: count the retry and schedule it with exponential
+-- backoff, or fail the job once the retries are spent. Only the lease holder may do this.
+--
+-- KEYS[1] job  pfx.."j:"..id
+-- ARGV[1] pfx
+-- ARGV[2] job id
+-- ARGV[3] owner           token from job_claim.lua
+-- ARGV[4] error           error text to keep
+-- ARGV[5] max_retries     failures in a row allowed before the job fails is max_retries + 1
+-- ARGV[6] backoff_ms      delay before retry n = min(backoff_max_ms, backoff_ms * 2^(n-1))
+-- ARGV[7] backoff_max_ms
+-- Derived keys: pfx.."due", pfx.."status:*".
+-- Reply: {outcome, retries, delay_ms}; outcome 'retry', 'failed', 'lease_lost', or the status
+-- ('paused', 'cancelled') when the job was stopped meanwhile (error kept, nothing scheduled)
+local job = KEYS[1]
+local pfx, id, owner = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('HGET', job, 'owner') ~= owner or owner == '' then
+  return {'lease_lost', 0, 0}
+end
+local now = now_ms()
+local retries = redis.call('HINCRBY', job, 'retries', 1)
+redis.call('HSET', job, 'error', ARGV[4], 'error_at', int(now), 'owner', '', 'updated_at', int(now))
+redis.call('HDEL', job, 'lease_until')
+local status = redis.call('HGET', job, 'status')
+if status ~= 'running' then
+  return {status, retries, 0}
+end
+if retries > tonumber(ARGV[5]) then
+  job_set_status(pfx, id, job, 'running', 'failed', now)
+  redis.call('HSET', job, 'finished_at', int(now))
+  redis.call('ZREM', pfx .. 'due', id)
+  return {'failed', retries, 0}
+end
+local delay = math.min(tonumber(ARGV[7]), tonumber(ARGV[6]) * (2 ^ math.min(retries - 1, 40)))
+delay = math.floor(delay)
+redis.call('HSET', job, 'next_run_at', int(now + delay))
+redis.call('ZADD', pfx .. 'due', int(now + delay), id)
+return {'retry', retries, delay}

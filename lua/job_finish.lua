@@ -1,0 +1,24 @@
+-- job_finish.lua: the data source is exhausted and on_complete (if any) returned: complete the job.
+--
+-- KEYS[1] job  pfx.."j:"..id
+-- ARGV[1] pfx
+-- ARGV[2] job id
+-- ARGV[3] owner  token from job_claim.lua
+-- Derived keys: pfx.."due", pfx.."status:*".
+-- Reply: 'completed', 'lease_lost', or the status when it was paused or cancelled meanwhile
+local job = KEYS[1]
+local pfx, id, owner = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('HGET', job, 'owner') ~= owner or owner == '' then
+  return 'lease_lost'
+end
+local now = now_ms()
+local status = redis.call('HGET', job, 'status')
+redis.call('HSET', job, 'owner', '')
+redis.call('HDEL', job, 'lease_until')
+if status ~= 'running' then
+  return status
+end
+job_set_status(pfx, id, job, 'running', 'completed', now)
+redis.call('HSET', job, 'finished_at', int(now))
+redis.call('ZREM', pfx .. 'due', id)
+return 'completed'

@@ -1,0 +1,27 @@
+-- job_pause.lua: pause a pending or running job. It leaves the runnable set at once; a worker in
+-- the middle of a step still saves that step and then stops (job_commit.lua replies 'paused').
+--
+-- KEYS[1] job  pfx.."j:"..id
+-- ARGV[1] pfx
+-- ARGV[2] job id
+-- Derived keys: pfx.."due", pfx.."status:*".
+-- Reply: {'ok', previous status} ('paused' again is a no-op), {'invalid', status} for a finished
+-- job, {'missing', ''} when there is no such job
+local job = KEYS[1]
+local pfx, id = ARGV[1], ARGV[2]
+local status = redis.call('HGET', job, 'status')
+if not status then
+  return {'missing', ''}
+end
+if status == 'paused' then
+  return {'ok', status}
+end
+if status ~= 'pending' and status ~= 'running' then
+  return {'invalid', status}
+end
+local now = now_ms()
+job_set_status(pfx, id, job, status, 'paused', now)
+redis.call('HSET', job, 'paused_from', status)
+redis.call('HDEL', job, 'next_run_at')
+redis.call('ZREM', pfx .. 'due', id)
+return {'ok', status}

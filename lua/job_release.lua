@@ -1,0 +1,21 @@
+-- job_release.lua: give a leased job back at once (worker shutting down between steps); any
+-- worker may resume it immediately from its saved cursor.
+--
+-- KEYS[1] job  pfx.."j:"..id
+-- ARGV[1] pfx
+-- ARGV[2] job id
+-- ARGV[3] owner  token from job_claim.lua
+-- Derived keys: pfx.."due".
+-- Reply: 1 when released, 0 when the lease was no longer ours
+local job = KEYS[1]
+local owner = ARGV[3]
+if owner == '' or redis.call('HGET', job, 'owner') ~= owner then
+  return 0
+end
+local now = now_ms()
+redis.call('HSET', job, 'owner', '', 'updated_at', int(now))
+redis.call('HDEL', job, 'lease_until')
+if redis.call('HGET', job, 'status') == 'running' then
+  redis.call('ZADD', ARGV[1] .. 'due', int(now), ARGV[2])
+end
+return 1

@@ -1,0 +1,22 @@
+-- job_start.lua: create an iterator job; it is runnable at once (status pending).
+--
+-- KEYS[1] job  pfx.."j:"..id
+-- ARGV[1] pfx
+-- ARGV[2] job id
+-- ARGV[3] iterator name
+-- ARGV[4] params (JSON)
+-- ARGV[5] config (JSON snapshot of the iterator's settings)
+-- Derived keys: pfx.."due", pfx.."status:pending".
+-- Reply: {'ok', created_at_ms} or {'exists', current status}; an existing job is left untouched
+local job = KEYS[1]
+local pfx, id = ARGV[1], ARGV[2]
+local status = redis.call('HGET', job, 'status')
+if status then
+  return {'exists', status}
+end
+local now = now_ms()
+redis.call('HSET', job, 'job_id', id, 'iterator', ARGV[3], 'params', ARGV[4], 'config', ARGV[5],
+  'processed', 0, 'retries', 0, 'created_at', int(now), 'owner', '')
+job_set_status(pfx, id, job, nil, 'pending', now)
+redis.call('ZADD', pfx .. 'due', int(now), id)
+return {'ok', int(now)}

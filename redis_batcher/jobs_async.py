@@ -1,0 +1,428 @@
+"""The asyncio twins of :mod:`redis_batcher.jobs`: awaited job control and a task-based runner.
+
+The same scripts, key layout and reply parsing as the sync side. Iterator *definitions* live on
+the sync definitions batcher (like processors), so one class serves both clients. In the async
+runner, ``async def`` methods of an iterator class are awaited on the event loop; plain methods
+run in a thread so they cannot block it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import RedisError
+
+from . import ops
+from .errors import JobNotFound
+from .jobs import (
+    STATUSES,
+    Claimed,
+    IteratorConfig,
+    JobContext,
+    JobIterator,
+    JobKeys,
+    JobStats,
+    JobStatus,
+    _limit,
+    _s,
+    check_page,
+    claim_call,
+    commit_call,
+    control_call,
+    encode_params,
+    error_text,
+    extend_call,
+    fail_call,
+    iterator_names,
+    iterator_registry_key,
+    owner_call,
+    parse_claim,
+    parse_control,
+    parse_start,
+    parse_status,
+    start_call,
+    validate_job_id,
+    validate_status,
+    worker_label,
+)
+
+if TYPE_CHECKING:
+    from .asyncio import Batcher
+
+log = logging.getLogger("redis_batcher.jobs")
+
+
+async def _call_user(fn: Any, *args: Any) -> Any:
+    """Await an ``async def`` method; run a plain one in a thread (it may block)."""
+    if inspect.iscoroutinefunction(fn):
+        return await fn(*args)
+    result = await asyncio.to_thread(fn, *args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+class AsyncJobControl:
+    """Awaited control of one iterator's jobs by name."""
+
+    def __init__(self, batcher: Batcher, name: str) -> None:
+        self.batcher = batcher
+        self.name = name
+        self.keys = JobKeys(batcher.prefix, name)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+    async def _control(self, action: str, job_id: str) -> str:
+        reply = await self.batcher._execute(control_call(action, self.keys, job_id))
+        return parse_control(action, self.name, job_id, reply)
+
+    async def pause(self, job_id: str) -> JobStatus:
+        await self._control("pause", job_id)
+        return await self._must_status(job_id)
+
+    async def resume(self, job_id: str) -> JobStatus:
+        await self._control("resume", job_id)
+        return await self._must_status(job_id)
+
+    async def cancel(self, job_id: str) -> JobStatus:
+        await self._control("cancel", job_id)
+        return await self._must_status(job_id)
+
+    async def delete(self, job_id: str) -> bool:
+        try:
+            await self._control("delete", job_id)
+        except JobNotFound:
+            return False
+        return True
+
+    async def status(self, job_id: str) -> JobStatus | None:
+        validate_job_id(job_id)
+        pipe = self.batcher.client.pipeline(transaction=False)
+        pipe.hgetall(self.keys.job(job_id))
+        pipe.lrange(self.keys.samples(job_id), 0, -1)
+        raw, samples = await pipe.execute()
+        if not raw:
+            return None
+        return parse_status(raw, samples, time.time() * 1000.0)
+
+    async def _must_status(self, job_id: str) -> JobStatus:
+        st = await self.status(job_id)
+        if st is None:
+            raise JobNotFound(f"no job {job_id!r} for iterator {self.name!r}")
+        return st
+
+    async def job_ids(self, status: str | None = None, limit: int = 50) -> list[tuple[float, str]]:
+        wanted = [validate_status(status)] if status else list(STATUSES)
+        pipe = self.batcher.client.pipeline(transaction=False)
+        for s in wanted:
+            assert s is not None
+            pipe.zrevrange(self.keys.by_status(s), 0, limit - 1, withscores=True)
+        found = [(score, _s(m)) for rows in await pipe.execute() for m, score in rows]
+        return sorted(found, reverse=True)[:limit]
+
+    async def jobs(self, status: str | None = None, limit: int = 50) -> list[JobStatus]:
+        out = []
+        for _, job_id in await self.job_ids(status, _limit(limit)):
+            st = await self.status(job_id)
+            if st is not None:
+                out.append(st)
+        return out
+
+
+class AsyncJobIterator(AsyncJobControl):
+    """What the async ``@batcher.iterator(...)`` returns: ``definition`` is the sync
+    :class:`~redis_batcher.jobs.JobIterator` (same class, same settings)."""
+
+    def __init__(self, batcher: Batcher, definition: JobIterator) -> None:
+        super().__init__(batcher, definition.name)
+        self.definition = definition
+        self.config: IteratorConfig = definition.config
+        self.cls = definition.cls
+
+    async def start(self, job_id: str, params: Any = None) -> JobStatus:
+        """As :meth:`redis_batcher.jobs.JobIterator.start`, awaited."""
+        validate_job_id(job_id)
+        params_json = encode_params(params)
+        await self.batcher.client.hset(
+            iterator_registry_key(self.batcher.prefix), self.name, self.config.to_json()
+        )
+        reply = await self.batcher._execute(start_call(self.keys, self.config, job_id, params_json))
+        parse_start(self.name, job_id, reply)
+        return await self._must_status(job_id)
+
+
+async def list_jobs(batcher: Batcher, status: str | None = None, limit: int = 50) -> list[JobStatus]:
+    """Jobs of every iterator defined on the batcher or registered in Redis, newest first."""
+    validate_status(status)
+    _limit(limit)
+    registered = await batcher.client.hkeys(iterator_registry_key(batcher.prefix))
+    found: list[tuple[float, str, AsyncJobControl]] = []
+    for name in iterator_names(batcher.definitions.iterators, registered):
+        control = AsyncJobControl(batcher, name)
+        found.extend((score, job_id, control) for score, job_id in await control.job_ids(status, limit))
+    found.sort(key=lambda row: (row[0], row[1]), reverse=True)
+    out = []
+    for _, job_id, control in found[:limit]:
+        st = await control.status(job_id)
+        if st is not None:
+            out.append(st)
+    return out
+
+
+@dataclass
+class _Session:
+    iterator: JobIterator
+    claimed: Claimed
+    task: asyncio.Task[None] | None = None
+
+
+class AsyncJobRunner:
+    """The asyncio job runner (one task per running job); see :class:`redis_batcher.jobs.JobRunner`."""
+
+    def __init__(
+        self,
+        batcher: Batcher,
+        iterators: Iterable[JobIterator] | None = None,
+        *,
+        concurrency: int = 4,
+        poll_interval: float = 1.0,
+        grace_period: float = 30.0,
+    ) -> None:
+        self.batcher = batcher
+        defs = batcher.definitions.iterators
+        self.iterators = list(iterators if iterators is not None else defs.values())
+        self.concurrency = concurrency
+        self.poll_interval = float(poll_interval)
+        self.grace_period = float(grace_period)
+        self.label = worker_label()
+        self.stats = JobStats()
+        self._sessions: dict[tuple[str, str], _Session] = {}
+        self._ended: set[str] = set()
+        self._stopping = False
+        self._wake: asyncio.Event | None = None
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._wake is not None:
+            self._wake.set()
+
+    @property
+    def running(self) -> int:
+        return len(self._sessions)
+
+    async def run(self, burst: bool = False) -> JobStats:
+        """Serve until :meth:`stop`; ``burst=True``: return once nothing is running or runnable."""
+        self.stats = JobStats()
+        self._wake = asyncio.Event()
+        renew_every = min(it.config.lease_timeout for it in self.iterators) / 3.0
+        next_renew = time.monotonic() + renew_every
+        due_at = {it.name: 0.0 for it in self.iterators}
+        try:
+            await self._register()
+            while not self._stopping:
+                self._wake.clear()
+                now = time.monotonic()
+                ended, self._ended = self._ended, set()
+                for name in ended:
+                    due_at[name] = 0.0
+                more = await self._claim_round(now, due_at)
+                if burst and not more and not self._sessions:
+                    return self.stats
+                if now >= next_renew:
+                    await self._renew()
+                    next_renew = now + renew_every
+                if more and self.running < self.concurrency:
+                    continue
+                wait = min([*due_at.values(), next_renew, now + self.poll_interval]) - now
+                try:
+                    await asyncio.wait_for(self._wake.wait(), max(wait, 0.001))
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self._stopping = True
+            await self._shutdown(renew_every)
+        return self.stats
+
+    async def _register(self) -> None:
+        key = iterator_registry_key(self.batcher.prefix)
+        delay = 0.1
+        while not self._stopping:
+            try:
+                for it in self.iterators:
+                    await self.batcher.client.hset(key, it.name, it.config.to_json())
+                return
+            except RedisError as exc:
+                log.warning("cannot reach Redis (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _claim_round(self, now: float, due_at: dict[str, float]) -> bool:
+        more = False
+        for it in self.iterators:
+            free = self.concurrency - self.running
+            if free <= 0:
+                return True
+            if due_at[it.name] > now or self._stopping:
+                continue
+            owner = ops.new_token()
+            call = claim_call(it.keys, it.config, free, owner, self.label)
+            try:
+                reply = await call.script.call_async(self.batcher.client, call.keys, call.args)
+            except RedisError as exc:
+                log.warning("claiming jobs of %s failed: %s", it.name, exc)
+                due_at[it.name] = now + 1.0
+                continue
+            next_ms, claimed = parse_claim(owner, reply)
+            if next_ms == 0:
+                more = True
+            wait = next_ms / 1000.0 if next_ms >= 0 else self.poll_interval
+            due_at[it.name] = now + min(wait, self.poll_interval)
+            for c in claimed:
+                s = _Session(it, c)
+                self._sessions[(it.name, c.job_id)] = s
+                s.task = asyncio.ensure_future(self._session(s))
+        return more
+
+    async def _renew(self) -> None:
+        for s in list(self._sessions.values()):
+            it, c = s.iterator, s.claimed
+            call = extend_call(it.keys, it.config, c.job_id, c.owner)
+            try:
+                await call.script.call_async(self.batcher.client, call.keys, call.args)
+            except RedisError as exc:
+                log.warning("%s %s: heartbeat failed: %s", it.name, c.job_id, exc)
+
+    async def _shutdown(self, renew_every: float) -> None:
+        deadline = time.monotonic() + self.grace_period
+        next_renew = time.monotonic() + renew_every
+        while self._sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            if time.monotonic() >= next_renew:
+                await self._renew()
+                next_renew = time.monotonic() + renew_every
+        for s in list(self._sessions.values()):
+            if s.task is not None:
+                s.task.cancel()
+        pending = [s.task for s in self._sessions.values() if s.task is not None]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _write(self, s: _Session, call: ops.Call) -> Any:
+        delay = 0.05
+        deadline = time.monotonic() + s.iterator.config.lease_timeout
+        while True:
+            try:
+                return await self.batcher._execute(call)
+            except RedisError as exc:
+                if time.monotonic() > deadline:
+                    log.error("%s %s: cannot record progress (%s)", call.script.name, s.claimed.job_id, exc)
+                    return None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _release(self, s: _Session, why: str) -> None:
+        it, c = s.iterator, s.claimed
+        try:
+            if await self.batcher._execute(owner_call("job_release", it.keys, c.job_id, c.owner), wait=False):
+                self.stats.released += 1
+                log.info("%s %s: lease released (%s)", it.name, c.job_id, why)
+        except RedisError as exc:
+            log.warning("%s %s: could not release (%s); its lease will expire", it.name, c.job_id, exc)
+
+    async def _session(self, s: _Session) -> None:
+        try:
+            await self._drive(s)
+        except asyncio.CancelledError:
+            # shutdown after the grace period: give the job back (its step was not saved)
+            await asyncio.shield(self._release(s, "step still running at shutdown"))
+        except Exception:
+            log.exception("%s %s: job runner error", s.iterator.name, s.claimed.job_id)
+        finally:
+            self._sessions.pop((s.iterator.name, s.claimed.job_id), None)
+            self._ended.add(s.iterator.name)
+            if self._wake is not None:
+                self._wake.set()
+
+    async def _drive(self, s: _Session) -> None:
+        it, c = s.iterator, s.claimed
+        cfg = it.config
+        ctx = JobContext(c.job_id, it.name, c.params, c.cursor, c.processed, c.retries, cfg.batch_size)
+        exhausted = c.exhausted
+        try:
+            instance = it()
+        except Exception as exc:
+            await self._failed(s, exc)
+            return
+        while True:
+            if self._stopping:
+                await self._release(s, "worker stopping")
+                return
+            if exhausted:
+                await self._complete(s, instance, ctx)
+                return
+            try:
+                page = check_page(await _call_user(instance.next_batch, ctx.cursor, cfg.batch_size, ctx))
+                items = list(page.items)
+                if items:
+                    await _call_user(instance.process, items, ctx)
+            except Exception as exc:
+                await self._failed(s, exc)
+                return
+            reply = await self._write(
+                s, commit_call(it.keys, cfg, c.job_id, c.owner, page.cursor, len(items), page.done)
+            )
+            code = None if reply is None else _s(reply)
+            if code != "ok":
+                if code == "lease_lost":
+                    self.stats.lease_lost += 1
+                    log.warning("%s %s: lease lost; another worker runs the job now", it.name, c.job_id)
+                elif code is not None:
+                    log.info("%s %s: %s; stopping after the saved step", it.name, c.job_id, code)
+                return
+            self.stats.steps += 1
+            self.stats.items += len(items)
+            ctx.cursor, ctx.processed, ctx.retry_count = page.cursor, ctx.processed + len(items), 0
+            if page.done:
+                exhausted = True
+                continue
+            if cfg.delay_between_batches > 0:
+                await self._sleep(cfg.delay_between_batches)
+
+    async def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._stopping and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.05, deadline - time.monotonic()))
+
+    async def _complete(self, s: _Session, instance: Any, ctx: JobContext) -> None:
+        it, c = s.iterator, s.claimed
+        on_complete = getattr(instance, "on_complete", None)
+        if on_complete is not None:
+            try:
+                await _call_user(on_complete, ctx)
+            except Exception as exc:
+                await self._failed(s, exc)
+                return
+        reply = await self._write(s, owner_call("job_finish", it.keys, c.job_id, c.owner))
+        if reply is not None and _s(reply) == "completed":
+            self.stats.completed += 1
+            log.info("%s %s: completed, %d items", it.name, c.job_id, ctx.processed)
+
+    async def _failed(self, s: _Session, exc: BaseException) -> None:
+        it, c = s.iterator, s.claimed
+        self.stats.failures += 1
+        reply = await self._write(s, fail_call(it.keys, it.config, c.job_id, c.owner, error_text(exc)))
+        if reply is None:
+            return
+        outcome, retries = _s(reply[0]), int(reply[1])
+        if outcome == "failed":
+            self.stats.failed += 1
+            log.error("%s %s: failed after %d tries: %s", it.name, c.job_id, retries, error_text(exc))
+        elif outcome == "retry":
+            log.warning("%s %s: step failed (%s); retry %d", it.name, c.job_id, error_text(exc), retries)

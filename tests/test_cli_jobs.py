@@ -1,0 +1,76 @@
+"""`redis-batcher jobs ls|status|pause|resume|cancel|delete` against a real redis-server, run
+without the iterator's code (the CLI finds iterators through the Redis registry)."""
+
+from __future__ import annotations
+
+import json
+
+import redis
+from click.testing import CliRunner
+
+from redis_batcher import Batcher, JobContext, Page, Worker
+from redis_batcher.cli import main
+from redis_batcher.embedded import RedisServer
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_jobs_commands(redis_server: RedisServer, real_client: redis.Redis) -> None:
+    batcher = Batcher(redis_server.url, prefix="cj")
+
+    @batcher.iterator(name="backfill-users", batch_size=2, delay_between_batches=0.0)
+    class Backfill:
+        def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
+            start = int(cursor or 0)
+            return Page(list(range(start, start + batch_size)), str(start + batch_size), start >= 4)
+
+        def process(self, items: list[int], job: JobContext) -> None:
+            pass
+
+    Backfill.start("done-1", params={"since": "2026-01-01"})
+    Worker(batcher).run(burst=True)
+    Backfill.start("later", params={"since": "2026-02-01"})
+    common = ["--redis-url", redis_server.url, "--prefix", "cj"]
+
+    code, out = run("jobs", "ls", *common, "--json")
+    assert code == 0
+    assert [(j["job_id"], j["status"]) for j in json.loads(out)] == [
+        ("later", "pending"),
+        ("done-1", "completed"),
+    ]
+    code, out = run("jobs", "ls", *common, "--status", "completed")
+    assert code == 0 and "done-1" in out and "later" not in out and "backfill-users" in out
+    code, out = run("jobs", "ls", *common, "--status", "finished")
+    assert code == 2
+
+    code, out = run("jobs", "status", "done-1", *common, "--json")
+    assert code == 0
+    st = json.loads(out)
+    assert (st["status"], st["processed"], st["cursor"], st["retry_count"]) == ("completed", 6, "6", 0)
+    assert st["params"] == {"since": "2026-01-01"} and st["config"]["batch_size"] == 2
+    assert "items_per_second" in st and st["created_at"] and st["last_run_at"]
+    code, out = run("jobs", "status", "done-1", *common)
+    assert code == 0 and "completed" in out and "2026-01-01" in out and "items/s" in out
+
+    code, out = run("jobs", "pause", "later", *common)
+    assert code == 0 and "paused" in out
+    code, out = run("jobs", "delete", "later", *common)
+    assert code == 1 and "paused" in out
+    code, out = run("jobs", "resume", "later", "--iterator", "backfill-users", *common, "--json")
+    assert code == 0 and json.loads(out)["status"] == "pending"
+    code, out = run("jobs", "cancel", "later", *common)
+    assert code == 0 and "cancelled" in out
+    code, out = run("jobs", "resume", "later", *common)
+    assert code == 1 and "cancelled" in out
+    code, out = run("jobs", "delete", "later", *common, "--json")
+    assert code == 0 and json.loads(out)["deleted"] is True
+    code, out = run("jobs", "status", "later", *common)
+    assert code == 1 and "no job" in out
+    code, out = run("jobs", "delete", "later", "--iterator", "backfill-users", *common)
+    assert code == 1 and "no job" in out
+    code, out = run("jobs", "status", "done-1", "--iterator", "nope", *common)
+    assert code == 1 and "not registered" in out
+    assert Backfill.status("done-1") is not None

@@ -1,0 +1,414 @@
+"""Iterator jobs (issue #6) on a real redis-server: the sync API, the runner inside the worker,
+retries, pause/resume/cancel/delete, listing, fencing, and kill -9 of a worker process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+import redis_batcher as rb
+from redis_batcher import Batcher, JobContext, Page, Worker
+from redis_batcher.embedded import RedisServer
+from redis_batcher.jobs import JobRunner, claim_call, commit_call, parse_claim
+from tests.apps import jobs_app
+from tests.conftest import ROOT, cli_command, snapshot, subprocess_env
+
+
+def make_table(path: Path, rows: int) -> None:
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE rows (id INTEGER PRIMARY KEY, name TEXT)")
+    db.executemany("INSERT INTO rows VALUES (?, ?)", ((i, f"user{i}") for i in range(1, rows + 1)))
+    db.commit()
+    db.close()
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@contextmanager
+def running_worker(batcher: Batcher, **options: Any) -> Iterator[Worker]:
+    """A worker serving in a thread; always stopped."""
+    worker = Worker(batcher, grace_period=5.0, **options)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def counting_iterator(batcher: Batcher, name: str = "count", **options: Any) -> tuple[Any, list[int]]:
+    """An iterator over range(params["n"]) that records what it processed."""
+    seen: list[int] = []
+    options.setdefault("delay_between_batches", 0.0)
+    options.setdefault("batch_size", 10)
+
+    @batcher.iterator(name=name, **options)
+    class Count:
+        def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
+            start = int(cursor or 0)
+            stop = min(start + batch_size, job.params["n"])
+            return Page(list(range(start, stop)), str(stop), stop >= job.params["n"])
+
+        def process(self, items: list[int], job: JobContext) -> None:
+            time.sleep(job.params.get("sleep", 0))
+            seen.extend(items)
+
+    return Count, seen
+
+
+def test_walks_a_100k_row_sqlite_table_exactly_once(real_batcher: Batcher, tmp_path: Path) -> None:
+    source, sink = tmp_path / "source.db", tmp_path / "sink.db"
+    make_table(source, 100_000)
+    out = sqlite3.connect(sink)
+    out.execute("CREATE TABLE processed (id INTEGER)")  # no key: a duplicate would be kept
+    out.commit()
+    out.close()
+    completed: list[int] = []
+
+    @real_batcher.iterator(name="backfill-users", batch_size=1000, delay_between_batches=0.0)
+    class BackfillUsers:
+        def __init__(self) -> None:
+            self.src = sqlite3.connect(source)
+            self.dst = sqlite3.connect(sink)
+
+        def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
+            return jobs_app.walk_page(self.src, cursor, batch_size)
+
+        def process(self, items: list[int], job: JobContext) -> None:
+            assert job.params == {"since": "2026-01-01"}
+            self.dst.executemany("INSERT INTO processed VALUES (?)", [(i,) for i in items])
+            self.dst.commit()
+
+        def on_complete(self, job: JobContext) -> None:
+            completed.append(job.processed)
+
+    started = BackfillUsers.start("backfill-2026-11", params={"since": "2026-01-01"})
+    assert started.status == "pending" and started.processed == 0 and started.cursor is None
+    Worker(real_batcher).run(burst=True)
+
+    st = BackfillUsers.status("backfill-2026-11")
+    assert st is not None
+    assert (st.status, st.processed, st.cursor, st.retry_count, st.error) == (
+        "completed",
+        100_000,
+        "100000",
+        0,
+        None,
+    )
+    assert completed == [100_000]
+    db = sqlite3.connect(sink)
+    total, distinct, low, high = db.execute(
+        "SELECT COUNT(*), COUNT(DISTINCT id), MIN(id), MAX(id) FROM processed"
+    ).fetchone()
+    assert (total, distinct, low, high) == (100_000, 100_000, 1, 100_000)
+
+
+def test_pause_stops_progress_and_resume_finishes(real_batcher: Batcher) -> None:
+    Count, seen = counting_iterator(real_batcher)
+    Count.start("p1", params={"n": 400, "sleep": 0.01})
+    with running_worker(real_batcher):
+        wait_until(lambda: (Count.status("p1") or 0) and Count.status("p1").processed >= 50, what="progress")
+        paused = Count.pause("p1")
+        assert paused.status == "paused"
+        assert Count.pause("p1").status == "paused"  # again: a no-op
+        # the step in progress is saved, then the worker stops and gives the lease back
+        wait_until(lambda: real_batcher.client.hget(Count.keys.job("p1"), "owner") == b"", what="stop")
+        frozen = Count.status("p1")
+        assert frozen is not None and frozen.status == "paused"
+        assert frozen.processed == len(seen) < 400
+        time.sleep(0.3)
+        assert Count.status("p1").processed == frozen.processed  # type: ignore[union-attr]
+        assert Count.resume("p1").status == "running"
+        wait_until(lambda: Count.status("p1").status == "completed", what="completion")  # type: ignore[union-attr]
+    assert sorted(seen) == list(range(400))
+
+
+def test_a_step_failing_twice_then_succeeding_is_retried_with_backoff(real_batcher: Batcher) -> None:
+    calls: list[float] = []
+
+    @real_batcher.iterator(name="flaky", batch_size=5, retry_backoff=0.1, retry_backoff_max=30.0)
+    class Flaky:
+        def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
+            return Page([1, 2, 3], "end", True)
+
+        def process(self, items: list[int], job: JobContext) -> None:
+            calls.append(time.monotonic())
+            if len(calls) <= 2:
+                assert job.retry_count == len(calls) - 1
+                raise ConnectionError(f"database away ({len(calls)})")
+
+    Flaky.start("f1")
+    with running_worker(real_batcher):
+        wait_until(lambda: Flaky.status("f1").retry_count == 1, what="first failure")  # type: ignore[union-attr]
+        st = Flaky.status("f1")
+        assert st is not None and st.status == "running" and st.next_run_at is not None
+        assert st.error == "ConnectionError: database away (1)"
+        wait_until(lambda: Flaky.status("f1").status == "completed", what="completion")  # type: ignore[union-attr]
+    assert len(calls) == 3
+    # exponential backoff: 0.1 s, then 0.2 s
+    assert calls[1] - calls[0] >= 0.09 and calls[2] - calls[1] >= 0.19
+    st = Flaky.status("f1")
+    assert st is not None
+    assert (st.retry_count, st.processed) == (0, 3)
+    assert st.error == "ConnectionError: database away (2)"  # the last error is kept
+
+
+def test_a_step_always_failing_fails_the_job_after_max_retries(real_batcher: Batcher) -> None:
+    attempts = [0]
+    fixed = [False]
+
+    @real_batcher.iterator(name="broken", max_retries=2, retry_backoff=0.02, retry_backoff_max=0.05)
+    class Broken:
+        def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
+            attempts[0] += 1
+            if not fixed[0]:
+                raise ValueError("schema mismatch in column 'since'")
+            return Page([], None, True)
+
+        def process(self, items: list[Any], job: JobContext) -> None:
+            pass
+
+    Broken.start("b1")
+    with running_worker(real_batcher):
+        wait_until(lambda: Broken.status("b1").status == "failed", what="failure")  # type: ignore[union-attr]
+    st = Broken.status("b1")
+    assert st is not None
+    assert attempts[0] == 3  # the first try and max_retries=2 retries
+    assert (st.retry_count, st.error) == (3, "ValueError: schema mismatch in column 'since'")
+    assert st.finished_at is not None
+    assert [j.job_id for j in real_batcher.jobs(status="failed")] == ["b1"]
+
+    fixed[0] = True
+    resumed = Broken.resume("b1")  # a failed job may be resumed: its retry count is reset
+    assert (resumed.status, resumed.retry_count) == ("running", 0)
+    Worker(real_batcher).run(burst=True)
+    assert Broken.status("b1").status == "completed"  # type: ignore[union-attr]
+
+
+def test_cancel_is_final(real_batcher: Batcher) -> None:
+    Count, seen = counting_iterator(real_batcher)
+    Count.start("c1", params={"n": 100})
+    cancelled = Count.cancel("c1")
+    assert cancelled.status == "cancelled" and cancelled.finished_at is not None
+    Worker(real_batcher).run(burst=True)
+    assert seen == []
+    with pytest.raises(rb.JobStateError) as info:
+        Count.resume("c1")
+    assert info.value.status == "cancelled"
+    with pytest.raises(rb.JobStateError):
+        Count.cancel("c1")
+
+    # cancelled while running: the step in progress is saved, then the worker stops
+    Count.start("c2", params={"n": 1000, "sleep": 0.01})
+    with running_worker(real_batcher):
+        wait_until(lambda: Count.status("c2").processed >= 30, what="progress")  # type: ignore[union-attr]
+        Count.cancel("c2")
+        wait_until(lambda: real_batcher.client.hget(Count.keys.job("c2"), "owner") == b"", what="stop")
+    st = Count.status("c2")
+    assert st is not None and st.status == "cancelled" and st.processed == len(seen) < 1000
+
+
+def test_delete_is_refused_while_running_or_paused(real_batcher: Batcher) -> None:
+    Count, _ = counting_iterator(real_batcher)
+    Count.start("d1", params={"n": 500, "sleep": 0.01})
+    with running_worker(real_batcher):
+        wait_until(lambda: Count.status("d1").status == "running", what="running")  # type: ignore[union-attr]
+        with pytest.raises(rb.JobStateError) as info:
+            Count.delete("d1")
+        assert info.value.status == "running"
+        Count.pause("d1")
+        with pytest.raises(rb.JobStateError) as info:
+            Count.delete("d1")
+        assert info.value.status == "paused"
+        Count.resume("d1")
+        wait_until(lambda: Count.status("d1").status == "completed", what="completion")  # type: ignore[union-attr]
+    assert Count.delete("d1") is True
+    assert Count.status("d1") is None
+    assert Count.delete("d1") is False
+    assert not list(real_batcher.client.scan_iter(match="t:{jobs:count}:*"))  # nothing left behind
+    with pytest.raises(rb.JobNotFound):
+        Count.pause("d1")
+
+
+def test_starting_an_existing_job_id_is_an_error(real_batcher: Batcher) -> None:
+    Count, _ = counting_iterator(real_batcher)
+    Count.start("dup", params={"n": 10})
+    before = snapshot(real_batcher.client)
+    with pytest.raises(rb.JobExists) as info:
+        Count.start("dup", params={"n": 99})
+    assert isinstance(info.value, rb.BatcherError)
+    assert info.value.status == "pending"
+    assert snapshot(real_batcher.client) == before
+
+
+def test_bad_input_leaves_redis_untouched(real_batcher: Batcher) -> None:
+    Count, _ = counting_iterator(real_batcher)
+    Count.start("ok", params={"n": 1})
+    before = snapshot(real_batcher.client)
+    for bad_id in ("", "a\nb", "x" * 600, 42):
+        with pytest.raises(rb.InvalidJob):
+            Count.start(bad_id, params={"n": 1})  # type: ignore[arg-type]
+    for bad_params in ({"when": object()}, {"ratio": float("nan")}, {1, 2}):
+        with pytest.raises(rb.InvalidJob):
+            Count.start("new", params=bad_params)
+    for options in ({"batch_size": 0}, {"batch_size": -5}, {"max_retries": -1}, {"retry_backoff": 0}):
+        with pytest.raises(rb.ConfigError):
+            real_batcher.iterator(name="other", **options)
+    with pytest.raises(rb.ConfigError):
+        real_batcher.iterator(name="has space")
+    with pytest.raises(rb.ConfigError):
+        real_batcher.iterator(name="count")(type("Again", (), {"next_batch": print, "process": print}))
+    with pytest.raises(rb.ConfigError):
+        real_batcher.iterator(name="noprocess")(type("Half", (), {"next_batch": print}))
+    with pytest.raises(rb.ConfigError):
+        real_batcher.jobs(status="done")
+    assert snapshot(real_batcher.client) == before
+
+
+def test_listing_by_status_with_limit(real_batcher: Batcher) -> None:
+    Count, _ = counting_iterator(real_batcher)
+    Other, _ = counting_iterator(real_batcher, name="other")
+    for i in range(5):
+        Count.start(f"job-{i}", params={"n": 3})
+        time.sleep(0.002)  # distinct created_at: newest first is well defined
+    Other.start("other-0", params={"n": 3})
+    Count.pause("job-1")
+    Count.cancel("job-2")
+    assert [j.job_id for j in real_batcher.jobs()] == ["other-0", "job-4", "job-3", "job-2", "job-1", "job-0"]
+    assert [j.job_id for j in real_batcher.jobs(status="pending", limit=2)] == ["other-0", "job-4"]
+    assert [j.job_id for j in real_batcher.jobs(status="paused")] == ["job-1"]
+    assert [j.job_id for j in Count.jobs(status="pending")] == ["job-4", "job-3", "job-0"]
+    Worker(real_batcher).run(burst=True)
+    assert {j.job_id for j in real_batcher.jobs(status="completed")} == {"other-0", "job-4", "job-3", "job-0"}
+    assert [j.job_id for j in real_batcher.jobs(status="completed", limit=1)] == ["other-0"]
+    assert real_batcher.jobs(status="running") == []
+    # another process sees the jobs through the registry, without the iterator classes
+    assert len(Batcher(real_batcher.client, prefix="t").jobs()) == 6
+
+
+def test_status_fields_and_items_per_second(real_batcher: Batcher) -> None:
+    Count, _ = counting_iterator(real_batcher, batch_size=20, delay_between_batches=0.01)
+    Count.start("s1", params={"n": 100_000, "sleep": 0.005})
+    with running_worker(real_batcher):
+        wait_until(lambda: Count.status("s1").processed >= 400, what="progress")  # type: ignore[union-attr]
+        st = Count.status("s1")
+        assert st is not None
+        assert st.status == "running" and st.worker is not None and st.worker.endswith(f":{os.getpid()}")
+        assert 100 < st.items_per_second < 100_000, st.items_per_second
+        assert st.params == {"n": 100_000, "sleep": 0.005}
+        assert st.config is not None and (st.config.batch_size, st.config.max_retries) == (20, 5)
+        assert st.cursor == str(st.processed) or int(st.cursor or 0) >= st.processed
+        assert st.created_at and st.started_at and st.last_run_at and st.updated_at
+        assert st.created_at <= st.started_at <= st.last_run_at
+        assert st.finished_at is None and st.retry_count == 0 and st.error is None
+        Count.cancel("s1")
+    st = Count.status("s1")
+    assert st is not None and st.status == "cancelled"
+
+
+def test_a_stale_lease_holder_cannot_save_progress(real_batcher: Batcher) -> None:
+    """Fencing: after the lease of worker A expired and B claimed the job, A's commit is refused."""
+    Count, _ = counting_iterator(real_batcher, lease_timeout=0.05)
+    Count.start("fence", params={"n": 100})
+    keys, cfg, client = Count.keys, Count.config, real_batcher.client
+    _, [a] = parse_claim("owner-a", claim_call(keys, cfg, 1, "owner-a", "a").run(client))
+    time.sleep(0.1)  # A's lease runs out
+    _, [b] = parse_claim("owner-b", claim_call(keys, cfg, 1, "owner-b", "b").run(client))
+    assert (a.job_id, b.job_id) == ("fence", "fence")
+    assert commit_call(keys, cfg, "fence", "owner-a", "10", 10, False).run(client) == b"lease_lost"
+    assert Count.status("fence").processed == 0  # type: ignore[union-attr]
+    assert commit_call(keys, cfg, "fence", "owner-b", "10", 10, False).run(client) == b"ok"
+    st = Count.status("fence")
+    assert st is not None and (st.processed, st.cursor, st.worker) == (10, "10", "b")
+
+
+def test_stopping_a_worker_releases_its_jobs_at_once(real_batcher: Batcher) -> None:
+    Count, seen = counting_iterator(real_batcher, lease_timeout=60.0)
+    Count.start("r1", params={"n": 2000, "sleep": 0.01})
+    with running_worker(real_batcher):
+        wait_until(lambda: Count.status("r1").processed >= 20, what="progress")  # type: ignore[union-attr]
+    # the lease is 60 s, but the stopped worker gave the job back: another takes it now
+    assert real_batcher.client.hget(Count.keys.job("r1"), "owner") == b""
+    saved = Count.status("r1").processed  # type: ignore[union-attr]
+    assert saved == len(seen)
+    runner = JobRunner(real_batcher, concurrency=1)
+    thread = runner.start(burst=True)
+    thread.join(30)
+    assert not thread.is_alive()
+    assert Count.status("r1").status == "completed"  # type: ignore[union-attr]
+    assert sorted(seen) == list(range(2000))
+
+
+def test_kill_9_worker_mid_job_another_resumes_from_saved_cursor(
+    redis_server: RedisServer, real_client: redis.Redis, tmp_path: Path
+) -> None:
+    db = tmp_path / "rows.db"
+    rows = 5_000
+    make_table(db, rows)
+    _, walk = jobs_app.make(real_client)
+    walk.start("kill-test")
+    env = subprocess_env(redis_server.url)
+    env["JOBS_DB"] = str(db)
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start_worker(i: int) -> subprocess.Popen[bytes]:
+        log = (tmp_path / f"worker{i}.log").open("wb")
+        p = subprocess.Popen(
+            cli_command("worker", "tests.apps.jobs_app:batcher", "--redis-url", redis_server.url),
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+        )
+        procs.append(p)
+        return p
+
+    def status() -> rb.JobStatus:
+        st = walk.status("kill-test")
+        assert st is not None
+        return st
+
+    try:
+        first = start_worker(0)
+        wait_until(lambda: status().processed >= 1000, timeout=30, what="progress in worker 0")
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(10)
+        saved = status()
+        assert saved.status == "running" and saved.processed < rows
+        start_worker(1)
+        wait_until(lambda: status().status == "completed", timeout=30, what="completion in worker 1")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)
+    final = status()
+    assert final.processed == rows
+    assert final.worker is not None and final.worker.endswith(f":{procs[1].pid}")
+    counts = {int(k): int(v) for k, v in real_client.hgetall(jobs_app.SEEN_KEY).items()}
+    assert sorted(counts) == list(range(1, rows + 1))  # every row processed
+    repeated = [k for k, n in counts.items() if n > 1]
+    # only the batch in flight when worker 0 died ran twice: worker 1 resumed from the saved cursor
+    assert len(repeated) <= jobs_app.BATCH_SIZE
+    assert all(counts[k] == 2 for k in repeated)
+    assert all(k > int(saved.cursor or 0) for k in repeated)

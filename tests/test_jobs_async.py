@@ -1,0 +1,211 @@
+"""Iterator jobs on the asyncio client (issue #6): the same behaviour as tests/test_jobs.py,
+awaited, with ``async def`` iterator methods run by the async worker."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+import redis_batcher as rb
+import redis_batcher.asyncio as aio
+from redis_batcher import JobContext, Page
+from redis_batcher.embedded import RedisServer
+from tests.apps import jobs_app
+from tests.conftest import snapshot
+from tests.test_jobs import make_table
+
+
+def arun(server: RedisServer, body: Callable[[aio.Batcher], Awaitable[None]]) -> None:
+    async def main() -> None:
+        ab = aio.Batcher(server.url, prefix="t")
+        try:
+            await body(ab)
+        finally:
+            await ab.aclose()
+
+    asyncio.run(main())
+
+
+async def wait_for(cond: Callable[[], Awaitable[bool]], timeout: float = 10.0, what: str = "it") -> None:
+    deadline = time.monotonic() + timeout
+    while not await cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def counting(ab: aio.Batcher, name: str = "count", **options: Any) -> tuple[Any, list[tuple[str, int]]]:
+    seen: list[tuple[str, int]] = []  # (job id, item)
+    options.setdefault("delay_between_batches", 0.0)
+    options.setdefault("batch_size", 10)
+
+    @ab.iterator(name=name, **options)
+    class Count:
+        async def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
+            start = int(cursor or 0)
+            stop = min(start + batch_size, job.params["n"])
+            return Page(list(range(start, stop)), str(stop), stop >= job.params["n"])
+
+        async def process(self, items: list[int], job: JobContext) -> None:
+            await asyncio.sleep(job.params.get("sleep", 0))
+            seen.extend((job.job_id, i) for i in items)
+
+    return Count, seen
+
+
+async def status_of(it: Any, job_id: str) -> rb.JobStatus:
+    st = await it.status(job_id)
+    assert st is not None
+    return st
+
+
+def test_async_walk_of_a_sqlite_table_exactly_once(
+    redis_server: RedisServer, real_client: redis.Redis, tmp_path: Path
+) -> None:
+    source = tmp_path / "source.db"
+    make_table(source, 20_000)
+    seen: list[int] = []
+    done: list[int] = []
+
+    async def body(ab: aio.Batcher) -> None:
+        @ab.iterator(name="walk", batch_size=500, delay_between_batches=0.0)
+        class Walk:
+            def __init__(self) -> None:
+                self.db = sqlite3.connect(source, check_same_thread=False)
+
+            def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
+                return jobs_app.walk_page(self.db, cursor, batch_size)  # sync: runs in a thread
+
+            async def process(self, items: list[int], job: JobContext) -> None:
+                assert job.params == {"table": "rows"}
+                seen.extend(items)
+
+            async def on_complete(self, job: JobContext) -> None:
+                done.append(job.processed)
+
+        started = await Walk.start("w1", params={"table": "rows"})
+        assert started.status == "pending"
+        await aio.Worker(ab).run(burst=True)
+        st = await status_of(Walk, "w1")
+        assert (st.status, st.processed, st.cursor) == ("completed", 20_000, "20000")
+
+    arun(redis_server, body)
+    assert sorted(seen) == list(range(1, 20_001)) and done == [20_000]
+
+
+def test_async_pause_resume_cancel_delete(redis_server: RedisServer, real_client: redis.Redis) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        Count, seen = counting(ab)
+        await Count.start("p1", params={"n": 300, "sleep": 0.01})
+        worker = aio.Worker(ab, grace_period=5.0)
+        task = asyncio.ensure_future(worker.run())
+        try:
+            await wait_for(lambda: _processed_at_least(Count, "p1", 30), what="progress")
+            assert (await Count.pause("p1")).status == "paused"
+            with pytest.raises(rb.JobStateError):
+                await Count.delete("p1")
+            await wait_for(lambda: _owner_free(real_client, Count, "p1"), what="the worker to stop")
+            frozen = await status_of(Count, "p1")
+            await asyncio.sleep(0.2)
+            assert (await status_of(Count, "p1")).processed == frozen.processed == len(seen) < 300
+            assert (await Count.resume("p1")).status == "running"
+            with pytest.raises(rb.JobStateError):
+                await Count.delete("p1")
+            await wait_for(lambda: _status_is(Count, "p1", "completed"), what="completion")
+            await Count.start("c1", params={"n": 10_000, "sleep": 0.01})
+            await wait_for(lambda: _processed_at_least(Count, "c1", 10), what="progress of c1")
+            assert (await Count.cancel("c1")).status == "cancelled"
+            await wait_for(lambda: _owner_free(real_client, Count, "c1"), what="the worker to stop")
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 10)
+        assert sorted(i for job_id, i in seen if job_id == "p1") == list(range(300))
+        with pytest.raises(rb.JobStateError):
+            await Count.resume("c1")
+        assert await Count.delete("p1") is True
+        assert await Count.delete("p1") is False
+        assert await Count.status("p1") is None
+        assert [j.job_id for j in await ab.jobs(status="cancelled")] == ["c1"]
+
+    arun(redis_server, body)
+
+
+async def _processed_at_least(it: Any, job_id: str, n: int) -> bool:
+    return (await status_of(it, job_id)).processed >= n
+
+
+async def _status_is(it: Any, job_id: str, status: str) -> bool:
+    return (await status_of(it, job_id)).status == status
+
+
+async def _owner_free(client: redis.Redis, it: Any, job_id: str) -> bool:
+    return client.hget(it.keys.job(job_id), "owner") == b""
+
+
+def test_async_retries_then_failure_then_resume(redis_server: RedisServer, real_client: redis.Redis) -> None:
+    calls: list[float] = []
+    healthy = [False]
+
+    async def body(ab: aio.Batcher) -> None:
+        @ab.iterator(name="flaky", max_retries=2, retry_backoff=0.05, retry_backoff_max=0.1)
+        class Flaky:
+            async def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
+                return Page(["a", "b"], "x", True)
+
+            async def process(self, items: list[str], job: JobContext) -> None:
+                calls.append(time.monotonic())
+                if not healthy[0]:
+                    raise TimeoutError("api timed out")
+
+        await Flaky.start("f1")
+        worker = aio.Worker(ab)
+        task = asyncio.ensure_future(worker.run())
+        try:
+            await wait_for(lambda: _status_is(Flaky, "f1", "failed"), what="failure")
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 10)
+        st = await status_of(Flaky, "f1")
+        assert (st.retry_count, st.error) == (3, "TimeoutError: api timed out")
+        assert len(calls) == 3 and calls[1] - calls[0] >= 0.045 and calls[2] - calls[1] >= 0.095
+        healthy[0] = True
+        assert (await Flaky.resume("f1")).retry_count == 0
+        await aio.Worker(ab).run(burst=True)
+        st = await status_of(Flaky, "f1")
+        assert (st.status, st.processed, st.retry_count) == ("completed", 2, 0)
+
+    arun(redis_server, body)
+
+
+def test_async_start_errors_and_listing(redis_server: RedisServer, real_client: redis.Redis) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        Count, _ = counting(ab)
+        for i in range(3):
+            await Count.start(f"j{i}", params={"n": 5})
+            await asyncio.sleep(0.002)
+        before = snapshot(real_client)
+        with pytest.raises(rb.JobExists):
+            await Count.start("j0", params={"n": 1})
+        with pytest.raises(rb.InvalidJob):
+            await Count.start("bad\x00id")
+        with pytest.raises(rb.InvalidJob):
+            await Count.start("j9", params={"at": object()})
+        with pytest.raises(rb.ConfigError):
+            ab.iterator(name="zero", batch_size=0)
+        with pytest.raises(rb.ConfigError):
+            await ab.jobs(status="unknown")
+        assert snapshot(real_client) == before
+        await Count.pause("j1")
+        assert [j.job_id for j in await ab.jobs(limit=2)] == ["j2", "j1"]
+        assert [j.job_id for j in await ab.jobs(status="pending")] == ["j2", "j0"]
+        assert [j.job_id for j in await Count.jobs(status="paused")] == ["j1"]
+        # the sync client sees the same jobs (the definition is shared)
+        assert Count.definition.status("j1").status == "paused"  # type: ignore[union-attr]
+
+    arun(redis_server, body)

@@ -14,10 +14,14 @@
 -- ARGV[10] bisect        '1': a window whose worker died is halved instead (poison isolation)
 -- ARGV[11] ordered       '1': only the lowest active sequence of a base id is delivered
 -- ARGV[12] history_cap   history length limit (deaths are recorded in the history)
+-- ARGV[13] inline_max    windows of at most this many items are returned with the claim
+--                        (saves the worker a round trip and a slow multi-bulk parse); 0 = never
 -- Derived keys: head, history, state and items of each member; dead-letter keys.
--- Reply: {next_due_ms, member, window, attempt, flush_id, reason, ...}
+-- Reply: {next_due_ms, member, window, attempt, flush_id, reason, items, ...}
 --   next_due_ms  ms until the earliest remaining entry is due (0 = due now, -1 = queue empty)
---   then five fields per claimed sequence: deliver its first `window` items.
+--   then six fields per claimed sequence: deliver its first `window` items; `items` is 0 (read
+--   them with LRANGE) or the window itself: one msgpack array of the raw entries (cmsgpack;
+--   a plain array where cmsgpack is missing, as in test doubles).
 local due = KEYS[1]
 local pfx = ARGV[1]
 local limit = tonumber(ARGV[2])
@@ -27,6 +31,7 @@ local cfg = {retention = tonumber(ARGV[6]), max = tonumber(ARGV[7]), ordered = A
 local max_deaths = tonumber(ARGV[9])
 local bisect = ARGV[10] == '1'
 local cap = tonumber(ARGV[12])
+local inline_max = tonumber(ARGV[13] or '0')
 local now = now_ms()
 local out = {0}
 local members = redis.call('ZRANGEBYSCORE', due, '-inf', int(now), 'LIMIT', 0, limit)
@@ -117,6 +122,13 @@ for n, member in ipairs(members) do
       table.insert(out, attempt)
       table.insert(out, flush_id)
       table.insert(out, reason or '')
+      if window <= inline_max then
+        local items = redis.call('LRANGE', ikey, 0, window - 1)
+        if cmsgpack then items = cmsgpack.pack(items) end
+        table.insert(out, items)
+      else
+        table.insert(out, 0)
+      end
     end
   end
 end

@@ -558,14 +558,17 @@ class _Running:
     claimed: ops.Claimed
     task: asyncio.Task[None] | None = None
     settling: bool = False
+    started: bool = False  # the handler got a slot (claimed flushes wait for one)
 
 
 class Worker(WorkerCore):
     """The asyncio worker: ``async def`` handlers run on the event loop (``concurrency`` at a
     time), sync handlers in a thread pool. Claims, heartbeats, acks and retries are the sync
     worker's (shared :class:`~redis_batcher.worker_core.WorkerCore`); ``handler_timeout``
-    cancels an async handler's task. ``await worker.run()`` until :meth:`stop` (or SIGTERM/SIGINT
-    when run in the main thread); ``run(burst=True)`` delivers what is due and returns."""
+    cancels an async handler's task. ``prefetch_multiplier``: flushes claimed ahead, as in the
+    sync :class:`~redis_batcher.Worker`. ``await worker.run()`` until :meth:`stop` (or
+    SIGTERM/SIGINT when run in the main thread); ``run(burst=True)`` delivers what is due and
+    returns."""
 
     def __init__(
         self,
@@ -575,6 +578,7 @@ class Worker(WorkerCore):
         processors: Iterable[str] | None = None,
         max_idle_wait: float = 5.0,
         grace_period: float = 30.0,
+        prefetch_multiplier: int = 4,
     ) -> None:
         super().__init__(
             select_processors(batcher.definitions, processors),
@@ -583,6 +587,14 @@ class Worker(WorkerCore):
             grace_period=grace_period,
             jobs=bool(batcher.definitions.iterators),
         )
+        if (
+            isinstance(prefetch_multiplier, bool)
+            or not isinstance(prefetch_multiplier, int)
+            or prefetch_multiplier < 1
+        ):
+            raise ConfigError(f"prefetch_multiplier must be an int >= 1, got {prefetch_multiplier!r}")
+        self.capacity = concurrency * prefetch_multiplier  # claimed flushes, waiting or running
+        self._slots: asyncio.Semaphore | None = None
         self.batcher = batcher
         self.client: Any = batcher.client
         self._inflight: dict[str, _Running] = {}
@@ -599,7 +611,8 @@ class Worker(WorkerCore):
 
     @property
     def inflight(self) -> int:
-        return len(self._inflight)
+        """Flushes whose handlers are running now (claimed ones waiting for a slot excluded)."""
+        return sum(1 for r in self._inflight.values() if r.started)
 
     def stop(self) -> None:
         """Stop claiming; :meth:`run` returns once in-flight handlers have finished."""
@@ -616,6 +629,7 @@ class Worker(WorkerCore):
         self._stopping = False
         self._wake = asyncio.Event()
         self.ready = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.concurrency)
         loop = asyncio.get_running_loop()
         signals = self._install_signals(loop)
         background = [asyncio.ensure_future(self._heartbeat())] if self.processors else []
@@ -663,7 +677,7 @@ class Worker(WorkerCore):
         while not self._stopping:
             self._wake.clear()
             more = await self._claim_round(time.monotonic())
-            free = self.concurrency - len(self._inflight)
+            free = self.capacity - len(self._inflight)
             if burst and not more and not self._inflight:
                 return
             if more and free > 0:
@@ -678,7 +692,7 @@ class Worker(WorkerCore):
         for idx in self.begin_round(now):
             if self._stopping:
                 break
-            free = self.concurrency - len(self._inflight)
+            free = self.capacity - len(self._inflight)
             if free <= 0:
                 return True
             owner, call = self.claim_call(idx, free)
@@ -697,9 +711,11 @@ class Worker(WorkerCore):
         return more
 
     async def _deliver(self, c: ops.Claimed) -> Outcome:
-        raw: list[bytes] = []
-        for start, stop in drain_ranges(c.cutoff):
-            raw.extend(await self.client.lrange(ops.items_key(c), start, stop))
+        raw = c.raw
+        if raw is None:  # a window too large to come inline with the claim
+            raw = []
+            for start, stop in drain_ranges(c.cutoff):
+                raw.extend(await self.client.lrange(ops.items_key(c), start, stop))
         items, bad = decode_window(c, raw)
         if bad is not None:
             return bad
@@ -723,6 +739,16 @@ class Worker(WorkerCore):
         return classify(len(items), result)
 
     async def _execute(self, key: str, r: _Running) -> None:
+        """Wait for one of the ``concurrency`` slots, then deliver (unless stopping by then:
+        :meth:`_finish_inflight` hands a flush that never started back at once)."""
+        assert self._slots is not None
+        async with self._slots:
+            if self._stopping:
+                return
+            r.started = True
+            await self._run(key, r)
+
+    async def _run(self, key: str, r: _Running) -> None:
         c = r.claimed
         started = time.time()
         t0 = time.perf_counter()
@@ -766,7 +792,11 @@ class Worker(WorkerCore):
 
     async def _finish_inflight(self) -> None:
         deadline = time.monotonic() + self.grace_period
-        while self._inflight and time.monotonic() < deadline and not self.forced:
+        while (
+            any(r.started for r in self._inflight.values())
+            and time.monotonic() < deadline
+            and not self.forced
+        ):
             await asyncio.sleep(0.02)
         for key, r in list(self._inflight.items()):
             if r.settling:

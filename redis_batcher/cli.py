@@ -128,6 +128,13 @@ def main() -> None:
     help="On SIGTERM, how long in-flight handlers may finish before their leases are released.",
 )
 @click.option(
+    "--prefetch-multiplier",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Claim up to concurrency x this many flushes ahead of free handler slots.",
+)
+@click.option(
     "--log-level",
     default="INFO",
     show_default=True,
@@ -141,6 +148,7 @@ def worker(
     names: tuple[str, ...],
     max_idle_wait: float,
     grace_period: float,
+    prefetch_multiplier: int,
     log_level: str,
 ) -> None:
     """Run a worker for the processors of APP (``module:batcher`` or ``module:processor``).
@@ -174,6 +182,7 @@ def worker(
         "processors": selected,
         "max_idle_wait": max_idle_wait,
         "grace_period": grace_period,
+        "prefetch_multiplier": prefetch_multiplier,
     }
     try:
         w: Any = (

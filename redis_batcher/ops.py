@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import msgpack
+
 from .errors import BatchFull, BatchNotAccumulating, BatchNotFound
 from .keys import PartitionKeys
 from .models import (
@@ -212,6 +214,11 @@ class Claimed:
     flush_id: str
     reason: str
     owner: str
+    raw: list[bytes] | None = None  # the window's entries when claim.lua returned them inline
+
+
+# claim.lua returns windows of up to this many items with the claim itself
+INLINE_MAX = 2000
 
 
 def new_token() -> str:
@@ -240,6 +247,7 @@ def claim_call(proc: Processor, part: PartitionKeys, limit: int, owner: str) -> 
             _flag(cfg.bisect_on_error),
             _flag(cfg.ordered),
             cfg.history_limit,
+            INLINE_MAX,
         ),
     )
 
@@ -250,8 +258,13 @@ def parse_claim(
     """(ms until the next due entry, -1 if none; claimed flushes)."""
     next_due = int(reply[0])
     out = []
-    for i in range(1, len(reply), 5):
+    for i in range(1, len(reply), 6):
         member = _s(reply[i])
+        window = reply[i + 5]
+        if isinstance(window, bytes):
+            raw: list[bytes] | None = msgpack.unpackb(window, raw=True, use_list=True)
+        else:
+            raw = list(window) if isinstance(window, list) else None
         base, _, seq = member.rpartition("::")
         out.append(
             Claimed(
@@ -265,6 +278,7 @@ def parse_claim(
                 flush_id=_s(reply[i + 3]),
                 reason=_s(reply[i + 4]),
                 owner=owner,
+                raw=raw,
             )
         )
     return next_due, out

@@ -1,4 +1,5 @@
-"""The worker: claims due sequences, runs handlers in threads, acknowledges or retries them.
+"""The worker: claims due sequences, runs handlers in a pool of threads, acknowledges or
+retries them.
 
 A worker never busy-polls. It claims what is due, then sleeps until the earliest entry of its
 delay queues is due, a slot frees up, or a pub/sub message says a sequence was sealed. The
@@ -12,6 +13,7 @@ import asyncio
 import inspect
 import logging
 import os
+import queue
 import signal
 import threading
 import time
@@ -24,7 +26,7 @@ from redis.exceptions import RedisError
 
 from . import ops
 from .batcher import Batcher
-from .errors import NotReplicated
+from .errors import ConfigError, NotReplicated
 from .jobs import JobRunner
 from .worker_core import (
     Outcome,
@@ -53,7 +55,7 @@ class _Running:
     """A claimed flush this worker is working on."""
 
     claimed: ops.Claimed
-    started: float  # time.monotonic()
+    started: float | None = None  # time.monotonic() when the handler started; None: queued
     abandoned: bool = False  # timed out or released: whatever the thread does next is ignored
     settling: bool = False  # the thread is recording its result; the watchdog leaves it alone
 
@@ -61,9 +63,13 @@ class _Running:
 class Worker(WorkerCore):
     """Delivers due batches of a :class:`Batcher`'s processors to their handlers.
 
-    ``concurrency`` handlers run at once (threads). ``processors`` limits the worker to some
-    processor names. ``max_idle_wait`` bounds how long an idle worker sleeps between full checks
-    of its delay queues when no wake-up message arrives (a safety net; wake-ups are instant).
+    ``concurrency`` handlers run at once, in a pool of threads. ``prefetch_multiplier``: the
+    worker claims up to ``concurrency * prefetch_multiplier`` flushes ahead (as Celery's
+    setting of that name), so a free thread never waits for a claim round trip; their leases
+    are renewed while they wait, and a stopping worker releases the ones not started at once.
+    ``processors`` limits the worker to some processor names. ``max_idle_wait`` bounds how long
+    an idle worker sleeps between full checks of its delay queues when no wake-up message
+    arrives (a safety net; wake-ups are instant).
     ``grace_period``: on shutdown, how long in-flight handlers may still run; the leases of those
     still running after it are released at once so another worker takes them.
     """
@@ -76,6 +82,7 @@ class Worker(WorkerCore):
         processors: Iterable[str] | None = None,
         max_idle_wait: float = 5.0,
         grace_period: float = 30.0,
+        prefetch_multiplier: int = 4,
     ) -> None:
         super().__init__(
             select_processors(batcher, processors),
@@ -84,9 +91,19 @@ class Worker(WorkerCore):
             grace_period=grace_period,
             jobs=bool(batcher.iterators),
         )
+        if (
+            isinstance(prefetch_multiplier, bool)
+            or not isinstance(prefetch_multiplier, int)
+            or prefetch_multiplier < 1
+        ):
+            raise ConfigError(f"prefetch_multiplier must be an int >= 1, got {prefetch_multiplier!r}")
+        self.capacity = concurrency * prefetch_multiplier  # claimed flushes, queued or running
         self.batcher = batcher
         self.client: Any = batcher.client
         self._inflight: dict[str, _Running] = {}
+        self._tasks: queue.SimpleQueue[tuple[str, _Running] | None] = queue.SimpleQueue()
+        self._threads = 0  # live pool threads
+        self._surplus = 0  # threads started to replace handlers abandoned at their timeout
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -113,6 +130,8 @@ class Worker(WorkerCore):
         self.reset()
         restore = self._install_signals()
         threads = [threading.Thread(target=self._heartbeat, name="rb-heartbeat", daemon=True)]
+        for _ in range(self.concurrency if self.processors else 0):
+            self._spawn()
         if not self.processors:  # iterator jobs only
             threads = []
         elif not burst:
@@ -135,6 +154,7 @@ class Worker(WorkerCore):
             if self.jobs is not None:
                 self.jobs.stop()
             self._finish_inflight()
+            self._stop_pool()
             if self.jobs is not None:
                 self.jobs.wait()
             self._done.set()
@@ -153,8 +173,9 @@ class Worker(WorkerCore):
 
     @property
     def inflight(self) -> int:
-        """Flushes whose handlers are running now."""
-        return len(self._inflight)
+        """Flushes whose handlers are running now (claimed ones waiting for a thread excluded)."""
+        with self._lock:
+            return sum(1 for r in self._inflight.values() if r.started is not None and not r.abandoned)
 
     # -- main loop -------------------------------------------------------------------------------
 
@@ -173,7 +194,7 @@ class Worker(WorkerCore):
         while not self._stopping.is_set():
             self._wake.clear()
             more = self._claim_round(time.monotonic())
-            free = self.concurrency - len(self._inflight)
+            free = self.capacity - len(self._inflight)
             if burst and not more and not self._inflight:
                 return
             if more and free > 0:
@@ -188,7 +209,7 @@ class Worker(WorkerCore):
         for idx in self.begin_round(now):
             if self._stopping.is_set():
                 break
-            free = self.concurrency - len(self._inflight)
+            free = self.capacity - len(self._inflight)
             if free <= 0:
                 return True
             owner, call = self.claim_call(idx, free)
@@ -205,26 +226,57 @@ class Worker(WorkerCore):
 
     def _submit(self, c: ops.Claimed) -> None:
         key = c.part.pfx + c.member
-        running = _Running(c, time.monotonic())
+        running = _Running(c)
         with self._lock:
             self._inflight[key] = running
-        # one thread per flush: a handler past its handler_timeout can be abandoned without
-        # holding one of the `concurrency` slots
-        threading.Thread(target=self._execute, args=(key, running), name="rb-flush", daemon=True).start()
+        self._tasks.put((key, running))
+
+    # -- the handler pool ------------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        with self._lock:
+            self._threads += 1
+        threading.Thread(target=self._pool_main, name="rb-handler", daemon=True).start()
+
+    def _pool_main(self) -> None:
+        """A pool thread: run claimed flushes until told to stop. A thread whose handler was
+        abandoned at its timeout was replaced meanwhile; when it gets free it leaves."""
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                break
+            self._execute(*task)
+            with self._lock:
+                if self._surplus > 0:
+                    self._surplus -= 1
+                    break
+        with self._lock:
+            self._threads -= 1
+
+    def _stop_pool(self) -> None:
+        with self._lock:
+            n = self._threads
+        for _ in range(n):
+            self._tasks.put(None)
+
+    def _running_handlers(self) -> int:
+        with self._lock:
+            return sum(1 for r in self._inflight.values() if r.started is not None and not r.settling)
 
     def _finish_inflight(self) -> None:
-        """Shutdown: wait up to grace_period for running handlers, release the others' leases."""
+        """Shutdown: wait up to grace_period for running handlers, release the others' leases
+        (claimed flushes that never started are released at once)."""
         deadline = time.monotonic() + self.grace_period
-        if self._inflight:
-            log.info(
-                "waiting up to %.0fs for %d in-flight flush(es) to finish",
-                self.grace_period,
-                len(self._inflight),
-            )
-        while self._inflight and time.monotonic() < deadline:
+        if running := self._running_handlers():
+            log.info("waiting up to %.0fs for %d in-flight flush(es) to finish", self.grace_period, running)
+        while time.monotonic() < deadline and (self._running_handlers() or self._settling()):
             self._wake.wait(0.05)
             self._wake.clear()
         self._release_all()
+
+    def _settling(self) -> bool:
+        with self._lock:
+            return any(r.settling for r in self._inflight.values())
 
     def _release_all(self) -> None:
         with self._lock:
@@ -249,9 +301,11 @@ class Worker(WorkerCore):
     # -- one flush -------------------------------------------------------------------------------
 
     def _deliver(self, c: ops.Claimed) -> Outcome:
-        raw: list[bytes] = []
-        for start, stop in drain_ranges(c.cutoff):
-            raw.extend(self.client.lrange(ops.items_key(c), start, stop))
+        raw = c.raw
+        if raw is None:  # a window too large to come inline with the claim
+            raw = []
+            for start, stop in drain_ranges(c.cutoff):
+                raw.extend(self.client.lrange(ops.items_key(c), start, stop))
         items, bad = decode_window(c, raw)
         if bad is not None:
             return bad
@@ -266,6 +320,10 @@ class Worker(WorkerCore):
 
     def _execute(self, key: str, r: _Running) -> None:
         c = r.claimed
+        with self._lock:
+            if self._stopping.is_set() or r.abandoned:
+                return  # shutting down: never started, so _release_all hands it back
+            r.started = time.monotonic()
         started = time.time()
         t0 = time.perf_counter()
         try:
@@ -351,12 +409,23 @@ class Worker(WorkerCore):
         with self._lock:
             for key, r in list(self._inflight.items()):
                 limit = r.claimed.processor.config.handler_timeout
-                if limit and not r.settling and not r.abandoned and now - r.started > limit:
+                if (
+                    limit
+                    and r.started is not None
+                    and not r.settling
+                    and not r.abandoned
+                    and now - r.started > limit
+                ):
                     r.abandoned = True
                     expired.append(r)
                     del self._inflight[key]
+                    # its thread stays in the handler: a new one takes its place in the pool
+                    self._surplus += 1
+        for _ in expired:
+            self._spawn()
         for r in expired:
             c = r.claimed
+            assert r.started is not None
             elapsed = now - r.started
             self._record(c, self.timeout_outcome(c), time.time() - elapsed, elapsed * 1000.0)
             self.mark_due(c.part.pfx)

@@ -59,9 +59,9 @@ def test_idle_worker_wakes_on_seal_not_on_timer(real_batcher: Batcher) -> None:
         assert w.ready.wait(10)
         time.sleep(0.3)  # let it go idle
         for _ in range(3):
+            before = len(started)  # read before the add: the handler may start before it returns
             t0 = time.monotonic()
             proc.add_many("w", [1, 2, 3, 4, 5])
-            before = len(started)
             wait_for(lambda: len(started) > before, timeout=10)  # noqa: B023
             assert started[-1] - t0 < 10  # far below the 30 s the timer alone would take
             time.sleep(0.2)

@@ -296,7 +296,10 @@ def commit_call(
     cursor: str | None,
     count: int,
     exhausted: bool,
+    step: int,
 ) -> ops.Call:
+    """``step``: the step's number within this claim (1, 2, ...), so that a commit re-sent after
+    a connection error that may have run is not counted twice."""
     return _call(
         "job_commit",
         keys.job(job_id),
@@ -308,6 +311,7 @@ def commit_call(
         count,
         "1" if exhausted else "0",
         _ms(config.lease_timeout),
+        step,
     )
 
 
@@ -837,6 +841,7 @@ class JobRunner:
         cfg = it.config
         ctx = JobContext(c.job_id, it.name, c.params, c.cursor, c.processed, c.retries, cfg.batch_size)
         exhausted = c.exhausted
+        step = 0
         try:
             instance = it()
         except Exception as exc:
@@ -861,8 +866,9 @@ class JobRunner:
                 return
             if s.abandoned:
                 return
+            step += 1
             reply = self._write(
-                s, commit_call(it.keys, cfg, c.job_id, c.owner, page.cursor, len(items), page.done)
+                s, commit_call(it.keys, cfg, c.job_id, c.owner, page.cursor, len(items), page.done, step)
             )
             code = None if reply is None else _s(reply)
             if code != "ok":

@@ -355,6 +355,7 @@ class AsyncJobRunner:
         cfg = it.config
         ctx = JobContext(c.job_id, it.name, c.params, c.cursor, c.processed, c.retries, cfg.batch_size)
         exhausted = c.exhausted
+        step = 0
         try:
             instance = it()
         except Exception as exc:
@@ -375,8 +376,9 @@ class AsyncJobRunner:
             except Exception as exc:
                 await self._failed(s, exc)
                 return
+            step += 1
             reply = await self._write(
-                s, commit_call(it.keys, cfg, c.job_id, c.owner, page.cursor, len(items), page.done)
+                s, commit_call(it.keys, cfg, c.job_id, c.owner, page.cursor, len(items), page.done, step)
             )
             code = None if reply is None else _s(reply)
             if code != "ok":

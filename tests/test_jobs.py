@@ -333,9 +333,9 @@ def test_a_stale_lease_holder_cannot_save_progress(real_batcher: Batcher) -> Non
     time.sleep(0.1)  # A's lease runs out
     _, [b] = parse_claim("owner-b", claim_call(keys, cfg, 1, "owner-b", "b").run(client))
     assert (a.job_id, b.job_id) == ("fence", "fence")
-    assert commit_call(keys, cfg, "fence", "owner-a", "10", 10, False).run(client) == b"lease_lost"
+    assert commit_call(keys, cfg, "fence", "owner-a", "10", 10, False, 1).run(client) == b"lease_lost"
     assert Count.status("fence").processed == 0  # type: ignore[union-attr]
-    assert commit_call(keys, cfg, "fence", "owner-b", "10", 10, False).run(client) == b"ok"
+    assert commit_call(keys, cfg, "fence", "owner-b", "10", 10, False, 1).run(client) == b"ok"
     st = Count.status("fence")
     assert st is not None and (st.processed, st.cursor, st.worker) == (10, "10", "b")
 
@@ -412,3 +412,28 @@ def test_kill_9_worker_mid_job_another_resumes_from_saved_cursor(
     assert len(repeated) <= jobs_app.BATCH_SIZE
     assert all(counts[k] == 2 for k in repeated)
     assert all(k > int(saved.cursor or 0) for k in repeated)
+
+
+def test_a_commit_resent_after_its_reply_was_lost_is_counted_once(
+    real_batcher: Batcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit that ran but whose reply was lost (connection dropped) is sent again by the
+    runner; the step number in it keeps ``processed`` from counting the batch twice."""
+    Count, seen = counting_iterator(real_batcher)
+    Count.start("resent", params={"n": 50})
+    execute = real_batcher._execute
+    lost: list[str] = []
+
+    def reply_lost_once(call: Any, **kw: Any) -> Any:
+        reply = execute(call, **kw)
+        if call.script.name == "job_commit" and not lost:
+            lost.append(call.script.name)
+            raise redis.ConnectionError("connection reset after the script ran")
+        return reply
+
+    monkeypatch.setattr(real_batcher, "_execute", reply_lost_once)
+    Worker(real_batcher).run(burst=True)
+    st = Count.status("resent")
+    assert lost and st is not None
+    assert (st.status, st.processed, st.cursor) == ("completed", 50, "50")
+    assert sorted(seen) == list(range(50))

@@ -209,3 +209,30 @@ def test_async_start_errors_and_listing(redis_server: RedisServer, real_client: 
         assert Count.definition.status("j1").status == "paused"  # type: ignore[union-attr]
 
     arun(redis_server, body)
+
+
+def test_async_commit_resent_after_its_reply_was_lost_is_counted_once(
+    redis_server: RedisServer, real_client: redis.Redis
+) -> None:
+    lost: list[str] = []
+
+    async def body(ab: aio.Batcher) -> None:
+        Count, seen = counting(ab)
+        await Count.start("resent", params={"n": 50})
+        execute = ab._execute
+
+        async def reply_lost_once(call: Any, **kw: Any) -> Any:
+            reply = await execute(call, **kw)
+            if call.script.name == "job_commit" and not lost:
+                lost.append(call.script.name)
+                raise redis.ConnectionError("connection reset after the script ran")
+            return reply
+
+        ab._execute = reply_lost_once  # type: ignore[method-assign]
+        await aio.Worker(ab).run(burst=True)
+        st = await status_of(Count, "resent")
+        assert (st.status, st.processed, st.cursor) == ("completed", 50, "50")
+        assert sorted(i for _, i in seen) == list(range(50))
+
+    arun(redis_server, body)
+    assert lost

@@ -20,6 +20,7 @@ handles and the threaded :class:`JobRunner`; :mod:`redis_batcher.jobs_async` has
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -251,6 +252,20 @@ def check_iterator_class(cls: Any) -> None:
     for method in ("next_batch", "process"):
         if not callable(getattr(cls, method, None)):
             raise ConfigError(f"iterator class {cls.__qualname__} has no {method}() method")
+
+
+def takes_job(method: Any) -> bool:
+    """Whether a bound ``next_batch`` accepts the job as a third argument. The issue's (and the
+    seed's) ``next_batch(cursor, batch_size)`` is called without it; ``next_batch(cursor,
+    batch_size, job)`` gets the :class:`JobContext` (for ``job.params``)."""
+    try:
+        params = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):  # no signature (some builtins): pass the job
+        return True
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return True
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in positional for p in params) >= 3
 
 
 def _s(value: Any) -> str:
@@ -844,6 +859,7 @@ class JobRunner:
         step = 0
         try:
             instance = it()
+            with_job = takes_job(instance.next_batch)
         except Exception as exc:
             self._failed(s, exc)
             return
@@ -857,7 +873,8 @@ class JobRunner:
                 self._complete(s, instance, ctx)
                 return
             try:
-                page = check_page(instance.next_batch(ctx.cursor, cfg.batch_size, ctx))
+                args = (ctx.cursor, cfg.batch_size, ctx) if with_job else (ctx.cursor, cfg.batch_size)
+                page = check_page(instance.next_batch(*args))
                 items = list(page.items)
                 if items:
                     instance.process(items, ctx)

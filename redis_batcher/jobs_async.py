@@ -47,6 +47,7 @@ from .jobs import (
     parse_start,
     parse_status,
     start_call,
+    takes_job,
     validate_job_id,
     validate_status,
     worker_label,
@@ -358,6 +359,7 @@ class AsyncJobRunner:
         step = 0
         try:
             instance = it()
+            with_job = takes_job(instance.next_batch)
         except Exception as exc:
             await self._failed(s, exc)
             return
@@ -369,7 +371,8 @@ class AsyncJobRunner:
                 await self._complete(s, instance, ctx)
                 return
             try:
-                page = check_page(await _call_user(instance.next_batch, ctx.cursor, cfg.batch_size, ctx))
+                args = (ctx.cursor, cfg.batch_size, ctx) if with_job else (ctx.cursor, cfg.batch_size)
+                page = check_page(await _call_user(instance.next_batch, *args))
                 items = list(page.items)
                 if items:
                     await _call_user(instance.process, items, ctx)

@@ -437,3 +437,29 @@ def test_a_commit_resent_after_its_reply_was_lost_is_counted_once(
     assert lost and st is not None
     assert (st.status, st.processed, st.cursor) == ("completed", 50, "50")
     assert sorted(seen) == list(range(50))
+
+
+def test_next_batch_with_the_issues_two_argument_signature(real_batcher: Batcher) -> None:
+    """``next_batch(cursor, batch_size)`` as written in the issue works too (no job argument);
+    params still reach ``process`` and ``on_complete``."""
+    seen: list[tuple[int, str]] = []
+    finished: list[int] = []
+
+    @real_batcher.iterator(name="plain", batch_size=4, delay_between_batches=0.0)
+    class Plain:
+        def next_batch(self, cursor: str | None, batch_size: int) -> Page:
+            start = int(cursor or 0)
+            stop = min(start + batch_size, 10)
+            return Page(list(range(start, stop)), str(stop), stop >= 10)
+
+        def process(self, items: list[int], job: JobContext) -> None:
+            seen.extend((i, job.params["tag"]) for i in items)
+
+        def on_complete(self, job: JobContext) -> None:
+            finished.append(job.processed)
+
+    Plain.start("two-args", params={"tag": "x"})
+    Worker(real_batcher).run(burst=True)
+    st = Plain.status("two-args")
+    assert st is not None and (st.status, st.processed, st.error) == ("completed", 10, None)
+    assert seen == [(i, "x") for i in range(10)] and finished == [10]

@@ -236,3 +236,28 @@ def test_async_commit_resent_after_its_reply_was_lost_is_counted_once(
 
     arun(redis_server, body)
     assert lost
+
+
+def test_async_next_batch_with_the_issues_two_argument_signature(
+    redis_server: RedisServer, real_client: redis.Redis
+) -> None:
+    seen: list[int] = []
+
+    async def body(ab: aio.Batcher) -> None:
+        @ab.iterator(name="plain", batch_size=4, delay_between_batches=0.0)
+        class Plain:
+            async def next_batch(self, cursor: str | None, batch_size: int) -> Page:
+                start = int(cursor or 0)
+                stop = min(start + batch_size, 10)
+                return Page(list(range(start, stop)), str(stop), stop >= 10)
+
+            def process(self, items: list[int], job: JobContext) -> None:
+                seen.extend(items)
+
+        await Plain.start("two-args")
+        await aio.Worker(ab).run(burst=True)
+        st = await status_of(Plain, "two-args")
+        assert (st.status, st.processed, st.error) == ("completed", 10, None)
+
+    arun(redis_server, body)
+    assert seen == list(range(10))

@@ -463,3 +463,136 @@ def test_next_batch_with_the_issues_two_argument_signature(real_batcher: Batcher
     st = Plain.status("two-args")
     assert st is not None and (st.status, st.processed, st.error) == ("completed", 10, None)
     assert seen == [(i, "x") for i in range(10)] and finished == [10]
+
+
+def test_a_bad_page_fails_the_job_without_losing_progress_or_the_worker(real_batcher: Batcher) -> None:
+    """next_batch returning a non-Page, or a Page whose cursor is not a str, is a step error:
+    retried, then the job fails with the TypeError's text. The saved cursor and count stay, the
+    worker keeps running other jobs, and a resumed job continues from the saved cursor."""
+    good = [False]
+
+    @real_batcher.iterator(
+        name="badpage", batch_size=5, delay_between_batches=0.0, max_retries=1, retry_backoff=0.01
+    )
+    class BadPage:
+        def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Any:
+            if cursor is None or good[0]:
+                start = int(cursor or 0)
+                return Page(list(range(start, start + batch_size)), str(start + batch_size), start >= 5)
+            if job.params == "dict":
+                return {"items": [1], "cursor": "x"}
+            return Page([1], cursor=10)  # type: ignore[arg-type]
+
+        def process(self, items: list[int], job: JobContext) -> None:
+            pass
+
+    Count, seen = counting_iterator(real_batcher)
+    BadPage.start("dict", params="dict")
+    BadPage.start("int-cursor", params="int")
+    Count.start("healthy", params={"n": 30})
+    with running_worker(real_batcher):
+        wait_until(
+            lambda: {j.job_id for j in real_batcher.jobs(status="failed")} == {"dict", "int-cursor"},
+            what="both bad jobs to fail",
+        )
+        wait_until(lambda: Count.status("healthy").status == "completed", what="the healthy job")  # type: ignore[union-attr]
+    expected = {
+        "dict": "TypeError: next_batch must return a redis_batcher.Page, got dict",
+        "int-cursor": "TypeError: Page.cursor must be a str or None, got int",
+    }
+    for job_id, error in expected.items():
+        st = BadPage.status(job_id)
+        assert st is not None
+        assert (st.status, st.error, st.retry_count) == ("failed", error, 2)
+        assert (st.processed, st.cursor) == (5, "5")  # the first, good step is kept
+    assert sorted(seen) == list(range(30))
+    good[0] = True
+    BadPage.resume("dict")
+    Worker(real_batcher).run(burst=True)
+    st = BadPage.status("dict")
+    assert st is not None and (st.status, st.processed, st.cursor) == ("completed", 10, "10")
+
+
+def test_on_complete_raising_is_retried_without_reprocessing(real_batcher: Batcher) -> None:
+    processed: list[int] = []
+    completions: list[int] = []
+
+    @real_batcher.iterator(name="oncomplete", batch_size=10, delay_between_batches=0.0, retry_backoff=0.01)
+    class Notify:
+        def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
+            start = int(cursor or 0)
+            return Page(list(range(start, start + batch_size)), str(start + batch_size), start >= 10)
+
+        def process(self, items: list[int], job: JobContext) -> None:
+            processed.extend(items)
+
+        def on_complete(self, job: JobContext) -> None:
+            completions.append(job.processed)
+            if len(completions) < 3:
+                raise RuntimeError("mail server down")
+
+    Notify.start("n1")
+    with running_worker(real_batcher):
+        wait_until(lambda: Notify.status("n1").status == "completed", what="completion")  # type: ignore[union-attr]
+    st = Notify.status("n1")
+    assert st is not None
+    assert (st.status, st.processed, st.retry_count) == ("completed", 20, 2)
+    assert st.error == "RuntimeError: mail server down"
+    assert completions == [20, 20, 20]
+    assert processed == list(range(20))  # the walk itself ran once
+
+
+def test_a_hung_step_whose_lease_was_taken_cannot_save(real_batcher: Batcher) -> None:
+    """The lease of a worker stuck in a step passes to another worker (simulated: the owner
+    token is replaced, as job_claim.lua does after expiry). When the stuck step returns, its
+    commit is refused: nothing it did overwrites the new owner's progress, and it stops."""
+    entered, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    @real_batcher.iterator(name="hung", batch_size=5, delay_between_batches=0.0)
+    class Hung:
+        def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
+            start = int(cursor or 0)
+            return Page(list(range(start, start + batch_size)), str(start + batch_size), False)
+
+        def process(self, items: list[int], job: JobContext) -> None:
+            calls.append(items[0])
+            entered.set()
+            release.wait(10)
+
+    Hung.start("h1")
+    runner = JobRunner(real_batcher, concurrency=1, grace_period=5.0)
+    runner.start()
+    try:
+        assert entered.wait(10)
+        real_batcher.client.hset(Hung.keys.job("h1"), mapping={"owner": "thief", "cursor": "500"})
+        release.set()
+        wait_until(lambda: runner.stats.lease_lost == 1, what="the refused commit")
+        time.sleep(0.1)
+    finally:
+        runner.stop()
+        runner.wait()
+    st = Hung.status("h1")
+    assert st is not None and (st.processed, st.cursor, st.status) == (0, "500", "running")
+    assert real_batcher.client.hget(Hung.keys.job("h1"), "owner") == b"thief"  # not released
+    assert calls == [0] and runner.stats.steps == 0
+
+
+def test_heartbeats_keep_a_step_longer_than_the_lease(real_batcher: Batcher) -> None:
+    """A step three times longer than lease_timeout stays with its worker: a second runner
+    polling the same iterator never takes the job over, and no batch runs twice."""
+    Count, seen = counting_iterator(real_batcher, batch_size=5, lease_timeout=0.3)
+    Count.start("long", params={"n": 15, "sleep": 0.9})
+    runners = [JobRunner(real_batcher, concurrency=1, poll_interval=0.05) for _ in range(2)]
+    threads = [r.start(burst=False) for r in runners]
+    try:
+        wait_until(lambda: Count.status("long").status == "completed", timeout=15, what="completion")  # type: ignore[union-attr]
+    finally:
+        for r in runners:
+            r.stop()
+        for r in runners:
+            r.wait()
+    assert all(not t.is_alive() for t in threads)
+    assert sorted(seen) == list(range(15))
+    assert sum(r.stats.lease_lost for r in runners) == 0
+    assert sum(r.stats.steps for r in runners) == 3

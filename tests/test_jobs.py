@@ -22,6 +22,7 @@ from redis_batcher import Batcher, JobContext, Page, Worker
 from redis_batcher.embedded import RedisServer
 from redis_batcher.jobs import JobRunner, claim_call, commit_call, parse_claim
 from tests.apps import jobs_app
+from tests.chaos_util import own_server
 from tests.conftest import ROOT, cli_command, snapshot, subprocess_env
 
 
@@ -596,3 +597,28 @@ def test_heartbeats_keep_a_step_longer_than_the_lease(real_batcher: Batcher) -> 
     assert sorted(seen) == list(range(15))
     assert sum(r.stats.lease_lost for r in runners) == 0
     assert sum(r.stats.steps for r in runners) == 3
+
+
+def test_a_redis_outage_mid_job_neither_kills_the_worker_nor_loses_the_job() -> None:
+    """Redis is killed twice while a job runs (AOF fsync'd on every write) and comes back:
+    the worker thread survives, the job completes, ``processed`` is exact and no batch but the
+    ones in flight at the outages ran twice."""
+    args = ["--appendonly", "yes", "--appendfsync", "always"]
+    with own_server(persistence=True, extra_args=args) as server:
+        batcher = Batcher(server.url, prefix="t", connect_retry=0.2)
+        Count, seen = counting_iterator(batcher, batch_size=5, lease_timeout=1.0, retry_backoff=0.05)
+        Count.start("outage", params={"n": 300, "sleep": 0.01})
+        with running_worker(batcher) as worker:
+            for at in (40, 150):
+                wait_until(lambda: Count.status("outage").processed >= at, what=f"{at} items")  # type: ignore[union-attr]  # noqa: B023
+                server.stop(kill=True)
+                time.sleep(0.4)
+                server.start()
+            wait_until(lambda: Count.status("outage").status == "completed", timeout=20, what="completion")  # type: ignore[union-attr]
+            assert worker.jobs is not None and worker.jobs._thread is not None
+            assert worker.jobs._thread.is_alive()
+        st = Count.status("outage")
+        assert st is not None and (st.processed, st.cursor) == (300, "300")
+        assert sorted(set(seen)) == list(range(300))
+        assert len(seen) - 300 <= 2 * 5  # at most the batch in flight at each outage, again
+        batcher.client.close()

@@ -36,7 +36,7 @@ from . import ops
 from .batcher import _never_sent, _seconds, default_url
 from .codec import Codec, encode_item
 from .errors import ConfigError, NotReplicated, UnknownProcessor
-from .jobs import JobStatus
+from .jobs import JobStatus, select_iterators
 from .jobs_async import AsyncJobIterator, AsyncJobRunner
 from .keys import parse_batch_id, registry_key, validate_name
 from .models import AddResult, BatchInfo, BatchStatus, DeleteResult, FlushRecord, FlushResult
@@ -565,7 +565,8 @@ class Worker(WorkerCore):
     time), sync handlers in a thread pool. Claims, heartbeats, acks and retries are the sync
     worker's (shared :class:`~redis_batcher.worker_core.WorkerCore`); ``handler_timeout``
     cancels an async handler's task. ``await worker.run()`` until :meth:`stop` (or SIGTERM/SIGINT
-    when run in the main thread); ``run(burst=True)`` delivers what is due and returns."""
+    when run in the main thread); ``run(burst=True)`` delivers what is due and returns.
+    ``processors`` / ``iterators`` limit what it serves, as on the sync worker."""
 
     def __init__(
         self,
@@ -575,21 +576,23 @@ class Worker(WorkerCore):
         processors: Iterable[str] | None = None,
         max_idle_wait: float = 5.0,
         grace_period: float = 30.0,
+        iterators: Iterable[str] | None = None,
     ) -> None:
+        chosen = select_iterators(batcher.definitions.iterators, iterators)
         super().__init__(
             select_processors(batcher.definitions, processors),
             concurrency=concurrency,
             max_idle_wait=max_idle_wait,
             grace_period=grace_period,
-            jobs=bool(batcher.definitions.iterators),
+            jobs=bool(chosen),
         )
         self.batcher = batcher
         self.client: Any = batcher.client
         self._inflight: dict[str, _Running] = {}
         # iterator jobs run as tasks of their own runner (redis_batcher.jobs_async)
         self.jobs = (
-            AsyncJobRunner(batcher, concurrency=concurrency, grace_period=grace_period)
-            if batcher.definitions.iterators
+            AsyncJobRunner(batcher, chosen, concurrency=concurrency, grace_period=grace_period)
+            if chosen
             else None
         )
         self._wake: asyncio.Event | None = None

@@ -114,6 +114,13 @@ def main() -> None:
 @click.option("--burst", is_flag=True, help="Deliver what is due now, then exit.")
 @click.option("--processor", "-p", "names", multiple=True, help="Only serve these processors (repeatable).")
 @click.option(
+    "--iterator",
+    "-i",
+    "iterator_names",
+    multiple=True,
+    help="Only run jobs of these iterators (repeatable). With -p or -i, only what is named is served.",
+)
+@click.option(
     "--max-idle-wait",
     type=click.FloatRange(min=0.01),
     default=5.0,
@@ -139,11 +146,13 @@ def worker(
     concurrency: int,
     burst: bool,
     names: tuple[str, ...],
+    iterator_names: tuple[str, ...],
     max_idle_wait: float,
     grace_period: float,
     log_level: str,
 ) -> None:
-    """Run a worker for the processors of APP (``module:batcher`` or ``module:processor``).
+    """Run a worker for the processors and iterator jobs of APP (``module:batcher`` or
+    ``module:processor``). With --processor or --iterator it serves only what they name.
 
     SIGTERM/SIGINT: stop claiming, finish in-flight flushes, exit 0. A second signal exits at once.
     """
@@ -165,6 +174,16 @@ def worker(
                 f"unknown processor(s) {unknown}; {app} defines {sorted(batcher.processors)}",
                 param_hint="--processor",
             )
+    defined = batcher.iterators if isinstance(batcher, Batcher) else batcher.definitions.iterators
+    unknown = [n for n in iterator_names if n not in defined]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown iterator(s) {unknown}; {app} defines {sorted(defined)}", param_hint="--iterator"
+        )
+    # naming processors or iterators serves only those: -p alone runs no jobs, -i alone no processors
+    iterators: list[str] | None = None
+    if selected or iterator_names:
+        selected, iterators = selected or [], list(iterator_names)
     from . import asyncio as aio
 
     if redis_url:
@@ -172,6 +191,7 @@ def worker(
     options: dict[str, Any] = {
         "concurrency": concurrency,
         "processors": selected,
+        "iterators": iterators,
         "max_idle_wait": max_idle_wait,
         "grace_period": grace_period,
     }

@@ -590,6 +590,18 @@ def define_iterator(batcher: Batcher, cls: type, config: IteratorConfig) -> JobI
     return handle
 
 
+def select_iterators(defined: dict[str, JobIterator], names: Iterable[str] | None) -> list[JobIterator]:
+    """The iterators a worker runs: those called ``names`` (``[]``: none), or all defined.
+    :class:`UnknownIterator` for a name that is not defined."""
+    if names is None:
+        return list(defined.values())
+    wanted = list(dict.fromkeys(names))
+    unknown = [n for n in wanted if n not in defined]
+    if unknown:
+        raise UnknownIterator(f"unknown iterator(s) {unknown}; defined: {sorted(defined)}")
+    return [defined[n] for n in wanted]
+
+
 def iterator_names(local: Iterable[str], registered: Iterable[Any]) -> list[str]:
     return sorted(set(local) | {_s(n) for n in registered})
 

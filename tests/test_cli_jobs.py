@@ -74,3 +74,35 @@ def test_jobs_commands(redis_server: RedisServer, real_client: redis.Redis) -> N
     code, out = run("jobs", "status", "done-1", "--iterator", "nope", *common)
     assert code == 1 and "not registered" in out
     assert Backfill.status("done-1") is not None
+
+
+def test_worker_serves_only_the_named_processors_and_iterators(redis_server: RedisServer) -> None:
+    """-i/--iterator picks iterators as -p picks processors; naming either serves only what is
+    named (-p alone runs no jobs), naming neither serves everything."""
+    from tests.apps import mixed_app
+
+    mixed_app.batcher.connect(redis_server.url)
+    mixed_app.delivered.clear()
+    mixed_app.walked.clear()
+    mixed_app.alpha.start("a1")
+    mixed_app.beta.start("b1")
+    mixed_app.events.add("user:1", "hello")
+    worker = ["worker", "tests.apps.mixed_app:batcher", "--redis-url", redis_server.url, "--burst"]
+
+    assert run(*worker, "--iterator", "alpha")[0] == 0
+    assert mixed_app.walked == ["alpha:a1"] and mixed_app.delivered == []
+    assert mixed_app.beta.status("b1").status == "pending"  # type: ignore[union-attr]
+
+    assert run(*worker, "-p", "events")[0] == 0
+    assert mixed_app.delivered == ["hello"] and mixed_app.walked == ["alpha:a1"]
+
+    assert run(*worker, "-i", "beta", "-p", "events")[0] == 0
+    assert mixed_app.walked == ["alpha:a1", "beta:b1"]
+    assert mixed_app.beta.status("b1").status == "completed"  # type: ignore[union-attr]
+
+    mixed_app.alpha.start("a2")
+    assert run(*worker)[0] == 0
+    assert mixed_app.walked[-1] == "alpha:a2"
+
+    code, out = run(*worker, "-i", "gamma")
+    assert code == 2 and "unknown iterator" in out and "gamma" in out

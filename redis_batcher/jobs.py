@@ -913,8 +913,28 @@ class JobRunner:
             if page.done:
                 exhausted = True
                 continue
-            if cfg.delay_between_batches > 0 and self._stopping.wait(cfg.delay_between_batches):
-                continue  # stopping: the loop head releases the lease
+            if cfg.delay_between_batches > 0:
+                if self._stopping.wait(cfg.delay_between_batches):
+                    continue  # stopping: the loop head releases the lease
+                if not self._still_ours(s):
+                    return
+
+    def _still_ours(self, s: _Session) -> bool:
+        """After delay_between_batches: False (the lease given back) when the job was paused or
+        cancelled during the wait, so no further step runs; False when the lease is gone."""
+        it, c = s.iterator, s.claimed
+        try:
+            status, owner = self.batcher.client.hmget(it.keys.job(c.job_id), ["status", "owner"])
+        except RedisError:
+            return True  # the step's commit will find out
+        if owner is None or _s(owner) != c.owner:
+            log.warning("%s %s: lease lost; another worker runs the job now", it.name, c.job_id)
+            self.stats.lease_lost += 1
+            return False
+        if status is not None and _s(status) != "running":
+            self._release(s, f"job {_s(status)}")
+            return False
+        return True
 
     def _complete(self, s: _Session, instance: Any, ctx: JobContext) -> None:
         it, c = s.iterator, s.claimed

@@ -399,6 +399,25 @@ class AsyncJobRunner:
                 continue
             if cfg.delay_between_batches > 0:
                 await self._sleep(cfg.delay_between_batches)
+                if not self._stopping and not await self._still_ours(s):
+                    return
+
+    async def _still_ours(self, s: _Session) -> bool:
+        """As :meth:`redis_batcher.jobs.JobRunner._still_ours`: no further step once the job
+        was paused or cancelled during delay_between_batches."""
+        it, c = s.iterator, s.claimed
+        try:
+            status, owner = await self.batcher.client.hmget(it.keys.job(c.job_id), ["status", "owner"])
+        except RedisError:
+            return True
+        if owner is None or _s(owner) != c.owner:
+            log.warning("%s %s: lease lost; another worker runs the job now", it.name, c.job_id)
+            self.stats.lease_lost += 1
+            return False
+        if status is not None and _s(status) != "running":
+            await self._release(s, f"job {_s(status)}")
+            return False
+        return True
 
     async def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

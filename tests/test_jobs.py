@@ -622,3 +622,26 @@ def test_a_redis_outage_mid_job_neither_kills_the_worker_nor_loses_the_job() -> 
         assert sorted(set(seen)) == list(range(300))
         assert len(seen) - 300 <= 2 * 5  # at most the batch in flight at each outage, again
         batcher.client.close()
+
+
+def test_a_pause_during_delay_between_batches_runs_no_further_step(real_batcher: Batcher) -> None:
+    """Paused while the worker waits between two steps: it starts no other step (the next one
+    would otherwise run and be saved on a paused job) and gives the lease back."""
+    Count, seen = counting_iterator(real_batcher, batch_size=5, delay_between_batches=0.6)
+    Count.start("slow", params={"n": 100})
+    with running_worker(real_batcher):
+        wait_until(lambda: Count.status("slow").processed == 5, what="the first step")  # type: ignore[union-attr]
+        Count.pause("slow")
+        wait_until(lambda: real_batcher.client.hget(Count.keys.job("slow"), "owner") == b"", what="release")
+        time.sleep(0.2)
+        st = Count.status("slow")
+        assert st is not None and (st.status, st.processed, st.cursor) == ("paused", 5, "5")
+        assert seen == list(range(5))
+        Count.resume("slow")
+        wait_until(lambda: Count.status("slow").processed >= 10, what="progress after resume")  # type: ignore[union-attr]
+        Count.cancel("slow")  # likewise between steps
+        wait_until(lambda: real_batcher.client.hget(Count.keys.job("slow"), "owner") == b"", what="release")
+        time.sleep(0.2)
+        st = Count.status("slow")
+        assert st is not None and (st.status, st.processed) == ("cancelled", 10)
+    assert seen == list(range(10))

@@ -261,3 +261,26 @@ def test_async_next_batch_with_the_issues_two_argument_signature(
 
     arun(redis_server, body)
     assert seen == list(range(10))
+
+
+def test_async_pause_during_delay_between_batches_runs_no_further_step(
+    redis_server: RedisServer, real_client: redis.Redis
+) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        Count, seen = counting(ab, batch_size=5, delay_between_batches=0.6)
+        await Count.start("slow", params={"n": 100})
+        worker = aio.Worker(ab, grace_period=5.0)
+        task = asyncio.ensure_future(worker.run())
+        try:
+            await wait_for(lambda: _processed_at_least(Count, "slow", 5), what="the first step")
+            await Count.pause("slow")
+            await wait_for(lambda: _owner_free(real_client, Count, "slow"), what="release")
+            await asyncio.sleep(0.2)
+            st = await status_of(Count, "slow")
+            assert (st.status, st.processed, st.cursor) == ("paused", 5, "5")
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 10)
+        assert [i for _, i in seen] == list(range(5))
+
+    arun(redis_server, body)

@@ -531,7 +531,8 @@ class JobControl:
 
     def job_ids(self, status: str | None = None, limit: int = 50) -> list[tuple[float, str]]:
         """(created_at ms, job id) of the newest ``limit`` jobs, in one status or all."""
-        wanted = [validate_status(status)] if status else list(STATUSES)
+        _limit(limit)
+        wanted = list(STATUSES) if validate_status(status) is None else [status]
         pipe = self.batcher.client.pipeline(transaction=False)
         for s in wanted:
             assert s is not None

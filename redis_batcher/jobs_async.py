@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError
 
 from . import ops
-from .errors import JobNotFound
+from .errors import ConfigError, JobNotFound
 from .jobs import (
     STATUSES,
     Claimed,
@@ -52,6 +52,7 @@ from .jobs import (
     validate_status,
     worker_label,
 )
+from .keys import validate_name
 
 if TYPE_CHECKING:
     from .asyncio import Batcher
@@ -74,7 +75,7 @@ class AsyncJobControl:
 
     def __init__(self, batcher: Batcher, name: str) -> None:
         self.batcher = batcher
-        self.name = name
+        self.name = validate_name("iterator name", name)
         self.keys = JobKeys(batcher.prefix, name)
 
     def __repr__(self) -> str:
@@ -120,7 +121,8 @@ class AsyncJobControl:
         return st
 
     async def job_ids(self, status: str | None = None, limit: int = 50) -> list[tuple[float, str]]:
-        wanted = [validate_status(status)] if status else list(STATUSES)
+        _limit(limit)
+        wanted = list(STATUSES) if validate_status(status) is None else [status]
         pipe = self.batcher.client.pipeline(transaction=False)
         for s in wanted:
             assert s is not None
@@ -199,6 +201,10 @@ class AsyncJobRunner:
         self.batcher = batcher
         defs = batcher.definitions.iterators
         self.iterators = list(iterators if iterators is not None else defs.values())
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        if not poll_interval > 0:
+            raise ConfigError(f"poll_interval must be > 0, got {poll_interval!r}")
         self.concurrency = concurrency
         self.poll_interval = float(poll_interval)
         self.grace_period = float(grace_period)

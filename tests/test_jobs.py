@@ -645,3 +645,29 @@ def test_a_pause_during_delay_between_batches_runs_no_further_step(real_batcher:
         st = Count.status("slow")
         assert st is not None and (st.status, st.processed) == ("cancelled", 10)
     assert seen == list(range(10))
+
+
+def test_bad_listing_and_control_arguments_raise_batcher_errors(real_batcher: Batcher) -> None:
+    Count, _ = counting_iterator(real_batcher)
+    Count.start("ok", params={"n": 1})
+    before = snapshot(real_batcher.client)
+    for limit in (0, -1, True, 2.5):
+        with pytest.raises(rb.ConfigError):
+            real_batcher.jobs(limit=limit)  # type: ignore[arg-type]
+        with pytest.raises(rb.ConfigError):
+            Count.jobs(limit=limit)  # type: ignore[arg-type]
+    for status in ("done", "", "RUNNING"):
+        with pytest.raises(rb.ConfigError):
+            Count.jobs(status=status)
+    for bad_id in ("", "tab\there", "x" * 513, None):
+        for action in (Count.pause, Count.resume, Count.cancel, Count.delete, Count.status):
+            with pytest.raises(rb.InvalidJob):
+                action(bad_id)  # type: ignore[operator]
+    for options in ({"concurrency": 0}, {"concurrency": True}, {"poll_interval": 0}):
+        with pytest.raises(rb.ConfigError):
+            JobRunner(real_batcher, **options)
+    with pytest.raises(rb.UnknownIterator):
+        Worker(real_batcher, iterators=["nope"])
+    with pytest.raises(rb.ConfigError):
+        Worker(real_batcher, iterators=[])  # nothing to serve: no processors, no iterators
+    assert snapshot(real_batcher.client) == before

@@ -284,3 +284,23 @@ def test_async_pause_during_delay_between_batches_runs_no_further_step(
         assert [i for _, i in seen] == list(range(5))
 
     arun(redis_server, body)
+
+
+def test_async_bad_runner_and_listing_arguments(redis_server: RedisServer, real_client: redis.Redis) -> None:
+    from redis_batcher.jobs_async import AsyncJobControl, AsyncJobRunner
+
+    async def body(ab: aio.Batcher) -> None:
+        Count, _ = counting(ab)
+        for options in ({"concurrency": 0}, {"poll_interval": -1}):
+            with pytest.raises(rb.ConfigError):
+                AsyncJobRunner(ab, **options)
+        with pytest.raises(rb.ConfigError):
+            AsyncJobControl(ab, "has {brace}")
+        with pytest.raises(rb.ConfigError):
+            await ab.jobs(limit=0)
+        with pytest.raises(rb.InvalidJob):
+            await Count.pause("")
+        with pytest.raises(rb.UnknownIterator):
+            aio.Worker(ab, iterators=["nope"])
+
+    arun(redis_server, body)

@@ -10,6 +10,8 @@
 -- ARGV[6] count      items processed in this step
 -- ARGV[7] exhausted  '1' when the data source said done
 -- ARGV[8] lease_ms   lease length from now
+-- ARGV[9] step       number of this step within the claim: a re-sent commit (its first reply was
+--                    lost to a connection error) is recognised and not counted twice
 -- Derived keys: pfx.."due", pfx.."r:"..id.
 -- Reply: 'ok' (keep going), 'lease_lost' (nothing saved: another worker owns the job), or the
 -- job's status when it was paused or cancelled meanwhile (saved; the caller must stop)
@@ -19,17 +21,20 @@ if redis.call('HGET', job, 'owner') ~= owner or owner == '' then
   return 'lease_lost'
 end
 local now = now_ms()
-if ARGV[4] == '1' then
-  redis.call('HSET', job, 'cursor', ARGV[5])
-else
-  redis.call('HDEL', job, 'cursor')
+local step = owner .. ':' .. ARGV[9]
+if redis.call('HGET', job, 'step') ~= step then
+  if ARGV[4] == '1' then
+    redis.call('HSET', job, 'cursor', ARGV[5])
+  else
+    redis.call('HDEL', job, 'cursor')
+  end
+  local processed = redis.call('HINCRBY', job, 'processed', tonumber(ARGV[6]))
+  redis.call('HSET', job, 'last_run_at', int(now), 'retries', 0, 'updated_at', int(now), 'step', step)
+  if ARGV[7] == '1' then
+    redis.call('HSET', job, 'exhausted', 1)
+  end
+  job_sample(pfx, id, processed, now)
 end
-local processed = redis.call('HINCRBY', job, 'processed', tonumber(ARGV[6]))
-redis.call('HSET', job, 'last_run_at', int(now), 'retries', 0, 'updated_at', int(now))
-if ARGV[7] == '1' then
-  redis.call('HSET', job, 'exhausted', 1)
-end
-job_sample(pfx, id, processed, now)
 local status = redis.call('HGET', job, 'status')
 if status == 'running' then
   local until_ms = now + tonumber(ARGV[8])

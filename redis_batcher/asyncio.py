@@ -36,7 +36,7 @@ from . import ops
 from .batcher import _never_sent, _seconds, default_url
 from .codec import Codec, encode_item
 from .errors import ConfigError, NotReplicated, UnknownProcessor
-from .jobs import JobStatus
+from .jobs import JobStatus, select_iterators
 from .jobs_async import AsyncJobIterator, AsyncJobRunner
 from .keys import parse_batch_id, registry_key, validate_name
 from .models import AddResult, BatchInfo, BatchStatus, DeleteResult, FlushRecord, FlushResult
@@ -568,7 +568,7 @@ class Worker(WorkerCore):
     cancels an async handler's task. ``prefetch_multiplier``: flushes claimed ahead, as in the
     sync :class:`~redis_batcher.Worker`. ``await worker.run()`` until :meth:`stop` (or
     SIGTERM/SIGINT when run in the main thread); ``run(burst=True)`` delivers what is due and
-    returns."""
+    returns. ``processors`` / ``iterators`` limit what it serves, as on the sync worker."""
 
     def __init__(
         self,
@@ -579,13 +579,15 @@ class Worker(WorkerCore):
         max_idle_wait: float = 5.0,
         grace_period: float = 30.0,
         prefetch_multiplier: int = 4,
+        iterators: Iterable[str] | None = None,
     ) -> None:
+        chosen = select_iterators(batcher.definitions.iterators, iterators)
         super().__init__(
             select_processors(batcher.definitions, processors),
             concurrency=concurrency,
             max_idle_wait=max_idle_wait,
             grace_period=grace_period,
-            jobs=bool(batcher.definitions.iterators),
+            jobs=bool(chosen),
         )
         if (
             isinstance(prefetch_multiplier, bool)
@@ -600,8 +602,8 @@ class Worker(WorkerCore):
         self._inflight: dict[str, _Running] = {}
         # iterator jobs run as tasks of their own runner (redis_batcher.jobs_async)
         self.jobs = (
-            AsyncJobRunner(batcher, concurrency=concurrency, grace_period=grace_period)
-            if batcher.definitions.iterators
+            AsyncJobRunner(batcher, chosen, concurrency=concurrency, grace_period=grace_period)
+            if chosen
             else None
         )
         self._wake: asyncio.Event | None = None

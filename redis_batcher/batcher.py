@@ -377,11 +377,13 @@ class Batcher:
         """Class decorator defining an iterator (see README "Iterator jobs"); returns a
         :class:`~redis_batcher.jobs.JobIterator` with ``start``/``pause``/``resume``/``cancel``/
         ``status``/``delete``/``jobs``. The class has ``next_batch(cursor, batch_size, job) ->
-        Page``, ``process(items, job)`` and optionally ``on_complete(job)``.
+        Page`` (or ``next_batch(cursor, batch_size)``), ``process(items, job)`` and optionally
+        ``on_complete(job)``.
 
         ``batch_size``: passed to ``next_batch``. ``delay_between_batches``: pause after each
-        saved step. ``max_retries``: a step failing this many times more than once in a row fails
-        the job. Retry n waits ``retry_backoff * 2**(n-1)`` seconds, capped at
+        saved step. ``max_retries``: how many times a failing step is retried; the job fails
+        at the ``max_retries + 1``-th failure in a row (``max_retries=0``: at the first
+        failure). Retry n waits ``retry_backoff * 2**(n-1)`` seconds, capped at
         ``retry_backoff_max``. ``lease_timeout``: how long a job stays owned by a worker that
         stopped renewing it (a dead worker's job is resumed by another after this)."""
         from .jobs import define_iterator, make_config

@@ -16,6 +16,7 @@ import click
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+from rich.text import Text
 
 from .batcher import Batcher, default_url
 from .errors import BatcherError
@@ -114,6 +115,13 @@ def main() -> None:
 @click.option("--burst", is_flag=True, help="Deliver what is due now, then exit.")
 @click.option("--processor", "-p", "names", multiple=True, help="Only serve these processors (repeatable).")
 @click.option(
+    "--iterator",
+    "-i",
+    "iterator_names",
+    multiple=True,
+    help="Only run jobs of these iterators (repeatable). With -p or -i, only what is named is served.",
+)
+@click.option(
     "--max-idle-wait",
     type=click.FloatRange(min=0.01),
     default=5.0,
@@ -146,12 +154,14 @@ def worker(
     concurrency: int,
     burst: bool,
     names: tuple[str, ...],
+    iterator_names: tuple[str, ...],
     max_idle_wait: float,
     grace_period: float,
     prefetch_multiplier: int,
     log_level: str,
 ) -> None:
-    """Run a worker for the processors of APP (``module:batcher`` or ``module:processor``).
+    """Run a worker for the processors and iterator jobs of APP (``module:batcher`` or
+    ``module:processor``). With --processor or --iterator it serves only what they name.
 
     SIGTERM/SIGINT: stop claiming, finish in-flight flushes, exit 0. A second signal exits at once.
     """
@@ -173,6 +183,16 @@ def worker(
                 f"unknown processor(s) {unknown}; {app} defines {sorted(batcher.processors)}",
                 param_hint="--processor",
             )
+    defined = batcher.iterators if isinstance(batcher, Batcher) else batcher.definitions.iterators
+    unknown = [n for n in iterator_names if n not in defined]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown iterator(s) {unknown}; {app} defines {sorted(defined)}", param_hint="--iterator"
+        )
+    # naming processors or iterators serves only those: -p alone runs no jobs, -i alone no processors
+    iterators: list[str] | None = None
+    if selected or iterator_names:
+        selected, iterators = selected or [], list(iterator_names)
     from . import asyncio as aio
 
     if redis_url:
@@ -180,6 +200,7 @@ def worker(
     options: dict[str, Any] = {
         "concurrency": concurrency,
         "processors": selected,
+        "iterators": iterators,
         "max_idle_wait": max_idle_wait,
         "grace_period": grace_period,
         "prefetch_multiplier": prefetch_multiplier,
@@ -517,14 +538,26 @@ def _find_job(url: str | None, prefix: str, cluster: bool, job_id: str, iterator
 
 
 def _print_job(st: Any) -> None:
-    for name in ("job_id", "iterator", "status", "processed", "cursor", "retry_count", "error", "worker"):
-        console.print(f"[bold]{name}[/]: {getattr(st, name)}")
-    console.print(f"[bold]items/s (last minute)[/]: {st.items_per_second:g}")
+    table = Table(title=Text(f"{st.iterator} / {st.job_id}"), show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    rows: list[tuple[str, str]] = [
+        ("status", st.status),
+        ("processed", str(st.processed)),
+        ("items/s (last minute)", f"{st.items_per_second:g}"),
+        ("cursor", "-" if st.cursor is None else st.cursor),
+        ("retry count", str(st.retry_count)),
+        ("error", st.error or "-"),
+        ("worker", st.worker or "-"),
+    ]
     for name in ("created_at", "started_at", "last_run_at", "next_run_at", "finished_at"):
-        console.print(f"[bold]{name}[/]: {_fmt_time(getattr(st, name))}")
-    console.print(f"[bold]params[/]: {json.dumps(st.params, ensure_ascii=False)}")
+        rows.append((name.replace("_", " "), _fmt_time(getattr(st, name))))
+    rows.append(("params", json.dumps(st.params, ensure_ascii=False)))
     if st.config is not None:
-        console.print(f"[bold]config[/]: {json.dumps(_jsonable(st.config))}")
+        rows.append(("config", json.dumps(_jsonable(st.config))))
+    for field, value in rows:
+        table.add_row(field, Text(value))  # Text: an error or cursor is not rich markup
+    console.print(table)
 
 
 @main.group()
@@ -565,14 +598,14 @@ def jobs_ls(
     for st in found:
         table.add_row(
             st.iterator,
-            st.job_id,
+            Text(st.job_id),  # Text: ids and error texts are not rich markup
             st.status,
             str(st.processed),
             f"{st.items_per_second:g}",
             str(st.retry_count),
             _fmt_time(st.created_at),
             _fmt_time(st.last_run_at),
-            st.error or "",
+            Text(st.error or ""),
         )
     console.print(table)
 
@@ -609,12 +642,12 @@ def _job_action(action: str, help_text: str) -> None:
             if as_json:
                 _print_json({"job_id": job_id, "iterator": control.name, "deleted": result})
             else:
-                console.print(f"deleted job {job_id} of {control.name}")
+                console.print(f"deleted job {job_id} of {control.name}", markup=False)
             return
         if as_json:
             _print_json(result)
         else:
-            console.print(f"job {job_id} of {control.name}: {result.status}")
+            console.print(f"job {job_id} of {control.name}: {result.status}", markup=False)
 
     command.__doc__ = help_text
     jobs.command(name=action)(click.argument("job_id")(_job_command(command)))

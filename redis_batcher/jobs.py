@@ -20,6 +20,7 @@ handles and the threaded :class:`JobRunner`; :mod:`redis_batcher.jobs_async` has
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -253,6 +254,20 @@ def check_iterator_class(cls: Any) -> None:
             raise ConfigError(f"iterator class {cls.__qualname__} has no {method}() method")
 
 
+def takes_job(method: Any) -> bool:
+    """Whether a bound ``next_batch`` accepts the job as a third argument. The issue's (and the
+    seed's) ``next_batch(cursor, batch_size)`` is called without it; ``next_batch(cursor,
+    batch_size, job)`` gets the :class:`JobContext` (for ``job.params``)."""
+    try:
+        params = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):  # no signature (some builtins): pass the job
+        return True
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return True
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in positional for p in params) >= 3
+
+
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -296,7 +311,10 @@ def commit_call(
     cursor: str | None,
     count: int,
     exhausted: bool,
+    step: int,
 ) -> ops.Call:
+    """``step``: the step's number within this claim (1, 2, ...), so that a commit re-sent after
+    a connection error that may have run is not counted twice."""
     return _call(
         "job_commit",
         keys.job(job_id),
@@ -308,6 +326,7 @@ def commit_call(
         count,
         "1" if exhausted else "0",
         _ms(config.lease_timeout),
+        step,
     )
 
 
@@ -512,7 +531,8 @@ class JobControl:
 
     def job_ids(self, status: str | None = None, limit: int = 50) -> list[tuple[float, str]]:
         """(created_at ms, job id) of the newest ``limit`` jobs, in one status or all."""
-        wanted = [validate_status(status)] if status else list(STATUSES)
+        _limit(limit)
+        wanted = list(STATUSES) if validate_status(status) is None else [status]
         pipe = self.batcher.client.pipeline(transaction=False)
         for s in wanted:
             assert s is not None
@@ -569,6 +589,18 @@ def define_iterator(batcher: Batcher, cls: type, config: IteratorConfig) -> JobI
         handle = JobIterator(batcher, cls, config)
         batcher.iterators[config.name] = handle
     return handle
+
+
+def select_iterators(defined: dict[str, JobIterator], names: Iterable[str] | None) -> list[JobIterator]:
+    """The iterators a worker runs: those called ``names`` (``[]``: none), or all defined.
+    :class:`UnknownIterator` for a name that is not defined."""
+    if names is None:
+        return list(defined.values())
+    wanted = list(dict.fromkeys(names))
+    unknown = [n for n in wanted if n not in defined]
+    if unknown:
+        raise UnknownIterator(f"unknown iterator(s) {unknown}; defined: {sorted(defined)}")
+    return [defined[n] for n in wanted]
 
 
 def iterator_names(local: Iterable[str], registered: Iterable[Any]) -> list[str]:
@@ -837,8 +869,10 @@ class JobRunner:
         cfg = it.config
         ctx = JobContext(c.job_id, it.name, c.params, c.cursor, c.processed, c.retries, cfg.batch_size)
         exhausted = c.exhausted
+        step = 0
         try:
             instance = it()
+            with_job = takes_job(instance.next_batch)
         except Exception as exc:
             self._failed(s, exc)
             return
@@ -852,7 +886,8 @@ class JobRunner:
                 self._complete(s, instance, ctx)
                 return
             try:
-                page = check_page(instance.next_batch(ctx.cursor, cfg.batch_size, ctx))
+                args = (ctx.cursor, cfg.batch_size, ctx) if with_job else (ctx.cursor, cfg.batch_size)
+                page = check_page(instance.next_batch(*args))
                 items = list(page.items)
                 if items:
                     instance.process(items, ctx)
@@ -861,8 +896,9 @@ class JobRunner:
                 return
             if s.abandoned:
                 return
+            step += 1
             reply = self._write(
-                s, commit_call(it.keys, cfg, c.job_id, c.owner, page.cursor, len(items), page.done)
+                s, commit_call(it.keys, cfg, c.job_id, c.owner, page.cursor, len(items), page.done, step)
             )
             code = None if reply is None else _s(reply)
             if code != "ok":
@@ -878,8 +914,28 @@ class JobRunner:
             if page.done:
                 exhausted = True
                 continue
-            if cfg.delay_between_batches > 0 and self._stopping.wait(cfg.delay_between_batches):
-                continue  # stopping: the loop head releases the lease
+            if cfg.delay_between_batches > 0:
+                if self._stopping.wait(cfg.delay_between_batches):
+                    continue  # stopping: the loop head releases the lease
+                if not self._still_ours(s):
+                    return
+
+    def _still_ours(self, s: _Session) -> bool:
+        """After delay_between_batches: False (the lease given back) when the job was paused or
+        cancelled during the wait, so no further step runs; False when the lease is gone."""
+        it, c = s.iterator, s.claimed
+        try:
+            status, owner = self.batcher.client.hmget(it.keys.job(c.job_id), ["status", "owner"])
+        except RedisError:
+            return True  # the step's commit will find out
+        if owner is None or _s(owner) != c.owner:
+            log.warning("%s %s: lease lost; another worker runs the job now", it.name, c.job_id)
+            self.stats.lease_lost += 1
+            return False
+        if status is not None and _s(status) != "running":
+            self._release(s, f"job {_s(status)}")
+            return False
+        return True
 
     def _complete(self, s: _Session, instance: Any, ctx: JobContext) -> None:
         it, c = s.iterator, s.claimed

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError
 
 from . import ops
-from .errors import JobNotFound
+from .errors import ConfigError, JobNotFound
 from .jobs import (
     STATUSES,
     Claimed,
@@ -47,10 +47,12 @@ from .jobs import (
     parse_start,
     parse_status,
     start_call,
+    takes_job,
     validate_job_id,
     validate_status,
     worker_label,
 )
+from .keys import validate_name
 
 if TYPE_CHECKING:
     from .asyncio import Batcher
@@ -73,7 +75,7 @@ class AsyncJobControl:
 
     def __init__(self, batcher: Batcher, name: str) -> None:
         self.batcher = batcher
-        self.name = name
+        self.name = validate_name("iterator name", name)
         self.keys = JobKeys(batcher.prefix, name)
 
     def __repr__(self) -> str:
@@ -119,7 +121,8 @@ class AsyncJobControl:
         return st
 
     async def job_ids(self, status: str | None = None, limit: int = 50) -> list[tuple[float, str]]:
-        wanted = [validate_status(status)] if status else list(STATUSES)
+        _limit(limit)
+        wanted = list(STATUSES) if validate_status(status) is None else [status]
         pipe = self.batcher.client.pipeline(transaction=False)
         for s in wanted:
             assert s is not None
@@ -198,6 +201,10 @@ class AsyncJobRunner:
         self.batcher = batcher
         defs = batcher.definitions.iterators
         self.iterators = list(iterators if iterators is not None else defs.values())
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        if not poll_interval > 0:
+            raise ConfigError(f"poll_interval must be > 0, got {poll_interval!r}")
         self.concurrency = concurrency
         self.poll_interval = float(poll_interval)
         self.grace_period = float(grace_period)
@@ -355,8 +362,10 @@ class AsyncJobRunner:
         cfg = it.config
         ctx = JobContext(c.job_id, it.name, c.params, c.cursor, c.processed, c.retries, cfg.batch_size)
         exhausted = c.exhausted
+        step = 0
         try:
             instance = it()
+            with_job = takes_job(instance.next_batch)
         except Exception as exc:
             await self._failed(s, exc)
             return
@@ -368,15 +377,17 @@ class AsyncJobRunner:
                 await self._complete(s, instance, ctx)
                 return
             try:
-                page = check_page(await _call_user(instance.next_batch, ctx.cursor, cfg.batch_size, ctx))
+                args = (ctx.cursor, cfg.batch_size, ctx) if with_job else (ctx.cursor, cfg.batch_size)
+                page = check_page(await _call_user(instance.next_batch, *args))
                 items = list(page.items)
                 if items:
                     await _call_user(instance.process, items, ctx)
             except Exception as exc:
                 await self._failed(s, exc)
                 return
+            step += 1
             reply = await self._write(
-                s, commit_call(it.keys, cfg, c.job_id, c.owner, page.cursor, len(items), page.done)
+                s, commit_call(it.keys, cfg, c.job_id, c.owner, page.cursor, len(items), page.done, step)
             )
             code = None if reply is None else _s(reply)
             if code != "ok":
@@ -394,6 +405,25 @@ class AsyncJobRunner:
                 continue
             if cfg.delay_between_batches > 0:
                 await self._sleep(cfg.delay_between_batches)
+                if not self._stopping and not await self._still_ours(s):
+                    return
+
+    async def _still_ours(self, s: _Session) -> bool:
+        """As :meth:`redis_batcher.jobs.JobRunner._still_ours`: no further step once the job
+        was paused or cancelled during delay_between_batches."""
+        it, c = s.iterator, s.claimed
+        try:
+            status, owner = await self.batcher.client.hmget(it.keys.job(c.job_id), ["status", "owner"])
+        except RedisError:
+            return True
+        if owner is None or _s(owner) != c.owner:
+            log.warning("%s %s: lease lost; another worker runs the job now", it.name, c.job_id)
+            self.stats.lease_lost += 1
+            return False
+        if status is not None and _s(status) != "running":
+            await self._release(s, f"job {_s(status)}")
+            return False
+        return True
 
     async def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

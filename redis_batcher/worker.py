@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 from . import ops
 from .batcher import Batcher
 from .errors import ConfigError, NotReplicated
-from .jobs import JobRunner
+from .jobs import JobRunner, select_iterators
 from .worker_core import (
     Outcome,
     WorkerCore,
@@ -72,6 +72,7 @@ class Worker(WorkerCore):
     arrives (a safety net; wake-ups are instant).
     ``grace_period``: on shutdown, how long in-flight handlers may still run; the leases of those
     still running after it are released at once so another worker takes them.
+    ``iterators`` limits the iterator jobs it runs to those iterator names (``[]``: none).
     """
 
     def __init__(
@@ -83,13 +84,15 @@ class Worker(WorkerCore):
         max_idle_wait: float = 5.0,
         grace_period: float = 30.0,
         prefetch_multiplier: int = 4,
+        iterators: Iterable[str] | None = None,
     ) -> None:
+        chosen = select_iterators(batcher.iterators, iterators)
         super().__init__(
             select_processors(batcher, processors),
             concurrency=concurrency,
             max_idle_wait=max_idle_wait,
             grace_period=grace_period,
-            jobs=bool(batcher.iterators),
+            jobs=bool(chosen),
         )
         if (
             isinstance(prefetch_multiplier, bool)
@@ -111,8 +114,8 @@ class Worker(WorkerCore):
         self.ready = threading.Event()  # set once the worker has started claiming
         # iterator jobs run in a runner thread of their own (redis_batcher.jobs)
         self.jobs = (
-            JobRunner(batcher, concurrency=concurrency, grace_period=grace_period)
-            if batcher.iterators
+            JobRunner(batcher, chosen, concurrency=concurrency, grace_period=grace_period)
+            if chosen
             else None
         )
 

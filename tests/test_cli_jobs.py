@@ -74,3 +74,65 @@ def test_jobs_commands(redis_server: RedisServer, real_client: redis.Redis) -> N
     code, out = run("jobs", "status", "done-1", "--iterator", "nope", *common)
     assert code == 1 and "not registered" in out
     assert Backfill.status("done-1") is not None
+
+
+def test_worker_serves_only_the_named_processors_and_iterators(redis_server: RedisServer) -> None:
+    """-i/--iterator picks iterators as -p picks processors; naming either serves only what is
+    named (-p alone runs no jobs), naming neither serves everything."""
+    from tests.apps import mixed_app
+
+    mixed_app.batcher.connect(redis_server.url)
+    mixed_app.delivered.clear()
+    mixed_app.walked.clear()
+    mixed_app.alpha.start("a1")
+    mixed_app.beta.start("b1")
+    mixed_app.events.add("user:1", "hello")
+    worker = ["worker", "tests.apps.mixed_app:batcher", "--redis-url", redis_server.url, "--burst"]
+
+    assert run(*worker, "--iterator", "alpha")[0] == 0
+    assert mixed_app.walked == ["alpha:a1"] and mixed_app.delivered == []
+    assert mixed_app.beta.status("b1").status == "pending"  # type: ignore[union-attr]
+
+    assert run(*worker, "-p", "events")[0] == 0
+    assert mixed_app.delivered == ["hello"] and mixed_app.walked == ["alpha:a1"]
+
+    assert run(*worker, "-i", "beta", "-p", "events")[0] == 0
+    assert mixed_app.walked == ["alpha:a1", "beta:b1"]
+    assert mixed_app.beta.status("b1").status == "completed"  # type: ignore[union-attr]
+
+    mixed_app.alpha.start("a2")
+    assert run(*worker)[0] == 0
+    assert mixed_app.walked[-1] == "alpha:a2"
+
+    code, out = run(*worker, "-i", "gamma")
+    assert code == 2 and "unknown iterator" in out and "gamma" in out
+
+
+def test_jobs_status_is_a_table_and_prints_markup_like_text_as_is(
+    redis_server: RedisServer, real_client: redis.Redis
+) -> None:
+    """Job ids, cursors and error texts are user data: '[/]' or '[bold]' in them is printed as
+    written (rich would raise MarkupError on a stray closing tag)."""
+    batcher = Batcher(redis_server.url, prefix="cm")
+
+    @batcher.iterator(name="odd", max_retries=0, delay_between_batches=0.0)
+    class Odd:
+        def next_batch(self, cursor: str | None, batch_size: int) -> Page:
+            if cursor is None:
+                return Page([1], "[/]cursor", False)
+            raise KeyError("[/] no [bold]column[/bold]")
+
+        def process(self, items: list[int], job: JobContext) -> None:
+            pass
+
+    Odd.start("[/]job")
+    Worker(batcher).run(burst=True)
+    common = ["--redis-url", redis_server.url, "--prefix", "cm"]
+    code, out = run("jobs", "status", "[/]job", *common)
+    assert code == 0, out
+    assert "odd / [/]job" in out and "[/]cursor" in out and "[/] no [bold]column[/bold]" in out
+    assert "│ status" in out and "failed" in out and "retry count" in out  # a table
+    code, out = run("jobs", "ls", *common)
+    assert code == 0 and "[/]job" in out and "[/] no [bold]column" in out
+    code, out = run("jobs", "delete", "[/]job", *common)
+    assert code == 0 and "deleted job [/]job of odd" in out

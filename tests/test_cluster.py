@@ -352,3 +352,51 @@ def test_worker_wakes_on_pubsub_on_cluster(cluster_client: RedisCluster, nodes: 
     assert "error" not in result, result
     assert result["stats"].delivered == len(ids)
     assert _subscribers(nodes, proc.keys.channel) == 0
+
+
+# -- iterator jobs -------------------------------------------------------------------------------
+
+
+def test_iterator_jobs_on_a_cluster(cluster_client: RedisCluster, nodes: list[redis.Redis]) -> None:
+    """Iterator jobs with brace-laden ids on two iterators: every job script touches one slot
+    (the iterator's {jobs:<name>} tag), jobs run to completion, and control and listing work."""
+    from redis_batcher import JobContext, Page
+
+    batcher = Batcher(cluster_client, prefix="cj")
+    seen: list[tuple[str, int]] = []
+
+    def define(name: str) -> Any:
+        @batcher.iterator(name=name, batch_size=3, delay_between_batches=0.0)
+        class Walk:
+            def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
+                start = int(cursor or 0)
+                stop = min(start + batch_size, 10)
+                return Page(list(range(start, stop)), str(stop), stop >= 10)
+
+            def process(self, items: list[int], job: JobContext) -> None:
+                seen.extend((job.job_id, i) for i in items)
+
+        return Walk
+
+    walks = [define("users"), define("orders")]
+    assert len({keyslot(cluster_client, w.keys.due) for w in walks}) == 2  # two slots
+    ids = ["{user}:1", "}{", "a::b", "日本語 {id}"]
+    for w in walks:
+        for job_id in ids:
+            w.start(job_id, params={"w": w.name})
+    walks[0].start("paused")
+    walks[0].pause("paused")
+    Worker(batcher).run(burst=True)
+
+    for w in walks:
+        slot = keyslot(cluster_client, w.keys.due)
+        keys = [k.decode() for n in nodes for k in n.scan_iter(match=f"cj:{{jobs:{w.name}}}:*")]
+        assert keys and {keyslot(cluster_client, k) for k in keys} == {slot}
+        for job_id in ids:
+            st = w.status(job_id)
+            assert st is not None and (st.status, st.processed, st.params) == ("completed", 10, {"w": w.name})
+    assert sorted(seen) == sorted((job_id, i) for job_id in ids for i in range(10) for _ in walks)
+    assert [j.job_id for j in batcher.jobs(status="paused")] == ["paused"]
+    assert len(batcher.jobs(status="completed")) == 8
+    assert walks[0].cancel("paused").status == "cancelled"
+    assert walks[0].delete("paused") is True

@@ -22,6 +22,7 @@ from redis_batcher import Batcher, JobContext, Page, Worker
 from redis_batcher.embedded import RedisServer
 from redis_batcher.jobs import JobRunner, claim_call, commit_call, parse_claim
 from tests.apps import jobs_app
+from tests.chaos_util import own_server
 from tests.conftest import ROOT, cli_command, snapshot, subprocess_env
 
 
@@ -333,9 +334,9 @@ def test_a_stale_lease_holder_cannot_save_progress(real_batcher: Batcher) -> Non
     time.sleep(0.1)  # A's lease runs out
     _, [b] = parse_claim("owner-b", claim_call(keys, cfg, 1, "owner-b", "b").run(client))
     assert (a.job_id, b.job_id) == ("fence", "fence")
-    assert commit_call(keys, cfg, "fence", "owner-a", "10", 10, False).run(client) == b"lease_lost"
+    assert commit_call(keys, cfg, "fence", "owner-a", "10", 10, False, 1).run(client) == b"lease_lost"
     assert Count.status("fence").processed == 0  # type: ignore[union-attr]
-    assert commit_call(keys, cfg, "fence", "owner-b", "10", 10, False).run(client) == b"ok"
+    assert commit_call(keys, cfg, "fence", "owner-b", "10", 10, False, 1).run(client) == b"ok"
     st = Count.status("fence")
     assert st is not None and (st.processed, st.cursor, st.worker) == (10, "10", "b")
 
@@ -412,3 +413,261 @@ def test_kill_9_worker_mid_job_another_resumes_from_saved_cursor(
     assert len(repeated) <= jobs_app.BATCH_SIZE
     assert all(counts[k] == 2 for k in repeated)
     assert all(k > int(saved.cursor or 0) for k in repeated)
+
+
+def test_a_commit_resent_after_its_reply_was_lost_is_counted_once(
+    real_batcher: Batcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit that ran but whose reply was lost (connection dropped) is sent again by the
+    runner; the step number in it keeps ``processed`` from counting the batch twice."""
+    Count, seen = counting_iterator(real_batcher)
+    Count.start("resent", params={"n": 50})
+    execute = real_batcher._execute
+    lost: list[str] = []
+
+    def reply_lost_once(call: Any, **kw: Any) -> Any:
+        reply = execute(call, **kw)
+        if call.script.name == "job_commit" and not lost:
+            lost.append(call.script.name)
+            raise redis.ConnectionError("connection reset after the script ran")
+        return reply
+
+    monkeypatch.setattr(real_batcher, "_execute", reply_lost_once)
+    Worker(real_batcher).run(burst=True)
+    st = Count.status("resent")
+    assert lost and st is not None
+    assert (st.status, st.processed, st.cursor) == ("completed", 50, "50")
+    assert sorted(seen) == list(range(50))
+
+
+def test_next_batch_with_the_issues_two_argument_signature(real_batcher: Batcher) -> None:
+    """``next_batch(cursor, batch_size)`` as written in the issue works too (no job argument);
+    params still reach ``process`` and ``on_complete``."""
+    seen: list[tuple[int, str]] = []
+    finished: list[int] = []
+
+    @real_batcher.iterator(name="plain", batch_size=4, delay_between_batches=0.0)
+    class Plain:
+        def next_batch(self, cursor: str | None, batch_size: int) -> Page:
+            start = int(cursor or 0)
+            stop = min(start + batch_size, 10)
+            return Page(list(range(start, stop)), str(stop), stop >= 10)
+
+        def process(self, items: list[int], job: JobContext) -> None:
+            seen.extend((i, job.params["tag"]) for i in items)
+
+        def on_complete(self, job: JobContext) -> None:
+            finished.append(job.processed)
+
+    Plain.start("two-args", params={"tag": "x"})
+    Worker(real_batcher).run(burst=True)
+    st = Plain.status("two-args")
+    assert st is not None and (st.status, st.processed, st.error) == ("completed", 10, None)
+    assert seen == [(i, "x") for i in range(10)] and finished == [10]
+
+
+def test_a_bad_page_fails_the_job_without_losing_progress_or_the_worker(real_batcher: Batcher) -> None:
+    """next_batch returning a non-Page, or a Page whose cursor is not a str, is a step error:
+    retried, then the job fails with the TypeError's text. The saved cursor and count stay, the
+    worker keeps running other jobs, and a resumed job continues from the saved cursor."""
+    good = [False]
+
+    @real_batcher.iterator(
+        name="badpage", batch_size=5, delay_between_batches=0.0, max_retries=1, retry_backoff=0.01
+    )
+    class BadPage:
+        def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Any:
+            if cursor is None or good[0]:
+                start = int(cursor or 0)
+                return Page(list(range(start, start + batch_size)), str(start + batch_size), start >= 5)
+            if job.params == "dict":
+                return {"items": [1], "cursor": "x"}
+            return Page([1], cursor=10)  # type: ignore[arg-type]
+
+        def process(self, items: list[int], job: JobContext) -> None:
+            pass
+
+    Count, seen = counting_iterator(real_batcher)
+    BadPage.start("dict", params="dict")
+    BadPage.start("int-cursor", params="int")
+    Count.start("healthy", params={"n": 30})
+    with running_worker(real_batcher):
+        wait_until(
+            lambda: {j.job_id for j in real_batcher.jobs(status="failed")} == {"dict", "int-cursor"},
+            what="both bad jobs to fail",
+        )
+        wait_until(lambda: Count.status("healthy").status == "completed", what="the healthy job")  # type: ignore[union-attr]
+    expected = {
+        "dict": "TypeError: next_batch must return a redis_batcher.Page, got dict",
+        "int-cursor": "TypeError: Page.cursor must be a str or None, got int",
+    }
+    for job_id, error in expected.items():
+        st = BadPage.status(job_id)
+        assert st is not None
+        assert (st.status, st.error, st.retry_count) == ("failed", error, 2)
+        assert (st.processed, st.cursor) == (5, "5")  # the first, good step is kept
+    assert sorted(seen) == list(range(30))
+    good[0] = True
+    BadPage.resume("dict")
+    Worker(real_batcher).run(burst=True)
+    st = BadPage.status("dict")
+    assert st is not None and (st.status, st.processed, st.cursor) == ("completed", 10, "10")
+
+
+def test_on_complete_raising_is_retried_without_reprocessing(real_batcher: Batcher) -> None:
+    processed: list[int] = []
+    completions: list[int] = []
+
+    @real_batcher.iterator(name="oncomplete", batch_size=10, delay_between_batches=0.0, retry_backoff=0.01)
+    class Notify:
+        def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
+            start = int(cursor or 0)
+            return Page(list(range(start, start + batch_size)), str(start + batch_size), start >= 10)
+
+        def process(self, items: list[int], job: JobContext) -> None:
+            processed.extend(items)
+
+        def on_complete(self, job: JobContext) -> None:
+            completions.append(job.processed)
+            if len(completions) < 3:
+                raise RuntimeError("mail server down")
+
+    Notify.start("n1")
+    with running_worker(real_batcher):
+        wait_until(lambda: Notify.status("n1").status == "completed", what="completion")  # type: ignore[union-attr]
+    st = Notify.status("n1")
+    assert st is not None
+    assert (st.status, st.processed, st.retry_count) == ("completed", 20, 2)
+    assert st.error == "RuntimeError: mail server down"
+    assert completions == [20, 20, 20]
+    assert processed == list(range(20))  # the walk itself ran once
+
+
+def test_a_hung_step_whose_lease_was_taken_cannot_save(real_batcher: Batcher) -> None:
+    """The lease of a worker stuck in a step passes to another worker (simulated: the owner
+    token is replaced, as job_claim.lua does after expiry). When the stuck step returns, its
+    commit is refused: nothing it did overwrites the new owner's progress, and it stops."""
+    entered, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    @real_batcher.iterator(name="hung", batch_size=5, delay_between_batches=0.0)
+    class Hung:
+        def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
+            start = int(cursor or 0)
+            return Page(list(range(start, start + batch_size)), str(start + batch_size), False)
+
+        def process(self, items: list[int], job: JobContext) -> None:
+            calls.append(items[0])
+            entered.set()
+            release.wait(10)
+
+    Hung.start("h1")
+    runner = JobRunner(real_batcher, concurrency=1, grace_period=5.0)
+    runner.start()
+    try:
+        assert entered.wait(10)
+        real_batcher.client.hset(Hung.keys.job("h1"), mapping={"owner": "thief", "cursor": "500"})
+        release.set()
+        wait_until(lambda: runner.stats.lease_lost == 1, what="the refused commit")
+        time.sleep(0.1)
+    finally:
+        runner.stop()
+        runner.wait()
+    st = Hung.status("h1")
+    assert st is not None and (st.processed, st.cursor, st.status) == (0, "500", "running")
+    assert real_batcher.client.hget(Hung.keys.job("h1"), "owner") == b"thief"  # not released
+    assert calls == [0] and runner.stats.steps == 0
+
+
+def test_heartbeats_keep_a_step_longer_than_the_lease(real_batcher: Batcher) -> None:
+    """A step three times longer than lease_timeout stays with its worker: a second runner
+    polling the same iterator never takes the job over, and no batch runs twice."""
+    Count, seen = counting_iterator(real_batcher, batch_size=5, lease_timeout=0.3)
+    Count.start("long", params={"n": 15, "sleep": 0.9})
+    runners = [JobRunner(real_batcher, concurrency=1, poll_interval=0.05) for _ in range(2)]
+    threads = [r.start(burst=False) for r in runners]
+    try:
+        wait_until(lambda: Count.status("long").status == "completed", timeout=15, what="completion")  # type: ignore[union-attr]
+    finally:
+        for r in runners:
+            r.stop()
+        for r in runners:
+            r.wait()
+    assert all(not t.is_alive() for t in threads)
+    assert sorted(seen) == list(range(15))
+    assert sum(r.stats.lease_lost for r in runners) == 0
+    assert sum(r.stats.steps for r in runners) == 3
+
+
+def test_a_redis_outage_mid_job_neither_kills_the_worker_nor_loses_the_job() -> None:
+    """Redis is killed twice while a job runs (AOF fsync'd on every write) and comes back:
+    the worker thread survives, the job completes, ``processed`` is exact and no batch but the
+    ones in flight at the outages ran twice."""
+    args = ["--appendonly", "yes", "--appendfsync", "always"]
+    with own_server(persistence=True, extra_args=args) as server:
+        batcher = Batcher(server.url, prefix="t", connect_retry=0.2)
+        Count, seen = counting_iterator(batcher, batch_size=5, lease_timeout=1.0, retry_backoff=0.05)
+        Count.start("outage", params={"n": 300, "sleep": 0.01})
+        with running_worker(batcher) as worker:
+            for at in (40, 150):
+                wait_until(lambda: Count.status("outage").processed >= at, what=f"{at} items")  # type: ignore[union-attr]  # noqa: B023
+                server.stop(kill=True)
+                time.sleep(0.4)
+                server.start()
+            wait_until(lambda: Count.status("outage").status == "completed", timeout=20, what="completion")  # type: ignore[union-attr]
+            assert worker.jobs is not None and worker.jobs._thread is not None
+            assert worker.jobs._thread.is_alive()
+        st = Count.status("outage")
+        assert st is not None and (st.processed, st.cursor) == (300, "300")
+        assert sorted(set(seen)) == list(range(300))
+        assert len(seen) - 300 <= 2 * 5  # at most the batch in flight at each outage, again
+        batcher.client.close()
+
+
+def test_a_pause_during_delay_between_batches_runs_no_further_step(real_batcher: Batcher) -> None:
+    """Paused while the worker waits between two steps: it starts no other step (the next one
+    would otherwise run and be saved on a paused job) and gives the lease back."""
+    Count, seen = counting_iterator(real_batcher, batch_size=5, delay_between_batches=0.6)
+    Count.start("slow", params={"n": 100})
+    with running_worker(real_batcher):
+        wait_until(lambda: Count.status("slow").processed == 5, what="the first step")  # type: ignore[union-attr]
+        Count.pause("slow")
+        wait_until(lambda: real_batcher.client.hget(Count.keys.job("slow"), "owner") == b"", what="release")
+        time.sleep(0.2)
+        st = Count.status("slow")
+        assert st is not None and (st.status, st.processed, st.cursor) == ("paused", 5, "5")
+        assert seen == list(range(5))
+        Count.resume("slow")
+        wait_until(lambda: Count.status("slow").processed >= 10, what="progress after resume")  # type: ignore[union-attr]
+        Count.cancel("slow")  # likewise between steps
+        wait_until(lambda: real_batcher.client.hget(Count.keys.job("slow"), "owner") == b"", what="release")
+        time.sleep(0.2)
+        st = Count.status("slow")
+        assert st is not None and (st.status, st.processed) == ("cancelled", 10)
+    assert seen == list(range(10))
+
+
+def test_bad_listing_and_control_arguments_raise_batcher_errors(real_batcher: Batcher) -> None:
+    Count, _ = counting_iterator(real_batcher)
+    Count.start("ok", params={"n": 1})
+    before = snapshot(real_batcher.client)
+    for limit in (0, -1, True, 2.5):
+        with pytest.raises(rb.ConfigError):
+            real_batcher.jobs(limit=limit)  # type: ignore[arg-type]
+        with pytest.raises(rb.ConfigError):
+            Count.jobs(limit=limit)  # type: ignore[arg-type]
+    for status in ("done", "", "RUNNING"):
+        with pytest.raises(rb.ConfigError):
+            Count.jobs(status=status)
+    for bad_id in ("", "tab\there", "x" * 513, None):
+        for action in (Count.pause, Count.resume, Count.cancel, Count.delete, Count.status):
+            with pytest.raises(rb.InvalidJob):
+                action(bad_id)  # type: ignore[operator]
+    for options in ({"concurrency": 0}, {"concurrency": True}, {"poll_interval": 0}):
+        with pytest.raises(rb.ConfigError):
+            JobRunner(real_batcher, **options)
+    with pytest.raises(rb.UnknownIterator):
+        Worker(real_batcher, iterators=["nope"])
+    with pytest.raises(rb.ConfigError):
+        Worker(real_batcher, iterators=[])  # nothing to serve: no processors, no iterators
+    assert snapshot(real_batcher.client) == before

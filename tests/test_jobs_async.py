@@ -209,3 +209,98 @@ def test_async_start_errors_and_listing(redis_server: RedisServer, real_client: 
         assert Count.definition.status("j1").status == "paused"  # type: ignore[union-attr]
 
     arun(redis_server, body)
+
+
+def test_async_commit_resent_after_its_reply_was_lost_is_counted_once(
+    redis_server: RedisServer, real_client: redis.Redis
+) -> None:
+    lost: list[str] = []
+
+    async def body(ab: aio.Batcher) -> None:
+        Count, seen = counting(ab)
+        await Count.start("resent", params={"n": 50})
+        execute = ab._execute
+
+        async def reply_lost_once(call: Any, **kw: Any) -> Any:
+            reply = await execute(call, **kw)
+            if call.script.name == "job_commit" and not lost:
+                lost.append(call.script.name)
+                raise redis.ConnectionError("connection reset after the script ran")
+            return reply
+
+        ab._execute = reply_lost_once  # type: ignore[method-assign]
+        await aio.Worker(ab).run(burst=True)
+        st = await status_of(Count, "resent")
+        assert (st.status, st.processed, st.cursor) == ("completed", 50, "50")
+        assert sorted(i for _, i in seen) == list(range(50))
+
+    arun(redis_server, body)
+    assert lost
+
+
+def test_async_next_batch_with_the_issues_two_argument_signature(
+    redis_server: RedisServer, real_client: redis.Redis
+) -> None:
+    seen: list[int] = []
+
+    async def body(ab: aio.Batcher) -> None:
+        @ab.iterator(name="plain", batch_size=4, delay_between_batches=0.0)
+        class Plain:
+            async def next_batch(self, cursor: str | None, batch_size: int) -> Page:
+                start = int(cursor or 0)
+                stop = min(start + batch_size, 10)
+                return Page(list(range(start, stop)), str(stop), stop >= 10)
+
+            def process(self, items: list[int], job: JobContext) -> None:
+                seen.extend(items)
+
+        await Plain.start("two-args")
+        await aio.Worker(ab).run(burst=True)
+        st = await status_of(Plain, "two-args")
+        assert (st.status, st.processed, st.error) == ("completed", 10, None)
+
+    arun(redis_server, body)
+    assert seen == list(range(10))
+
+
+def test_async_pause_during_delay_between_batches_runs_no_further_step(
+    redis_server: RedisServer, real_client: redis.Redis
+) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        Count, seen = counting(ab, batch_size=5, delay_between_batches=0.6)
+        await Count.start("slow", params={"n": 100})
+        worker = aio.Worker(ab, grace_period=5.0)
+        task = asyncio.ensure_future(worker.run())
+        try:
+            await wait_for(lambda: _processed_at_least(Count, "slow", 5), what="the first step")
+            await Count.pause("slow")
+            await wait_for(lambda: _owner_free(real_client, Count, "slow"), what="release")
+            await asyncio.sleep(0.2)
+            st = await status_of(Count, "slow")
+            assert (st.status, st.processed, st.cursor) == ("paused", 5, "5")
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 10)
+        assert [i for _, i in seen] == list(range(5))
+
+    arun(redis_server, body)
+
+
+def test_async_bad_runner_and_listing_arguments(redis_server: RedisServer, real_client: redis.Redis) -> None:
+    from redis_batcher.jobs_async import AsyncJobControl, AsyncJobRunner
+
+    async def body(ab: aio.Batcher) -> None:
+        Count, _ = counting(ab)
+        for options in ({"concurrency": 0}, {"poll_interval": -1}):
+            with pytest.raises(rb.ConfigError):
+                AsyncJobRunner(ab, **options)
+        with pytest.raises(rb.ConfigError):
+            AsyncJobControl(ab, "has {brace}")
+        with pytest.raises(rb.ConfigError):
+            await ab.jobs(limit=0)
+        with pytest.raises(rb.InvalidJob):
+            await Count.pause("")
+        with pytest.raises(rb.UnknownIterator):
+            aio.Worker(ab, iterators=["nope"])
+
+    arun(redis_server, body)

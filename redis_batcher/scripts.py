@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import select
 import threading
 import weakref
 from collections.abc import Sequence
@@ -125,6 +126,23 @@ def _pack(command: Sequence[Arg]) -> bytes:
     return b"".join(out)
 
 
+def _alive(conn: Any) -> bool:
+    """True when a connection has nothing to read: not closed by the server, no stray reply.
+    One zero-timeout select (redis-py's can_read toggles the socket's blocking mode around a
+    read: three system calls on every add). TLS sockets may hold decrypted bytes the kernel
+    does not see: they take redis-py's way."""
+    if isinstance(conn, redis.SSLConnection):
+        try:
+            return not conn.can_read()
+        except (ConnectionError, OSError):
+            return False
+    try:
+        readable, _, _ = select.select((conn._sock,), (), (), 0)
+    except (OSError, ValueError):
+        return False
+    return not readable  # readable: EOF (closed) or bytes nobody asked for
+
+
 _DIRECT_CONNECTIONS = (redis.Connection, redis.SSLConnection, redis.UnixDomainSocketConnection)
 
 
@@ -168,14 +186,10 @@ class DirectLink:
             self._local.conn = conn
             with self._lock:
                 self._open.add(conn)
-        elif conn._sock is not None:
+        elif conn._sock is not None and not _alive(conn):
             # like the pool's checkout: a socket the server closed (idle timeout, restart)
-            # reads as ready; reconnect now, before anything is sent
-            try:
-                if conn.can_read():
-                    conn.disconnect()
-            except (ConnectionError, OSError):
-                conn.disconnect()
+            # is replaced now, before anything is sent
+            conn.disconnect()
         if conn._sock is None:
             conn.connect()  # a failure here sent nothing
         return conn

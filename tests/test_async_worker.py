@@ -806,3 +806,35 @@ def test_async_cluster_noscript_on_one_node_never_duplicates(redis_cluster: Redi
     finally:
         for n in nodes:
             n.close()
+
+
+def test_prefetched_flushes_wait_for_a_slot_and_are_handed_back_at_stop(port: int) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        gate = asyncio.Event()
+        started: list[int] = []
+
+        async def handler(flush: rb.Flush) -> None:
+            started.append(flush.sequence)
+            await gate.wait()
+
+        proc = ab.processor(name="pf", max_batch_size=1, flush_interval=None)(handler)
+        await proc.add_many("p", [0, 1, 2, 3])
+        w = aio.Worker(ab, concurrency=1, prefetch_multiplier=3, grace_period=5)
+        task = asyncio.ensure_future(w.run())
+
+        async def claimed_ahead() -> bool:
+            st = await proc.status("p")
+            return st is not None and sum(1 for b in st.batches if b.attempt == 1) == 3
+
+        await until(lambda: len(started) == 1, what="first handler")
+        await until(claimed_ahead, what="two flushes claimed ahead")
+        assert w.inflight == 1
+        w.stop()
+        await asyncio.sleep(0.2)
+        gate.set()
+        stats = await asyncio.wait_for(task, 10)
+        assert started == [0] and stats.delivered == 1 and stats.released == 2
+        again = await aio.Worker(ab).run(burst=True)  # due at once, not after a lease timeout
+        assert again.delivered == 3 and sorted(started) == [0, 1, 2, 3]
+
+    run_async(port, body)

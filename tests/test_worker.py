@@ -271,3 +271,79 @@ def test_each_add_is_exactly_one_evalsha(redis_server: Any) -> None:
         proc.add_many(f"id{i}", list(range(20)))  # spans several sequences, still one call
     assert sent == ["EVALSHA"] * 60
     client.close()
+
+
+def test_small_windows_come_inline_with_the_claim_and_large_ones_are_read_in_chunks(
+    real_batcher: Batcher, real_client: redis.Redis
+) -> None:
+    got: list[rb.Flush] = []
+    small = real_batcher.processor(name="small", max_batch_size=3, flush_interval=None)(got.append)
+    small.add_many("s", ["a", {"b": 1}, [2]])
+    part = small.keys.for_base("s")
+    owner = ops.new_token()
+    _, [claimed] = ops.parse_claim(
+        small, part, owner, real_batcher._execute(ops.claim_call(small, part, 5, owner))
+    )
+    assert claimed.raw is not None and [small.codec.decode(d) for d in claimed.raw] == ["a", {"b": 1}, [2]]
+    real_batcher._execute(ops.release_call(claimed), wait=False)
+
+    big_size = ops.INLINE_MAX + 500
+    large = real_batcher.processor(name="large", max_batch_size=big_size, flush_interval=None)(got.append)
+    large.add_many("l", list(range(big_size)))
+    lpart = large.keys.for_base("l")
+    owner = ops.new_token()
+    reply = real_batcher._execute(ops.claim_call(large, lpart, 5, owner))
+    _, [big] = ops.parse_claim(large, lpart, owner, reply)
+    assert big.raw is None and big.cutoff == big_size  # too large to come inline
+    real_batcher._execute(ops.release_call(big), wait=False)
+
+    stats = Worker(real_batcher).run(burst=True)
+    assert stats.delivered == 2
+    by_name = {f.processor: f.items for f in got}
+    assert by_name == {"small": ["a", {"b": 1}, [2]], "large": list(range(big_size))}
+
+
+def test_prefetched_flushes_wait_for_a_thread_and_are_handed_back_at_stop(real_batcher: Batcher) -> None:
+    gate = threading.Event()
+    started: list[int] = []
+
+    def handler(flush: rb.Flush) -> None:
+        started.append(flush.sequence)
+        assert gate.wait(10)
+
+    proc = real_batcher.processor(name="pf", max_batch_size=1, flush_interval=None)(handler)
+    proc.add_many("p", [0, 1, 2, 3])  # four sealed sequences
+    w = Worker(real_batcher, concurrency=1, prefetch_multiplier=3, grace_period=5)
+    t = threading.Thread(target=w.run)
+    t.start()
+    try:
+        wait_for(lambda: len(started) == 1)
+        # one running, two more claimed ahead (capacity 1 x 3), one left in the queue
+        wait_for(lambda: sum(1 for b in proc.status("p").batches if b.attempt == 1) == 3)  # type: ignore[union-attr]
+        assert w.inflight == 1 and started == [0]
+        w.stop()
+        time.sleep(0.2)
+        gate.set()  # the running handler finishes within the grace period
+    finally:
+        gate.set()
+        t.join(10)
+    assert not t.is_alive()
+    assert started == [0] and w.stats.delivered == 1
+    assert w.stats.released == 2  # the two that never started were handed back at once
+    gate.set()
+    stats = Worker(real_batcher).run(burst=True)  # due again now, not after a lease timeout
+    assert stats.delivered == 3 and sorted(started) == [0, 1, 2, 3]
+    assert all(h.attempt == 1 for h in proc.history("p"))  # a hand-back is not an attempt
+
+
+def test_prefetch_multiplier_is_checked() -> None:
+    import fakeredis
+
+    b = Batcher(fakeredis.FakeRedis())
+    b.processor(name="x")(lambda f: None)
+    for bad in (0, -1, 1.5, True):
+        try:
+            Worker(b, prefetch_multiplier=bad)  # type: ignore[arg-type]
+        except rb.ConfigError:
+            continue
+        raise AssertionError(f"prefetch_multiplier={bad!r} accepted")

@@ -41,6 +41,7 @@ from .jobs_async import AsyncJobIterator, AsyncJobRunner
 from .keys import parse_batch_id, registry_key, validate_name
 from .models import AddResult, BatchInfo, BatchStatus, DeleteResult, FlushRecord, FlushResult
 from .processor import ADD_CHUNK, Processor
+from .wire import AsyncDirectLink
 from .worker_core import (
     Outcome,
     WorkerCore,
@@ -176,6 +177,8 @@ class Batcher:
             raise ConfigError("redis-batcher needs a client with decode_responses=False (items are bytes)")
         self.client = client
         self.is_cluster = isinstance(client, aioredis.RedisCluster)
+        # lone adds skip redis-py's per-command machinery, as on the sync Batcher
+        self._link = AsyncDirectLink(client) if AsyncDirectLink.supports(client) else None
         self._registered.clear()
         if self._own_definitions:
             # keep the sync twin (dead-letter admin, `aproc.definition`) on the same server
@@ -257,7 +260,9 @@ class Batcher:
             self._registered.add(proc.name)
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool and the lone-add connections."""
+        if self._link is not None:
+            await self._link.close()
         await self.client.aclose()
 
     # -- running scripts --------------------------------------------------------------------------
@@ -282,12 +287,19 @@ class Batcher:
             if isinstance(replies[0], Exception):
                 raise replies[0]
             return replies[0]
+        link = self._link
+
+        def run() -> Any:
+            if link is not None:
+                return call.script.call_async_direct(link, call.keys, call.args)
+            return call.script.call_async(self.client, call.keys, call.args)
+
         try:
-            return await call.script.call_async(self.client, call.keys, call.args)
+            return await run()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             if not _never_sent(exc):
                 raise
-        return await self._retrying(lambda: call.script.call_async(self.client, call.keys, call.args))
+        return await self._retrying(run)
 
     async def _pipeline(self, calls: Sequence[ops.Call]) -> list[Any]:
         """Run calls pipelined in one round trip; each reply is a value or the exception of that

@@ -20,7 +20,7 @@ from .errors import ConfigError, DuplicateProcessor, NotReplicated, UnknownProce
 from .keys import registry_key, validate_name
 from .models import AddResult, ProcessorConfig
 from .processor import Handler, Processor
-from .scripts import DirectLink
+from .wire import DirectLink
 
 if TYPE_CHECKING:
     from .jobs import JobIterator, JobStatus

@@ -10,17 +10,15 @@ EVALSHA, so this works unchanged on Redis Cluster.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import select
-import threading
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import redis
-from redis.exceptions import ConnectionError, NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
+
+if TYPE_CHECKING:
+    from .wire import AsyncDirectLink, DirectLink
 
 SCRIPT_NAMES = (
     "add",
@@ -102,116 +100,19 @@ class Script:
         except NoScriptError:
             return link.call((b"EVAL", self.source, len(keys), *keys, *args))
 
+    async def call_async_direct(self, link: AsyncDirectLink, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        """Run over an :class:`AsyncDirectLink`."""
+        try:
+            return await link.call((b"EVALSHA", self.sha, len(keys), *keys, *args))
+        except NoScriptError:
+            return await link.call((b"EVAL", self.source, len(keys), *keys, *args))
+
     async def call_async(self, client: Any, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """Run on an asyncio redis-py client."""
         try:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
             return await client.eval(self.source, len(keys), *keys, *args)
-
-
-def _pack(command: Sequence[Arg]) -> bytes:
-    """RESP-encode one command (bulk strings; str as UTF-8, numbers in decimal)."""
-    out = [b"*%d\r\n" % len(command)]
-    for arg in command:
-        if isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, str):
-            data = arg.encode()
-        elif isinstance(arg, int):
-            data = b"%d" % arg
-        else:
-            data = repr(arg).encode()
-        out.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    return b"".join(out)
-
-
-def _alive(conn: Any) -> bool:
-    """True when a connection has nothing to read: not closed by the server, no stray reply.
-    One zero-timeout select (redis-py's can_read toggles the socket's blocking mode around a
-    read: three system calls on every add). TLS sockets may hold decrypted bytes the kernel
-    does not see: they take redis-py's way."""
-    if isinstance(conn, redis.SSLConnection):
-        try:
-            return not conn.can_read()
-        except (ConnectionError, OSError):
-            return False
-    try:
-        readable, _, _ = select.select((conn._sock,), (), (), 0)
-    except (OSError, ValueError):
-        return False
-    return not readable  # readable: EOF (closed) or bytes nobody asked for
-
-
-_DIRECT_CONNECTIONS = (redis.Connection, redis.SSLConnection, redis.UnixDomainSocketConnection)
-
-
-class DirectLink:
-    """Per-thread connections for script calls on a plain ``redis.Redis`` client.
-
-    redis-py spends most of a small command's client time outside the socket: pool checkout
-    and release, a readiness poll, observability hooks, argument packing and reply callbacks.
-    An add is one EVALSHA whose reply is a short string, so the producer's hot path sends it
-    pre-packed on a connection this thread keeps (made from the client's own pool settings:
-    host, auth, TLS, db, timeouts) and reads the raw reply. Replies and errors are those of
-    the client: a script error raises ``ResponseError`` and keeps the connection; any other
-    failure closes it, and the next call reconnects. Connections are per process (a forked
-    child opens its own) and are closed by :meth:`close`.
-    """
-
-    def __init__(self, client: redis.Redis) -> None:
-        pool: Any = client.connection_pool
-        self._make: Any = lambda: pool.connection_class(**pool.connection_kwargs)
-        self._local = threading.local()
-        self._open: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def supports(client: Any) -> bool:
-        """True for a ``redis.Redis`` on a standard pool of TCP, TLS or Unix connections (not a
-        cluster, Sentinel, client-side cache or a test double)."""
-        if type(client) is not redis.Redis:
-            return False
-        pool: Any = getattr(client, "connection_pool", None)
-        return (
-            type(pool) in (redis.ConnectionPool, redis.BlockingConnectionPool)
-            and pool.connection_class in _DIRECT_CONNECTIONS
-            and getattr(pool, "cache", None) is None
-        )
-
-    def _connection(self) -> Any:
-        conn = getattr(self._local, "conn", None)
-        if conn is None or conn.pid != os.getpid():
-            conn = self._make()
-            self._local.conn = conn
-            with self._lock:
-                self._open.add(conn)
-        elif conn._sock is not None and not _alive(conn):
-            # like the pool's checkout: a socket the server closed (idle timeout, restart)
-            # is replaced now, before anything is sent
-            conn.disconnect()
-        if conn._sock is None:
-            conn.connect()  # a failure here sent nothing
-        return conn
-
-    def call(self, command: Sequence[Arg]) -> Any:
-        """Send one command and return its raw reply."""
-        conn = self._connection()
-        try:
-            conn.send_packed_command((_pack(command),), check_health=False)
-            return conn.read_response()
-        except ResponseError:
-            raise  # an error reply: the connection is in step
-        except BaseException:
-            conn.disconnect()
-            raise
-
-    def close(self) -> None:
-        """Close every connection this link opened (in any thread)."""
-        with self._lock:
-            conns = list(self._open)
-        for conn in conns:
-            conn.disconnect()
 
 
 _HELPER = re.compile(r"^local function (\w+)\(", re.M)

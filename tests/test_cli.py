@@ -311,7 +311,8 @@ def populated(redis_server: RedisServer, real_client: redis.Redis) -> Populated:
     assert orders.add_many("o1", [{"n": i} for i in range(25)]).sealed == 2
     orders.add_many("o2", [{"n": i} for i in range(3)])
     assert flaky.add_many("f1", list(range(5))).sealed == 1
-    stats = redis_batcher.Worker(batcher).run(burst=True)
+    # one handler thread: o1::0 then o1::1, so the history order below is deterministic
+    stats = redis_batcher.Worker(batcher, concurrency=1).run(burst=True)
     assert (stats.delivered, stats.failed) == (2, 1)
     assert sorted(delivered) == [("o1", 0, 10), ("o1", 1, 10)]
     return Populated(redis_server.url, batcher, orders, flaky, delivered)

@@ -15,7 +15,8 @@ import redis
 import redis_batcher as rb
 from redis_batcher import Batcher, Worker
 from redis_batcher.embedded import RedisServer
-from redis_batcher.scripts import DirectLink, link_helpers, lua_dir, scripts
+from redis_batcher.scripts import link_helpers, lua_dir, scripts
+from redis_batcher.wire import DirectLink
 
 
 def make(batcher: Batcher, **config: Any) -> rb.Processor:
@@ -178,3 +179,90 @@ def test_scripts_link_only_the_helpers_they_use(real_client: redis.Redis) -> Non
     common = (lua_dir() / "_common.lua").read_text()
     assert link_helpers([common], "return 1").strip().startswith("--")
     assert "\nlocal function" not in link_helpers([common], "return 1")
+
+
+def test_async_link_for_lone_adds(redis_server: RedisServer, real_client: redis.Redis) -> None:
+    import asyncio
+
+    import fakeredis
+    import redis.asyncio as aioredis
+
+    from redis_batcher import asyncio as aio
+
+    async def main() -> None:
+        assert aio.Batcher(fakeredis.FakeAsyncRedis())._link is None
+        ab = aio.Batcher(redis_server.url, prefix="ahot")
+        link = ab._link
+        assert link is not None
+        proc = ab.processor(name="hot", max_batch_size=1000, flush_interval=None)(lambda f: None)
+        assert (await proc.add("a", 1)).pending == 1
+        [conn] = link._idle[asyncio.get_running_loop()]
+        # the server closes the idle connection: the next lone add reconnects before sending
+        real_client.client_kill_filter(_type="normal", skipme=True)
+        assert (await proc.add("a", 2)).pending == 2
+        # a call cancelled while waiting for its reply never hands its connection to the next one
+        slow = asyncio.ensure_future(link.call((b"BLPOP", "ahot:never", 2)))
+        await asyncio.sleep(0.2)
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        assert (await proc.add("a", 3)).pending == 3  # not confused by BLPOP's late reply
+        with pytest.raises(redis.ResponseError):
+            await link.call((b"EVAL", "return redis.error_reply('nope')", 0))
+        assert await link.call((b"PING",)) == b"PONG"
+        assert conn not in link._idle[asyncio.get_running_loop()] or conn.is_connected
+        await ab.aclose()
+        assert link._idle.get(asyncio.get_running_loop()) is None
+        check = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+        assert await check.llen(proc.keys.for_base("a").items("a", 0)) == 3
+        await check.aclose()
+
+    asyncio.run(main())
+
+
+class _Trickle:
+    """A socket double handing out a canned byte stream a few bytes per recv."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self.data, self.step = data, step
+
+    def recv(self, n: int) -> bytes:
+        out, self.data = self.data[: min(n, self.step)], self.data[min(n, self.step) :]
+        return out
+
+
+def test_wire_reader_parses_resp2_across_partial_reads() -> None:
+    from redis_batcher.wire import _Reader
+
+    stream = (
+        b"$5\r\nhello\r\n+OK\r\n:-42\r\n$-1\r\n*-1\r\n$0\r\n\r\n"
+        b"*3\r\n:1\r\n*2\r\n$4\r\na\r\nb\r\n-ERR inner\r\n$4\r\n\r\n\r\n\r\n-NOSCRIPT No matching script.\r\n"
+    )
+    parse_error = redis.Connection()._parser.parse_error
+    for step in (1, 3, len(stream)):
+        reader = _Reader(_Trickle(stream, step), parse_error)
+        assert [reader.reply() for _ in range(6)] == [b"hello", b"OK", -42, None, None, b""]
+        nested = reader.reply()
+        assert nested[0] == 1 and nested[1][0] == b"a\r\nb" and nested[2] == b"\r\n\r\n"
+        assert isinstance(nested[1][1], redis.ResponseError) and str(nested[1][1]) == "inner"
+        with pytest.raises(redis.exceptions.NoScriptError):
+            reader.reply()
+        with pytest.raises(redis.ConnectionError):
+            reader.reply()  # the stream ended: the server closed the connection
+
+
+def test_wire_pack_matches_redis_py() -> None:
+    from redis_batcher.wire import pack
+
+    args = (b"EVALSHA", "abc", 1, "k\u00e9y", b"\x00\xff", 3.5, -7)
+    assert pack(args) == b"".join(redis.Connection().pack_command(*args))
+
+
+def test_wire_link_maps_socket_timeouts_to_redis_errors(redis_server: RedisServer) -> None:
+    batcher = Batcher(redis.Redis(host="127.0.0.1", port=redis_server.port, socket_timeout=0.2))
+    link = batcher._link
+    assert link is not None
+    with pytest.raises(redis.TimeoutError):
+        link.call((b"BLPOP", "never", 2))
+    assert link.call((b"PING",)) == b"PONG"  # a fresh connection, not the late BLPOP reply
+    batcher.close()

@@ -59,13 +59,13 @@ class Call:
 def add_call(proc: Processor, base: str, encoded: Sequence[bytes], segments: Sequence[int] = ()) -> Call:
     """One add, or several coalesced adds (``segments`` = item count of each, in order)."""
     part = proc.keys.for_base(base)
-    config = proc.add_config + (",".join(map(str, segments)) if len(segments) > 1 else "-")
+    config = proc.add_config + ",".join(map(str, segments)) if len(segments) > 1 else proc.add_config_one
     return Call(scripts().add, (f"{part.pfx}b:{base}",), (base, config, *encoded))
 
 
 def parse_add(proc: Processor, base: str, adding: int, reply: Any) -> AddResult:
     """The result of a single add (raises :class:`BatchFull`)."""
-    result = parse_add_segments(proc, base, [adding], reply)[0]
+    result = _parse_one_add(proc, base, adding, reply.decode() if isinstance(reply, bytes) else str(reply))
     if isinstance(result, BatchFull):
         raise result
     return result

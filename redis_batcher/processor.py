@@ -50,6 +50,7 @@ class Processor:
         pending_cap = -1 if config.max_pending is None else config.max_pending
         # add.lua's packed config argument (one argument instead of three on the hot path)
         self.add_config = f"{config.max_batch_size} {self.interval_ms} {pending_cap} "
+        self.add_config_one = self.add_config + "-"  # one add (no coalesced segments)
         self.__doc__ = getattr(handler, "__doc__", None)
         self.__wrapped__ = handler
 

@@ -21,6 +21,7 @@ import builtins
 import os
 import select
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +32,10 @@ from redis.exceptions import ConnectionError, InvalidResponse, ResponseError, Ti
 from .scripts import Arg
 
 _RECV = 65536
+# a connection that answered less than this many seconds ago is used without the liveness
+# check (one system call of the three an add costs); a server restart inside that window
+# fails one call with ConnectionError (nothing was run), and the next call reconnects
+RECHECK_IDLE = 1.0
 
 
 def pack(command: Sequence[Arg]) -> bytes:
@@ -164,9 +169,14 @@ class DirectLink:
         if conn is None or conn.pid != os.getpid():
             conn = local.conn = self._make()
             local.reader = None
+            local.used = 0.0
             with self._lock:
                 self._open.add(conn)
-        elif conn._sock is not None and not _alive(conn):
+        elif (
+            conn._sock is not None
+            and time.monotonic() - local.used > RECHECK_IDLE
+            and not _alive(conn)
+        ):
             # like the pool's checkout: a socket the server closed (idle timeout, restart)
             # is replaced now, before anything is sent
             conn.disconnect()
@@ -187,7 +197,9 @@ class DirectLink:
                 raise TimeoutError("Timeout writing to socket") from None
             except OSError as exc:
                 raise ConnectionError(f"Error while writing to socket: {exc}") from exc
-            return reader.reply()
+            reply = reader.reply()
+            self._local.used = time.monotonic()
+            return reply
         except ResponseError:
             raise  # an error reply: the connection is in step
         except BaseException:

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 import redis_batcher as rb
-from redis_batcher import Batcher, Worker
+from redis_batcher import Batcher, Worker, wire
 from redis_batcher.embedded import RedisServer
 from redis_batcher.scripts import link_helpers, lua_dir, scripts
 from redis_batcher.wire import DirectLink
@@ -48,15 +48,24 @@ def test_link_is_used_for_plain_clients_only(redis_server: RedisServer) -> None:
 
 
 def test_link_reconnects_after_the_server_closed_an_idle_connection(
-    real_batcher: Batcher, real_client: redis.Redis
+    real_batcher: Batcher, real_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     proc = make(real_batcher, max_batch_size=100)
     proc.add("k", 1)
-    killed = real_client.client_kill_filter(_type="normal", skipme=True)
-    assert killed >= 1
-    # the next add notices the closed socket before sending and reconnects: no error, no duplicate
+    # an idle connection (unused for RECHECK_IDLE) is checked before sending: a socket the
+    # server closed is replaced, the add goes through, nothing is duplicated
+    monkeypatch.setattr(wire, "RECHECK_IDLE", 0.0)
+    assert real_client.client_kill_filter(_type="normal", skipme=True) >= 1
     assert proc.add("k", 2).pending == 2
-    assert items_of(real_client, proc, "k", 0) == 2
+    # a connection that answered a moment ago is trusted: a restart inside that window fails
+    # one add with ConnectionError (nothing written), and the next one reconnects
+    monkeypatch.setattr(wire, "RECHECK_IDLE", 60.0)
+    assert real_client.client_kill_filter(_type="normal", skipme=True) >= 1
+    with pytest.raises(redis.ConnectionError):
+        proc.add("k", 3)
+    assert proc.add("k", 4).pending == 3
+    items = real_client.lrange(proc.keys.for_base("k").items("k", 0), 0, -1)
+    assert [proc.codec.decode(i) for i in items] == [1, 2, 4]
 
 
 def test_link_keeps_a_connection_per_thread_and_close_closes_them(redis_server: RedisServer) -> None:

@@ -172,11 +172,7 @@ class DirectLink:
             local.used = 0.0
             with self._lock:
                 self._open.add(conn)
-        elif (
-            conn._sock is not None
-            and time.monotonic() - local.used > RECHECK_IDLE
-            and not _alive(conn)
-        ):
+        elif conn._sock is not None and time.monotonic() - local.used > RECHECK_IDLE and not _alive(conn):
             # like the pool's checkout: a socket the server closed (idle timeout, restart)
             # is replaced now, before anything is sent
             conn.disconnect()
@@ -245,7 +241,7 @@ class AsyncDirectLink:
     def __init__(self, client: Any) -> None:
         pool: Any = client.connection_pool
         self._make: Any = lambda: pool.connection_class(**pool.connection_kwargs)
-        self._idle: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[Any]] = (
+        self._idle: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[tuple[Any, float]]] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -268,10 +264,11 @@ class AsyncDirectLink:
     async def call(self, command: Sequence[Arg]) -> Any:
         """Send one command and return its raw reply."""
         idle = self._idle.setdefault(asyncio.get_running_loop(), [])
-        conn = idle.pop() if idle else self._make()
+        conn, used = idle.pop() if idle else (self._make(), 0.0)
         keep = False
         try:
-            if conn.is_connected and await _async_stale(conn):
+            # as in DirectLink: only a connection idle for RECHECK_IDLE is checked first
+            if conn.is_connected and time.monotonic() - used > RECHECK_IDLE and await _async_stale(conn):
                 await conn.disconnect()
             if not conn.is_connected:
                 await conn.connect()  # a failure here sent nothing
@@ -284,12 +281,12 @@ class AsyncDirectLink:
             raise
         finally:
             if keep:
-                idle.append(conn)
+                idle.append((conn, time.monotonic()))
             else:
                 await conn.disconnect(nowait=True)
 
     async def close(self) -> None:
         """Close this event loop's idle connections."""
         loop = asyncio.get_running_loop()
-        for conn in self._idle.pop(loop, []):
+        for conn, _ in self._idle.pop(loop, []):
             await conn.disconnect()

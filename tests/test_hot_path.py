@@ -190,7 +190,10 @@ def test_scripts_link_only_the_helpers_they_use(real_client: redis.Redis) -> Non
     assert "\nlocal function" not in link_helpers([common], "return 1")
 
 
-def test_async_link_for_lone_adds(redis_server: RedisServer, real_client: redis.Redis) -> None:
+def test_async_link_for_lone_adds(
+    redis_server: RedisServer, real_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(wire, "RECHECK_IDLE", 60.0)
     import asyncio
 
     import fakeredis
@@ -205,8 +208,9 @@ def test_async_link_for_lone_adds(redis_server: RedisServer, real_client: redis.
         assert link is not None
         proc = ab.processor(name="hot", max_batch_size=1000, flush_interval=None)(lambda f: None)
         assert (await proc.add("a", 1)).pending == 1
-        [conn] = link._idle[asyncio.get_running_loop()]
+        assert len(link._idle[asyncio.get_running_loop()]) == 1
         # the server closes the idle connection: the next lone add reconnects before sending
+        wire.RECHECK_IDLE = 0.0
         real_client.client_kill_filter(_type="normal", skipme=True)
         assert (await proc.add("a", 2)).pending == 2
         # a call cancelled while waiting for its reply never hands its connection to the next one
@@ -219,7 +223,7 @@ def test_async_link_for_lone_adds(redis_server: RedisServer, real_client: redis.
         with pytest.raises(redis.ResponseError):
             await link.call((b"EVAL", "return redis.error_reply('nope')", 0))
         assert await link.call((b"PING",)) == b"PONG"
-        assert conn not in link._idle[asyncio.get_running_loop()] or conn.is_connected
+        assert all(c.is_connected for c, _ in link._idle[asyncio.get_running_loop()])
         await ab.aclose()
         assert link._idle.get(asyncio.get_running_loop()) is None
         check = aioredis.Redis(host="127.0.0.1", port=redis_server.port)

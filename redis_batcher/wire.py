@@ -6,8 +6,8 @@ packing, a parser several calls deep and reply callbacks. Measured on the benchm
 bare socket round trip costs ~11 µs of client CPU and the same RPUSH through ``redis.Redis``
 ~180 µs. An add is one EVALSHA with a short string reply, so :class:`DirectLink` connects with
 redis-py (host, auth, TLS, db, RESP version, timeouts: the client's own pool settings) and then
-frames commands and reads RESP2 replies itself. :class:`AsyncDirectLink` does the same job for
-``redis.asyncio`` with redis-py's parser.
+frames commands and reads RESP2 replies itself. :class:`AsyncDirectLink` does the same for lone
+adds on ``redis.asyncio`` clients (over the connection's stream).
 
 Replies are what redis-py gives with ``decode_responses=False``; error replies raise the same
 exception classes (an error reply keeps the connection in step). Any other failure closes the
@@ -55,66 +55,96 @@ def pack(command: Sequence[Arg]) -> bytes:
     return b"".join(out)
 
 
-class _Reader:
-    """RESP2 replies from one socket (bytes, int, None, lists; errors as exception objects,
-    raised by :meth:`reply` at the top level as redis-py does)."""
+def _parse(buf: bytearray, pos: int, parse_error: Any) -> tuple[Any, int] | None:
+    """One RESP2 reply from ``buf[pos:]``: (value, end position), or None while incomplete.
+    Bulk strings are bytes, integers int, nil None, arrays lists; error replies are exception
+    objects (from redis-py's ``parse_error``, so the classes match redis-py's)."""
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        return None
+    kind, rest, pos = buf[pos], bytes(buf[pos + 1 : end]), end + 2
+    if kind == 36:  # $ bulk string
+        n = int(rest)
+        if n < 0:
+            return None, pos
+        if len(buf) < pos + n + 2:
+            return None
+        return bytes(buf[pos : pos + n]), pos + n + 2
+    if kind == 43:  # + simple string
+        return rest, pos
+    if kind == 58:  # : integer
+        return int(rest), pos
+    if kind == 42:  # * array
+        n = int(rest)
+        if n < 0:
+            return None, pos
+        items = []
+        for _ in range(n):
+            got = _parse(buf, pos, parse_error)
+            if got is None:
+                return None
+            item, pos = got
+            items.append(item)
+        return items, pos
+    if kind == 45:  # - error
+        return parse_error(rest.decode("utf-8", "replace")), pos
+    raise InvalidResponse(f"Protocol error, got {bytes(buf[pos - len(rest) - 3 : end])[:40]!r}")
 
-    __slots__ = ("buf", "parse_error", "pos", "sock")
+
+def _take(buf: bytearray, got: tuple[Any, int]) -> Any:
+    value, end = got
+    del buf[:end]
+    if isinstance(value, ResponseError):
+        raise value  # top-level error replies raise, as redis-py's do
+    return value
+
+
+class _Reader:
+    """RESP2 replies from one blocking socket."""
+
+    __slots__ = ("buf", "parse_error", "sock")
 
     def __init__(self, sock: Any, parse_error: Any) -> None:
         self.sock = sock
         self.parse_error = parse_error
         self.buf = bytearray()
-        self.pos = 0
-
-    def _fill(self) -> None:
-        try:
-            data = self.sock.recv(_RECV)
-        except builtins.TimeoutError:
-            raise TimeoutError("Timeout reading from socket") from None
-        except OSError as exc:
-            raise ConnectionError(f"Error while reading from socket: {exc}") from exc
-        if not data:
-            raise ConnectionError("Connection closed by server.")
-        self.buf += data
-
-    def _line(self) -> bytes:
-        while (end := self.buf.find(b"\r\n", self.pos)) < 0:
-            self._fill()
-        line = bytes(self.buf[self.pos : end])
-        self.pos = end + 2
-        return line
-
-    def _value(self) -> Any:
-        line = self._line()
-        kind, rest = line[:1], line[1:]
-        if kind == b"$":
-            n = int(rest)
-            if n < 0:
-                return None
-            while len(self.buf) < self.pos + n + 2:
-                self._fill()
-            data = bytes(self.buf[self.pos : self.pos + n])
-            self.pos += n + 2
-            return data
-        if kind == b"+":
-            return rest
-        if kind == b":":
-            return int(rest)
-        if kind == b"*":
-            n = int(rest)
-            return None if n < 0 else [self._value() for _ in range(n)]
-        if kind == b"-":
-            return self.parse_error(rest.decode("utf-8", "replace"))
-        raise InvalidResponse(f"Protocol error, got {line[:40]!r}")
 
     def reply(self) -> Any:
-        value = self._value()
-        del self.buf[: self.pos]
-        self.pos = 0
-        if isinstance(value, ResponseError):
-            raise value
-        return value
+        buf = self.buf
+        while (got := _parse(buf, 0, self.parse_error)) is None:
+            try:
+                data = self.sock.recv(_RECV)
+            except builtins.TimeoutError:
+                raise TimeoutError("Timeout reading from socket") from None
+            except OSError as exc:
+                raise ConnectionError(f"Error while reading from socket: {exc}") from exc
+            if not data:
+                raise ConnectionError("Connection closed by server.")
+            buf += data
+        return _take(buf, got)
+
+
+class _AsyncReader:
+    """RESP2 replies from an asyncio stream."""
+
+    __slots__ = ("buf", "parse_error", "stream")
+
+    def __init__(self, stream: Any, parse_error: Any) -> None:
+        self.stream = stream
+        self.parse_error = parse_error
+        self.buf = bytearray()
+
+    async def reply(self) -> Any:
+        buf = self.buf
+        while (got := _parse(buf, 0, self.parse_error)) is None:
+            try:
+                data = await self.stream.read(_RECV)
+            except OSError as exc:
+                raise ConnectionError(f"Error while reading from socket: {exc}") from exc
+            if not data:
+                raise ConnectionError("Connection closed by server.")
+            buf += data
+        return _take(buf, got)
 
 
 def _alive(conn: Any) -> bool:
@@ -241,6 +271,7 @@ class AsyncDirectLink:
     def __init__(self, client: Any) -> None:
         pool: Any = client.connection_pool
         self._make: Any = lambda: pool.connection_class(**pool.connection_kwargs)
+        self._readers: weakref.WeakKeyDictionary[Any, _AsyncReader] = weakref.WeakKeyDictionary()
         self._idle: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[tuple[Any, float]]] = (
             weakref.WeakKeyDictionary()
         )
@@ -272,8 +303,21 @@ class AsyncDirectLink:
                 await conn.disconnect()
             if not conn.is_connected:
                 await conn.connect()  # a failure here sent nothing
-            await conn.send_packed_command((pack(command),), check_health=False)
-            reply = await conn.read_response()
+            reader = self._readers.get(conn)
+            if reader is None or reader.stream is not conn._reader:
+                reader = self._readers[conn] = _AsyncReader(conn._reader, conn._parser.parse_error)
+            try:
+                conn._writer.write(pack(command))
+                await conn._writer.drain()
+            except OSError as exc:
+                raise ConnectionError(f"Error while writing to socket: {exc}") from exc
+            if conn.socket_timeout:
+                try:
+                    reply = await asyncio.wait_for(reader.reply(), conn.socket_timeout)
+                except asyncio.TimeoutError:
+                    raise TimeoutError("Timeout reading from socket") from None
+            else:
+                reply = await reader.reply()
             keep = True
             return reply
         except ResponseError:

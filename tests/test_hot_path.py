@@ -279,3 +279,28 @@ def test_wire_link_maps_socket_timeouts_to_redis_errors(redis_server: RedisServe
         link.call((b"BLPOP", "never", 2))
     assert link.call((b"PING",)) == b"PONG"  # a fresh connection, not the late BLPOP reply
     batcher.close()
+
+
+def test_async_link_maps_socket_timeouts_and_closed_connections(redis_server: RedisServer) -> None:
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from redis_batcher.wire import AsyncDirectLink
+
+    async def main() -> None:
+        client = aioredis.Redis(host="127.0.0.1", port=redis_server.port, socket_timeout=0.2)
+        link = AsyncDirectLink(client)
+        with pytest.raises(redis.TimeoutError):
+            await link.call((b"BLPOP", "never", 2))
+        assert await link.call((b"PING",)) == b"PONG"  # a fresh connection, not BLPOP's reply
+        assert await link.call((b"ECHO", b"x" * 200_000)) == b"x" * 200_000  # many reads
+        assert await link.call((b"LRANGE", "nothing", 0, -1)) == []
+        assert await link.call((b"QUIT",)) == b"OK"
+        with pytest.raises(redis.ConnectionError):
+            await link.call((b"PING",))  # closed by the server a moment ago: this call fails
+        assert await link.call((b"PING",)) == b"PONG"  # and the next one reconnects
+        await link.close()
+        await client.aclose()
+
+    asyncio.run(main())

@@ -40,8 +40,9 @@ local function split_member(member)
 end
 
 local function push_history(hist, entry, cap)
-  redis.call('LPUSH', hist, entry)
-  redis.call('LTRIM', hist, 0, cap - 1)
+  if redis.call('LPUSH', hist, entry) > cap then
+    redis.call('LTRIM', hist, 0, cap - 1)
+  end
 end
 
 -- Seal an accumulating sequence: it becomes 'flushing' with its cutoff recorded and is due now.
@@ -103,13 +104,13 @@ end
 
 -- `n` items left the head of a sealed sequence (delivered or dead-lettered). Either the
 -- sequence is done (completed) or the rest becomes a fresh delivery, due now.
--- cfg: {retention=, ordered=, max=}
-local function advance(pfx, base, seq, n, now, cfg)
+-- cfg: {retention=, ordered=, max=}; known: {cutoff, fid_n} when the caller has read them
+local function advance(pfx, base, seq, n, now, cfg, known)
   local member = member_of(base, seq)
   local meta = pfx .. 's:' .. member
   local head = pfx .. 'b:' .. base
   local due = pfx .. 'due'
-  local f = redis.call('HMGET', meta, 'cutoff', 'fid_n')
+  local f = known or redis.call('HMGET', meta, 'cutoff', 'fid_n')
   local left = tonumber(f[1] or '0') - n
   local pending = redis.call('HINCRBY', head, 'pending', int(-n))
   if pending < 0 then redis.call('HSET', head, 'pending', 0) end

@@ -20,7 +20,7 @@ local pfx, member, owner = ARGV[1], ARGV[2], ARGV[3]
 local cfg = {retention = tonumber(ARGV[6]), max = tonumber(ARGV[7]), ordered = ARGV[8] == '1'}
 local meta = pfx .. 's:' .. member
 local ikey = pfx .. 'i:' .. member
-local f = redis.call('HMGET', meta, 'owner', 'status', 'window', 'cutoff')
+local f = redis.call('HMGET', meta, 'owner', 'status', 'window', 'cutoff', 'fid_n', 'delivered')
 if f[1] ~= owner or f[2] ~= 'flushing' then
   return {'lease_lost', 0}
 end
@@ -32,9 +32,12 @@ else
   redis.call('LTRIM', ikey, window, -1)
 end
 push_history(hist, ARGV[4], tonumber(ARGV[5]))
-local delivered = redis.call('HINCRBY', meta, 'delivered', window)
+local delivered = tonumber(f[6] or '0') + window
+if tonumber(f[4] or '0') > window then
+  redis.call('HSET', meta, 'delivered', delivered)  -- the sequence goes on: keep the count
+end
 local base, seq = split_member(member)
-local left = advance(pfx, base, seq, window, now, cfg)
+local left = advance(pfx, base, seq, window, now, cfg, {f[4], f[5]})
 -- the head remembers the highest completed sequence (concurrent flushes finish in any order)
 if left == 0 and tonumber(seq) >= tonumber(redis.call('HGET', head, 'done_seq') or '-1') then
   redis.call('HSET', head, 'done_seq', seq, 'done_items', delivered, 'done_at', int(now))

@@ -163,6 +163,14 @@ class Batcher:
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
+    def _run_once(self, call: ops.Call) -> Any:
+        """Run a script call once, no retry and no WAIT (the worker's claims and lease
+        renewals: their callers handle errors and carry on), on this thread's DirectLink
+        connection when there is one."""
+        if self._link is not None:
+            return call.script.call_direct(self._link, call.keys, call.args)
+        return call.run(self.client)
+
     def _run_add(self, proc: Processor, base: str, encoded: list[bytes]) -> AddResult:
         reply = self._execute(ops.add_call(proc, base, encoded))
         return ops.parse_add(proc, base, len(encoded), reply)

@@ -217,7 +217,7 @@ class Worker(WorkerCore):
                 return True
             owner, call = self.claim_call(idx, free)
             try:
-                reply = call.run(self.client)
+                reply = self.batcher._run_once(call)
             except RedisError as exc:
                 self.claim_failed(idx, now, exc)
                 continue
@@ -395,7 +395,7 @@ class Worker(WorkerCore):
                 running = [r.claimed for r in self._inflight.values() if not r.abandoned]
             for c in running:
                 try:
-                    if not ops.extend_call(c).run(self.client) and self._still_running(c):
+                    if not self.batcher._run_once(ops.extend_call(c)) and self._still_running(c):
                         log.warning("%s %s: lease lost during the handler", c.processor.name, c.member)
                 except RedisError as exc:
                     log.warning("%s %s: heartbeat failed: %s", c.processor.name, c.member, exc)

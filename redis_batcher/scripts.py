@@ -1,10 +1,12 @@
 """The one thin layer through which Python talks to the Lua scripts.
 
 Each atomic operation is a file in the top-level ``lua/`` directory (shipped inside the wheel as
-``redis_batcher/lua``). ``_common.lua`` is prepended to each. Scripts run with EVALSHA; when the
-server answers NOSCRIPT (after ``SCRIPT FLUSH``, a restart or a failover) the call is repeated
-once with EVAL, which also puts the script back into the server's cache. EVAL is routed like
-EVALSHA, so this works unchanged on Redis Cluster.
+``redis_batcher/lua``). The helpers of ``_common.lua`` (and ``_jobs.lua`` for the iterator-job
+scripts) that a script uses are prepended to it. Scripts run with EVALSHA; when the server
+answers NOSCRIPT (after ``SCRIPT FLUSH``, a restart or a failover) the call is repeated once
+with EVAL, which also puts the script back into the server's cache. EVAL is routed like
+EVALSHA, so this works unchanged on Redis Cluster. A call goes out through a redis-py client,
+or through :mod:`redis_batcher.wire` (the producer's per-thread connections) where it applies.
 """
 
 from __future__ import annotations

@@ -590,7 +590,7 @@ class Worker(WorkerCore):
         processors: Iterable[str] | None = None,
         max_idle_wait: float = 5.0,
         grace_period: float = 30.0,
-        prefetch_multiplier: int = 4,
+        prefetch_multiplier: int = 1,
         iterators: Iterable[str] | None = None,
     ) -> None:
         chosen = select_iterators(batcher.definitions.iterators, iterators)

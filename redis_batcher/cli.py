@@ -138,9 +138,10 @@ def main() -> None:
 @click.option(
     "--prefetch-multiplier",
     type=click.IntRange(min=1),
-    default=4,
+    default=1,
     show_default=True,
-    help="Claim up to concurrency x this many flushes ahead of free handler slots.",
+    help="Claim up to concurrency x this many flushes (above 1: ahead of free handler slots; "
+    "if the worker dies, each claimed flush is charged a death).",
 )
 @click.option(
     "--log-level",

@@ -64,9 +64,11 @@ class Worker(WorkerCore):
     """Delivers due batches of a :class:`Batcher`'s processors to their handlers.
 
     ``concurrency`` handlers run at once, in a pool of threads. ``prefetch_multiplier``: the
-    worker claims up to ``concurrency * prefetch_multiplier`` flushes ahead (as Celery's
-    setting of that name), so a free thread never waits for a claim round trip; their leases
-    are renewed while they wait, and a stopping worker releases the ones not started at once.
+    worker claims up to ``concurrency * prefetch_multiplier`` flushes (as Celery's setting of
+    that name); above 1, flushes wait claimed for a free thread, so bursts of small flushes
+    need fewer claim round trips. Their leases are renewed while they wait, and a stopping
+    worker releases the ones not started at once; but if the worker process dies, each claimed
+    flush is charged a death (``max_deaths``, bisection), started or not. Default 1.
     ``processors`` limits the worker to some processor names. ``max_idle_wait`` bounds how long
     an idle worker sleeps between full checks of its delay queues when no wake-up message
     arrives (a safety net; wake-ups are instant).
@@ -83,7 +85,7 @@ class Worker(WorkerCore):
         processors: Iterable[str] | None = None,
         max_idle_wait: float = 5.0,
         grace_period: float = 30.0,
-        prefetch_multiplier: int = 4,
+        prefetch_multiplier: int = 1,
         iterators: Iterable[str] | None = None,
     ) -> None:
         chosen = select_iterators(batcher.iterators, iterators)

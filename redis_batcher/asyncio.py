@@ -600,14 +600,8 @@ class Worker(WorkerCore):
             max_idle_wait=max_idle_wait,
             grace_period=grace_period,
             jobs=bool(chosen),
+            prefetch_multiplier=prefetch_multiplier,
         )
-        if (
-            isinstance(prefetch_multiplier, bool)
-            or not isinstance(prefetch_multiplier, int)
-            or prefetch_multiplier < 1
-        ):
-            raise ConfigError(f"prefetch_multiplier must be an int >= 1, got {prefetch_multiplier!r}")
-        self.capacity = concurrency * prefetch_multiplier  # claimed flushes, waiting or running
         self._slots: asyncio.Semaphore | None = None
         self.batcher = batcher
         self.client: Any = batcher.client

@@ -459,6 +459,23 @@ def parse_status(raw: dict[Any, Any], samples: Sequence[Any], now_ms: float) -> 
     )
 
 
+def step_saved(stats: JobStats, iterator: str, job_id: str, reply: Any, items: int) -> bool:
+    """Count and log a job_commit.lua reply (None: it could not be written). True when the
+    step was saved and the job goes on; False stops this runner's work on the job (its lease
+    was lost, or the job was paused, cancelled, ... meanwhile)."""
+    code = None if reply is None else _s(reply)
+    if code == "ok":
+        stats.steps += 1
+        stats.items += items
+        return True
+    if code == "lease_lost":
+        stats.lease_lost += 1
+        log.warning("%s %s: lease lost; another worker runs the job now", iterator, job_id)
+    elif code is not None:
+        log.info("%s %s: %s; stopping after the saved step", iterator, job_id, code)
+    return False
+
+
 def check_page(page: Any) -> Page:
     if not isinstance(page, Page):
         raise TypeError(f"next_batch must return a redis_batcher.Page, got {type(page).__name__}")
@@ -900,16 +917,8 @@ class JobRunner:
             reply = self._write(
                 s, commit_call(it.keys, cfg, c.job_id, c.owner, page.cursor, len(items), page.done, step)
             )
-            code = None if reply is None else _s(reply)
-            if code != "ok":
-                if code == "lease_lost":
-                    self.stats.lease_lost += 1
-                    log.warning("%s %s: lease lost; another worker runs the job now", it.name, c.job_id)
-                elif code is not None:
-                    log.info("%s %s: %s; stopping after the saved step", it.name, c.job_id, code)
+            if not step_saved(self.stats, it.name, c.job_id, reply, len(items)):
                 return
-            self.stats.steps += 1
-            self.stats.items += len(items)
             ctx.cursor, ctx.processed, ctx.retry_count = page.cursor, ctx.processed + len(items), 0
             if page.done:
                 exhausted = True

@@ -47,6 +47,7 @@ from .jobs import (
     parse_start,
     parse_status,
     start_call,
+    step_saved,
     takes_job,
     validate_job_id,
     validate_status,
@@ -389,16 +390,8 @@ class AsyncJobRunner:
             reply = await self._write(
                 s, commit_call(it.keys, cfg, c.job_id, c.owner, page.cursor, len(items), page.done, step)
             )
-            code = None if reply is None else _s(reply)
-            if code != "ok":
-                if code == "lease_lost":
-                    self.stats.lease_lost += 1
-                    log.warning("%s %s: lease lost; another worker runs the job now", it.name, c.job_id)
-                elif code is not None:
-                    log.info("%s %s: %s; stopping after the saved step", it.name, c.job_id, code)
+            if not step_saved(self.stats, it.name, c.job_id, reply, len(items)):
                 return
-            self.stats.steps += 1
-            self.stats.items += len(items)
             ctx.cursor, ctx.processed, ctx.retry_count = page.cursor, ctx.processed + len(items), 0
             if page.done:
                 exhausted = True

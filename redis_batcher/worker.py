@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 
 from . import ops
 from .batcher import Batcher
-from .errors import ConfigError, NotReplicated
+from .errors import NotReplicated
 from .jobs import JobRunner, select_iterators
 from .worker_core import (
     Outcome,
@@ -95,14 +95,8 @@ class Worker(WorkerCore):
             max_idle_wait=max_idle_wait,
             grace_period=grace_period,
             jobs=bool(chosen),
+            prefetch_multiplier=prefetch_multiplier,
         )
-        if (
-            isinstance(prefetch_multiplier, bool)
-            or not isinstance(prefetch_multiplier, int)
-            or prefetch_multiplier < 1
-        ):
-            raise ConfigError(f"prefetch_multiplier must be an int >= 1, got {prefetch_multiplier!r}")
-        self.capacity = concurrency * prefetch_multiplier  # claimed flushes, queued or running
         self.batcher = batcher
         self.client: Any = batcher.client
         self._inflight: dict[str, _Running] = {}

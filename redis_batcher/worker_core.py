@@ -127,9 +127,11 @@ class WorkerCore:
         max_idle_wait: float,
         grace_period: float,
         jobs: bool = False,
+        prefetch_multiplier: int = 1,
     ) -> None:
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-            raise ConfigError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        for name, value in (("concurrency", concurrency), ("prefetch_multiplier", prefetch_multiplier)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
         if not max_idle_wait > 0:
             raise ConfigError(f"max_idle_wait must be > 0, got {max_idle_wait!r}")
         if not grace_period >= 0:
@@ -138,6 +140,7 @@ class WorkerCore:
             raise ConfigError("the worker has no processors or iterators to serve")
         self.processors = list(processors)
         self.concurrency = concurrency
+        self.capacity = concurrency * prefetch_multiplier  # claimed flushes, waiting or running
         self.max_idle_wait = float(max_idle_wait)
         self.grace_period = float(grace_period)
         self.parts: list[tuple[Processor, PartitionKeys]] = [

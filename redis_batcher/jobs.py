@@ -23,7 +23,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import math
 import os
 import socket
 import threading
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError
 
 from . import ops
+from .batcher import _seconds as seconds_option
 from .errors import (
     ConfigError,
     DuplicateProcessor,
@@ -206,13 +206,8 @@ def validate_status(status: str | None) -> str | None:
 
 
 def _seconds(name: str, value: float | timedelta, *, positive: bool) -> float:
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a number of seconds or a timedelta, got {value!r}")
-    if value < 0 or (positive and value == 0):
-        raise ConfigError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
-    return float(value)
+    """The processors' check of a duration option (seconds or a timedelta), never None here."""
+    return float(seconds_option(name, value, allow_none=False, positive=positive) or 0.0)
 
 
 def make_config(

@@ -45,15 +45,20 @@ local function push_history(hist, entry, cap)
   end
 end
 
+-- The head's side of sealing: the sequence no longer takes adds and is indexed as flushing.
+local function seal_head(head, seq)
+  if redis.call('HGET', head, 'acc') == tostring(seq) then
+    redis.call('HDEL', head, 'acc')
+  end
+  redis.call('HSET', head, 'a:' .. seq, 'flushing')
+end
+
 -- Seal an accumulating sequence: it becomes 'flushing' with its cutoff recorded and is due now.
 local function seal(pfx, head, due, base, seq, count, reason, now)
   local member = member_of(base, seq)
   redis.call('HSET', pfx .. 's:' .. member, 'status', 'flushing', 'cutoff', count,
     'sealed_at', int(now), 'reason', reason, 'updated_at', int(now))
-  if redis.call('HGET', head, 'acc') == tostring(seq) then
-    redis.call('HDEL', head, 'acc')
-  end
-  redis.call('HSET', head, 'a:' .. seq, 'flushing')
+  seal_head(head, seq)
   redis.call('ZADD', due, int(now), member)
 end
 
@@ -178,4 +183,140 @@ local function history_entry(seq, count, started, duration, ok, err, attempt, fl
   return cjson.encode({seq = tonumber(seq), items = count, started_at = started,
     duration_ms = duration, success = ok, error = err, attempt = attempt,
     flush_id = flush_id or '', reason = reason or ''})
+end
+
+-- Claim options from ARGV[i..i+11] (claim.lua's ARGV[2..13]; ack.lua's optional ARGV[9..20]).
+local function claim_opts(i)
+  return {limit = tonumber(ARGV[i]), lease = tonumber(ARGV[i + 1]), owner = ARGV[i + 2],
+    seed = ARGV[i + 3], max_deaths = tonumber(ARGV[i + 7]), bisect = ARGV[i + 8] == '1',
+    cap = tonumber(ARGV[i + 10]), inline_max = tonumber(ARGV[i + 11] or '0'),
+    cfg = {retention = tonumber(ARGV[i + 4]), max = tonumber(ARGV[i + 5]), ordered = ARGV[i + 9] == '1'}}
+end
+
+-- Take up to o.limit due sequences from a partition's delay queue and lease them to o.owner
+-- (claim.lua; ack.lua when the worker asks for its next flush with the ack). Returns claim.lua's
+-- reply: {next_due_ms, then six fields per claimed sequence}.
+local function claim_due(due, pfx, o, now)
+  local limit, lease, owner, seed = o.limit, o.lease, o.owner, o.seed
+  local cfg, max_deaths, bisect, cap, inline_max = o.cfg, o.max_deaths, o.bisect, o.cap, o.inline_max
+  local out = {0}
+  local members = redis.call('ZRANGEBYSCORE', due, '-inf', int(now), 'LIMIT', 0, limit)
+  for n, member in ipairs(members) do
+    local meta = pfx .. 's:' .. member
+    local base, seq = split_member(member)
+    local f = redis.call('HMGET', meta, 'status', 'cutoff', 'attempt', 'flush_id', 'reason', 'owner',
+      'deaths', 'window', 'last_error', 'created_at', 'claimed_at', 'fid_n', 'tries')
+    if (not base) or (not f[1]) then
+      -- an entry whose sequence no longer exists: nothing to deliver
+      redis.call('ZREM', due, member)
+    else
+      local head = pfx .. 'b:' .. base
+      local ikey = pfx .. 'i:' .. member
+      local cutoff = tonumber(f[2])
+      local reason = f[5]
+      local deliver = true
+      local sealing = false
+      if f[1] == 'accumulating' then
+        -- interval timer fired: seal with the current length as the cutoff (the sequence's
+        -- own fields and its due entry are written once, with the delivery below)
+        cutoff = redis.call('LLEN', ikey)
+        if cutoff > 0 then
+          seal_head(head, seq)
+          sealing = true
+          reason = 'interval'
+        end
+      elseif not cutoff then
+        cutoff = redis.call('LLEN', ikey)
+        redis.call('HSET', meta, 'cutoff', cutoff)
+      end
+      if cutoff == 0 then
+        -- nothing to deliver: drop the sequence instead of leaving a due entry that never clears
+        redis.call('DEL', meta, ikey)
+        redis.call('ZREM', due, member)
+        retire(pfx, head, pfx .. 'ids', base, seq, cfg.retention)
+        deliver = false
+      end
+      if deliver and cfg.ordered then
+        local low = lowest_active(head)
+        if low and low < tonumber(seq) then
+          -- an earlier sequence is still in flight or retrying: wait until it is done
+          redis.call('ZREM', due, member)
+          redis.call('HSET', meta, 'parked', 1)
+          if sealing then
+            redis.call('HSET', meta, 'status', 'flushing', 'cutoff', cutoff, 'sealed_at', int(now),
+              'reason', reason, 'updated_at', int(now))
+          end
+          deliver = false
+        end
+      end
+      local attempt = tonumber(f[3] or '0')
+      local flush_id = f[4]
+      local window = math.min(tonumber(f[8] or cutoff), cutoff, cfg.max)
+      local fid_n = tonumber(f[12] or '0')
+      if flush_id and fid_n > 0 then
+        window = math.min(window, fid_n)  -- never mix items of an earlier delivery with new ones
+      end
+      if deliver and f[6] and f[6] ~= '' then
+        -- the previous delivery was never settled: its worker died or lost its lease
+        local deaths = tonumber(f[7] or '0') + 1
+        local err = 'worker died or lost its lease during the handler'
+        push_history(pfx .. 'h:' .. base, history_entry(seq, window, tonumber(f[11] or now), 0,
+          false, err, attempt, flush_id, reason), cap)
+        if bisect and window > 1 then
+          -- the crash may be caused by one item: deliver the first half on its own (same
+          -- flush_id: the dead worker's handler may have processed these items)
+          window = math.ceil(window / 2)
+          redis.call('HSET', meta, 'deaths', 0, 'last_error', err)
+        elseif deaths >= max_deaths then
+          local why = 'max_deaths'
+          local whole = window == redis.call('LLEN', ikey)
+          local items = nil
+          if not whole then items = pop_head(ikey, window) end
+          bury(pfx, (flush_id or (seed .. '-' .. n)) .. '.' .. cutoff, member, items, window, why, f[9] or err,
+            {tries = tonumber(f[13] or '0'), deaths = deaths, flush_id = flush_id, created_at = f[10]}, now)
+          advance(pfx, base, seq, window, now, cfg)
+          deliver = false
+        else
+          redis.call('HSET', meta, 'deaths', deaths, 'last_error', err)
+        end
+      end
+      if deliver then
+        attempt = attempt + 1
+        if not flush_id then
+          flush_id = seed .. '-' .. n
+          fid_n = window
+        end
+        if sealing then
+          redis.call('HSET', meta, 'attempt', attempt, 'owner', owner, 'flush_id', flush_id, 'fid_n', fid_n,
+            'window', window, 'claimed_at', int(now), 'lease_until', int(now + lease),
+            'updated_at', int(now), 'status', 'flushing', 'cutoff', cutoff, 'sealed_at', int(now),
+            'reason', reason)
+        else
+          redis.call('HSET', meta, 'attempt', attempt, 'owner', owner, 'flush_id', flush_id, 'fid_n', fid_n,
+            'window', window, 'claimed_at', int(now), 'lease_until', int(now + lease),
+            'updated_at', int(now))
+        end
+        redis.call('ZADD', due, int(now + lease), member)
+        table.insert(out, member)
+        table.insert(out, window)
+        table.insert(out, attempt)
+        table.insert(out, flush_id)
+        table.insert(out, reason or '')
+        if window <= inline_max then
+          local items = redis.call('LRANGE', ikey, 0, window - 1)
+          if cmsgpack then items = cmsgpack.pack(items) end
+          table.insert(out, items)
+        else
+          table.insert(out, 0)
+        end
+      end
+    end
+  end
+  local first = redis.call('ZRANGE', due, 0, 0, 'WITHSCORES')
+  if #first == 0 then
+    out[1] = -1
+  else
+    out[1] = math.max(0, tonumber(first[2]) - now)
+  end
+  return out
 end

@@ -12,9 +12,15 @@
 -- ARGV[6] retention      seconds to keep head/history once the base id has no active sequence
 -- ARGV[7] max_batch_size largest delivery window (for what is left)
 -- ARGV[8] ordered        '1' for ordered processors (wake the next parked sequence)
--- Derived keys: pfx.."s:"..member, pfx.."i:"..member.
--- Reply: {code, left}
---   code 'ok' | 'lease_lost' (nothing changed); left = sealed items still to deliver
+-- ARGV[9..]  optional, 12 values: claim.lua's ARGV[2..13] (limit, lease_ms, owner, id_seed, retention,
+--                        max_batch_size, max_attempts, max_deaths, bisect, ordered, history_cap,
+--                        inline_max). The worker asks for its next flush with the ack: after a
+--                        successful ack, up to `limit` due sequences are claimed as claim.lua does
+--                        (one round trip per flush instead of two).
+-- Derived keys: pfx.."s:"..member, pfx.."i:"..member (and claim.lua's, when claiming).
+-- Reply: {code, left} or, when claiming, {code, left, <claim.lua's reply>}
+--   code 'ok' | 'lease_lost' (nothing changed, nothing claimed); left = sealed items still to
+--   deliver
 local due, head, hist = KEYS[1], KEYS[2], KEYS[3]
 local pfx, member, owner = ARGV[1], ARGV[2], ARGV[3]
 local cfg = {retention = tonumber(ARGV[6]), max = tonumber(ARGV[7]), ordered = ARGV[8] == '1'}
@@ -41,5 +47,11 @@ local left = advance(pfx, base, seq, window, now, cfg, {f[4], f[5]})
 -- the head remembers the highest completed sequence (concurrent flushes finish in any order)
 if left == 0 and tonumber(seq) >= tonumber(redis.call('HGET', head, 'done_seq') or '-1') then
   redis.call('HSET', head, 'done_seq', seq, 'done_items', delivered, 'done_at', int(now))
+end
+if ARGV[9] and tonumber(ARGV[9]) > 0 then
+  local reply = claim_due(due, pfx, claim_opts(9), now)
+  table.insert(reply, 1, left)
+  table.insert(reply, 1, 'ok')
+  return reply
 end
 return {'ok', left}

@@ -601,6 +601,7 @@ class Worker(WorkerCore):
             grace_period=grace_period,
             jobs=bool(chosen),
             prefetch_multiplier=prefetch_multiplier,
+            wait_replicas=batcher.wait_replicas,
         )
         self._slots: asyncio.Semaphore | None = None
         self.batcher = batcher
@@ -703,13 +704,13 @@ class Worker(WorkerCore):
             free = self.capacity - len(self._inflight)
             if free <= 0:
                 return True
-            owner, call = self.claim_call(idx, free)
+            owner, call, seen = self.claim_call(idx, free)
             try:
                 reply = await call.script.call_async(self.client, call.keys, call.args)
             except RedisError as exc:
                 self.claim_failed(idx, now, exc)
                 continue
-            claimed, due_now = self.claimed(idx, owner, reply, now)
+            claimed, due_now = self.claimed(idx, owner, reply, now, seen)
             more = more or due_now
             for c in claimed:
                 key = c.part.pfx + c.member
@@ -751,31 +752,48 @@ class Worker(WorkerCore):
         :meth:`_finish_inflight` hands a flush that never started back at once)."""
         assert self._slots is not None
         async with self._slots:
-            if self._stopping:
-                return
-            r.started = True
-            await self._run(key, r)
+            task: tuple[str, _Running] | None = (key, r)
+            # while each ack brings the partition's next due flush along, run it in this slot
+            while task is not None and not self._stopping:
+                task[1].started = True
+                task = await self._run(*task)
 
-    async def _run(self, key: str, r: _Running) -> None:
+    async def _run(self, key: str, r: _Running) -> tuple[str, _Running] | None:
         c = r.claimed
         started = time.time()
         t0 = time.perf_counter()
+        follow = None
+        nxt: list[ops.Claimed] = []
         try:
             try:
                 outcome = await self._deliver(c)
             except asyncio.CancelledError:
-                return  # released at shutdown: the lease was given back
+                return None  # released at shutdown: the lease was given back
             except Exception as exc:  # Redis unreachable while draining, ...: keep the items
                 outcome = Outcome("fail", error_text(exc), [], c.cutoff)
             r.settling = True
             duration_ms = (time.perf_counter() - t0) * 1000.0
-            call = self.settle_call(c, outcome, started, duration_ms)
-            self.settled(c, outcome, await self._settle(c, call), duration_ms)
+            # ask for the partition's next flush with the ack, unless stopping or flushes
+            # claimed ahead (prefetch) are already waiting for a slot
+            if not self._stopping and all(x.started for x in self._inflight.values()):
+                follow = self.next_flush_owner(c, outcome)
+            call = self.settle_call(c, outcome, started, duration_ms, follow[0] if follow else None)
+            now = time.monotonic()
+            reply = await self._settle(c, call)
+            self.settled(c, outcome, reply, duration_ms)
+            if follow is not None:
+                nxt = self.claimed_next(c, follow[0], follow[1], reply, now)
         finally:
             self._inflight.pop(key, None)
-            self.mark_due(c.part.pfx)
-            if self._wake is not None:
+            task = None
+            for n in nxt:  # at most one
+                task = (n.part.pfx + n.member, _Running(n, task=asyncio.current_task()))
+                self._inflight[task[0]] = task[1]
+            if follow is None:
+                self.mark_due(c.part.pfx)
+            if task is None and self._wake is not None:
                 self._wake.set()
+        return task
 
     async def _settle(self, c: ops.Claimed, call: ops.Call) -> Any:
         delay = 0.05
@@ -797,6 +815,7 @@ class Worker(WorkerCore):
                     return None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+                call = ops.without_claim(call)
 
     async def _finish_inflight(self) -> None:
         deadline = time.monotonic() + self.grace_period

@@ -6,7 +6,9 @@ parse the reply here, so the two never drift apart.
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -221,35 +223,51 @@ class Claimed:
 INLINE_MAX = 2000
 
 
-def new_token() -> str:
-    return secrets.token_hex(8)
+class _Tokens:
+    """Lease owner tokens and flush id seeds: a random 64-bit prefix per process plus a counter.
+    Unique across processes and machines like a random token, but without a system call per
+    claim (a worker makes two per claim). A forked child picks a new prefix."""
+
+    def __init__(self) -> None:
+        self.reseed()
+
+    def reseed(self) -> None:
+        self.prefix = secrets.token_hex(8)
+        self.counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter):x}"
+
+
+new_token = _Tokens()
+os.register_at_fork(after_in_child=new_token.reseed)
 
 
 def _flag(value: bool) -> str:
     return "1" if value else "0"
 
 
-def claim_call(proc: Processor, part: PartitionKeys, limit: int, owner: str) -> Call:
+def _claim_args(proc: Processor, limit: int, owner: str) -> tuple[Arg, ...]:
+    """claim.lua's ARGV[2..13] (also ack.lua's optional ARGV[9..20])."""
     cfg = proc.config
-    return Call(
-        scripts().claim,
-        (part.due,),
-        (
-            part.pfx,
-            limit,
-            proc.lease_ms,
-            owner,
-            new_token(),
-            proc.retention_s,
-            cfg.max_batch_size,
-            cfg.max_attempts,
-            cfg.max_deaths,
-            _flag(cfg.bisect_on_error),
-            _flag(cfg.ordered),
-            cfg.history_limit,
-            INLINE_MAX,
-        ),
+    return (
+        limit,
+        proc.lease_ms,
+        owner,
+        new_token(),
+        proc.retention_s,
+        cfg.max_batch_size,
+        cfg.max_attempts,
+        cfg.max_deaths,
+        _flag(cfg.bisect_on_error),
+        _flag(cfg.ordered),
+        cfg.history_limit,
+        INLINE_MAX,
     )
+
+
+def claim_call(proc: Processor, part: PartitionKeys, limit: int, owner: str) -> Call:
+    return Call(scripts().claim, (part.due,), (part.pfx, *_claim_args(proc, limit, owner)))
 
 
 def parse_claim(
@@ -301,23 +319,42 @@ def history_entry(c: Claimed, started_ms: int, duration_ms: float, success: bool
     )
 
 
-def ack_call(c: Claimed, entry: str) -> Call:
+ACK_ARGS = 8  # ack.lua's own ARGV (the optional claim's follow)
+
+
+def ack_call(c: Claimed, entry: str, claim_owner: str | None = None) -> Call:
+    """Acknowledge ``c``. With ``claim_owner``, the same script then claims the partition's next
+    due flush for that owner (the reply goes on with claim.lua's reply: :func:`parse_ack`)."""
     proc = c.processor
     cfg = proc.config
-    return Call(
-        scripts().ack,
-        (c.part.due, c.part.head(c.base), c.part.history(c.base), c.part.ids),
-        (
-            c.part.pfx,
-            c.member,
-            c.owner,
-            entry,
-            cfg.history_limit,
-            proc.retention_s,
-            cfg.max_batch_size,
-            _flag(cfg.ordered),
-        ),
+    args: tuple[Arg, ...] = (
+        c.part.pfx,
+        c.member,
+        c.owner,
+        entry,
+        cfg.history_limit,
+        proc.retention_s,
+        cfg.max_batch_size,
+        _flag(cfg.ordered),
     )
+    if claim_owner is not None:
+        args += _claim_args(proc, 1, claim_owner)
+    return Call(scripts().ack, (c.part.due, c.part.head(c.base), c.part.history(c.base), c.part.ids), args)
+
+
+def without_claim(call: Call) -> Call:
+    """``call`` without the claim an ack asked for: what to send when that ack is retried after
+    an error. (If the first one did run, the flush it claimed stays leased to a token nobody
+    holds until the lease runs out; then it is delivered again, counted as a death.)"""
+    if call.script is scripts().ack and len(call.args) > ACK_ARGS:
+        return Call(call.script, call.keys, call.args[:ACK_ARGS])
+    return call
+
+
+def claim_part(reply: Sequence[Any]) -> Sequence[Any] | None:
+    """The claim.lua reply inside an ack.lua reply that asked for the next flush (None when the
+    ack claimed nothing because it was refused or was sent without ``claim_owner``)."""
+    return reply[2:] if len(reply) > 2 else None
 
 
 def nack_call(

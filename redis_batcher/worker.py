@@ -96,6 +96,7 @@ class Worker(WorkerCore):
             grace_period=grace_period,
             jobs=bool(chosen),
             prefetch_multiplier=prefetch_multiplier,
+            wait_replicas=batcher.wait_replicas,
         )
         self.batcher = batcher
         self.client: Any = batcher.client
@@ -211,13 +212,13 @@ class Worker(WorkerCore):
             free = self.capacity - len(self._inflight)
             if free <= 0:
                 return True
-            owner, call = self.claim_call(idx, free)
+            owner, call, seen = self.claim_call(idx, free)
             try:
                 reply = self.batcher._run_once(call)
             except RedisError as exc:
                 self.claim_failed(idx, now, exc)
                 continue
-            claimed, due_now = self.claimed(idx, owner, reply, now)
+            claimed, due_now = self.claimed(idx, owner, reply, now, seen)
             more = more or due_now
             for c in claimed:
                 self._submit(c)
@@ -318,10 +319,17 @@ class Worker(WorkerCore):
         return classify(len(items), result)
 
     def _execute(self, key: str, r: _Running) -> None:
+        """Run a flush; then, while each ack brings the partition's next due flush along, run
+        that one too (in this thread, in the slot it already holds)."""
+        task: tuple[str, _Running] | None = (key, r)
+        while task is not None:
+            task = self._execute_one(*task)
+
+    def _execute_one(self, key: str, r: _Running) -> tuple[str, _Running] | None:
         c = r.claimed
         with self._lock:
             if self._stopping.is_set() or r.abandoned:
-                return  # shutting down: never started, so _release_all hands it back
+                return None  # shutting down: never started, so _release_all hands it back
             r.started = time.monotonic()
         started = time.time()
         t0 = time.perf_counter()
@@ -337,23 +345,49 @@ class Worker(WorkerCore):
                     c.processor.name,
                     c.member,
                 )
-                return
+                return None
             r.settling = True
+        # ask for the partition's next flush with the ack, unless stopping or flushes claimed
+        # ahead (prefetch) are already waiting for a thread
+        follow = None
+        if not self._stopping.is_set() and self._tasks.empty():
+            follow = self.next_flush_owner(c, outcome)
+        nxt: list[ops.Claimed] = []
         try:
-            self._record(c, outcome, started, duration_ms)
+            now = time.monotonic()
+            reply = self._record(c, outcome, started, duration_ms, follow[0] if follow else None)
+            if follow is not None:
+                nxt = self.claimed_next(c, follow[0], follow[1], reply, now)
         finally:
+            task = None
             with self._lock:
                 self._inflight.pop(key, None)
-            self.mark_due(c.part.pfx)
-            self._wake.set()
+                for n in nxt:  # at most one
+                    task = (n.part.pfx + n.member, _Running(n))
+                    self._inflight[task[0]] = task[1]
+            if follow is None:
+                self.mark_due(c.part.pfx)
+            if task is None:
+                self._wake.set()  # a slot is free
+        return task
 
-    def _record(self, c: ops.Claimed, outcome: Outcome, started: float, duration_ms: float) -> None:
-        call = self.settle_call(c, outcome, started, duration_ms)
-        self.settled(c, outcome, self._settle(c, call), duration_ms)
+    def _record(
+        self,
+        c: ops.Claimed,
+        outcome: Outcome,
+        started: float,
+        duration_ms: float,
+        claim_owner: str | None = None,
+    ) -> Any:
+        call = self.settle_call(c, outcome, started, duration_ms, claim_owner)
+        reply = self._settle(c, call)
+        self.settled(c, outcome, reply, duration_ms)
+        return reply
 
     def _settle(self, c: ops.Claimed, call: ops.Call) -> Any:
         """Run an ack/nack, retrying through errors while the lease lasts. Returns the reply, or
-        None when the result could not be recorded (the flush will be delivered again)."""
+        None when the result could not be recorded (the flush will be delivered again). An ack
+        that asked for the next flush is retried as a plain ack (ops.without_claim)."""
         delay = 0.05
         deadline = time.monotonic() + c.processor.config.lease_timeout
         while True:
@@ -374,6 +408,7 @@ class Worker(WorkerCore):
                     return None
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+                call = ops.without_claim(call)
 
     # -- background threads ----------------------------------------------------------------------
 

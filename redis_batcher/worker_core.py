@@ -128,6 +128,7 @@ class WorkerCore:
         grace_period: float,
         jobs: bool = False,
         prefetch_multiplier: int = 1,
+        wait_replicas: int = 0,
     ) -> None:
         for name, value in (("concurrency", concurrency), ("prefetch_multiplier", prefetch_multiplier)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -141,6 +142,7 @@ class WorkerCore:
         self.processors = list(processors)
         self.concurrency = concurrency
         self.capacity = concurrency * prefetch_multiplier  # claimed flushes, waiting or running
+        self.wait_replicas = wait_replicas  # the batcher's: acks are confirmed by replicas
         self.max_idle_wait = float(max_idle_wait)
         self.grace_period = float(grace_period)
         self.parts: list[tuple[Processor, PartitionKeys]] = [
@@ -150,6 +152,9 @@ class WorkerCore:
         self.stats = WorkerStats()
         # monotonic time at which each partition may next have something due (0 = check now)
         self.due_at: list[float] = [0.0] * len(self.parts)
+        # bumped whenever a partition is announced due: a claim reply read after such news must
+        # not push that partition's due time back (see claimed())
+        self.wakes: list[int] = [0] * len(self.parts)
         self.part_index = {part.pfx: i for i, (_, part) in enumerate(self.parts)}
         self.full_check_at = 0.0
         self._rr = 0
@@ -173,22 +178,46 @@ class WorkerCore:
         order = [(start + i) % n for i in range(n)]
         return [idx for idx in order if self.due_at[idx] <= now]
 
-    def claim_call(self, idx: int, free: int) -> tuple[str, ops.Call]:
+    def claim_call(self, idx: int, free: int) -> tuple[str, ops.Call, int]:
+        """(owner token, the claim call, the partition's wake count to pass to claimed())."""
         proc, part = self.parts[idx]
         owner = ops.new_token()
-        return owner, ops.claim_call(proc, part, free, owner)
+        return owner, ops.claim_call(proc, part, free, owner), self.wakes[idx]
 
     def claimed(
-        self, idx: int, owner: str, reply: Sequence[Any], now: float
+        self, idx: int, owner: str, reply: Sequence[Any], now: float, seen: int
     ) -> tuple[list[ops.Claimed], bool]:
-        """Record a claim reply: (flushes to run, more due now than was claimed)."""
+        """Record a claim reply: (flushes to run, more due now than was claimed). ``seen``: the
+        partition's wake count read before the claim was sent; if a wake-up came meanwhile, the
+        partition stays marked due (the reply may predate what the wake-up announced)."""
         proc, part = self.parts[idx]
         next_due, claimed = ops.parse_claim(proc, part, owner, reply)
-        if next_due == 0:
+        if next_due == 0 or self.wakes[idx] != seen:
             self.due_at[idx] = 0.0
-            return claimed, True
+            return claimed, next_due == 0
         self.due_at[idx] = now + next_due / 1000.0 if next_due > 0 else math.inf
         return claimed, False
+
+    def next_flush_owner(self, c: ops.Claimed, outcome: Outcome) -> tuple[str, int] | None:
+        """Whether to ask for the partition's next due flush with this flush's ack (one round trip
+        per flush instead of an ack and a claim): (owner token, wake count) or None. Only
+        successful acks, and not while results must be confirmed by replicas (a NotReplicated
+        reply would drop the claim)."""
+        if outcome.mode != "ack" or self.wait_replicas:
+            return None
+        idx = self.part_index[c.part.pfx]
+        return ops.new_token(), self.wakes[idx]
+
+    def claimed_next(
+        self, c: ops.Claimed, owner: str, seen: int, reply: Any, now: float
+    ) -> list[ops.Claimed]:
+        """Record the claim part of an ack that asked for the next flush (see next_flush_owner)."""
+        part = ops.claim_part(reply) if reply is not None else None
+        idx = self.part_index[c.part.pfx]
+        if part is None:  # refused (lease lost) or not recorded: let the main loop look
+            self.mark_due(c.part.pfx)
+            return []
+        return self.claimed(idx, owner, part, now, seen)[0]
 
     def claim_failed(self, idx: int, now: float, exc: BaseException) -> None:
         log.warning("claim on %s failed: %s", self.parts[idx][1].pfx, exc)
@@ -202,20 +231,23 @@ class WorkerCore:
 
     def mark_due(self, pfx: str) -> None:
         """A retry or a remainder of this partition may be due now."""
-        self.due_at[self.part_index[pfx]] = 0.0
+        idx = self.part_index[pfx]
+        self.wakes[idx] += 1
+        self.due_at[idx] = 0.0
 
     def on_wake(self, data: Any) -> None:
         """A wake-up message (its payload is a partition prefix)."""
         pfx = data.decode() if isinstance(data, bytes) else str(data)
         idx = self.part_index.get(pfx)
         if idx is None:  # not ours (or an old publisher): check everything
-            self.due_at = [0.0] * len(self.parts)
+            self.on_subscribed()
         else:
-            self.due_at[idx] = 0.0
+            self.mark_due(pfx)
 
     def on_subscribed(self) -> None:
         """(Re)subscribed: wake-ups sent while nobody listened are lost; check everything."""
-        self.due_at = [0.0] * len(self.parts)
+        for pfx in self.part_index:
+            self.mark_due(pfx)
 
     def heartbeat_tick(self) -> tuple[float, float, bool]:
         """(seconds between lease renewals, seconds between timeout checks, any timeouts)."""
@@ -226,10 +258,18 @@ class WorkerCore:
 
     # -- settling --------------------------------------------------------------------------------
 
-    def settle_call(self, c: ops.Claimed, outcome: Outcome, started: float, duration_ms: float) -> ops.Call:
+    def settle_call(
+        self,
+        c: ops.Claimed,
+        outcome: Outcome,
+        started: float,
+        duration_ms: float,
+        claim_owner: str | None = None,
+    ) -> ops.Call:
+        """The ack or nack of a delivery; an ack with ``claim_owner`` also claims the next flush."""
         entry = ops.history_entry(c, int(started * 1000), duration_ms, outcome.mode == "ack", outcome.error)
         if outcome.mode == "ack":
-            return ops.ack_call(c, entry)
+            return ops.ack_call(c, entry, claim_owner)
         assert outcome.error is not None
         delay_ms = int(backoff_seconds(c.processor, c.attempt) * 1000)
         return ops.nack_call(c, entry, delay_ms, outcome.error, outcome.mode, outcome.indices)

@@ -838,3 +838,23 @@ def test_prefetched_flushes_wait_for_a_slot_and_are_handed_back_at_stop(port: in
         assert again.delivered == 3 and sorted(started) == [0, 1, 2, 3]
 
     run_async(port, body)
+
+
+def test_the_async_worker_asks_for_the_next_flush_with_each_ack(port: int, real_client: redis.Redis) -> None:
+    from .test_worker import script_calls
+
+    async def body(ab: aio.Batcher) -> None:
+        got: list[int] = []
+
+        @ab.processor(name="chain", max_batch_size=1, flush_interval=None)
+        async def handler(flush: rb.Flush) -> None:
+            got.extend(flush.items)
+
+        await handler.add_many("b", list(range(30)))
+        real_client.config_resetstat()
+        stats = await aio.Worker(ab, concurrency=1).run(burst=True)
+        assert stats.delivered == 30 and sorted(got) == list(range(30))
+        assert script_calls(real_client) <= 30 + 3  # one per flush (+ a few claims), not two
+        assert await handler.status("b") is None
+
+    run_async(port, body)

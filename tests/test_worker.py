@@ -347,3 +347,147 @@ def test_prefetch_multiplier_is_checked() -> None:
         except rb.ConfigError:
             continue
         raise AssertionError(f"prefetch_multiplier={bad!r} accepted")
+
+
+def script_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("eval", "evalsha"))
+
+
+def test_an_ack_claims_the_partitions_next_flush_in_the_same_call(real_batcher: Batcher) -> None:
+    proc = real_batcher.processor(name="fuse", max_batch_size=1, flush_interval=None)(lambda f: None)
+    proc.add_many("b", [10, 11, 12])  # three sealed sequences, all due
+    part = proc.keys.for_base("b")
+    owner = ops.new_token()
+    _, (first,) = ops.parse_claim(
+        proc, part, owner, ops.claim_call(proc, part, 1, owner).run(real_batcher.client)
+    )
+    entry = ops.history_entry(first, 0, 1.0, True, None)
+    follow = ops.new_token()
+    call = ops.ack_call(first, entry, claim_owner=follow)
+    reply = call.run(real_batcher.client)
+    assert reply[:2] == [b"ok", 0]
+    claim = ops.claim_part(reply)
+    assert claim is not None
+    next_due, (second,) = ops.parse_claim(proc, part, follow, claim)
+    assert next_due == 0  # one more sequence is due now
+    assert (second.sequence, second.owner, second.raw, second.attempt) == (
+        1,
+        follow,
+        [rb.codec.MsgpackCodec().encode(11)],
+        1,
+    )
+    # the claimed flush is leased to the new owner like any claim: a plain ack settles it
+    plain = ops.ack_call(second, ops.history_entry(second, 0, 1.0, True, None))
+    assert ops.without_claim(call).args == ops.ack_call(first, entry).args
+    assert ops.without_claim(plain) is plain
+    assert ops.claim_part(plain.run(real_batcher.client)) is None
+    # a refused ack (lease lost) claims nothing: sequence 2 stays due for anyone
+    refused = ops.ack_call(first, entry, claim_owner=ops.new_token()).run(real_batcher.client)
+    assert refused == [b"lease_lost", 0]
+    assert [(s.sequence, s.status, s.attempt) for s in proc.status("b").batches] == [(2, "flushing", 0)]  # type: ignore[union-attr]
+    assert [(h.sequence, h.success) for h in proc.history("b")] == [(1, True), (0, True)]
+
+
+def test_the_worker_asks_for_the_next_flush_with_each_ack(
+    real_batcher: Batcher, real_client: redis.Redis
+) -> None:
+    got: list[int] = []
+    proc = real_batcher.processor(name="chain", max_batch_size=1, flush_interval=None)(
+        lambda f: got.extend(f.items)
+    )
+    proc.add_many("b", list(range(50)))  # 50 sealed one-item sequences
+    real_client.config_resetstat()
+    stats = Worker(real_batcher, concurrency=1).run(burst=True)
+    assert stats.delivered == 50 and sorted(got) == list(range(50))  # once each
+    # one script call per flush (the ack brings the next one) plus a few claims, not two
+    assert script_calls(real_client) <= 50 + 3
+    assert proc.status("b") is None
+
+
+def test_a_claim_reply_never_hides_a_wake_up_that_came_while_it_was_on_the_way(
+    real_batcher: Batcher,
+) -> None:
+    proc = real_batcher.processor(name="race", flush_interval=None)(lambda f: None)
+    w = Worker(real_batcher, processors=["race"])
+    (idx,) = range(len(w.parts))
+    owner, call, seen = w.claim_call(idx, 1)
+    reply = call.run(real_batcher.client)  # the queue is empty: "nothing due, ever"
+    w.on_wake(proc.keys.parts[0].pfx.encode())  # ... but a seal was announced meanwhile
+    assert w.claimed(idx, owner, reply, time.monotonic(), seen) == ([], False)
+    assert w.due_at[idx] == 0.0  # still checked on the next round
+    owner, call, seen = w.claim_call(idx, 1)
+    w.claimed(idx, owner, call.run(real_batcher.client), time.monotonic(), seen)
+    assert w.due_at[idx] == float("inf")  # no news since: sleep until a wake-up
+
+
+def test_tokens_are_unique_and_a_forked_child_draws_its_own() -> None:
+    import multiprocessing
+
+    tokens = {ops.new_token() for _ in range(10_000)}
+    assert len(tokens) == 10_000
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(2) as pool:
+        children = pool.map(_child_tokens, range(2))
+    assert len({*children[0], *children[1], *tokens}) == 10_000 + 2 * 100
+
+
+def _child_tokens(_: int) -> list[str]:
+    return [ops.new_token() for _ in range(100)]
+
+
+def test_an_interval_seal_by_the_claim_records_the_sealed_state(
+    real_batcher: Batcher, real_client: redis.Redis
+) -> None:
+    proc = real_batcher.processor(name="ivs", max_batch_size=10, flush_interval=0.1)(lambda f: None)
+    proc.add_many("b", [1, 2])
+    time.sleep(0.15)
+    c = claim_directly(proc, "b")
+    assert (c.reason, c.cutoff, c.sequence) == ("interval", 2, 0)
+    part = proc.keys.for_base("b")
+    meta = {k.decode(): v.decode() for k, v in real_client.hgetall(f"{part.pfx}s:b::0").items()}
+    assert (meta["status"], meta["cutoff"], meta["reason"], meta["owner"]) == (
+        "flushing",
+        "2",
+        "interval",
+        c.owner,
+    )
+    assert int(meta["sealed_at"]) == int(meta["claimed_at"])
+    head = real_client.hgetall(part.head("b"))
+    assert head[b"a:0"] == b"flushing" and b"acc" not in head
+    assert real_client.zscore(part.due, "b::0") == int(meta["lease_until"])
+    proc.add("b", 3)  # a new sequence takes the next add
+    assert [(s.sequence, s.status) for s in proc.status("b").batches] == [
+        (0, "flushing"),
+        (1, "accumulating"),
+    ]  # type: ignore[union-attr]
+
+
+def test_an_interval_sealed_sequence_parked_behind_an_earlier_one_keeps_its_cutoff(
+    real_batcher: Batcher, real_client: redis.Redis
+) -> None:
+    got: list[list[int]] = []
+    proc = real_batcher.processor(name="ordiv", max_batch_size=2, flush_interval=0.1, ordered=True)(
+        lambda f: got.append(f.items)
+    )
+    proc.add_many("b", [1, 2])  # sequence 0 sealed by size
+    first = claim_directly(proc, "b")  # in flight
+    proc.add("b", 3)  # sequence 1 accumulates; its timer falls due while 0 is in flight
+    time.sleep(0.15)
+    part = proc.keys.for_base("b")
+    owner = ops.new_token()
+    _, claimed = ops.parse_claim(
+        proc, part, owner, ops.claim_call(proc, part, 10, owner).run(real_batcher.client)
+    )
+    assert claimed == []  # parked: ordered processors deliver sequence 1 after 0
+    meta = {k.decode(): v.decode() for k, v in real_client.hgetall(f"{part.pfx}s:b::1").items()}
+    assert (meta["status"], meta["cutoff"], meta["reason"], meta["parked"]) == (
+        "flushing",
+        "1",
+        "interval",
+        "1",
+    )
+    proc.add("b", 4)  # not into the sealed sequence 1
+    ops.ack_call(first, ops.history_entry(first, 0, 1.0, True, None)).run(real_batcher.client)
+    Worker(real_batcher, processors=["ordiv"]).run(burst=True)
+    assert got == [[3]]  # sequence 1 (sequence 2 with item 4 waits for its own timer)

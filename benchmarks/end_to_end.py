@@ -2,9 +2,9 @@
 vs celery-batches, from the first add until every item was handled.
 
 Workload (the same for every system): 4 producer processes add unique items (~100-byte
-msgpack events) round robin over 20 batch ids; a no-op handler records each batch in one round
-trip (item and batch counts, the item ids packed into one string for exact lost/duplicate
-counts, the latest handling time: ``benchmarks/e2e_common.py``). Figure: items/s = items /
+msgpack events) round robin over 20 batch ids; a no-op handler records each batch by appending
+its item ids and the time to files of its process (exact lost/duplicate counts, the latest
+handling time: ``benchmarks/e2e_common.py``). Figure: items/s = items /
 (last item handled - first add).
 
 - redis-batcher: 2 real worker processes (``python -m redis_batcher worker
@@ -36,6 +36,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -52,13 +53,10 @@ import redis_batcher
 from benchmarks import report
 from benchmarks.e2e_common import (
     BATCH_IDS,
-    CALLS,
-    HANDLED,
-    LAST,
-    STATS_KEYS,
+    STATS_DIR_ENV,
     URL_ENV,
+    Ledger,
     batch_id_for,
-    handled_ids,
     make_item,
 )
 from redis_batcher.embedded import RedisServer
@@ -363,20 +361,20 @@ def split(system: str, mode: str, url: str, items: int, **kw: Any) -> list[Job]:
     return [Job(system, mode, url, p, p * per, min(items, (p + 1) * per), **kw) for p in range(PRODUCERS)]
 
 
-def wait_handled(client: redis.Redis, items: int) -> tuple[int, int, int]:
+def wait_handled(ledger: Ledger, items: int) -> tuple[int, int, int]:
     """Poll until every item id was handled, or nothing moved for STALL_SECONDS:
     (handled, unique, duplicates)."""
     last_change, seen = time.monotonic(), -1
     while True:
-        handled = int(client.get(HANDLED) or 0)
+        handled = ledger.handled()
         if handled != seen:
             if handled >= items:  # the ids are read (and counted) only when they may be complete
-                counted = handled_ids(client, items)
+                counted = ledger.handled_ids(items)
                 if counted[1] >= items:
                     return counted
             seen, last_change = handled, time.monotonic()
         elif time.monotonic() - last_change > STALL_SECONDS:
-            return handled_ids(client, items)
+            return ledger.handled_ids(items)
         time.sleep(0.005)
 
 
@@ -388,7 +386,8 @@ def measure(
 ) -> Sample:
     """Run the producers, flush the tail, wait until every item was handled."""
     items = jobs[-1].stop
-    client.delete(*STATS_KEYS)
+    ledger = Ledger(os.environ[STATS_DIR_ENV])
+    ledger.clear()
     done = pool.run(jobs)
     first = min(d[0] for d in done)
     last_add = max(d[1] for d in done)
@@ -400,10 +399,10 @@ def measure(
         return Sample(items / (last_add - first), items - stored, 0, 0, stored, 0, last_add - first)
     if tail is not None:
         tail()
-    handled, unique, duplicates = wait_handled(client, items)
-    raw_last = client.zscore(LAST, "t")
+    handled, unique, duplicates = wait_handled(ledger, items)
+    raw_last = ledger.last()
     last = raw_last if raw_last is not None else time.time()
-    calls = int(client.get(CALLS) or 0)
+    calls = ledger.calls()
     return Sample(
         unique / (last - first), items - unique, duplicates, calls, handled, retries,
         last_add - first, max(0.0, last - last_add),
@@ -634,9 +633,10 @@ def main() -> None:
     # so workers, consumers, producers and redis-server are all stopped
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     t_start = time.monotonic()
-    with RedisServer() as server:
+    with RedisServer() as server, tempfile.TemporaryDirectory(prefix="rb-e2e-") as stats_dir:
         url = server.url
         os.environ[URL_ENV] = url  # read at import by benchmarks.celery_peer in the producers
+        os.environ[STATS_DIR_ENV] = stats_dir  # where handlers record (passed on to services)
         client = redis.Redis.from_url(url)
         pool = ProducerPool(PRODUCERS)
         try:

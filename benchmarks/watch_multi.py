@@ -103,9 +103,9 @@ class WatchMultiBatcher:
         pipe.rpush(READY, ready)
 
 
-def handle(client: redis.Redis, items: list[Any]) -> None:
+def handle(items: list[Any]) -> None:
     """The consumer's handler: the same no-op-plus-bookkeeping as redis-batcher's."""
-    record(client, [item["id"] for item in items])
+    record([item["id"] for item in items])
 
 
 def consume(url: str) -> None:
@@ -127,7 +127,7 @@ def consume(url: str) -> None:
                 continue
             name = popped[1]
             raw = client.lrange(name, 0, -1)
-            handle(client, [msgpack.unpackb(r) for r in raw])
+            handle([msgpack.unpackb(r) for r in raw])
             client.delete(name)
     finally:
         client.close()

@@ -14,9 +14,14 @@
 -- Few arguments and a one-string reply keep the client's cost down on the hot path; on the
 -- server an add into an open sequence is 4 commands: TIME, HMGET head, RPUSH, HSET head
 -- (pending count and added_at, the accumulating sequence's last-add time).
--- Derived keys (same hash tag): pfx.."ids", pfx.."due", pfx.."h:"..base, and the state and
--- items of the sequences touched. Publishes on the wake-up channel when a sequence is sealed
--- or a new timer became the earliest entry of the delay queue.
+-- Derived keys (same hash tag): pfx.."ids", pfx.."due", pfx.."h:"..base, pfx.."woke", and the
+-- state and items of the sequences touched. Wakes the workers (PUBLISH on the wake-up channel)
+-- when a sequence is sealed or a new timer became the earliest entry of the delay queue --
+-- unless the previous wake-up of this partition is still unanswered: pfx.."woke" is set with
+-- each wake-up (for at most WAKE_HOLD_MS) and cleared by the next claim (claim.lua). Workers
+-- woken by that wake-up have not claimed yet, so they will find this sequence too (a worker
+-- goes on claiming while more is due and it has free slots); under load this saves a message
+-- to every worker per sealed batch.
 -- Reply: one string, a ';'-separated entry per add (segment), in order:
 --   "seq,pending,A|F,sealed,added"  -- the sequence that got the add's last item, its length,
 --                                      A(ccumulating) or F(lushing: that item sealed it), how
@@ -31,9 +36,13 @@ local first, last = 3, #ARGV
 local now = now_ms()
 local state = redis.call('HMGET', head, 'acc', 'pending')
 
+local WAKE_HOLD_MS = 100
+
 local function wake_workers()
-  local prefix, processor = string.match(pfx, '^(.*):{(.*):%d+}:$')
-  redis.call('PUBLISH', prefix .. ':wake:' .. processor, pfx)
+  if redis.call('SET', pfx .. 'woke', '1', 'NX', 'PX', WAKE_HOLD_MS) then
+    local prefix, processor = string.match(pfx, '^(.*):{(.*):%d+}:$')
+    redis.call('PUBLISH', prefix .. ':wake:' .. processor, pfx)
+  end
 end
 
 -- The hot path, kept short (every Lua operation costs here): one item from one caller into

@@ -16,11 +16,14 @@
 -- ARGV[12] history_cap   history length limit (deaths are recorded in the history)
 -- ARGV[13] inline_max    windows of at most this many items are returned with the claim
 --                        (saves the worker a round trip and a slow multi-bulk parse); 0 = never
--- Derived keys: head, history, state and items of each member; dead-letter keys.
+-- Derived keys: head, history, state and items of each member; dead-letter keys; pfx.."woke"
+--   (deleted: add.lua holds back wake-ups until a claim answered the last one).
 -- Reply: {next_due_ms, member, window, attempt, flush_id, reason, items, ...}
 --   next_due_ms  ms until the earliest remaining entry is due (0 = due now, -1 = queue empty)
 --   then six fields per claimed sequence: deliver its first `window` items; `items` is 0 (read
 --   them with LRANGE) or the window itself: one msgpack array of the raw entries (cmsgpack;
 --   a plain array where cmsgpack is missing, as in test doubles).
 local now = now_ms()
+-- a worker is looking: the next sealed sequence gets a wake-up again (see add.lua)
+redis.call('DEL', ARGV[1] .. 'woke')
 return claim_due(KEYS[1], ARGV[1], claim_opts(2), now)

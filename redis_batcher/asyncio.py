@@ -764,6 +764,7 @@ class Worker(WorkerCore):
         t0 = time.perf_counter()
         follow = None
         nxt: list[ops.Claimed] = []
+        more = False
         try:
             try:
                 outcome = await self._deliver(c)
@@ -782,7 +783,7 @@ class Worker(WorkerCore):
             reply = await self._settle(c, call)
             self.settled(c, outcome, reply, duration_ms)
             if follow is not None:
-                nxt = self.claimed_next(c, follow[0], follow[1], reply, now)
+                nxt, more = self.claimed_next(c, follow[0], follow[1], reply, now)
         finally:
             self._inflight.pop(key, None)
             task = None
@@ -791,8 +792,8 @@ class Worker(WorkerCore):
                 self._inflight[task[0]] = task[1]
             if follow is None:
                 self.mark_due(c.part.pfx)
-            if task is None and self._wake is not None:
-                self._wake.set()
+            if (task is None or (more and len(self._inflight) < self.capacity)) and self._wake is not None:
+                self._wake.set()  # a slot is free, or more is due than this task can take
         return task
 
     async def _settle(self, c: ops.Claimed, call: ops.Call) -> Any:

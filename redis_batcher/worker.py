@@ -353,11 +353,12 @@ class Worker(WorkerCore):
         if not self._stopping.is_set() and self._tasks.empty():
             follow = self.next_flush_owner(c, outcome)
         nxt: list[ops.Claimed] = []
+        more = False
         try:
             now = time.monotonic()
             reply = self._record(c, outcome, started, duration_ms, follow[0] if follow else None)
             if follow is not None:
-                nxt = self.claimed_next(c, follow[0], follow[1], reply, now)
+                nxt, more = self.claimed_next(c, follow[0], follow[1], reply, now)
         finally:
             task = None
             with self._lock:
@@ -367,8 +368,8 @@ class Worker(WorkerCore):
                     self._inflight[task[0]] = task[1]
             if follow is None:
                 self.mark_due(c.part.pfx)
-            if task is None:
-                self._wake.set()  # a slot is free
+            if task is None or (more and len(self._inflight) < self.capacity):
+                self._wake.set()  # a slot is free, or more is due than this thread can take
         return task
 
     def _record(

@@ -210,14 +210,17 @@ class WorkerCore:
 
     def claimed_next(
         self, c: ops.Claimed, owner: str, seen: int, reply: Any, now: float
-    ) -> list[ops.Claimed]:
-        """Record the claim part of an ack that asked for the next flush (see next_flush_owner)."""
+    ) -> tuple[list[ops.Claimed], bool]:
+        """Record the claim part of an ack that asked for the next flush (see next_flush_owner):
+        (the flush to run next, if any; more is due now). When more is due, the caller wakes
+        its main loop if it has free slots: producers hold back wake-ups while one is
+        unanswered (add.lua), and an ack's claim does not answer one."""
         part = ops.claim_part(reply) if reply is not None else None
         idx = self.part_index[c.part.pfx]
         if part is None:  # refused (lease lost) or not recorded: let the main loop look
             self.mark_due(c.part.pfx)
-            return []
-        return self.claimed(idx, owner, part, now, seen)[0]
+            return [], True
+        return self.claimed(idx, owner, part, now, seen)
 
     def claim_failed(self, idx: int, now: float, exc: BaseException) -> None:
         log.warning("claim on %s failed: %s", self.parts[idx][1].pfx, exc)

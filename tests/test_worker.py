@@ -491,3 +491,67 @@ def test_an_interval_sealed_sequence_parked_behind_an_earlier_one_keeps_its_cuto
     ops.ack_call(first, ops.history_entry(first, 0, 1.0, True, None)).run(real_batcher.client)
     Worker(real_batcher, processors=["ordiv"]).run(burst=True)
     assert got == [[3]]  # sequence 1 (sequence 2 with item 4 waits for its own timer)
+
+
+def test_wake_ups_are_held_back_until_a_claim_answers_the_last_one(
+    real_batcher: Batcher, real_client: redis.Redis
+) -> None:
+    proc = real_batcher.processor(name="hold", max_batch_size=1, flush_interval=None)(lambda f: None)
+    pubsub = real_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(proc.keys.channel)
+    part = proc.keys.parts[0]
+
+    def wake_ups() -> int:
+        n = 0
+        while pubsub.get_message(timeout=0.05) is not None:
+            n += 1
+        return n
+
+    try:
+        wake_ups()
+        proc.add("a", 1)  # sealed: the first wake-up goes out and is held
+        proc.add("b", 2)  # sealed too, but nobody has claimed since: no second message
+        assert wake_ups() == 1
+        assert real_client.pttl(f"{part.pfx}woke") > 0
+        owner = ops.new_token()
+        _, claimed = ops.parse_claim(
+            proc, part, owner, ops.claim_call(proc, part, 10, owner).run(real_client)
+        )
+        assert sorted(c.base for c in claimed) == ["a", "b"]  # the claim found both
+        assert not real_client.exists(f"{part.pfx}woke")  # ... and answered the wake-up
+        proc.add("c", 3)
+        assert wake_ups() == 1  # so the next seal wakes the workers again
+        time.sleep(0.15)  # unanswered, the hold lapses after 100 ms
+        proc.add("d", 4)
+        assert wake_ups() == 1
+    finally:
+        pubsub.close()
+
+
+def test_a_burst_of_seals_reaches_every_idle_handler_despite_held_back_wake_ups(
+    real_batcher: Batcher,
+) -> None:
+    gate = threading.Event()
+    running: set[str] = set()
+    lock = threading.Lock()
+
+    def handler(flush: rb.Flush) -> None:
+        with lock:
+            running.add(flush.batch_id)
+        assert gate.wait(10)
+
+    proc = real_batcher.processor(name="burst", max_batch_size=1, flush_interval=None)(handler)
+    with running_worker(Worker(real_batcher, concurrency=4, max_idle_wait=60)):
+        for b in "wxyz":  # four seals in a row: one wake-up, the rest held back
+            proc.add(b, 0)
+        wait_for(lambda: len(running) == 4, timeout=2)  # all four run at once, not after 60 s
+        gate.set()
+        wait_for(lambda: proc.status("z") is None)
+
+
+@contextmanager
+def running_worker(worker: Worker) -> Iterator[Worker]:
+    with running(worker) as w:
+        assert w.ready.wait(10)
+        time.sleep(0.2)  # subscribed
+        yield w

@@ -342,12 +342,23 @@ class Batcher:
         of its own that the leader awaits shielded, so cancelling one caller can neither cut the
         round trip in half nor strand the others."""
         loop = asyncio.get_running_loop()
+        ready = getattr(loop, "_ready", None)  # asyncio's run queue (other loops: just yield)
+        if (
+            ready is not None
+            and not ready
+            and not self._scheduled
+            and not self.wait_replicas
+            and proc.name in self._registered
+        ):
+            # alone in this loop iteration: nobody to group with, so no queue and no future
+            # (the same call and reply as _send_one's)
+            reply = await self._execute(ops.add_call(proc, base, encoded))
+            return ops.parse_add(proc, base, len(encoded), reply)
         future: asyncio.Future[AddResult] = loop.create_future()
         self._queue.append(_Pending(proc, base, encoded, future))
         if self._scheduled:
             return await future  # a leader is collecting this iteration's adds
-        ready = getattr(loop, "_ready", None)  # asyncio's run queue (other loops: just yield)
-        if ready is None or len(ready) > 0:
+        if ready is None or ready:
             self._scheduled = True
             try:
                 await asyncio.sleep(0)

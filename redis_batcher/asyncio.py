@@ -582,6 +582,7 @@ class _Running:
     task: asyncio.Task[None] | None = None
     settling: bool = False
     started: bool = False  # the handler got a slot (claimed flushes wait for one)
+    released: bool = False  # handed back at shutdown
 
 
 class Worker(WorkerCore):
@@ -767,7 +768,12 @@ class Worker(WorkerCore):
             # while each ack brings the partition's next due flush along, run it in this slot
             while task is not None and not self._stopping:
                 task[1].started = True
+                task[1].task = asyncio.current_task()  # what a shutdown cancels past its grace
                 task = await self._run(*task)
+            if task is not None and task[1] is not r:
+                # the flush an ack brought along, not run because the worker is stopping:
+                # hand it back now (the shutdown may have released the others already)
+                await self._release(*task)
 
     async def _run(self, key: str, r: _Running) -> tuple[str, _Running] | None:
         c = r.claimed
@@ -799,7 +805,7 @@ class Worker(WorkerCore):
             self._inflight.pop(key, None)
             task = None
             for n in nxt:  # at most one
-                task = (n.part.pfx + n.member, _Running(n, task=asyncio.current_task()))
+                task = (n.part.pfx + n.member, _Running(n))
                 self._inflight[task[0]] = task[1]
             if follow is None:
                 self.mark_due(c.part.pfx)
@@ -838,22 +844,27 @@ class Worker(WorkerCore):
         ):
             await asyncio.sleep(0.02)
         for key, r in list(self._inflight.items()):
-            if r.settling:
+            if r.settling or r.released:
                 continue
             if r.task is not None:
                 r.task.cancel()
-            try:
-                if await self.batcher._execute(ops.release_call(r.claimed), wait=False):
-                    self.stats.released += 1
-                    log.warning(
-                        "%s %s: released unfinished flush", r.claimed.processor.name, r.claimed.member
-                    )
-            except RedisError as exc:
-                log.warning("%s: could not release (%s); its lease will expire", r.claimed.member, exc)
-            self._inflight.pop(key, None)
+            await self._release(key, r)
         pending = [r.task for r in self._inflight.values() if r.task is not None]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _release(self, key: str, r: _Running) -> None:
+        """Give up the lease of a flush this worker will not run (once)."""
+        if r.released:
+            return
+        r.released = True
+        try:
+            if await self.batcher._execute(ops.release_call(r.claimed), wait=False):
+                self.stats.released += 1
+                log.warning("%s %s: released unfinished flush", r.claimed.processor.name, r.claimed.member)
+        except RedisError as exc:
+            log.warning("%s: could not release (%s); its lease will expire", r.claimed.member, exc)
+        self._inflight.pop(key, None)
 
     async def _heartbeat(self) -> None:
         renew_every, _, _ = self.heartbeat_tick()

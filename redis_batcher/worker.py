@@ -284,19 +284,22 @@ class Worker(WorkerCore):
             for r in leftovers:
                 r.abandoned = True
         for r in leftovers:
-            c = r.claimed
-            try:
-                if self.batcher._execute(ops.release_call(c), wait=False):
-                    self.stats.released += 1
-                    log.warning(
-                        "%s %s: released unfinished flush for another worker", c.processor.name, c.member
-                    )
-            except RedisError as exc:
-                log.warning(
-                    "%s %s: could not release (%s); its lease will expire", c.processor.name, c.member, exc
-                )
-            with self._lock:
-                self._inflight.pop(c.part.pfx + c.member, None)
+            self._release(r)
+
+    def _release(self, r: _Running) -> None:
+        """Give up the lease of a flush this worker will not finish (marked abandoned by the
+        caller), so another worker takes it now rather than after the lease runs out."""
+        c = r.claimed
+        try:
+            if self.batcher._execute(ops.release_call(c), wait=False):
+                self.stats.released += 1
+                log.warning("%s %s: released unfinished flush for another worker", c.processor.name, c.member)
+        except RedisError as exc:
+            log.warning(
+                "%s %s: could not release (%s); its lease will expire", c.processor.name, c.member, exc
+            )
+        with self._lock:
+            self._inflight.pop(c.part.pfx + c.member, None)
 
     # -- one flush -------------------------------------------------------------------------------
 
@@ -328,9 +331,16 @@ class Worker(WorkerCore):
     def _execute_one(self, key: str, r: _Running) -> tuple[str, _Running] | None:
         c = r.claimed
         with self._lock:
-            if self._stopping.is_set() or r.abandoned:
-                return None  # shutting down: never started, so _release_all hands it back
-            r.started = time.monotonic()
+            if r.abandoned:
+                return None
+            hand_back = self._stopping.is_set()
+            if hand_back:
+                r.abandoned = True  # never started: handed back now (not by _release_all)
+            else:
+                r.started = time.monotonic()
+        if hand_back:
+            self._release(r)
+            return None
         started = time.time()
         t0 = time.perf_counter()
         try:

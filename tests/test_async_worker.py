@@ -858,3 +858,32 @@ def test_the_async_worker_asks_for_the_next_flush_with_each_ack(port: int, real_
         assert await handler.status("b") is None
 
     run_async(port, body)
+
+
+def test_an_async_flush_an_ack_brought_after_the_grace_period_is_handed_back(port: int) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        got: list[str] = []
+
+        @ab.processor(name="late", max_batch_size=1, flush_interval=None, lease_timeout=60)
+        async def handler(flush: rb.Flush) -> None:
+            got.append(flush.batch_id)
+
+        await handler.add("a", 1)
+        await handler.add("b", 2)
+        w = aio.Worker(ab, concurrency=1, grace_period=0.1)
+        settle = w._settle
+
+        async def slow_settle(c: Any, call: Any) -> Any:
+            reply = await settle(c, call)  # the ack of the first flush claims the second one...
+            w.stop()  # ... while the worker is being stopped
+            await asyncio.sleep(0.5)  # past the grace period
+            return reply
+
+        w._settle = slow_settle  # type: ignore[method-assign]
+        await w.run()
+        await until(lambda: w.stats.released == 1, what="the second flush handed back")
+        assert len(got) == 1
+        assert (await aio.Worker(ab).run(burst=True)).delivered == 1  # due now, not in 60 s
+        assert sorted(got) == ["a", "b"]
+
+    run_async(port, body)

@@ -555,3 +555,29 @@ def running_worker(worker: Worker) -> Iterator[Worker]:
         assert w.ready.wait(10)
         time.sleep(0.2)  # subscribed
         yield w
+
+
+def test_a_flush_an_ack_brought_after_the_grace_period_is_handed_back_at_once(
+    real_batcher: Batcher,
+) -> None:
+    got: list[str] = []
+    proc = real_batcher.processor(name="late", max_batch_size=1, flush_interval=None, lease_timeout=60)(
+        lambda f: got.append(f.batch_id)
+    )
+    proc.add("a", 1)
+    proc.add("b", 2)
+    w = Worker(real_batcher, concurrency=1, grace_period=0.1)
+    settle = w._settle
+
+    def slow_settle(c: ops.Claimed, call: ops.Call) -> Any:
+        reply = settle(c, call)  # the ack of the first flush claims the second one...
+        w.stop()  # ... while the worker is being stopped
+        time.sleep(0.5)  # past the grace period: the shutdown has released what it saw
+        return reply
+
+    w._settle = slow_settle  # type: ignore[method-assign]
+    w.run()
+    wait_for(lambda: w.stats.released == 1)  # the second flush was handed back, not left leased
+    assert len(got) == 1
+    assert Worker(real_batcher).run(burst=True).delivered == 1  # due now, not in 60 s
+    assert sorted(got) == ["a", "b"]

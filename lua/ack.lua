@@ -16,7 +16,8 @@
 --                        max_batch_size, max_attempts, max_deaths, bisect, ordered, history_cap,
 --                        inline_max). The worker asks for its next flush with the ack: after a
 --                        successful ack, up to `limit` due sequences are claimed as claim.lua does
---                        (one round trip per flush instead of two).
+--                        (one round trip per flush instead of two). When that claim finds
+--                        nothing due, pfx.."woke" is deleted as claim.lua does.
 -- Derived keys: pfx.."s:"..member, pfx.."i:"..member (and claim.lua's, when claiming).
 -- Reply: {code, left} or, when claiming, {code, left, <claim.lua's reply>}
 --   code 'ok' | 'lease_lost' (nothing changed, nothing claimed); left = sealed items still to
@@ -50,6 +51,11 @@ if left == 0 and tonumber(seq) >= tonumber(redis.call('HGET', head, 'done_seq') 
 end
 if ARGV[9] and tonumber(ARGV[9]) > 0 then
   local reply = claim_due(due, pfx, claim_opts(9), now)
+  if #reply == 1 then
+    -- nothing due: the asking slot goes idle knowing all that is due, so it answers a pending
+    -- wake-up like claim.lua (add.lua would otherwise hold the next one back)
+    redis.call('DEL', pfx .. 'woke')
+  end
   table.insert(reply, 1, left)
   table.insert(reply, 1, 'ok')
   return reply

@@ -45,6 +45,8 @@ __all__ = ["Worker", "WorkerStats", "backoff_seconds"]
 
 log = logging.getLogger("redis_batcher.worker")
 
+SETTLE_WAIT = 2.0  # seconds a stopping worker still waits for results being recorded
+
 
 async def _awaited(awaitable: Any) -> Any:
     return await awaitable
@@ -103,6 +105,7 @@ class Worker(WorkerCore):
         self._inflight: dict[str, _Running] = {}
         self._tasks: queue.SimpleQueue[tuple[str, _Running] | None] = queue.SimpleQueue()
         self._threads = 0  # live pool threads
+        self._recording = 0  # threads recording a result (see _settling)
         self._surplus = 0  # threads started to replace handlers abandoned at their timeout
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -273,10 +276,17 @@ class Worker(WorkerCore):
             self._wake.wait(0.05)
             self._wake.clear()
         self._release_all()
+        # a result being recorded past the grace period may bring the next flush along, which
+        # its thread then hands back: give it a moment (a round trip or two), the process may
+        # exit right after run() returns
+        deadline = time.monotonic() + SETTLE_WAIT
+        while self._settling() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _settling(self) -> bool:
+        """Some thread is recording a result (and handing back what its ack brought along)."""
         with self._lock:
-            return any(r.settling for r in self._inflight.values())
+            return self._recording > 0
 
     def _release_all(self) -> None:
         with self._lock:
@@ -357,6 +367,7 @@ class Worker(WorkerCore):
                 )
                 return None
             r.settling = True
+            self._recording += 1
         # ask for the partition's next flush with the ack, unless stopping or flushes claimed
         # ahead (prefetch) are already waiting for a thread
         follow = None
@@ -378,6 +389,15 @@ class Worker(WorkerCore):
                     self._inflight[task[0]] = task[1]
             if follow is None:
                 self.mark_due(c.part.pfx)
+            try:
+                if task is not None and self._stopping.is_set():
+                    with self._lock:
+                        task[1].abandoned = True  # never started: handed back now
+                    self._release(task[1])
+                    task = None
+            finally:
+                with self._lock:
+                    self._recording -= 1
             if task is None or (more and len(self._inflight) < self.capacity):
                 self._wake.set()  # a slot is free, or more is due than this thread can take
         return task

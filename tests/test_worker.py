@@ -576,8 +576,54 @@ def test_a_flush_an_ack_brought_after_the_grace_period_is_handed_back_at_once(
         return reply
 
     w._settle = slow_settle  # type: ignore[method-assign]
-    w.run()
-    wait_for(lambda: w.stats.released == 1)  # the second flush was handed back, not left leased
+    w.run()  # returns once that is handed back (the process may exit right after)
+    assert w.stats.released == 1  # the second flush was handed back, not left leased
     assert len(got) == 1
     assert Worker(real_batcher).run(burst=True).delivered == 1  # due now, not in 60 s
     assert sorted(got) == ["a", "b"]
+
+
+def test_a_worker_whose_last_ack_found_nothing_hears_the_next_seal(real_batcher: Batcher) -> None:
+    # the review case: a wake-up answered only by an ack's claim (no free slot to claim with)
+    # must not leave the next seal unannounced while the worker sits idle
+    gate = threading.Event()
+    got: list[str] = []
+
+    def handler(flush: rb.Flush) -> None:
+        if flush.batch_id == "first":
+            assert gate.wait(10)
+        got.append(flush.batch_id)
+
+    proc = real_batcher.processor(name="quiet", max_batch_size=1, flush_interval=None)(handler)
+    with running_worker(Worker(real_batcher, concurrency=1, max_idle_wait=60)):
+        proc.add("first", 0)
+        wait_for(lambda: proc.status("first").batches[0].attempt == 1)  # type: ignore[union-attr]
+        proc.add("second", 0)  # wakes the worker, which has no free slot
+        gate.set()  # the first ack claims "second"; the second ack finds nothing
+        wait_for(lambda: got == ["first", "second"])
+        time.sleep(0.02)  # the worker is idle again, well within the 100 ms hold
+        proc.add("third", 0)
+        wait_for(lambda: got == ["first", "second", "third"], timeout=2)  # not after 60 s
+
+
+def test_an_ack_whose_claim_finds_nothing_answers_the_pending_wake_up(
+    real_batcher: Batcher, real_client: redis.Redis
+) -> None:
+    proc = real_batcher.processor(name="ans", max_batch_size=1, flush_interval=None)(lambda f: None)
+    part = proc.keys.parts[0]
+    woke = f"{part.pfx}woke"
+    proc.add("a", 1)
+    owner = ops.new_token()
+    (a,) = ops.parse_claim(proc, part, owner, ops.claim_call(proc, part, 1, owner).run(real_client))[1]
+    proc.add("b", 2)  # announced: the hold is set
+    assert real_client.exists(woke)
+    entry = ops.history_entry(a, 0, 1.0, True, None)
+    follow = ops.new_token()
+    reply = ops.ack_call(a, entry, claim_owner=follow).run(real_client)
+    (b,) = ops.parse_claim(proc, part, follow, ops.claim_part(reply) or [])[1]
+    assert real_client.exists(woke)  # that claim took a flush: its slot is busy, no answer
+    reply = ops.ack_call(b, ops.history_entry(b, 0, 1.0, True, None), claim_owner=ops.new_token()).run(
+        real_client
+    )
+    assert ops.claim_part(reply) == [-1]  # nothing left
+    assert not real_client.exists(woke)  # the idle slot answered the wake-up

@@ -185,6 +185,15 @@ local function history_entry(seq, count, started, duration, ok, err, attempt, fl
     flush_id = flush_id or '', reason = reason or ''})
 end
 
+-- ms until the earliest entry of a delay queue is due (0 = due now); -1 when it is empty.
+local function next_due_ms(due, now)
+  local first = redis.call('ZRANGE', due, 0, 0, 'WITHSCORES')
+  if #first == 0 then
+    return -1
+  end
+  return math.max(0, tonumber(first[2]) - now)
+end
+
 -- Claim options from ARGV[i..i+11] (claim.lua's ARGV[2..13]; ack.lua's optional ARGV[9..20]).
 local function claim_opts(i)
   return {limit = tonumber(ARGV[i]), lease = tonumber(ARGV[i + 1]), owner = ARGV[i + 2],
@@ -312,11 +321,6 @@ local function claim_due(due, pfx, o, now)
       end
     end
   end
-  local first = redis.call('ZRANGE', due, 0, 0, 'WITHSCORES')
-  if #first == 0 then
-    out[1] = -1
-  else
-    out[1] = math.max(0, tonumber(first[2]) - now)
-  end
+  out[1] = next_due_ms(due, now)
   return out
 end

@@ -47,10 +47,5 @@ for _, id in ipairs(ids) do
     table.insert(out, f[6] or '0')
   end
 end
-local first = redis.call('ZRANGE', due, 0, 0, 'WITHSCORES')
-if #first == 0 then
-  out[1] = -1
-else
-  out[1] = math.max(tonumber(first[2]) - now, 0)
-end
+out[1] = next_due_ms(due, now)
 return out

@@ -53,11 +53,16 @@ local function seal_head(head, seq)
   redis.call('HSET', head, 'a:' .. seq, 'flushing')
 end
 
+-- The sequence-hash fields of a sealed sequence (field, value, ...), ready for HSET.
+local function sealed_fields(count, reason, now)
+  return {'status', 'flushing', 'cutoff', count, 'sealed_at', int(now), 'reason', reason,
+    'updated_at', int(now)}
+end
+
 -- Seal an accumulating sequence: it becomes 'flushing' with its cutoff recorded and is due now.
 local function seal(pfx, head, due, base, seq, count, reason, now)
   local member = member_of(base, seq)
-  redis.call('HSET', pfx .. 's:' .. member, 'status', 'flushing', 'cutoff', count,
-    'sealed_at', int(now), 'reason', reason, 'updated_at', int(now))
+  redis.call('HSET', pfx .. 's:' .. member, unpack(sealed_fields(count, reason, now)))
   seal_head(head, seq)
   redis.call('ZADD', due, int(now), member)
 end
@@ -252,8 +257,7 @@ local function claim_due(due, pfx, o, now)
           redis.call('ZREM', due, member)
           redis.call('HSET', meta, 'parked', 1)
           if sealing then
-            redis.call('HSET', meta, 'status', 'flushing', 'cutoff', cutoff, 'sealed_at', int(now),
-              'reason', reason, 'updated_at', int(now))
+            redis.call('HSET', meta, unpack(sealed_fields(cutoff, reason, now)))
           end
           deliver = false
         end
@@ -295,16 +299,10 @@ local function claim_due(due, pfx, o, now)
           flush_id = seed .. '-' .. n
           fid_n = window
         end
-        if sealing then
-          redis.call('HSET', meta, 'attempt', attempt, 'owner', owner, 'flush_id', flush_id, 'fid_n', fid_n,
-            'window', window, 'claimed_at', int(now), 'lease_until', int(now + lease),
-            'updated_at', int(now), 'status', 'flushing', 'cutoff', cutoff, 'sealed_at', int(now),
-            'reason', reason)
-        else
-          redis.call('HSET', meta, 'attempt', attempt, 'owner', owner, 'flush_id', flush_id, 'fid_n', fid_n,
-            'window', window, 'claimed_at', int(now), 'lease_until', int(now + lease),
-            'updated_at', int(now))
-        end
+        -- the lease, and (after an interval seal) the sealed state, in one write
+        local fields = sealing and sealed_fields(cutoff, reason, now) or {'updated_at', int(now)}
+        redis.call('HSET', meta, 'attempt', attempt, 'owner', owner, 'flush_id', flush_id, 'fid_n', fid_n,
+          'window', window, 'claimed_at', int(now), 'lease_until', int(now + lease), unpack(fields))
         redis.call('ZADD', due, int(now + lease), member)
         table.insert(out, member)
         table.insert(out, window)

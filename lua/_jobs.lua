@@ -20,6 +20,18 @@ local function job_set_status(pfx, id, job, old, new, now)
   redis.call('HSET', job, 'status', new, 'updated_at', int(now))
 end
 
+-- True when `owner` (a non-empty lease token) holds the job: every write of a step checks it.
+local function job_owned(job, owner)
+  return owner ~= '' and redis.call('HGET', job, 'owner') == owner
+end
+
+-- A job reached a final status (completed, failed, cancelled): indexed, timed, not runnable.
+local function job_end(pfx, id, job, old, new, now)
+  job_set_status(pfx, id, job, old, new, now)
+  redis.call('HSET', job, 'finished_at', int(now))
+  redis.call('ZREM', pfx .. 'due', id)
+end
+
 -- Record a progress sample, at most one per second (the first of each second is kept).
 local function job_sample(pfx, id, processed, now)
   local key = pfx .. 'r:' .. id

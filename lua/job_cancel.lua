@@ -17,8 +17,6 @@ if status == 'completed' or status == 'cancelled' then
   return {'invalid', status}
 end
 local now = now_ms()
-job_set_status(pfx, id, job, status, 'cancelled', now)
-redis.call('HSET', job, 'finished_at', int(now))
+job_end(pfx, id, job, status, 'cancelled', now)
 redis.call('HDEL', job, 'next_run_at', 'paused_from')
-redis.call('ZREM', pfx .. 'due', id)
 return {'ok', status}

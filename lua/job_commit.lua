@@ -17,7 +17,7 @@
 -- job's status when it was paused or cancelled meanwhile (saved; the caller must stop)
 local job = KEYS[1]
 local pfx, id, owner = ARGV[1], ARGV[2], ARGV[3]
-if redis.call('HGET', job, 'owner') ~= owner or owner == '' then
+if not job_owned(job, owner) then
   return 'lease_lost'
 end
 local now = now_ms()

@@ -9,7 +9,7 @@
 -- Reply: 1 when renewed, 0 when the lease belongs to someone else (or the job is gone)
 local job = KEYS[1]
 local owner = ARGV[3]
-if owner == '' or redis.call('HGET', job, 'owner') ~= owner then
+if not job_owned(job, owner) then
   return 0
 end
 local until_ms = now_ms() + tonumber(ARGV[4])

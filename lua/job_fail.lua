@@ -14,7 +14,7 @@
 -- ('paused', 'cancelled') when the job was stopped meanwhile (error kept, nothing scheduled)
 local job = KEYS[1]
 local pfx, id, owner = ARGV[1], ARGV[2], ARGV[3]
-if redis.call('HGET', job, 'owner') ~= owner or owner == '' then
+if not job_owned(job, owner) then
   return {'lease_lost', 0, 0}
 end
 local now = now_ms()
@@ -26,9 +26,7 @@ if status ~= 'running' then
   return {status, retries, 0}
 end
 if retries > tonumber(ARGV[5]) then
-  job_set_status(pfx, id, job, 'running', 'failed', now)
-  redis.call('HSET', job, 'finished_at', int(now))
-  redis.call('ZREM', pfx .. 'due', id)
+  job_end(pfx, id, job, 'running', 'failed', now)
   return {'failed', retries, 0}
 end
 local delay = math.min(tonumber(ARGV[7]), tonumber(ARGV[6]) * (2 ^ math.min(retries - 1, 40)))

@@ -8,7 +8,7 @@
 -- Reply: 'completed', 'lease_lost', or the status when it was paused or cancelled meanwhile
 local job = KEYS[1]
 local pfx, id, owner = ARGV[1], ARGV[2], ARGV[3]
-if redis.call('HGET', job, 'owner') ~= owner or owner == '' then
+if not job_owned(job, owner) then
   return 'lease_lost'
 end
 local now = now_ms()
@@ -18,7 +18,5 @@ redis.call('HDEL', job, 'lease_until')
 if status ~= 'running' then
   return status
 end
-job_set_status(pfx, id, job, 'running', 'completed', now)
-redis.call('HSET', job, 'finished_at', int(now))
-redis.call('ZREM', pfx .. 'due', id)
+job_end(pfx, id, job, 'running', 'completed', now)
 return 'completed'

@@ -9,7 +9,7 @@
 -- Reply: 1 when released, 0 when the lease was no longer ours
 local job = KEYS[1]
 local owner = ARGV[3]
-if owner == '' or redis.call('HGET', job, 'owner') ~= owner then
+if not job_owned(job, owner) then
   return 0
 end
 local now = now_ms()

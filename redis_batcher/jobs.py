@@ -484,16 +484,49 @@ def check_page(page: Any) -> Page:
 # -- sync handles ---------------------------------------------------------------------------------
 
 
-class JobControl:
-    """Control of one iterator's jobs by name; needs no code of the iterator (the CLI uses it)."""
+class JobControlBase:
+    """What the sync and asyncio job controls share: the iterator's name and keys, and the
+    reads behind ``status`` and ``job_ids`` (queued on a pipeline, parsed here); each twin
+    only runs the pipeline on its own client."""
 
-    def __init__(self, batcher: Batcher, name: str) -> None:
+    def __init__(self, batcher: Any, name: str) -> None:
         self.batcher = batcher
         self.name = validate_name("iterator name", name)
         self.keys = JobKeys(batcher.prefix, name)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+    def _queue_status(self, pipe: Any, job_id: str) -> Any:
+        validate_job_id(job_id)
+        pipe.hgetall(self.keys.job(job_id))
+        pipe.lrange(self.keys.samples(job_id), 0, -1)
+        return pipe
+
+    @staticmethod
+    def _read_status(replies: Sequence[Any]) -> JobStatus | None:
+        raw, samples = replies
+        return parse_status(raw, samples, time.time() * 1000.0) if raw else None
+
+    def _missing(self, job_id: str) -> JobNotFound:  # deleted between a control script and a read
+        return JobNotFound(f"no job {job_id!r} for iterator {self.name!r}")
+
+    def _queue_ids(self, pipe: Any, status: str | None, limit: int) -> Any:
+        _limit(limit)
+        chosen = validate_status(status)
+        for s in STATUSES if chosen is None else (chosen,):
+            pipe.zrevrange(self.keys.by_status(s), 0, limit - 1, withscores=True)
+        return pipe
+
+    @staticmethod
+    def _read_ids(replies: Sequence[Any], limit: int) -> list[tuple[float, str]]:
+        return sorted(((score, _s(m)) for rows in replies for m, score in rows), reverse=True)[:limit]
+
+
+class JobControl(JobControlBase):
+    """Control of one iterator's jobs by name; needs no code of the iterator (the CLI uses it)."""
+
+    batcher: Batcher
 
     def _control(self, action: str, job_id: str) -> str:
         reply = self.batcher._execute(control_call(action, self.keys, job_id))
@@ -526,31 +559,19 @@ class JobControl:
 
     def status(self, job_id: str) -> JobStatus | None:
         """The job, or None when there is no such job."""
-        validate_job_id(job_id)
-        pipe = self.batcher.client.pipeline(transaction=False)
-        pipe.hgetall(self.keys.job(job_id))
-        pipe.lrange(self.keys.samples(job_id), 0, -1)
-        raw, samples = pipe.execute()
-        if not raw:
-            return None
-        return parse_status(raw, samples, time.time() * 1000.0)
+        pipe = self._queue_status(self.batcher.client.pipeline(transaction=False), job_id)
+        return self._read_status(pipe.execute())
 
     def _must_status(self, job_id: str) -> JobStatus:
         st = self.status(job_id)
-        if st is None:  # deleted between the control script and this read
-            raise JobNotFound(f"no job {job_id!r} for iterator {self.name!r}")
+        if st is None:
+            raise self._missing(job_id)
         return st
 
     def job_ids(self, status: str | None = None, limit: int = 50) -> list[tuple[float, str]]:
         """(created_at ms, job id) of the newest ``limit`` jobs, in one status or all."""
-        _limit(limit)
-        wanted = list(STATUSES) if validate_status(status) is None else [status]
-        pipe = self.batcher.client.pipeline(transaction=False)
-        for s in wanted:
-            assert s is not None
-            pipe.zrevrange(self.keys.by_status(s), 0, limit - 1, withscores=True)
-        found = [(score, _s(m)) for rows in pipe.execute() for m, score in rows]
-        return sorted(found, reverse=True)[:limit]
+        pipe = self._queue_ids(self.batcher.client.pipeline(transaction=False), status, limit)
+        return self._read_ids(pipe.execute(), limit)
 
     def jobs(self, status: str | None = None, limit: int = 50) -> list[JobStatus]:
         """This iterator's jobs, newest first, optionally only those in ``status``."""

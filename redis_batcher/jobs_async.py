@@ -21,12 +21,11 @@ from redis.exceptions import RedisError
 from . import ops
 from .errors import ConfigError, JobNotFound
 from .jobs import (
-    STATUSES,
     Claimed,
     IteratorConfig,
     JobContext,
+    JobControlBase,
     JobIterator,
-    JobKeys,
     JobStats,
     JobStatus,
     _limit,
@@ -45,7 +44,6 @@ from .jobs import (
     parse_claim,
     parse_control,
     parse_start,
-    parse_status,
     start_call,
     step_saved,
     takes_job,
@@ -53,7 +51,6 @@ from .jobs import (
     validate_status,
     worker_label,
 )
-from .keys import validate_name
 
 if TYPE_CHECKING:
     from .asyncio import Batcher
@@ -71,16 +68,10 @@ async def _call_user(fn: Any, *args: Any) -> Any:
     return result
 
 
-class AsyncJobControl:
+class AsyncJobControl(JobControlBase):
     """Awaited control of one iterator's jobs by name."""
 
-    def __init__(self, batcher: Batcher, name: str) -> None:
-        self.batcher = batcher
-        self.name = validate_name("iterator name", name)
-        self.keys = JobKeys(batcher.prefix, name)
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name!r}>"
+    batcher: Batcher
 
     async def _control(self, action: str, job_id: str) -> str:
         reply = await self.batcher._execute(control_call(action, self.keys, job_id))
@@ -106,30 +97,18 @@ class AsyncJobControl:
         return True
 
     async def status(self, job_id: str) -> JobStatus | None:
-        validate_job_id(job_id)
-        pipe = self.batcher.client.pipeline(transaction=False)
-        pipe.hgetall(self.keys.job(job_id))
-        pipe.lrange(self.keys.samples(job_id), 0, -1)
-        raw, samples = await pipe.execute()
-        if not raw:
-            return None
-        return parse_status(raw, samples, time.time() * 1000.0)
+        pipe = self._queue_status(self.batcher.client.pipeline(transaction=False), job_id)
+        return self._read_status(await pipe.execute())
 
     async def _must_status(self, job_id: str) -> JobStatus:
         st = await self.status(job_id)
         if st is None:
-            raise JobNotFound(f"no job {job_id!r} for iterator {self.name!r}")
+            raise self._missing(job_id)
         return st
 
     async def job_ids(self, status: str | None = None, limit: int = 50) -> list[tuple[float, str]]:
-        _limit(limit)
-        wanted = list(STATUSES) if validate_status(status) is None else [status]
-        pipe = self.batcher.client.pipeline(transaction=False)
-        for s in wanted:
-            assert s is not None
-            pipe.zrevrange(self.keys.by_status(s), 0, limit - 1, withscores=True)
-        found = [(score, _s(m)) for rows in await pipe.execute() for m, score in rows]
-        return sorted(found, reverse=True)[:limit]
+        pipe = self._queue_ids(self.batcher.client.pipeline(transaction=False), status, limit)
+        return self._read_ids(await pipe.execute(), limit)
 
     async def jobs(self, status: str | None = None, limit: int = 50) -> list[JobStatus]:
         out = []

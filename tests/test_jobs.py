@@ -24,6 +24,7 @@ from redis_batcher.jobs import JobRunner, claim_call, commit_call, parse_claim
 from tests.apps import jobs_app
 from tests.chaos_util import own_server
 from tests.conftest import ROOT, cli_command, snapshot, subprocess_env
+from tests.test_worker import running
 
 
 def make_table(path: Path, rows: int) -> None:
@@ -44,15 +45,8 @@ def wait_until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "con
 @contextmanager
 def running_worker(batcher: Batcher, **options: Any) -> Iterator[Worker]:
     """A worker serving in a thread; always stopped."""
-    worker = Worker(batcher, grace_period=5.0, **options)
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    try:
+    with running(Worker(batcher, grace_period=5.0, **options)) as worker:
         yield worker
-    finally:
-        worker.stop()
-        thread.join(10)
-        assert not thread.is_alive()
 
 
 def counting_iterator(batcher: Batcher, name: str = "count", **options: Any) -> tuple[Any, list[int]]:

@@ -695,7 +695,38 @@ class _Session:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-class JobRunner:
+class JobRunnerBase:
+    """Settings and bookkeeping the sync and asyncio job runners share."""
+
+    def __init__(
+        self,
+        batcher: Any,
+        iterators: Iterable[JobIterator],
+        concurrency: int,
+        poll_interval: float,
+        grace_period: float,
+    ) -> None:
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigError(f"concurrency must be an int >= 1, got {concurrency!r}")
+        if not poll_interval > 0:
+            raise ConfigError(f"poll_interval must be > 0, got {poll_interval!r}")
+        self.batcher = batcher
+        self.iterators = list(iterators)
+        self.concurrency = concurrency
+        self.poll_interval = float(poll_interval)
+        self.grace_period = float(grace_period)
+        self.label = worker_label()
+        self.stats = JobStats()
+        self._ended: set[str] = set()  # iterators whose job just ended: a retry may be due soon
+        self._sessions: dict[tuple[str, str], Any] = {}  # (iterator, job id) -> its session
+
+    @property
+    def running(self) -> int:
+        """Jobs this runner is running now."""
+        return len(self._sessions)
+
+
+class JobRunner(JobRunnerBase):
     """Runs the jobs of a batcher's iterators: claims runnable jobs (``concurrency`` at a time,
     one thread each), renews their leases, and on :meth:`stop` lets each finish its step, then
     releases its lease so another worker resumes it at once. The :class:`~redis_batcher.Worker`
@@ -710,23 +741,13 @@ class JobRunner:
         poll_interval: float = 1.0,
         grace_period: float = 30.0,
     ) -> None:
-        self.batcher = batcher
-        self.iterators = list(iterators if iterators is not None else batcher.iterators.values())
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-            raise ConfigError(f"concurrency must be an int >= 1, got {concurrency!r}")
-        if not poll_interval > 0:
-            raise ConfigError(f"poll_interval must be > 0, got {poll_interval!r}")
-        self.concurrency = concurrency
-        self.poll_interval = float(poll_interval)
-        self.grace_period = float(grace_period)
-        self.label = worker_label()
-        self.stats = JobStats()
-        self._sessions: dict[tuple[str, str], _Session] = {}
+        chosen = iterators if iterators is not None else batcher.iterators.values()
+        super().__init__(batcher, chosen, concurrency, poll_interval, grace_period)
+        self.batcher: Batcher = batcher
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._ended: set[str] = set()  # iterators whose job just ended: a retry may be due soon
 
     # -- control ----------------------------------------------------------------------------------
 
@@ -746,10 +767,6 @@ class JobRunner:
         """Block until the runner thread has ended (signals are still handled meanwhile)."""
         while self._thread is not None and self._thread.is_alive():
             self._thread.join(0.2)
-
-    @property
-    def running(self) -> int:
-        return len(self._sessions)
 
     # -- main loop --------------------------------------------------------------------------------
 

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError
 
 from . import ops
-from .errors import ConfigError, JobNotFound
+from .errors import JobNotFound
 from .jobs import (
     Claimed,
     IteratorConfig,
     JobContext,
     JobControlBase,
     JobIterator,
+    JobRunnerBase,
     JobStats,
     JobStatus,
     _limit,
@@ -49,7 +50,6 @@ from .jobs import (
     takes_job,
     validate_job_id,
     validate_status,
-    worker_label,
 )
 
 if TYPE_CHECKING:
@@ -166,7 +166,7 @@ class _Session:
     task: asyncio.Task[None] | None = None
 
 
-class AsyncJobRunner:
+class AsyncJobRunner(JobRunnerBase):
     """The asyncio job runner (one task per running job); see :class:`redis_batcher.jobs.JobRunner`."""
 
     def __init__(
@@ -178,20 +178,9 @@ class AsyncJobRunner:
         poll_interval: float = 1.0,
         grace_period: float = 30.0,
     ) -> None:
-        self.batcher = batcher
-        defs = batcher.definitions.iterators
-        self.iterators = list(iterators if iterators is not None else defs.values())
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-            raise ConfigError(f"concurrency must be an int >= 1, got {concurrency!r}")
-        if not poll_interval > 0:
-            raise ConfigError(f"poll_interval must be > 0, got {poll_interval!r}")
-        self.concurrency = concurrency
-        self.poll_interval = float(poll_interval)
-        self.grace_period = float(grace_period)
-        self.label = worker_label()
-        self.stats = JobStats()
-        self._sessions: dict[tuple[str, str], _Session] = {}
-        self._ended: set[str] = set()
+        chosen = iterators if iterators is not None else batcher.definitions.iterators.values()
+        super().__init__(batcher, chosen, concurrency, poll_interval, grace_period)
+        self.batcher: Batcher = batcher
         self._stopping = False
         self._wake: asyncio.Event | None = None
 
@@ -199,10 +188,6 @@ class AsyncJobRunner:
         self._stopping = True
         if self._wake is not None:
             self._wake.set()
-
-    @property
-    def running(self) -> int:
-        return len(self._sessions)
 
     async def run(self, burst: bool = False) -> JobStats:
         """Serve until :meth:`stop`; ``burst=True``: return once nothing is running or runnable."""

@@ -725,6 +725,21 @@ class JobRunnerBase:
         """Jobs this runner is running now."""
         return len(self._sessions)
 
+    def _claimed(
+        self, it: JobIterator, owner: str, reply: Any, now: float, due_at: dict[str, float]
+    ) -> tuple[list[Claimed], bool]:
+        """Record a claim reply: (jobs to run, more runnable now); schedules the next look at
+        the iterator (at the next runnable job, at most poll_interval away)."""
+        next_ms, claimed = parse_claim(owner, reply)
+        wait = next_ms / 1000.0 if next_ms >= 0 else self.poll_interval
+        due_at[it.name] = now + min(wait, self.poll_interval)
+        return claimed, next_ms == 0
+
+    @staticmethod
+    def _claim_failed(it: JobIterator, exc: BaseException, now: float, due_at: dict[str, float]) -> None:
+        log.warning("claiming jobs of %s failed: %s", it.name, exc)
+        due_at[it.name] = now + 1.0
+
 
 class JobRunner(JobRunnerBase):
     """Runs the jobs of a batcher's iterators: claims runnable jobs (``concurrency`` at a time,
@@ -826,14 +841,10 @@ class JobRunner(JobRunnerBase):
             try:
                 reply = claim_call(it.keys, it.config, free, owner, self.label).run(self.batcher.client)
             except RedisError as exc:
-                log.warning("claiming jobs of %s failed: %s", it.name, exc)
-                due_at[it.name] = now + 1.0
+                self._claim_failed(it, exc, now, due_at)
                 continue
-            next_ms, claimed = parse_claim(owner, reply)
-            if next_ms == 0:
-                more = True
-            wait = next_ms / 1000.0 if next_ms >= 0 else self.poll_interval
-            due_at[it.name] = now + min(wait, self.poll_interval)
+            claimed, due_now = self._claimed(it, owner, reply, now, due_at)
+            more = more or due_now
             for c in claimed:
                 self._begin(it, c)
         return more

@@ -42,7 +42,6 @@ from .jobs import (
     iterator_names,
     iterator_registry_key,
     owner_call,
-    parse_claim,
     parse_control,
     parse_start,
     start_call,
@@ -248,14 +247,10 @@ class AsyncJobRunner(JobRunnerBase):
             try:
                 reply = await call.script.call_async(self.batcher.client, call.keys, call.args)
             except RedisError as exc:
-                log.warning("claiming jobs of %s failed: %s", it.name, exc)
-                due_at[it.name] = now + 1.0
+                self._claim_failed(it, exc, now, due_at)
                 continue
-            next_ms, claimed = parse_claim(owner, reply)
-            if next_ms == 0:
-                more = True
-            wait = next_ms / 1000.0 if next_ms >= 0 else self.poll_interval
-            due_at[it.name] = now + min(wait, self.poll_interval)
+            claimed, due_now = self._claimed(it, owner, reply, now, due_at)
+            more = more or due_now
             for c in claimed:
                 s = _Session(it, c)
                 self._sessions[(it.name, c.job_id)] = s

@@ -94,8 +94,11 @@ def _parse(buf: bytearray, pos: int, parse_error: Any) -> tuple[Any, int] | None
 def _take(buf: bytearray, got: tuple[Any, int]) -> Any:
     value, end = got
     del buf[:end]
-    if isinstance(value, ResponseError):
-        raise value  # top-level error replies raise, as redis-py's do
+    if isinstance(value, Exception):
+        # top-level error replies raise, as redis-py's do: not only ResponseErrors (a server
+        # still loading its data answers LOADING, which redis-py maps to BusyLoadingError,
+        # a ConnectionError; returned as a value, a caller would parse it as a reply)
+        raise value
     return value
 
 

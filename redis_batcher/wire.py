@@ -20,6 +20,10 @@ import asyncio
 import builtins
 import os
 import select
+import socket
+import ssl
+import struct
+import sys
 import threading
 import time
 import weakref
@@ -36,6 +40,33 @@ _RECV = 65536
 # check (one system call of the three an add costs); a server restart inside that window
 # fails one call with ConnectionError (nothing was run), and the next call reconnects
 RECHECK_IDLE = 1.0
+# Linux enforces a blocking socket's timeouts itself (SO_RCVTIMEO/SO_SNDTIMEO): see _kernel_timeouts
+_KERNEL_TIMEOUTS = sys.platform.startswith("linux")
+_pid = os.getpid()  # this process's id, renewed in a forked child (a system call per call saved)
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _kernel_timeouts(sock: Any) -> None:
+    """Hand a plain TCP or Unix socket's timeout to the kernel: with a Python-level timeout,
+    every send and receive is preceded by a poll() (two more system calls per round trip, each
+    letting go of the GIL: under a worker's threads, that is most of its system time). The
+    socket becomes blocking with SO_SNDTIMEO/SO_RCVTIMEO set to the same timeout; a timed-out
+    call then fails with EAGAIN, raised as redis-py's TimeoutError. TLS sockets keep theirs."""
+    timeout = sock.gettimeout()
+    if not _KERNEL_TIMEOUTS or not timeout or timeout <= 0 or isinstance(sock, ssl.SSLSocket):
+        return
+    usec = max(round(timeout * 1e6), 1)
+    tv = struct.pack("ll", usec // 1_000_000, usec % 1_000_000)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    sock.settimeout(None)
 
 
 def pack(command: Sequence[Arg]) -> bytes:
@@ -117,7 +148,7 @@ class _Reader:
         while (got := _parse(buf, 0, self.parse_error)) is None:
             try:
                 data = self.sock.recv(_RECV)
-            except builtins.TimeoutError:
+            except (builtins.TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO
                 raise TimeoutError("Timeout reading from socket") from None
             except OSError as exc:
                 raise ConnectionError(f"Error while reading from socket: {exc}") from exc
@@ -199,7 +230,7 @@ class DirectLink:
     def _reader(self) -> _Reader:
         local = self._local
         conn = getattr(local, "conn", None)
-        if conn is None or conn.pid != os.getpid():
+        if conn is None or conn.pid != _pid:
             conn = local.conn = self._make()
             local.reader = None
             local.used = 0.0
@@ -213,6 +244,7 @@ class DirectLink:
             conn.connect()  # a failure here sent nothing
         reader: _Reader | None = local.reader
         if reader is None or reader.sock is not conn._sock:
+            _kernel_timeouts(conn._sock)
             reader = local.reader = _Reader(conn._sock, conn._parser.parse_error)
         return reader
 
@@ -222,7 +254,7 @@ class DirectLink:
         try:
             try:
                 reader.sock.sendall(pack(command))
-            except builtins.TimeoutError:
+            except (builtins.TimeoutError, BlockingIOError):  # BlockingIOError: SO_SNDTIMEO
                 raise TimeoutError("Timeout writing to socket") from None
             except OSError as exc:
                 raise ConnectionError(f"Error while writing to socket: {exc}") from exc

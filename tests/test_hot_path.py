@@ -5,6 +5,9 @@ helpers a script uses."""
 from __future__ import annotations
 
 import multiprocessing
+import socket
+import struct
+import sys
 import threading
 import time
 from typing import Any
@@ -280,9 +283,31 @@ def test_wire_link_maps_socket_timeouts_to_redis_errors(redis_server: RedisServe
     batcher = Batcher(redis.Redis(host="127.0.0.1", port=redis_server.port, socket_timeout=0.2))
     link = batcher._link
     assert link is not None
+    assert link.call((b"PING",)) == b"PONG"
+    sock = link._local.conn._sock
+    if sys.platform.startswith("linux"):
+        # the timeout is the kernel's (no poll() before each send and receive)
+        assert sock.gettimeout() is None
+        tv = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.calcsize("ll"))
+        assert struct.unpack("ll", tv) == (0, 200_000)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.calcsize("ll")) == tv
+    t0 = time.monotonic()
     with pytest.raises(redis.TimeoutError):
         link.call((b"BLPOP", "never", 2))
+    assert 0.15 < time.monotonic() - t0 < 1.5  # the 0.2 s timeout fired, not the 2 s BLPOP
     assert link.call((b"PING",)) == b"PONG"  # a fresh connection, not the late BLPOP reply
+    batcher.close()
+
+
+def test_wire_link_without_socket_timeout_stays_blocking(redis_server: RedisServer) -> None:
+    batcher = Batcher(redis.Redis(host="127.0.0.1", port=redis_server.port, socket_timeout=None))
+    link = batcher._link
+    assert link is not None
+    assert link.call((b"PING",)) == b"PONG"
+    sock = link._local.conn._sock
+    assert sock.gettimeout() is None
+    tv = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.calcsize("ll"))
+    assert struct.unpack("ll", tv) == (0, 0)  # no timeout: none was asked for
     batcher.close()
 
 

@@ -421,6 +421,34 @@ def test_a_claim_reply_never_hides_a_wake_up_that_came_while_it_was_on_the_way(
     assert w.due_at[idx] == float("inf")  # no news since: sleep until a wake-up
 
 
+def test_history_entry_is_the_json_of_its_fields() -> None:
+    import json
+
+    proc = rb.Batcher("redis://127.0.0.1:1/0", prefix="t").processor(name="h")(lambda flush: None)
+    part = proc.keys.parts[0]
+    for error, reason, flush_id in (
+        (None, "size", "abc-1"),
+        ('ValueError: "quoted" \\ back\nline\ttab \x00 caf\u00e9 \u2603 \U0001f600', "interval", "x-2"),
+        ("", "manual", "\u00e9-3"),
+    ):
+        c = ops.Claimed(proc, part, "b::7", "b", 7, 42, 3, flush_id, reason, "tok")
+        for started, duration, success in ((0, 1.0, True), (1764300000123, 0.1234567, False), (5, 12, True)):
+            expected = {
+                "seq": 7,
+                "items": 42,
+                "started_at": started,
+                "duration_ms": round(duration, 3),
+                "success": success,
+                "error": error,
+                "attempt": 3,
+                "flush_id": flush_id,
+                "reason": reason,
+            }
+            entry = ops.history_entry(c, started, duration, success, error)
+            assert entry == json.dumps(expected, separators=(",", ":"))
+            assert json.loads(entry) == expected
+
+
 def test_tokens_are_unique_and_a_forked_child_draws_its_own() -> None:
     import multiprocessing
 

@@ -69,20 +69,31 @@ def _kernel_timeouts(sock: Any) -> None:
     sock.settimeout(None)
 
 
+_INTS: dict[int, bytes] = {}  # RESP bulk strings of the integers packed so far (most recur)
+_INTS_MAX = 1024
+
+
 def pack(command: Sequence[Arg]) -> bytes:
     """RESP-encode one command (bulk strings; str as UTF-8, numbers in decimal)."""
     out = [b"*%d\r\n" % len(command)]
+    append = out.append
+    arg: Any
     for arg in command:
-        data = (
-            arg
-            if type(arg) is bytes
-            else arg.encode()
-            if type(arg) is str
-            else b"%d" % arg
-            if type(arg) is int
-            else repr(arg).encode()
-        )
-        out.append(b"$%d\r\n%b\r\n" % (len(data), data))
+        kind = type(arg)
+        if kind is int:
+            # a script call's integer arguments are mostly settings: the same few values
+            frame = _INTS.get(arg)
+            if frame is None:
+                digits = b"%d" % arg
+                frame = b"$%d\r\n%b\r\n" % (len(digits), digits)
+                if len(_INTS) < _INTS_MAX:
+                    _INTS[arg] = frame
+            append(frame)
+            continue
+        data = arg if kind is bytes else arg.encode() if kind is str else repr(arg).encode()
+        append(b"$%d\r\n" % len(data))
+        append(data)
+        append(b"\r\n")
     return b"".join(out)
 
 
@@ -93,33 +104,55 @@ def _parse(buf: bytearray, pos: int, parse_error: Any) -> tuple[Any, int] | None
     end = buf.find(b"\r\n", pos)
     if end < 0:
         return None
-    kind, rest, pos = buf[pos], bytes(buf[pos + 1 : end]), end + 2
+    kind = buf[pos]
     if kind == 36:  # $ bulk string
-        n = int(rest)
+        n = int(buf[pos + 1 : end])
+        pos = end + 2
         if n < 0:
             return None, pos
         if len(buf) < pos + n + 2:
             return None
         return bytes(buf[pos : pos + n]), pos + n + 2
-    if kind == 43:  # + simple string
-        return rest, pos
-    if kind == 58:  # : integer
-        return int(rest), pos
     if kind == 42:  # * array
-        n = int(rest)
+        n = int(buf[pos + 1 : end])
+        pos = end + 2
         if n < 0:
             return None, pos
-        items = []
+        items: list[Any] = []
+        size = len(buf)
         for _ in range(n):
+            if pos >= size:
+                return None
+            kind = buf[pos]
+            if kind == 36 or kind == 58:  # bulk strings and integers inline (script replies)
+                end = buf.find(b"\r\n", pos)
+                if end < 0:
+                    return None
+                m = int(buf[pos + 1 : end])
+                pos = end + 2
+                if kind == 58:
+                    items.append(m)
+                elif m < 0:
+                    items.append(None)
+                elif size < pos + m + 2:
+                    return None
+                else:
+                    items.append(bytes(buf[pos : pos + m]))
+                    pos += m + 2
+                continue
             got = _parse(buf, pos, parse_error)
             if got is None:
                 return None
             item, pos = got
             items.append(item)
         return items, pos
+    if kind == 58:  # : integer
+        return int(buf[pos + 1 : end]), end + 2
+    if kind == 43:  # + simple string
+        return bytes(buf[pos + 1 : end]), end + 2
     if kind == 45:  # - error
-        return parse_error(rest.decode("utf-8", "replace")), pos
-    raise InvalidResponse(f"Protocol error, got {bytes(buf[pos - len(rest) - 3 : end])[:40]!r}")
+        return parse_error(buf[pos + 1 : end].decode("utf-8", "replace")), end + 2
+    raise InvalidResponse(f"Protocol error, got {bytes(buf[pos:end])[:40]!r}")
 
 
 def _take(buf: bytearray, got: tuple[Any, int]) -> Any:

@@ -324,7 +324,7 @@ class Worker(WorkerCore):
             return bad
         try:
             result = c.processor.handler(make_flush(c, items))
-            if inspect.isawaitable(result):  # an async handler served by the sync worker
+            if result is not None and inspect.isawaitable(result):  # an async handler, sync worker
                 result = asyncio.run(_awaited(result))
         except Exception as exc:  # a handler may raise anything: record it and retry later
             log.debug("handler traceback", exc_info=True)

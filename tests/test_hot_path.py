@@ -277,6 +277,28 @@ def test_wire_pack_matches_redis_py() -> None:
 
     args = (b"EVALSHA", "abc", 1, "k\u00e9y", b"\x00\xff", 3.5, -7)
     assert pack(args) == b"".join(redis.Connection().pack_command(*args))
+    # integers come from a cache after their first use: the same frames every time
+    many = (b"EVALSHA", 0, 1, -1, 2**63, 30000, "30000", 1000, 1000, -7)
+    for _ in range(3):
+        assert pack(many) == b"".join(redis.Connection().pack_command(*many))
+
+
+def test_wire_reader_parses_script_replies_byte_by_byte() -> None:
+    from redis_batcher.wire import _Reader
+
+    # an ack that claimed the next flush: ints and bulk strings inline, a nil, a nested array
+    stream = (
+        b"*10\r\n$2\r\nok\r\n:0\r\n:-12\r\n$7\r\nr1:6::0\r\n$-1\r\n$0\r\n\r\n"
+        b"*2\r\n:5\r\n$3\r\n\r\n\x00\r\n+PONG\r\n-ERR in array\r\n$4\r\n\x91\xc4\x01x\r\n*0\r\n"
+    )
+    parse_error = redis.Connection()._parser.parse_error
+    for step in (1, 2, 5, len(stream)):
+        reader = _Reader(_Trickle(stream, step), parse_error)
+        got = reader.reply()
+        assert got[:8] == [b"ok", 0, -12, b"r1:6::0", None, b"", [5, b"\r\n\x00"], b"PONG"]
+        assert isinstance(got[8], redis.ResponseError) and str(got[8]) == "in array"
+        assert got[9] == b"\x91\xc4\x01x"
+        assert reader.reply() == []
 
 
 def test_wire_link_maps_socket_timeouts_to_redis_errors(redis_server: RedisServer) -> None:

@@ -95,15 +95,22 @@ local function unpark(pfx, head, due, base, now)
 end
 
 -- Drop a sequence from its head's index; when no active sequence is left the base id leaves
--- the ids set and its head and history start their retention countdown.
-local function retire(pfx, head, ids, base, seq, retention)
-  redis.call('HDEL', head, 'a:' .. seq)
-  if redis.call('HGET', head, 'acc') == tostring(seq) then
-    redis.call('HDEL', head, 'acc')
+-- the ids set and its head and history start their retention countdown. h: the head's
+-- {acc, active} when the caller has read them; set: more head fields (field, value, ...) to
+-- write with the new active count (one HDEL and one HSET on the head).
+local function retire(pfx, head, ids, base, seq, retention, h, set)
+  h = h or redis.call('HMGET', head, 'acc', 'active')
+  if h[1] == tostring(seq) then
+    redis.call('HDEL', head, 'a:' .. seq, 'acc')
+  else
+    redis.call('HDEL', head, 'a:' .. seq)
   end
-  local active = redis.call('HINCRBY', head, 'active', -1)
+  local active = tonumber(h[2] or '0') - 1
+  set = set or {}
+  table.insert(set, 'active')
+  table.insert(set, math.max(active, 0))
+  redis.call('HSET', head, unpack(set))
   if active <= 0 then
-    redis.call('HSET', head, 'active', 0)
     redis.call('SREM', ids, base)
     if retention > 0 then
       redis.call('EXPIRE', head, retention)
@@ -114,17 +121,19 @@ end
 
 -- `n` items left the head of a sealed sequence (delivered or dead-lettered). Either the
 -- sequence is done (completed) or the rest becomes a fresh delivery, due now.
--- cfg: {retention=, ordered=, max=}; known: {cutoff, fid_n} when the caller has read them
-local function advance(pfx, base, seq, n, now, cfg, known)
+-- cfg: {retention=, ordered=, max=}; known: {cutoff, fid_n} when the caller has read them;
+-- done: the sequence's delivered item count when an ack completes it (the head then records
+-- the highest completed sequence: done_seq, done_items, done_at)
+local function advance(pfx, base, seq, n, now, cfg, known, done)
   local member = member_of(base, seq)
   local meta = pfx .. 's:' .. member
   local head = pfx .. 'b:' .. base
   local due = pfx .. 'due'
   local f = known or redis.call('HMGET', meta, 'cutoff', 'fid_n')
   local left = tonumber(f[1] or '0') - n
-  local pending = redis.call('HINCRBY', head, 'pending', int(-n))
-  if pending < 0 then redis.call('HSET', head, 'pending', 0) end
   if left > 0 then
+    local pending = redis.call('HINCRBY', head, 'pending', int(-n))
+    if pending < 0 then redis.call('HSET', head, 'pending', 0) end
     redis.call('HSET', meta, 'cutoff', left, 'window', math.min(left, cfg.max), 'owner', '',
       'updated_at', int(now))
     redis.call('HDEL', meta, 'lease_until', 'next_attempt_at')
@@ -142,7 +151,16 @@ local function advance(pfx, base, seq, n, now, cfg, known)
   end
   redis.call('DEL', meta)
   redis.call('ZREM', due, member)
-  retire(pfx, head, pfx .. 'ids', base, seq, cfg.retention)
+  -- the head's counters, index and completion record: one read, one HDEL, one HSET
+  local h = redis.call('HMGET', head, 'pending', 'acc', 'active', 'done_seq')
+  local set = {'pending', int(math.max(tonumber(h[1] or '0') - n, 0))}
+  if done and tonumber(seq) >= tonumber(h[4] or '-1') then
+    -- concurrent flushes finish in any order: keep the highest completed sequence
+    for _, v in ipairs({'done_seq', seq, 'done_items', done, 'done_at', int(now)}) do
+      table.insert(set, v)
+    end
+  end
+  retire(pfx, head, pfx .. 'ids', base, seq, cfg.retention, {h[2], h[3]}, set)
   if cfg.ordered then unpark(pfx, head, due, base, now) end
   return 0
 end

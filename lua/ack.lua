@@ -27,16 +27,18 @@ local pfx, member, owner = ARGV[1], ARGV[2], ARGV[3]
 local cfg = {retention = tonumber(ARGV[6]), max = tonumber(ARGV[7]), ordered = ARGV[8] == '1'}
 local meta = pfx .. 's:' .. member
 local ikey = pfx .. 'i:' .. member
+-- windows up to this many items are removed with one LTRIM (no LLEN first)
+local SMALL_WINDOW = 1000
 local f = redis.call('HMGET', meta, 'owner', 'status', 'window', 'cutoff', 'fid_n', 'delivered')
 if f[1] ~= owner or f[2] ~= 'flushing' then
   return {'lease_lost', 0}
 end
 local window = tonumber(f[3] or f[4])
 local now = now_ms()
-if window >= redis.call('LLEN', ikey) then
-  redis.call('UNLINK', ikey)
+if window <= SMALL_WINDOW or window < redis.call('LLEN', ikey) then
+  redis.call('LTRIM', ikey, window, -1)  -- a list left empty is deleted
 else
-  redis.call('LTRIM', ikey, window, -1)
+  redis.call('UNLINK', ikey)  -- a large window: its memory is freed in the background
 end
 push_history(hist, ARGV[4], tonumber(ARGV[5]))
 local delivered = tonumber(f[6] or '0') + window
@@ -44,11 +46,8 @@ if tonumber(f[4] or '0') > window then
   redis.call('HSET', meta, 'delivered', delivered)  -- the sequence goes on: keep the count
 end
 local base, seq = split_member(member)
-local left = advance(pfx, base, seq, window, now, cfg, {f[4], f[5]})
--- the head remembers the highest completed sequence (concurrent flushes finish in any order)
-if left == 0 and tonumber(seq) >= tonumber(redis.call('HGET', head, 'done_seq') or '-1') then
-  redis.call('HSET', head, 'done_seq', seq, 'done_items', delivered, 'done_at', int(now))
-end
+-- a completed sequence is recorded on the head (done_seq: the highest completed one)
+local left = advance(pfx, base, seq, window, now, cfg, {f[4], f[5]}, delivered)
 if ARGV[9] and tonumber(ARGV[9]) > 0 then
   local reply = claim_due(due, pfx, claim_opts(9), now)
   if #reply == 1 then

@@ -248,10 +248,17 @@ local function claim_due(due, pfx, o, now)
       local reason = f[5]
       local deliver = true
       local sealing = false
+      local window_items = nil  -- the window's entries, when read together with the length
       if f[1] == 'accumulating' then
         -- interval timer fired: seal with the current length as the cutoff (the sequence's
         -- own fields and its due entry are written once, with the delivery below)
-        cutoff = redis.call('LLEN', ikey)
+        if cfg.max <= inline_max then
+          -- a window that goes inline is read now: a list shorter than a window is all of it
+          window_items = redis.call('LRANGE', ikey, 0, cfg.max - 1)
+          cutoff = #window_items < cfg.max and #window_items or redis.call('LLEN', ikey)
+        else
+          cutoff = redis.call('LLEN', ikey)
+        end
         if cutoff > 0 then
           seal_head(head, seq)
           sealing = true
@@ -328,7 +335,10 @@ local function claim_due(due, pfx, o, now)
         table.insert(out, flush_id)
         table.insert(out, reason or '')
         if window <= inline_max then
-          local items = redis.call('LRANGE', ikey, 0, window - 1)
+          local items = window_items
+          if not items or #items ~= window then
+            items = redis.call('LRANGE', ikey, 0, window - 1)
+          end
           if cmsgpack then items = cmsgpack.pack(items) end
           table.insert(out, items)
         else

@@ -166,15 +166,31 @@ def _take(buf: bytearray, got: tuple[Any, int]) -> Any:
     return value
 
 
-class _Reader:
-    """RESP2 replies from one blocking socket."""
+class _Replies:
+    """The buffer of one connection's RESP2 replies (``_parse``/``_take`` read it); no I/O of
+    its own: the sync and asyncio readers below feed it."""
 
-    __slots__ = ("buf", "parse_error", "sock")
+    __slots__ = ("buf", "parse_error")
 
-    def __init__(self, sock: Any, parse_error: Any) -> None:
-        self.sock = sock
+    def __init__(self, parse_error: Any) -> None:
         self.parse_error = parse_error
         self.buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        """Bytes just read; none means the server closed the connection."""
+        if not data:
+            raise ConnectionError("Connection closed by server.")
+        self.buf += data
+
+
+class _Reader(_Replies):
+    """RESP2 replies from one blocking socket."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: Any, parse_error: Any) -> None:
+        super().__init__(parse_error)
+        self.sock = sock
 
     def reply(self) -> Any:
         buf = self.buf
@@ -185,21 +201,18 @@ class _Reader:
                 raise TimeoutError("Timeout reading from socket") from None
             except OSError as exc:
                 raise ConnectionError(f"Error while reading from socket: {exc}") from exc
-            if not data:
-                raise ConnectionError("Connection closed by server.")
-            buf += data
+            self.feed(data)
         return _take(buf, got)
 
 
-class _AsyncReader:
+class _AsyncReader(_Replies):
     """RESP2 replies from an asyncio stream."""
 
-    __slots__ = ("buf", "parse_error", "stream")
+    __slots__ = ("stream",)
 
     def __init__(self, stream: Any, parse_error: Any) -> None:
+        super().__init__(parse_error)
         self.stream = stream
-        self.parse_error = parse_error
-        self.buf = bytearray()
 
     async def reply(self) -> Any:
         buf = self.buf
@@ -208,9 +221,7 @@ class _AsyncReader:
                 data = await self.stream.read(_RECV)
             except OSError as exc:
                 raise ConnectionError(f"Error while reading from socket: {exc}") from exc
-            if not data:
-                raise ConnectionError("Connection closed by server.")
-            buf += data
+            self.feed(data)
         return _take(buf, got)
 
 

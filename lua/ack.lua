@@ -22,7 +22,8 @@
 -- Reply: {code, left} or, when claiming, {code, left, <claim.lua's reply>}
 --   code 'ok' | 'lease_lost' (nothing changed, nothing claimed); left = sealed items still to
 --   deliver
-local due, head, hist = KEYS[1], KEYS[2], KEYS[3]
+-- KEYS[2] (the head) is declared, not read here: advance() derives it from pfx and writes it
+local due, hist = KEYS[1], KEYS[3]
 local pfx, member, owner = ARGV[1], ARGV[2], ARGV[3]
 local cfg = {retention = tonumber(ARGV[6]), max = tonumber(ARGV[7]), ordered = ARGV[8] == '1'}
 local meta = pfx .. 's:' .. member

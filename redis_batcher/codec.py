@@ -86,9 +86,10 @@ def encode_item(codec: Codec, item: Any, max_bytes: int) -> bytes:
         data = codec.encode(item)
     except Exception as exc:  # the codec decides what it cannot encode
         raise ItemEncodeError(f"cannot encode item of type {type(item).__name__}: {exc}") from exc
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise ItemEncodeError(f"codec {codec_name(codec)!r} returned {type(data).__name__}, not bytes")
-    data = bytes(data)
+    if type(data) is not bytes:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ItemEncodeError(f"codec {codec_name(codec)!r} returned {type(data).__name__}, not bytes")
+        data = bytes(data)
     if len(data) > max_bytes:
         raise ItemTooLarge(f"encoded item is {len(data)} bytes, over max_item_bytes={max_bytes}")
     return data

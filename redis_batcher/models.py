@@ -65,6 +65,27 @@ class AddResult:
     sealed: int = 0
 
 
+_new = object.__new__
+
+
+def add_result(
+    batch_id: str, sequence: int, added: int, pending: int, flushed: bool, status: str, sealed: int
+) -> AddResult:
+    """``AddResult(...)`` for the add hot path: a frozen dataclass's ``__init__`` sets each field
+    through ``object.__setattr__``, ~0.7 µs of an add's client time; this fills the instance's
+    ``__dict__`` directly (same object: equality, hash and repr are the dataclass's)."""
+    result: AddResult = _new(AddResult)
+    fields = result.__dict__
+    fields["batch_id"] = batch_id
+    fields["sequence"] = sequence
+    fields["added"] = added
+    fields["pending"] = pending
+    fields["flushed"] = flushed
+    fields["status"] = status
+    fields["sealed"] = sealed
+    return result
+
+
 @dataclass(frozen=True)
 class FlushResult:
     """Outcome of a manual ``flush``: ``flushed`` is false with ``reason`` when nothing was sealed."""

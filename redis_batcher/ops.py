@@ -25,9 +25,11 @@ from .models import (
     DeleteResult,
     FlushRecord,
     FlushResult,
+    add_result,
     ms_to_dt,
 )
-from .scripts import Arg, Script, scripts
+from .scripts import Script, scripts
+from .wire import Arg
 
 if TYPE_CHECKING:
     from .processor import Processor
@@ -98,14 +100,14 @@ def _parse_one_add(proc: Processor, base: str, adding: int, entry: str) -> AddRe
         limit = proc.config.max_pending if proc.config.max_pending is not None else -1
         return BatchFull(base, int(fields[1]), adding, limit)
     seq, pending, status, sealed, added = fields
-    return AddResult(
-        batch_id=base,
-        sequence=int(seq),
-        added=int(added),
-        pending=int(pending),
-        flushed=sealed != "0",
-        status="flushing" if status == "F" else "accumulating",
-        sealed=int(sealed),
+    return add_result(
+        base,
+        int(seq),
+        int(added),
+        int(pending),
+        sealed != "0",
+        "flushing" if status == "F" else "accumulating",
+        int(sealed),
     )
 
 

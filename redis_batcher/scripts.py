@@ -15,12 +15,12 @@ import hashlib
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from redis.exceptions import NoScriptError
 
-if TYPE_CHECKING:
-    from .wire import AsyncDirectLink, DirectLink
+from . import wire
+from .wire import Arg, AsyncDirectLink, DirectLink
 
 SCRIPT_NAMES = (
     "add",
@@ -50,7 +50,6 @@ JOB_SCRIPT_NAMES = (
     "job_delete",
 )
 
-Arg = str | bytes | int | float
 
 
 def lua_dir() -> Path:
@@ -69,6 +68,16 @@ class Script:
         self.name = name
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
+        self._heads: dict[int, bytes] = {}  # numkeys -> "EVALSHA sha numkeys", RESP-encoded
+
+    def _evalsha(self, keys: Sequence[str], args: Sequence[Arg]) -> bytes:
+        """``EVALSHA sha numkeys keys... args...`` RESP-encoded for a link, the first three
+        arguments framed once per script instead of on every call."""
+        n = len(keys)
+        head = self._heads.get(n)
+        if head is None:
+            head = self._heads[n] = wire.frames((b"EVALSHA", self.sha, n))
+        return wire.pack((*keys, *args), head, 3)
 
     def __call__(self, client: Any, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """Run on a sync redis-py client (``Redis`` or ``RedisCluster``)."""
@@ -98,14 +107,14 @@ class Script:
     def call_direct(self, link: DirectLink, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """Run over a :class:`DirectLink` (this thread's own connection)."""
         try:
-            return link.call((b"EVALSHA", self.sha, len(keys), *keys, *args))
+            return link.request(self._evalsha(keys, args))
         except NoScriptError:
             return link.call((b"EVAL", self.source, len(keys), *keys, *args))
 
     async def call_async_direct(self, link: AsyncDirectLink, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """Run over an :class:`AsyncDirectLink`."""
         try:
-            return await link.call((b"EVALSHA", self.sha, len(keys), *keys, *args))
+            return await link.request(self._evalsha(keys, args))
         except NoScriptError:
             return await link.call((b"EVAL", self.source, len(keys), *keys, *args))
 

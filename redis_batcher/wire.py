@@ -33,7 +33,7 @@ from typing import Any
 import redis
 from redis.exceptions import ConnectionError, InvalidResponse, ResponseError, TimeoutError
 
-from .scripts import Arg
+Arg = str | bytes | int | float  # a command argument
 
 _RECV = 65536
 # a connection that answered less than this many seconds ago is used without the liveness
@@ -73,9 +73,12 @@ _INTS: dict[int, bytes] = {}  # RESP bulk strings of the integers packed so far 
 _INTS_MAX = 1024
 
 
-def pack(command: Sequence[Arg]) -> bytes:
-    """RESP-encode one command (bulk strings; str as UTF-8, numbers in decimal)."""
-    out = [b"*%d\r\n" % len(command)]
+def pack(command: Sequence[Arg], head: bytes = b"", head_count: int = 0) -> bytes:
+    """RESP-encode one command (bulk strings; str as UTF-8, numbers in decimal).
+
+    ``head`` is the command's first ``head_count`` arguments already encoded (a script's
+    ``EVALSHA sha numkeys``: see :func:`frames`), ``command`` the rest."""
+    out = [b"*%d\r\n" % (len(command) + head_count), head]
     append = out.append
     arg: Any
     for arg in command:
@@ -95,6 +98,11 @@ def pack(command: Sequence[Arg]) -> bytes:
         append(data)
         append(b"\r\n")
     return b"".join(out)
+
+
+def frames(args: Sequence[Arg]) -> bytes:
+    """The RESP bulk strings of ``args`` without the array header: a ``head`` for :func:`pack`."""
+    return pack(args).split(b"\r\n", 1)[1]
 
 
 def _parse(buf: bytearray, pos: int, parse_error: Any) -> tuple[Any, int] | None:
@@ -294,10 +302,14 @@ class DirectLink:
 
     def call(self, command: Sequence[Arg]) -> Any:
         """Send one command and return its reply."""
+        return self.request(pack(command))
+
+    def request(self, data: bytes) -> Any:
+        """Send one RESP-encoded command (:func:`pack`) and return its reply."""
         reader = self._reader()
         try:
             try:
-                reader.sock.sendall(pack(command))
+                reader.sock.sendall(data)
             except (builtins.TimeoutError, BlockingIOError):  # BlockingIOError: SO_SNDTIMEO
                 raise TimeoutError("Timeout writing to socket") from None
             except OSError as exc:
@@ -373,6 +385,10 @@ class AsyncDirectLink:
 
     async def call(self, command: Sequence[Arg]) -> Any:
         """Send one command and return its raw reply."""
+        return await self.request(pack(command))
+
+    async def request(self, data: bytes) -> Any:
+        """Send one RESP-encoded command (:func:`pack`) and return its raw reply."""
         idle = self._idle.setdefault(asyncio.get_running_loop(), [])
         conn, used = idle.pop() if idle else (self._make(), 0.0)
         keep = False
@@ -386,7 +402,7 @@ class AsyncDirectLink:
             if reader is None or reader.stream is not conn._reader:
                 reader = self._readers[conn] = _AsyncReader(conn._reader, conn._parser.parse_error)
             try:
-                conn._writer.write(pack(command))
+                conn._writer.write(data)
                 await conn._writer.drain()
             except OSError as exc:
                 raise ConnectionError(f"Error while writing to socket: {exc}") from exc

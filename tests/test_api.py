@@ -280,6 +280,46 @@ def test_codecs(batcher: Batcher) -> None:
         pj.add("x", b"bytes are not json")
 
 
+class RawCodec:
+    """Returns what an (item kind, text) pair asks for: bytearray, memoryview, or a str."""
+
+    name = "raw"
+
+    def encode(self, item: Any) -> Any:
+        kind, text = item
+        data = text.encode()
+        return {"ba": bytearray(data), "mv": memoryview(data)[1:], "str": text}[kind]
+
+    def decode(self, data: bytes) -> Any:
+        return data
+
+
+RAW_ADDS: list[tuple[str, Any]] = [
+    ("add", ("ba", "abc")),
+    ("add", ("mv", "xdef")),
+    ("add_many", [("ba", "gh"), ("mv", "_ij")]),
+]
+RAW_STORED = [b"abc", b"def", b"gh", b"ij"]
+RAW_BAD: list[tuple[str, Any]] = [("add", ("str", "nope")), ("add_many", [("ba", "ok"), ("str", "nope")])]
+
+
+def raw_items(client: Any) -> list[bytes]:
+    (items_key,) = [k for k in client.keys("*raw*") if b":i:" in k]
+    return list(client.lrange(items_key, 0, -1))
+
+
+def test_codec_may_return_any_bytes_like_but_nothing_else(batcher: Batcher, client: Any) -> None:
+    proc = batcher.processor(name="raw", codec=RawCodec(), max_batch_size=10)(lambda flush: None)
+    for method, arg in RAW_ADDS:
+        getattr(proc, method)("x", arg)
+    before = snapshot(client)
+    for method, arg in RAW_BAD:
+        with pytest.raises(rb.ItemEncodeError, match="returned str, not bytes"):
+            getattr(proc, method)("x", arg)
+    assert snapshot(client) == before
+    assert raw_items(client) == RAW_STORED
+
+
 BAD_IDS: list[Any] = [
     "",
     "a" * 1025,

@@ -465,6 +465,21 @@ def test_codecs(backend: Backend) -> None:
     backend.run(body)
 
 
+def test_codec_may_return_any_bytes_like_but_nothing_else(backend: Backend) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        proc = ab.processor(name="raw", codec=test_api.RawCodec(), max_batch_size=10)(lambda flush: None)
+        for method, arg in test_api.RAW_ADDS:
+            await getattr(proc, method)("x", arg)
+        before = snapshot(backend.sync)
+        for method, arg in test_api.RAW_BAD:
+            with pytest.raises(rb.ItemEncodeError, match="returned str, not bytes"):
+                await getattr(proc, method)("x", arg)
+        assert snapshot(backend.sync) == before
+        assert test_api.raw_items(backend.sync) == test_api.RAW_STORED
+
+    backend.run(body)
+
+
 BAD_IDS = test_api.BAD_IDS
 
 

@@ -283,6 +283,31 @@ def test_wire_pack_matches_redis_py() -> None:
         assert pack(many) == b"".join(redis.Connection().pack_command(*many))
 
 
+def test_script_evalsha_frames_match_redis_py() -> None:
+    # a script's "EVALSHA sha numkeys" is framed once; the command must stay byte for byte
+    script = scripts().add
+    calls = [(("rb:{p:0}:b:x",), ("x", "100 -1 -1 -", b"\x81\xa1a\x01")), ((), (7,)), (("a", "b"), ())]
+    for keys, args in calls:
+        for _ in range(2):  # the second time from the cached head
+            want = b"".join(redis.Connection().pack_command("EVALSHA", script.sha, len(keys), *keys, *args))
+            assert script._evalsha(keys, args) == want
+
+
+def test_add_result_fast_constructor_is_the_dataclass() -> None:
+    import dataclasses
+
+    from redis_batcher.models import AddResult, add_result
+
+    fast = add_result("b", 3, 1, 7, True, "flushing", 1)
+    slow = AddResult("b", 3, 1, 7, True, "flushing", 1)
+    assert fast == slow and hash(fast) == hash(slow) and repr(fast) == repr(slow)
+    # every field is set (a field added to AddResult must be added to add_result too)
+    assert fast.__dict__ == dataclasses.asdict(slow)
+    assert list(fast.__dict__) == [f.name for f in dataclasses.fields(AddResult)]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.pending = 0  # type: ignore[misc]
+
+
 def test_wire_reader_parses_script_replies_byte_by_byte() -> None:
     from redis_batcher.wire import _Reader
 

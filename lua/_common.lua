@@ -227,13 +227,19 @@ end
 
 -- Take up to o.limit due sequences from a partition's delay queue and lease them to o.owner
 -- (claim.lua; ack.lua when the worker asks for its next flush with the ack). Returns claim.lua's
--- reply: {next_due_ms, then six fields per claimed sequence}.
+-- reply: {next_due_ms, then six fields per claimed sequence}; next_due_ms is BACKLOG_DUE
+-- when at least BACKLOG more sequences were due than it took (a backlog: the worker then
+-- spreads them over its threads). Looking BACKLOG entries further with the same ZRANGEBYSCORE
+-- also spares the ZRANGE of next_due_ms whenever more is due.
+local BACKLOG, BACKLOG_DUE = 8, -2
 local function claim_due(due, pfx, o, now)
   local limit, lease, owner, seed = o.limit, o.lease, o.owner, o.seed
   local cfg, max_deaths, bisect, cap, inline_max = o.cfg, o.max_deaths, o.bisect, o.cap, o.inline_max
   local out = {0}
-  local members = redis.call('ZRANGEBYSCORE', due, '-inf', int(now), 'LIMIT', 0, limit)
-  for n, member in ipairs(members) do
+  local members = redis.call('ZRANGEBYSCORE', due, '-inf', int(now), 'LIMIT', 0, limit + BACKLOG)
+  local found = #members
+  for n = 1, math.min(found, limit) do
+    local member = members[n]
     local meta = pfx .. 's:' .. member
     local base, seq = split_member(member)
     local f = redis.call('HMGET', meta, 'status', 'cutoff', 'attempt', 'flush_id', 'reason', 'owner',
@@ -347,6 +353,12 @@ local function claim_due(due, pfx, o, now)
       end
     end
   end
-  out[1] = next_due_ms(due, now)
+  if found >= limit + BACKLOG then
+    out[1] = BACKLOG_DUE
+  elseif found > limit then
+    out[1] = 0  -- more is due now
+  else
+    out[1] = next_due_ms(due, now)
+  end
   return out
 end

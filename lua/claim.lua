@@ -19,7 +19,8 @@
 -- Derived keys: head, history, state and items of each member; dead-letter keys; pfx.."woke"
 --   (deleted: add.lua holds back wake-ups until a claim answered the last one).
 -- Reply: {next_due_ms, member, window, attempt, flush_id, reason, items, ...}
---   next_due_ms  ms until the earliest remaining entry is due (0 = due now, -1 = queue empty)
+--   next_due_ms  ms until the earliest remaining entry is due (0 = due now, -1 = queue empty,
+--                -2 = due now, and 8 or more sequences beyond those claimed: a backlog)
 --   then six fields per claimed sequence: deliver its first `window` items; `items` is 0 (read
 --   them with LRANGE) or the window itself: one msgpack array of the raw entries (cmsgpack;
 --   a plain array where cmsgpack is missing, as in test doubles).

@@ -223,6 +223,8 @@ class Claimed:
 
 # claim.lua returns windows of up to this many items with the claim itself
 INLINE_MAX = 2000
+# claim.lua's next_due_ms when at least 8 more sequences were due than it claimed (a backlog)
+BACKLOG_DUE = -2
 
 
 class _Tokens:
@@ -275,7 +277,8 @@ def claim_call(proc: Processor, part: PartitionKeys, limit: int, owner: str) -> 
 def parse_claim(
     proc: Processor, part: PartitionKeys, owner: str, reply: Sequence[Any]
 ) -> tuple[int, list[Claimed]]:
-    """(ms until the next due entry, -1 if none; claimed flushes)."""
+    """(ms until the next due entry: 0 due now, -1 none, BACKLOG_DUE due now and a backlog
+    behind it; claimed flushes)."""
     next_due = int(reply[0])
     out = []
     for i in range(1, len(reply), 6):

@@ -141,6 +141,7 @@ class WorkerCore:
             raise ConfigError("the worker has no processors or iterators to serve")
         self.processors = list(processors)
         self.concurrency = concurrency
+        self.prefetch_multiplier = prefetch_multiplier
         self.capacity = concurrency * prefetch_multiplier  # claimed flushes, waiting or running
         self.wait_replicas = wait_replicas  # the batcher's: acks are confirmed by replicas
         self.max_idle_wait = float(max_idle_wait)
@@ -155,6 +156,8 @@ class WorkerCore:
         # bumped whenever a partition is announced due: a claim reply read after such news must
         # not push that partition's due time back (see claimed())
         self.wakes: list[int] = [0] * len(self.parts)
+        # the last claim of each partition left a backlog due (see ops.BACKLOG_DUE)
+        self.backlog: list[bool] = [False] * len(self.parts)
         self.part_index = {part.pfx: i for i, (_, part) in enumerate(self.parts)}
         self.full_check_at = 0.0
         self._rr = 0
@@ -192,6 +195,9 @@ class WorkerCore:
         partition stays marked due (the reply may predate what the wake-up announced)."""
         proc, part = self.parts[idx]
         next_due, claimed = ops.parse_claim(proc, part, owner, reply)
+        self.backlog[idx] = next_due == ops.BACKLOG_DUE
+        if self.backlog[idx]:
+            next_due = 0
         if next_due == 0 or self.wakes[idx] != seen:
             self.due_at[idx] = 0.0
             return claimed, next_due == 0

@@ -655,3 +655,122 @@ def test_an_ack_whose_claim_finds_nothing_answers_the_pending_wake_up(
     )
     assert ops.claim_part(reply) == [-1]  # nothing left
     assert not real_client.exists(woke)  # the idle slot answered the wake-up
+
+
+def test_a_claim_reports_a_backlog_of_eight_or_more_beyond_what_it_took(real_batcher: Batcher) -> None:
+    proc = real_batcher.processor(name="backlog", max_batch_size=1, flush_interval=None)(lambda f: None)
+    proc.add_many("b", list(range(12)))  # twelve sealed sequences, all due
+    part = proc.keys.for_base("b")
+
+    def claim(limit: int) -> tuple[int, int]:
+        owner = ops.new_token()
+        reply = ops.claim_call(proc, part, limit, owner).run(real_batcher.client)
+        next_due, claimed = ops.parse_claim(proc, part, owner, reply)
+        return next_due, len(claimed)
+
+    assert claim(1) == (ops.BACKLOG_DUE, 1)  # 11 left: 8 or more beyond the one taken
+    assert claim(3) == (ops.BACKLOG_DUE, 3)  # 8 left
+    assert claim(1) == (0, 1)  # 7 left: more is due, no backlog
+    next_due, taken = claim(7)
+    assert taken == 7 and next_due > 0  # nothing left due: the earliest lease expiry
+    # the worker reads a backlog as "due now" and remembers it per partition
+    proc.add_many("b", list(range(10)))
+    w = Worker(real_batcher)
+    idx = w.part_index[part.pfx]
+    owner = ops.new_token()
+    reply = ops.claim_call(proc, part, 1, owner).run(real_batcher.client)
+    claimed, due_now = w.claimed(idx, owner, reply, time.monotonic(), w.wakes[idx])
+    assert len(claimed) == 1 and due_now and w.backlog[idx] and w.due_at[idx] == 0.0
+
+
+def test_the_main_loop_holds_due_flushes_only_for_young_computing_handlers(real_batcher: Batcher) -> None:
+    from redis_batcher.worker import HOLD, _Running
+
+    proc = real_batcher.processor(name="hold", max_batch_size=1, flush_interval=None)(lambda f: None)
+    proc.add("b", 1)
+    w = Worker(real_batcher, concurrency=4)
+    c = claim_directly(proc, "b")
+    now = time.monotonic()
+    w.due_at = [0.0] * len(w.parts)  # something is due
+    assert w._hold_until(now) == 0.0  # no handler running
+    w._inflight["x"] = _Running(c, started=now - HOLD / 2)
+    assert w._hold_until(now) == now - HOLD / 2 + HOLD  # held until the handler is HOLD old
+    assert not w._spread(("x", w._inflight["x"]))  # its ack claims the rest, no other thread
+    assert w._spread(None)  # a thread with nothing next always lets the loop look
+    w._inflight["x"] = _Running(c, chained=True)  # claimed by an ack, about to start
+    assert w._hold_until(now) == now + HOLD
+    w._inflight["x"] = _Running(c, started=now - 2 * HOLD)  # running for longer: spread
+    assert w._hold_until(now) == 0.0
+    w._inflight["x"] = _Running(c, started=now)
+    for undo in (
+        lambda: setattr(w, "_cpu_share", 0.1),  # handlers that wait: threads are worth it
+        lambda: w.backlog.__setitem__(0, True),  # a backlog: threads are worth it
+        lambda: setattr(w, "due_at", [now + 10.0] * len(w.parts)),  # nothing due: nothing to hold
+    ):
+        saved = (w._cpu_share, list(w.backlog), list(w.due_at))
+        undo()
+        assert w._hold_until(now) == 0.0
+        w._cpu_share, w.backlog, w.due_at = saved[0], saved[1], saved[2]
+    assert Worker(real_batcher, prefetch_multiplier=2)._hold_until(now) == 0.0
+
+
+def test_a_freed_thread_wakes_the_main_loop_only_when_it_has_something_to_do(real_batcher: Batcher) -> None:
+    real_batcher.processor(name="look", max_batch_size=1, flush_interval=None)(lambda f: None)
+    w = Worker(real_batcher, concurrency=2)
+    now = time.monotonic()
+    w.due_at = [now + 60.0] * len(w.parts)
+    w._until, w._full = now + 5.0, False  # asleep until the next full check, slots free
+    assert not w._needs_look()  # nothing due before it wakes anyway
+    w.due_at[0] = now + 1.0  # this thread's ack learnt of an earlier due time
+    assert w._needs_look()
+    w.due_at[0] = now + 60.0
+    w._full = True  # asleep waiting for a free slot
+    assert w._needs_look()
+    w._full, w._burst = False, True  # burst: it returns once nothing is in flight
+    assert w._needs_look()
+
+
+def test_a_flush_due_during_a_slow_handler_gets_another_thread_within_the_hold(
+    real_batcher: Batcher,
+) -> None:
+    from redis_batcher.worker import HOLD
+
+    spans: dict[str, tuple[float, float]] = {}
+
+    def handler(flush: rb.Flush) -> None:
+        t0 = time.monotonic()
+        time.sleep(0.3)
+        spans[flush.batch_id] = (t0, time.monotonic())
+
+    proc = real_batcher.processor(name="slow", max_batch_size=1, flush_interval=None)(handler)
+    with running_worker(Worker(real_batcher, concurrency=2, max_idle_wait=60)) as w:
+        assert w.ready.wait(10)
+        proc.add("first", 1)
+        wait_for(lambda: w.inflight == 1)
+        time.sleep(0.05)
+        proc.add("second", 2)  # due while "first" runs: held for at most HOLD, then a thread
+        wait_for(lambda: len(spans) == 2)
+    assert spans["second"][0] < spans["first"][1]  # they overlapped
+    assert spans["second"][0] - spans["first"][0] < 0.3 - HOLD
+
+
+def test_flushes_due_during_a_fast_computing_handler_run_on_its_thread(real_batcher: Batcher) -> None:
+    threads: list[int] = []
+
+    def handler(flush: rb.Flush) -> None:
+        n = flush.items[0]
+        if n < 29:
+            proc.add(f"b{n + 1}", n + 1)  # the next flush is due while this handler computes
+        spin = time.perf_counter() + 0.0003
+        while time.perf_counter() < spin:
+            pass
+        threads.append(threading.get_ident())
+
+    proc = real_batcher.processor(name="chain", max_batch_size=1, flush_interval=None)(handler)
+    with running_worker(Worker(real_batcher, concurrency=4, max_idle_wait=60)) as w:
+        assert w.ready.wait(10)
+        proc.add("b0", 0)
+        wait_for(lambda: len(threads) == 30)
+    # its ack claims the next one: one thread runs (nearly) all of them instead of handing
+    # each to an idle thread, as it would without the hold
+    assert max(threads.count(t) for t in set(threads)) >= 24, [threads.count(t) for t in set(threads)]

@@ -77,7 +77,9 @@ class _Running:
 class Worker(WorkerCore):
     """Delivers due batches of a :class:`Batcher`'s processors to their handlers.
 
-    ``concurrency`` handlers run at once, in a pool of threads. ``prefetch_multiplier``: the
+    ``concurrency`` handlers run at once, in a pool of threads (while handlers compute rather
+    than wait, a flush due during a handler that started under 2 ms ago is left to that
+    handler's thread: see HOLD). ``prefetch_multiplier``: the
     worker claims up to ``concurrency * prefetch_multiplier`` flushes (as Celery's setting of
     that name); above 1, flushes wait claimed for a free thread, so bursts of small flushes
     need fewer claim round trips. Their leases are renewed while they wait, and a stopping

@@ -213,16 +213,21 @@ class Worker(WorkerCore):
 
     def _hold_until(self, now: float) -> float:
         """Until when to leave what is due to the handlers running now (see HOLD); 0: no hold
-        (nothing due, no young handler, or not _computing)."""
-        if not self._computing() or min(self.due_at) > now:
+        (nothing due, not _computing, or a partition with something due has no young handler
+        whose ack would claim it: an ack claims from its own partition only)."""
+        due = {idx for idx, at in enumerate(self.due_at) if at <= now}
+        if not due or not self._computing():
             return 0.0
+        young: dict[int, float] = {}
         with self._lock:
-            young = [
-                now if r.started is None else r.started
-                for r in self._inflight.values()
-                if not r.abandoned and (r.chained if r.started is None else now - r.started < HOLD)
-            ]
-        return min(young) + HOLD if young else 0.0
+            for r in self._inflight.values():
+                start = now if r.started is None else r.started
+                if not r.abandoned and (r.chained if r.started is None else now - start < HOLD):
+                    idx = self.part_index[r.claimed.part.pfx]
+                    young[idx] = min(young.get(idx, start), start)
+        if not due <= young.keys():
+            return 0.0
+        return min(young[idx] for idx in due) + HOLD
 
     def _computing(self) -> bool:
         """Hold (see HOLD): recent handlers computed rather than waited, so more threads would

@@ -714,6 +714,23 @@ def test_the_main_loop_holds_due_flushes_only_for_young_computing_handlers(real_
     assert Worker(real_batcher, prefetch_multiplier=2)._hold_until(now) == 0.0
 
 
+def test_the_hold_never_keeps_another_partitions_due_flush_waiting(real_batcher: Batcher) -> None:
+    from redis_batcher.worker import HOLD, _Running
+
+    busy = real_batcher.processor(name="busy", max_batch_size=1, flush_interval=None)(lambda f: None)
+    real_batcher.processor(name="other", max_batch_size=1, flush_interval=None)(lambda f: None)
+    busy.add("b", 1)
+    w = Worker(real_batcher, concurrency=4)
+    now = time.monotonic()
+    w._inflight["x"] = _Running(claim_directly(busy, "b"), started=now)  # busy's chain is young
+    busy_idx = w.part_index[busy.keys.parts[0].pfx]
+    w.due_at = [now + 60.0] * len(w.parts)
+    w.due_at[busy_idx] = 0.0
+    assert w._hold_until(now) == now + HOLD  # its ack will claim busy's next flush
+    w.due_at = [0.0] * len(w.parts)  # "other" has something due too: only the loop claims it
+    assert w._hold_until(now) == 0.0
+
+
 def test_a_freed_thread_wakes_the_main_loop_only_when_it_has_something_to_do(real_batcher: Batcher) -> None:
     real_batcher.processor(name="look", max_batch_size=1, flush_interval=None)(lambda f: None)
     w = Worker(real_batcher, concurrency=2)

@@ -20,7 +20,7 @@ import redis
 import redis_batcher as rb
 from redis_batcher import Batcher, JobContext, Page, Worker
 from redis_batcher.embedded import RedisServer
-from redis_batcher.jobs import JobRunner, claim_call, commit_call, parse_claim
+from redis_batcher.jobs import JobRunner, claim_call, commit_call, fail_call, parse_claim
 from tests.apps import jobs_app
 from tests.chaos_util import own_server
 from tests.conftest import ROOT, cli_command, snapshot, subprocess_env
@@ -196,6 +196,34 @@ def test_a_step_always_failing_fails_the_job_after_max_retries(real_batcher: Bat
     assert (resumed.status, resumed.retry_count) == ("running", 0)
     Worker(real_batcher).run(burst=True)
     assert Broken.status("b1").status == "completed"  # type: ignore[union-attr]
+
+
+def test_default_retry_backoff_is_1_2_4_seconds_capped_at_30(real_batcher: Batcher) -> None:
+    """The defaults follow the seed: retry n waits 1 s * 2**(n-1), at most 30 s. Each failure is
+    recorded by job_fail.lua, which schedules the retry in the due queue; the test makes each
+    retry runnable at once (score 0) instead of waiting for it."""
+    Count, _ = counting_iterator(real_batcher, max_retries=8)
+    keys, cfg, client = Count.keys, Count.config, real_batcher.client
+    assert (cfg.retry_backoff, cfg.retry_backoff_max) == (1.0, 30.0)
+    Count.start("bk", params={"n": 1})
+    delays: list[int] = []
+    for n in range(1, 10):
+        client.zadd(keys.due, {"bk": 0})
+        owner = f"owner-{n}"
+        _, claimed = parse_claim(owner, claim_call(keys, cfg, 1, owner, "w").run(client))
+        assert [c.retries for c in claimed] == [n - 1]
+        before_ms = int(client.time()[0]) * 1000
+        outcome, retries, delay = fail_call(keys, cfg, "bk", owner, f"E{n}").run(client)
+        if n == 9:  # the first try and max_retries=8 retries have all failed
+            assert (outcome, retries) == (b"failed", 9)
+            break
+        assert (outcome, retries) == (b"retry", n)
+        delays.append(int(delay))
+        scheduled = client.zscore(keys.due, "bk")
+        assert scheduled is not None and 0 <= scheduled - before_ms - int(delay) <= 2000
+    assert delays == [1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
+    st = Count.status("bk")
+    assert st is not None and (st.status, st.retry_count, st.error) == ("failed", 9, "E9")
 
 
 def test_cancel_is_final(real_batcher: Batcher) -> None:

@@ -79,6 +79,13 @@ class Script:
             head = self._heads[n] = wire.frames((b"EVALSHA", self.sha, n))
         return wire.pack((*keys, *args), head, 3)
 
+    def framed(self, keys: Sequence[str], args: Sequence[Arg], *, source: bool = False) -> bytes:
+        """This script's call RESP-encoded for a link's pipeline: ``EVALSHA``, or with
+        ``source`` ``EVAL`` with the full source (after NOSCRIPT)."""
+        if source:
+            return wire.pack((b"EVAL", self.source, len(keys), *keys, *args))
+        return self._evalsha(keys, args)
+
     def __call__(self, client: Any, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """Run on a sync redis-py client (``Redis`` or ``RedisCluster``)."""
         try:

@@ -6,8 +6,9 @@ packing, a parser several calls deep and reply callbacks. Measured on the benchm
 bare socket round trip costs ~11 µs of client CPU and the same RPUSH through ``redis.Redis``
 ~180 µs. An add is one EVALSHA with a short string reply, so :class:`DirectLink` connects with
 redis-py (host, auth, TLS, db, RESP version, timeouts: the client's own pool settings) and then
-frames commands and reads RESP2 replies itself. :class:`AsyncDirectLink` does the same for lone
-adds on ``redis.asyncio`` clients (over the connection's stream).
+frames commands and reads RESP2 replies itself. :class:`AsyncDirectLink` does the same for
+``redis.asyncio`` clients (over the connection's stream): lone adds, and the group commit's
+pipelined script calls.
 
 Replies are what redis-py gives with ``decode_responses=False``; error replies raise the same
 exception classes (an error reply keeps the connection in step). Any other failure closes the
@@ -225,12 +226,30 @@ class _AsyncReader(_Replies):
     async def reply(self) -> Any:
         buf = self.buf
         while (got := _parse(buf, 0, self.parse_error)) is None:
-            try:
-                data = await self.stream.read(_RECV)
-            except OSError as exc:
-                raise ConnectionError(f"Error while reading from socket: {exc}") from exc
-            self.feed(data)
+            await self._more()
         return _take(buf, got)
+
+    async def replies(self, count: int) -> list[Any]:
+        """The next ``count`` replies, as a pipeline gives them: an error reply is its
+        exception object, not raised (the connection stays in step)."""
+        buf = self.buf
+        out: list[Any] = []
+        while len(out) < count:
+            got = _parse(buf, 0, self.parse_error)
+            if got is None:
+                await self._more()
+                continue
+            value, end = got
+            del buf[:end]
+            out.append(value)
+        return out
+
+    async def _more(self) -> None:
+        try:
+            data = await self.stream.read(_RECV)
+        except OSError as exc:
+            raise ConnectionError(f"Error while reading from socket: {exc}") from exc
+        self.feed(data)
 
 
 def _alive(conn: Any) -> bool:
@@ -387,8 +406,13 @@ class AsyncDirectLink:
         """Send one command and return its raw reply."""
         return await self.request(pack(command))
 
-    async def request(self, data: bytes) -> Any:
-        """Send one RESP-encoded command (:func:`pack`) and return its raw reply."""
+    async def request(self, data: bytes, count: int = 0) -> Any:
+        """Send one RESP-encoded command (:func:`pack`) and return its raw reply (an error
+        reply raises).
+
+        With ``count``: ``data`` is that many commands sent in one write, a pipeline, and the
+        result is the list of their replies in order, an error reply as its exception object
+        (as redis-py's ``execute(raise_on_error=False)``)."""
         idle = self._idle.setdefault(asyncio.get_running_loop(), [])
         conn, used = idle.pop() if idle else (self._make(), 0.0)
         keep = False
@@ -406,13 +430,14 @@ class AsyncDirectLink:
                 await conn._writer.drain()
             except OSError as exc:
                 raise ConnectionError(f"Error while writing to socket: {exc}") from exc
+            read = reader.replies(count) if count else reader.reply()
             if conn.socket_timeout:
                 try:
-                    reply = await asyncio.wait_for(reader.reply(), conn.socket_timeout)
+                    reply = await asyncio.wait_for(read, conn.socket_timeout)
                 except asyncio.TimeoutError:
                     raise TimeoutError("Timeout reading from socket") from None
             else:
-                reply = await reader.reply()
+                reply = await read
             keep = True
             return reply
         except ResponseError:

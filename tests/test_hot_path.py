@@ -381,3 +381,86 @@ def test_async_link_maps_socket_timeouts_and_closed_connections(redis_server: Re
         await client.aclose()
 
     asyncio.run(main())
+
+
+def test_async_link_replies_keep_error_replies_as_values() -> None:
+    """A pipeline's replies, read across partial reads: an error reply is returned in its
+    place (not raised), the replies after it are still read, and the buffer keeps what follows."""
+    import asyncio
+
+    from redis_batcher.wire import _AsyncReader
+
+    class Stream:
+        def __init__(self, data: bytes, step: int) -> None:
+            self.data, self.step = data, step
+
+        async def read(self, n: int) -> bytes:
+            out, self.data = self.data[: self.step], self.data[self.step :]
+            return out
+
+    stream = b"$2\r\nok\r\n-NOSCRIPT No matching script.\r\n*2\r\n:1\r\n$1\r\nx\r\n-ERR boom\r\n+PONG\r\n"
+    parse_error = redis.Connection()._parser.parse_error
+
+    async def main() -> None:
+        for step in (1, 4, len(stream)):
+            reader = _AsyncReader(Stream(stream, step), parse_error)
+            first = await reader.replies(3)
+            assert first[0] == b"ok" and first[2] == [1, b"x"]
+            assert isinstance(first[1], redis.exceptions.NoScriptError)
+            with pytest.raises(redis.ResponseError, match="boom"):
+                await reader.reply()  # a lone reply still raises
+            assert await reader.replies(1) == [b"PONG"]
+            with pytest.raises(redis.ConnectionError, match="closed"):
+                await reader.replies(1)
+
+    asyncio.run(main())
+
+
+def test_async_group_commit_is_pipelined_over_the_link(
+    redis_server: RedisServer, real_client: redis.Redis
+) -> None:
+    """Concurrent adds to several batch ids go out as one write of EVALSHAs on the link's
+    connection, not through redis-py's pipeline. After SCRIPT FLUSH the whole pipeline meets
+    NOSCRIPT and is sent again with EVAL; a call failing inside its script (WRONGTYPE) or
+    refused (BatchFull) fails only its own callers; every other item is written exactly once."""
+    import asyncio
+
+    from redis_batcher import asyncio as aio
+
+    async def main() -> None:
+        ab = aio.Batcher(redis_server.url, prefix="gp")
+        assert ab._link is not None
+
+        def no_redis_py_pipeline(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("the group commit used redis-py's pipeline")
+
+        ab.client.pipeline = no_redis_py_pipeline  # type: ignore[method-assign]
+        proc = ab.processor(name="g", max_batch_size=1000, flush_interval=None, max_pending=4)(lambda f: None)
+        await ab.register()
+        real_client.set(proc.keys.for_base("broken").head("broken"), "not a hash")
+        requests: list[int] = []
+        request = ab._link.request
+
+        async def counting(data: bytes, count: int = 0) -> Any:
+            requests.append(count)
+            return await request(data, count)
+
+        ab._link.request = counting  # type: ignore[method-assign]
+        for round_ in range(2):
+            real_client.script_flush()
+            requests.clear()
+            adds = [proc.add(f"id{i % 5}", (round_, i)) for i in range(10)]
+            adds += [proc.add("broken", "x"), proc.add_many("full", range(5))]
+            outs = await asyncio.gather(*adds, return_exceptions=True)
+            assert all(isinstance(o, rb.AddResult) for o in outs[:10]), outs
+            assert [o.pending for o in outs[:10]] == [2 * round_ + 1] * 5 + [2 * round_ + 2] * 5  # type: ignore[union-attr]
+            assert isinstance(outs[10], redis.ResponseError) and "WRONGTYPE" in str(outs[10])
+            assert isinstance(outs[11], rb.BatchFull)
+            # one pipelined write of 7 EVALSHAs, then the same 7 again with EVAL (NOSCRIPT)
+            assert requests == [7, 7], requests
+        for i in range(5):
+            assert await proc.pending(f"id{i}") == 4
+        assert await proc.pending("full") == 0
+        await ab.aclose()
+
+    asyncio.run(main())

@@ -226,7 +226,7 @@ def test_async_link_for_lone_adds(
         with pytest.raises(redis.ResponseError):
             await link.call((b"EVAL", "return redis.error_reply('nope')", 0))
         assert await link.call((b"PING",)) == b"PONG"
-        assert all(c.is_connected for c, _ in link._idle[asyncio.get_running_loop()])
+        assert all(c.is_connected for c, _, _ in link._idle[asyncio.get_running_loop()])
         await ab.aclose()
         assert link._idle.get(asyncio.get_running_loop()) is None
         check = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
@@ -461,6 +461,46 @@ def test_async_group_commit_is_pipelined_over_the_link(
         for i in range(5):
             assert await proc.pending(f"id{i}") == 4
         assert await proc.pending("full") == 0
+        await ab.aclose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is new in Python 3.11")
+def test_async_lone_add_with_a_socket_timeout_starts_no_task(redis_server: RedisServer) -> None:
+    """redis-py's clients default to a 5 s socket timeout. asyncio.wait_for would run each
+    reply read as a task of its own (three more event loop iterations per add); the link arms
+    a timer on the caller's task instead (asyncio.timeout), and the timeout still fires."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from redis_batcher import asyncio as aio
+
+    async def main() -> None:
+        client = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+        assert client.connection_pool.connection_kwargs["socket_timeout"]
+        ab = aio.Batcher(client, prefix="lt")
+        assert ab._link is not None
+        proc = ab.processor(name="lt", max_batch_size=1000, flush_interval=None)(lambda f: None)
+        await proc.add("a", 0)
+        loop = asyncio.get_running_loop()
+        tasks: list[Any] = []
+
+        def factory(loop: Any, coro: Any, **kw: Any) -> Any:
+            tasks.append(coro)
+            return asyncio.Task(coro, loop=loop, **kw)
+
+        loop.set_task_factory(factory)
+        for i in range(20):
+            assert (await proc.add("a", i)).pending == i + 2
+        loop.set_task_factory(None)
+        assert tasks == []
+        short = aio.Batcher(aioredis.Redis(host="127.0.0.1", port=redis_server.port, socket_timeout=0.2))
+        assert short._link is not None
+        with pytest.raises(redis.TimeoutError):
+            await short._link.call((b"BLPOP", "lt:never", 2))
+        await short.aclose()
         await ab.aclose()
 
     asyncio.run(main())

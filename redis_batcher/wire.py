@@ -378,7 +378,8 @@ async def _async_stale(conn: Any) -> bool:
 
 _Idle = tuple[Any, "_AsyncReader | None", float]
 # asyncio.timeout (Python 3.11+) arms a timer on the calling task; asyncio.wait_for runs the read
-# as a task of its own: three more event loop iterations per round trip (~30 µs of a lone add)
+# as a task of its own: three more event loop iterations per round trip (measured: a lone add on
+# a default client ~1.6x the sync add's latency with wait_for, ~1.5x without)
 _timeout: Any = getattr(asyncio, "timeout", None)
 
 

@@ -51,7 +51,6 @@ JOB_SCRIPT_NAMES = (
 )
 
 
-
 def lua_dir() -> Path:
     """Where the ``.lua`` files are: inside the installed package, else the repository root."""
     here = Path(__file__).resolve().parent
@@ -80,8 +79,8 @@ class Script:
         return wire.pack((*keys, *args), head, 3)
 
     def framed(self, keys: Sequence[str], args: Sequence[Arg], *, source: bool = False) -> bytes:
-        """This script's call RESP-encoded for a link's pipeline: ``EVALSHA``, or with
-        ``source`` ``EVAL`` with the full source (after NOSCRIPT)."""
+        """This script's call RESP-encoded for a link: ``EVALSHA``, or with ``source``
+        ``EVAL`` with the full source (after NOSCRIPT)."""
         if source:
             return wire.pack((b"EVAL", self.source, len(keys), *keys, *args))
         return self._evalsha(keys, args)
@@ -116,14 +115,14 @@ class Script:
         try:
             return link.request(self._evalsha(keys, args))
         except NoScriptError:
-            return link.call((b"EVAL", self.source, len(keys), *keys, *args))
+            return link.request(self.framed(keys, args, source=True))
 
     async def call_async_direct(self, link: AsyncDirectLink, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """Run over an :class:`AsyncDirectLink`."""
         try:
             return await link.request(self._evalsha(keys, args))
         except NoScriptError:
-            return await link.call((b"EVAL", self.source, len(keys), *keys, *args))
+            return await link.request(self.framed(keys, args, source=True))
 
     async def call_async(self, client: Any, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """Run on an asyncio redis-py client."""

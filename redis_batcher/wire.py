@@ -226,11 +226,7 @@ class _AsyncReader(_Replies):
     async def reply(self) -> Any:
         buf = self.buf
         while (got := _parse(buf, 0, self.parse_error)) is None:
-            try:  # as _more(), inline: a lone add's reply is on the hot path
-                data = await self.stream.read(_RECV)
-            except OSError as exc:
-                raise ConnectionError(f"Error while reading from socket: {exc}") from exc
-            self.feed(data)
+            await self._more()
         return _take(buf, got)
 
     async def replies(self, count: int) -> list[Any]:
@@ -396,7 +392,6 @@ class AsyncDirectLink:
         self._idle: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[_Idle]] = (
             weakref.WeakKeyDictionary()
         )
-        self._last: tuple[Any, list[_Idle]] = (lambda: None, [])  # (weakref to a loop, its idle list)
 
     @staticmethod
     def supports(client: Any) -> bool:
@@ -425,11 +420,7 @@ class AsyncDirectLink:
         With ``count``: ``data`` is that many commands sent in one write, a pipeline, and the
         result is the list of their replies in order, an error reply as its exception object
         (as redis-py's ``execute(raise_on_error=False)``)."""
-        loop = asyncio.get_running_loop()
-        last_loop, idle = self._last
-        if last_loop() is not loop:  # (the weak dictionary costs a weakref per lookup)
-            idle = self._idle.setdefault(loop, [])
-            self._last = (weakref.ref(loop), idle)
+        idle = self._idle.setdefault(asyncio.get_running_loop(), [])
         conn, reader, used = idle.pop() if idle else (self._make(), None, 0.0)
         keep = False
         try:
@@ -475,4 +466,3 @@ class AsyncDirectLink:
         loop = asyncio.get_running_loop()
         for conn, _, _ in self._idle.pop(loop, []):
             await conn.disconnect()
-        self._last = (lambda: None, [])

@@ -104,7 +104,7 @@ def encode_items(codec: Codec, items: Iterable[Any], max_bytes: int) -> list[byt
             out = codec.encode_many(items)
         except Exception:
             out = None
-        if out is not None and all(len(d) <= max_bytes for d in out):
+        if out is not None and max(map(len, out), default=0) <= max_bytes:
             return out
     return [encode_item(codec, item, max_bytes) for item in items]
 

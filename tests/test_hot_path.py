@@ -281,6 +281,11 @@ def test_wire_pack_matches_redis_py() -> None:
     many = (b"EVALSHA", 0, 1, -1, 2**63, 30000, "30000", 1000, 1000, -7)
     for _ in range(3):
         assert pack(many) == b"".join(redis.Connection().pack_command(*many))
+    # bulk-string headers come from a cache by length: items alike and unlike, empty ones too
+    items = (b"RPUSH", "k", *(b"x" * n for n in (96, 0, 96, 97, 1, 10_000, 96)))
+    for _ in range(2):
+        assert pack(items) == b"".join(redis.Connection().pack_command(*items))
+    assert pack(()) == b"*0\r\n"
 
 
 def test_script_evalsha_frames_match_redis_py() -> None:

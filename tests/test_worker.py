@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 import redis
 
 import redis_batcher as rb
@@ -712,6 +713,78 @@ def test_the_main_loop_holds_due_flushes_only_for_young_computing_handlers(real_
         assert w._hold_until(now) == 0.0
         w._cpu_share, w.backlog, w.due_at = saved[0], saved[1], saved[2]
     assert Worker(real_batcher, prefetch_multiplier=2)._hold_until(now) == 0.0
+
+
+def test_the_spread_limit_applies_only_to_gil_bound_computing_handlers_under_a_backlog(
+    real_batcher: Batcher,
+) -> None:
+    from redis_batcher.worker import COMPUTING_THREADS, PARALLEL_CORES
+
+    real_batcher.processor(name="spread", max_batch_size=1, flush_interval=None)(lambda f: None)
+    w = Worker(real_batcher, concurrency=4)
+    w.backlog[0] = True  # computing handlers (the initial estimate) and a backlog
+    assert w._slots() == COMPUTING_THREADS == 2
+    for undo in (
+        lambda: setattr(w, "_cpu_share", 0.1),  # handlers that wait: every thread is worth it
+        lambda: w.backlog.__setitem__(0, False),  # no backlog: the hold applies instead
+        lambda: setattr(w, "_cores", PARALLEL_CORES + 0.1),  # computing outside the GIL
+    ):
+        saved = (w._cpu_share, list(w.backlog), w._cores)
+        undo()
+        assert w._slots() == w.capacity == 4
+        w._cpu_share, w.backlog, w._cores = saved
+    prefetching = Worker(real_batcher, concurrency=4, prefetch_multiplier=2)
+    prefetching.backlog[0] = True
+    assert prefetching._slots() == 8  # prefetch asked for: claimed flushes wait for threads
+    single = Worker(real_batcher, concurrency=1)
+    single.backlog[0] = True
+    assert single._slots() == 1
+
+
+def test_the_process_cpu_use_is_measured_over_a_window(real_batcher: Batcher) -> None:
+    from redis_batcher.worker import CORES_WINDOW
+
+    real_batcher.processor(name="cores", max_batch_size=1, flush_interval=None)(lambda f: None)
+    w = Worker(real_batcher, concurrency=4)
+    now = time.monotonic()
+    w._cores_since = (now - 0.1 * CORES_WINDOW, time.process_time() - 1.0)
+    w._measure_cores(now)
+    assert w._cores == 0.0  # the window is not over yet
+    cpu = time.process_time()
+    w._cores_since = (now - 1.0, cpu - 1.8)  # 1.8 s of CPU in the last second: 1.8 cores
+    w._measure_cores(now)
+    assert 1.8 <= w._cores < 1.9
+    assert w._cores_since[0] == now and w._cores_since[1] >= cpu
+
+
+@pytest.mark.parametrize("computing", [True, False])
+def test_computing_handlers_work_through_a_backlog_on_two_threads(
+    real_batcher: Batcher, computing: bool
+) -> None:
+    workers: list[Worker] = []
+    inflight: list[int] = []  # flushes in flight (claimed or running) as each handler starts
+
+    def handler(flush: rb.Flush) -> None:
+        inflight.append(len(workers[0]._inflight))
+        if computing:
+            spin = time.perf_counter() + 0.002
+            while time.perf_counter() < spin:
+                pass
+        else:
+            time.sleep(0.005)  # waits: every thread is worth it
+
+    proc = real_batcher.processor(name="backlog2", max_batch_size=1, flush_interval=None)(handler)
+    proc.add_many("b", list(range(80)))  # 80 sequences due at once: a backlog
+    workers.append(Worker(real_batcher, concurrency=4, max_idle_wait=60))
+    with running_worker(workers[0]) as w:
+        assert w.ready.wait(10)
+        wait_for(lambda: len(inflight) == 80, timeout=30)
+    # the first claim, before any reply told of the backlog, may start all four threads
+    later = max(inflight[20:])
+    if computing:
+        assert later <= 2, inflight
+    else:
+        assert later == 4, inflight
 
 
 def test_the_hold_never_keeps_another_partitions_due_flush_waiting(real_batcher: Batcher) -> None:

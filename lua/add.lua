@@ -13,7 +13,10 @@
 -- ARGV[3..] items   encoded items, in add order
 -- Few arguments and a one-string reply keep the client's cost down on the hot path; on the
 -- server an add into an open sequence is 4 commands: TIME, HMGET head, RPUSH, HSET head
--- (pending count and added_at, the accumulating sequence's last-add time).
+-- (pending count and added_at, the accumulating sequence's last-add time). A sequence that an
+-- add opens and fills at once (add_many of max_batch_size items or more) is written sealed
+-- from the start: HINCRBY next, HSET state, HINCRBY active, RPUSH, ZADD due (its head field
+-- goes with the final HSET head), 5 commands instead of 10.
 -- Derived keys (same hash tag): pfx.."ids", pfx.."due", pfx.."h:"..base, pfx.."woke", and the
 -- state and items of the sequences touched. Wakes the workers (PUBLISH on the wake-up channel)
 -- when a sequence is sealed or a new timer became the earliest entry of the delay queue --
@@ -65,18 +68,34 @@ end
 local ids, due, hist = pfx .. 'ids', pfx .. 'due', pfx .. 'h:' .. base
 local wake = false
 
-local function open_sequence()
+-- head fields written once, with the pending count, at the end (field, value, ...)
+local head_set = {}
+
+-- A new sequence. `full`: this add fills it at once, so it is written sealed right away (never
+-- accumulating: no head 'acc', no timer) and the caller only queues it as due.
+local function open_sequence(full)
   local seq = redis.call('HINCRBY', head, 'next', 1) - 1
   local member = member_of(base, seq)
-  redis.call('HSET', pfx .. 's:' .. member, 'status', 'accumulating',
-    'created_at', int(now), 'updated_at', int(now), 'attempt', 0)
-  redis.call('HSET', head, 'acc', seq, 'a:' .. seq, 'accumulating')
+  if full then
+    redis.call('HSET', pfx .. 's:' .. member, 'created_at', int(now), 'attempt', 0,
+      unpack(sealed_fields(max, 'size', now)))
+    table.insert(head_set, 'a:' .. seq)
+    table.insert(head_set, 'flushing')
+    if #head_set >= 2000 then  -- unpack() has a limit: many tiny sequences are written in parts
+      redis.call('HSET', head, unpack(head_set))
+      head_set = {}
+    end
+  else
+    redis.call('HSET', pfx .. 's:' .. member, 'status', 'accumulating',
+      'created_at', int(now), 'updated_at', int(now), 'attempt', 0)
+    redis.call('HSET', head, 'acc', seq, 'a:' .. seq, 'accumulating')
+  end
   if redis.call('HINCRBY', head, 'active', 1) == 1 then
     redis.call('SADD', ids, base)
     redis.call('PERSIST', head)
     redis.call('PERSIST', hist)
   end
-  if interval >= 0 then
+  if interval >= 0 and not full then
     redis.call('ZADD', due, int(now + interval), member)
     -- an idle worker sleeps until the earliest due entry: tell it when that changed
     if redis.call('ZRANGE', due, 0, 0)[1] == member then
@@ -111,8 +130,10 @@ for _, n in ipairs(segs) do
     accepted = accepted + n
     local res_seq, res_count, status, sealed = seq, count, 'accumulating', 0
     while i <= stop do
+      local fresh = false  -- opened by this add and filled at once: already written sealed
       if not seq then
-        seq = open_sequence()
+        fresh = stop - i + 1 >= max
+        seq = open_sequence(fresh)
         count = 0
       end
       local member = member_of(base, seq)
@@ -135,7 +156,11 @@ for _, n in ipairs(segs) do
       end
       res_seq, res_count = seq, count
       if count >= max then
-        seal(pfx, head, due, base, seq, count, 'size', now)
+        if fresh then
+          redis.call('ZADD', due, int(now), member)
+        else
+          seal(pfx, head, due, base, seq, count, 'size', now)
+        end
         sealed = sealed + 1
         status = 'flushing'
         seq, count = nil, nil
@@ -150,7 +175,7 @@ for _, n in ipairs(segs) do
   i = stop + 1
 end
 if accepted > 0 then
-  redis.call('HSET', head, 'pending', pending, 'added_at', now)
+  redis.call('HSET', head, 'pending', pending, 'added_at', now, unpack(head_set))
 end
 if any_sealed or wake then
   wake_workers()

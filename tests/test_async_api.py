@@ -208,6 +208,48 @@ def test_add_many_spills_over_sequences_in_one_call(backend: Backend) -> None:
     backend.run(body)
 
 
+def test_a_sequence_filled_at_once_is_stored_like_one_filled_item_by_item(backend: Backend) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        proc, _ = make(ab, max_batch_size=3, flush_interval=30.0)
+        for i in range(3):
+            await proc.add("slow", i)
+        await proc.add_many("fast", [0, 1, 2])
+        part = proc.keys.for_base("slow")
+        client = backend.sync
+
+        def stored(base: str) -> tuple[dict[str, str], dict[str, str], bool]:
+            state = {k.decode(): v.decode() for k, v in client.hgetall(f"{part.pfx}s:{base}::0").items()}
+            head = {k.decode(): v.decode() for k, v in client.hgetall(f"{part.pfx}b:{base}").items()}
+            for fields in (state, head):
+                for k in ("created_at", "updated_at", "sealed_at", "added_at"):
+                    fields.pop(k, None)
+            return state, head, client.zscore(part.due, f"{base}::0") is not None
+
+        assert stored("fast") == stored("slow")
+        state, head, due = stored("fast")
+        assert (state["status"], state["cutoff"], state["reason"], head["a:0"], due) == (
+            "flushing", "3", "size", "flushing", True
+        )
+        assert "acc" not in head and client.llen(f"{part.pfx}i:fast::0") == 3
+
+    backend.run(body)
+
+
+def test_add_many_into_thousands_of_tiny_sequences(backend: Backend) -> None:
+    async def body(ab: aio.Batcher) -> None:
+        proc, got = make(ab, max_batch_size=1)
+        r = await proc.add_many("tiny", list(range(5_000)))
+        assert (r.sequence, r.sealed, r.added, r.status) == (4_999, 5_000, 5_000, "flushing")
+        st = await proc.status("tiny")
+        assert st is not None and len(st.batches) == 5_000
+        assert all(b.status == "flushing" and b.item_count == 1 for b in st.batches)
+        await burst(ab, concurrency=4)
+        assert sorted(i for f in got for i in f.items) == list(range(5_000))
+        assert await proc.status("tiny") is None
+
+    backend.run(body)
+
+
 def test_add_many_large_call_never_exceeds_max(backend: Backend) -> None:
     async def body(ab: aio.Batcher) -> None:
         proc, got = make(ab, max_batch_size=1000)

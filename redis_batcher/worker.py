@@ -89,7 +89,9 @@ class Worker(WorkerCore):
 
     ``concurrency`` handlers run at once, in a pool of threads (while handlers compute rather
     than wait, a flush due during a handler that started under 2 ms ago is left to that
-    handler's thread: see HOLD). ``prefetch_multiplier``: the
+    handler's thread: see HOLD; and a backlog of such handlers is worked through by at most
+    two threads while the process uses at most 1.5 cores: see COMPUTING_THREADS).
+    ``prefetch_multiplier``: the
     worker claims up to ``concurrency * prefetch_multiplier`` flushes (as Celery's setting of
     that name); above 1, flushes wait claimed for a free thread, so bursts of small flushes
     need fewer claim round trips. Their leases are renewed while they wait, and a stopping

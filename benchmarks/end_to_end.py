@@ -15,7 +15,8 @@ handling time: ``benchmarks/e2e_common.py``). Figure: items/s = items /
 - WATCH/MULTI (``benchmarks/watch_multi.py``): WATCH -> LLEN -> MULTI RPUSH [RENAME into a ready
   queue] EXEC, retried on WatchError; 2 BLPOP consumer processes; the same tail flush.
 - celery-batches (``benchmarks/celery_peer.py``): ``task.delay(batch_id, item)`` per item, one
-  solo-pool worker, Redis broker, flush_every=100, flush_interval=1 s (its timer is the tail).
+  solo-pool worker, Redis broker, flush_every=100, flush_interval=1 s (its timer is the tail);
+  as many items as redis-batcher's add() figure.
 - bare variadic ``RPUSH key <100 pre-encoded items>`` from 4 producer processes, no consumer:
   the ceiling that add_many(100) is compared with.
 
@@ -594,7 +595,12 @@ def main() -> None:
     ap.add_argument("--json", metavar="PATH", help="append one JSON object per figure to PATH")
     ap.add_argument("--items", type=int, default=40_000, help="items per system, add() per item")
     ap.add_argument("--many-items", type=int, default=200_000, help=f"items per system, add_many({MANY})")
-    ap.add_argument("--celery-items", type=int, default=6_000, help="items for celery-batches (slow)")
+    ap.add_argument(
+        "--celery-items",
+        type=int,
+        default=None,
+        help="items for celery-batches (default: --items, the same workload as redis-batcher's add())",
+    )
     ap.add_argument("--bare-items", type=int, default=800_000, help="items for bare RPUSH")
     ap.add_argument("--concurrency", type=int, default=4, help="handler threads per redis-batcher worker")
     ap.add_argument(
@@ -610,7 +616,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.runs = 1
-        args.items, args.many_items, args.celery_items, args.bare_items = 2_000, 10_000, 1_000, 20_000
+        args.items, args.many_items, args.bare_items = 2_000, 10_000, 20_000
+    if args.celery_items is None:
+        # the same workload as add(): with fewer items celery-batches' 1 s flush timer at the end
+        # weighs more (6,000 items: about 1,190 or 1,495 items/s by the timer's phase; 40,000:
+        # 1,320-1,420, its steady state, bound by the solo worker)
+        args.celery_items = args.items
     if args.runs < 1:
         ap.error("--runs must be >= 1")
     systems = {s.strip() for s in args.systems.split(",") if s.strip()}

@@ -66,6 +66,27 @@ def test_add_many_spills_over_sequences_in_one_call(batcher: Batcher, client: An
     assert all(len(f.items) <= 3 for f in got)
 
 
+def stored_first_sequence(client: Any, pfx: str, base: str) -> tuple[dict[str, str], dict[str, str], bool]:
+    """Sequence 0 of ``base`` as stored: its state hash and its head hash (times left out), and
+    whether it is in the delay queue."""
+    state = {k.decode(): v.decode() for k, v in client.hgetall(f"{pfx}s:{base}::0").items()}
+    head = {k.decode(): v.decode() for k, v in client.hgetall(f"{pfx}b:{base}").items()}
+    for fields in (state, head):
+        for k in ("created_at", "updated_at", "sealed_at", "added_at"):
+            fields.pop(k, None)
+    return state, head, client.zscore(f"{pfx}due", f"{base}::0") is not None
+
+
+def check_filled_at_once(client: Any, pfx: str) -> None:
+    """"fast" (one add_many of 3) is stored like "slow" (3 adds), sealed, with no 'acc'."""
+    assert stored_first_sequence(client, pfx, "fast") == stored_first_sequence(client, pfx, "slow")
+    state, head, due = stored_first_sequence(client, pfx, "fast")
+    assert (state["status"], state["cutoff"], state["reason"], head["a:0"], due) == (
+        "flushing", "3", "size", "flushing", True
+    )
+    assert "acc" not in head and client.llen(f"{pfx}i:fast::0") == 3
+
+
 def test_a_sequence_filled_at_once_is_stored_like_one_filled_item_by_item(
     batcher: Batcher, client: Any
 ) -> None:
@@ -74,22 +95,7 @@ def test_a_sequence_filled_at_once_is_stored_like_one_filled_item_by_item(
     for i in range(3):
         proc.add("slow", i)
     proc.add_many("fast", [0, 1, 2])
-    part = proc.keys.for_base("slow")
-
-    def stored(base: str) -> tuple[dict[str, str], dict[str, str], bool]:
-        state = {k.decode(): v.decode() for k, v in client.hgetall(f"{part.pfx}s:{base}::0").items()}
-        head = {k.decode(): v.decode() for k, v in client.hgetall(f"{part.pfx}b:{base}").items()}
-        for fields in (state, head):
-            for k in ("created_at", "updated_at", "sealed_at", "added_at"):
-                fields.pop(k, None)
-        return state, head, client.zscore(part.due, f"{base}::0") is not None
-
-    assert stored("fast") == stored("slow")
-    state, head, due = stored("fast")
-    assert (state["status"], state["cutoff"], state["reason"], head["a:0"], due) == (
-        "flushing", "3", "size", "flushing", True
-    )
-    assert "acc" not in head and client.llen(f"{part.pfx}i:fast::0") == 3
+    check_filled_at_once(client, proc.keys.for_base("slow").pfx)
 
 
 def test_add_many_into_thousands_of_tiny_sequences(batcher: Batcher) -> None:

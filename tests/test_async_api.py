@@ -214,23 +214,7 @@ def test_a_sequence_filled_at_once_is_stored_like_one_filled_item_by_item(backen
         for i in range(3):
             await proc.add("slow", i)
         await proc.add_many("fast", [0, 1, 2])
-        part = proc.keys.for_base("slow")
-        client = backend.sync
-
-        def stored(base: str) -> tuple[dict[str, str], dict[str, str], bool]:
-            state = {k.decode(): v.decode() for k, v in client.hgetall(f"{part.pfx}s:{base}::0").items()}
-            head = {k.decode(): v.decode() for k, v in client.hgetall(f"{part.pfx}b:{base}").items()}
-            for fields in (state, head):
-                for k in ("created_at", "updated_at", "sealed_at", "added_at"):
-                    fields.pop(k, None)
-            return state, head, client.zscore(part.due, f"{base}::0") is not None
-
-        assert stored("fast") == stored("slow")
-        state, head, due = stored("fast")
-        assert (state["status"], state["cutoff"], state["reason"], head["a:0"], due) == (
-            "flushing", "3", "size", "flushing", True
-        )
-        assert "acc" not in head and client.llen(f"{part.pfx}i:fast::0") == 3
+        test_api.check_filled_at_once(backend.sync, proc.keys.for_base("slow").pfx)
 
     backend.run(body)
 

@@ -60,8 +60,8 @@ COMPUTING = 0.25
 # The spread limit: under a backlog, computing handlers (see HOLD) run on at most
 # COMPUTING_THREADS threads at once. Two keep the GIL busy: one runs a handler while the other's
 # ack is on the wire; a third would only wait for the GIL, and every wait is a context switch
-# (end-to-end add_many(100), b=100, 2 workers of 4 threads: 3.1 -> 1.5-2.0 context switches
-# per flush in the workers, 2.6 -> 2.2 µs of worker CPU per item). Handlers that compute
+# (end-to-end add_many(100), b=100, 2 workers of 4 threads: 3.1 -> 1.4-1.9 context switches
+# per flush in the workers, 2.6-2.8 -> 2.2-2.5 µs of worker CPU per item). Handlers that compute
 # outside the GIL (NumPy, hashing, compression) make the process use more than
 # PARALLEL_CORES cores; then the limit is lifted, as it is for handlers that wait.
 COMPUTING_THREADS = 2

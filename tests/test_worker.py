@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -715,52 +716,75 @@ def test_the_main_loop_holds_due_flushes_only_for_young_computing_handlers(real_
     assert Worker(real_batcher, prefetch_multiplier=2)._hold_until(now) == 0.0
 
 
-def test_the_spread_limit_applies_only_to_gil_bound_computing_handlers_under_a_backlog(
+def test_the_spread_limit_applies_only_to_computing_handlers_under_a_backlog_on_a_busy_machine(
     real_batcher: Batcher,
 ) -> None:
-    from redis_batcher.worker import COMPUTING_THREADS, PARALLEL_CORES
+    from redis_batcher.worker import COMPUTING_THREADS
 
     real_batcher.processor(name="spread", max_batch_size=1, flush_interval=None)(lambda f: None)
     w = Worker(real_batcher, concurrency=4)
-    w.backlog[0] = True  # computing handlers (the initial estimate) and a backlog
+    assert not w._crowded  # until measured, the machine has room
+    w._crowded, w.backlog[0] = True, True  # computing handlers (the initial estimate), a backlog
     assert w._slots() == COMPUTING_THREADS == 2
     for undo in (
         lambda: setattr(w, "_cpu_share", 0.1),  # handlers that wait: every thread is worth it
         lambda: w.backlog.__setitem__(0, False),  # no backlog: the hold applies instead
-        lambda: setattr(w, "_cores", PARALLEL_CORES + 0.1),  # computing outside the GIL
+        lambda: setattr(w, "_crowded", False),  # CPUs with room: more threads overlap round trips
     ):
-        saved = (w._cpu_share, list(w.backlog), w._cores)
+        saved = (w._cpu_share, list(w.backlog), w._crowded)
         undo()
         assert w._slots() == w.capacity == 4
-        w._cpu_share, w.backlog, w._cores = saved
+        w._cpu_share, w.backlog, w._crowded = saved
     prefetching = Worker(real_batcher, concurrency=4, prefetch_multiplier=2)
-    prefetching.backlog[0] = True
+    prefetching._crowded, prefetching.backlog[0] = True, True
     assert prefetching._slots() == 8  # prefetch asked for: claimed flushes wait for threads
     single = Worker(real_batcher, concurrency=1)
-    single.backlog[0] = True
+    single._crowded, single.backlog[0] = True, True
     assert single._slots() == 1
 
 
-def test_the_process_cpu_use_is_measured_over_a_window(real_batcher: Batcher) -> None:
-    from redis_batcher.worker import CORES_WINDOW
-
-    real_batcher.processor(name="cores", max_batch_size=1, flush_interval=None)(lambda f: None)
-    w = Worker(real_batcher, concurrency=4)
-    now = time.monotonic()
-    w._cores_since = (now - 0.1 * CORES_WINDOW, time.process_time() - 1.0)
-    w._measure_cores(now)
-    assert w._cores == 0.0  # the window is not over yet
-    cpu = time.process_time()
-    w._cores_since = (now - 1.0, cpu - 1.8)  # 1.8 s of CPU in the last second: 1.8 cores
-    w._measure_cores(now)
-    assert 1.8 <= w._cores < 1.9
-    assert w._cores_since[0] == now and w._cores_since[1] >= cpu
-
-
-@pytest.mark.parametrize("computing", [True, False])
-def test_computing_handlers_work_through_a_backlog_on_two_threads(
-    real_batcher: Batcher, computing: bool
+def test_crowding_is_measured_from_a_threads_run_queue_wait(
+    real_batcher: Batcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from redis_batcher import worker as worker_module
+    from redis_batcher.worker import CROWD_WINDOW
+
+    real_batcher.processor(name="crowd", max_batch_size=1, flush_interval=None)(lambda f: None)
+    w = Worker(real_batcher, concurrency=4)
+    readings: list[tuple[int, int] | None] = [(1_000, 500), (2_000, 1_300), (3_000, 1_400), None]
+    monkeypatch.setattr(worker_module, "sched_times", lambda: readings.pop(0))
+    w._measure_crowding(10.0)  # the first reading: nothing to compare with yet
+    assert not w._crowded
+    w._measure_crowding(10.0 + CROWD_WINDOW / 2)  # within the window: not read again
+    assert len(readings) == 3
+    w._measure_crowding(10.0 + CROWD_WINDOW)  # waited 800 ns for 1,000 ns run: >= 0.5
+    assert w._crowded
+    w._measure_crowding(10.0 + 2 * CROWD_WINDOW)  # waited 100 for 1,000: room again
+    assert not w._crowded
+    w._measure_crowding(10.0 + 3 * CROWD_WINDOW)  # no /proc: left as it was
+    assert not w._crowded and not readings
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/thread-self is Linux's")
+def test_sched_times_reads_the_calling_threads_cpu_time() -> None:
+    from redis_batcher.worker import sched_times
+
+    before = sched_times()
+    assert before is not None
+    spin = time.perf_counter() + 0.02
+    while time.perf_counter() < spin:
+        pass
+    after = sched_times()
+    assert after is not None and after[0] - before[0] >= 5_000_000 and after[1] >= before[1]
+
+
+@pytest.mark.parametrize("computing, crowded", [(True, True), (False, True), (True, False)])
+def test_computing_handlers_work_through_a_backlog_on_two_threads_when_cpus_are_busy(
+    real_batcher: Batcher, monkeypatch: pytest.MonkeyPatch, computing: bool, crowded: bool
+) -> None:
+    from redis_batcher import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "sched_times", lambda: None)  # crowding as set below
     workers: list[Worker] = []
     inflight: list[int] = []  # flushes in flight (claimed or running) as each handler starts
 
@@ -776,12 +800,13 @@ def test_computing_handlers_work_through_a_backlog_on_two_threads(
     proc = real_batcher.processor(name="backlog2", max_batch_size=1, flush_interval=None)(handler)
     proc.add_many("b", list(range(80)))  # 80 sequences due at once: a backlog
     workers.append(Worker(real_batcher, concurrency=4, max_idle_wait=60))
+    workers[0]._crowded = crowded
     with running_worker(workers[0]) as w:
         assert w.ready.wait(10)
         wait_for(lambda: len(inflight) == 80, timeout=30)
     # the first claim, before any reply told of the backlog, may start all four threads
     later = max(inflight[20:])
-    if computing:
+    if computing and crowded:
         assert later <= 2, inflight
     else:
         assert later == 4, inflight

@@ -176,9 +176,15 @@ def _parse(buf: bytearray, pos: int, parse_error: Any) -> tuple[Any, int] | None
     raise InvalidResponse(f"Protocol error, got {bytes(buf[pos:end])[:40]!r}")
 
 
-def _take(buf: bytearray, got: tuple[Any, int]) -> Any:
+def _pop(buf: bytearray, got: tuple[Any, int]) -> Any:
+    """Remove a parsed reply from the buffer; return it (an error reply as its exception)."""
     value, end = got
     del buf[:end]
+    return value
+
+
+def _take(buf: bytearray, got: tuple[Any, int]) -> Any:
+    value = _pop(buf, got)
     if isinstance(value, Exception):
         # top-level error replies raise, as redis-py's do: not only ResponseErrors (a server
         # still loading its data answers LOADING, which redis-py maps to BusyLoadingError,
@@ -251,9 +257,7 @@ class _AsyncReader(_Replies):
             if got is None:
                 await self._more()
                 continue
-            value, end = got
-            del buf[:end]
-            out.append(value)
+            out.append(_pop(buf, got))
         return out
 
     async def _more(self) -> None:

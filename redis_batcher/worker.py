@@ -262,13 +262,17 @@ class Worker(WorkerCore):
         """Hold (see HOLD): recent handlers computed rather than waited, so more threads would
         not run them faster (the GIL), only wake one another; and no claim found a backlog due
         (ops.BACKLOG_DUE: then every thread is worth it)."""
-        return self.prefetch_multiplier == 1 and self._cpu_share >= COMPUTING and not any(self.backlog)
+        return self._handlers_compute() and not any(self.backlog)
+
+    def _handlers_compute(self) -> bool:
+        """Recent handlers computed (busy on the CPU for at least COMPUTING of their time) and
+        no prefetch was asked for: the condition shared by the hold and the spread limit."""
+        return self.prefetch_multiplier == 1 and self._cpu_share >= COMPUTING
 
     def _slots(self) -> int:
         """How many flushes may be in flight at once: ``capacity``, or COMPUTING_THREADS while
         computing handlers work through a backlog on a saturated machine."""
-        computing = self.prefetch_multiplier == 1 and self._cpu_share >= COMPUTING
-        if computing and self._crowded and any(self.backlog):
+        if self._handlers_compute() and self._crowded and any(self.backlog):
             return min(self.capacity, COMPUTING_THREADS)
         return self.capacity
 

@@ -591,7 +591,7 @@ def report_ratios(figures: dict[str, Figure]) -> list[report.Record]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 small run, < 30 s (asserts nothing about speed)")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5, help="runs per figure (median shown; at least 3)")
     ap.add_argument("--json", metavar="PATH", help="append one JSON object per figure to PATH")
     ap.add_argument("--items", type=int, default=40_000, help="items per system, add() per item")
     ap.add_argument("--many-items", type=int, default=200_000, help=f"items per system, add_many({MANY})")

@@ -153,7 +153,7 @@ class Scale:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1, 1,000 and 10,000 ids, one short run")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5, help="runs per figure (median shown; at least 3)")
     ap.add_argument("--ids", type=int, nargs="+", default=[1, 1000, 100_000], help="active id counts")
     ap.add_argument("--seconds", type=float, default=2.0, help="duration of each add() measurement")
     ap.add_argument("--claims", type=int, default=2000, help="claim calls per claim measurement")

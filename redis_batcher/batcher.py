@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 import redis
 from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from . import ops
@@ -172,6 +173,18 @@ class Batcher:
         return call.run(self.client)
 
     def _run_add(self, proc: Processor, base: str, encoded: list[bytes]) -> AddResult:
+        link = self._link
+        if link is not None and len(encoded) == 1 and not self.wait_replicas:
+            # a single add over this thread's connection, framed in one step (ops.add_frame);
+            # NOSCRIPT and a connection that failed before sending take the general way
+            try:
+                reply = link.request(ops.add_frame(proc, base, encoded[0]))
+                return ops.parse_add(proc, base, 1, reply)
+            except NoScriptError:
+                pass
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if not _never_sent(exc):
+                    raise
         reply = self._execute(ops.add_call(proc, base, encoded))
         return ops.parse_add(proc, base, len(encoded), reply)
 

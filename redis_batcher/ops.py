@@ -67,6 +67,25 @@ def add_call(proc: Processor, base: str, encoded: Sequence[bytes], segments: Seq
     return Call(scripts().add, (f"{part.pfx}b:{base}",), (base, config, *encoded))
 
 
+def add_frame(proc: Processor, base: str, data: bytes) -> bytes:
+    """``add_call(proc, base, [data])`` RESP-encoded as a link sends it (the same bytes as
+    ``Script.framed``), built in one formatting step: a single add's hot path. Measured end to
+    end (4 producers on 2 cores), the general framing cost ~3-5 µs of CPU per add more; cold
+    caches after each blocking read make every step dear."""
+    key = f"{proc.keys.for_base(base).pfx}b:{base}".encode()
+    raw = base.encode()
+    return b"*7\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n%b$%d\r\n%b\r\n" % (
+        scripts().add.evalsha_head(1),
+        len(key),
+        key,
+        len(raw),
+        raw,
+        proc.add_config_frame,
+        len(data),
+        data,
+    )
+
+
 def parse_add(proc: Processor, base: str, adding: int, reply: Any) -> AddResult:
     """The result of a single add (raises :class:`BatchFull`)."""
     result = _parse_one_add(proc, base, adding, reply.decode() if isinstance(reply, bytes) else str(reply))

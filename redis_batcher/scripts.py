@@ -69,14 +69,17 @@ class Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
         self._heads: dict[int, bytes] = {}  # numkeys -> "EVALSHA sha numkeys", RESP-encoded
 
-    def _evalsha(self, keys: Sequence[str], args: Sequence[Arg]) -> bytes:
-        """``EVALSHA sha numkeys keys... args...`` RESP-encoded for a link, the first three
-        arguments framed once per script instead of on every call."""
-        n = len(keys)
-        head = self._heads.get(n)
+    def evalsha_head(self, numkeys: int) -> bytes:
+        """``EVALSHA sha numkeys`` as RESP bulk strings (no array header), framed once per
+        script and key count."""
+        head = self._heads.get(numkeys)
         if head is None:
-            head = self._heads[n] = wire.frames((b"EVALSHA", self.sha, n))
-        return wire.pack((*keys, *args), head, 3)
+            head = self._heads[numkeys] = wire.frames((b"EVALSHA", self.sha, numkeys))
+        return head
+
+    def _evalsha(self, keys: Sequence[str], args: Sequence[Arg]) -> bytes:
+        """``EVALSHA sha numkeys keys... args...`` RESP-encoded for a link."""
+        return wire.pack((*keys, *args), self.evalsha_head(len(keys)), 3)
 
     def framed(self, keys: Sequence[str], args: Sequence[Arg], *, source: bool = False) -> bytes:
         """This script's call RESP-encoded for a link: ``EVALSHA``, or with ``source``

@@ -211,23 +211,33 @@ class _Replies:
 
 
 class _Reader(_Replies):
-    """RESP2 replies from one blocking socket."""
+    """RESP2 replies from one blocking socket; also what :meth:`DirectLink.request` checks on
+    every call: the process that made it, the link's generation, the time of its last use."""
 
-    __slots__ = ("sock",)
+    __slots__ = ("gen", "pid", "sock", "used")
 
-    def __init__(self, sock: Any, parse_error: Any) -> None:
+    def __init__(self, sock: Any, parse_error: Any, gen: int = 0) -> None:
         super().__init__(parse_error)
         self.sock = sock
+        self.pid = _pid
+        self.gen = gen
+        self.used = 0.0
 
     def reply(self) -> Any:
         buf = self.buf
-        while (got := _parse(buf, 0, self.parse_error)) is None:
+        while not buf or (got := _parse(buf, 0, self.parse_error)) is None:
             try:
                 data = self.sock.recv(_RECV)
             except (builtins.TimeoutError, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO
                 raise TimeoutError("Timeout reading from socket") from None
             except OSError as exc:
                 raise ConnectionError(f"Error while reading from socket: {exc}") from exc
+            if not buf and data[:1] == b"$":
+                # the common case (an add's reply): one bulk string, whole in one read
+                end = data.find(b"\r\n")
+                n = int(data[1:end]) if end > 0 else -1
+                if n >= 0 and len(data) == end + n + 4:
+                    return data[end + 2 : end + 2 + n]
             self.feed(data)
         return _take(buf, got)
 
@@ -299,6 +309,7 @@ class DirectLink:
         self._local = threading.local()
         self._open: weakref.WeakSet[Any] = weakref.WeakSet()
         self._lock = threading.Lock()
+        self._gen = 0
 
     @staticmethod
     def supports(client: Any) -> bool:
@@ -315,24 +326,30 @@ class DirectLink:
         )
 
     def _reader(self) -> _Reader:
+        """This thread's reader, its connection (re)made or checked first when needed: the
+        slow path of :meth:`request`."""
         local = self._local
         conn = getattr(local, "conn", None)
+        reader: _Reader | None = getattr(local, "reader", None)
         if conn is None or conn.pid != _pid:
             conn = local.conn = self._make()
-            local.reader = None
-            local.used = 0.0
+            reader = local.reader = None
             with self._lock:
                 self._open.add(conn)
-        elif conn._sock is not None and time.monotonic() - local.used > RECHECK_IDLE and not _alive(conn):
+        elif (
+            conn._sock is not None
+            and reader is not None
+            and time.monotonic() - reader.used > RECHECK_IDLE
+            and not _alive(conn)
+        ):
             # like the pool's checkout: a socket the server closed (idle timeout, restart)
             # is replaced now, before anything is sent
             conn.disconnect()
         if conn._sock is None:
             conn.connect()  # a failure here sent nothing
-        reader: _Reader | None = local.reader
-        if reader is None or reader.sock is not conn._sock:
+        if reader is None or reader.sock is not conn._sock or reader.gen != self._gen:
             _kernel_timeouts(conn._sock)
-            reader = local.reader = _Reader(conn._sock, conn._parser.parse_error)
+            reader = local.reader = _Reader(conn._sock, conn._parser.parse_error, self._gen)
         return reader
 
     def call(self, command: Sequence[Arg]) -> Any:
@@ -341,7 +358,18 @@ class DirectLink:
 
     def request(self, data: bytes) -> Any:
         """Send one RESP-encoded command (:func:`pack`) and return its reply."""
-        reader = self._reader()
+        now = time.monotonic()
+        reader: _Reader | None = getattr(self._local, "reader", None)
+        # the common case is checked on the reader alone (one thread-local lookup: under load
+        # every lookup after a blocking read costs cache misses): made in this process, not
+        # closed since (close() starts a new generation), used less than RECHECK_IDLE ago
+        if (
+            reader is None
+            or reader.pid != _pid
+            or reader.gen != self._gen
+            or now - reader.used > RECHECK_IDLE
+        ):
+            reader = self._reader()
         try:
             try:
                 reader.sock.sendall(data)
@@ -350,7 +378,7 @@ class DirectLink:
             except OSError as exc:
                 raise ConnectionError(f"Error while writing to socket: {exc}") from exc
             reply = reader.reply()
-            self._local.used = time.monotonic()
+            reader.used = now
             return reply
         except ResponseError:
             raise  # an error reply: the connection is in step
@@ -361,6 +389,7 @@ class DirectLink:
 
     def close(self) -> None:
         """Close every connection this link opened (in any thread)."""
+        self._gen += 1  # every thread's reader is made anew (on a new connection) on next use
         with self._lock:
             conns = list(self._open)
         for conn in conns:

@@ -272,6 +272,48 @@ def test_wire_reader_parses_resp2_across_partial_reads() -> None:
             reader.reply()  # the stream ended: the server closed the connection
 
 
+def test_wire_reader_takes_a_whole_bulk_reply_in_one_read_and_leaves_the_rest() -> None:
+    from redis_batcher.wire import _Reader
+
+    parse_error = redis.Connection()._parser.parse_error
+    # one read holding exactly one bulk string: the fast path; holding more (pipelined
+    # replies) or a nil: the general parser, in order
+    for stream, replies in (
+        (b"$3\r\nabc\r\n", [b"abc"]),
+        (b"$0\r\n\r\n", [b""]),
+        (b"$3\r\nabc\r\n$-1\r\n:7\r\n", [b"abc", None, 7]),
+        (b"$-1\r\n", [None]),
+        (b"$4\r\na\r\nb\r\n", [b"a\r\nb"]),
+    ):
+        reader = _Reader(_Trickle(stream, len(stream)), parse_error)
+        assert [reader.reply() for _ in replies] == replies
+        assert not reader.buf
+
+
+def test_add_frame_is_the_general_framing_of_a_single_add(real_batcher: Batcher) -> None:
+    from redis_batcher import ops
+
+    for partitions in (1, 4):
+        proc = make(real_batcher, partitions=partitions, max_pending=10)
+        for base in ("a", "user:42", "ünïcødé-🙂", "x" * 300):
+            for data in (b"", b"\x91\x01", b"\r\n$3\r\n", b"x" * 70_000):
+                call = ops.add_call(proc, base, [data])
+                assert ops.add_frame(proc, base, data) == call.script.framed(call.keys, call.args)
+        real_batcher.processors.pop("hot")
+
+
+def test_link_reconnects_on_next_use_after_close(real_batcher: Batcher) -> None:
+    proc = make(real_batcher, max_batch_size=100)
+    link = real_batcher._link
+    assert link is not None
+    proc.add("c", 1)
+    before = link._local.conn._sock
+    real_batcher.close()
+    assert before.fileno() == -1  # closed
+    assert proc.add("c", 2).pending == 2  # at once, not RECHECK_IDLE later: a new connection
+    assert link._local.conn._sock is not None and link._local.conn._sock is not before
+
+
 def test_wire_pack_matches_redis_py() -> None:
     from redis_batcher.wire import pack
 

@@ -363,7 +363,10 @@ class Batcher:
         ):
             # alone in this loop iteration: nobody to group with, so no queue and no future
             # (the same call and reply as _send_one's)
-            reply = await self._execute(ops.add_call(proc, base, encoded))
+            if self._link is not None and len(encoded) == 1:
+                reply = await self._add_one(self._link, proc, base, encoded[0])
+            else:
+                reply = await self._execute(ops.add_call(proc, base, encoded))
             return ops.parse_add(proc, base, len(encoded), reply)
         future: asyncio.Future[AddResult] = loop.create_future()
         self._queue.append(_Pending(proc, base, encoded, future))
@@ -385,6 +388,18 @@ class Batcher:
         else:
             await asyncio.shield(self._spawn(self._send(batch)))
         return await future
+
+    async def _add_one(self, link: AsyncDirectLink, proc: Processor, base: str, data: bytes) -> Any:
+        """A lone single add framed in one step (as the sync Batcher's); NOSCRIPT and a
+        connection that failed before sending take the general way."""
+        try:
+            return await link.request(ops.add_frame(proc, base, data))
+        except NoScriptError:
+            pass
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if not _never_sent(exc):
+                raise
+        return await self._execute(ops.add_call(proc, base, [data]))
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)

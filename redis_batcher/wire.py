@@ -176,6 +176,18 @@ def _parse(buf: bytearray, pos: int, parse_error: Any) -> tuple[Any, int] | None
     raise InvalidResponse(f"Protocol error, got {bytes(buf[pos:end])[:40]!r}")
 
 
+def _whole_bulk(data: bytes) -> bytes | None:
+    """The value of ``data`` when it is exactly one bulk string reply, else None (a nil too):
+    the common case of a script call's reply, read whole at once, taken without the general
+    parser."""
+    if data[:1] == b"$":
+        end = data.find(b"\r\n")
+        n = int(data[1:end]) if end > 0 else -1
+        if n >= 0 and len(data) == end + n + 4:
+            return data[end + 2 : end + 2 + n]
+    return None
+
+
 def _pop(buf: bytearray, got: tuple[Any, int]) -> Any:
     """Remove a parsed reply from the buffer; return it (an error reply as its exception)."""
     value, end = got
@@ -232,12 +244,8 @@ class _Reader(_Replies):
                 raise TimeoutError("Timeout reading from socket") from None
             except OSError as exc:
                 raise ConnectionError(f"Error while reading from socket: {exc}") from exc
-            if not buf and data[:1] == b"$":
-                # the common case (an add's reply): one bulk string, whole in one read
-                end = data.find(b"\r\n")
-                n = int(data[1:end]) if end > 0 else -1
-                if n >= 0 and len(data) == end + n + 4:
-                    return data[end + 2 : end + 2 + n]
+            if not buf and (value := _whole_bulk(data)) is not None:
+                return value
             self.feed(data)
         return _take(buf, got)
 
@@ -253,8 +261,11 @@ class _AsyncReader(_Replies):
 
     async def reply(self) -> Any:
         buf = self.buf
-        while (got := _parse(buf, 0, self.parse_error)) is None:
-            await self._more()
+        while not buf or (got := _parse(buf, 0, self.parse_error)) is None:
+            data = await self._read()
+            if not buf and (value := _whole_bulk(data)) is not None:
+                return value
+            self.feed(data)
         return _take(buf, got)
 
     async def replies(self, count: int) -> list[Any]:
@@ -265,17 +276,17 @@ class _AsyncReader(_Replies):
         while len(out) < count:
             got = _parse(buf, 0, self.parse_error)
             if got is None:
-                await self._more()
+                self.feed(await self._read())
                 continue
             out.append(_pop(buf, got))
         return out
 
-    async def _more(self) -> None:
+    async def _read(self) -> bytes:
         try:
-            data = await self.stream.read(_RECV)
+            data: bytes = await self.stream.read(_RECV)
         except OSError as exc:
             raise ConnectionError(f"Error while reading from socket: {exc}") from exc
-        self.feed(data)
+        return data
 
 
 def _alive(conn: Any) -> bool:
@@ -437,6 +448,8 @@ class AsyncDirectLink:
         self._idle: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[_Idle]] = (
             weakref.WeakKeyDictionary()
         )
+        # the last loop's entry, found without a weak-key lookup (which makes a weakref per call)
+        self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], list[_Idle]] | None = None
 
     @staticmethod
     def supports(client: Any) -> bool:
@@ -465,7 +478,13 @@ class AsyncDirectLink:
         With ``count``: ``data`` is that many commands sent in one write, a pipeline, and the
         result is the list of their replies in order, an error reply as its exception object
         (as redis-py's ``execute(raise_on_error=False)``)."""
-        idle = self._idle.setdefault(asyncio.get_running_loop(), [])
+        loop = asyncio.get_running_loop()
+        last = self._last
+        if last is not None and last[0]() is loop:
+            idle = last[1]
+        else:
+            idle = self._idle.setdefault(loop, [])
+            self._last = (weakref.ref(loop), idle)
         conn, reader, used = idle.pop() if idle else (self._make(), None, 0.0)
         keep = False
         try:
@@ -509,5 +528,6 @@ class AsyncDirectLink:
     async def close(self) -> None:
         """Close this event loop's idle connections."""
         loop = asyncio.get_running_loop()
+        self._last = None
         for conn, _, _ in self._idle.pop(loop, []):
             await conn.disconnect()

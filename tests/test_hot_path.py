@@ -419,6 +419,8 @@ def test_async_link_maps_socket_timeouts_and_closed_connections(redis_server: Re
             await link.call((b"BLPOP", "never", 2))
         assert await link.call((b"PING",)) == b"PONG"  # a fresh connection, not BLPOP's reply
         assert await link.call((b"ECHO", b"x" * 200_000)) == b"x" * 200_000  # many reads
+        assert await link.call((b"ECHO", b"abc")) == b"abc"  # whole in one read
+        assert await link.call((b"ECHO", b"")) == b""
         assert await link.call((b"LRANGE", "nothing", 0, -1)) == []
         assert await link.call((b"QUIT",)) == b"OK"
         with pytest.raises(redis.ConnectionError):
@@ -428,6 +430,34 @@ def test_async_link_maps_socket_timeouts_and_closed_connections(redis_server: Re
         await client.aclose()
 
     asyncio.run(main())
+
+
+def test_async_link_keeps_connections_per_event_loop(redis_server: RedisServer) -> None:
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from redis_batcher.wire import AsyncDirectLink
+
+    client = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+    link = AsyncDirectLink(client)
+    conns: list[Any] = []
+
+    async def use() -> None:
+        loop = asyncio.get_running_loop()
+        assert await link.call((b"ECHO", b"abc")) == b"abc"
+        assert await link.call((b"PING",)) == b"PONG"
+        assert len(link._idle[loop]) == 1  # this loop's connection, kept and reused
+        conns.append(link._idle[loop][0][0])
+        await link.close()
+        assert await link.call((b"PING",)) == b"PONG"  # after close(): a new one, kept too
+        assert len(link._idle[loop]) == 1 and link._idle[loop][0][0] is not conns[-1]
+        await link.close()
+        assert loop not in link._idle
+
+    asyncio.run(use())
+    asyncio.run(use())  # another loop: its own connections
+    assert conns[0] is not conns[1]
 
 
 def test_async_link_replies_keep_error_replies_as_values() -> None:

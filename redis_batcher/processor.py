@@ -51,7 +51,7 @@ class Processor:
         # add.lua's packed config argument (one argument instead of three on the hot path)
         self.add_config = f"{config.max_batch_size} {self.interval_ms} {pending_cap} "
         self.add_config_one = self.add_config + "-"  # one add (no coalesced segments)
-        self.add_config_frame = wire.frames((self.add_config_one,))  # ... RESP-encoded (ops.add_frame)
+        self.add_config_frame = wire.frames((self.add_config_one,))  # the same, RESP-encoded (ops.add_frame)
         self.__doc__ = getattr(handler, "__doc__", None)
         self.__wrapped__ = handler
 

@@ -283,12 +283,16 @@ def chart(records: Sequence[Record], path: Path) -> str:
         ax.barh(ypos, med, xerr=err, color=colors, capsize=3)
         ax.set_yticks(ypos, labels=labels, fontsize=8)
         ax.invert_yaxis()
-        for y, v in zip(ypos, med, strict=True):
-            ax.text(v, y, f" {v:,.0f}", va="center", fontsize=8)
+        # each label just past the bar's max whisker, so the two never overlap
+        for y, v, r in zip(ypos, med, chosen, strict=True):
+            ax.text(max(v, r["max"]) * 1.04, y, f"{v:,.0f}", va="center", fontsize=8)
         positive = [v for v in med if v > 0]
         log = bool(positive) and max(positive) / min(positive) > 50
         if log:
             ax.set_xscale("log")
+        top = max((max(v, r["max"]) for v, r in zip(med, chosen, strict=True)), default=0.0)
+        if top > 0:  # room for the longest bar's label
+            ax.set_xlim(right=top * (4.0 if log else 1.2))
         ax.set_xlabel("items/s (higher is better)" + (", log scale" if log else ""))
     else:
         ax.text(0.5, 0.5, "no items/s figures", ha="center", va="center")

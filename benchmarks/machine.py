@@ -15,7 +15,7 @@ alternating blocks of --block calls (noise hits all alike):
 4. server CPU: ``RPUSH`` of 100 such items, Redis' own µs per call (``INFO commandstats``).
 Figures: median of --runs runs (min, max).
 
-Usage: python -m benchmarks.machine [--quick] [--runs N] [--calls N] [--json PATH]
+Usage: python -m benchmarks.machine [--quick] [--runs N] [--calls N] [--block N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -42,8 +42,11 @@ def _blocking_block(sock: socket.socket, block: int) -> float:
     t0 = time.perf_counter()
     for _ in range(block):
         sock.sendall(PING)
-        if sock.recv(64) != PONG:
-            raise SystemExit("unexpected reply to PING")
+        reply = sock.recv(64)
+        while len(reply) < len(PONG) and reply:  # a reply split in two reads
+            reply += sock.recv(64)
+        if reply != PONG:
+            raise SystemExit(f"unexpected reply to PING: {reply!r}")
     return (time.perf_counter() - t0) / block * 1e6
 
 
@@ -51,8 +54,11 @@ async def _asyncio_block(reader: asyncio.StreamReader, writer: asyncio.StreamWri
     t0 = time.perf_counter()
     for _ in range(block):
         writer.write(PING)
-        if await reader.read(64) != PONG:
-            raise SystemExit("unexpected reply to PING")
+        reply = await reader.read(64)
+        while len(reply) < len(PONG) and reply:  # a reply split in two reads
+            reply += await reader.read(64)
+        if reply != PONG:
+            raise SystemExit(f"unexpected reply to PING: {reply!r}")
     return (time.perf_counter() - t0) / block * 1e6
 
 

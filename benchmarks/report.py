@@ -284,15 +284,15 @@ def chart(records: Sequence[Record], path: Path) -> str:
         ax.set_yticks(ypos, labels=labels, fontsize=8)
         ax.invert_yaxis()
         # each label just past the bar's max whisker, so the two never overlap
-        for y, v, r in zip(ypos, med, chosen, strict=True):
-            ax.text(max(v, r["max"]) * 1.04, y, f"{v:,.0f}", va="center", fontsize=8)
+        ends = [max(v, r["max"]) for v, r in zip(med, chosen, strict=True)]
+        for y, v, end in zip(ypos, med, ends, strict=True):
+            ax.text(end * 1.04, y, f"{v:,.0f}", va="center", fontsize=8)
         positive = [v for v in med if v > 0]
         log = bool(positive) and max(positive) / min(positive) > 50
         if log:
             ax.set_xscale("log")
-        top = max((max(v, r["max"]) for v, r in zip(med, chosen, strict=True)), default=0.0)
-        if top > 0:  # room for the longest bar's label
-            ax.set_xlim(right=top * (4.0 if log else 1.2))
+        if max(ends) > 0:  # room for the longest bar's label
+            ax.set_xlim(right=max(ends) * (4.0 if log else 1.2))
         ax.set_xlabel("items/s (higher is better)" + (", log scale" if log else ""))
     else:
         ax.text(0.5, 0.5, "no items/s figures", ha="center", va="center")

@@ -10,14 +10,22 @@ ids are pre-created with pipelined EVALSHA of the add script (setup, not measure
 Per run and id count:
 1. add() items/s: single-item ``add()`` calls into random existing ids for --seconds, the id
    counts taking turns in pieces of 0.25 s; also add.lua's server-side cost (``INFO
-   commandstats`` usec_per_call of EVALSHA over that phase).
+   commandstats`` usec of EVALSHA, read around add()'s own pieces).
+1b. the floor, taking turns with 1. piece by piece: a minimal script touching the same two keys
+   as an add into an open sequence (``HMGET`` of the head, ``RPUSH`` onto the sequence's
+   list), pre-framed and sent over the same kind of connection (``wire.DirectLink``). Any
+   atomic add with this data layout touches these two keys; at 100,000 ids they are cold in
+   the CPU's caches at every call. The floor's extra µs per call at the most ids over 1 id is
+   that memory cost; add()'s extra µs set against it shows whether add() has any cost of its
+   own that grows with the id count.
 2. claim cost, a few due: --claims claim.lua calls (``ops.claim_call``, limit 10), each finding
    --due sequences due (sealed just before with EVAL add + EVAL flush, acked after with EVAL
    ack: only the claims go through EVALSHA, so usec_per_call of EVALSHA is theirs alone).
 3. claim cost, none due: --claims claim.lua calls on the same queue with nothing due (an idle
    worker's poll).
 Figures: median of --runs runs (min, max); ratios against the 1-id case of the same run:
-add@max ÷ add@1 (target ≥ 0.9), claim@max ÷ claim@1 (reported; expected about flat).
+add@max ÷ add@1 (target ≥ 0.9), floor@max ÷ floor@1, claim@max ÷ claim@1 (reported; expected
+about flat); and µs per call at the most ids minus at 1 id, add() against the floor.
 
 Usage: python -m benchmarks.scale [--quick] [--runs N] [--ids 1 1000 100000] [--seconds S]
                                   [--claims N] [--due K] [--json PATH]
@@ -38,10 +46,14 @@ from benchmarks.report import ITEM, Record, append_json, record
 from redis_batcher import ops
 from redis_batcher.embedded import RedisServer
 from redis_batcher.scripts import scripts
+from redis_batcher.wire import DirectLink, pack
 
 SUITE = "scale"
 CLAIM_LIMIT = 10
 PIECE = 0.25  # seconds of add() on one server before the next takes its turn
+# the least an atomic add into an open sequence does: read the head, push onto the list
+FLOOR_SCRIPT = """local state = redis.call('HMGET', KEYS[1], 'acc', 'pending')
+return redis.call('RPUSH', KEYS[2], ARGV[1])"""
 
 
 def noop(flush: redis_batcher.Flush) -> None:
@@ -53,6 +65,14 @@ def evalsha_usec_per_call(client: redis.Redis) -> tuple[int, float]:
     stats: dict[str, Any] = client.info("commandstats")
     entry = stats.get("cmdstat_evalsha", {})
     return int(entry.get("calls", 0)), float(entry.get("usec_per_call", 0.0))
+
+
+def evalsha_totals(client: redis.Redis) -> tuple[int, float]:
+    """(calls, usec) of EVALSHA since the last CONFIG RESETSTAT: differences of two readings
+    give one phase's share when several scripts take turns."""
+    stats: dict[str, Any] = client.info("commandstats")
+    entry = stats.get("cmdstat_evalsha", {})
+    return int(entry.get("calls", 0)), float(entry.get("usec", 0.0))
 
 
 class Scale:
@@ -73,8 +93,12 @@ class Scale:
         self.batcher.register()
         for script in scripts().scripts.values():
             self.client.script_load(script.source)
+        self.floor_sha = str(self.client.script_load(FLOOR_SCRIPT))
+        self.link = DirectLink(self.client)
+        self.floor_frames: list[bytes] = []
 
     def close(self) -> None:
+        self.link.close()
         self.client.close()
         self.server.close()
 
@@ -91,6 +115,15 @@ class Scale:
         active = int(self.client.scard(self.part.ids))
         if active != self.n:
             raise SystemExit(f"expected {self.n} active ids, found {active}")
+        # the floor's calls, framed beforehand: every id's open sequence is its first (0)
+        if self.client.hget(self.part.head(self.order[0]), "acc") != b"0":
+            raise SystemExit("expected sequence 0 to be open")
+        item = encoded[0]
+        frames = {
+            bid: pack(("EVALSHA", self.floor_sha, 2, self.part.head(bid), self.part.items(bid, 0), item))
+            for bid in set(self.order)
+        }
+        self.floor_frames = [frames[bid] for bid in self.order]
 
     def add_piece(self, seconds: float, offset: int) -> int:
         """Single-item add() calls into random existing ids for ``seconds``; how many were made."""
@@ -101,6 +134,28 @@ class Scale:
             add(order[(offset + done) & mask], ITEM)
             done += 1
         return done
+
+    def floor_piece(self, seconds: float, offset: int) -> int:
+        """The floor script on the same random ids as add_piece for ``seconds``; how many calls."""
+        request, frames, mask = self.link.request, self.floor_frames, len(self.floor_frames) - 1
+        done = 0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            request(frames[(offset + done) & mask])
+            done += 1
+        return done
+
+    def piece(self, kind: str, seconds: float, offset: int) -> tuple[int, float, float]:
+        """One piece of ``add`` (add_piece) or ``floor`` (floor_piece): (calls, seconds taken,
+        EVALSHA server usec over the piece)."""
+        calls0, usec0 = evalsha_totals(self.client)
+        t0 = time.perf_counter()
+        calls = (self.add_piece if kind == "add" else self.floor_piece)(seconds, offset)
+        taken = time.perf_counter() - t0
+        calls1, usec1 = evalsha_totals(self.client)
+        if calls1 - calls0 < calls:
+            raise SystemExit(f"commandstats counted {calls1 - calls0} EVALSHA calls for {calls} {kind} calls")
+        return calls, taken, usec1 - usec0
 
     def _eval(self, pipe: Any, call: ops.Call) -> None:
         pipe.eval(call.script.source, len(call.keys), *call.keys, *call.args)
@@ -177,24 +232,29 @@ def main() -> None:
         for r in range(args.runs):
             # rotate which id count goes first, so drift over the run hits all alike
             turn = benches[r % len(benches) :] + benches[: r % len(benches)]
-            # 1. add(): every id count in alternating pieces, so noise hits all alike
-            done = dict.fromkeys(ns, 0)
-            taken = dict.fromkeys(ns, 0.0)
+            # 1. add() and the floor: every id count in alternating pieces, so noise hits all
+            # alike; add.lua's server time is read around add()'s own pieces
+            done = {(kind, n): 0 for kind in ("add", "floor") for n in ns}
+            taken = dict.fromkeys(done, 0.0)
+            script_usec = dict.fromkeys(done, 0.0)  # each script's EVALSHA server usec
             for bench in turn:
                 bench.client.config_resetstat()
             left = args.seconds
             while left > 1e-9:
+                kinds = ("add", "floor") if round(left / piece) % 2 else ("floor", "add")
                 for bench in turn:
-                    t0 = time.perf_counter()
-                    done[bench.n] += bench.add_piece(min(piece, left), done[bench.n])
-                    taken[bench.n] += time.perf_counter() - t0
+                    for kind in kinds:
+                        slot = (kind, bench.n)
+                        calls, seconds, usec = bench.piece(kind, min(piece, left), done[slot])
+                        done[slot] += calls
+                        taken[slot] += seconds
+                        script_usec[slot] += usec
                 left -= piece
             for bench in turn:
-                calls, usec = evalsha_usec_per_call(bench.client)
-                if calls < done[bench.n]:
-                    raise SystemExit(f"commandstats counted {calls} EVALSHA calls for {done[bench.n]} adds")
-                fig.setdefault(("add", bench.n), []).append(done[bench.n] / taken[bench.n])
-                fig.setdefault(("add_usec", bench.n), []).append(usec)
+                for kind in ("add", "floor"):
+                    fig.setdefault((kind, bench.n), []).append(done[kind, bench.n] / taken[kind, bench.n])
+                    usec = script_usec[kind, bench.n] / done[kind, bench.n]
+                    fig.setdefault((f"{kind}_usec", bench.n), []).append(usec)
             # 2. and 3. claims
             for bench in turn:
                 claim_usec, claim_wall = bench.claim_cost(args.claims, args.due)
@@ -217,7 +277,9 @@ def main() -> None:
     )
     rows = (
         ("add", "add() items/s", ",.0f"),
+        ("floor", "floor script calls/s", ",.0f"),
         ("add_usec", "add.lua server us/call", ".1f"),
+        ("floor_usec", "floor script server us/call", ".1f"),
         ("claim_usec", f"claim.lua server us/call, {args.due} due", ".1f"),
         ("claim_wall", f"claim round trip us, {args.due} due", ".1f"),
         ("idle_usec", "claim.lua server us/call, none due", ".1f"),
@@ -233,20 +295,40 @@ def main() -> None:
     def ratio(key: str) -> float:
         return med(fig[(key, hi)]) / med(fig[(key, lo)])
 
+    # µs per call at the most ids minus at 1 id, per run: what the cold keys cost each call
+    extra = {
+        kind: [1e6 / h - 1e6 / lo_ for lo_, h in zip(fig[(kind, lo)], fig[(kind, hi)], strict=True)]
+        for kind in ("add", "floor")
+    }
     print(f"add() items/s at {hi:,} ids / at {lo:,} id = {ratio('add'):.2f}  (target >= 0.9)")
+    print(f"floor script calls/s at {hi:,} ids / at {lo:,} id = {ratio('floor'):.2f}")
+    print(
+        f"µs per call at {hi:,} ids minus at {lo:,} id: add() {med(extra['add']):+.1f}, "
+        f"floor script {med(extra['floor']):+.1f}  (the same two keys, cold)"
+    )
     print(f"claim.lua cost at {hi:,} ids / at {lo:,} id = {ratio('claim_usec'):.2f}  (expected about flat)")
     print(f"idle claim.lua cost at {hi:,} ids / at {lo:,} id = {ratio('idle_usec'):.2f}")
 
     records: list[Record] = []
-    units = {"add": "items/s", "add_usec": "µs", "claim_usec": "µs", "claim_wall": "µs", "idle_usec": "µs"}
+    units = {
+        "add": "items/s",
+        "floor": "calls/s",
+        "add_usec": "µs",
+        "floor_usec": "µs",
+        "claim_usec": "µs",
+        "claim_wall": "µs",
+        "idle_usec": "µs",
+    }
     names = {
         "add": "add() items/s",
+        "floor": "floor script (HMGET head + RPUSH list) calls/s",
         "add_usec": "add.lua server µs/call",
+        "floor_usec": "floor script server µs/call",
         "claim_usec": f"claim.lua server µs/call, {args.due} due",
         "claim_wall": f"claim round trip µs, {args.due} due",
         "idle_usec": "claim.lua server µs/call, none due",
     }
-    for key in ("add", "add_usec", "claim_usec", "claim_wall", "idle_usec"):
+    for key in ("add", "floor", "add_usec", "floor_usec", "claim_usec", "claim_wall", "idle_usec"):
         base_name = f"{names[key]}, {lo:,} active id{'s' if lo != 1 else ''}"
         for n in ns:
             name = f"{names[key]}, {n:,} active id{'s' if n != 1 else ''}"
@@ -264,6 +346,18 @@ def main() -> None:
                     target="≥ 0.9" if key == "add" and n == hi else None,
                 )
             )
+    floor_name = f"floor script µs per call, {hi:,} active ids minus {lo:,}"
+    records.append(record(SUITE, floor_name, extra["floor"], "µs"))
+    records.append(
+        record(
+            SUITE,
+            f"add() µs per call, {hi:,} active ids minus {lo:,}",
+            extra["add"],
+            "µs",
+            ratio=med(extra["add"]) / med(extra["floor"]) if med(extra["floor"]) > 0 else None,
+            ratio_of=floor_name,
+        )
+    )
     append_json(args.json, records)
 
 

@@ -56,7 +56,9 @@ def test_quick_run_of_all_suites(tmp_path: Path) -> None:
     assert {r["suite"] for r in records} == set(present), output
     for r in records:
         assert set(r) == FIELDS, r
-        assert all(math.isfinite(r[k]) and r[k] >= 0 for k in ("median", "min", "max")), r
+        assert all(math.isfinite(r[k]) for k in ("median", "min", "max")), r
+        if " minus " not in r["figure"]:  # a difference of two timings may come out below zero
+            assert r["min"] >= 0, r
         assert r["min"] <= r["median"] <= r["max"], r
         if r["target"] is not None:
             assert isinstance(r["met"], bool), r

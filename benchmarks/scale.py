@@ -60,19 +60,18 @@ def noop(flush: redis_batcher.Flush) -> None:
     """Never called: no worker runs."""
 
 
-def evalsha_usec_per_call(client: redis.Redis) -> tuple[int, float]:
-    """(calls, usec_per_call) of EVALSHA since the last CONFIG RESETSTAT."""
-    stats: dict[str, Any] = client.info("commandstats")
-    entry = stats.get("cmdstat_evalsha", {})
-    return int(entry.get("calls", 0)), float(entry.get("usec_per_call", 0.0))
-
-
 def evalsha_totals(client: redis.Redis) -> tuple[int, float]:
     """(calls, usec) of EVALSHA since the last CONFIG RESETSTAT: differences of two readings
     give one phase's share when several scripts take turns."""
     stats: dict[str, Any] = client.info("commandstats")
     entry = stats.get("cmdstat_evalsha", {})
     return int(entry.get("calls", 0)), float(entry.get("usec", 0.0))
+
+
+def evalsha_usec_per_call(client: redis.Redis) -> tuple[int, float]:
+    """(calls, usec per call) of EVALSHA since the last CONFIG RESETSTAT."""
+    calls, usec = evalsha_totals(client)
+    return calls, usec / calls if calls else 0.0
 
 
 class Scale:
@@ -237,8 +236,6 @@ def main() -> None:
             done = {(kind, n): 0 for kind in ("add", "floor") for n in ns}
             taken = dict.fromkeys(done, 0.0)
             script_usec = dict.fromkeys(done, 0.0)  # each script's EVALSHA server usec
-            for bench in turn:
-                bench.client.config_resetstat()
             left = args.seconds
             while left > 1e-9:
                 kinds = ("add", "floor") if round(left / piece) % 2 else ("floor", "add")

@@ -581,3 +581,47 @@ def test_async_lone_add_with_a_socket_timeout_starts_no_task(redis_server: Redis
         await ab.aclose()
 
     asyncio.run(main())
+
+
+def test_msgpack_codec_encodes_as_packb_in_every_thread_and_after_a_failed_item() -> None:
+    import msgpack
+
+    from redis_batcher.codec import MsgpackCodec, encode_item
+
+    codec = MsgpackCodec()
+    items: list[Any] = [{"id": i, "s": "é" * i, "b": b"\x00" * i, "l": [1.5, None, True]} for i in range(50)]
+    expected = [msgpack.packb(item, use_bin_type=True) for item in items]
+    with pytest.raises(rb.ItemEncodeError):
+        encode_item(codec, {"ok": 1, "bad": object()}, 1 << 20)  # fails half-way through a map
+    with pytest.raises(rb.ItemEncodeError):
+        encode_item(codec, [1, 2**70], 1 << 20)
+    assert [codec.encode(item) for item in items] == expected  # nothing left of the failed packs
+
+    results: dict[int, list[bytes]] = {}
+
+    def encode_all(n: int) -> None:
+        results[n] = [codec.encode(item) for _ in range(20) for item in items]
+
+    threads = [threading.Thread(target=encode_all, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(got == expected * 20 for got in results.values())
+
+
+def test_msgpack_decode_many_reads_every_key_type_and_refuses_a_bad_entry() -> None:
+    import msgpack
+
+    from redis_batcher.codec import MsgpackCodec
+
+    codec = MsgpackCodec()
+    plain = [codec.encode(item) for item in ({"a": 1}, "é", b"\xff", [1, {"k": None}])]
+    assert codec.decode_many(plain) == [codec.decode(d) for d in plain]
+    # a map with an int key makes the whole window go the slower way: the same result
+    mixed = [*plain, codec.encode({1: "one", b"k": [2]})]
+    assert codec.decode_many(mixed) == [{"a": 1}, "é", b"\xff", [1, {"k": None}], {1: "one", b"k": [2]}]
+    assert codec.decode_many(iter(plain)) == codec.decode_many(plain)
+    for bad in (b"\xc1", msgpack.packb(1) + msgpack.packb(2), msgpack.packb("abc")[:-1]):
+        with pytest.raises(ValueError):
+            codec.decode_many([*plain, bad])

@@ -17,6 +17,10 @@ from msgpack import unpackb as _unpackb
 
 from .errors import ConfigError, DecodeError, ItemEncodeError, ItemTooLarge
 
+# each thread's own msgpack Packer (attribute ``pack``): msgpack.packb builds one per call and
+# parses its keyword arguments, which costs about as much as packing a small item
+_packers = threading.local()
+
 
 @runtime_checkable
 class Codec(Protocol):
@@ -38,13 +42,8 @@ class MsgpackCodec:
 
     name = "msgpack"
 
-    def __init__(self) -> None:
-        # each thread's own Packer: msgpack.packb builds one per call and parses its keyword
-        # arguments, which costs about as much as packing a small item
-        self._local = threading.local()
-
     def encode(self, item: Any) -> bytes:
-        local = self._local
+        local = _packers
         try:
             pack = local.pack
         except AttributeError:

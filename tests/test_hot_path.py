@@ -584,6 +584,8 @@ def test_async_lone_add_with_a_socket_timeout_starts_no_task(redis_server: Redis
 
 
 def test_msgpack_codec_encodes_as_packb_in_every_thread_and_after_a_failed_item() -> None:
+    import copy
+
     import msgpack
 
     from redis_batcher.codec import MsgpackCodec, encode_item
@@ -596,6 +598,7 @@ def test_msgpack_codec_encodes_as_packb_in_every_thread_and_after_a_failed_item(
     with pytest.raises(rb.ItemEncodeError):
         encode_item(codec, [1, 2**70], 1 << 20)
     assert [codec.encode(item) for item in items] == expected  # nothing left of the failed packs
+    assert copy.deepcopy(codec).encode(items[3]) == expected[3]  # no per-instance state to copy
 
     results: dict[int, list[bytes]] = {}
 

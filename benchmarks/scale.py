@@ -272,22 +272,26 @@ def main() -> None:
         f"redis-server {version}; {args.runs} run(s): add() for {args.seconds}s, {args.claims} claims "
         f"with {args.due} due and {args.claims} with none due, per id count; median shown (min, max)"
     )
-    rows = (
-        ("add", "add() items/s", ",.0f"),
-        ("floor", "floor script calls/s", ",.0f"),
-        ("add_usec", "add.lua server us/call", ".1f"),
-        ("floor_usec", "floor script server us/call", ".1f"),
-        ("claim_usec", f"claim.lua server us/call, {args.due} due", ".1f"),
-        ("claim_wall", f"claim round trip us, {args.due} due", ".1f"),
-        ("idle_usec", "claim.lua server us/call, none due", ".1f"),
+    # every per-id-count figure: (key in fig, name in the report, unit, printed format)
+    figures = (
+        ("add", "add() items/s", "items/s", ",.0f"),
+        ("floor", "floor script (HMGET head + RPUSH list) calls/s", "calls/s", ",.0f"),
+        ("add_usec", "add.lua server µs/call", "µs", ".1f"),
+        ("floor_usec", "floor script server µs/call", "µs", ".1f"),
+        ("claim_usec", f"claim.lua server µs/call, {args.due} due", "µs", ".1f"),
+        ("claim_wall", f"claim round trip µs, {args.due} due", "µs", ".1f"),
+        ("idle_usec", "claim.lua server µs/call, none due", "µs", ".1f"),
     )
-    for key, label, fmt in rows:
+
+    def ids(n: int, active: str = "") -> str:
+        return f"{n:,} {active}id{'s' if n != 1 else ''}"
+
+    for key, label, _, fmt in figures:
         cells = []
         for n in ns:
             v = fig[(key, n)]
-            ids = f"{n:,} id{'s' if n != 1 else ''}"
-            cells.append(f"{ids} {format(med(v), fmt)} ({format(min(v), fmt)}..{format(max(v), fmt)})")
-        print(f"  {label:<38} " + "; ".join(cells))
+            cells.append(f"{ids(n)} {format(med(v), fmt)} ({format(min(v), fmt)}..{format(max(v), fmt)})")
+        print(f"  {label:<48} " + "; ".join(cells))
 
     def ratio(key: str) -> float:
         return med(fig[(key, hi)]) / med(fig[(key, lo)])
@@ -307,37 +311,19 @@ def main() -> None:
     print(f"idle claim.lua cost at {hi:,} ids / at {lo:,} id = {ratio('idle_usec'):.2f}")
 
     records: list[Record] = []
-    units = {
-        "add": "items/s",
-        "floor": "calls/s",
-        "add_usec": "µs",
-        "floor_usec": "µs",
-        "claim_usec": "µs",
-        "claim_wall": "µs",
-        "idle_usec": "µs",
-    }
-    names = {
-        "add": "add() items/s",
-        "floor": "floor script (HMGET head + RPUSH list) calls/s",
-        "add_usec": "add.lua server µs/call",
-        "floor_usec": "floor script server µs/call",
-        "claim_usec": f"claim.lua server µs/call, {args.due} due",
-        "claim_wall": f"claim round trip µs, {args.due} due",
-        "idle_usec": "claim.lua server µs/call, none due",
-    }
-    for key in ("add", "floor", "add_usec", "floor_usec", "claim_usec", "claim_wall", "idle_usec"):
-        base_name = f"{names[key]}, {lo:,} active id{'s' if lo != 1 else ''}"
+    for key, label, unit, _ in figures:
+        base_name = f"{label}, {ids(lo, 'active ')}"
         for n in ns:
-            name = f"{names[key]}, {n:,} active id{'s' if n != 1 else ''}"
+            name = f"{label}, {ids(n, 'active ')}"
             if n == lo:
-                records.append(record(SUITE, name, fig[(key, n)], units[key]))
+                records.append(record(SUITE, name, fig[(key, n)], unit))
                 continue
             records.append(
                 record(
                     SUITE,
                     name,
                     fig[(key, n)],
-                    units[key],
+                    unit,
                     ratio=med(fig[(key, n)]) / med(fig[(key, lo)]),
                     ratio_of=base_name,
                     target="≥ 0.9" if key == "add" and n == hi else None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
 import msgpack
@@ -20,6 +20,21 @@ from .errors import ConfigError, DecodeError, ItemEncodeError, ItemTooLarge
 # each thread's own msgpack Packer (attribute ``pack``): msgpack.packb builds one per call and
 # parses its keyword arguments, which costs about as much as packing a small item
 _packers = threading.local()
+
+
+def _thread_pack() -> Callable[[Any], bytes]:
+    """This thread's ``Packer.pack`` (made on first use)."""
+    try:
+        return _packers.pack  # type: ignore[no-any-return]
+    except AttributeError:
+        pack: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
+        _packers.pack = pack
+        return pack
+
+
+def _drop_thread_pack() -> None:
+    """After a failed pack: whatever state that Packer was left in, the next call gets a new one."""
+    _packers.__dict__.pop("pack", None)
 
 
 @runtime_checkable
@@ -43,21 +58,21 @@ class MsgpackCodec:
     name = "msgpack"
 
     def encode(self, item: Any) -> bytes:
-        local = _packers
+        pack = _thread_pack()
         try:
-            pack = local.pack
-        except AttributeError:
-            pack = local.pack = msgpack.Packer(use_bin_type=True).pack
-        try:
-            return pack(item)  # type: ignore[no-any-return]
+            return pack(item)
         except BaseException:
-            del local.pack  # whatever state that Packer was left in, the next call gets a new one
+            _drop_thread_pack()
             raise
 
     def encode_many(self, items: Iterable[Any]) -> list[bytes]:
-        """Encode many items with one Packer (packb builds a new one per call: ~4x slower)."""
-        pack = msgpack.Packer(use_bin_type=True).pack
-        return [pack(item) for item in items]
+        """Encode many items with this thread's Packer, as :meth:`encode` does each."""
+        pack = _thread_pack()
+        try:
+            return [pack(item) for item in items]
+        except BaseException:
+            _drop_thread_pack()
+            raise
 
     def decode(self, data: bytes) -> Any:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)

@@ -70,6 +70,14 @@ def run_suite(name: str, quick: bool, json_path: Path) -> tuple[int, str, float]
     return status, "".join(lines), time.perf_counter() - t0
 
 
+def default_chart(out: Path | None) -> Path:
+    """Where the chart goes without --chart: the committed one only for the committed report."""
+    committed = ROOT / "benchmarks" / "end_to_end.png"
+    if out is None or out.resolve() == (ROOT / "BENCHMARKS.md").resolve():
+        return committed
+    return out.with_suffix(".png")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -82,11 +90,15 @@ def main() -> None:
         "--out", type=Path, help="report path (default: BENCHMARKS.md in the repository, not with --quick)"
     )
     ap.add_argument(
-        "--chart", type=Path, default=ROOT / "benchmarks" / "end_to_end.png", help="chart PNG path"
+        "--chart",
+        type=Path,
+        help="chart PNG path (default: benchmarks/end_to_end.png for BENCHMARKS.md, "
+        "else beside --out as <out>.png, so a trial run never overwrites the committed chart)",
     )
     ap.add_argument("--json", type=Path, metavar="PATH", help="also write every figure as JSON lines to PATH")
     args = ap.parse_args()
     out: Path | None = args.out if args.out else (None if args.quick else ROOT / "BENCHMARKS.md")
+    chart_path: Path = args.chart or default_chart(out)
     command = command_line()
     wanted = [s for s in SUITES if args.only is None or s in args.only]
 
@@ -128,8 +140,8 @@ def main() -> None:
         args.json.unlink(missing_ok=True)
         append_json(args.json, records)
     if out is not None:
-        write_report(out, records, command, args.chart, notes, outputs)
-        print(f"wrote {out} and {args.chart}")
+        write_report(out, records, command, chart_path, notes, outputs)
+        print(f"wrote {out} and {chart_path}")
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
         raise SystemExit(1)

@@ -66,3 +66,17 @@ def test_quick_run_of_all_suites(tmp_path: Path) -> None:
     # --quick writes no report
     after = report.stat().st_mtime_ns if report.exists() else None
     assert after == before
+
+
+@pytest.mark.parametrize(
+    ("out", "expected"),
+    [
+        (None, ROOT / "benchmarks" / "end_to_end.png"),
+        (ROOT / "BENCHMARKS.md", ROOT / "benchmarks" / "end_to_end.png"),
+        (Path("/tmp/trial/run1.md"), Path("/tmp/trial/run1.png")),
+    ],
+)
+def test_a_trial_report_never_takes_the_committed_chart(out: Path | None, expected: Path) -> None:
+    from benchmarks.__main__ import default_chart
+
+    assert default_chart(out) == expected

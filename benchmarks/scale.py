@@ -11,11 +11,11 @@ Per run and id count:
 1. add() items/s: single-item ``add()`` calls into random existing ids for --seconds, the id
    counts taking turns in pieces of 0.25 s; also add.lua's server-side cost (``INFO
    commandstats`` usec of EVALSHA, read around add()'s own pieces).
-1b. the floor, taking turns with 1. piece by piece: a minimal script touching the same two keys
-   as an add into an open sequence (``HMGET`` of the head, ``RPUSH`` onto the sequence's
-   list), pre-framed and sent over the same kind of connection (``wire.DirectLink``). Any
-   atomic add with this data layout touches these two keys; at 100,000 ids they are cold in
-   the CPU's caches at every call. The floor's extra µs per call at the most ids over 1 id is
+1b. the floor, taking turns with 1. piece by piece: a minimal script touching the same key as
+   an add into an open sequence (``RPUSHX`` onto the base id's open list, ``LINDEX`` of its
+   header), pre-framed and sent over the same kind of connection (``wire.DirectLink``). Any
+   atomic add with this data layout touches this key; at 100,000 ids it is cold in the CPU's
+   caches at every call. The floor's extra µs per call at the most ids over 1 id is
    that memory cost; add()'s extra µs set against it shows whether add() has any cost of its
    own that grows with the id count.
 2. claim cost, a few due: --claims claim.lua calls (``ops.claim_call``, limit 10), each finding
@@ -51,9 +51,11 @@ from redis_batcher.wire import DirectLink, pack
 SUITE = "scale"
 CLAIM_LIMIT = 10
 PIECE = 0.25  # seconds of add() on one server before the next takes its turn
-# the least an atomic add into an open sequence does: read the head, push onto the list
-FLOOR_SCRIPT = """local state = redis.call('HMGET', KEYS[1], 'acc', 'pending')
-return redis.call('RPUSH', KEYS[2], ARGV[1])"""
+# the least an atomic add into an open sequence does: push onto the base id's open list, read
+# the list's header (which sequence the item went to)
+FLOOR_SCRIPT = """local n = redis.call('RPUSHX', KEYS[1], ARGV[1])
+local header = redis.call('LINDEX', KEYS[1], 0)
+return n"""
 
 
 def noop(flush: redis_batcher.Flush) -> None:
@@ -114,14 +116,12 @@ class Scale:
         active = int(self.client.scard(self.part.ids))
         if active != self.n:
             raise SystemExit(f"expected {self.n} active ids, found {active}")
-        # the floor's calls, framed beforehand: every id's open sequence is its first (0)
-        if self.client.hget(self.part.head(self.order[0]), "acc") != b"0":
-            raise SystemExit("expected sequence 0 to be open")
+        # the floor's calls, framed beforehand: every id's open list exists (a sequence is open)
+        if not self.client.exists(self.part.open_items(self.order[0])):
+            raise SystemExit("expected a sequence to be open")
         item = encoded[0]
-        frames = {
-            bid: pack(("EVALSHA", self.floor_sha, 2, self.part.head(bid), self.part.items(bid, 0), item))
-            for bid in set(self.order)
-        }
+        sha = self.floor_sha
+        frames = {bid: pack(("EVALSHA", sha, 1, self.part.open_items(bid), item)) for bid in set(self.order)}
         self.floor_frames = [frames[bid] for bid in self.order]
 
     def add_piece(self, seconds: float, offset: int) -> int:
@@ -275,7 +275,7 @@ def main() -> None:
     # every per-id-count figure: (key in fig, name in the report, unit, printed format)
     figures = (
         ("add", "add() items/s", "items/s", ",.0f"),
-        ("floor", "floor script (HMGET head + RPUSH list) calls/s", "calls/s", ",.0f"),
+        ("floor", "floor script (RPUSHX + LINDEX open list) calls/s", "calls/s", ",.0f"),
         ("add_usec", "add.lua server µs/call", "µs", ".1f"),
         ("floor_usec", "floor script server µs/call", "µs", ".1f"),
         ("claim_usec", f"claim.lua server µs/call, {args.due} due", "µs", ".1f"),
@@ -305,7 +305,7 @@ def main() -> None:
     print(f"floor script calls/s at {hi:,} ids / at {lo:,} id = {ratio('floor'):.2f}")
     print(
         f"µs per call at {hi:,} ids minus at {lo:,} id: add() {med(extra['add']):+.1f}, "
-        f"floor script {med(extra['floor']):+.1f}  (the same two keys, cold)"
+        f"floor script {med(extra['floor']):+.1f}  (the same key, cold)"
     )
     print(f"claim.lua cost at {hi:,} ids / at {lo:,} id = {ratio('claim_usec'):.2f}  (expected about flat)")
     print(f"idle claim.lua cost at {hi:,} ids / at {lo:,} id = {ratio('idle_usec'):.2f}")

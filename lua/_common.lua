@@ -4,10 +4,14 @@
 -- Key layout (pfx = "<prefix>:{<processor>:<partition>}:", one hash tag per partition):
 --   pfx.."due"            ZSET  member "base::N", score = due time / lease expiry (ms, server clock)
 --   pfx.."ids"            SET   base ids with at least one active sequence
---   pfx.."b:"..base       HASH  head: next, acc, active, pending, added_at, a:<N> = status, done_seq, ...
+--   pfx.."b:"..base       HASH  head: next, acc, active, pending, a:<N> = status, done_seq, ...
+--                               (pending: the undelivered items of its sealed sequences)
 --   pfx.."h:"..base       LIST  flush history, newest first (JSON)
 --   pfx.."s:"..base.."::"..N  HASH  sequence state: status, cutoff, window, attempt, deaths, ...
---   pfx.."i:"..base.."::"..N  LIST  encoded items in add order
+--   pfx.."o:"..base       LIST  the accumulating sequence's list: a header "<N>:<last add ms>",
+--                               then its encoded items in add order (exists iff head has acc)
+--   pfx.."i:"..base.."::"..N  LIST  a sealed sequence's encoded items in add order (the o: list
+--                               renamed at sealing, its header dropped)
 --   pfx.."dead"           ZSET  dead-letter ids, score = time they died (ms)
 --   pfx.."d:"..id         HASH  dead letter: batch_id, sequence, count, error, reason, ...
 --   pfx.."di:"..id        LIST  its items
@@ -59,9 +63,26 @@ local function sealed_fields(count, reason, now)
     'updated_at', int(now)}
 end
 
+-- The header entry of a base id's open list (index 0): the accumulating sequence's number and
+-- the time of its last add (ms, 13 digits: the entry keeps its size when LSET rewrites it).
+local function open_header(seq, now)
+  return seq .. ':' .. int(now)
+end
+
+-- The items of a base id's accumulating sequence become the sealed sequence's list: the open
+-- list is renamed (O(1), whatever its length) and its header dropped; they now count as the
+-- head's pending. count: the sequence's item count (the open list's length - 1), > 0.
+local function seal_items(pfx, head, base, seq, count)
+  local ikey = pfx .. 'i:' .. member_of(base, seq)
+  redis.call('RENAME', pfx .. 'o:' .. base, ikey)
+  redis.call('LPOP', ikey)
+  redis.call('HINCRBY', head, 'pending', count)
+end
+
 -- Seal an accumulating sequence: it becomes 'flushing' with its cutoff recorded and is due now.
 local function seal(pfx, head, due, base, seq, count, reason, now)
   local member = member_of(base, seq)
+  seal_items(pfx, head, base, seq, count)
   redis.call('HSET', pfx .. 's:' .. member, unpack(sealed_fields(count, reason, now)))
   seal_head(head, seq)
   redis.call('ZADD', due, int(now), member)
@@ -254,21 +275,18 @@ local function claim_due(due, pfx, o, now)
       local reason = f[5]
       local deliver = true
       local sealing = false
-      local window_items = nil  -- the window's entries, when read together with the length
       if f[1] == 'accumulating' then
         -- interval timer fired: seal with the current length as the cutoff (the sequence's
-        -- own fields and its due entry are written once, with the delivery below)
-        if cfg.max <= inline_max then
-          -- a window that goes inline is read now: a list shorter than a window is all of it
-          window_items = redis.call('LRANGE', ikey, 0, cfg.max - 1)
-          cutoff = #window_items < cfg.max and #window_items or redis.call('LLEN', ikey)
-        else
-          cutoff = redis.call('LLEN', ikey)
-        end
+        -- own fields and its due entry are written once, with the delivery below); the open
+        -- list becomes the sequence's list, so later adds open the next sequence
+        cutoff = math.max(redis.call('LLEN', pfx .. 'o:' .. base) - 1, 0)
         if cutoff > 0 then
+          seal_items(pfx, head, base, seq, cutoff)
           seal_head(head, seq)
           sealing = true
           reason = 'interval'
+        else
+          redis.call('DEL', pfx .. 'o:' .. base)  -- a header alone, if anything
         end
       elseif not cutoff then
         cutoff = redis.call('LLEN', ikey)
@@ -341,10 +359,7 @@ local function claim_due(due, pfx, o, now)
         table.insert(out, flush_id)
         table.insert(out, reason or '')
         if window <= inline_max then
-          local items = window_items
-          if not items or #items ~= window then
-            items = redis.call('LRANGE', ikey, 0, window - 1)
-          end
+          local items = redis.call('LRANGE', ikey, 0, window - 1)
           if cmsgpack then items = cmsgpack.pack(items) end
           table.insert(out, items)
         else

@@ -11,20 +11,24 @@
 --                   are one add) or "n1,n2,..": several adds coalesced into one call (group
 --                   commit), each answered on its own
 -- ARGV[3..] items   encoded items, in add order
--- Few arguments and a one-string reply keep the client's cost down on the hot path; on the
--- server an add into an open sequence is 4 commands: TIME, HMGET head, RPUSH, HSET head
--- (pending count and added_at, the accumulating sequence's last-add time). A sequence that an
--- add opens and fills at once (add_many of max_batch_size items or more) is written sealed
--- from the start: HINCRBY next, HSET state, HINCRBY active, RPUSH, ZADD due (its head field
--- goes with the final HSET head), 5 commands instead of 10.
--- Derived keys (same hash tag): pfx.."ids", pfx.."due", pfx.."h:"..base, pfx.."woke", and the
--- state and items of the sequences touched. Wakes the workers (PUBLISH on the wake-up channel)
--- when a sequence is sealed or a new timer became the earliest entry of the delay queue --
--- unless the previous wake-up of this partition is still unanswered: pfx.."woke" is set with
--- each wake-up (for at most WAKE_HOLD_MS) and cleared by the next claim (claim.lua). Workers
--- woken by that wake-up have not claimed yet, so they will find this sequence too (a worker
--- goes on claiming while more is due and it has free slots); under load this saves a message
--- to every worker per sealed batch.
+-- Few arguments and a one-string reply keep the client's cost down on the hot path. The
+-- accumulating sequence's items live in the base id's open list, pfx.."o:"..base, behind a
+-- header entry "<seq>:<last add ms>"; sealing renames it to the sequence's own list. So an add
+-- into an open sequence without max_pending touches that one key only -- TIME, RPUSHX, LINDEX
+-- (the header), LSET (its time) -- and never the head: with many batch ids each key an add
+-- touches is cold in the CPU's caches, and a second one cost as much again (benchmarks.scale).
+-- With max_pending the head's pending count (sealed sequences' undelivered items) is read too.
+-- A sequence that an add opens and fills at once (add_many of max_batch_size items or more)
+-- is written sealed from the start, straight into its own list: HINCRBY next, HSET state,
+-- HINCRBY active, RPUSH, ZADD due, 5 commands instead of 10.
+-- Derived keys (same hash tag): pfx.."o:"..base, pfx.."ids", pfx.."due", pfx.."h:"..base,
+-- pfx.."woke", and the state and items of the sequences touched. Wakes the workers (PUBLISH
+-- on the wake-up channel) when a sequence is sealed or a new timer became the earliest entry
+-- of the delay queue -- unless the previous wake-up of this partition is still unanswered:
+-- pfx.."woke" is set with each wake-up (for at most WAKE_HOLD_MS) and cleared by the next
+-- claim (claim.lua). Workers woken by that wake-up have not claimed yet, so they will find
+-- this sequence too (a worker goes on claiming while more is due and it has free slots);
+-- under load this saves a message to every worker per sealed batch.
 -- Reply: one string, a ';'-separated entry per add (segment), in order:
 --   "seq,pending,A|F,sealed,added"  -- the sequence that got the add's last item, its length,
 --                                      A(ccumulating) or F(lushing: that item sealed it), how
@@ -37,7 +41,7 @@ local max, interval, max_pending, segments = string.match(ARGV[2], '^(%-?%d+) (%
 max, interval, max_pending = tonumber(max), tonumber(interval), tonumber(max_pending)
 local first, last = 3, #ARGV
 local now = now_ms()
-local state = redis.call('HMGET', head, 'acc', 'pending')
+local okey = pfx .. 'o:' .. base
 
 local WAKE_HOLD_MS = 100
 
@@ -49,14 +53,16 @@ local function wake_workers()
 end
 
 -- The hot path, kept short (every Lua operation costs here): one item from one caller into
--- the open sequence, within max_pending. Same effects and reply as the general path below.
-if last == first and segments == '-' and state[1] then
-  local pending = tonumber(state[2] or '0') + 1
-  if max_pending < 0 or pending <= max_pending then
-    local seq = state[1]
-    local count = redis.call('RPUSH', pfx .. 'i:' .. base .. '::' .. seq, ARGV[first])
-    redis.call('HSET', head, 'pending', pending, 'added_at', now)
+-- the open sequence, no max_pending. RPUSHX appends only when the open list exists, that is
+-- when a sequence is accumulating; otherwise the general path below opens one. Same effects
+-- and reply as the general path.
+if last == first and segments == '-' and max_pending < 0 then
+  local n = redis.call('RPUSHX', okey, ARGV[first])
+  if n > 0 then
+    local seq = string.match(redis.call('LINDEX', okey, 0), '^(%d+):')
+    local count = n - 1
     if count < max then
+      redis.call('LSET', okey, 0, open_header(seq, now))
       return seq .. ',' .. count .. ',A,0,1'
     end
     seal(pfx, head, pfx .. 'due', base, seq, count, 'size', now)
@@ -65,14 +71,15 @@ if last == first and segments == '-' and state[1] then
   end
 end
 
+local state = redis.call('HMGET', head, 'acc', 'pending')
 local ids, due, hist = pfx .. 'ids', pfx .. 'due', pfx .. 'h:' .. base
 local wake = false
 
--- head fields written once, with the pending count, at the end (field, value, ...)
+-- head fields written once at the end (field, value, ...)
 local head_set = {}
 
 -- A new sequence. `full`: this add fills it at once, so it is written sealed right away (never
--- accumulating: no head 'acc', no timer) and the caller only queues it as due.
+-- accumulating: no head 'acc', no open list, no timer) and the caller only queues it as due.
 local function open_sequence(full)
   local seq = redis.call('HINCRBY', head, 'next', 1) - 1
   local member = member_of(base, seq)
@@ -89,6 +96,9 @@ local function open_sequence(full)
     redis.call('HSET', pfx .. 's:' .. member, 'status', 'accumulating',
       'created_at', int(now), 'updated_at', int(now), 'attempt', 0)
     redis.call('HSET', head, 'acc', seq, 'a:' .. seq, 'accumulating')
+    -- the open list does not exist here (it is renamed at sealing); LPUSH rather than RPUSH
+    -- so that, were it ever left behind, its entries would be delivered, never overwritten
+    redis.call('LPUSH', okey, open_header(seq, now))
   end
   if redis.call('HINCRBY', head, 'active', 1) == 1 then
     redis.call('SADD', ids, base)
@@ -105,6 +115,18 @@ local function open_sequence(full)
   return seq
 end
 
+-- The accumulating sequence's item count: its open list's length minus the header. Should
+-- the list be missing (the head names a sequence, yet no add ever created it), it is
+-- recreated with its header, so no item is ever pushed without one.
+local function open_count(seq)
+  local n = redis.call('LLEN', okey)
+  if n == 0 then
+    redis.call('RPUSH', okey, open_header(seq, now))
+    return 0
+  end
+  return n - 1
+end
+
 -- one segment per caller (group commit): each gets its own result and its own max_pending check
 local segs = {}
 if segments == '-' then
@@ -113,12 +135,18 @@ else
   for n in string.gmatch(segments, '%d+') do table.insert(segs, tonumber(n)) end
 end
 
-local pending = tonumber(state[2] or '0')
-local accepted = 0
-local any_sealed = false
 local seq = state[1]   -- the accumulating sequence (nil: none yet)
 local count = nil      -- its length, when known
 if seq then seq = tonumber(seq) end
+-- undelivered items of the base id: the sealed sequences' (head 'pending') and the open one's
+local pending = tonumber(state[2] or '0')
+if max_pending >= 0 and seq then
+  count = open_count(seq)
+  pending = pending + count
+end
+local fresh_items = 0    -- items written into sequences sealed from the start
+local touched = false    -- the open list got items: its header's time is updated at the end
+local any_sealed = false
 local out = {}
 local i = first
 for _, n in ipairs(segs) do
@@ -127,7 +155,6 @@ for _, n in ipairs(segs) do
     table.insert(out, 'full,' .. int(pending))
   else
     pending = pending + n
-    accepted = accepted + n
     local res_seq, res_count, status, sealed = seq, count, 'accumulating', 0
     while i <= stop do
       local fresh = false  -- opened by this add and filled at once: already written sealed
@@ -137,29 +164,26 @@ for _, n in ipairs(segs) do
         count = 0
       end
       local member = member_of(base, seq)
-      local ikey = pfx .. 'i:' .. member
-      if count == nil and i == stop then
-        -- single item into an existing sequence: RPUSH tells the new length
-        count = redis.call('RPUSH', ikey, ARGV[i])
-        i = i + 1
-      else
-        if count == nil then count = redis.call('LLEN', ikey) end
-        local take = math.max(math.min(max - count, stop - i + 1), 0)
-        local j = i
-        while j < i + take do
-          local k = math.min(j + 4999, i + take - 1)
-          redis.call('RPUSH', ikey, unpack(ARGV, j, k))
-          j = k + 1
-        end
-        count = count + take
-        i = i + take
+      local key = fresh and pfx .. 'i:' .. member or okey
+      if count == nil then count = open_count(seq) end
+      local take = math.max(math.min(max - count, stop - i + 1), 0)
+      local j = i
+      while j < i + take do
+        local k = math.min(j + 4999, i + take - 1)
+        redis.call('RPUSH', key, unpack(ARGV, j, k))
+        j = k + 1
       end
+      count = count + take
+      i = i + take
+      touched = touched or not fresh
       res_seq, res_count = seq, count
       if count >= max then
         if fresh then
           redis.call('ZADD', due, int(now), member)
+          fresh_items = fresh_items + count
         else
           seal(pfx, head, due, base, seq, count, 'size', now)
+          touched = false
         end
         sealed = sealed + 1
         status = 'flushing'
@@ -174,8 +198,14 @@ for _, n in ipairs(segs) do
   end
   i = stop + 1
 end
-if accepted > 0 then
-  redis.call('HSET', head, 'pending', pending, 'added_at', now, unpack(head_set))
+if #head_set > 0 then
+  redis.call('HSET', head, unpack(head_set))
+end
+if fresh_items > 0 then
+  redis.call('HINCRBY', head, 'pending', fresh_items)
+end
+if seq and touched then
+  redis.call('LSET', okey, 0, open_header(seq, now))
 end
 if any_sealed or wake then
   wake_workers()

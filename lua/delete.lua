@@ -9,7 +9,7 @@
 -- ARGV[2] base
 -- ARGV[3] seq        sequence number, or '' for the whole base id
 -- ARGV[4] retention  seconds to keep head/history when a single sequence is deleted
--- Derived keys: state and items of the sequences concerned.
+-- Derived keys: state and items of the sequences concerned (pfx.."o:"..base for an accumulating one).
 -- Reply: {deleted (0|1), reason ('' when deleted)}
 local head, hist, ids, due = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local pfx, base, want = ARGV[1], ARGV[2], ARGV[3]
@@ -24,7 +24,8 @@ local function blocker(seq)
   if status == 'flushing' then
     return 'Cannot delete batch while flushing'
   end
-  if redis.call('LLEN', pfx .. 'i:' .. member) > 0 then
+  if redis.call('LLEN', pfx .. 'i:' .. member) > 0 or (status == 'accumulating'
+      and redis.call('LLEN', pfx .. 'o:' .. base) > 1) then
     return 'Cannot delete batch with pending items'
   end
   return nil
@@ -32,6 +33,9 @@ end
 
 local function drop(seq)
   local member = member_of(base, seq)
+  if redis.call('HGET', pfx .. 's:' .. member, 'status') == 'accumulating' then
+    redis.call('DEL', pfx .. 'o:' .. base)  -- its open list: a header alone (see blocker)
+  end
   redis.call('DEL', pfx .. 's:' .. member, pfx .. 'i:' .. member)
   redis.call('ZREM', due, member)
 end

@@ -6,6 +6,8 @@
 -- ARGV[2] base
 -- ARGV[3] seq      sequence number to flush, or '' for the current accumulating one
 -- ARGV[4] channel  pub/sub channel to wake workers
+-- Derived keys: pfx.."o:"..base (renamed to the sequence's pfx.."i:"..base.."::"..seq), its
+-- pfx.."s:" state.
 -- Reply: {code, seq, count, status}
 --   code 'ok'               sealed; count items will be delivered
 --        'empty'            nothing is accumulating (seq -1) or the sequence holds no items
@@ -36,7 +38,8 @@ else
     return {'empty', -1, 0, ''}
   end
 end
-local count = redis.call('LLEN', pfx .. 'i:' .. member_of(base, seq))
+-- the accumulating sequence's items are in the base id's open list, behind its header
+local count = math.max(redis.call('LLEN', pfx .. 'o:' .. base) - 1, 0)
 if count == 0 then
   return {'empty', tonumber(seq), 0, 'accumulating'}
 end

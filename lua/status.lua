@@ -3,20 +3,30 @@
 -- KEYS[1] head  pfx.."b:"..base
 -- ARGV[1] pfx
 -- ARGV[2] base
--- Derived keys: state and items of each active sequence.
--- Reply: {head_fields, {seq, state_fields, llen}, ...}
+-- Derived keys: state and items of each active sequence (the open list pfx.."o:"..base for the
+-- accumulating one).
+-- Reply: {head_fields, {seq, state_fields, llen, added_at}, ...}
 --   head_fields   flat HGETALL of the head ({} when the base id is unknown)
---   per active sequence (accumulating or flushing): its number, flat HGETALL, list length
+--   per active sequence (accumulating or flushing): its number, flat HGETALL, item count, and
+--   for the accumulating sequence the time of its last add (ms; '' for the others)
 local head = KEYS[1]
 local pfx, base = ARGV[1], ARGV[2]
 local fields = redis.call('HGETALL', head)
 local out = {fields}
+local acc = redis.call('HGET', head, 'acc')
 for i = 1, #fields, 2 do
   local seq = string.match(fields[i], '^a:(%d+)$')
   if seq then
     local member = member_of(base, seq)
-    table.insert(out, {tonumber(seq), redis.call('HGETALL', pfx .. 's:' .. member),
-      redis.call('LLEN', pfx .. 'i:' .. member)})
+    local llen, added = 0, ''
+    if seq == acc then
+      local okey = pfx .. 'o:' .. base
+      llen = math.max(redis.call('LLEN', okey) - 1, 0)
+      added = string.match(redis.call('LINDEX', okey, 0) or '', ':(%d+)$') or ''
+    else
+      llen = redis.call('LLEN', pfx .. 'i:' .. member)
+    end
+    table.insert(out, {tonumber(seq), redis.call('HGETALL', pfx .. 's:' .. member), llen, added})
   end
 end
 return out

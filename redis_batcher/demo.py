@@ -410,6 +410,8 @@ def _pending_in_redis(client: Any) -> int:
     total = 0
     for key in client.scan_iter(match=part.pfx + "i:*", count=1000):
         total += int(client.llen(key))
+    for key in client.scan_iter(match=part.pfx + "o:*", count=1000):  # an open list's header
+        total += max(int(client.llen(key)) - 1, 0)
     return total
 
 

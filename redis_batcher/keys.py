@@ -117,7 +117,12 @@ class PartitionKeys:
         return f"{self.pfx}s:{base}::{seq}"
 
     def items(self, base: str, seq: int) -> str:
+        """A sealed sequence's items (an accumulating one's are in :meth:`open_items`)."""
         return f"{self.pfx}i:{base}::{seq}"
+
+    def open_items(self, base: str) -> str:
+        """The accumulating sequence's list: a header entry ``"<N>:<last add ms>"``, then its items."""
+        return f"{self.pfx}o:{base}"
 
 
 class KeySpace:

@@ -160,12 +160,12 @@ def parse_status(base: str, reply: Sequence[Any]) -> tuple[list[BatchInfo], Batc
     """Active sequences (ordered) and the last completed one, from a status.lua reply."""
     head = _pairs(reply[0])
     active: list[BatchInfo] = []
-    for seq, flat, llen in reply[1:]:
+    for seq, flat, llen, added_at in reply[1:]:
         meta = _pairs(flat)
         status = meta.get("status", "accumulating")
-        if head.get("acc") == str(int(seq)) and "added_at" in head:
-            # add.lua records the accumulating sequence's last add on the head (one write less)
-            meta["updated_at"] = max(meta.get("updated_at", "0"), head["added_at"], key=int)
+        if added_at:
+            # add.lua records the accumulating sequence's last add in its open list's header
+            meta["updated_at"] = max(meta.get("updated_at", "0"), _s(added_at), key=int)
         count = int(meta["cutoff"]) if status == "flushing" and "cutoff" in meta else int(llen)
         active.append(
             BatchInfo(

@@ -14,6 +14,7 @@ import redis
 
 from redis_batcher import Batcher
 from redis_batcher.embedded import RedisClusterServers, RedisServer, find_redis_server
+from redis_batcher.keys import PartitionKeys
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,6 +88,17 @@ def snapshot(client: Any) -> dict[bytes, Any]:
             value = kind
         out[key] = (kind, value, client.ttl(key) > 0)
     return out
+
+
+def held_items(client: Any, part: PartitionKeys, base: str, seq: int) -> list[bytes]:
+    """The encoded items sequence ``seq`` of ``base`` holds, as stored: the accumulating
+    sequence's are in the open list behind its header, a sealed one's in its own list."""
+    acc = client.hget(part.head(base), "acc")
+    if acc is not None and int(acc) == seq:
+        header = client.lindex(part.open_items(base), 0)
+        assert header is not None and header.split(b":")[0] == str(seq).encode(), header
+        return list(client.lrange(part.open_items(base), 1, -1))
+    return list(client.lrange(part.items(base, seq), 0, -1))
 
 
 def subprocess_env(url: str | None = None) -> dict[str, str]:

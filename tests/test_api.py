@@ -348,8 +348,9 @@ RAW_BAD: list[tuple[str, Any]] = [("add", ("str", "nope")), ("add_many", [("ba",
 
 
 def raw_items(client: Any) -> list[bytes]:
-    (items_key,) = [k for k in client.keys("*raw*") if b":i:" in k]
-    return list(client.lrange(items_key, 0, -1))
+    """The items of the one accumulating sequence: its open list after the header."""
+    (items_key,) = [k for k in client.keys("*raw*") if b":o:" in k]
+    return list(client.lrange(items_key, 1, -1))
 
 
 def test_codec_may_return_any_bytes_like_but_nothing_else(batcher: Batcher, client: Any) -> None:

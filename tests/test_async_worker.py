@@ -546,7 +546,7 @@ def test_wait_replicas_with_coalesced_adds() -> None:
                 assert [r.pending for r in rs] == [1, 1, 2, 2, 3, 3]
                 # WAIT returned: the replica already holds every item
                 for bid in ("b0", "b1"):
-                    assert rep.llen(proc.keys.for_base(bid).items(bid, 0)) == 3
+                    assert rep.llen(proc.keys.for_base(bid).open_items(bid)) == 1 + 3  # header, items
                 assert (await proc.add("b0", "lone")).pending == 4
                 replica.stop()
                 t0 = time.monotonic()

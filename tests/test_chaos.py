@@ -237,7 +237,7 @@ def test_stopped_worker_late_ack_is_refused_and_changes_nothing(tmp_path: Path, 
             assert [(b.sequence, b.status, b.item_count) for b in st.batches] == [(1, "accumulating", 20)]
             assert st.last_completed is not None
             assert (st.last_completed.sequence, st.last_completed.item_count) == (0, 10)
-            raw = client.lrange(f"{pfx}i:{bid}::1", 0, -1)
+            raw = client.lrange(f"{pfx}o:{bid}", 1, -1)  # sequence 1 accumulates: the open list
             assert [proc.codec.decode(x) for x in raw] == second
             assert client.exists(f"{pfx}i:{bid}::0", f"{pfx}s:{bid}::0") == 0
 

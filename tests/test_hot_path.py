@@ -16,10 +16,11 @@ import pytest
 import redis
 
 import redis_batcher as rb
-from redis_batcher import Batcher, Worker, wire
+from redis_batcher import Batcher, Worker, ops, wire
 from redis_batcher.embedded import RedisServer
 from redis_batcher.scripts import link_helpers, lua_dir, scripts
 from redis_batcher.wire import DirectLink
+from tests.conftest import held_items, snapshot
 
 
 def make(batcher: Batcher, **config: Any) -> rb.Processor:
@@ -29,7 +30,7 @@ def make(batcher: Batcher, **config: Any) -> rb.Processor:
 
 
 def items_of(client: redis.Redis, proc: rb.Processor, base: str, seq: int) -> int:
-    return int(client.llen(proc.keys.for_base(base).items(base, seq)))
+    return len(held_items(client, proc.keys.for_base(base), base, seq))
 
 
 def test_link_is_used_for_plain_clients_only(redis_server: RedisServer) -> None:
@@ -67,7 +68,7 @@ def test_link_reconnects_after_the_server_closed_an_idle_connection(
     with pytest.raises(redis.ConnectionError):
         proc.add("k", 3)
     assert proc.add("k", 4).pending == 3
-    items = real_client.lrange(proc.keys.for_base("k").items("k", 0), 0, -1)
+    items = held_items(real_client, proc.keys.for_base("k"), "k", 0)
     assert [proc.codec.decode(i) for i in items] == [1, 2, 4]
 
 
@@ -128,29 +129,85 @@ def test_script_error_keeps_the_connection_in_step(real_batcher: Batcher) -> Non
     assert link.call((b"ECHO", "x" * 70_000)) == b"x" * 70_000
 
 
+@pytest.mark.parametrize("max_pending", [None, 4])
 def test_single_item_fast_branch_matches_the_general_path(
-    real_batcher: Batcher, real_client: redis.Redis
+    real_batcher: Batcher, real_client: redis.Redis, max_pending: int | None
 ) -> None:
-    proc = make(real_batcher, max_batch_size=3, max_pending=4)
+    # without max_pending a single add into an open sequence takes the fast branch (the open
+    # list alone); with it, the general path (the head's pending count is read too)
+    proc = make(real_batcher, max_batch_size=3, max_pending=max_pending)
+    part = proc.keys.for_base("u")
     first = proc.add("u", "a")  # opens sequence 0 (general path)
     assert first == rb.AddResult("u", 0, 1, 1, False, "accumulating", 0)
+    head_before = real_client.hgetall(part.head("u"))
     assert proc.add("u", "b") == rb.AddResult("u", 0, 1, 2, False, "accumulating", 0)
+    assert real_client.hgetall(part.head("u")) == head_before  # an add into it leaves the head be
     # the fast branch seals a full sequence and wakes workers like the general path
     pubsub = real_client.pubsub()
     pubsub.subscribe(proc.keys.channel)
     assert pubsub.get_message(timeout=1)["type"] == "subscribe"  # type: ignore[index]
     assert proc.add("u", "c") == rb.AddResult("u", 0, 1, 3, True, "flushing", 1)
     message = pubsub.get_message(timeout=1)
-    part = proc.keys.for_base("u")
     assert message is not None and message["data"] == part.pfx.encode()
     pubsub.close()
     assert real_client.zscore(part.due, "u::0") is not None
+    # sealing renamed the open list to the sequence's own list, header dropped
+    assert held_items(real_client, part, "u", 0) == [proc.codec.encode(x) for x in "abc"]
+    assert real_client.exists(part.open_items("u")) == 0
     assert proc.add("u", "d").sequence == 1  # general path again: opens sequence 1
-    # max_pending is checked before the fast branch writes anything
-    with pytest.raises(rb.BatchFull):
-        proc.add("u", "e")
-    assert items_of(real_client, proc, "u", 1) == 1
-    assert real_client.hget(part.head("u"), "pending") == b"4"
+    assert real_client.hget(part.head("u"), "pending") == b"3"  # the sealed sequences' items
+    if max_pending is not None:
+        # checked against sealed and open items alike, before anything is written
+        before = snapshot(real_client)
+        with pytest.raises(rb.BatchFull) as info:
+            proc.add("u", "e")
+        assert info.value.pending == 4
+        assert snapshot(real_client) == before
+    else:
+        assert proc.add("u", "e").pending == 2
+    assert items_of(real_client, proc, "u", 1) == (1 if max_pending else 2)
+
+
+def test_open_list_holds_the_accumulating_sequence_until_it_is_sealed(
+    real_batcher: Batcher, real_client: redis.Redis
+) -> None:
+    got: list[rb.Flush] = []
+    proc = real_batcher.processor(name="open", max_batch_size=100, flush_interval=0.05)(got.append)
+    part = proc.keys.for_base("u")
+    enc = proc.codec.encode
+    proc.add_many("u", [1, 2])
+    proc.add("u", 3)
+    header, *items = real_client.lrange(part.open_items("u"), 0, -1)
+    seq, added_ms = header.decode().split(":")
+    assert seq == "0" and len(added_ms) == 13 and items == [enc(1), enc(2), enc(3)]
+    [info] = proc.status("u").batches  # type: ignore[union-attr]
+    assert info.item_count == 3 and info.updated_at is not None
+    assert int(info.updated_at.timestamp() * 1000) == int(added_ms)
+    # a batch id with items accumulating is not deleted, its open list untouched
+    assert not proc.delete("u").deleted
+    assert real_client.llen(part.open_items("u")) == 4
+    # the interval seal (by a claim) renames the open list to the sequence's own, header dropped
+    time.sleep(0.1)
+    owner = ops.new_token()
+    call = ops.claim_call(proc, part, 10, owner)
+    _, claimed = ops.parse_claim(proc, part, owner, real_batcher._run_once(call))
+    assert [(c.member, c.cutoff) for c in claimed] == [("u::0", 3)]
+    assert real_client.exists(part.open_items("u")) == 0
+    assert real_client.lrange(part.items("u", 0), 0, -1) == [enc(1), enc(2), enc(3)]
+    assert real_client.hget(part.head("u"), "pending") == b"3"
+    # a later add opens the next sequence in a new open list; the sealed one is untouched
+    assert proc.add("u", 4).sequence == 1
+    assert real_client.lrange(part.open_items("u"), 1, -1) == [enc(4)]
+    assert real_client.lindex(part.open_items("u"), 0).startswith(b"1:")  # type: ignore[union-attr]
+    # a manual flush seals it the same way; a worker delivers both, in order, nothing left
+    assert proc.flush("u").item_count == 1
+    assert real_client.exists(part.open_items("u")) == 0
+    for c in claimed:  # hand sequence 0 back rather than wait for its lease
+        assert real_batcher._execute(ops.release_call(c), wait=False)
+    Worker(real_batcher).run(burst=True)
+    assert [(f.sequence, f.items) for f in got] == [(0, [1, 2, 3]), (1, [4])]
+    assert real_client.hget(part.head("u"), "pending") == b"0"
+    assert real_client.keys(part.pfx + "[io]:*") == []
 
 
 def test_updated_at_of_the_accumulating_sequence_is_its_last_add(real_batcher: Batcher) -> None:
@@ -230,7 +287,8 @@ def test_async_link_for_lone_adds(
         await ab.aclose()
         assert link._idle.get(asyncio.get_running_loop()) is None
         check = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
-        assert await check.llen(proc.keys.for_base("a").items("a", 0)) == 3
+        part = proc.keys.for_base("a")
+        assert await check.llen(part.open_items("a")) == 1 + 3  # the header and 3 items
         await check.aclose()
 
     asyncio.run(main())

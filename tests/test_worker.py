@@ -128,9 +128,8 @@ def test_undecodable_entries_are_quarantined_and_the_rest_delivered(
         calls.append
     )
     proc.add("b", {"ok": 1})
-    items_key = proc.keys.for_base("b").items("b", 0)
-    real_client.rpush(items_key, b"\xc1")  # 0xc1 is never valid msgpack
-    real_client.hincrby(proc.keys.for_base("b").head("b"), "pending", 1)
+    # into the accumulating sequence's open list, as an add would have put it
+    real_client.rpush(proc.keys.for_base("b").open_items("b"), b"\xc1")  # 0xc1 is never valid msgpack
     proc.add("b", {"ok": 2})
     proc.flush("b")
     stats = Worker(real_batcher).run(burst=True)

@@ -69,6 +69,19 @@ local function open_header(seq, now)
   return seq .. ':' .. int(now)
 end
 
+-- How many items the base id's open list holds for its accumulating sequence `seq` (the list
+-- minus its header): 0 when there is no open list, or when its header names another sequence
+-- (that list is then never touched on seq's behalf). Also returns the list's key and whether
+-- it is seq's.
+local function open_count_of(pfx, base, seq)
+  local okey = pfx .. 'o:' .. base
+  local header = redis.call('LINDEX', okey, 0)
+  if not header or string.match(header, '^(%d+):') ~= tostring(seq) then
+    return 0, okey, false
+  end
+  return redis.call('LLEN', okey) - 1, okey, true
+end
+
 -- The items of a base id's accumulating sequence become the sealed sequence's list: the open
 -- list is renamed (O(1), whatever its length) and its header dropped; they now count as the
 -- head's pending. count: the sequence's item count (the open list's length - 1), > 0.
@@ -279,14 +292,15 @@ local function claim_due(due, pfx, o, now)
         -- interval timer fired: seal with the current length as the cutoff (the sequence's
         -- own fields and its due entry are written once, with the delivery below); the open
         -- list becomes the sequence's list, so later adds open the next sequence
-        cutoff = math.max(redis.call('LLEN', pfx .. 'o:' .. base) - 1, 0)
+        local okey, own
+        cutoff, okey, own = open_count_of(pfx, base, seq)
         if cutoff > 0 then
           seal_items(pfx, head, base, seq, cutoff)
           seal_head(head, seq)
           sealing = true
           reason = 'interval'
-        else
-          redis.call('DEL', pfx .. 'o:' .. base)  -- a header alone, if anything
+        elseif own then
+          redis.call('DEL', okey)  -- its header alone
         end
       elseif not cutoff then
         cutoff = redis.call('LLEN', ikey)

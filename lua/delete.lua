@@ -25,7 +25,7 @@ local function blocker(seq)
     return 'Cannot delete batch while flushing'
   end
   if redis.call('LLEN', pfx .. 'i:' .. member) > 0 or (status == 'accumulating'
-      and redis.call('LLEN', pfx .. 'o:' .. base) > 1) then
+      and open_count_of(pfx, base, seq) > 0) then
     return 'Cannot delete batch with pending items'
   end
   return nil
@@ -34,7 +34,8 @@ end
 local function drop(seq)
   local member = member_of(base, seq)
   if redis.call('HGET', pfx .. 's:' .. member, 'status') == 'accumulating' then
-    redis.call('DEL', pfx .. 'o:' .. base)  -- its open list: a header alone (see blocker)
+    local _, okey, own = open_count_of(pfx, base, seq)
+    if own then redis.call('DEL', okey) end  -- its open list: a header alone (see blocker)
   end
   redis.call('DEL', pfx .. 's:' .. member, pfx .. 'i:' .. member)
   redis.call('ZREM', due, member)

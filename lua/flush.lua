@@ -39,7 +39,7 @@ else
   end
 end
 -- the accumulating sequence's items are in the base id's open list, behind its header
-local count = math.max(redis.call('LLEN', pfx .. 'o:' .. base) - 1, 0)
+local count = open_count_of(pfx, base, seq)
 if count == 0 then
   return {'empty', tonumber(seq), 0, 'accumulating'}
 end

@@ -20,9 +20,9 @@ for i = 1, #fields, 2 do
     local member = member_of(base, seq)
     local llen, added = 0, ''
     if seq == acc then
-      local okey = pfx .. 'o:' .. base
-      llen = math.max(redis.call('LLEN', okey) - 1, 0)
-      added = string.match(redis.call('LINDEX', okey, 0) or '', ':(%d+)$') or ''
+      local okey, own
+      llen, okey, own = open_count_of(pfx, base, seq)
+      if own then added = string.match(redis.call('LINDEX', okey, 0), ':(%d+)$') or '' end
     else
       llen = redis.call('LLEN', pfx .. 'i:' .. member)
     end

@@ -26,6 +26,7 @@ from benchmarks.report import (
     Record,
     append_json,
     command_line,
+    exit_on_sigterm,
     misses,
     read_json,
     summary_table,
@@ -97,6 +98,7 @@ def main() -> None:
     )
     ap.add_argument("--json", type=Path, metavar="PATH", help="also write every figure as JSON lines to PATH")
     args = ap.parse_args()
+    exit_on_sigterm()  # stopped: the running suite is terminated too (run_suite), then we exit
     out: Path | None = args.out if args.out else (None if args.quick else ROOT / "BENCHMARKS.md")
     chart_path: Path = args.chart or default_chart(out)
     command = command_line()

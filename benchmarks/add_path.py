@@ -17,7 +17,7 @@ import msgpack
 import redis
 
 import redis_batcher
-from benchmarks.report import ITEM, append_json, record
+from benchmarks.report import ITEM, append_json, exit_on_sigterm, record
 from redis_batcher.embedded import RedisServer
 
 
@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--json", metavar="PATH", help="append the figures as JSON lines to PATH")
     args = ap.parse_args()
+    exit_on_sigterm()
     runs, seconds = (1, 0.3) if args.quick else (max(3, args.runs), args.seconds)
     payload = msgpack.packb(ITEM)
     hundred = [payload] * 100

@@ -34,7 +34,7 @@ import redis
 
 import redis_batcher
 import redis_batcher.asyncio as rb_asyncio
-from benchmarks.report import ITEM, append_json, record
+from benchmarks.report import ITEM, append_json, exit_on_sigterm, record
 from redis_batcher.embedded import RedisServer
 
 PROCESSOR: dict[str, Any] = {"name": "bench", "max_batch_size": 1_000_000, "flush_interval": None}
@@ -214,6 +214,7 @@ def main() -> None:
     ap.add_argument("--profile", choices=["throughput", "latency"], help="cProfile that async case instead")
     ap.add_argument("--json", metavar="PATH", help="append the figures as JSON lines to PATH")
     args = ap.parse_args()
+    exit_on_sigterm()
     runs, seconds, calls = (1, 0.3, 300) if args.quick else (max(3, args.runs), args.seconds, args.calls)
     piece, block = min(0.5, seconds), 100
 

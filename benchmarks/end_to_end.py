@@ -642,7 +642,7 @@ def main() -> None:
 
     # SIGTERM (e.g. from ``python -m benchmarks``) unwinds like Ctrl-C: every finally below runs,
     # so workers, consumers, producers and redis-server are all stopped
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    report.exit_on_sigterm()
     t_start = time.monotonic()
     with RedisServer() as server, tempfile.TemporaryDirectory(prefix="rb-e2e-") as stats_dir:
         url = server.url

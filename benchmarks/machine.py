@@ -30,7 +30,7 @@ from typing import Any
 import msgpack
 import redis
 
-from benchmarks.report import ITEM, append_json, record
+from benchmarks.report import ITEM, append_json, exit_on_sigterm, record
 from redis_batcher.embedded import RedisServer
 
 SUITE = "machine"
@@ -120,6 +120,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=100, help="calls per alternating block")
     ap.add_argument("--json", metavar="PATH", help="append the figures as JSON lines to PATH")
     args = ap.parse_args()
+    exit_on_sigterm()
     runs, calls = (1, 300) if args.quick else (max(3, args.runs), args.calls)
     block = min(args.block, calls)
     fig: dict[str, list[float]] = {"blocking": [], "asyncio": [], "ratio": [], "codec": [], "rpush": []}

@@ -22,7 +22,7 @@ import msgpack
 import redis
 
 import redis_batcher
-from benchmarks.report import append_json, record
+from benchmarks.report import append_json, exit_on_sigterm, record
 from redis_batcher.embedded import RedisServer
 
 SUITE = "memory"
@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=1000, help="items per add_many call")
     ap.add_argument("--json", metavar="PATH", help="append the figures as JSON lines to PATH")
     args = ap.parse_args()
+    exit_on_sigterm()
     if args.quick:
         args.items, args.batch_ids, args.runs = 50_000, 50, 1
     args.items -= args.items % args.batch_ids

@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -49,6 +50,13 @@ FIELDS = (
 )  # fmt: skip
 
 _TARGET = re.compile(r"^\s*(≥|≤|>=|<=)\s*(-?\d+(?:\.\d+)?)")
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (from ``python -m benchmarks`` stopping a suite, or a user) unwinds like Ctrl-C:
+    every ``finally`` and context manager runs, so the suite's redis-server and other
+    processes are stopped rather than left behind."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def check(target: str | None, value: float | None) -> bool | None:

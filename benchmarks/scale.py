@@ -42,7 +42,7 @@ from typing import Any
 import redis
 
 import redis_batcher
-from benchmarks.report import ITEM, Record, append_json, record
+from benchmarks.report import ITEM, Record, append_json, exit_on_sigterm, record
 from redis_batcher import ops
 from redis_batcher.embedded import RedisServer
 from redis_batcher.scripts import scripts
@@ -214,6 +214,7 @@ def main() -> None:
     ap.add_argument("--due", type=int, default=4, help="sequences due at each claim")
     ap.add_argument("--json", metavar="PATH", help="append the figures as JSON lines to PATH")
     args = ap.parse_args()
+    exit_on_sigterm()
     if args.quick:
         args.ids, args.runs, args.seconds, args.claims = [1, 1000, 10_000], 1, 0.3, 200
     ns = sorted(set(args.ids))

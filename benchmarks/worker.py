@@ -28,7 +28,7 @@ from pathlib import Path
 
 import redis
 
-from benchmarks.report import append_json, record
+from benchmarks.report import append_json, exit_on_sigterm, record
 from redis_batcher import ops
 from redis_batcher.embedded import RedisServer
 from redis_batcher.scripts import scripts
@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--interval-ids", type=int, default=1000, help="per run")
     ap.add_argument("--json", metavar="PATH", help="append the figures as JSON lines to PATH")
     args = ap.parse_args()
+    exit_on_sigterm()
     runs = max(3, args.runs)
     if args.quick:
         args.idle_ids, args.idle_seconds, args.seals, args.interval_ids, runs = 1000, 1.0, 20, 50, 1

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,3 +83,66 @@ def test_a_trial_report_never_takes_the_committed_chart(out: Path | None, expect
     from benchmarks.__main__ import default_chart
 
     assert default_chart(out) == expected
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process under ``pid`` (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        for child, parent in parents.items():
+            if parent == p and child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_sigterm_stops_a_suite_and_its_redis_servers() -> None:
+    # what `python -m benchmarks` sends its running suite when it is stopped itself
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.scale", "--quick"],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    started: set[int] = set()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the suite has started a redis-server once it prints this
+            if "active ids created" in line:
+                break
+        started = _descendants(proc.pid)
+        assert any("redis-server" in Path(f"/proc/{p}/cmdline").read_text() for p in started if _alive(p))
+        proc.terminate()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while any(_alive(p) for p in started) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in started if _alive(p)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p in started:  # whatever a failure left behind
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)

@@ -84,21 +84,38 @@ end
 
 -- The items of a base id's accumulating sequence become the sealed sequence's list: the open
 -- list is renamed (O(1), whatever its length) and its header dropped; they now count as the
--- head's pending. count: the sequence's item count (the open list's length - 1), > 0.
+-- head's pending. count: the open list's items for seq (open_count_of). Should the sequence's
+-- own list hold items already -- added by a version of this library from before the open
+-- list, straight to that list and counted as pending -- the open list's items are moved after
+-- them one by one instead, never renamed over them. Returns the sealed list's length.
 local function seal_items(pfx, head, base, seq, count)
   local ikey = pfx .. 'i:' .. member_of(base, seq)
-  redis.call('RENAME', pfx .. 'o:' .. base, ikey)
-  redis.call('LPOP', ikey)
-  redis.call('HINCRBY', head, 'pending', count)
+  if count > 0 then
+    local okey = pfx .. 'o:' .. base
+    if redis.call('EXISTS', ikey) == 0 then
+      redis.call('RENAME', okey, ikey)
+      redis.call('LPOP', ikey)
+      redis.call('HINCRBY', head, 'pending', count)
+      return count
+    end
+    redis.call('LPOP', okey)
+    for _ = 1, count do
+      redis.call('LMOVE', okey, ikey, 'LEFT', 'RIGHT')
+    end
+    redis.call('HINCRBY', head, 'pending', count)
+  end
+  return redis.call('LLEN', ikey)
 end
 
 -- Seal an accumulating sequence: it becomes 'flushing' with its cutoff recorded and is due now.
+-- count: its open list's items (see seal_items). Returns the sealed sequence's item count.
 local function seal(pfx, head, due, base, seq, count, reason, now)
   local member = member_of(base, seq)
-  seal_items(pfx, head, base, seq, count)
-  redis.call('HSET', pfx .. 's:' .. member, unpack(sealed_fields(count, reason, now)))
+  local total = seal_items(pfx, head, base, seq, count)
+  redis.call('HSET', pfx .. 's:' .. member, unpack(sealed_fields(total, reason, now)))
   seal_head(head, seq)
   redis.call('ZADD', due, int(now), member)
+  return total
 end
 
 -- Lowest active sequence number of a base id (nil when none); used by ordered processors.
@@ -292,15 +309,15 @@ local function claim_due(due, pfx, o, now)
         -- interval timer fired: seal with the current length as the cutoff (the sequence's
         -- own fields and its due entry are written once, with the delivery below); the open
         -- list becomes the sequence's list, so later adds open the next sequence
-        local okey, own
-        cutoff, okey, own = open_count_of(pfx, base, seq)
+        local open, okey, own = open_count_of(pfx, base, seq)
+        if open == 0 and own then
+          redis.call('DEL', okey)  -- its header alone
+        end
+        cutoff = seal_items(pfx, head, base, seq, open)
         if cutoff > 0 then
-          seal_items(pfx, head, base, seq, cutoff)
           seal_head(head, seq)
           sealing = true
           reason = 'interval'
-        elseif own then
-          redis.call('DEL', okey)  -- its header alone
         end
       elseif not cutoff then
         cutoff = redis.call('LLEN', ikey)

@@ -65,7 +65,7 @@ if last == first and segments == '-' and max_pending < 0 then
       redis.call('LSET', okey, 0, open_header(seq, now))
       return seq .. ',' .. count .. ',A,0,1'
     end
-    seal(pfx, head, pfx .. 'due', base, seq, count, 'size', now)
+    count = seal(pfx, head, pfx .. 'due', base, seq, count, 'size', now)
     wake_workers()
     return seq .. ',' .. count .. ',F,1,1'
   end
@@ -182,7 +182,7 @@ for _, n in ipairs(segs) do
           redis.call('ZADD', due, int(now), member)
           fresh_items = fresh_items + count
         else
-          seal(pfx, head, due, base, seq, count, 'size', now)
+          res_count = seal(pfx, head, due, base, seq, count, 'size', now)
           touched = false
         end
         sealed = sealed + 1

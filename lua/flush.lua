@@ -38,11 +38,12 @@ else
     return {'empty', -1, 0, ''}
   end
 end
--- the accumulating sequence's items are in the base id's open list, behind its header
-local count = open_count_of(pfx, base, seq)
-if count == 0 then
+-- the accumulating sequence's items are in the base id's open list, behind its header (and
+-- in its own list, if a version from before the open list added some: see seal_items)
+local open = open_count_of(pfx, base, seq)
+if open == 0 and redis.call('LLEN', pfx .. 'i:' .. member_of(base, seq)) == 0 then
   return {'empty', tonumber(seq), 0, 'accumulating'}
 end
-seal(pfx, head, due, base, seq, count, 'manual', now_ms())
+local count = seal(pfx, head, due, base, seq, open, 'manual', now_ms())
 redis.call('PUBLISH', ARGV[4], pfx)
 return {'ok', tonumber(seq), count, 'flushing'}

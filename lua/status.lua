@@ -19,12 +19,13 @@ for i = 1, #fields, 2 do
   if seq then
     local member = member_of(base, seq)
     local llen, added = 0, ''
+    llen = redis.call('LLEN', pfx .. 'i:' .. member)
     if seq == acc then
-      local okey, own
-      llen, okey, own = open_count_of(pfx, base, seq)
+      -- plus its open list's items (its own list holds any only if a version from before the
+      -- open list added them: see seal_items)
+      local open, okey, own = open_count_of(pfx, base, seq)
+      llen = llen + open
       if own then added = string.match(redis.call('LINDEX', okey, 0), ':(%d+)$') or '' end
-    else
-      llen = redis.call('LLEN', pfx .. 'i:' .. member)
     end
     table.insert(out, {tonumber(seq), redis.call('HGETALL', pfx .. 's:' .. member), llen, added})
   end

@@ -230,6 +230,47 @@ def test_an_open_list_is_only_ever_sealed_or_dropped_on_behalf_of_the_sequence_i
     assert real_client.lrange(part.open_items("u"), 0, -1) == kept
 
 
+def to_layout_before_the_open_list(client: redis.Redis, part: Any, base: str, seq: int) -> None:
+    """Turn an accumulating sequence into how a version from before the open list stored it:
+    items in the sequence's own list, counted in the head's pending, no open list."""
+    n = client.llen(part.open_items(base)) - 1
+    client.rename(part.open_items(base), part.items(base, seq))
+    client.lpop(part.items(base, seq))
+    client.hincrby(part.head(base), "pending", n)
+
+
+@pytest.mark.parametrize("seal", ["size", "flush", "interval"])
+def test_items_stored_before_the_open_list_are_kept_and_delivered_first(
+    real_batcher: Batcher, real_client: redis.Redis, seal: str
+) -> None:
+    # data left by the layout before the open list (an upgrade, or an older producer still
+    # running): sealing never renames the open list over the sequence's own list
+    got: list[rb.Flush] = []
+    interval = 0.05 if seal == "interval" else None
+    proc = real_batcher.processor(name="old", max_batch_size=5, flush_interval=interval)(got.append)
+    part = proc.keys.for_base("u")
+    proc.add_many("u", [1, 2])
+    to_layout_before_the_open_list(real_client, part, "u", 0)
+    assert proc.status("u").pending == 2  # type: ignore[union-attr]
+    later = [3, 4, 5, 6, 7] if seal == "size" else [3]
+    results = [proc.add("u", x) for x in later]
+    assert {r.sequence for r in results} == {0}
+    assert proc.status("u").pending == 2 + len(later)  # type: ignore[union-attr]
+    if seal == "flush":
+        assert proc.flush("u").item_count == 3
+    elif seal == "interval":
+        time.sleep(0.1)
+    else:
+        assert results[-1].flushed and results[-1].pending == 7  # the open list held 5
+    Worker(real_batcher).run(burst=True)
+    # one sequence, in add order (7 items go out in windows of max_batch_size)
+    assert {f.sequence for f in got} == {0}
+    assert [x for f in got for x in f.items] == [1, 2, *later]
+    assert all(len(f.items) <= 5 for f in got)
+    assert real_client.hget(part.head("u"), "pending") == b"0"
+    assert real_client.keys(part.pfx + "[io]:*") == []
+
+
 def test_updated_at_of_the_accumulating_sequence_is_its_last_add(real_batcher: Batcher) -> None:
     proc = make(real_batcher, max_batch_size=100)
     proc.add("w", 1)

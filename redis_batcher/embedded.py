@@ -9,9 +9,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -124,10 +126,36 @@ class RedisServer:
             self.stop()  # the directory is kept: it may hold data a restart needs
             raise
 
+    def _spawn(self) -> None:
+        """Start the process and record it in ``self.process`` before a SIGINT/SIGTERM handler
+        may raise: one that raised inside ``Popen`` (while it waits for the exec) would leave a
+        running server that nothing stops. Such signals are held back until then, when this
+        runs in the main thread with Python-level handlers (where handlers run at all)."""
+
+        def popen() -> None:
+            self.process = subprocess.Popen(
+                self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            )
+
+        held = (signal.SIGINT, signal.SIGTERM)
+        handlers = {sig: signal.getsignal(sig) for sig in held}
+        if threading.current_thread() is not threading.main_thread() or None in handlers.values():
+            popen()
+            return
+        caught: list[int] = []
+        for sig in held:
+            signal.signal(sig, lambda signum, frame: caught.append(signum))
+        try:
+            popen()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            for signum in caught:
+                signal.raise_signal(signum)  # now, with self.process recorded for stop()
+
     def _start(self, timeout: float) -> RedisServer:
-        self.process = subprocess.Popen(
-            self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        self._spawn()
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.2)
         try:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 import redis
@@ -174,3 +175,31 @@ def test_summary_and_redact() -> None:
     assert demo.redact("redis://:secret@127.0.0.1:7000/0") == "redis://:***@127.0.0.1:7000/0"
     assert demo.redact("redis://user:pw@host/1") == "redis://user:***@host/1"
     assert demo.redact("redis://127.0.0.1:7000/0") == "redis://127.0.0.1:7000/0"
+
+
+def test_a_signal_while_a_server_starts_never_leaves_it_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    # SIGTERM arriving inside Popen (as the handler of a stopped benchmark raises SystemExit):
+    # the server is recorded first, so start() stops it on the way out
+    from redis_batcher import embedded
+
+    started: list[subprocess.Popen[bytes]] = []
+    real_popen = subprocess.Popen
+
+    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        proc = real_popen(*args, **kwargs)
+        started.append(proc)
+        os.kill(os.getpid(), signal.SIGTERM)  # its handler runs before this returns
+        return proc
+
+    monkeypatch.setattr(embedded.subprocess, "Popen", popen)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        with pytest.raises(SystemExit):
+            embedded.RedisServer().start()
+        assert len(started) == 1 and started[0].poll() is not None  # stopped, not left running
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

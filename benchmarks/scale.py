@@ -82,6 +82,13 @@ class Scale:
     def __init__(self, n: int) -> None:
         self.n = n
         self.server = RedisServer().start()
+        try:
+            self._setup(n)
+        except BaseException:  # stopped (SIGTERM) or failed while setting up: stop the server too
+            self.server.close()
+            raise
+
+    def _setup(self, n: int) -> None:
         self.client = redis.Redis(host="127.0.0.1", port=self.server.port)
         self.batcher = redis_batcher.Batcher(self.client, prefix="scale")
         processor = self.batcher.processor(name="scale", max_batch_size=10_000_000, flush_interval=3600.0)

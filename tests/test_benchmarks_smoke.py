@@ -106,6 +106,20 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
+def _redis_servers() -> set[int]:
+    """Every live redis-server process on the machine (from /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"redis-server" in cmdline and _alive(int(entry.name)):
+                found.add(int(entry.name))
+    return found
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -117,6 +131,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
 def test_sigterm_stops_a_suite_and_its_redis_servers() -> None:
     # what `python -m benchmarks` sends its running suite when it is stopped itself
+    before = _redis_servers()
     proc = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.scale", "--quick"],
         cwd=ROOT,
@@ -135,14 +150,16 @@ def test_sigterm_stops_a_suite_and_its_redis_servers() -> None:
         assert any("redis-server" in Path(f"/proc/{p}/cmdline").read_text() for p in started if _alive(p))
         proc.terminate()
         proc.wait(timeout=30)
+        # every redis-server the suite started, including one starting as the signal came
         deadline = time.monotonic() + 15
-        while any(_alive(p) for p in started) and time.monotonic() < deadline:
+        while (_redis_servers() - before) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not [p for p in started if _alive(p)]
+        left = {p: Path(f"/proc/{p}/cmdline").read_bytes().rstrip(b"\0") for p in _redis_servers() - before}
+        assert not left, f"still running: {left}"
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for p in started:  # whatever a failure left behind
+        for p in started | (_redis_servers() - before):  # whatever a failure left behind
             if _alive(p):
                 os.kill(p, signal.SIGKILL)

@@ -85,16 +85,21 @@ def test_a_trial_report_never_takes_the_committed_chart(out: Path | None, expect
     assert default_chart(out) == expected
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every live process under ``pid`` (from /proc)."""
-    parents: dict[int, int] = {}
+def _processes(name: str) -> dict[int, bytes]:
+    """/proc/<pid>/<name> of every process that still has one."""
+    out: dict[int, bytes] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                stat = (entry / "stat").read_text()
+                out[int(entry.name)] = (entry / name).read_bytes()
             except OSError:
                 continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return out
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process under ``pid`` (from /proc)."""
+    parents = {p: int(stat.rsplit(b")", 1)[1].split()[1]) for p, stat in _processes("stat").items()}
     found: set[int] = set()
     todo = [pid]
     while todo:
@@ -108,16 +113,7 @@ def _descendants(pid: int) -> set[int]:
 
 def _redis_servers() -> set[int]:
     """Every live redis-server process on the machine (from /proc)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"redis-server" in cmdline and _alive(int(entry.name)):
-                found.add(int(entry.name))
-    return found
+    return {p for p, cmdline in _processes("cmdline").items() if b"redis-server" in cmdline and _alive(p)}
 
 
 def _alive(pid: int) -> bool:

@@ -115,16 +115,16 @@ local function open_sequence(full)
   return seq
 end
 
--- The accumulating sequence's item count: its open list's length minus the header. Should
--- the list be missing (the head names a sequence, yet no add ever created it), it is
--- recreated with its header, so no item is ever pushed without one.
+-- The accumulating sequence's item count (open_count_of). Should its open list be missing
+-- (the head names a sequence, yet no add ever created it), it is started with its header, so
+-- no item is ever pushed without one (LPUSH: entries of a list naming another sequence would
+-- be delivered, never overwritten).
 local function open_count(seq)
-  local n = redis.call('LLEN', okey)
-  if n == 0 then
-    redis.call('RPUSH', okey, open_header(seq, now))
-    return 0
+  local n, _, own = open_count_of(pfx, base, seq)
+  if not own then
+    redis.call('LPUSH', okey, open_header(seq, now))
   end
-  return n - 1
+  return n
 end
 
 -- one segment per caller (group commit): each gets its own result and its own max_pending check

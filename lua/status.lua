@@ -13,7 +13,10 @@ local head = KEYS[1]
 local pfx, base = ARGV[1], ARGV[2]
 local fields = redis.call('HGETALL', head)
 local out = {fields}
-local acc = redis.call('HGET', head, 'acc')
+local acc = nil
+for i = 1, #fields, 2 do
+  if fields[i] == 'acc' then acc = fields[i + 1] end
+end
 for i = 1, #fields, 2 do
   local seq = string.match(fields[i], '^a:(%d+)$')
   if seq then

@@ -89,7 +89,7 @@ class MsgpackCodec:
         try:
             return [_unpackb(data) for data in entries]
         except ValueError:
-            return [_unpackb(data, raw=False, strict_map_key=False) for data in entries]
+            return [self.decode(data) for data in entries]
 
 
 class JsonCodec:

@@ -7,9 +7,11 @@
 --   pfx.."b:"..base       HASH  head: next, acc, active, pending, a:<N> = status, done_seq, ...
 --                               (pending: the undelivered items of its sealed sequences)
 --   pfx.."h:"..base       LIST  flush history, newest first (JSON)
---   pfx.."s:"..base.."::"..N  HASH  sequence state: status, cutoff, window, attempt, deaths, ...
---   pfx.."o:"..base       LIST  the accumulating sequence's list: a header "<N>:<last add ms>",
---                               then its encoded items in add order (exists iff head has acc)
+--   pfx.."s:"..base.."::"..N  HASH  sequence state: status, cutoff, window, attempt, deaths,
+--                               max (the max_batch_size it was opened with), ...
+--   pfx.."o:"..base       LIST  the accumulating sequence's list: a header
+--                               "<N>:<last add ms>/<max_batch_size>", then its encoded items in
+--                               add order (exists iff head has acc)
 --   pfx.."i:"..base.."::"..N  LIST  a sealed sequence's encoded items in add order (the o: list
 --                               renamed at sealing, its header dropped)
 --   pfx.."dead"           ZSET  dead-letter ids, score = time they died (ms)
@@ -18,12 +20,41 @@
 -- Keys derived here from pfx always carry the same hash tag as the declared KEYS.
 --
 -- A sealed sequence's list holds `cutoff` undelivered items at its head. Each claim delivers the
--- first `window` of them (window <= cutoff, <= max_batch_size). Acks, partial failures and
+-- first `window` of them (window <= cutoff, <= the sequence's max). Acks, partial failures and
 -- dead-lettering remove items from the head; what is left is delivered next. The first `fid_n`
 -- items were delivered under `flush_id`: they keep it on every redelivery (bisected or not).
 -- `attempt` counts deliveries of those items (what handlers see); `tries` counts the failed
 -- ones that spend the max_attempts budget (bisection steps do not), `deaths` the deliveries
 -- whose worker died.
+--
+-- Data this library did not write -- a key of another type, a field that is not a number, a
+-- damaged header -- is found by reading before a script writes anything, so no script stops
+-- half-way: the caller is told (a 'corrupt' reply), or a due sequence that cannot be delivered
+-- as it is goes to the dead-letter store with reason 'quarantine' (by the claim).
+--
+-- Work per call is bounded: moving part of a window out of a list (dead-lettering a window
+-- smaller than its list, a partial failure, undecodable entries) is a move job kept in the
+-- sequence's state (mv_* fields) and done a bounded number of items per call, by the nack and
+-- then by the claims that find the sequence due.
+-- (Helper names are never written out in this header: scripts.py links every helper that the
+-- header names into every script.)
+--
+-- Shared constants live here, in the header that every script gets (scripts.py links each
+-- helper with the lines that follow it, up to the next one).
+
+-- The head fields and sequence-state fields the scripts compute with (checked to be integers).
+local HEAD_INTS = {'next', 'acc', 'active', 'pending', 'done_seq', 'done_items'}
+local SEQ_INTS = {'cutoff', 'window', 'attempt', 'tries', 'deaths', 'fid_n', 'delivered',
+  'claimed_at', 'max', 'mv_w', 'mv_done', 'mv_keep', 'mv_rest', 'mv_rot', 'mv_out', 'mv_at'}
+-- Items a call moves at most (move jobs): each costs a few hundred ns of server time.
+local MOVE_BUDGET = 10000
+-- A move job's fields in the sequence's state.
+local MOVE_FIELDS = {'mv', 'mv_w', 'mv_done', 'mv_keep', 'mv_rest', 'mv_rot', 'mv_out', 'mv_dead',
+  'mv_marks', 'mv_end', 'mv_at', 'mv_err', 'mv_reason'}
+-- Dead letters dropped at most per new one, by age or number.
+local DEAD_PRUNE = 100
+-- A claim looks this many entries past its limit; BACKLOG_DUE is its reply when it found them.
+local BACKLOG, BACKLOG_DUE = 8, -2
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -40,10 +71,72 @@ end
 
 local function split_member(member)
   local base, seq = string.match(member, '^(.*)::(%d+)$')
+  if base == '' or (seq and #seq > 15) then return nil, nil end
   return base, seq
 end
 
+-- A value read from Redis, for an error message: quoted, at most 40 bytes.
+local function quote(v)
+  if not v then return 'nil' end
+  if #v > 40 then v = string.sub(v, 1, 40) .. '...' end
+  return string.format('%q', v)
+end
+
+-- The type of a key: 'none' when it does not exist.
+local function key_type(key)
+  return redis.call('TYPE', key)['ok']
+end
+
+-- nil when each key is missing or of its type; else what is wrong with the first one that is
+-- not. checks: {key, type, key, type, ...}
+local function wrong_type(checks)
+  for i = 1, #checks, 2 do
+    local t = redis.call('TYPE', checks[i])['ok']
+    if t ~= 'none' and t ~= checks[i + 1] then
+      return checks[i] .. ' is a ' .. t .. ', not a ' .. checks[i + 1]
+    end
+  end
+  return nil
+end
+
+-- nil when each named field of `key` is absent or a decimal integer, as the scripts write them;
+-- else what is wrong with the first one that is not. The key must be a hash (or missing).
+local function bad_ints(key, names)
+  local v = redis.call('HMGET', key, unpack(names))
+  for i, name in ipairs(names) do
+    if v[i] and not (string.match(v[i], '^%-?%d+$') and #v[i] <= 17) then
+      return key .. ' field ' .. name .. ' is ' .. quote(v[i]) .. ', not an integer'
+    end
+  end
+  return nil
+end
+
+-- nil when a base id's head is missing or sound, else what is wrong with it.
+local function head_problem(head)
+  return wrong_type({head, 'hash'}) or bad_ints(head, HEAD_INTS)
+end
+
+-- nil when a sequence's state and items are missing or sound, else what is wrong with them.
+local function seq_problem(pfx, member)
+  local meta = pfx .. 's:' .. member
+  local why = wrong_type({meta, 'hash', pfx .. 'i:' .. member, 'list'}) or bad_ints(meta, SEQ_INTS)
+  if why then return why end
+  local status = redis.call('HGET', meta, 'status')
+  if status and status ~= 'accumulating' and status ~= 'flushing' then
+    return meta .. ' field status is ' .. quote(status)
+  end
+  return nil
+end
+
+-- nil when a partition's own keys are missing or of their types, else what is wrong.
+local function partition_problem(pfx)
+  return wrong_type({pfx .. 'due', 'zset', pfx .. 'ids', 'set', pfx .. 'dead', 'zset'})
+end
+
+-- History is advisory: an entry is not written where the key holds something else.
 local function push_history(hist, entry, cap)
+  local t = key_type(hist)
+  if t ~= 'list' and t ~= 'none' then return end
   if redis.call('LPUSH', hist, entry) > cap then
     redis.call('LTRIM', hist, 0, cap - 1)
   end
@@ -63,28 +156,47 @@ local function sealed_fields(count, reason, now)
     'updated_at', int(now)}
 end
 
--- The header entry of a base id's open list (index 0): the accumulating sequence's number and
--- the time of its last add (ms, 13 digits: the entry keeps its size when LSET rewrites it).
-local function open_header(seq, now)
-  return seq .. ':' .. int(now)
+-- The header entry of a base id's open list (index 0): the accumulating sequence's number, the
+-- time of its last add (ms, 13 digits: the entry keeps its size when LSET rewrites it) and the
+-- max_batch_size it was opened with (a producer configured otherwise still seals it there).
+local function open_header(seq, now, max)
+  return seq .. ':' .. int(now) .. '/' .. max
 end
 
--- How many items the base id's open list holds for its accumulating sequence `seq` (the list
--- minus its header): 0 when there is no open list, or when its header names another sequence
--- (that list is then never touched on seq's behalf). Also returns the list's key and whether
--- it is seq's.
-local function open_count_of(pfx, base, seq)
+-- The sequence number and max_batch_size an open-list header names (max nil: a header from
+-- before it carried one); nil when it is not a header.
+local function parse_header(header)
+  local seq, max = string.match(header, '^(%d+):%d+/?(%d*)$')
+  if not seq or #seq > 15 or #max > 15 then return nil, nil end
+  return seq, tonumber(max)
+end
+
+-- The items of the base id's open list that belong to sequence `seq` (the list minus its
+-- header), the list's key, and how they were found:
+--   'own'      the header names seq
+--   'damaged'  the header names nothing (or another sequence) but seq is the head's
+--              accumulating one (acc): every entry after index 0 is still its item
+--   'none'     no open list; 'other': the list is another sequence's, never touched for seq
+-- The list must be a list or missing (checked by the caller).
+local function open_items_of(pfx, base, seq, acc)
   local okey = pfx .. 'o:' .. base
   local header = redis.call('LINDEX', okey, 0)
-  if not header or string.match(header, '^(%d+):') ~= tostring(seq) then
-    return 0, okey, false
+  if not header then
+    return 0, okey, 'none'
   end
-  return redis.call('LLEN', okey) - 1, okey, true
+  local hseq = parse_header(header)
+  if hseq == tostring(seq) then
+    return redis.call('LLEN', okey) - 1, okey, 'own'
+  end
+  if acc and tostring(acc) == tostring(seq) then
+    return redis.call('LLEN', okey) - 1, okey, 'damaged'
+  end
+  return 0, okey, 'other'
 end
 
 -- The items of a base id's accumulating sequence become the sealed sequence's list: the open
 -- list is renamed (O(1), whatever its length) and its header dropped; they now count as the
--- head's pending. count: the open list's items for seq (open_count_of). Should the sequence's
+-- head's pending. count: the open list's items for seq (open_items_of). Should the sequence's
 -- own list hold items already -- added by a version of this library from before the open
 -- list, straight to that list and counted as pending -- the open list's items are moved after
 -- them one by one instead, never renamed over them. Returns the sealed list's length.
@@ -138,7 +250,7 @@ local function unpark(pfx, head, due, base, now)
   if low then
     local member = member_of(base, low)
     local meta = pfx .. 's:' .. member
-    if redis.call('HGET', meta, 'parked') == '1' then
+    if key_type(meta) == 'hash' and redis.call('HGET', meta, 'parked') == '1' then
       redis.call('HDEL', meta, 'parked')
       redis.call('ZADD', due, int(now), member)
     end
@@ -172,7 +284,7 @@ end
 
 -- `n` items left the head of a sealed sequence (delivered or dead-lettered). Either the
 -- sequence is done (completed) or the rest becomes a fresh delivery, due now.
--- cfg: {retention=, ordered=, max=}; known: {cutoff, fid_n} when the caller has read them;
+-- cfg: {retention=, ordered=, max=}; known: {cutoff, fid_n, max} when the caller has read them;
 -- done: the sequence's delivered item count when an ack completes it (the head then records
 -- the highest completed sequence: done_seq, done_items, done_at)
 local function advance(pfx, base, seq, n, now, cfg, known, done)
@@ -180,13 +292,13 @@ local function advance(pfx, base, seq, n, now, cfg, known, done)
   local meta = pfx .. 's:' .. member
   local head = pfx .. 'b:' .. base
   local due = pfx .. 'due'
-  local f = known or redis.call('HMGET', meta, 'cutoff', 'fid_n')
+  local f = known or redis.call('HMGET', meta, 'cutoff', 'fid_n', 'max')
   local left = tonumber(f[1] or '0') - n
   if left > 0 then
     local pending = redis.call('HINCRBY', head, 'pending', int(-n))
     if pending < 0 then redis.call('HSET', head, 'pending', 0) end
-    redis.call('HSET', meta, 'cutoff', left, 'window', math.min(left, cfg.max), 'owner', '',
-      'updated_at', int(now))
+    redis.call('HSET', meta, 'cutoff', left, 'window', math.min(left, tonumber(f[3] or cfg.max)),
+      'owner', '', 'updated_at', int(now))
     redis.call('HDEL', meta, 'lease_until', 'next_attempt_at')
     -- items already delivered under a flush_id keep it (and their attempt count) until they
     -- leave the sequence, so a handler can always recognise a redelivery
@@ -216,41 +328,61 @@ local function advance(pfx, base, seq, n, now, cfg, known, done)
   return 0
 end
 
--- Move items into a new dead letter. `items` is a Lua table of raw entries, or nil to move the
--- whole list of the sequence (RENAME, O(1) whatever its length). Ids are "<flush_id>.<cutoff>":
--- the cutoff only decreases within a sequence, so one flush_id never names two dead letters.
-local function bury(pfx, id, member, items, count, reason, err, f, now)
-  local base, seq = split_member(member)
-  local dlist = pfx .. 'di:' .. id
-  if items == nil then
-    redis.call('RENAME', pfx .. 'i:' .. member, dlist)
-  else
-    for i = 1, #items, 5000 do
-      redis.call('RPUSH', dlist, unpack(items, i, math.min(i + 4999, #items)))
+-- A dead-letter id that names no dead letter yet, from `id`.
+local function fresh_dead_id(pfx, id)
+  local n, out = 0, id
+  while redis.call('EXISTS', pfx .. 'd:' .. out, pfx .. 'di:' .. out) > 0 do
+    n = n + 1
+    out = id .. '~' .. n
+  end
+  return out
+end
+
+-- Dead letters are kept for at most dead.ttl ms (0: for ever) and at most dead.max of them per
+-- partition (0: no limit): each new one drops at most DEAD_PRUNE of the oldest past either.
+local function prune_dead(pfx, dead, now)
+  local zkey = pfx .. 'dead'
+  local drop = {}
+  if dead.ttl > 0 then
+    drop = redis.call('ZRANGEBYSCORE', zkey, '-inf', int(now - dead.ttl), 'LIMIT', 0, DEAD_PRUNE)
+  end
+  if dead.max > 0 and #drop < DEAD_PRUNE then
+    local over = redis.call('ZCARD', zkey) - #drop - dead.max
+    if over > 0 then
+      drop = redis.call('ZRANGE', zkey, 0, math.min(over + #drop, DEAD_PRUNE) - 1)
     end
   end
-  redis.call('HSET', pfx .. 'd:' .. id, 'batch_id', base, 'sequence', seq, 'count', count,
+  for _, id in ipairs(drop) do
+    redis.call('ZREM', zkey, id)
+    redis.call('UNLINK', pfx .. 'd:' .. id, pfx .. 'di:' .. id)
+  end
+end
+
+-- Record a dead letter whose items are in pfx.."di:"..id already (`count` of them).
+-- f: {tries, deaths, flush_id, created_at} of the sequence; dead: {ttl, max} (prune_dead).
+local function register_dead(pfx, id, base, seq, count, reason, err, f, now, dead)
+  local dmeta = pfx .. 'd:' .. id
+  redis.call('HSET', dmeta, 'batch_id', base, 'sequence', seq, 'count', count,
     'reason', reason, 'error', err or '', 'attempts', f.tries or 0, 'deaths', f.deaths or 0,
     'flush_id', f.flush_id or '', 'created_at', f.created_at or '', 'dead_at', int(now))
   redis.call('ZADD', pfx .. 'dead', int(now), id)
-end
-
--- Pop the first `n` entries of a list (LPOP with a count; Redis >= 6.2).
-local function pop_head(key, n)
-  if n <= 0 then return {} end
-  local got = redis.call('LPOP', key, n)
-  if not got then return {} end
-  return got
-end
-
--- Put entries back at the head of a list, keeping their order.
-local function push_head(key, items)
-  for i = #items, 1, -5000 do
-    local lo = math.max(1, i - 4999)
-    local chunk = {}
-    for j = i, lo, -1 do table.insert(chunk, items[j]) end
-    redis.call('LPUSH', key, unpack(chunk))
+  if dead.ttl > 0 then
+    redis.call('PEXPIRE', dmeta, dead.ttl)
+    redis.call('PEXPIRE', pfx .. 'di:' .. id, dead.ttl)
   end
+  prune_dead(pfx, dead, now)
+end
+
+-- Move a sequence's whole list into a new dead letter (RENAME: O(1) whatever its length).
+-- Returns the dead letter's id.
+local function bury_list(pfx, id, member, count, reason, err, f, now, dead)
+  local base, seq = split_member(member)
+  id = fresh_dead_id(pfx, id)
+  if count > 0 then
+    redis.call('RENAME', pfx .. 'i:' .. member, pfx .. 'di:' .. id)
+  end
+  register_dead(pfx, id, base, seq, count, reason, err, f, now, dead)
+  return id
 end
 
 local function history_entry(seq, count, started, duration, ok, err, attempt, flush_id, reason)
@@ -268,12 +400,221 @@ local function next_due_ms(due, now)
   return math.max(0, tonumber(first[2]) - now)
 end
 
--- Claim options from ARGV[i..i+11] (claim.lua's ARGV[2..13]; ack.lua's optional ARGV[9..20]).
+-- Move jobs (see the top): the first mv_w items of a sequence's list (the window) are taken
+-- from its head one by one; each goes to the fate of its kind -- 'K' kept (pushed to the list's
+-- tail, behind the rest), 'D' dropped (delivered), 'X' to the dead letter mv_dead's list. mv is
+-- two letters: the fate of the marked items (bit i of mv_marks, LSB first, for window item i;
+-- no mv_marks: every item is marked), then of the others. Then the kept items are brought back
+-- before the rest (mv_rest items; the shorter side is moved) and mv_end finishes the job.
+local function marked(marks, i)
+  if not marks then return true end
+  local b = string.byte(marks, math.floor(i / 8) + 1)
+  return b ~= nil and math.floor(b / 2 ^ (i % 8)) % 2 == 1
+end
+
+-- The job of a sequence (nil when none), from its state.
+local function move_job(meta)
+  local v = redis.call('HMGET', meta, unpack(MOVE_FIELDS))
+  if not v[1] then return nil end
+  return {mv = v[1], w = tonumber(v[2]), done = tonumber(v[3] or '0'), keep = tonumber(v[4] or '0'),
+    rest = tonumber(v[5] or '0'), rot = tonumber(v[6] or '0'), out = tonumber(v[7] or '0'),
+    dead = v[8], marks = v[9], finish = v[10], at = tonumber(v[11] or '0'), err = v[12],
+    reason = v[13]}
+end
+
+-- Work on a job for at most `budget` items; returns the work done and whether it is finished.
+local function move_step(pfx, member, j, budget)
+  local ikey = pfx .. 'i:' .. member
+  local dlist = j.dead and (pfx .. 'di:' .. j.dead)
+  local fm, fu = string.sub(j.mv, 1, 1), string.sub(j.mv, 2, 2)
+  local work = 0
+  while j.done < j.w and work < budget do
+    local items = redis.call('LPOP', ikey, math.min(j.w - j.done, budget - work, 5000))
+    if not items then
+      j.done = j.w  -- the list ran out (evicted?): nothing more to take
+      break
+    end
+    local keep, out = {}, {}
+    for k, it in ipairs(items) do
+      local fate = marked(j.marks, j.done + k - 1) and fm or fu
+      if fate == 'K' then
+        keep[#keep + 1] = it
+      elseif fate == 'X' then
+        out[#out + 1] = it
+      end
+    end
+    if #keep > 0 then redis.call('RPUSH', ikey, unpack(keep)) end
+    if #out > 0 then redis.call('RPUSH', dlist, unpack(out)) end
+    j.done, j.keep, j.out = j.done + #items, j.keep + #keep, j.out + #out
+    work = work + #items
+  end
+  if j.done < j.w then return work, false end
+  -- the list is now the rest, then the kept items: move the shorter side round
+  local turn = math.min(j.keep, j.rest)
+  local from, to = 'RIGHT', 'LEFT'
+  if j.keep > j.rest then from, to = 'LEFT', 'RIGHT' end
+  while j.rot < turn and work < budget do
+    redis.call('LMOVE', ikey, ikey, from, to)
+    j.rot, work = j.rot + 1, work + 1
+  end
+  return work, j.rot >= turn
+end
+
+-- Persist an unfinished job's progress; the sequence stays due now, without an owner, so the
+-- next claim of any worker goes on with it.
+local function move_later(pfx, member, j, now)
+  redis.call('HSET', pfx .. 's:' .. member, 'mv_done', j.done, 'mv_keep', j.keep, 'mv_rot', j.rot,
+    'mv_out', j.out, 'owner', '', 'updated_at', int(now))
+  redis.call('HDEL', pfx .. 's:' .. member, 'lease_until')
+  redis.call('ZADD', pfx .. 'due', int(now), member)
+end
+
+-- Claim options from ARGV[i..i+13] (claim.lua's ARGV[2..15]; ack.lua's optional ARGV[9..22]).
 local function claim_opts(i)
   return {limit = tonumber(ARGV[i]), lease = tonumber(ARGV[i + 1]), owner = ARGV[i + 2],
     seed = ARGV[i + 3], max_deaths = tonumber(ARGV[i + 7]), bisect = ARGV[i + 8] == '1',
     cap = tonumber(ARGV[i + 10]), inline_max = tonumber(ARGV[i + 11] or '0'),
+    dead = {ttl = tonumber(ARGV[i + 12] or '0'), max = tonumber(ARGV[i + 13] or '0')},
     cfg = {retention = tonumber(ARGV[i + 4]), max = tonumber(ARGV[i + 5]), ordered = ARGV[i + 9] == '1'}}
+end
+
+-- Finish a job: its window's items went where the job said. mv_end:
+--   'retry'    a partial failure: the failed items stay first, due again at mv_at
+--   'advance'  the items that left the window are done with (advance)
+-- Returns the outcome and its detail, as nack.lua replies.
+local function move_finish(pfx, member, j, now, cfg, dead)
+  local base, seq = split_member(member)
+  local meta = pfx .. 's:' .. member
+  local f = redis.call('HMGET', meta, 'cutoff', 'fid_n', 'max', 'tries', 'deaths', 'flush_id',
+    'created_at')
+  redis.call('HDEL', meta, unpack(MOVE_FIELDS))
+  if j.dead then
+    if j.out > 0 then
+      register_dead(pfx, j.dead, base, seq, j.out, j.reason, j.err, {tries = f[4], deaths = f[5],
+        flush_id = f[6], created_at = f[7]}, now, dead)
+    else
+      redis.call('DEL', pfx .. 'di:' .. j.dead)
+    end
+  end
+  local gone = j.w - j.keep  -- the window's items that left the sequence
+  local dropped = gone - j.out  -- of which delivered (a partial failure's others)
+  if dropped > 0 then redis.call('HINCRBY', meta, 'delivered', dropped) end
+  if j.finish == 'retry' then
+    local head = pfx .. 'b:' .. base
+    if redis.call('HINCRBY', head, 'pending', int(-gone)) < 0 then redis.call('HSET', head, 'pending', 0) end
+    local cutoff = tonumber(f[1]) - gone
+    if j.keep == 0 then
+      redis.call('HSET', meta, 'cutoff', cutoff)
+      return 'delivered', advance(pfx, base, seq, 0, now, cfg, {cutoff, f[2], f[3]})
+    end
+    -- the failed items stay at the head and keep their flush_id
+    redis.call('HSET', meta, 'cutoff', cutoff, 'window', j.keep,
+      'fid_n', math.max(tonumber(f[2] or '0') - gone, j.keep), 'owner', '', 'last_error', j.err,
+      'next_attempt_at', int(j.at), 'updated_at', int(now))
+    redis.call('HDEL', meta, 'lease_until')
+    redis.call('ZADD', pfx .. 'due', int(j.at), member)
+    return 'retry', j.at
+  end
+  local left = advance(pfx, base, seq, gone, now, cfg, {f[1], f[2], f[3]})
+  if j.reason == 'decode_error' then return 'quarantined', left end
+  return 'dead', left
+end
+
+-- Start a move job on a sealed sequence and work on it for up to `budget` items; returns
+-- nack.lua's outcome and detail ('moving', items still to move, when unfinished).
+-- job: {mv, w, marks, dead (id or nil), finish, at, err, reason}
+local function move_start(pfx, member, job, now, cfg, dead, budget)
+  local meta = pfx .. 's:' .. member
+  job.rest = redis.call('LLEN', pfx .. 'i:' .. member) - job.w
+  if job.rest < 0 then
+    job.w, job.rest = job.w + job.rest, 0
+  end
+  job.done, job.keep, job.rot, job.out = 0, 0, 0, 0
+  local fields = {'mv', job.mv, 'mv_w', job.w, 'mv_rest', job.rest, 'mv_end', job.finish,
+    'mv_at', int(job.at or 0), 'mv_err', job.err or '', 'mv_reason', job.reason or ''}
+  if job.dead then
+    job.dead = fresh_dead_id(pfx, job.dead)
+    table.insert(fields, 'mv_dead')
+    table.insert(fields, job.dead)
+  end
+  if job.marks then
+    table.insert(fields, 'mv_marks')
+    table.insert(fields, job.marks)
+  end
+  redis.call('HSET', meta, unpack(fields))
+  local _, finished = move_step(pfx, member, job, budget)
+  if finished then
+    return move_finish(pfx, member, job, now, cfg, dead)
+  end
+  move_later(pfx, member, job, now)
+  return 'moving', job.w - job.done + math.min(job.keep, job.rest) - job.rot
+end
+
+-- Dead-letter the first `window` items of a sealed sequence: its whole list at once when that is
+-- all it holds, else a move job. Returns nack.lua's outcome and detail.
+local function bury_window(pfx, id, member, window, reason, err, f, now, cfg, dead, budget)
+  local base, seq = split_member(member)
+  if window >= redis.call('LLEN', pfx .. 'i:' .. member) then
+    bury_list(pfx, id, member, window, reason, err, f, now, dead)
+    return 'dead', advance(pfx, base, seq, window, now, cfg)
+  end
+  return move_start(pfx, member, {mv = 'XX', w = window, dead = id, finish = 'advance', err = err,
+    reason = reason}, now, cfg, dead, budget)
+end
+
+-- Take a due member that cannot be delivered as it is out of the delay queue, into a dead
+-- letter with reason 'quarantine' and `why` as its error: with its sealed items where its list
+-- is a list, and the facts of its state where that is a hash (the state is then dropped, so no
+-- later claim trips over it). Keys of another type stay as they are, for the operator to
+-- inspect. Returns the dead letter's id.
+local function quarantine_member(pfx, member, why, id, now, cfg, dead)
+  local due = pfx .. 'due'
+  redis.call('ZREM', due, member)
+  local base, seq = split_member(member)
+  local meta, ikey = pfx .. 's:' .. member, pfx .. 'i:' .. member
+  local f = {}
+  local status = nil
+  if key_type(meta) == 'hash' then
+    local v = redis.call('HMGET', meta, 'status', 'tries', 'deaths', 'flush_id', 'created_at')
+    status = v[1]
+    f = {tries = v[2], deaths = v[3], flush_id = v[4], created_at = v[5]}
+    redis.call('DEL', meta)
+  end
+  local count = 0
+  id = fresh_dead_id(pfx, id)
+  if key_type(ikey) == 'list' then
+    count = redis.call('LLEN', ikey)
+    redis.call('RENAME', ikey, pfx .. 'di:' .. id)
+  end
+  register_dead(pfx, id, base or member, seq or -1, count, 'quarantine', why, f, now, dead)
+  if base then
+    -- the head stops counting the sequence, where the head can be trusted
+    local head = pfx .. 'b:' .. base
+    if not head_problem(head) and redis.call('HEXISTS', head, 'a:' .. seq) == 1 then
+      if status == 'flushing' and count > 0 then
+        if redis.call('HINCRBY', head, 'pending', -count) < 0 then redis.call('HSET', head, 'pending', 0) end
+      end
+      retire(pfx, head, pfx .. 'ids', base, seq, cfg.retention)
+      if cfg.ordered then unpark(pfx, head, due, base, now) end
+    end
+  end
+  return id
+end
+
+-- Why a due member cannot be delivered as it is (nil when it can): what claim_due reads of it
+-- must be what the scripts write.
+local function member_problem(pfx, member)
+  local base, seq = split_member(member)
+  if not base then
+    return 'the delay-queue member ' .. quote(member) .. ' names no sequence (<batch id>::<N>)'
+  end
+  local why = seq_problem(pfx, member) or head_problem(pfx .. 'b:' .. base)
+    or wrong_type({pfx .. 'o:' .. base, 'list'})
+  if why then return why end
+  if redis.call('EXISTS', pfx .. 's:' .. member) == 0 then
+    return 'the delay queue names ' .. member .. ', which has no state (' .. pfx .. 's:' .. member .. ')'
+  end
+  return nil
 end
 
 -- Take up to o.limit due sequences from a partition's delay queue and lease them to o.owner
@@ -281,26 +622,43 @@ end
 -- reply: {next_due_ms, then six fields per claimed sequence}; next_due_ms is BACKLOG_DUE
 -- when at least BACKLOG more sequences were due than it took (a backlog: the worker then
 -- spreads them over its threads). Looking BACKLOG entries further with the same ZRANGEBYSCORE
--- also spares the ZRANGE of next_due_ms whenever more is due.
-local BACKLOG, BACKLOG_DUE = 8, -2
+-- also spares the ZRANGE of next_due_ms whenever more is due. The partition's own keys were
+-- checked by the caller (partition_problem); every member is checked before it is written.
 local function claim_due(due, pfx, o, now)
   local limit, lease, owner, seed = o.limit, o.lease, o.owner, o.seed
   local cfg, max_deaths, bisect, cap, inline_max = o.cfg, o.max_deaths, o.bisect, o.cap, o.inline_max
   local out = {0}
+  local budget = MOVE_BUDGET
+  local again = false  -- a move job went on: what is due now may not have been looked at
   local members = redis.call('ZRANGEBYSCORE', due, '-inf', int(now), 'LIMIT', 0, limit + BACKLOG)
   local found = #members
   for n = 1, math.min(found, limit) do
     local member = members[n]
     local meta = pfx .. 's:' .. member
     local base, seq = split_member(member)
-    local f = redis.call('HMGET', meta, 'status', 'cutoff', 'attempt', 'flush_id', 'reason', 'owner',
-      'deaths', 'window', 'last_error', 'created_at', 'claimed_at', 'fid_n', 'tries')
-    if (not base) or (not f[1]) then
-      -- an entry whose sequence no longer exists: nothing to deliver
-      redis.call('ZREM', due, member)
+    local why = member_problem(pfx, member)
+    local job = (not why) and move_job(meta)
+    if why then
+      local id = quarantine_member(pfx, member, why, 'q' .. seed .. '-' .. n, now, cfg, o.dead)
+      for _, v in ipairs({member, -1, 0, id, 'quarantine', why}) do table.insert(out, v) end
+    elseif job then
+      -- a move job left unfinished by a nack (or an earlier claim): go on with it
+      if budget > 0 then
+        local work, finished = move_step(pfx, member, job, budget)
+        budget = budget - work
+        if finished then
+          move_finish(pfx, member, job, now, cfg, o.dead)
+        else
+          move_later(pfx, member, job, now)
+        end
+      end
+      again = true  -- it may be due now still (or again)
     else
+      local f = redis.call('HMGET', meta, 'status', 'cutoff', 'attempt', 'flush_id', 'reason', 'owner',
+        'deaths', 'window', 'last_error', 'created_at', 'claimed_at', 'fid_n', 'tries', 'max')
       local head = pfx .. 'b:' .. base
       local ikey = pfx .. 'i:' .. member
+      local smax = tonumber(f[14] or cfg.max)
       local cutoff = tonumber(f[2])
       local reason = f[5]
       local deliver = true
@@ -309,8 +667,11 @@ local function claim_due(due, pfx, o, now)
         -- interval timer fired: seal with the current length as the cutoff (the sequence's
         -- own fields and its due entry are written once, with the delivery below); the open
         -- list becomes the sequence's list, so later adds open the next sequence
-        local open, okey, own = open_count_of(pfx, base, seq)
-        if open == 0 and own then
+        local open, okey, how = open_items_of(pfx, base, seq, redis.call('HGET', head, 'acc'))
+        if how == 'damaged' then
+          redis.call('LSET', okey, 0, open_header(seq, now, smax))  -- its items are delivered
+        end
+        if open == 0 and (how == 'own' or how == 'damaged') then
           redis.call('DEL', okey)  -- its header alone
         end
         cutoff = seal_items(pfx, head, base, seq, open)
@@ -323,12 +684,26 @@ local function claim_due(due, pfx, o, now)
         cutoff = redis.call('LLEN', ikey)
         redis.call('HSET', meta, 'cutoff', cutoff)
       end
+      local info = {tries = tonumber(f[13] or '0'), deaths = tonumber(f[7] or '0'), flush_id = f[4],
+        created_at = f[10]}
       if cutoff == 0 then
         -- nothing to deliver: drop the sequence instead of leaving a due entry that never clears
         redis.call('DEL', meta, ikey)
         redis.call('ZREM', due, member)
         retire(pfx, head, pfx .. 'ids', base, seq, cfg.retention)
         deliver = false
+      elseif not sealing then
+        local held = redis.call('LLEN', ikey)
+        if held < cutoff then
+          -- items vanished (evicted, deleted): never an empty or short delivery that is then
+          -- acknowledged; what is left goes to the dead-letter store
+          local err = (cutoff - held) .. ' of ' .. cutoff .. ' items are missing from ' .. ikey
+            .. ' (evicted or deleted)'
+          bury_list(pfx, (f[4] or (seed .. '-' .. n)) .. '.m' .. cutoff, member, held, 'items_missing',
+            err, info, now, o.dead)
+          advance(pfx, base, seq, cutoff, now, cfg, {cutoff, f[12], f[14]})
+          deliver = false
+        end
       end
       if deliver and cfg.ordered then
         local low = lowest_active(head)
@@ -344,7 +719,7 @@ local function claim_due(due, pfx, o, now)
       end
       local attempt = tonumber(f[3] or '0')
       local flush_id = f[4]
-      local window = math.min(tonumber(f[8] or cutoff), cutoff, cfg.max)
+      local window = math.min(tonumber(f[8] or cutoff), cutoff, smax)
       local fid_n = tonumber(f[12] or '0')
       if flush_id and fid_n > 0 then
         window = math.min(window, fid_n)  -- never mix items of an earlier delivery with new ones
@@ -361,13 +736,13 @@ local function claim_due(due, pfx, o, now)
           window = math.ceil(window / 2)
           redis.call('HSET', meta, 'deaths', 0, 'last_error', err)
         elseif deaths >= max_deaths then
-          local why = 'max_deaths'
-          local whole = window == redis.call('LLEN', ikey)
-          local items = nil
-          if not whole then items = pop_head(ikey, window) end
-          bury(pfx, (flush_id or (seed .. '-' .. n)) .. '.' .. cutoff, member, items, window, why, f[9] or err,
-            {tries = tonumber(f[13] or '0'), deaths = deaths, flush_id = flush_id, created_at = f[10]}, now)
-          advance(pfx, base, seq, window, now, cfg)
+          info.deaths = deaths
+          redis.call('HSET', meta, 'deaths', deaths)  -- what the dead letter records
+          if bury_window(pfx, (flush_id or (seed .. '-' .. n)) .. '.' .. cutoff, member, window,
+              'max_deaths', f[9] or err, info, now, cfg, o.dead, budget) == 'moving' then
+            again = true
+          end
+          budget = math.max(budget - window, 0)
           deliver = false
         else
           redis.call('HSET', meta, 'deaths', deaths, 'last_error', err)
@@ -379,22 +754,18 @@ local function claim_due(due, pfx, o, now)
           flush_id = seed .. '-' .. n
           fid_n = window
         end
+        local items = 0
+        if window <= inline_max then
+          items = redis.call('LRANGE', ikey, 0, window - 1)
+          if cmsgpack then items = cmsgpack.pack(items) end
+        end
         -- the lease, and (after an interval seal) the sealed state, in one write
         local fields = sealing and sealed_fields(cutoff, reason, now) or {'updated_at', int(now)}
         redis.call('HSET', meta, 'attempt', attempt, 'owner', owner, 'flush_id', flush_id, 'fid_n', fid_n,
           'window', window, 'claimed_at', int(now), 'lease_until', int(now + lease), unpack(fields))
         redis.call('ZADD', due, int(now + lease), member)
-        table.insert(out, member)
-        table.insert(out, window)
-        table.insert(out, attempt)
-        table.insert(out, flush_id)
-        table.insert(out, reason or '')
-        if window <= inline_max then
-          local items = redis.call('LRANGE', ikey, 0, window - 1)
-          if cmsgpack then items = cmsgpack.pack(items) end
-          table.insert(out, items)
-        else
-          table.insert(out, 0)
+        for _, v in ipairs({member, window, attempt, flush_id, reason or '', items}) do
+          table.insert(out, v)
         end
       end
     end
@@ -406,5 +777,6 @@ local function claim_due(due, pfx, o, now)
   else
     out[1] = next_due_ms(due, now)
   end
+  if again and out[1] ~= BACKLOG_DUE then out[1] = 0 end
   return out
 end

@@ -9,6 +9,18 @@
 -- `owner` (a random token, the fencing token): every write of a step presents it.
 
 local JOB_SAMPLES = 64
+local JOB_STATUSES = {'pending', 'running', 'paused', 'completed', 'failed', 'cancelled'}
+
+-- nil when a job's keys (and its iterator's) are missing or sound, else what is wrong with them:
+-- checked before a job script writes anything.
+local function job_problem(pfx, job, id)
+  local checks = {job, 'hash', pfx .. 'due', 'zset', pfx .. 'r:' .. id, 'list'}
+  for _, s in ipairs(JOB_STATUSES) do
+    table.insert(checks, pfx .. 'status:' .. s)
+    table.insert(checks, 'zset')
+  end
+  return wrong_type(checks) or bad_ints(job, {'processed', 'retries', 'lease_until', 'created_at'})
+end
 
 -- Move a job from one status index to another and record the new status.
 local function job_set_status(pfx, id, job, old, new, now)

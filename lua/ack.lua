@@ -12,26 +12,30 @@
 -- ARGV[6] retention      seconds to keep head/history once the base id has no active sequence
 -- ARGV[7] max_batch_size largest delivery window (for what is left)
 -- ARGV[8] ordered        '1' for ordered processors (wake the next parked sequence)
--- ARGV[9..]  optional, 12 values: claim.lua's ARGV[2..13] (limit, lease_ms, owner, id_seed, retention,
+-- ARGV[9..]  optional, 14 values: claim.lua's ARGV[2..15] (limit, lease_ms, owner, id_seed, retention,
 --                        max_batch_size, max_attempts, max_deaths, bisect, ordered, history_cap,
---                        inline_max). The worker asks for its next flush with the ack: after a
---                        successful ack, up to `limit` due sequences are claimed as claim.lua does
---                        (one round trip per flush instead of two). When that claim finds
---                        nothing due, pfx.."woke" is deleted as claim.lua does.
+--                        inline_max, dead_ttl_ms, dead_max). The worker asks for its next flush with
+--                        the ack: after a successful ack, up to `limit` due sequences are claimed as
+--                        claim.lua does (one round trip per flush instead of two). When that claim
+--                        finds nothing due, pfx.."woke" is deleted as claim.lua does.
 -- Derived keys: pfx.."s:"..member, pfx.."i:"..member (and claim.lua's, when claiming).
 -- Reply: {code, left} or, when claiming, {code, left, <claim.lua's reply>}
---   code 'ok' | 'lease_lost' (nothing changed, nothing claimed); left = sealed items still to
---   deliver
+--   code 'ok' | 'lease_lost' (nothing changed, nothing claimed) | 'corrupt' (left: what is
+--   wrong; nothing changed); left = sealed items still to deliver
 -- KEYS[2] (the head) is declared, not read here: advance() derives it from pfx and writes it
 local due, hist = KEYS[1], KEYS[3]
 local pfx, member, owner = ARGV[1], ARGV[2], ARGV[3]
 local cfg = {retention = tonumber(ARGV[6]), max = tonumber(ARGV[7]), ordered = ARGV[8] == '1'}
 local meta = pfx .. 's:' .. member
 local ikey = pfx .. 'i:' .. member
+local why = partition_problem(pfx) or seq_problem(pfx, member) or head_problem(KEYS[2])
+if why then
+  return {'corrupt', why}
+end
 -- windows up to this many items are removed with one LTRIM (no LLEN first)
 local SMALL_WINDOW = 1000
-local f = redis.call('HMGET', meta, 'owner', 'status', 'window', 'cutoff', 'fid_n', 'delivered')
-if f[1] ~= owner or f[2] ~= 'flushing' then
+local f = redis.call('HMGET', meta, 'owner', 'status', 'window', 'cutoff', 'fid_n', 'delivered', 'max')
+if f[1] ~= owner or f[2] ~= 'flushing' or not f[4] then
   return {'lease_lost', 0}
 end
 local window = tonumber(f[3] or f[4])
@@ -43,12 +47,12 @@ else
 end
 push_history(hist, ARGV[4], tonumber(ARGV[5]))
 local delivered = tonumber(f[6] or '0') + window
-if tonumber(f[4] or '0') > window then
+if tonumber(f[4]) > window then
   redis.call('HSET', meta, 'delivered', delivered)  -- the sequence goes on: keep the count
 end
 local base, seq = split_member(member)
 -- a completed sequence is recorded on the head (done_seq: the highest completed one)
-local left = advance(pfx, base, seq, window, now, cfg, {f[4], f[5]}, delivered)
+local left = advance(pfx, base, seq, window, now, cfg, {f[4], f[5], f[7]}, delivered)
 if ARGV[9] and tonumber(ARGV[9]) > 0 then
   local reply = claim_due(due, pfx, claim_opts(9), now)
   if #reply == 1 then

@@ -13,9 +13,10 @@
 -- ARGV[3..] items   encoded items, in add order
 -- Few arguments and a one-string reply keep the client's cost down on the hot path. The
 -- accumulating sequence's items live in the base id's open list, pfx.."o:"..base, behind a
--- header entry "<seq>:<last add ms>"; sealing renames it to the sequence's own list. So an add
--- into an open sequence without max_pending touches that one key only -- TIME, RPUSHX, LINDEX
--- (the header), LSET (its time) -- and never the head: with many batch ids each key an add
+-- header entry "<seq>:<last add ms>/<max_batch_size>"; sealing renames it to the sequence's own
+-- list. A sequence is sealed at the max_batch_size it was opened with (its header's), whatever
+-- the caller's. So an add into an open sequence without max_pending touches that one key only
+-- -- TIME, LINDEX (the header), RPUSH, LSET (its time) -- and never the head: with many batch ids each key an add
 -- touches is cold in the CPU's caches, and a second one cost as much again (benchmarks.scale).
 -- With max_pending the head's pending count (sealed sequences' undelivered items) is read too.
 -- A sequence that an add opens and fills at once (add_many of max_batch_size items or more)
@@ -29,11 +30,16 @@
 -- claim (claim.lua). Workers woken by that wake-up have not claimed yet, so they will find
 -- this sequence too (a worker goes on claiming while more is due and it has free slots);
 -- under load this saves a message to every worker per sealed batch.
+-- Keys found holding something else (data this library did not write) make the add refused,
+-- before anything is written; an open list whose header is damaged keeps its items for the
+-- accumulating sequence, under a new header; a sequence number whose keys are taken already
+-- is skipped.
 -- Reply: one string, a ';'-separated entry per add (segment), in order:
 --   "seq,pending,A|F,sealed,added"  -- the sequence that got the add's last item, its length,
 --                                      A(ccumulating) or F(lushing: that item sealed it), how
 --                                      many sequences the add sealed, how many items it added
 --   "full,undelivered"              -- refused by max_pending, nothing of that add written
+-- or "corrupt,<what is wrong>" for the whole call, nothing written.
 local head = KEYS[1]
 local base = ARGV[1]
 local pfx = string.sub(head, 1, #head - #base - 2)
@@ -53,26 +59,46 @@ local function wake_workers()
 end
 
 -- The hot path, kept short (every Lua operation costs here): one item from one caller into
--- the open sequence, no max_pending. RPUSHX appends only when the open list exists, that is
--- when a sequence is accumulating; otherwise the general path below opens one. Same effects
--- and reply as the general path.
+-- the open sequence, no max_pending. The header is read first, so that nothing is written
+-- unless it is sound (a missing open list: no sequence accumulates; a damaged one, or a key of
+-- another type: the general path below sorts it out). Same effects and reply as the general
+-- path.
 if last == first and segments == '-' and max_pending < 0 then
-  local n = redis.call('RPUSHX', okey, ARGV[first])
-  if n > 0 then
-    local seq = string.match(redis.call('LINDEX', okey, 0), '^(%d+):')
-    local count = n - 1
-    if count < max then
-      redis.call('LSET', okey, 0, open_header(seq, now))
+  local header = redis.pcall('LINDEX', okey, 0)
+  local seq, smax = nil, nil
+  if type(header) == 'string' then
+    seq, smax = string.match(header, '^(%d+):%d+/?(%d*)$')
+  end
+  if seq and #seq <= 15 and #smax <= 15 then
+    smax = tonumber(smax) or max
+    local count = redis.call('RPUSH', okey, ARGV[first]) - 1
+    if count < smax then
+      redis.call('LSET', okey, 0, open_header(seq, now, smax))
       return seq .. ',' .. count .. ',A,0,1'
     end
-    count = seal(pfx, head, pfx .. 'due', base, seq, count, 'size', now)
-    wake_workers()
-    return seq .. ',' .. count .. ',F,1,1'
+    -- sealing writes the head and the sequence's keys: should any of them hold something
+    -- else, the item is taken back and the general path refuses the add
+    if seq_problem(pfx, member_of(base, seq)) or head_problem(head)
+        or wrong_type({pfx .. 'due', 'zset'}) then
+      redis.call('RPOP', okey)
+    else
+      count = seal(pfx, head, pfx .. 'due', base, seq, count, 'size', now)
+      wake_workers()
+      return seq .. ',' .. count .. ',F,1,1'
+    end
   end
 end
 
-local state = redis.call('HMGET', head, 'acc', 'pending')
 local ids, due, hist = pfx .. 'ids', pfx .. 'due', pfx .. 'h:' .. base
+local why = head_problem(head) or wrong_type({okey, 'list', due, 'zset', ids, 'set'})
+local state = {}
+if not why then
+  state = redis.call('HMGET', head, 'acc', 'pending')
+  why = state[1] and seq_problem(pfx, member_of(base, state[1]))
+end
+if why then
+  return 'corrupt,' .. why
+end
 local wake = false
 
 -- head fields written once at the end (field, value, ...)
@@ -83,9 +109,16 @@ local head_set = {}
 local function open_sequence(full)
   local seq = redis.call('HINCRBY', head, 'next', 1) - 1
   local member = member_of(base, seq)
+  -- a number whose keys exist already (left by something else) is skipped, never overwritten
+  local tries = 0
+  while redis.call('EXISTS', pfx .. 's:' .. member, pfx .. 'i:' .. member) > 0 and tries < 100 do
+    seq = redis.call('HINCRBY', head, 'next', 1) - 1
+    member = member_of(base, seq)
+    tries = tries + 1
+  end
   if full then
-    redis.call('HSET', pfx .. 's:' .. member, 'created_at', int(now), 'attempt', 0,
-      unpack(sealed_fields(max, 'size', now)))
+    redis.call('HSET', pfx .. 's:' .. member, 'created_at', int(now), 'attempt', 0, 'max', max,
+      'interval', interval, unpack(sealed_fields(max, 'size', now)))
     table.insert(head_set, 'a:' .. seq)
     table.insert(head_set, 'flushing')
     if #head_set >= 2000 then  -- unpack() has a limit: many tiny sequences are written in parts
@@ -94,11 +127,11 @@ local function open_sequence(full)
     end
   else
     redis.call('HSET', pfx .. 's:' .. member, 'status', 'accumulating',
-      'created_at', int(now), 'updated_at', int(now), 'attempt', 0)
+      'created_at', int(now), 'updated_at', int(now), 'attempt', 0, 'max', max, 'interval', interval)
     redis.call('HSET', head, 'acc', seq, 'a:' .. seq, 'accumulating')
     -- the open list does not exist here (it is renamed at sealing); LPUSH rather than RPUSH
     -- so that, were it ever left behind, its entries would be delivered, never overwritten
-    redis.call('LPUSH', okey, open_header(seq, now))
+    redis.call('LPUSH', okey, open_header(seq, now, max))
   end
   if redis.call('HINCRBY', head, 'active', 1) == 1 then
     redis.call('SADD', ids, base)
@@ -115,16 +148,22 @@ local function open_sequence(full)
   return seq
 end
 
--- The accumulating sequence's item count (open_count_of). Should its open list be missing
--- (the head names a sequence, yet no add ever created it), it is started with its header, so
--- no item is ever pushed without one (LPUSH: entries of a list naming another sequence would
--- be delivered, never overwritten).
+-- The accumulating sequence's item count and max_batch_size (open_items_of). Should its open
+-- list be missing (the head names a sequence, yet no add ever created it), it is started with
+-- its header, so no item is ever pushed without one; a damaged header is rewritten, its items
+-- kept for the sequence.
 local function open_count(seq)
-  local n, _, own = open_count_of(pfx, base, seq)
-  if not own then
-    redis.call('LPUSH', okey, open_header(seq, now))
+  local n, _, how = open_items_of(pfx, base, seq, seq)
+  if how == 'own' then
+    local _, smax = parse_header(redis.call('LINDEX', okey, 0))
+    return n, smax or max
   end
-  return n
+  if how == 'damaged' then
+    redis.call('LSET', okey, 0, open_header(seq, now, max))
+  else
+    redis.call('LPUSH', okey, open_header(seq, now, max))
+  end
+  return n, max
 end
 
 -- one segment per caller (group commit): each gets its own result and its own max_pending check
@@ -137,11 +176,12 @@ end
 
 local seq = state[1]   -- the accumulating sequence (nil: none yet)
 local count = nil      -- its length, when known
+local smax = max       -- its max_batch_size
 if seq then seq = tonumber(seq) end
 -- undelivered items of the base id: the sealed sequences' (head 'pending') and the open one's
 local pending = tonumber(state[2] or '0')
 if max_pending >= 0 and seq then
-  count = open_count(seq)
+  count, smax = open_count(seq)
   pending = pending + count
 end
 local fresh_items = 0    -- items written into sequences sealed from the start
@@ -161,12 +201,12 @@ for _, n in ipairs(segs) do
       if not seq then
         fresh = stop - i + 1 >= max
         seq = open_sequence(fresh)
-        count = 0
+        count, smax = 0, max
       end
       local member = member_of(base, seq)
       local key = fresh and pfx .. 'i:' .. member or okey
-      if count == nil then count = open_count(seq) end
-      local take = math.max(math.min(max - count, stop - i + 1), 0)
+      if count == nil then count, smax = open_count(seq) end
+      local take = math.max(math.min(smax - count, stop - i + 1), 0)
       local j = i
       while j < i + take do
         local k = math.min(j + 4999, i + take - 1)
@@ -177,7 +217,7 @@ for _, n in ipairs(segs) do
       i = i + take
       touched = touched or not fresh
       res_seq, res_count = seq, count
-      if count >= max then
+      if count >= smax then
         if fresh then
           redis.call('ZADD', due, int(now), member)
           fresh_items = fresh_items + count
@@ -205,7 +245,7 @@ if fresh_items > 0 then
   redis.call('HINCRBY', head, 'pending', fresh_items)
 end
 if seq and touched then
-  redis.call('LSET', okey, 0, open_header(seq, now))
+  redis.call('LSET', okey, 0, open_header(seq, now, smax))
 end
 if any_sealed or wake then
   wake_workers()

@@ -8,23 +8,33 @@
 -- ARGV[4] owner          random token of this claim; ack/nack/extend/release must present it
 -- ARGV[5] id_seed        random string; new deliveries get flush_id = id_seed.."-"..i
 -- ARGV[6] retention      seconds to keep head/history of a base id left without sequences
--- ARGV[7] max_batch_size largest delivery window
--- ARGV[8] max_attempts   (unused here: failures are counted by nack.lua)
+-- ARGV[7] max_batch_size largest delivery window of a sequence that did not record its own
+-- ARGV[8] max_attempts   (read by nack.lua; kept so that ack.lua's claim options line up)
 -- ARGV[9] max_deaths     deliveries whose worker died (lease expired unsettled) before dead-letter
 -- ARGV[10] bisect        '1': a window whose worker died is halved instead (poison isolation)
 -- ARGV[11] ordered       '1': only the lowest active sequence of a base id is delivered
 -- ARGV[12] history_cap   history length limit (deaths are recorded in the history)
 -- ARGV[13] inline_max    windows of at most this many items are returned with the claim
 --                        (saves the worker a round trip and a slow multi-bulk parse); 0 = never
--- Derived keys: head, history, state and items of each member; dead-letter keys; pfx.."woke"
---   (deleted: add.lua holds back wake-ups until a claim answered the last one).
+-- ARGV[14] dead_ttl_ms   dead letters are kept this long (0 = for ever)
+-- ARGV[15] dead_max      at most this many dead letters per partition (0 = no limit)
+-- Derived keys: head, history, state and items of each member; dead-letter keys; pfx.."ids";
+--   pfx.."woke" (deleted: add.lua holds back wake-ups until a claim answered the last one).
 -- Reply: {next_due_ms, member, window, attempt, flush_id, reason, items, ...}
 --   next_due_ms  ms until the earliest remaining entry is due (0 = due now, -1 = queue empty,
 --                -2 = due now, and 8 or more sequences beyond those claimed: a backlog)
 --   then six fields per claimed sequence: deliver its first `window` items; `items` is 0 (read
 --   them with LRANGE) or the window itself: one msgpack array of the raw entries (cmsgpack;
---   a plain array where cmsgpack is missing, as in test doubles).
+--   a plain array where cmsgpack is missing, as in test doubles). A member that cannot be
+--   delivered as it is was quarantined instead: its window is -1, its flush_id the dead
+--   letter's id and its items what was wrong (claim_due).
+--   {-3, what}  the partition's own keys hold something else (nothing was written)
+local pfx = ARGV[1]
+local why = partition_problem(pfx)
+if why then
+  return {-3, why}
+end
 local now = now_ms()
 -- a worker is looking: the next sealed sequence gets a wake-up again (see add.lua)
-redis.call('DEL', ARGV[1] .. 'woke')
-return claim_due(KEYS[1], ARGV[1], claim_opts(2), now)
+redis.call('DEL', pfx .. 'woke')
+return claim_due(KEYS[1], pfx, claim_opts(2), now)

@@ -10,12 +10,18 @@
 -- ARGV[3] seq        sequence number, or '' for the whole base id
 -- ARGV[4] retention  seconds to keep head/history when a single sequence is deleted
 -- Derived keys: state and items of the sequences concerned (pfx.."o:"..base for an accumulating one).
--- Reply: {deleted (0|1), reason ('' when deleted)}
+-- Reply: {deleted (0|1), reason ('' when deleted)}; {-1, what} when the keys hold something
+-- else (nothing deleted)
 local head, hist, ids, due = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local pfx, base, want = ARGV[1], ARGV[2], ARGV[3]
+local why = head_problem(head) or wrong_type({ids, 'set', due, 'zset', pfx .. 'o:' .. base, 'list'})
+if why then
+  return {-1, why}
+end
 if redis.call('EXISTS', head) == 0 then
   return {0, 'Batch not found'}
 end
+local acc = redis.call('HGET', head, 'acc')
 
 -- reason this sequence must not be deleted, or nil
 local function blocker(seq)
@@ -25,7 +31,7 @@ local function blocker(seq)
     return 'Cannot delete batch while flushing'
   end
   if redis.call('LLEN', pfx .. 'i:' .. member) > 0 or (status == 'accumulating'
-      and open_count_of(pfx, base, seq) > 0) then
+      and open_items_of(pfx, base, seq, acc) > 0) then
     return 'Cannot delete batch with pending items'
   end
   return nil
@@ -34,8 +40,10 @@ end
 local function drop(seq)
   local member = member_of(base, seq)
   if redis.call('HGET', pfx .. 's:' .. member, 'status') == 'accumulating' then
-    local _, okey, own = open_count_of(pfx, base, seq)
-    if own then redis.call('DEL', okey) end  -- its open list: a header alone (see blocker)
+    local _, okey, how = open_items_of(pfx, base, seq, acc)
+    if how == 'own' or how == 'damaged' then
+      redis.call('DEL', okey)  -- its open list: a header alone (see blocker)
+    end
   end
   redis.call('DEL', pfx .. 's:' .. member, pfx .. 'i:' .. member)
   redis.call('ZREM', due, member)
@@ -47,7 +55,9 @@ if want == '' then
   for i = 1, #fields, 2 do
     local seq = string.match(fields[i], '^a:(%d+)$')
     if seq then
-      local why = blocker(seq)
+      why = seq_problem(pfx, member_of(base, seq))
+      if why then return {-1, why} end
+      why = blocker(seq)
       if why then return {0, why} end
       table.insert(active, seq)
     end
@@ -59,7 +69,9 @@ if want == '' then
 end
 
 if redis.call('HEXISTS', head, 'a:' .. want) == 1 then
-  local why = blocker(want)
+  why = seq_problem(pfx, member_of(base, want))
+  if why then return {-1, why} end
+  why = blocker(want)
   if why then return {0, why} end
   drop(want)
   retire(pfx, head, ids, base, want, tonumber(ARGV[4]))

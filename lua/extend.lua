@@ -6,10 +6,11 @@
 -- ARGV[3] owner     token from claim.lua
 -- ARGV[4] lease_ms  new lease length from now
 -- Derived keys: pfx.."s:"..member.
--- Reply: 1 when renewed, 0 when the lease belongs to someone else (or the flush is gone)
+-- Reply: 1 when renewed, 0 when the lease belongs to someone else (or the flush is gone, or
+-- its keys hold something else)
 local due = KEYS[1]
 local meta = ARGV[1] .. 's:' .. ARGV[2]
-if redis.call('HGET', meta, 'owner') ~= ARGV[3] then
+if wrong_type({meta, 'hash', due, 'zset'}) or redis.call('HGET', meta, 'owner') ~= ARGV[3] then
   return 0
 end
 local until_ms = now_ms() + tonumber(ARGV[4])

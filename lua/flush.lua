@@ -13,14 +13,25 @@
 --        'empty'            nothing is accumulating (seq -1) or the sequence holds no items
 --        'not_found'        unknown base id or sequence
 --        'not_accumulating' the sequence exists but is in `status`
+--        'corrupt'          the keys hold something else (status: what); nothing written
+-- A damaged open-list header is rewritten: its items are sealed with the sequence.
 local head, due = KEYS[1], KEYS[2]
 local pfx, base, want = ARGV[1], ARGV[2], ARGV[3]
+local okey = pfx .. 'o:' .. base
+local why = head_problem(head) or wrong_type({due, 'zset', okey, 'list'})
+if why then
+  return {'corrupt', -1, 0, why}
+end
 if redis.call('EXISTS', head) == 0 then
   return {'not_found', -1, 0, ''}
 end
 local seq
 if want ~= '' then
   seq = want
+  why = seq_problem(pfx, member_of(base, seq))
+  if why then
+    return {'corrupt', -1, 0, why}
+  end
   local status = redis.call('HGET', pfx .. 's:' .. member_of(base, seq), 'status')
   if not status then
     local nxt = tonumber(redis.call('HGET', head, 'next') or '0')
@@ -37,13 +48,22 @@ else
   if not seq then
     return {'empty', -1, 0, ''}
   end
+  why = seq_problem(pfx, member_of(base, seq))
+  if why then
+    return {'corrupt', -1, 0, why}
+  end
 end
 -- the accumulating sequence's items are in the base id's open list, behind its header (and
 -- in its own list, if a version from before the open list added some: see seal_items)
-local open = open_count_of(pfx, base, seq)
+local open, _, how = open_items_of(pfx, base, seq, redis.call('HGET', head, 'acc'))
 if open == 0 and redis.call('LLEN', pfx .. 'i:' .. member_of(base, seq)) == 0 then
   return {'empty', tonumber(seq), 0, 'accumulating'}
 end
-local count = seal(pfx, head, due, base, seq, open, 'manual', now_ms())
+local now = now_ms()
+if how == 'damaged' then
+  local smax = redis.call('HGET', pfx .. 's:' .. member_of(base, seq), 'max') or '0'
+  redis.call('LSET', okey, 0, open_header(seq, now, smax))
+end
+local count = seal(pfx, head, due, base, seq, open, 'manual', now)
 redis.call('PUBLISH', ARGV[4], pfx)
 return {'ok', tonumber(seq), count, 'flushing'}

@@ -7,8 +7,12 @@
 -- Derived keys: pfx.."due", pfx.."status:*".
 -- Reply: {'ok', previous status}, {'invalid', status} (completed or already cancelled) or
 -- {'missing', ''}
+--   or {'corrupt', what} when its keys hold something else (nothing written)
 local job = KEYS[1]
 local pfx, id = ARGV[1], ARGV[2]
+if job_problem(ARGV[1], KEYS[1], ARGV[2]) then
+  return {'corrupt', job_problem(ARGV[1], KEYS[1], ARGV[2])}
+end
 local status = redis.call('HGET', job, 'status')
 if not status then
   return {'missing', ''}

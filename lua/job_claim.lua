@@ -7,11 +7,16 @@
 --                   dies becomes runnable again when the lease runs out
 -- ARGV[4] owner     random token of this claim (the fencing token every later write presents)
 -- ARGV[5] worker    label of the worker (host:pid), shown by status
--- Derived keys: pfx.."j:"..id, pfx.."r:"..id, pfx.."status:*" of each job.
+-- Derived keys: pfx.."j:"..id, pfx.."r:"..id, pfx.."status:*" of each job. A job whose keys hold
+-- something else leaves the runnable set (its keys stay for inspection).
 -- Reply: {next_due_ms, id, cursor, processed, retries, params, exhausted, ...}
---   next_due_ms  ms until the earliest remaining entry is runnable (0 = now, -1 = none)
+--   next_due_ms  ms until the earliest remaining entry is runnable (0 = now, -1 = none; also
+--                -1 when the runnable set itself holds something else)
 --   then six fields per claimed job (cursor is nil when the walk has not started)
 local due = KEYS[1]
+if wrong_type({due, 'zset'}) then
+  return {-1}
+end
 local pfx = ARGV[1]
 local limit = tonumber(ARGV[2])
 local lease = tonumber(ARGV[3])
@@ -23,9 +28,12 @@ local ids = redis.call('ZRANGEBYSCORE', due, '-inf', int(now), 'LIMIT', 0, limit
 for _, id in ipairs(ids) do
   if taken >= limit then break end
   local job = pfx .. 'j:' .. id
-  local f = redis.call('HMGET', job, 'status', 'cursor', 'processed', 'retries', 'params', 'exhausted')
-  if f[1] ~= 'pending' and f[1] ~= 'running' then
-    redis.call('ZREM', due, id)  -- deleted, paused, finished: not runnable
+  local bad = job_problem(pfx, job, id)
+  local f = bad and {} or redis.call('HMGET', job, 'status', 'cursor', 'processed', 'retries', 'params',
+    'exhausted')
+  if bad or (f[1] ~= 'pending' and f[1] ~= 'running') then
+    -- deleted, paused, finished: not runnable; keys holding something else: never runnable
+    redis.call('ZREM', due, id)
   else
     if f[1] == 'pending' then
       job_set_status(pfx, id, job, 'pending', 'running', now)

@@ -13,10 +13,14 @@
 -- ARGV[9] step       number of this step within the claim: a re-sent commit (its first reply was
 --                    lost to a connection error) is recognised and not counted twice
 -- Derived keys: pfx.."due", pfx.."r:"..id.
--- Reply: 'ok' (keep going), 'lease_lost' (nothing saved: another worker owns the job), or the
+-- Reply: 'ok' (keep going), 'lease_lost' (nothing saved: another worker owns the job), 'corrupt'
+-- (nothing saved: its keys hold something else), or the
 -- job's status when it was paused or cancelled meanwhile (saved; the caller must stop)
 local job = KEYS[1]
 local pfx, id, owner = ARGV[1], ARGV[2], ARGV[3]
+if job_problem(ARGV[1], KEYS[1], ARGV[2]) then
+  return 'corrupt'
+end
 if not job_owned(job, owner) then
   return 'lease_lost'
 end

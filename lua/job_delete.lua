@@ -5,8 +5,12 @@
 -- ARGV[2] job id
 -- Derived keys: pfx.."due", pfx.."r:"..id, pfx.."status:*".
 -- Reply: {'ok', status}, {'refused', status} or {'missing', ''}
+--   or {'corrupt', what} when its keys hold something else (nothing written)
 local job = KEYS[1]
 local pfx, id = ARGV[1], ARGV[2]
+if job_problem(ARGV[1], KEYS[1], ARGV[2]) then
+  return {'corrupt', job_problem(ARGV[1], KEYS[1], ARGV[2])}
+end
 local status = redis.call('HGET', job, 'status')
 if not status then
   return {'missing', ''}

@@ -6,9 +6,13 @@
 -- ARGV[3] owner     token from job_claim.lua
 -- ARGV[4] lease_ms  new lease length from now
 -- Derived keys: pfx.."due".
--- Reply: 1 when renewed, 0 when the lease belongs to someone else (or the job is gone)
+-- Reply: 1 when renewed, 0 when the lease belongs to someone else (or the job is gone, or its
+-- keys hold something else)
 local job = KEYS[1]
 local owner = ARGV[3]
+if job_problem(ARGV[1], KEYS[1], ARGV[2]) then
+  return 0
+end
 if not job_owned(job, owner) then
   return 0
 end

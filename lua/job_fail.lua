@@ -10,10 +10,14 @@
 -- ARGV[6] backoff_ms      delay before retry n = min(backoff_max_ms, backoff_ms * 2^(n-1))
 -- ARGV[7] backoff_max_ms
 -- Derived keys: pfx.."due", pfx.."status:*".
--- Reply: {outcome, retries, delay_ms}; outcome 'retry', 'failed', 'lease_lost', or the status
+-- Reply: {outcome, retries, delay_ms}; outcome 'retry', 'failed', 'lease_lost', 'corrupt' (its
+-- keys hold something else: nothing written), or the status
 -- ('paused', 'cancelled') when the job was stopped meanwhile (error kept, nothing scheduled)
 local job = KEYS[1]
 local pfx, id, owner = ARGV[1], ARGV[2], ARGV[3]
+if job_problem(ARGV[1], KEYS[1], ARGV[2]) then
+  return {'corrupt', 0, 0}
+end
 if not job_owned(job, owner) then
   return {'lease_lost', 0, 0}
 end

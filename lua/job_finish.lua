@@ -5,9 +5,13 @@
 -- ARGV[2] job id
 -- ARGV[3] owner  token from job_claim.lua
 -- Derived keys: pfx.."due", pfx.."status:*".
--- Reply: 'completed', 'lease_lost', or the status when it was paused or cancelled meanwhile
+-- Reply: 'completed', 'lease_lost', 'corrupt' (its keys hold something else: nothing written),
+-- or the status when it was paused or cancelled meanwhile
 local job = KEYS[1]
 local pfx, id, owner = ARGV[1], ARGV[2], ARGV[3]
+if job_problem(ARGV[1], KEYS[1], ARGV[2]) then
+  return 'corrupt'
+end
 if not job_owned(job, owner) then
   return 'lease_lost'
 end

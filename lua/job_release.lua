@@ -6,9 +6,12 @@
 -- ARGV[2] job id
 -- ARGV[3] owner  token from job_claim.lua
 -- Derived keys: pfx.."due".
--- Reply: 1 when released, 0 when the lease was no longer ours
+-- Reply: 1 when released, 0 when the lease was no longer ours (or its keys hold something else)
 local job = KEYS[1]
 local owner = ARGV[3]
+if job_problem(ARGV[1], KEYS[1], ARGV[2]) then
+  return 0
+end
 if not job_owned(job, owner) then
   return 0
 end

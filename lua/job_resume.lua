@@ -7,8 +7,12 @@
 -- Derived keys: pfx.."due", pfx.."status:*".
 -- Reply: {'ok', new status}, {'invalid', status} (pending, running, completed, cancelled) or
 -- {'missing', ''}
+--   or {'corrupt', what} when its keys hold something else (nothing written)
 local job = KEYS[1]
 local pfx, id = ARGV[1], ARGV[2]
+if job_problem(ARGV[1], KEYS[1], ARGV[2]) then
+  return {'corrupt', job_problem(ARGV[1], KEYS[1], ARGV[2])}
+end
 local f = redis.call('HMGET', job, 'status', 'owner', 'lease_until', 'started_at')
 local status = f[1]
 if not status then

@@ -7,9 +7,13 @@
 -- ARGV[4] params (JSON)
 -- ARGV[5] config (JSON snapshot of the iterator's settings)
 -- Derived keys: pfx.."due", pfx.."status:pending".
--- Reply: {'ok', created_at_ms} or {'exists', current status}; an existing job is left untouched
+-- Reply: {'ok', created_at_ms} or {'exists', current status}; an existing job is left untouched;
+-- {'corrupt', what} when its keys hold something else (nothing written)
 local job = KEYS[1]
 local pfx, id = ARGV[1], ARGV[2]
+if job_problem(ARGV[1], KEYS[1], ARGV[2]) then
+  return {'corrupt', job_problem(ARGV[1], KEYS[1], ARGV[2])}
+end
 local status = redis.call('HGET', job, 'status')
 if status then
   return {'exists', status}

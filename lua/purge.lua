@@ -4,8 +4,13 @@
 -- ARGV[1] pfx
 -- ARGV[2..] ids  dead-letter ids to delete (callers send bounded chunks)
 -- Derived keys: pfx.."d:"..id, pfx.."di:"..id.
--- Reply: number of dead letters deleted
+-- Reply: number of dead letters deleted; {'corrupt', what} when the dead-letter index holds
+-- something else (nothing deleted)
 local dead, pfx = KEYS[1], ARGV[1]
+local why = wrong_type({dead, 'zset'})
+if why then
+  return {'corrupt', why}
+end
 local n = 0
 for i = 2, #ARGV do
   local id = ARGV[i]

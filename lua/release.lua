@@ -7,10 +7,11 @@
 -- ARGV[3] owner    token from claim.lua
 -- ARGV[4] channel  pub/sub channel to wake other workers
 -- Derived keys: pfx.."s:"..member.
--- Reply: 1 when released, 0 when the lease was no longer ours
+-- Reply: 1 when released, 0 when the lease was no longer ours (or its keys hold something else)
 local due = KEYS[1]
 local meta = ARGV[1] .. 's:' .. ARGV[2]
-if redis.call('HGET', meta, 'owner') ~= ARGV[3] then
+if wrong_type({meta, 'hash', due, 'zset'}) or bad_ints(meta, {'attempt'})
+    or redis.call('HGET', meta, 'owner') ~= ARGV[3] then
   return 0
 end
 local now = now_ms()

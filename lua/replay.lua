@@ -10,10 +10,15 @@
 -- ARGV[4] max_batch_size  largest delivery window
 -- ARGV[5] channel         pub/sub channel to wake workers
 -- Derived keys: pfx.."d:"..id, pfx.."di:"..id, the new sequence's state and items.
--- Reply: {code, seq, count}; code 'ok' | 'not_found'
+-- Reply: {code, seq, count}; code 'ok' | 'not_found' | 'corrupt' (seq: what is wrong; nothing
+-- written)
 local head, ids, due, hist = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local pfx, id, base = ARGV[1], ARGV[2], ARGV[3]
 local dmeta, dlist = pfx .. 'd:' .. id, pfx .. 'di:' .. id
+local why = head_problem(head) or partition_problem(pfx) or wrong_type({dmeta, 'hash', dlist, 'list'})
+if why then
+  return {'corrupt', why, 0}
+end
 if redis.call('EXISTS', dmeta) == 0 then
   return {'not_found', -1, 0}
 end
@@ -26,10 +31,18 @@ if count == 0 then
 end
 local seq = redis.call('HINCRBY', head, 'next', 1) - 1
 local member = member_of(base, seq)
+-- a number whose keys exist already (left by something else) is skipped, never overwritten
+local tries = 0
+while redis.call('EXISTS', pfx .. 's:' .. member, pfx .. 'i:' .. member) > 0 and tries < 100 do
+  seq = redis.call('HINCRBY', head, 'next', 1) - 1
+  member = member_of(base, seq)
+  tries = tries + 1
+end
 redis.call('RENAME', dlist, pfx .. 'i:' .. member)
+redis.call('PERSIST', pfx .. 'i:' .. member)  -- live items never expire (dead letters may)
 redis.call('HSET', pfx .. 's:' .. member, 'status', 'flushing', 'cutoff', count,
   'window', math.min(count, tonumber(ARGV[4])), 'created_at', int(now), 'updated_at', int(now),
-  'sealed_at', int(now), 'reason', 'replay', 'attempt', 0)
+  'sealed_at', int(now), 'reason', 'replay', 'attempt', 0, 'max', ARGV[4])
 redis.call('HSET', head, 'a:' .. seq, 'flushing')
 redis.call('HINCRBY', head, 'pending', count)
 if redis.call('HINCRBY', head, 'active', 1) == 1 then

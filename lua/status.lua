@@ -9,8 +9,13 @@
 --   head_fields   flat HGETALL of the head ({} when the base id is unknown)
 --   per active sequence (accumulating or flushing): its number, flat HGETALL, item count, and
 --   for the accumulating sequence the time of its last add (ms; '' for the others)
+-- or {'corrupt', what} when the keys hold something else
 local head = KEYS[1]
 local pfx, base = ARGV[1], ARGV[2]
+local why = head_problem(head) or wrong_type({pfx .. 'o:' .. base, 'list'})
+if why then
+  return {'corrupt', why}
+end
 local fields = redis.call('HGETALL', head)
 local out = {fields}
 local acc = nil
@@ -21,14 +26,20 @@ for i = 1, #fields, 2 do
   local seq = string.match(fields[i], '^a:(%d+)$')
   if seq then
     local member = member_of(base, seq)
+    why = seq_problem(pfx, member)
+    if why then
+      return {'corrupt', why}
+    end
     local llen, added = 0, ''
     llen = redis.call('LLEN', pfx .. 'i:' .. member)
     if seq == acc then
       -- plus its open list's items (its own list holds any only if a version from before the
       -- open list added them: see seal_items)
-      local open, okey, own = open_count_of(pfx, base, seq)
+      local open, okey, how = open_items_of(pfx, base, seq, acc)
       llen = llen + open
-      if own then added = string.match(redis.call('LINDEX', okey, 0), ':(%d+)$') or '' end
+      if how == 'own' then
+        added = string.match(redis.call('LINDEX', okey, 0), '^%d+:(%d+)') or ''
+      end
     end
     table.insert(out, {tonumber(seq), redis.call('HGETALL', pfx .. 's:' .. member), llen, added})
   end

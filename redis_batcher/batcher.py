@@ -217,6 +217,8 @@ class Batcher:
         bisect_on_error: bool = False,
         ordered: bool = False,
         max_pending: int | None = None,
+        dead_letter_ttl: float | timedelta | None = timedelta(days=180),
+        max_dead_letters: int | None = 10_000,
     ) -> Callable[[Handler], Processor]: ...
 
     def processor(
@@ -241,6 +243,8 @@ class Batcher:
         bisect_on_error: bool = False,
         ordered: bool = False,
         max_pending: int | None = None,
+        dead_letter_ttl: float | timedelta | None = timedelta(days=180),
+        max_dead_letters: int | None = 10_000,
     ) -> Processor | Callable[[Handler], Processor]:
         """Decorator that turns ``handler(flush)`` into a :class:`Processor`.
 
@@ -263,6 +267,9 @@ class Batcher:
         ``ordered``: deliver the sequences of one batch id one at a time, in order; a retrying
         sequence holds back the later ones. ``max_pending``: ``add`` raises :class:`BatchFull`
         instead of letting one batch id hold more undelivered items than this.
+        ``dead_letter_ttl``: how long a dead letter is kept (``None``: until purged or replayed);
+        ``max_dead_letters``: at most this many per partition, the oldest dropped first
+        (``None``: no limit). Both keep a failing processor from filling Redis.
         """
         # validate everything eagerly: bad configuration fails at import time, not in production
         size = _positive_int("max_batch_size", max_batch_size)
@@ -279,6 +286,8 @@ class Batcher:
         deaths = _positive_int("max_deaths", max_deaths)
         timeout = _seconds("handler_timeout", handler_timeout, allow_none=True, positive=True)
         pending_cap = None if max_pending is None else _positive_int("max_pending", max_pending)
+        dead_ttl = _seconds("dead_letter_ttl", dead_letter_ttl, allow_none=True, positive=True)
+        dead_cap = None if max_dead_letters is None else _positive_int("max_dead_letters", max_dead_letters)
         for flag_name, flag in (("bisect_on_error", bisect_on_error), ("ordered", ordered)):
             if not isinstance(flag, bool):
                 raise ConfigError(f"{flag_name} must be True or False, got {flag!r}")
@@ -309,6 +318,8 @@ class Batcher:
                 bisect_on_error=bisect_on_error,
                 ordered=ordered,
                 max_pending=pending_cap,
+                dead_letter_ttl=dead_ttl,
+                max_dead_letters=dead_cap,
             )
             with self._lock:
                 if pname in self.processors:

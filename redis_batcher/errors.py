@@ -128,3 +128,9 @@ class JobStateError(BatcherError):
     def __init__(self, message: str, status: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class CorruptData(BatcherError):
+    """Keys of the batcher hold data it did not write (another type, a field that is not a
+    number, ...). Nothing was written; the message names the key. A due sequence in that state
+    is quarantined as a dead letter by the worker instead (reason ``quarantine``)."""

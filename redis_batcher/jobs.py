@@ -39,6 +39,7 @@ from . import ops
 from .batcher import _seconds as seconds_option
 from .errors import (
     ConfigError,
+    CorruptData,
     DuplicateProcessor,
     InvalidJob,
     JobExists,
@@ -391,11 +392,15 @@ def parse_claim(owner: str, reply: Sequence[Any]) -> tuple[int, list[Claimed]]:
 def parse_start(iterator: str, job_id: str, reply: Sequence[Any]) -> None:
     if _s(reply[0]) == "exists":
         raise JobExists(iterator, job_id, _s(reply[1]))
+    if _s(reply[0]) == "corrupt":
+        raise CorruptData(f"job {job_id!r} of {iterator!r}: {_s(reply[1])}; nothing was written")
 
 
 def parse_control(action: str, iterator: str, job_id: str, reply: Sequence[Any]) -> str:
     """The status the control script reports, or the exception its refusal means."""
     code, status = _s(reply[0]), _s(reply[1])
+    if code == "corrupt":
+        raise CorruptData(f"cannot {action} job {job_id!r} of {iterator!r}: {status}; nothing was written")
     if code == "missing":
         raise JobNotFound(f"no job {job_id!r} for iterator {iterator!r}")
     if code in ("invalid", "refused"):
@@ -466,6 +471,8 @@ def step_saved(stats: JobStats, iterator: str, job_id: str, reply: Any, items: i
     if code == "lease_lost":
         stats.lease_lost += 1
         log.warning("%s %s: lease lost; another worker runs the job now", iterator, job_id)
+    elif code == "corrupt":
+        log.error("%s %s: its keys hold data this library did not write; step not saved", iterator, job_id)
     elif code is not None:
         log.info("%s %s: %s; stopping after the saved step", iterator, job_id, code)
     return False
@@ -1012,7 +1019,10 @@ class JobRunner(JobRunnerBase):
         if reply is None:
             return
         outcome, retries, delay_ms = _s(reply[0]), int(reply[1]), int(reply[2])
-        if outcome == "failed":
+        if outcome == "corrupt":
+            log.error("%s %s: its keys hold data this library did not write; failure not recorded",
+                      it.name, c.job_id)
+        elif outcome == "failed":
             self.stats.failed += 1
             log.error("%s %s: failed after %d tries: %s", it.name, c.job_id, retries, error_text(exc))
         elif outcome == "retry":

@@ -403,7 +403,10 @@ class AsyncJobRunner(JobRunnerBase):
         if reply is None:
             return
         outcome, retries = _s(reply[0]), int(reply[1])
-        if outcome == "failed":
+        if outcome == "corrupt":
+            log.error("%s %s: its keys hold data this library did not write; failure not recorded",
+                      it.name, c.job_id)
+        elif outcome == "failed":
             self.stats.failed += 1
             log.error("%s %s: failed after %d tries: %s", it.name, c.job_id, retries, error_text(exc))
         elif outcome == "retry":

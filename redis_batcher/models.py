@@ -36,6 +36,8 @@ class ProcessorConfig:
     bisect_on_error: bool = False
     ordered: bool = False
     max_pending: int | None = None
+    dead_letter_ttl: float | None = 180 * 86400.0
+    max_dead_letters: int | None = 10_000
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)

@@ -6,17 +6,19 @@ parse the reply here, so the two never drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgpack
+from redis.exceptions import ResponseError
 
-from .errors import BatchFull, BatchNotAccumulating, BatchNotFound
+from .errors import BatchFull, BatchNotAccumulating, BatchNotFound, CorruptData
 from .keys import PartitionKeys
 from .models import (
     AddResult,
@@ -37,6 +39,18 @@ if TYPE_CHECKING:
 
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@contextlib.contextmanager
+def reading(key: str) -> Iterator[None]:
+    """Around a plain read of one of the batcher's keys: a key holding another type raises
+    :class:`CorruptData` naming it, not a bare WRONGTYPE error."""
+    try:
+        yield
+    except ResponseError as exc:
+        if str(exc).startswith("WRONGTYPE"):
+            raise CorruptData(f"{key} holds a value of another type than this library writes there") from None
+        raise
 
 
 def _pairs(flat: Sequence[Any]) -> dict[str, str]:
@@ -87,18 +101,28 @@ def add_frame(proc: Processor, base: str, data: bytes) -> bytes:
 
 
 def parse_add(proc: Processor, base: str, adding: int, reply: Any) -> AddResult:
-    """The result of a single add (raises :class:`BatchFull`)."""
+    """The result of a single add (raises :class:`BatchFull`, :class:`CorruptData`)."""
     result = _parse_one_add(proc, base, adding, reply.decode() if isinstance(reply, bytes) else str(reply))
     if isinstance(result, BatchFull):
         raise result
     return result
 
 
+_CORRUPT = "corrupt,"
+
+
+def _corrupt(what: Any) -> CorruptData:
+    return CorruptData(f"{_s(what)}; nothing was written (delete or rename that key)")
+
+
 def parse_add_segments(
     proc: Processor, base: str, sizes: Sequence[int], reply: Any
-) -> list[AddResult | BatchFull]:
-    """One result per coalesced add: its AddResult, or the BatchFull it must raise."""
+) -> list[AddResult | BatchFull | CorruptData]:
+    """One result per coalesced add: its AddResult, or the BatchFull (or CorruptData: the
+    whole call was refused) it must raise."""
     text = reply.decode() if isinstance(reply, bytes) else str(reply)
+    if text.startswith(_CORRUPT):
+        return [_corrupt(text[len(_CORRUPT) :]) for _ in sizes]
     return [
         _parse_one_add(proc, base, size, entry) for size, entry in zip(sizes, text.split(";"), strict=True)
     ]
@@ -114,6 +138,8 @@ def combine_adds(base: str, results: Sequence[AddResult]) -> AddResult:
 
 
 def _parse_one_add(proc: Processor, base: str, adding: int, entry: str) -> AddResult | BatchFull:
+    if entry.startswith(_CORRUPT):
+        raise _corrupt(entry[len(_CORRUPT) :])
     fields = entry.split(",")
     if fields[0] == "full":
         limit = proc.config.max_pending if proc.config.max_pending is not None else -1
@@ -140,6 +166,8 @@ def flush_call(proc: Processor, base: str, seq: int | None) -> Call:
 
 
 def parse_flush(batch_id: str, base: str, reply: Sequence[Any]) -> FlushResult:
+    if _s(reply[0]) == "corrupt":
+        raise _corrupt(reply[3])
     code, seq, count, status = _s(reply[0]), int(reply[1]), int(reply[2]), _s(reply[3])
     sequence = None if seq < 0 else seq
     if code == "not_found":
@@ -158,6 +186,8 @@ def status_call(proc: Processor, base: str) -> Call:
 
 def parse_status(base: str, reply: Sequence[Any]) -> tuple[list[BatchInfo], BatchInfo | None]:
     """Active sequences (ordered) and the last completed one, from a status.lua reply."""
+    if not isinstance(reply[0], list) and _s(reply[0]) == "corrupt":
+        raise CorruptData(_s(reply[1]))
     head = _pairs(reply[0])
     active: list[BatchInfo] = []
     for seq, flat, llen, added_at in reply[1:]:
@@ -217,6 +247,8 @@ def delete_call(proc: Processor, base: str, seq: int | None) -> Call:
 
 def parse_delete(reply: Sequence[Any]) -> DeleteResult:
     deleted, reason = int(reply[0]), _s(reply[1])
+    if deleted < 0:
+        raise _corrupt(reason)
     return DeleteResult(bool(deleted), reason or None)
 
 
@@ -244,6 +276,17 @@ class Claimed:
 INLINE_MAX = 2000
 # claim.lua's next_due_ms when at least 8 more sequences were due than it claimed (a backlog)
 BACKLOG_DUE = -2
+# claim.lua's next_due_ms when the partition's own keys hold something else (nothing claimed)
+CORRUPT_DUE = -3
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """A due member that claim.lua could not deliver as it was, moved to a dead letter."""
+
+    member: str
+    dead_id: str
+    error: str
 
 
 class _Tokens:
@@ -286,6 +329,8 @@ def _claim_args(proc: Processor, limit: int, owner: str) -> tuple[Arg, ...]:
         _flag(cfg.ordered),
         cfg.history_limit,
         INLINE_MAX,
+        proc.dead_ttl_ms,
+        proc.dead_max,
     )
 
 
@@ -294,14 +339,25 @@ def claim_call(proc: Processor, part: PartitionKeys, limit: int, owner: str) -> 
 
 
 def parse_claim(
-    proc: Processor, part: PartitionKeys, owner: str, reply: Sequence[Any]
+    proc: Processor,
+    part: PartitionKeys,
+    owner: str,
+    reply: Sequence[Any],
+    quarantined: list[Quarantined] | None = None,
 ) -> tuple[int, list[Claimed]]:
     """(ms until the next due entry: 0 due now, -1 none, BACKLOG_DUE due now and a backlog
-    behind it; claimed flushes)."""
+    behind it; claimed flushes). Members the claim quarantined are appended to
+    ``quarantined``. Raises :class:`CorruptData` when the partition's keys hold something else."""
     next_due = int(reply[0])
+    if next_due == CORRUPT_DUE:
+        raise CorruptData(f"{_s(reply[1])}: nothing of {part.pfx} can be claimed until it is fixed")
     out = []
     for i in range(1, len(reply), 6):
         member = _s(reply[i])
+        if int(reply[i + 1]) < 0:
+            if quarantined is not None:
+                quarantined.append(Quarantined(member, _s(reply[i + 3]), _s(reply[i + 5])))
+            continue
         window = reply[i + 5]
         if isinstance(window, bytes):
             raw: list[bytes] | None = msgpack.unpackb(window, raw=True, use_list=True)
@@ -382,11 +438,22 @@ def claim_part(reply: Sequence[Any]) -> Sequence[Any] | None:
     return reply[2:] if len(reply) > 2 else None
 
 
+def marks(indices: Sequence[int], size: int) -> bytes:
+    """A bitmap over ``size`` items with bit i (LSB first in each byte) set for each index: how
+    nack.lua takes the items a partial failure or a decode failure names (one argument, however
+    many there are)."""
+    bits = bytearray((size + 7) // 8)
+    for i in indices:
+        bits[i >> 3] |= 1 << (i & 7)
+    return bytes(bits)
+
+
 def nack_call(
     c: Claimed, entry: str, delay_ms: int, error: str, mode: str = "fail", indices: Sequence[int] = ()
 ) -> Call:
     """mode: 'fail' (handler raised), 'partial' (``indices`` failed), 'decode' (``indices``
-    cannot be decoded: quarantined)."""
+    cannot be decoded: quarantined), 'missing' (fewer items than the window were read: given
+    back at once for the next claim to deal with, no try spent)."""
     proc = c.processor
     cfg = proc.config
     return Call(
@@ -406,7 +473,9 @@ def nack_call(
             proc.retention_s,
             cfg.max_batch_size,
             _flag(cfg.ordered),
-            *indices,
+            proc.dead_ttl_ms,
+            proc.dead_max,
+            marks(indices, c.cutoff),
         ),
     )
 
@@ -457,3 +526,15 @@ def replay_call(proc: Processor, part: PartitionKeys, dead_id: str, base: str) -
 
 def purge_call(part: PartitionKeys, ids: Sequence[str]) -> Call:
     return Call(scripts().purge, (part.dead,), (part.pfx, *ids))
+
+
+def parse_purge(reply: Any) -> int:
+    if isinstance(reply, list):
+        raise _corrupt(reply[1])
+    return int(reply)
+
+
+def check_replay(reply: Sequence[Any]) -> None:
+    """Raise :class:`CorruptData` for a replay.lua reply that found keys holding something else."""
+    if _s(reply[0]) == "corrupt":
+        raise _corrupt(reply[1])

@@ -47,6 +47,10 @@ class Processor:
         self.interval_ms = -1 if config.flush_interval is None else round(config.flush_interval * 1000)
         self.lease_ms = round(config.lease_timeout * 1000)
         self.retention_s = max(1, round(config.retention))
+        # dead-letter limits as the scripts take them (0: none)
+        ttl = config.dead_letter_ttl
+        self.dead_ttl_ms = 0 if ttl is None else max(1, round(ttl * 1000))
+        self.dead_max = 0 if config.max_dead_letters is None else config.max_dead_letters
         pending_cap = -1 if config.max_pending is None else config.max_pending
         # add.lua's packed config argument (one argument instead of three on the hot path)
         self.add_config = f"{config.max_batch_size} {self.interval_ms} {pending_cap} "
@@ -131,7 +135,9 @@ class Processor:
             raise ConfigError(f"limit must be a positive int, got {limit!r}")
         base, _ = parse_batch_id(batch_id)
         key, start, stop = ops.history_range(self, base, limit)
-        return ops.parse_history(self.batcher.client.lrange(key, start, stop))
+        with ops.reading(key):
+            raw = self.batcher.client.lrange(key, start, stop)
+        return ops.parse_history(raw)
 
     def delete(self, batch_id: str) -> DeleteResult:
         """Delete a base id (head, history) or one ``base::N`` sequence.
@@ -146,7 +152,9 @@ class Processor:
         """Base ids with at least one active sequence (SSCAN over each partition, never KEYS)."""
         client = self.batcher.client
         for part in self.keys.parts:
-            for raw in client.sscan_iter(part.ids, count=500):
+            with ops.reading(part.ids):
+                found = list(client.sscan_iter(part.ids, count=500))
+            for raw in found:
                 yield raw.decode() if isinstance(raw, bytes) else raw
 
     def pending(self, batch_id: str) -> int:
@@ -163,12 +171,16 @@ class Processor:
         client = self.batcher.client
         found: list[tuple[float, PartitionKeys, str]] = []
         for part in self.keys.parts:
-            for raw, score in client.zrevrange(part.dead, 0, limit - 1, withscores=True):
+            with ops.reading(part.dead):
+                newest = client.zrevrange(part.dead, 0, limit - 1, withscores=True)
+            for raw, score in newest:
                 found.append((score, part, raw.decode() if isinstance(raw, bytes) else raw))
         found.sort(key=lambda t: t[0], reverse=True)
         out = []
         for _, part, dead_id in found[:limit]:
-            letter = ops.parse_dead_letter(self, dead_id, client.hgetall(part.dead_meta(dead_id)))
+            with ops.reading(part.dead_meta(dead_id)):
+                meta = client.hgetall(part.dead_meta(dead_id))
+            letter = ops.parse_dead_letter(self, dead_id, meta)
             if letter is not None:
                 out.append(letter)
         return out
@@ -177,9 +189,9 @@ class Processor:
         if not isinstance(dead_id, str) or not dead_id:
             raise DeadLetterNotFound(f"no dead letter {dead_id!r}")
         for part in self.keys.parts:
-            letter = ops.parse_dead_letter(
-                self, dead_id, self.batcher.client.hgetall(part.dead_meta(dead_id))
-            )
+            with ops.reading(part.dead_meta(dead_id)):
+                meta = self.batcher.client.hgetall(part.dead_meta(dead_id))
+            letter = ops.parse_dead_letter(self, dead_id, meta)
             if letter is not None:
                 return part, letter
         raise DeadLetterNotFound(f"no dead letter {dead_id!r} in processor {self.name!r}")
@@ -187,7 +199,8 @@ class Processor:
     def dead_letter(self, dead_id: str) -> DeadLetter:
         """One dead letter with its items (entries the codec cannot read stay ``bytes``)."""
         part, letter = self._find_dead(dead_id)
-        raw = self.batcher.client.lrange(part.dead_items(dead_id), 0, -1)
+        with ops.reading(part.dead_items(dead_id)):
+            raw = self.batcher.client.lrange(part.dead_items(dead_id), 0, -1)
         items: list[Any] = []
         for i, data in enumerate(raw):
             try:
@@ -202,6 +215,7 @@ class Processor:
         Returns the new sequence number."""
         part, letter = self._find_dead(dead_id)
         reply = self.batcher._execute(ops.replay_call(self, part, dead_id, letter.batch_id))
+        ops.check_replay(reply)
         if reply[0] != b"ok":
             raise DeadLetterNotFound(f"no dead letter {dead_id!r} (replayed or purged meanwhile?)")
         return int(reply[1])
@@ -211,15 +225,14 @@ class Processor:
         client = self.batcher.client
         if dead_id is not None:
             part, _ = self._find_dead(dead_id)
-            return int(self.batcher._execute(ops.purge_call(part, [dead_id])))
+            return ops.parse_purge(self.batcher._execute(ops.purge_call(part, [dead_id])))
         total = 0
         for part in self.keys.parts:
             while True:
-                ids = [
-                    r.decode() if isinstance(r, bytes) else r
-                    for r in client.zrange(part.dead, 0, DEAD_PURGE_CHUNK - 1)
-                ]
+                with ops.reading(part.dead):
+                    oldest = client.zrange(part.dead, 0, DEAD_PURGE_CHUNK - 1)
+                ids = [r.decode() if isinstance(r, bytes) else r for r in oldest]
                 if not ids:
                     break
-                total += int(self.batcher._execute(ops.purge_call(part, ids)))
+                total += ops.parse_purge(self.batcher._execute(ops.purge_call(part, ids)))
         return total

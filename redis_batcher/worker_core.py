@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import ops
 from .codec import MsgpackCodec, decode_item
-from .errors import ConfigError, DecodeError, PartialFailure
+from .errors import ConfigError, CorruptData, DecodeError, PartialFailure
 from .keys import PartitionKeys
 from .models import Flush
 from .processor import Processor
@@ -26,6 +26,8 @@ log = logging.getLogger("redis_batcher.worker")
 
 MAX_ERROR_CHARS = 2000
 DRAIN_CHUNK = 10_000
+CORRUPT_RETRY = 5.0  # seconds before a partition whose own keys are corrupt is claimed from again
+CORRUPT_LOG_EVERY = 60.0  # seconds between reports of one such partition
 
 
 @dataclass
@@ -47,7 +49,7 @@ class WorkerStats:
 class Outcome:
     """How one delivery ended, before it is recorded in Redis."""
 
-    mode: str  # ack | fail | partial | decode
+    mode: str  # ack | fail | partial | decode | missing
     error: str | None
     indices: list[int]
     count: int
@@ -70,9 +72,12 @@ def drain_ranges(cutoff: int) -> list[tuple[int, int]]:
 
 
 def decode_window(c: ops.Claimed, raw: Sequence[bytes]) -> tuple[list[Any], Outcome | None]:
-    """Decode a delivery; an Outcome('decode') when some entries cannot be read."""
-    if len(raw) != c.cutoff:
-        log.warning("%s: expected %d items, found %d", c.member, c.cutoff, len(raw))
+    """Decode a delivery; an Outcome('decode') when some entries cannot be read, and
+    Outcome('missing') when fewer were found than the window holds (the handler never sees a
+    short batch: the next claim dead-letters what is left, as items_missing)."""
+    if len(raw) < c.cutoff:
+        error = f"{c.cutoff - len(raw)} of {c.cutoff} items are missing (evicted or deleted)"
+        return [], Outcome("missing", error, [], len(raw))
     codec = c.processor.codec
     if isinstance(codec, MsgpackCodec):
         try:  # the common case in one call; on any error, item by item below
@@ -157,6 +162,7 @@ class WorkerCore:
         # the last claim of each partition left a backlog due (see ops.BACKLOG_DUE)
         self.backlog: list[bool] = [False] * len(self.parts)
         self.part_index = {part.pfx: i for i, (_, part) in enumerate(self.parts)}
+        self.corrupt_logged: dict[int, float] = {}  # partition -> when its keys were last reported
         self.full_check_at = 0.0
         self._rr = 0
 
@@ -192,7 +198,26 @@ class WorkerCore:
         partition's wake count read before the claim was sent; if a wake-up came meanwhile, the
         partition stays marked due (the reply may predate what the wake-up announced)."""
         proc, part = self.parts[idx]
-        next_due, claimed = ops.parse_claim(proc, part, owner, reply)
+        quarantined: list[ops.Quarantined] = []
+        try:
+            next_due, claimed = ops.parse_claim(proc, part, owner, reply, quarantined)
+        except CorruptData as exc:
+            # the partition's own keys hold something else: report it now and then, retry later;
+            # the other partitions go on
+            if now - self.corrupt_logged.get(idx, -math.inf) >= CORRUPT_LOG_EVERY:
+                self.corrupt_logged[idx] = now
+                log.error("%s: %s", proc.name, exc)
+            self.due_at[idx] = now + CORRUPT_RETRY
+            return [], False
+        for q in quarantined:
+            self.stats.quarantined += 1
+            log.error(
+                "%s %s cannot be delivered (%s); moved to dead letter %s (reason quarantine)",
+                proc.name,
+                q.member,
+                q.error,
+                q.dead_id,
+            )
         self.backlog[idx] = next_due == ops.BACKLOG_DUE
         if self.backlog[idx]:
             next_due = 0
@@ -300,6 +325,19 @@ class WorkerCore:
             )
             return
         code = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        if code == "moving":
+            self.stats.failed += outcome.mode != "decode"
+            log.warning(
+                "%s %s: %s; moving items of its %d in steps (the next claims go on with it)",
+                proc.name,
+                c.member,
+                outcome.error,
+                outcome.count,
+            )
+            return
+        if outcome.mode == "missing":
+            log.error("%s %s: %s; not delivered", proc.name, c.member, outcome.error)
+            return
         if outcome.mode == "decode":
             self.stats.quarantined += len(outcome.indices)
             log.error(
@@ -339,8 +377,14 @@ class WorkerCore:
             )
 
     def reply_code(self, c: ops.Claimed, reply: Any) -> Any:
-        """The reply, or None (counted, logged) when the lease was lost before recording."""
+        """The reply, or None (counted, logged) when the lease was lost before recording, or the
+        sequence's keys were found holding something else (the next claim quarantines it once its
+        lease runs out)."""
         code = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        if code == "corrupt":
+            what = reply[1].decode(errors="replace") if isinstance(reply[1], bytes) else str(reply[1])
+            log.error("%s %s: result not recorded: %s", c.processor.name, c.member, what)
+            return None
         if code == "lease_lost":
             self.stats.lease_lost += 1
             log.warning(

@@ -1020,7 +1020,7 @@ def test_noscript_met_by_part_of_a_pipeline_never_runs_the_rest_twice(backend: B
 
 def test_errors_reach_only_the_callers_they_concern(backend: Backend) -> None:
     """In one loop iteration: adds over max_pending (BatchFull), adds to a batch id whose head
-    key has the wrong type (WRONGTYPE inside the script), bad input, and normal adds -- after a
+    key has the wrong type (CorruptData, refused by the script), bad input, and normal adds -- after a
     SCRIPT FLUSH, so the pipeline also meets NOSCRIPT. Each caller gets its own outcome."""
     cls, trips = counting_client_class(backend.aclient_class())
 
@@ -1056,7 +1056,7 @@ def test_errors_reach_only_the_callers_they_concern(backend: Backend) -> None:
             elif kind == "full":
                 assert isinstance(out, rb.BatchFull), (kind, out)
             elif kind == "broken":
-                assert isinstance(out, redis.ResponseError) and "WRONGTYPE" in str(out), (kind, out)
+                assert isinstance(out, rb.CorruptData) and "b:broken is a string" in str(out), (kind, out)
             elif kind == "bad-id":
                 assert isinstance(out, rb.InvalidBatchId), (kind, out)
             else:
@@ -1149,8 +1149,8 @@ def test_a_lone_failing_add_and_bad_input_send_nothing_else(backend: Backend) ->
         await warm(ab)
         backend.sync.set(proc.keys.for_base("w").head("w"), "x")
         trips.clear()
-        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
-            await proc.add("w", 1)  # the single-call path (no pipeline) fails just as well
+        with pytest.raises(rb.CorruptData, match="b:w is a string"):
+            await proc.add("w", 1)  # the single-call path (no pipeline) is refused just as well
         assert trips.commands == ["EVALSHA"]
         trips.clear()
         with pytest.raises(rb.InvalidBatchId):

@@ -178,8 +178,10 @@ def test_open_list_holds_the_accumulating_sequence_until_it_is_sealed(
     proc.add_many("u", [1, 2])
     proc.add("u", 3)
     header, *items = real_client.lrange(part.open_items("u"), 0, -1)
-    seq, added_ms = header.decode().split(":")
-    assert seq == "0" and len(added_ms) == 13 and items == [enc(1), enc(2), enc(3)]
+    seq, rest = header.decode().split(":")
+    added_ms, opened_max = rest.split("/")  # the max_batch_size the sequence was opened with
+    assert seq == "0" and len(added_ms) == 13 and opened_max == "100"
+    assert items == [enc(1), enc(2), enc(3)]
     [info] = proc.status("u").batches  # type: ignore[union-attr]
     assert info.item_count == 3 and info.updated_at is not None
     assert round(info.updated_at.timestamp() * 1000) == int(added_ms)
@@ -210,24 +212,33 @@ def test_open_list_holds_the_accumulating_sequence_until_it_is_sealed(
     assert real_client.keys(part.pfx + "[io]:*") == []
 
 
-def test_an_open_list_is_only_ever_sealed_or_dropped_on_behalf_of_the_sequence_it_names(
-    real_batcher: Batcher, real_client: redis.Redis
+@pytest.mark.parametrize("header", [b"garbage", b"7:1795956439667", b""])
+@pytest.mark.parametrize("how", ["interval", "flush", "add"])
+def test_items_under_a_damaged_open_list_header_stay_the_accumulating_sequences(
+    real_batcher: Batcher, real_client: redis.Redis, header: bytes, how: str
 ) -> None:
-    # a header naming another sequence than the head's accumulating one (never written by the
-    # scripts: a damaged key): flush, delete and the interval seal leave its items in place
-    proc = real_batcher.processor(name="guard", max_batch_size=100, flush_interval=0.01)(lambda f: None)
+    # a header that names no sequence, or another one than the head's accumulating sequence
+    # (never written by the scripts: a damaged key): its items are still delivered, with the
+    # sequence, and the header is never taken for an item
+    got: list[rb.Flush] = []
+    proc = real_batcher.processor(name="guard", max_batch_size=100, flush_interval=0.05)(got.append)
     part = proc.keys.for_base("u")
     proc.add_many("u", [1, 2])
-    real_client.lset(part.open_items("u"), 0, b"7:1795956439667")
-    kept = real_client.lrange(part.open_items("u"), 0, -1)
-    assert proc.flush("u").flushed is False
-    time.sleep(0.05)
-    owner = ops.new_token()
-    _, claimed = ops.parse_claim(
-        proc, part, owner, real_batcher._run_once(ops.claim_call(proc, part, 10, owner))
-    )
-    assert claimed == []  # sequence 0 had nothing of its own: dropped, the list untouched
-    assert real_client.lrange(part.open_items("u"), 0, -1) == kept
+    proc.add("u", 3)
+    real_client.lset(part.open_items("u"), 0, header)
+    assert proc.status("u").batches[0].item_count == 3  # type: ignore[union-attr]
+    if how == "flush":
+        assert proc.flush("u").item_count == 3
+    elif how == "add":
+        # the hot path trusts a well-formed header (it reads no other key): the add lands in the
+        # open list all the same, under the number the header names
+        seq = 7 if header.startswith(b"7:") else 0
+        assert proc.add("u", 4) == rb.AddResult("u", seq, 1, 4, False, "accumulating", 0)
+    time.sleep(0.1)  # the interval seal
+    Worker(real_batcher).run(burst=True)
+    assert [f.items for f in got] == [[1, 2, 3, 4] if how == "add" else [1, 2, 3]]
+    assert real_client.keys(part.pfx + "[ios]:*") == []
+    assert proc.dead_letters() == []
 
 
 def to_layout_before_the_open_list(client: redis.Redis, part: Any, base: str, seq: int) -> None:
@@ -617,8 +628,8 @@ def test_async_group_commit_is_pipelined_over_the_link(
 ) -> None:
     """Concurrent adds to several batch ids go out as one write of EVALSHAs on the link's
     connection, not through redis-py's pipeline. After SCRIPT FLUSH the whole pipeline meets
-    NOSCRIPT and is sent again with EVAL; a call failing inside its script (WRONGTYPE) or
-    refused (BatchFull) fails only its own callers; every other item is written exactly once."""
+    NOSCRIPT and is sent again with EVAL; a call refused by its script (CorruptData: a key of
+    another type; BatchFull) fails only its own callers; every other item is written exactly once."""
     import asyncio
 
     from redis_batcher import asyncio as aio
@@ -650,7 +661,7 @@ def test_async_group_commit_is_pipelined_over_the_link(
             outs = await asyncio.gather(*adds, return_exceptions=True)
             assert all(isinstance(o, rb.AddResult) for o in outs[:10]), outs
             assert [o.pending for o in outs[:10]] == [2 * round_ + 1] * 5 + [2 * round_ + 2] * 5  # type: ignore[union-attr]
-            assert isinstance(outs[10], redis.ResponseError) and "WRONGTYPE" in str(outs[10])
+            assert isinstance(outs[10], rb.CorruptData) and "b:broken is a string" in str(outs[10])
             assert isinstance(outs[11], rb.BatchFull)
             # one pipelined write of 7 EVALSHAs, then the same 7 again with EVAL (NOSCRIPT)
             assert requests == [7, 7], requests

@@ -116,14 +116,25 @@ local function head_problem(head)
   return wrong_type({head, 'hash'}) or bad_ints(head, HEAD_INTS)
 end
 
--- nil when a sequence's state and items are missing or sound, else what is wrong with them.
+-- nil when a sequence's state and items are missing or sound (and those of the dead letter an
+-- unfinished move job fills), else what is wrong with them.
 local function seq_problem(pfx, member)
   local meta = pfx .. 's:' .. member
   local why = wrong_type({meta, 'hash', pfx .. 'i:' .. member, 'list'}) or bad_ints(meta, SEQ_INTS)
   if why then return why end
-  local status = redis.call('HGET', meta, 'status')
-  if status and status ~= 'accumulating' and status ~= 'flushing' then
-    return meta .. ' field status is ' .. quote(status)
+  local v = redis.call('HMGET', meta, 'status', 'mv', 'mv_end', 'mv_dead')
+  if v[1] and v[1] ~= 'accumulating' and v[1] ~= 'flushing' then
+    return meta .. ' field status is ' .. quote(v[1])
+  end
+  if v[2] then
+    local kinds = {KD = 1, XD = 1, XK = 1, XX = 1}
+    if not kinds[v[2]] or (v[3] ~= 'retry' and v[3] ~= 'advance') or (string.sub(v[2], 1, 1) == 'X'
+        and not v[4]) then
+      return meta .. ' holds a move job ' .. quote(v[2]) .. '/' .. quote(v[3]) .. ' this library did not write'
+    end
+    if v[4] then
+      return wrong_type({pfx .. 'd:' .. v[4], 'hash', pfx .. 'di:' .. v[4], 'list'})
+    end
   end
   return nil
 end
@@ -585,6 +596,14 @@ local function quarantine_member(pfx, member, why, id, now, cfg, dead)
   if key_type(ikey) == 'list' then
     count = redis.call('LLEN', ikey)
     redis.call('RENAME', ikey, pfx .. 'di:' .. id)
+  elseif base and status == 'accumulating' and key_type(pfx .. 'o:' .. base) == 'list' then
+    -- an accumulating sequence's items, in its base id's open list behind the header
+    local okey = pfx .. 'o:' .. base
+    if parse_header(redis.call('LINDEX', okey, 0)) == seq then
+      count = redis.call('LLEN', okey) - 1
+      redis.call('RENAME', okey, pfx .. 'di:' .. id)
+      redis.call('LPOP', pfx .. 'di:' .. id)
+    end
   end
   register_dead(pfx, id, base or member, seq or -1, count, 'quarantine', why, f, now, dead)
   if base then

@@ -19,7 +19,14 @@ local function job_problem(pfx, job, id)
     table.insert(checks, pfx .. 'status:' .. s)
     table.insert(checks, 'zset')
   end
-  return wrong_type(checks) or bad_ints(job, {'processed', 'retries', 'lease_until', 'created_at'})
+  local why = wrong_type(checks) or bad_ints(job, {'processed', 'retries', 'lease_until', 'created_at'})
+  if why then return why end
+  local status = redis.call('HGET', job, 'status')
+  for _, s in ipairs(JOB_STATUSES) do
+    if status == s then return nil end
+  end
+  if status then return job .. ' field status is ' .. quote(status) end
+  return nil
 end
 
 -- Move a job from one status index to another and record the new status.

@@ -202,6 +202,11 @@ for _, n in ipairs(segs) do
         fresh = stop - i + 1 >= max
         seq = open_sequence(fresh)
         count, smax = 0, max
+        if not fresh then
+          -- entries an open list held already (left by a sequence that was not sealed from
+          -- it) stay first and count: delivered with this one
+          count = redis.call('LLEN', okey) - 1
+        end
       end
       local member = member_of(base, seq)
       local key = fresh and pfx .. 'i:' .. member or okey

@@ -122,6 +122,46 @@ def test_a_damaged_header_never_costs_an_add_or_an_item(batcher: Batcher, client
     assert proc.status("hb") is None and client.exists(part.open_items("hb")) == 0
 
 
+def test_a_quarantined_accumulating_sequence_takes_its_open_items_along(
+    batcher: Batcher, client: Any
+) -> None:
+    got: list[list[Any]] = []
+    proc = batcher.processor(name="acc", max_batch_size=10, flush_interval=0.01)(
+        lambda f: got.append(f.items)
+    )
+    part = proc.keys.for_base("u")
+    proc.add_many("u", [1, 2, 3])
+    client.hset(part.meta("u", 0), "max", "ten")
+    time.sleep(0.05)
+    Worker(batcher).run(burst=True)
+    [letter] = proc.dead_letters()
+    assert (letter.reason, letter.item_count) == ("quarantine", 3) and "field max" in letter.error
+    assert proc.dead_letter(letter.id).items == [1, 2, 3]
+    assert client.exists(part.open_items("u")) == 0 and proc.status("u") is None
+    # the id goes on with its next sequence
+    proc.add("u", 4)
+    time.sleep(0.05)
+    Worker(batcher).run(burst=True)
+    assert got == [[4]]
+
+
+def test_entries_an_open_list_holds_already_go_with_the_next_sequence(batcher: Batcher, client: Any) -> None:
+    # an open list left behind without an accumulating sequence (never by the scripts): the next
+    # sequence of that id keeps its entries first, and they are delivered
+    got: list[list[Any]] = []
+    proc = batcher.processor(name="orph", max_batch_size=10, flush_interval=0.01)(
+        lambda f: got.append(f.items)
+    )
+    part = proc.keys.for_base("u")
+    enc = proc.codec.encode
+    client.rpush(part.open_items("u"), enc("left"), enc("behind"))
+    assert proc.add("u", "new").pending == 3
+    time.sleep(0.05)
+    Worker(batcher).run(burst=True)
+    assert got == [["left", "behind", "new"]]
+    assert client.exists(part.open_items("u")) == 0
+
+
 @pytest.mark.parametrize("key", ["head", "open", "due", "ids", "meta"])
 def test_an_add_into_keys_of_another_type_is_refused_before_anything_is_written(
     batcher: Batcher, client: Any, key: str
@@ -209,9 +249,7 @@ OPS: dict[str, Callable[[rb.Processor, ops.Claimed, str], Any]] = {
     "decode": lambda p, c, d: _run(p.batcher.client, ops.nack_call(c, "{}", 0, "x", "decode", [0])),
     "extend": lambda p, c, d: _run(p.batcher.client, ops.extend_call(c)),
     "release": lambda p, c, d: _run(p.batcher.client, ops.release_call(c)),
-    "claim": lambda p, c, d: _run(
-        p.batcher.client, ops.claim_call(p, c.part, 5, ops.new_token())
-    ),
+    "claim": lambda p, c, d: _run(p.batcher.client, ops.claim_call(p, c.part, 5, ops.new_token())),
 }
 
 
@@ -263,12 +301,17 @@ def test_job_scripts_refuse_keys_of_another_type(
     Walk.start("j1")
     real_client.delete(Walk.keys.samples("j1"))
     real_client.set(Walk.keys.samples("j1"), "junk")
+    Walk.start("j2")
+    real_client.hset(Walk.keys.job("j2"), "status", "bogus")
     before = snapshot(real_client)
     with pytest.raises(rb.CorruptData, match="is a string"):
         getattr(Walk, action)("j1")
     assert snapshot(real_client) == before
     with pytest.raises(rb.CorruptData):
         Walk.start("j1")
+    with pytest.raises(rb.CorruptData, match='status is "bogus"'):
+        getattr(Walk, action)("j2")
+    assert snapshot(real_client) == before
 
 
 def test_a_sequence_keeps_the_size_it_was_opened_with(batcher: Batcher, client: Any) -> None:

@@ -21,9 +21,9 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 
 import redis
 import redis.asyncio as aioredis
@@ -33,9 +33,17 @@ from redis.retry import Retry as SyncRetry
 
 from . import batcher as sync_batcher
 from . import ops
-from .batcher import _never_sent, _seconds, default_url
+from .batcher import _seconds, default_url
 from .codec import Codec, encode_item
-from .errors import ConfigError, NotReplicated, UnknownProcessor
+from .errors import (
+    ConfigError,
+    NotReplicated,
+    NotSentError,
+    OutcomeUnknownError,
+    UnknownProcessor,
+    raise_not_sent,
+    raise_outcome_unknown,
+)
 from .jobs import JobStatus, select_iterators
 from .jobs_async import AsyncJobIterator, AsyncJobRunner
 from .keys import parse_batch_id, registry_key, validate_name
@@ -57,6 +65,8 @@ from .worker_core import (
 __all__ = ["AsyncProcessor", "Batcher", "Worker", "WorkerStats"]
 
 log = logging.getLogger("redis_batcher.worker")
+T = TypeVar("T")
+
 
 
 def _sync_twin(client: Any, url: str | None, cluster: bool) -> Any:
@@ -132,7 +142,9 @@ class Batcher:
             # the sync twin holding the processor definitions; its own client is only used by
             # sync calls on `AsyncProcessor.definition` (lazy: it connects on first use)
             definitions = sync_batcher.Batcher(
-                _sync_twin(self.client, self.url, cluster), prefix=prefix or "rb"
+                _sync_twin(self.client, self.url, cluster),
+                prefix=prefix or "rb",
+                connect_retry=connect_retry,
             )
             self._own_definitions = True
         elif prefix is not None and validate_name("prefix", prefix) != definitions.prefix:
@@ -256,7 +268,8 @@ class Batcher:
 
     async def _ensure_registered(self, proc: Processor) -> None:
         if proc.name not in self._registered:
-            await self.client.hset(registry_key(self.prefix), proc.name, proc.config.to_json())
+            key = registry_key(self.prefix)
+            await self._command(key, lambda: self.client.hset(key, proc.name, proc.config.to_json()))
             self._registered.add(proc.name)
 
     async def aclose(self) -> None:
@@ -267,21 +280,58 @@ class Batcher:
 
     # -- running scripts --------------------------------------------------------------------------
 
-    async def _retrying(self, run: Callable[[], Any]) -> Any:
-        """Retry connection attempts that failed before anything was sent (connect_retry)."""
-        deadline = time.monotonic() + self.connect_retry
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]], *, idempotent: bool = False) -> T:
+        """As the sync Batcher's: retried with backoff, for up to ``connect_retry`` seconds
+        from its first failure, while it raises :class:`~redis_batcher.NotSentError` (and, when
+        ``idempotent``, :class:`~redis_batcher.OutcomeUnknownError`); then that is raised."""
+        retryable: tuple[type[BaseException], ...] = (
+            (NotSentError, OutcomeUnknownError) if idempotent else (NotSentError,)
+        )
+        deadline: float | None = None
         delay = 0.05
         while True:
             try:
-                return await run()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if not _never_sent(exc) or time.monotonic() + delay > deadline:
+                return await attempt()
+            except retryable:
+                if deadline is None:
+                    deadline = time.monotonic() + self.connect_retry
+                if time.monotonic() + delay > deadline:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
+    async def _sent(self, key: str | None, send: Callable[[], Awaitable[T]], node: Any = None) -> T:
+        """Await ``send`` (a command through redis-py) with its failures classified, as the
+        sync Batcher's ``_sent``: a connection it can use is connected (or checked) first, so
+        that failing to reach Redis is known to have sent nothing."""
+        client = self.client
+        try:
+            if self.is_cluster:
+                await client.initialize()
+                if node is None:
+                    node = client.get_node_from_key(key) if key is not None else client.get_default_node()
+                conn = node.acquire_connection()
+                try:
+                    await conn.connect()
+                finally:
+                    node.release(conn)
+            else:
+                pool = client.connection_pool
+                await pool.release(await pool.get_connection())
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise_not_sent(exc)
+        try:
+            return await send()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise_outcome_unknown(exc)
+
+    async def _command(self, key: str | None, send: Callable[[], Awaitable[T]]) -> T:
+        """A plain command that may safely run twice, under the ``connect_retry`` policy."""
+        return await self._retrying(lambda: self._sent(key, send), idempotent=True)
+
     async def _execute(self, call: ops.Call, *, wait: bool = True) -> Any:
-        """Run one script call (NOSCRIPT recovery, WAIT when configured)."""
+        """Run one script call (NOSCRIPT recovery, WAIT when configured) under the
+        ``connect_retry`` policy (retried only while it was never sent)."""
         if wait and self.wait_replicas:
             replies = await self._pipeline([call])
             if isinstance(replies[0], Exception):
@@ -289,17 +339,12 @@ class Batcher:
             return replies[0]
         link = self._link
 
-        def run() -> Any:
+        def attempt() -> Awaitable[Any]:
             if link is not None:
                 return call.script.call_async_direct(link, call.keys, call.args)
-            return call.script.call_async(self.client, call.keys, call.args)
+            return self._sent(call.keys[0], lambda: call.script.call_async(self.client, call.keys, call.args))
 
-        try:
-            return await run()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            if not _never_sent(exc):
-                raise
-        return await self._retrying(run)
+        return await self._retrying(attempt)
 
     async def _pipeline(self, calls: Sequence[ops.Call]) -> list[Any]:
         """Run calls pipelined in one round trip; each reply is a value or the exception of that
@@ -325,7 +370,7 @@ class Batcher:
                     )
                 if self.wait_replicas:
                     pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
-                out = await pipe.execute(raise_on_error=False)
+                out = await self._sent(batch[0].keys[0], lambda: pipe.execute(raise_on_error=False))
             if self.wait_replicas:
                 acked = out.pop()
                 if not isinstance(acked, Exception) and int(acked) < self.wait_replicas:
@@ -391,14 +436,11 @@ class Batcher:
 
     async def _add_one(self, link: AsyncDirectLink, proc: Processor, base: str, data: bytes) -> Any:
         """A lone single add framed in one step (as the sync Batcher's); NOSCRIPT and a
-        connection that failed before sending take the general way."""
+        request never sent take the general way (which retries the latter)."""
         try:
             return await link.request(ops.add_frame(proc, base, data))
-        except NoScriptError:
+        except (NoScriptError, NotSentError):
             pass
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            if not _never_sent(exc):
-                raise
         return await self._execute(ops.add_call(proc, base, [data]))
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
@@ -562,7 +604,9 @@ class AsyncProcessor:
             raise ConfigError(f"limit must be a positive int, got {limit!r}")
         base, _ = parse_batch_id(batch_id)
         key, start, stop = ops.history_range(self.definition, base, limit)
-        return ops.parse_history(await self.batcher.client.lrange(key, start, stop))
+        client = self.batcher.client
+        raw = await self.batcher._command(key, lambda: client.lrange(key, start, stop))
+        return ops.parse_history(raw)
 
     async def delete(self, batch_id: str) -> DeleteResult:
         """Delete a base id or one ``base::N`` (refused while flushing or pending)."""

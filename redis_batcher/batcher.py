@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import redis
 from redis.backoff import NoBackoff
@@ -17,7 +17,16 @@ from redis.retry import Retry
 
 from . import ops
 from .codec import Codec, codec_name, resolve_codec
-from .errors import ConfigError, DuplicateProcessor, NotReplicated, UnknownProcessor
+from .errors import (
+    ConfigError,
+    DuplicateProcessor,
+    NotReplicated,
+    NotSentError,
+    OutcomeUnknownError,
+    UnknownProcessor,
+    raise_not_sent,
+    raise_outcome_unknown,
+)
 from .keys import registry_key, validate_name
 from .models import AddResult, ProcessorConfig
 from .processor import Handler, Processor
@@ -27,6 +36,7 @@ if TYPE_CHECKING:
     from .jobs import JobIterator, JobStatus
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
+T = TypeVar("T")
 
 
 def default_url() -> str:
@@ -48,13 +58,6 @@ def _seconds(
     if value < 0 or (positive and value == 0):
         raise ConfigError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
     return float(value)
-
-
-def _never_sent(exc: BaseException) -> bool:
-    """True when a redis-py connection error happened while connecting, before any command
-    bytes were sent (so retrying cannot run a script twice)."""
-    text = str(exc).lower()
-    return "connecting to" in text or "timeout connecting" in text or "connection refused" in text
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -138,31 +141,77 @@ class Batcher:
 
     # -- running scripts --------------------------------------------------------------------------
 
-    def _execute(self, call: ops.Call, *, wait: bool = True) -> Any:
-        """Run a script call: retries connection attempts that failed before anything was sent
-        (for up to ``connect_retry`` seconds, with backoff), never a command that may have run,
-        and ``WAIT``s for ``wait_replicas`` replicas when configured (same round trip)."""
+    def _retrying(self, attempt: Callable[[], T], *, idempotent: bool = False) -> T:
+        """Run ``attempt`` under the ``connect_retry`` policy: retried with backoff, for up to
+        ``connect_retry`` seconds from its first failure, while it raises :class:`NotSentError`
+        (and, for an ``idempotent`` command such as a read, :class:`OutcomeUnknownError` too);
+        then that error is raised. Any other error is raised at once."""
+        retryable: tuple[type[BaseException], ...] = (
+            (NotSentError, OutcomeUnknownError) if idempotent else (NotSentError,)
+        )
         deadline: float | None = None
         delay = 0.05
         while True:
             try:
-                if wait and self.wait_replicas:
-                    reply, acked = call.script.call_and_wait(
-                        self.client, call.keys, call.args, self.wait_replicas, self.wait_timeout_ms
-                    )
-                    if acked < self.wait_replicas:
-                        raise NotReplicated(self.wait_replicas, acked)
-                    return reply
-                if self._link is not None:
-                    return call.script.call_direct(self._link, call.keys, call.args)
-                return call.run(self.client)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                return attempt()
+            except retryable:
                 if deadline is None:
                     deadline = time.monotonic() + self.connect_retry
-                if not _never_sent(exc) or time.monotonic() + delay > deadline:
+                if time.monotonic() + delay > deadline:
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    def _pool(self, key: str | None) -> Any:
+        """The redis-py connection pool a command on ``key`` goes through."""
+        client = self.client
+        if self.is_cluster:
+            node = client.get_node_from_key(key) if key is not None else client.get_default_node()
+            return client.get_redis_connection(node).connection_pool
+        return client.connection_pool
+
+    def _sent(self, key: str | None, send: Callable[[], T], pool: Any = None) -> T:
+        """Run ``send`` (a command through redis-py) with its failures classified: a connection
+        of the pool it uses is connected (or checked) first, so that failing to reach Redis is
+        known to have sent nothing (:class:`NotSentError`); a failure after that cannot be told
+        apart from a lost reply (:class:`OutcomeUnknownError`)."""
+        try:
+            pool = pool if pool is not None else self._pool(key)
+            conn = pool.get_connection()
+            pool.release(conn)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise_not_sent(exc)
+        try:
+            return send()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise_outcome_unknown(exc)
+
+    def _command(self, key: str | None, send: Callable[[], T]) -> T:
+        """A plain command that may safely run twice (a read, or a write of the same value),
+        under the ``connect_retry`` policy."""
+        return self._retrying(lambda: self._sent(key, send), idempotent=True)
+
+    def _execute(self, call: ops.Call, *, wait: bool = True) -> Any:
+        """Run a script call under the ``connect_retry`` policy (retried only while it was never
+        sent, see :meth:`_retrying`), and ``WAIT`` for ``wait_replicas`` replicas when configured
+        (same round trip)."""
+
+        def attempt() -> Any:
+            if wait and self.wait_replicas:
+                reply, acked = self._sent(
+                    call.keys[0],
+                    lambda: call.script.call_and_wait(
+                        self.client, call.keys, call.args, self.wait_replicas, self.wait_timeout_ms
+                    ),
+                )
+                if acked < self.wait_replicas:
+                    raise NotReplicated(self.wait_replicas, acked)
+                return reply
+            if self._link is not None:
+                return call.script.call_direct(self._link, call.keys, call.args)
+            return self._sent(call.keys[0], lambda: call.run(self.client))
+
+        return self._retrying(attempt)
 
     def _run_once(self, call: ops.Call) -> Any:
         """Run a script call once, no retry and no WAIT (the worker's claims and lease
@@ -176,15 +225,12 @@ class Batcher:
         link = self._link
         if link is not None and len(encoded) == 1 and not self.wait_replicas:
             # a single add over this thread's connection, framed in one step (ops.add_frame);
-            # NOSCRIPT and a connection that failed before sending take the general way
+            # NOSCRIPT and a request never sent take the general way (which retries the latter)
             try:
                 reply = link.request(ops.add_frame(proc, base, encoded[0]))
                 return ops.parse_add(proc, base, 1, reply)
-            except NoScriptError:
+            except (NoScriptError, NotSentError):
                 pass
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if not _never_sent(exc):
-                    raise
         reply = self._execute(ops.add_call(proc, base, encoded))
         return ops.parse_add(proc, base, len(encoded), reply)
 
@@ -339,7 +385,8 @@ class Batcher:
     def _ensure_registered(self, proc: Processor) -> None:
         if proc.name in self._registered:
             return
-        self.client.hset(registry_key(self.prefix), proc.name, proc.config.to_json())
+        key = registry_key(self.prefix)
+        self._command(key, lambda: self.client.hset(key, proc.name, proc.config.to_json()))
         self._registered.add(proc.name)
 
     def register(self, processors: Iterable[Processor] | None = None) -> None:
@@ -350,7 +397,8 @@ class Batcher:
 
     def registered(self) -> dict[str, ProcessorConfig]:
         """Processor configs found in Redis, written by any producer or worker of this prefix."""
-        raw = self.client.hgetall(registry_key(self.prefix))
+        key = registry_key(self.prefix)
+        raw = self._command(key, lambda: self.client.hgetall(key))
         return {
             (k.decode() if isinstance(k, bytes) else k): ProcessorConfig.from_json(v) for k, v in raw.items()
         }

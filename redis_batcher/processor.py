@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from . import ops, wire
@@ -131,7 +132,8 @@ class Processor:
             raise ConfigError(f"limit must be a positive int, got {limit!r}")
         base, _ = parse_batch_id(batch_id)
         key, start, stop = ops.history_range(self, base, limit)
-        return ops.parse_history(self.batcher.client.lrange(key, start, stop))
+        client = self.batcher.client
+        return ops.parse_history(self.batcher._command(key, lambda: client.lrange(key, start, stop)))
 
     def delete(self, batch_id: str) -> DeleteResult:
         """Delete a base id (head, history) or one ``base::N`` sequence.
@@ -161,14 +163,19 @@ class Processor:
         if not isinstance(limit, int) or limit < 1:
             raise ConfigError(f"limit must be a positive int, got {limit!r}")
         client = self.batcher.client
+        command = self.batcher._command
         found: list[tuple[float, PartitionKeys, str]] = []
         for part in self.keys.parts:
-            for raw, score in client.zrevrange(part.dead, 0, limit - 1, withscores=True):
+            newest = command(
+                part.dead, partial(client.zrevrange, part.dead, 0, limit - 1, withscores=True)
+            )
+            for raw, score in newest:
                 found.append((score, part, raw.decode() if isinstance(raw, bytes) else raw))
         found.sort(key=lambda t: t[0], reverse=True)
         out = []
         for _, part, dead_id in found[:limit]:
-            letter = ops.parse_dead_letter(self, dead_id, client.hgetall(part.dead_meta(dead_id)))
+            meta = part.dead_meta(dead_id)
+            letter = ops.parse_dead_letter(self, dead_id, command(meta, partial(client.hgetall, meta)))
             if letter is not None:
                 out.append(letter)
         return out
@@ -176,9 +183,11 @@ class Processor:
     def _find_dead(self, dead_id: str) -> tuple[PartitionKeys, DeadLetter]:
         if not isinstance(dead_id, str) or not dead_id:
             raise DeadLetterNotFound(f"no dead letter {dead_id!r}")
+        client = self.batcher.client
         for part in self.keys.parts:
+            meta = part.dead_meta(dead_id)
             letter = ops.parse_dead_letter(
-                self, dead_id, self.batcher.client.hgetall(part.dead_meta(dead_id))
+                self, dead_id, self.batcher._command(meta, partial(client.hgetall, meta))
             )
             if letter is not None:
                 return part, letter
@@ -187,7 +196,9 @@ class Processor:
     def dead_letter(self, dead_id: str) -> DeadLetter:
         """One dead letter with its items (entries the codec cannot read stay ``bytes``)."""
         part, letter = self._find_dead(dead_id)
-        raw = self.batcher.client.lrange(part.dead_items(dead_id), 0, -1)
+        key = part.dead_items(dead_id)
+        client = self.batcher.client
+        raw = self.batcher._command(key, lambda: client.lrange(key, 0, -1))
         items: list[Any] = []
         for i, data in enumerate(raw):
             try:
@@ -215,10 +226,10 @@ class Processor:
         total = 0
         for part in self.keys.parts:
             while True:
-                ids = [
-                    r.decode() if isinstance(r, bytes) else r
-                    for r in client.zrange(part.dead, 0, DEAD_PURGE_CHUNK - 1)
-                ]
+                oldest = self.batcher._command(
+                    part.dead, partial(client.zrange, part.dead, 0, DEAD_PURGE_CHUNK - 1)
+                )
+                ids = [r.decode() if isinstance(r, bytes) else r for r in oldest]
                 if not ids:
                     break
                 total += int(self.batcher._execute(ops.purge_call(part, ids)))

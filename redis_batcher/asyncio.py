@@ -28,15 +28,16 @@ from typing import Any, TypeVar, overload
 import redis
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.retry import Retry as SyncRetry
 
 from . import batcher as sync_batcher
 from . import ops
-from .batcher import _seconds, default_url
+from .batcher import _seconds, default_url, policy_evicts, policy_from_config, policy_from_info
 from .codec import Codec, encode_item
 from .errors import (
     ConfigError,
+    EvictionPolicyError,
     NotReplicated,
     NotSentError,
     OutcomeUnknownError,
@@ -67,6 +68,29 @@ __all__ = ["AsyncProcessor", "Batcher", "Worker", "WorkerStats"]
 log = logging.getLogger("redis_batcher.worker")
 T = TypeVar("T")
 
+
+async def read_memory_policy(send: Callable[..., Awaitable[Any]]) -> str | None:
+    """The ``maxmemory-policy`` a server reports, asked through ``send(*command)``: from
+    ``INFO memory``, else ``CONFIG GET``; None when it answers neither."""
+    try:
+        policy = policy_from_info(_one_reply(await send("INFO", "memory")))
+    except ResponseError:  # an unknown command (a Redis-like server), an ACL refusal
+        policy = None
+    if policy is None:
+        try:
+            policy = policy_from_config(_one_reply(await send("CONFIG GET", "maxmemory-policy")))
+        except ResponseError:
+            policy = None
+    return policy
+
+
+def _one_reply(reply: Any) -> Any:
+    """A reply of one node: redis-py's cluster client may key it by the node's name."""
+    if isinstance(reply, dict) and len(reply) == 1:
+        (value,) = reply.values()
+        if isinstance(value, dict):
+            return value
+    return reply
 
 
 def _sync_twin(client: Any, url: str | None, cluster: bool) -> Any:
@@ -130,13 +154,19 @@ class Batcher:
         wait_replicas: int = 0,
         wait_timeout: float = 1.0,
         connect_retry: float = 10.0,
+        allow_eviction: bool = False,
         definitions: sync_batcher.Batcher | None = None,
         **redis_options: Any,
     ) -> None:
+        if not isinstance(allow_eviction, bool):
+            raise ConfigError(f"allow_eviction must be True or False, got {allow_eviction!r}")
+        self.allow_eviction = allow_eviction
         self.client: Any = None
         self.is_cluster = False
         self._own_definitions = False
         self._registered: set[str] = set()
+        self._policy_checked = False  # check_memory_policy passed on this connection
+        self._policy_logged = False
         self.connect(connection, cluster=cluster, **redis_options)
         if definitions is None:
             # the sync twin holding the processor definitions; its own client is only used by
@@ -145,6 +175,7 @@ class Batcher:
                 _sync_twin(self.client, self.url, cluster),
                 prefix=prefix or "rb",
                 connect_retry=connect_retry,
+                allow_eviction=allow_eviction,
             )
             self._own_definitions = True
         elif prefix is not None and validate_name("prefix", prefix) != definitions.prefix:
@@ -192,6 +223,7 @@ class Batcher:
         # lone adds skip redis-py's per-command machinery, as on the sync Batcher
         self._link = AsyncDirectLink(client) if AsyncDirectLink.supports(client) else None
         self._registered.clear()
+        self._policy_checked = False
         if self._own_definitions:
             # keep the sync twin (dead-letter admin, `aproc.definition`) on the same server
             self.definitions.connect(_sync_twin(client, self.url, cluster))
@@ -268,9 +300,57 @@ class Batcher:
 
     async def _ensure_registered(self, proc: Processor) -> None:
         if proc.name not in self._registered:
+            await self._first_write()
             key = registry_key(self.prefix)
             await self._command(key, lambda: self.client.hset(key, proc.name, proc.config.to_json()))
             self._registered.add(proc.name)
+
+    async def _first_write(self) -> None:
+        """Before this batcher's first write on its connection: :meth:`check_memory_policy`."""
+        if not self._policy_checked:
+            await self.check_memory_policy()
+            self._policy_checked = True
+
+    async def check_memory_policy(self) -> None:
+        """As :meth:`redis_batcher.Batcher.check_memory_policy`, awaited: raises
+        :class:`~redis_batcher.EvictionPolicyError` when Redis (any primary of a cluster) may
+        evict queued items, unless ``allow_eviction=True``."""
+        key = registry_key(self.prefix)
+        client = self.client
+        if self.is_cluster:
+            await client.initialize()
+            for node in client.get_primaries():
+                send = functools.partial(client.execute_command, target_nodes=node)
+                policy = await self._retrying(
+                    functools.partial(self._sent, key, functools.partial(read_memory_policy, send), node),
+                    idempotent=True,
+                )
+                self._judge_policy(policy, node.name)
+        else:
+            policy = await self._retrying(
+                lambda: self._sent(key, lambda: read_memory_policy(client.execute_command)),
+                idempotent=True,
+            )
+            self._judge_policy(policy, None)
+        self._policy_checked = True
+
+    def _judge_policy(self, policy: str | None, node: str | None) -> None:
+        if policy is None:
+            if not self._policy_logged:
+                self._policy_logged = True
+                log.debug("Redis does not report its maxmemory-policy (INFO and CONFIG refused)")
+            return
+        if not policy_evicts(policy):
+            return
+        if not self.allow_eviction:
+            raise EvictionPolicyError(policy, node)
+        if not self._policy_logged:
+            self._policy_logged = True
+            log.warning(
+                "Redis maxmemory-policy is %r%s: queued items can be evicted (allow_eviction=True)",
+                policy,
+                f" on {node}" if node else "",
+            )
 
     async def aclose(self) -> None:
         """Close the connection pool and the lone-add connections."""
@@ -611,6 +691,7 @@ class AsyncProcessor:
     async def delete(self, batch_id: str) -> DeleteResult:
         """Delete a base id or one ``base::N`` (refused while flushing or pending)."""
         base, seq = parse_batch_id(batch_id)
+        await self.batcher._first_write()
         return ops.parse_delete(await self.batcher._execute(ops.delete_call(self.definition, base, seq)))
 
     async def batch_ids(self) -> AsyncIterator[str]:
@@ -753,9 +834,12 @@ class Worker(WorkerCore):
         return self.stats
 
     async def _register(self) -> None:
+        """Check Redis' memory policy (an :class:`~redis_batcher.EvictionPolicyError` ends
+        :meth:`run`) and publish the processors, retrying while Redis cannot be reached."""
         delay = 0.1
         while not self._stopping:
             try:
+                await self.batcher.check_memory_policy()
                 await self.batcher.register(self.processors)
                 return
             except RedisError as exc:

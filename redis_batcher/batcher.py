@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.retry import Retry
 
 from . import ops
@@ -20,6 +22,7 @@ from .codec import Codec, codec_name, resolve_codec
 from .errors import (
     ConfigError,
     DuplicateProcessor,
+    EvictionPolicyError,
     NotReplicated,
     NotSentError,
     OutcomeUnknownError,
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 T = TypeVar("T")
+log = logging.getLogger("redis_batcher")
 
 
 def default_url() -> str:
@@ -58,6 +62,47 @@ def _seconds(
     if value < 0 or (positive and value == 0):
         raise ConfigError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
     return float(value)
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return None if value is None else str(value)
+
+
+def policy_from_info(info: Any) -> str | None:
+    """``maxmemory_policy`` of an ``INFO memory`` reply (None when it has none)."""
+    return _text(info.get("maxmemory_policy")) if isinstance(info, dict) else None
+
+
+def policy_from_config(reply: Any) -> str | None:
+    """``maxmemory-policy`` of a ``CONFIG GET maxmemory-policy`` reply (None when absent)."""
+    if isinstance(reply, dict):
+        for key, value in reply.items():
+            if _text(key) == "maxmemory-policy":
+                return _text(value)
+    return None
+
+
+def policy_evicts(policy: str) -> bool:
+    """True for a ``maxmemory-policy`` that may evict keys without a TTL, the only kind the
+    library's undelivered items are."""
+    return policy != "noeviction" and not policy.startswith("volatile-")
+
+
+def read_memory_policy(client: Any) -> str | None:
+    """The ``maxmemory-policy`` of the server behind a sync client: from ``INFO memory`` (which
+    managed services allow), else ``CONFIG GET``; None when it answers neither."""
+    try:
+        policy = policy_from_info(client.info("memory"))
+    except ResponseError:  # an unknown command (a Redis-like server), an ACL refusal
+        policy = None
+    if policy is None:
+        try:
+            policy = policy_from_config(client.config_get("maxmemory-policy"))
+        except ResponseError:
+            policy = None
+    return policy
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -84,9 +129,13 @@ class Batcher:
         wait_replicas: int = 0,
         wait_timeout: float = 1.0,
         connect_retry: float = 10.0,
+        allow_eviction: bool = False,
         **redis_options: Any,
     ) -> None:
         self.prefix = validate_name("prefix", prefix)
+        if not isinstance(allow_eviction, bool):
+            raise ConfigError(f"allow_eviction must be True or False, got {allow_eviction!r}")
+        self.allow_eviction = allow_eviction
         if isinstance(wait_replicas, bool) or not isinstance(wait_replicas, int) or wait_replicas < 0:
             raise ConfigError(f"wait_replicas must be an int >= 0, got {wait_replicas!r}")
         self.wait_replicas = wait_replicas
@@ -99,6 +148,8 @@ class Batcher:
         self.processors: dict[str, Processor] = {}
         self.iterators: dict[str, JobIterator] = {}  # iterator jobs (redis_batcher.jobs)
         self._registered: set[str] = set()
+        self._policy_checked = False  # check_memory_policy passed on this connection
+        self._policy_logged = False  # the server could not tell its policy: said once
         self._lock = threading.Lock()
         self._link: DirectLink | None = None
         self.connect(connection, cluster=cluster, **redis_options)
@@ -138,6 +189,7 @@ class Batcher:
         if self.is_cluster and self.wait_replicas:
             raise ConfigError("wait_replicas is not supported on Redis Cluster clients")
         self._registered.clear()
+        self._policy_checked = False
 
     # -- running scripts --------------------------------------------------------------------------
 
@@ -382,9 +434,16 @@ class Batcher:
 
     # -- registry ---------------------------------------------------------------------------------
 
+    def _first_write(self) -> None:
+        """Before this batcher's first write on its connection: :meth:`check_memory_policy`."""
+        if not self._policy_checked:
+            self.check_memory_policy()
+            self._policy_checked = True
+
     def _ensure_registered(self, proc: Processor) -> None:
         if proc.name in self._registered:
             return
+        self._first_write()
         key = registry_key(self.prefix)
         self._command(key, lambda: self.client.hset(key, proc.name, proc.config.to_json()))
         self._registered.add(proc.name)
@@ -394,6 +453,47 @@ class Batcher:
         for proc in processors if processors is not None else list(self.processors.values()):
             self._registered.discard(proc.name)
             self._ensure_registered(proc)
+
+    def check_memory_policy(self) -> None:
+        """Refuse a Redis that may evict queued items: raises :class:`EvictionPolicyError`
+        when the server's ``maxmemory-policy`` is neither ``noeviction`` nor a ``volatile-*``
+        policy (on Redis Cluster: any primary's), unless ``allow_eviction=True`` (then it logs
+        a warning). The policy is read from ``INFO memory``, else ``CONFIG GET``; a server that
+        answers neither (an ACL, a Redis-like server without them) is not refused.
+
+        A batcher runs this before its first write; workers run it when they start."""
+        key = registry_key(self.prefix)
+        if self.is_cluster:
+            targets = [
+                (node.name, self.client.get_redis_connection(node)) for node in self.client.get_primaries()
+            ]
+        else:
+            targets = [(None, self.client)]
+        for node, target in targets:
+            pool = target.connection_pool if node is not None else None
+            policy = self._retrying(
+                partial(self._sent, key, partial(read_memory_policy, target), pool), idempotent=True
+            )
+            self._judge_policy(policy, node)
+        self._policy_checked = True
+
+    def _judge_policy(self, policy: str | None, node: str | None) -> None:
+        if policy is None:
+            if not self._policy_logged:
+                self._policy_logged = True
+                log.debug("Redis does not report its maxmemory-policy (INFO and CONFIG refused)")
+            return
+        if not policy_evicts(policy):
+            return
+        if not self.allow_eviction:
+            raise EvictionPolicyError(policy, node)
+        if not self._policy_logged:
+            self._policy_logged = True
+            log.warning(
+                "Redis maxmemory-policy is %r%s: queued items can be evicted (allow_eviction=True)",
+                policy,
+                f" on {node}" if node else "",
+            )
 
     def registered(self) -> dict[str, ProcessorConfig]:
         """Processor configs found in Redis, written by any producer or worker of this prefix."""

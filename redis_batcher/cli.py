@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .batcher import Batcher, default_url
-from .errors import BatcherError
+from .errors import BatcherError, EvictionPolicyError
 from .processor import Processor
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -212,14 +212,17 @@ def worker(
         )
     except BatcherError as exc:
         raise click.UsageError(str(exc)) from exc
-    if isinstance(w, aio.Worker):
-        import asyncio
+    try:
+        if isinstance(w, aio.Worker):
+            import asyncio
 
-        asyncio.run(w.run(burst=burst))
-        if w.forced:
-            sys.exit(1)
-    else:
-        w.run(burst=burst)
+            asyncio.run(w.run(burst=burst))
+            if w.forced:
+                sys.exit(1)
+        else:
+            w.run(burst=burst)
+    except EvictionPolicyError as exc:  # a setting to fix, not a crash: no traceback
+        raise click.ClickException(str(exc)) from exc
 
 
 @main.command()

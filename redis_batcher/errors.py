@@ -15,6 +15,24 @@ class ConfigError(BatcherError, ValueError):
     """A processor, batcher or worker was configured with an invalid value."""
 
 
+class EvictionPolicyError(ConfigError):
+    """Redis runs with a ``maxmemory-policy`` that may evict queued items (anything but
+    ``noeviction`` or a ``volatile-*`` policy) and ``allow_eviction`` was not given.
+
+    Nothing was written. ``policy`` is the policy found, ``node`` the server (Redis Cluster:
+    the primary) that reported it, when known."""
+
+    def __init__(self, policy: str, node: str | None = None) -> None:
+        where = f" on {node}" if node else ""
+        super().__init__(
+            f"Redis maxmemory-policy is {policy!r}{where}: it can evict queued items; set "
+            "maxmemory-policy noeviction (or a volatile-* policy: redis-batcher sets no TTL on "
+            "undelivered items), or pass allow_eviction=True to accept that evicted items are lost"
+        )
+        self.policy = policy
+        self.node = node
+
+
 class DuplicateProcessor(ConfigError):
     """Two processors with the same name were registered on one :class:`Batcher`."""
 

@@ -142,6 +142,7 @@ class Processor:
         items, so deleting never drops an item.
         """
         base, seq = parse_batch_id(batch_id)
+        self.batcher._first_write()
         return ops.parse_delete(self.batcher._execute(ops.delete_call(self, base, seq)))
 
     def batch_ids(self) -> Iterator[str]:
@@ -212,6 +213,7 @@ class Processor:
 
         Returns the new sequence number."""
         part, letter = self._find_dead(dead_id)
+        self.batcher._first_write()
         reply = self.batcher._execute(ops.replay_call(self, part, dead_id, letter.batch_id))
         if reply[0] != b"ok":
             raise DeadLetterNotFound(f"no dead letter {dead_id!r} (replayed or purged meanwhile?)")

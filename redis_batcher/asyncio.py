@@ -686,7 +686,7 @@ class AsyncProcessor:
         key, start, stop = ops.history_range(self.definition, base, limit)
         client = self.batcher.client
         raw = await self.batcher._command(key, lambda: client.lrange(key, start, stop))
-        return ops.parse_history(raw)
+        return ops.parse_history(raw, key)
 
     async def delete(self, batch_id: str) -> DeleteResult:
         """Delete a base id or one ``base::N`` (refused while flushing or pending)."""

@@ -105,6 +105,24 @@ def read_memory_policy(client: Any) -> str | None:
     return policy
 
 
+def parse_registry(raw: dict[Any, Any]) -> tuple[dict[str, ProcessorConfig], dict[str, str]]:
+    """A ``<prefix>:processors`` hash (HGETALL) as (configs by name, unreadable entries: name
+    -> reason). An entry that is not a processor config is reported, never raised."""
+    configs: dict[str, ProcessorConfig] = {}
+    bad: dict[str, str] = {}
+    for key, value in raw.items():
+        try:
+            name = key.decode() if isinstance(key, bytes) else str(key)
+        except UnicodeDecodeError:
+            bad[repr(key)] = "the name is not UTF-8"
+            continue
+        try:
+            configs[name] = ProcessorConfig.from_json(value)
+        except ValueError as exc:
+            bad[name] = str(exc)
+    return configs, bad
+
+
 def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
@@ -495,13 +513,20 @@ class Batcher:
                 f" on {node}" if node else "",
             )
 
-    def registered(self) -> dict[str, ProcessorConfig]:
-        """Processor configs found in Redis, written by any producer or worker of this prefix."""
+    def _registry(self) -> tuple[dict[str, ProcessorConfig], dict[str, str]]:
+        """The registry as (configs, unreadable entries: name -> reason)."""
         key = registry_key(self.prefix)
-        raw = self._command(key, lambda: self.client.hgetall(key))
-        return {
-            (k.decode() if isinstance(k, bytes) else k): ProcessorConfig.from_json(v) for k, v in raw.items()
-        }
+        return parse_registry(self._command(key, lambda: self.client.hgetall(key)))
+
+    def registered(self) -> dict[str, ProcessorConfig]:
+        """Processor configs found in Redis, written by any producer or worker of this prefix.
+        Entries that are not processor configs are skipped with a logged warning."""
+        configs, bad = self._registry()
+        for name, reason in bad.items():
+            log.warning(
+                "skipped registry entry %s of %s: %s", name, registry_key(self.prefix), reason
+            )
+        return configs
 
     def close(self) -> None:
         """Close the connection pool and the producer connections."""
@@ -514,7 +539,13 @@ class Batcher:
         without importing the application (as the CLI does). Its handler cannot be called."""
         if name in self.processors:
             return self.processors[name]
-        configs = self.registered()
+        configs, bad = self._registry()
+        if name in bad:
+            key = registry_key(self.prefix)
+            raise UnknownProcessor(
+                f"the registry entry of processor {name!r} in {key} cannot be read ({bad[name]}); "
+                f"start one of its producers or workers to register it again, or HDEL {key} {name}"
+            )
         if name not in configs:
             raise UnknownProcessor(f"processor {name!r} is not registered under prefix {self.prefix!r}")
         config = configs[name]

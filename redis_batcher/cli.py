@@ -20,6 +20,8 @@ from rich.text import Text
 
 from .batcher import Batcher, default_url
 from .errors import BatcherError, EvictionPolicyError
+from .keys import registry_key
+from .models import ProcessorConfig
 from .processor import Processor
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -86,6 +88,15 @@ def _remote(url: str | None, prefix: str, cluster: bool, name: str) -> Processor
         return _batcher(url, prefix, cluster).remote(name)
     except BatcherError as exc:
         raise click.BadParameter(str(exc), param_hint="--processor") from exc
+
+
+def _registry(batcher: Batcher) -> dict[str, ProcessorConfig]:
+    """The registered processors; each unreadable registry entry is reported on stderr (one
+    line) and skipped."""
+    configs, bad = batcher._registry()
+    for name, reason in sorted(bad.items()):
+        click.echo(f"skipped registry entry {name} of {registry_key(batcher.prefix)}: {reason}", err=True)
+    return configs
 
 
 def _common(f: Any) -> Any:
@@ -329,7 +340,7 @@ def ls_cmd(processor: str | None, as_json: bool, redis_url: str | None, prefix: 
     batcher = _batcher(redis_url, prefix, cluster)
     if processor is None:
         rows = []
-        for name, cfg in sorted(batcher.registered().items()):
+        for name, cfg in sorted(_registry(batcher).items()):
             proc = batcher.remote(name)
             ids = sum(batcher.client.scard(p.ids) for p in proc.keys.parts)
             due = sum(batcher.client.zcard(p.due) for p in proc.keys.parts)

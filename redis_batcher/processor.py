@@ -133,7 +133,7 @@ class Processor:
         base, _ = parse_batch_id(batch_id)
         key, start, stop = ops.history_range(self, base, limit)
         client = self.batcher.client
-        return ops.parse_history(self.batcher._command(key, lambda: client.lrange(key, start, stop)))
+        return ops.parse_history(self.batcher._command(key, lambda: client.lrange(key, start, stop)), key)
 
     def delete(self, batch_id: str) -> DeleteResult:
         """Delete a base id (head, history) or one ``base::N`` sequence.

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import click
@@ -21,7 +21,7 @@ from rich.text import Text
 from .batcher import Batcher, default_url
 from .errors import BatcherError, EvictionPolicyError
 from .keys import registry_key
-from .models import ProcessorConfig
+from .models import DeadLetter, ProcessorConfig
 from .processor import Processor
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -378,22 +378,38 @@ def dead() -> None:
 
 
 @dead.command(name="ls")
-@_processor_command
+@click.option("--processor", "-p", default=None, help="Only this processor (default: every registered one).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_common
 @click.option("--limit", "-n", type=click.IntRange(min=1), default=50, show_default=True)
 def dead_ls(
-    processor: str, limit: int, as_json: bool, redis_url: str | None, prefix: str, cluster: bool
+    processor: str | None, limit: int, as_json: bool, redis_url: str | None, prefix: str, cluster: bool
 ) -> None:
-    """List dead letters, newest first."""
-    proc = _remote(redis_url, prefix, cluster, processor)
-    letters = proc.dead_letters(limit=limit)
+    """List dead letters, newest first (of every registered processor unless -p names one)."""
+    found: list[tuple[str, DeadLetter]]
+    if processor is not None:
+        proc = _remote(redis_url, prefix, cluster, processor)
+        found = [(processor, d) for d in proc.dead_letters(limit=limit)]
+    else:
+        batcher = _batcher(redis_url, prefix, cluster)
+        found = []
+        for name in sorted(_registry(batcher)):
+            found.extend((name, d) for d in batcher.remote(name).dead_letters(limit=limit))
+        found.sort(key=lambda row: row[1].dead_at or datetime.min.replace(tzinfo=timezone.utc), reverse=True)
+        found = found[:limit]
     if as_json:
-        _print_json(letters)
+        _print_json([{"processor": name, **_jsonable(d)} for name, d in found])
         return
-    table = Table(title=f"dead letters of {processor}")
-    for col in ("id", "batch id", "seq", "items", "reason", "attempts", "deaths", "dead at", "error"):
+    title = f"dead letters of {processor}" if processor else f"dead letters under prefix {prefix!r}"
+    table = Table(title=title)
+    columns = ("id", "batch id", "seq", "items", "reason", "attempts", "deaths", "dead at", "error")
+    if processor is None:
+        table.add_column("processor")
+    for col in columns:
         table.add_column(col)
-    for d in letters:
+    for name, d in found:
         table.add_row(
+            *([] if processor else [name]),
             d.id,
             d.batch_id,
             str(d.sequence),

@@ -21,21 +21,30 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 
 import redis
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.retry import Retry as SyncRetry
 
 from . import batcher as sync_batcher
 from . import ops
-from .batcher import _never_sent, _seconds, default_url
+from .batcher import _seconds, default_url, policy_evicts, policy_from_config, policy_from_info
 from .codec import Codec, encode_item
-from .errors import ConfigError, NotReplicated, UnknownProcessor
+from .errors import (
+    ConfigError,
+    EvictionPolicyError,
+    NotReplicated,
+    NotSentError,
+    OutcomeUnknownError,
+    UnknownProcessor,
+    raise_not_sent,
+    raise_outcome_unknown,
+)
 from .jobs import JobStatus, select_iterators
 from .jobs_async import AsyncJobIterator, AsyncJobRunner
 from .keys import parse_batch_id, registry_key, validate_name
@@ -57,6 +66,31 @@ from .worker_core import (
 __all__ = ["AsyncProcessor", "Batcher", "Worker", "WorkerStats"]
 
 log = logging.getLogger("redis_batcher.worker")
+T = TypeVar("T")
+
+
+async def read_memory_policy(send: Callable[..., Awaitable[Any]]) -> str | None:
+    """The ``maxmemory-policy`` a server reports, asked through ``send(*command)``: from
+    ``INFO memory``, else ``CONFIG GET``; None when it answers neither."""
+    try:
+        policy = policy_from_info(_one_reply(await send("INFO", "memory")))
+    except ResponseError:  # an unknown command (a Redis-like server), an ACL refusal
+        policy = None
+    if policy is None:
+        try:
+            policy = policy_from_config(_one_reply(await send("CONFIG GET", "maxmemory-policy")))
+        except ResponseError:
+            policy = None
+    return policy
+
+
+def _one_reply(reply: Any) -> Any:
+    """A reply of one node: redis-py's cluster client may key it by the node's name."""
+    if isinstance(reply, dict) and len(reply) == 1:
+        (value,) = reply.values()
+        if isinstance(value, dict):
+            return value
+    return reply
 
 
 def _sync_twin(client: Any, url: str | None, cluster: bool) -> Any:
@@ -120,19 +154,28 @@ class Batcher:
         wait_replicas: int = 0,
         wait_timeout: float = 1.0,
         connect_retry: float = 10.0,
+        allow_eviction: bool = False,
         definitions: sync_batcher.Batcher | None = None,
         **redis_options: Any,
     ) -> None:
+        if not isinstance(allow_eviction, bool):
+            raise ConfigError(f"allow_eviction must be True or False, got {allow_eviction!r}")
+        self.allow_eviction = allow_eviction
         self.client: Any = None
         self.is_cluster = False
         self._own_definitions = False
         self._registered: set[str] = set()
+        self._policy_checked = False  # check_memory_policy passed on this connection
+        self._policy_logged = False
         self.connect(connection, cluster=cluster, **redis_options)
         if definitions is None:
             # the sync twin holding the processor definitions; its own client is only used by
             # sync calls on `AsyncProcessor.definition` (lazy: it connects on first use)
             definitions = sync_batcher.Batcher(
-                _sync_twin(self.client, self.url, cluster), prefix=prefix or "rb"
+                _sync_twin(self.client, self.url, cluster),
+                prefix=prefix or "rb",
+                connect_retry=connect_retry,
+                allow_eviction=allow_eviction,
             )
             self._own_definitions = True
         elif prefix is not None and validate_name("prefix", prefix) != definitions.prefix:
@@ -180,6 +223,7 @@ class Batcher:
         # lone adds skip redis-py's per-command machinery, as on the sync Batcher
         self._link = AsyncDirectLink(client) if AsyncDirectLink.supports(client) else None
         self._registered.clear()
+        self._policy_checked = False
         if self._own_definitions:
             # keep the sync twin (dead-letter admin, `aproc.definition`) on the same server
             self.definitions.connect(_sync_twin(client, self.url, cluster))
@@ -256,8 +300,57 @@ class Batcher:
 
     async def _ensure_registered(self, proc: Processor) -> None:
         if proc.name not in self._registered:
-            await self.client.hset(registry_key(self.prefix), proc.name, proc.config.to_json())
+            await self._first_write()
+            key = registry_key(self.prefix)
+            await self._command(key, lambda: self.client.hset(key, proc.name, proc.config.to_json()))
             self._registered.add(proc.name)
+
+    async def _first_write(self) -> None:
+        """Before this batcher's first write on its connection: :meth:`check_memory_policy`."""
+        if not self._policy_checked:
+            await self.check_memory_policy()
+            self._policy_checked = True
+
+    async def check_memory_policy(self) -> None:
+        """As :meth:`redis_batcher.Batcher.check_memory_policy`, awaited: raises
+        :class:`~redis_batcher.EvictionPolicyError` when Redis (any primary of a cluster) may
+        evict queued items, unless ``allow_eviction=True``."""
+        key = registry_key(self.prefix)
+        client = self.client
+        if self.is_cluster:
+            await client.initialize()
+            for node in client.get_primaries():
+                send = functools.partial(client.execute_command, target_nodes=node)
+                policy = await self._retrying(
+                    functools.partial(self._sent, key, functools.partial(read_memory_policy, send), node),
+                    idempotent=True,
+                )
+                self._judge_policy(policy, node.name)
+        else:
+            policy = await self._retrying(
+                lambda: self._sent(key, lambda: read_memory_policy(client.execute_command)),
+                idempotent=True,
+            )
+            self._judge_policy(policy, None)
+        self._policy_checked = True
+
+    def _judge_policy(self, policy: str | None, node: str | None) -> None:
+        if policy is None:
+            if not self._policy_logged:
+                self._policy_logged = True
+                log.debug("Redis does not report its maxmemory-policy (INFO and CONFIG refused)")
+            return
+        if not policy_evicts(policy):
+            return
+        if not self.allow_eviction:
+            raise EvictionPolicyError(policy, node)
+        if not self._policy_logged:
+            self._policy_logged = True
+            log.warning(
+                "Redis maxmemory-policy is %r%s: queued items can be evicted (allow_eviction=True)",
+                policy,
+                f" on {node}" if node else "",
+            )
 
     async def aclose(self) -> None:
         """Close the connection pool and the lone-add connections."""
@@ -267,21 +360,58 @@ class Batcher:
 
     # -- running scripts --------------------------------------------------------------------------
 
-    async def _retrying(self, run: Callable[[], Any]) -> Any:
-        """Retry connection attempts that failed before anything was sent (connect_retry)."""
-        deadline = time.monotonic() + self.connect_retry
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]], *, idempotent: bool = False) -> T:
+        """As the sync Batcher's: retried with backoff, for up to ``connect_retry`` seconds
+        from its first failure, while it raises :class:`~redis_batcher.NotSentError` (and, when
+        ``idempotent``, :class:`~redis_batcher.OutcomeUnknownError`); then that is raised."""
+        retryable: tuple[type[BaseException], ...] = (
+            (NotSentError, OutcomeUnknownError) if idempotent else (NotSentError,)
+        )
+        deadline: float | None = None
         delay = 0.05
         while True:
             try:
-                return await run()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if not _never_sent(exc) or time.monotonic() + delay > deadline:
+                return await attempt()
+            except retryable:
+                if deadline is None:
+                    deadline = time.monotonic() + self.connect_retry
+                if time.monotonic() + delay > deadline:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
+    async def _sent(self, key: str | None, send: Callable[[], Awaitable[T]], node: Any = None) -> T:
+        """Await ``send`` (a command through redis-py) with its failures classified, as the
+        sync Batcher's ``_sent``: a connection it can use is connected (or checked) first, so
+        that failing to reach Redis is known to have sent nothing."""
+        client = self.client
+        try:
+            if self.is_cluster:
+                await client.initialize()
+                if node is None:
+                    node = client.get_node_from_key(key) if key is not None else client.get_default_node()
+                conn = node.acquire_connection()
+                try:
+                    await conn.connect()
+                finally:
+                    node.release(conn)
+            else:
+                pool = client.connection_pool
+                await pool.release(await pool.get_connection())
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise_not_sent(exc)
+        try:
+            return await send()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise_outcome_unknown(exc)
+
+    async def _command(self, key: str | None, send: Callable[[], Awaitable[T]]) -> T:
+        """A plain command that may safely run twice, under the ``connect_retry`` policy."""
+        return await self._retrying(lambda: self._sent(key, send), idempotent=True)
+
     async def _execute(self, call: ops.Call, *, wait: bool = True) -> Any:
-        """Run one script call (NOSCRIPT recovery, WAIT when configured)."""
+        """Run one script call (NOSCRIPT recovery, WAIT when configured) under the
+        ``connect_retry`` policy (retried only while it was never sent)."""
         if wait and self.wait_replicas:
             replies = await self._pipeline([call])
             if isinstance(replies[0], Exception):
@@ -289,17 +419,12 @@ class Batcher:
             return replies[0]
         link = self._link
 
-        def run() -> Any:
+        def attempt() -> Awaitable[Any]:
             if link is not None:
                 return call.script.call_async_direct(link, call.keys, call.args)
-            return call.script.call_async(self.client, call.keys, call.args)
+            return self._sent(call.keys[0], lambda: call.script.call_async(self.client, call.keys, call.args))
 
-        try:
-            return await run()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            if not _never_sent(exc):
-                raise
-        return await self._retrying(run)
+        return await self._retrying(attempt)
 
     async def _pipeline(self, calls: Sequence[ops.Call]) -> list[Any]:
         """Run calls pipelined in one round trip; each reply is a value or the exception of that
@@ -325,7 +450,7 @@ class Batcher:
                     )
                 if self.wait_replicas:
                     pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
-                out = await pipe.execute(raise_on_error=False)
+                out = await self._sent(batch[0].keys[0], lambda: pipe.execute(raise_on_error=False))
             if self.wait_replicas:
                 acked = out.pop()
                 if not isinstance(acked, Exception) and int(acked) < self.wait_replicas:
@@ -391,14 +516,11 @@ class Batcher:
 
     async def _add_one(self, link: AsyncDirectLink, proc: Processor, base: str, data: bytes) -> Any:
         """A lone single add framed in one step (as the sync Batcher's); NOSCRIPT and a
-        connection that failed before sending take the general way."""
+        request never sent take the general way (which retries the latter)."""
         try:
             return await link.request(ops.add_frame(proc, base, data))
-        except NoScriptError:
+        except (NoScriptError, NotSentError):
             pass
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            if not _never_sent(exc):
-                raise
         return await self._execute(ops.add_call(proc, base, [data]))
 
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
@@ -562,17 +684,23 @@ class AsyncProcessor:
             raise ConfigError(f"limit must be a positive int, got {limit!r}")
         base, _ = parse_batch_id(batch_id)
         key, start, stop = ops.history_range(self.definition, base, limit)
-        return ops.parse_history(await self.batcher.client.lrange(key, start, stop))
+        client = self.batcher.client
+        with ops.reading(key):
+            raw = await self.batcher._command(key, lambda: client.lrange(key, start, stop))
+        return ops.parse_history(raw, key)
 
     async def delete(self, batch_id: str) -> DeleteResult:
         """Delete a base id or one ``base::N`` (refused while flushing or pending)."""
         base, seq = parse_batch_id(batch_id)
+        await self.batcher._first_write()
         return ops.parse_delete(await self.batcher._execute(ops.delete_call(self.definition, base, seq)))
 
     async def batch_ids(self) -> AsyncIterator[str]:
         """Active base ids (SSCAN over each partition, never KEYS)."""
         for part in self.keys.parts:
-            async for raw in self.batcher.client.sscan_iter(part.ids, count=500):
+            with ops.reading(part.ids):
+                found = [raw async for raw in self.batcher.client.sscan_iter(part.ids, count=500)]
+            for raw in found:
                 yield raw.decode() if isinstance(raw, bytes) else raw
 
 
@@ -709,9 +837,12 @@ class Worker(WorkerCore):
         return self.stats
 
     async def _register(self) -> None:
+        """Check Redis' memory policy (an :class:`~redis_batcher.EvictionPolicyError` ends
+        :meth:`run`) and publish the processors, retrying while Redis cannot be reached."""
         delay = 0.1
         while not self._stopping:
             try:
+                await self.batcher.check_memory_policy()
                 await self.batcher.register(self.processors)
                 return
             except RedisError as exc:

@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, overload
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.retry import Retry
 
 from . import ops
 from .codec import Codec, codec_name, resolve_codec
-from .errors import ConfigError, DuplicateProcessor, NotReplicated, UnknownProcessor
+from .errors import (
+    ConfigError,
+    DuplicateProcessor,
+    EvictionPolicyError,
+    NotReplicated,
+    NotSentError,
+    OutcomeUnknownError,
+    UnknownProcessor,
+    raise_not_sent,
+    raise_outcome_unknown,
+)
 from .keys import registry_key, validate_name
 from .models import AddResult, ProcessorConfig
 from .processor import Handler, Processor
@@ -27,6 +39,8 @@ if TYPE_CHECKING:
     from .jobs import JobIterator, JobStatus
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
+T = TypeVar("T")
+log = logging.getLogger("redis_batcher")
 
 
 def default_url() -> str:
@@ -50,11 +64,63 @@ def _seconds(
     return float(value)
 
 
-def _never_sent(exc: BaseException) -> bool:
-    """True when a redis-py connection error happened while connecting, before any command
-    bytes were sent (so retrying cannot run a script twice)."""
-    text = str(exc).lower()
-    return "connecting to" in text or "timeout connecting" in text or "connection refused" in text
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return None if value is None else str(value)
+
+
+def policy_from_info(info: Any) -> str | None:
+    """``maxmemory_policy`` of an ``INFO memory`` reply (None when it has none)."""
+    return _text(info.get("maxmemory_policy")) if isinstance(info, dict) else None
+
+
+def policy_from_config(reply: Any) -> str | None:
+    """``maxmemory-policy`` of a ``CONFIG GET maxmemory-policy`` reply (None when absent)."""
+    if isinstance(reply, dict):
+        for key, value in reply.items():
+            if _text(key) == "maxmemory-policy":
+                return _text(value)
+    return None
+
+
+def policy_evicts(policy: str) -> bool:
+    """True for a ``maxmemory-policy`` that may evict keys without a TTL, the only kind the
+    library's undelivered items are."""
+    return policy != "noeviction" and not policy.startswith("volatile-")
+
+
+def read_memory_policy(client: Any) -> str | None:
+    """The ``maxmemory-policy`` of the server behind a sync client: from ``INFO memory`` (which
+    managed services allow), else ``CONFIG GET``; None when it answers neither."""
+    try:
+        policy = policy_from_info(client.info("memory"))
+    except ResponseError:  # an unknown command (a Redis-like server), an ACL refusal
+        policy = None
+    if policy is None:
+        try:
+            policy = policy_from_config(client.config_get("maxmemory-policy"))
+        except ResponseError:
+            policy = None
+    return policy
+
+
+def parse_registry(raw: dict[Any, Any]) -> tuple[dict[str, ProcessorConfig], dict[str, str]]:
+    """A ``<prefix>:processors`` hash (HGETALL) as (configs by name, unreadable entries: name
+    -> reason). An entry that is not a processor config is reported, never raised."""
+    configs: dict[str, ProcessorConfig] = {}
+    bad: dict[str, str] = {}
+    for key, value in raw.items():
+        try:
+            name = key.decode() if isinstance(key, bytes) else str(key)
+        except UnicodeDecodeError:
+            bad[repr(key)] = "the name is not UTF-8"
+            continue
+        try:
+            configs[name] = ProcessorConfig.from_json(value)
+        except ValueError as exc:
+            bad[name] = str(exc)
+    return configs, bad
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -81,9 +147,13 @@ class Batcher:
         wait_replicas: int = 0,
         wait_timeout: float = 1.0,
         connect_retry: float = 10.0,
+        allow_eviction: bool = False,
         **redis_options: Any,
     ) -> None:
         self.prefix = validate_name("prefix", prefix)
+        if not isinstance(allow_eviction, bool):
+            raise ConfigError(f"allow_eviction must be True or False, got {allow_eviction!r}")
+        self.allow_eviction = allow_eviction
         if isinstance(wait_replicas, bool) or not isinstance(wait_replicas, int) or wait_replicas < 0:
             raise ConfigError(f"wait_replicas must be an int >= 0, got {wait_replicas!r}")
         self.wait_replicas = wait_replicas
@@ -96,6 +166,8 @@ class Batcher:
         self.processors: dict[str, Processor] = {}
         self.iterators: dict[str, JobIterator] = {}  # iterator jobs (redis_batcher.jobs)
         self._registered: set[str] = set()
+        self._policy_checked = False  # check_memory_policy passed on this connection
+        self._policy_logged = False  # the server could not tell its policy: said once
         self._lock = threading.Lock()
         self._link: DirectLink | None = None
         self.connect(connection, cluster=cluster, **redis_options)
@@ -135,34 +207,81 @@ class Batcher:
         if self.is_cluster and self.wait_replicas:
             raise ConfigError("wait_replicas is not supported on Redis Cluster clients")
         self._registered.clear()
+        self._policy_checked = False
 
     # -- running scripts --------------------------------------------------------------------------
 
-    def _execute(self, call: ops.Call, *, wait: bool = True) -> Any:
-        """Run a script call: retries connection attempts that failed before anything was sent
-        (for up to ``connect_retry`` seconds, with backoff), never a command that may have run,
-        and ``WAIT``s for ``wait_replicas`` replicas when configured (same round trip)."""
+    def _retrying(self, attempt: Callable[[], T], *, idempotent: bool = False) -> T:
+        """Run ``attempt`` under the ``connect_retry`` policy: retried with backoff, for up to
+        ``connect_retry`` seconds from its first failure, while it raises :class:`NotSentError`
+        (and, for an ``idempotent`` command such as a read, :class:`OutcomeUnknownError` too);
+        then that error is raised. Any other error is raised at once."""
+        retryable: tuple[type[BaseException], ...] = (
+            (NotSentError, OutcomeUnknownError) if idempotent else (NotSentError,)
+        )
         deadline: float | None = None
         delay = 0.05
         while True:
             try:
-                if wait and self.wait_replicas:
-                    reply, acked = call.script.call_and_wait(
-                        self.client, call.keys, call.args, self.wait_replicas, self.wait_timeout_ms
-                    )
-                    if acked < self.wait_replicas:
-                        raise NotReplicated(self.wait_replicas, acked)
-                    return reply
-                if self._link is not None:
-                    return call.script.call_direct(self._link, call.keys, call.args)
-                return call.run(self.client)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                return attempt()
+            except retryable:
                 if deadline is None:
                     deadline = time.monotonic() + self.connect_retry
-                if not _never_sent(exc) or time.monotonic() + delay > deadline:
+                if time.monotonic() + delay > deadline:
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    def _pool(self, key: str | None) -> Any:
+        """The redis-py connection pool a command on ``key`` goes through."""
+        client = self.client
+        if self.is_cluster:
+            node = client.get_node_from_key(key) if key is not None else client.get_default_node()
+            return client.get_redis_connection(node).connection_pool
+        return client.connection_pool
+
+    def _sent(self, key: str | None, send: Callable[[], T], pool: Any = None) -> T:
+        """Run ``send`` (a command through redis-py) with its failures classified: a connection
+        of the pool it uses is connected (or checked) first, so that failing to reach Redis is
+        known to have sent nothing (:class:`NotSentError`); a failure after that cannot be told
+        apart from a lost reply (:class:`OutcomeUnknownError`)."""
+        try:
+            pool = pool if pool is not None else self._pool(key)
+            conn = pool.get_connection()
+            pool.release(conn)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise_not_sent(exc)
+        try:
+            return send()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise_outcome_unknown(exc)
+
+    def _command(self, key: str | None, send: Callable[[], T]) -> T:
+        """A plain command that may safely run twice (a read, or a write of the same value),
+        under the ``connect_retry`` policy."""
+        return self._retrying(lambda: self._sent(key, send), idempotent=True)
+
+    def _execute(self, call: ops.Call, *, wait: bool = True) -> Any:
+        """Run a script call under the ``connect_retry`` policy (retried only while it was never
+        sent, see :meth:`_retrying`), and ``WAIT`` for ``wait_replicas`` replicas when configured
+        (same round trip)."""
+
+        def attempt() -> Any:
+            if wait and self.wait_replicas:
+                reply, acked = self._sent(
+                    call.keys[0],
+                    lambda: call.script.call_and_wait(
+                        self.client, call.keys, call.args, self.wait_replicas, self.wait_timeout_ms
+                    ),
+                )
+                if acked < self.wait_replicas:
+                    raise NotReplicated(self.wait_replicas, acked)
+                return reply
+            if self._link is not None:
+                return call.script.call_direct(self._link, call.keys, call.args)
+            return self._sent(call.keys[0], lambda: call.run(self.client))
+
+        return self._retrying(attempt)
 
     def _run_once(self, call: ops.Call) -> Any:
         """Run a script call once, no retry and no WAIT (the worker's claims and lease
@@ -176,15 +295,12 @@ class Batcher:
         link = self._link
         if link is not None and len(encoded) == 1 and not self.wait_replicas:
             # a single add over this thread's connection, framed in one step (ops.add_frame);
-            # NOSCRIPT and a connection that failed before sending take the general way
+            # NOSCRIPT and a request never sent take the general way (which retries the latter)
             try:
                 reply = link.request(ops.add_frame(proc, base, encoded[0]))
                 return ops.parse_add(proc, base, 1, reply)
-            except NoScriptError:
+            except (NoScriptError, NotSentError):
                 pass
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if not _never_sent(exc):
-                    raise
         reply = self._execute(ops.add_call(proc, base, encoded))
         return ops.parse_add(proc, base, len(encoded), reply)
 
@@ -347,10 +463,18 @@ class Batcher:
 
     # -- registry ---------------------------------------------------------------------------------
 
+    def _first_write(self) -> None:
+        """Before this batcher's first write on its connection: :meth:`check_memory_policy`."""
+        if not self._policy_checked:
+            self.check_memory_policy()
+            self._policy_checked = True
+
     def _ensure_registered(self, proc: Processor) -> None:
         if proc.name in self._registered:
             return
-        self.client.hset(registry_key(self.prefix), proc.name, proc.config.to_json())
+        self._first_write()
+        key = registry_key(self.prefix)
+        self._command(key, lambda: self.client.hset(key, proc.name, proc.config.to_json()))
         self._registered.add(proc.name)
 
     def register(self, processors: Iterable[Processor] | None = None) -> None:
@@ -359,12 +483,61 @@ class Batcher:
             self._registered.discard(proc.name)
             self._ensure_registered(proc)
 
+    def check_memory_policy(self) -> None:
+        """Refuse a Redis that may evict queued items: raises :class:`EvictionPolicyError`
+        when the server's ``maxmemory-policy`` is neither ``noeviction`` nor a ``volatile-*``
+        policy (on Redis Cluster: any primary's), unless ``allow_eviction=True`` (then it logs
+        a warning). The policy is read from ``INFO memory``, else ``CONFIG GET``; a server that
+        answers neither (an ACL, a Redis-like server without them) is not refused.
+
+        A batcher runs this before its first write; workers run it when they start."""
+        key = registry_key(self.prefix)
+        if self.is_cluster:
+            targets = [
+                (node.name, self.client.get_redis_connection(node)) for node in self.client.get_primaries()
+            ]
+        else:
+            targets = [(None, self.client)]
+        for node, target in targets:
+            pool = target.connection_pool if node is not None else None
+            policy = self._retrying(
+                partial(self._sent, key, partial(read_memory_policy, target), pool), idempotent=True
+            )
+            self._judge_policy(policy, node)
+        self._policy_checked = True
+
+    def _judge_policy(self, policy: str | None, node: str | None) -> None:
+        if policy is None:
+            if not self._policy_logged:
+                self._policy_logged = True
+                log.debug("Redis does not report its maxmemory-policy (INFO and CONFIG refused)")
+            return
+        if not policy_evicts(policy):
+            return
+        if not self.allow_eviction:
+            raise EvictionPolicyError(policy, node)
+        if not self._policy_logged:
+            self._policy_logged = True
+            log.warning(
+                "Redis maxmemory-policy is %r%s: queued items can be evicted (allow_eviction=True)",
+                policy,
+                f" on {node}" if node else "",
+            )
+
+    def _registry(self) -> tuple[dict[str, ProcessorConfig], dict[str, str]]:
+        """The registry as (configs, unreadable entries: name -> reason)."""
+        key = registry_key(self.prefix)
+        return parse_registry(self._command(key, lambda: self.client.hgetall(key)))
+
     def registered(self) -> dict[str, ProcessorConfig]:
-        """Processor configs found in Redis, written by any producer or worker of this prefix."""
-        raw = self.client.hgetall(registry_key(self.prefix))
-        return {
-            (k.decode() if isinstance(k, bytes) else k): ProcessorConfig.from_json(v) for k, v in raw.items()
-        }
+        """Processor configs found in Redis, written by any producer or worker of this prefix.
+        Entries that are not processor configs are skipped with a logged warning."""
+        configs, bad = self._registry()
+        for name, reason in bad.items():
+            log.warning(
+                "skipped registry entry %s of %s: %s", name, registry_key(self.prefix), reason
+            )
+        return configs
 
     def close(self) -> None:
         """Close the connection pool and the producer connections."""
@@ -377,7 +550,13 @@ class Batcher:
         without importing the application (as the CLI does). Its handler cannot be called."""
         if name in self.processors:
             return self.processors[name]
-        configs = self.registered()
+        configs, bad = self._registry()
+        if name in bad:
+            key = registry_key(self.prefix)
+            raise UnknownProcessor(
+                f"the registry entry of processor {name!r} in {key} cannot be read ({bad[name]}); "
+                f"start one of its producers or workers to register it again, or HDEL {key} {name}"
+            )
         if name not in configs:
             raise UnknownProcessor(f"processor {name!r} is not registered under prefix {self.prefix!r}")
         config = configs[name]

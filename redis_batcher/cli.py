@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, TypeVar
 
 import click
@@ -19,7 +19,9 @@ from rich.table import Table
 from rich.text import Text
 
 from .batcher import Batcher, default_url
-from .errors import BatcherError
+from .errors import BatcherError, EvictionPolicyError
+from .keys import registry_key
+from .models import DeadLetter, ProcessorConfig
 from .processor import Processor
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -86,6 +88,15 @@ def _remote(url: str | None, prefix: str, cluster: bool, name: str) -> Processor
         return _batcher(url, prefix, cluster).remote(name)
     except BatcherError as exc:
         raise click.BadParameter(str(exc), param_hint="--processor") from exc
+
+
+def _registry(batcher: Batcher) -> dict[str, ProcessorConfig]:
+    """The registered processors; each unreadable registry entry is reported on stderr (one
+    line) and skipped."""
+    configs, bad = batcher._registry()
+    for name, reason in sorted(bad.items()):
+        click.echo(f"skipped registry entry {name} of {registry_key(batcher.prefix)}: {reason}", err=True)
+    return configs
 
 
 def _common(f: Any) -> Any:
@@ -212,14 +223,17 @@ def worker(
         )
     except BatcherError as exc:
         raise click.UsageError(str(exc)) from exc
-    if isinstance(w, aio.Worker):
-        import asyncio
+    try:
+        if isinstance(w, aio.Worker):
+            import asyncio
 
-        asyncio.run(w.run(burst=burst))
-        if w.forced:
-            sys.exit(1)
-    else:
-        w.run(burst=burst)
+            asyncio.run(w.run(burst=burst))
+            if w.forced:
+                sys.exit(1)
+        else:
+            w.run(burst=burst)
+    except EvictionPolicyError as exc:  # a setting to fix, not a crash: no traceback
+        raise click.ClickException(str(exc)) from exc
 
 
 @main.command()
@@ -326,7 +340,7 @@ def ls_cmd(processor: str | None, as_json: bool, redis_url: str | None, prefix: 
     batcher = _batcher(redis_url, prefix, cluster)
     if processor is None:
         rows = []
-        for name, cfg in sorted(batcher.registered().items()):
+        for name, cfg in sorted(_registry(batcher).items()):
             proc = batcher.remote(name)
             ids = sum(batcher.client.scard(p.ids) for p in proc.keys.parts)
             due = sum(batcher.client.zcard(p.due) for p in proc.keys.parts)
@@ -364,22 +378,38 @@ def dead() -> None:
 
 
 @dead.command(name="ls")
-@_processor_command
+@click.option("--processor", "-p", default=None, help="Only this processor (default: every registered one).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_common
 @click.option("--limit", "-n", type=click.IntRange(min=1), default=50, show_default=True)
 def dead_ls(
-    processor: str, limit: int, as_json: bool, redis_url: str | None, prefix: str, cluster: bool
+    processor: str | None, limit: int, as_json: bool, redis_url: str | None, prefix: str, cluster: bool
 ) -> None:
-    """List dead letters, newest first."""
-    proc = _remote(redis_url, prefix, cluster, processor)
-    letters = proc.dead_letters(limit=limit)
+    """List dead letters, newest first (of every registered processor unless -p names one)."""
+    found: list[tuple[str, DeadLetter]]
+    if processor is not None:
+        proc = _remote(redis_url, prefix, cluster, processor)
+        found = [(processor, d) for d in proc.dead_letters(limit=limit)]
+    else:
+        batcher = _batcher(redis_url, prefix, cluster)
+        found = []
+        for name in sorted(_registry(batcher)):
+            found.extend((name, d) for d in batcher.remote(name).dead_letters(limit=limit))
+        found.sort(key=lambda row: row[1].dead_at or datetime.min.replace(tzinfo=timezone.utc), reverse=True)
+        found = found[:limit]
     if as_json:
-        _print_json(letters)
+        _print_json([{"processor": name, **_jsonable(d)} for name, d in found])
         return
-    table = Table(title=f"dead letters of {processor}")
-    for col in ("id", "batch id", "seq", "items", "reason", "attempts", "deaths", "dead at", "error"):
+    title = f"dead letters of {processor}" if processor else f"dead letters under prefix {prefix!r}"
+    table = Table(title=title)
+    columns = ("id", "batch id", "seq", "items", "reason", "attempts", "deaths", "dead at", "error")
+    if processor is None:
+        table.add_column("processor")
+    for col in columns:
         table.add_column(col)
-    for d in letters:
+    for name, d in found:
         table.add_row(
+            *([] if processor else [name]),
             d.id,
             d.batch_id,
             str(d.sequence),

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import NoReturn
+
+import redis.exceptions
+
 
 class BatcherError(Exception):
     """Base class of every error raised by redis-batcher."""
@@ -9,6 +13,24 @@ class BatcherError(Exception):
 
 class ConfigError(BatcherError, ValueError):
     """A processor, batcher or worker was configured with an invalid value."""
+
+
+class EvictionPolicyError(ConfigError):
+    """Redis runs with a ``maxmemory-policy`` that may evict queued items (anything but
+    ``noeviction`` or a ``volatile-*`` policy) and ``allow_eviction`` was not given.
+
+    Nothing was written. ``policy`` is the policy found, ``node`` the server (Redis Cluster:
+    the primary) that reported it, when known."""
+
+    def __init__(self, policy: str, node: str | None = None) -> None:
+        where = f" on {node}" if node else ""
+        super().__init__(
+            f"Redis maxmemory-policy is {policy!r}{where}: it can evict queued items; set "
+            "maxmemory-policy noeviction (or a volatile-* policy: redis-batcher sets no TTL on "
+            "undelivered items), or pass allow_eviction=True to accept that evicted items are lost"
+        )
+        self.policy = policy
+        self.node = node
 
 
 class DuplicateProcessor(ConfigError):
@@ -128,6 +150,96 @@ class JobStateError(BatcherError):
     def __init__(self, message: str, status: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class NotSentError(BatcherError):
+    """A command never reached Redis: connecting or writing the request failed (or a server
+    still loading its data refused it). It did not run, so retrying is safe; the batcher has
+    already retried it for ``connect_retry`` seconds. The redis-py error is ``__cause__``.
+
+    Raised as :class:`NotSentConnectionError` or :class:`NotSentTimeoutError`, which are also
+    redis-py's ``ConnectionError`` / ``TimeoutError``."""
+
+
+class NotSentConnectionError(NotSentError, redis.exceptions.ConnectionError):
+    """:class:`NotSentError` for a redis-py ``ConnectionError``."""
+
+
+class NotSentTimeoutError(NotSentError, redis.exceptions.TimeoutError):
+    """:class:`NotSentError` for a redis-py ``TimeoutError``."""
+
+
+class OutcomeUnknownError(BatcherError):
+    """A command was sent but its reply was lost (the connection broke or timed out while
+    waiting for it). It may or may not have run: re-sending an add may duplicate its items.
+    The batcher never retries these; the caller decides. The redis-py error is ``__cause__``.
+
+    Raised as :class:`OutcomeUnknownConnectionError` or :class:`OutcomeUnknownTimeoutError`,
+    which are also redis-py's ``ConnectionError`` / ``TimeoutError``."""
+
+
+class OutcomeUnknownConnectionError(OutcomeUnknownError, redis.exceptions.ConnectionError):
+    """:class:`OutcomeUnknownError` for a redis-py ``ConnectionError``."""
+
+
+class OutcomeUnknownTimeoutError(OutcomeUnknownError, redis.exceptions.TimeoutError):
+    """:class:`OutcomeUnknownError` for a redis-py ``TimeoutError``."""
+
+
+# connection failures that are server replies, not lost connections: raised unchanged
+_PASS_THROUGH = (redis.exceptions.AuthenticationError,)
+
+
+def transport_failure(exc: BaseException) -> bool:
+    """True for a redis-py connection or timeout error that :func:`not_sent` /
+    :func:`outcome_unknown` classify (not one already classified, not a refused login)."""
+    return (
+        isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError))
+        and not isinstance(exc, (NotSentError, OutcomeUnknownError, *_PASS_THROUGH))
+    )
+
+
+def _chained(new: BaseException, cause: BaseException) -> BaseException:
+    new.__cause__ = cause  # as `raise new from cause`
+    return new
+
+
+def not_sent(exc: BaseException) -> BaseException:
+    """``exc`` as the :class:`NotSentError` of its kind, with ``exc`` as its ``__cause__`` (to
+    be raised); anything else is returned unchanged."""
+    if not transport_failure(exc):
+        return exc
+    if isinstance(exc, redis.exceptions.BusyLoadingError):
+        text = f"{exc} (refused while loading: the command did not run)"
+        return _chained(NotSentConnectionError(text), exc)
+    text = f"{exc} (not sent: the command did not run; retrying is safe)"
+    if isinstance(exc, redis.exceptions.TimeoutError):
+        return _chained(NotSentTimeoutError(text), exc)
+    return _chained(NotSentConnectionError(text), exc)
+
+
+def outcome_unknown(exc: BaseException) -> BaseException:
+    """``exc`` as the :class:`OutcomeUnknownError` of its kind, with ``exc`` as its
+    ``__cause__``; a server still loading its data (its refusal is an answer) as
+    :class:`NotSentError`; anything else unchanged."""
+    if not transport_failure(exc):
+        return exc
+    if isinstance(exc, redis.exceptions.BusyLoadingError):
+        return not_sent(exc)
+    text = f"{exc} (sent, outcome unknown: the command may have run)"
+    if isinstance(exc, redis.exceptions.TimeoutError):
+        return _chained(OutcomeUnknownTimeoutError(text), exc)
+    return _chained(OutcomeUnknownConnectionError(text), exc)
+
+
+def raise_not_sent(exc: BaseException) -> NoReturn:
+    """Raise :func:`not_sent` of ``exc`` (call it in the ``except`` clause that caught it)."""
+    raise not_sent(exc)
+
+
+def raise_outcome_unknown(exc: BaseException) -> NoReturn:
+    """Raise :func:`outcome_unknown` of ``exc`` (call it in the ``except`` clause that caught it)."""
+    raise outcome_unknown(exc)
 
 
 class CorruptData(BatcherError):

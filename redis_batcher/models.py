@@ -8,6 +8,18 @@ from datetime import datetime, timezone
 from typing import Any
 
 
+def _json_object(raw: str | bytes) -> dict[str, Any]:
+    """A JSON object stored in Redis; ``ValueError`` for anything else (bytes that are not
+    UTF-8 included)."""
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"not a JSON object: {type(data).__name__}")
+    return data
+
+
 def ms_to_dt(value: Any) -> datetime | None:
     """Epoch milliseconds (as stored in Redis) to an aware UTC datetime."""
     if value is None or value == b"" or value == "":
@@ -44,9 +56,13 @@ class ProcessorConfig:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> ProcessorConfig:
-        data = json.loads(raw)
+        """Parse a registry entry; raises ``ValueError`` for one that is not a config."""
+        data = _json_object(raw)
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        return cls(**known)
+        try:
+            return cls(**known)
+        except TypeError as exc:  # a required field is missing
+            raise ValueError(f"not a processor config: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -149,9 +165,18 @@ class FlushRecord:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> FlushRecord:
-        d = json.loads(raw)
+        """Parse a history entry; raises ``ValueError`` for one that is not a flush record."""
+        d = _json_object(raw)
+        try:
+            return cls._from_dict(d)
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"not a flush record: {exc!r}") from None
+
+    @classmethod
+    def _from_dict(cls, d: dict[str, Any]) -> FlushRecord:
         started = ms_to_dt(d["started_at"])
-        assert started is not None
+        if started is None:
+            raise ValueError("no started_at")
         return cls(
             sequence=int(d["seq"]),
             item_count=int(d["items"]),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import os
 import secrets
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,8 @@ from .wire import Arg
 
 if TYPE_CHECKING:
     from .processor import Processor
+
+log = logging.getLogger("redis_batcher")
 
 
 def _s(value: Any) -> str:
@@ -232,8 +235,19 @@ def history_range(proc: Processor, base: str, limit: int) -> tuple[str, int, int
     return proc.keys.for_base(base).history(base), 0, limit - 1
 
 
-def parse_history(raw: Sequence[bytes]) -> list[FlushRecord]:
-    return [FlushRecord.from_json(r) for r in raw]
+def parse_history(raw: Sequence[bytes], key: str) -> list[FlushRecord]:
+    """History entries (LRANGE of ``key``) as records; entries that are not flush records are
+    skipped, with one logged warning naming the key and how many."""
+    out: list[FlushRecord] = []
+    skipped = 0
+    for entry in raw:
+        try:
+            out.append(FlushRecord.from_json(entry))
+        except ValueError:
+            skipped += 1
+    if skipped:
+        log.warning("skipped %d unreadable flush-history entries in %s", skipped, key)
+    return out
 
 
 def delete_call(proc: Processor, base: str, seq: int | None) -> Call:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from . import ops, wire
@@ -135,9 +136,10 @@ class Processor:
             raise ConfigError(f"limit must be a positive int, got {limit!r}")
         base, _ = parse_batch_id(batch_id)
         key, start, stop = ops.history_range(self, base, limit)
+        client = self.batcher.client
         with ops.reading(key):
-            raw = self.batcher.client.lrange(key, start, stop)
-        return ops.parse_history(raw)
+            raw = self.batcher._command(key, lambda: client.lrange(key, start, stop))
+        return ops.parse_history(raw, key)
 
     def delete(self, batch_id: str) -> DeleteResult:
         """Delete a base id (head, history) or one ``base::N`` sequence.
@@ -146,6 +148,7 @@ class Processor:
         items, so deleting never drops an item.
         """
         base, seq = parse_batch_id(batch_id)
+        self.batcher._first_write()
         return ops.parse_delete(self.batcher._execute(ops.delete_call(self, base, seq)))
 
     def batch_ids(self) -> Iterator[str]:
@@ -169,18 +172,22 @@ class Processor:
         if not isinstance(limit, int) or limit < 1:
             raise ConfigError(f"limit must be a positive int, got {limit!r}")
         client = self.batcher.client
+        command = self.batcher._command
         found: list[tuple[float, PartitionKeys, str]] = []
         for part in self.keys.parts:
             with ops.reading(part.dead):
-                newest = client.zrevrange(part.dead, 0, limit - 1, withscores=True)
+                newest = command(
+                    part.dead, partial(client.zrevrange, part.dead, 0, limit - 1, withscores=True)
+                )
             for raw, score in newest:
                 found.append((score, part, raw.decode() if isinstance(raw, bytes) else raw))
         found.sort(key=lambda t: t[0], reverse=True)
         out = []
         for _, part, dead_id in found[:limit]:
-            with ops.reading(part.dead_meta(dead_id)):
-                meta = client.hgetall(part.dead_meta(dead_id))
-            letter = ops.parse_dead_letter(self, dead_id, meta)
+            meta = part.dead_meta(dead_id)
+            with ops.reading(meta):
+                fields = command(meta, partial(client.hgetall, meta))
+            letter = ops.parse_dead_letter(self, dead_id, fields)
             if letter is not None:
                 out.append(letter)
         return out
@@ -188,10 +195,12 @@ class Processor:
     def _find_dead(self, dead_id: str) -> tuple[PartitionKeys, DeadLetter]:
         if not isinstance(dead_id, str) or not dead_id:
             raise DeadLetterNotFound(f"no dead letter {dead_id!r}")
+        client = self.batcher.client
         for part in self.keys.parts:
-            with ops.reading(part.dead_meta(dead_id)):
-                meta = self.batcher.client.hgetall(part.dead_meta(dead_id))
-            letter = ops.parse_dead_letter(self, dead_id, meta)
+            meta = part.dead_meta(dead_id)
+            with ops.reading(meta):
+                fields = self.batcher._command(meta, partial(client.hgetall, meta))
+            letter = ops.parse_dead_letter(self, dead_id, fields)
             if letter is not None:
                 return part, letter
         raise DeadLetterNotFound(f"no dead letter {dead_id!r} in processor {self.name!r}")
@@ -199,8 +208,10 @@ class Processor:
     def dead_letter(self, dead_id: str) -> DeadLetter:
         """One dead letter with its items (entries the codec cannot read stay ``bytes``)."""
         part, letter = self._find_dead(dead_id)
-        with ops.reading(part.dead_items(dead_id)):
-            raw = self.batcher.client.lrange(part.dead_items(dead_id), 0, -1)
+        key = part.dead_items(dead_id)
+        client = self.batcher.client
+        with ops.reading(key):
+            raw = self.batcher._command(key, lambda: client.lrange(key, 0, -1))
         items: list[Any] = []
         for i, data in enumerate(raw):
             try:
@@ -214,6 +225,7 @@ class Processor:
 
         Returns the new sequence number."""
         part, letter = self._find_dead(dead_id)
+        self.batcher._first_write()
         reply = self.batcher._execute(ops.replay_call(self, part, dead_id, letter.batch_id))
         ops.check_replay(reply)
         if reply[0] != b"ok":
@@ -230,7 +242,9 @@ class Processor:
         for part in self.keys.parts:
             while True:
                 with ops.reading(part.dead):
-                    oldest = client.zrange(part.dead, 0, DEAD_PURGE_CHUNK - 1)
+                    oldest = self.batcher._command(
+                        part.dead, partial(client.zrange, part.dead, 0, DEAD_PURGE_CHUNK - 1)
+                    )
                 ids = [r.decode() if isinstance(r, bytes) else r for r in oldest]
                 if not ids:
                     break

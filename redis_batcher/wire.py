@@ -12,7 +12,10 @@ pipelined script calls.
 
 Replies are what redis-py gives with ``decode_responses=False``; error replies raise the same
 exception classes (an error reply keeps the connection in step). Any other failure closes the
-connection, and nothing is ever re-sent: a script that may have run never runs twice.
+connection, and nothing is ever re-sent: a script that may have run never runs twice. A
+failure while connecting or writing the request raises :class:`~redis_batcher.errors.NotSentError`
+(the command did not run), one while waiting for the reply
+:class:`~redis_batcher.errors.OutcomeUnknownError`.
 """
 
 from __future__ import annotations
@@ -34,12 +37,15 @@ from typing import Any
 import redis
 from redis.exceptions import ConnectionError, InvalidResponse, ResponseError, TimeoutError
 
+from .errors import raise_not_sent, raise_outcome_unknown
+
 Arg = str | bytes | int | float  # a command argument
 
 _RECV = 65536
 # a connection that answered less than this many seconds ago is used without the liveness
 # check (one system call of the three an add costs); a server restart inside that window
-# fails one call with ConnectionError (nothing was run), and the next call reconnects
+# fails one call with OutcomeUnknownError (the request went out on a closed connection), and
+# the next call reconnects
 RECHECK_IDLE = 1.0
 # Linux enforces a blocking socket's timeouts itself (SO_RCVTIMEO/SO_SNDTIMEO): see _kernel_timeouts
 _KERNEL_TIMEOUTS = sys.platform.startswith("linux")
@@ -380,15 +386,24 @@ class DirectLink:
             or reader.gen != self._gen
             or now - reader.used > RECHECK_IDLE
         ):
-            reader = self._reader()
+            try:
+                reader = self._reader()
+            except (ConnectionError, TimeoutError) as exc:
+                raise_not_sent(exc)
         try:
             try:
                 reader.sock.sendall(data)
             except (builtins.TimeoutError, BlockingIOError):  # BlockingIOError: SO_SNDTIMEO
-                raise TimeoutError("Timeout writing to socket") from None
+                # one command: the server never runs a request whose last bytes it lacks
+                raise_not_sent(TimeoutError("Timeout writing to socket"))
             except OSError as exc:
-                raise ConnectionError(f"Error while writing to socket: {exc}") from exc
-            reply = reader.reply()
+                failed = ConnectionError(f"Error while writing to socket: {exc}")
+                failed.__cause__ = exc
+                raise_not_sent(failed)  # its cause: failed, whose cause is exc
+            try:
+                reply = reader.reply()
+            except (ConnectionError, TimeoutError) as exc:
+                raise_outcome_unknown(exc)
             reader.used = now
             return reply
         except ResponseError:
@@ -488,11 +503,14 @@ class AsyncDirectLink:
         conn, reader, used = idle.pop() if idle else (self._make(), None, 0.0)
         keep = False
         try:
-            # as in DirectLink: only a connection idle for RECHECK_IDLE is checked first
-            if conn.is_connected and time.monotonic() - used > RECHECK_IDLE and await _async_stale(conn):
-                await conn.disconnect()
-            if not conn.is_connected:
-                await conn.connect()  # a failure here sent nothing
+            try:
+                # as in DirectLink: only a connection idle for RECHECK_IDLE is checked first
+                if conn.is_connected and time.monotonic() - used > RECHECK_IDLE and await _async_stale(conn):
+                    await conn.disconnect()
+                if not conn.is_connected:
+                    await conn.connect()  # a failure here sent nothing
+            except (ConnectionError, TimeoutError) as exc:
+                raise_not_sent(exc)
             if reader is None or reader.stream is not conn._reader:
                 reader = _AsyncReader(conn._reader, conn._parser.parse_error)
             try:
@@ -501,19 +519,27 @@ class AsyncDirectLink:
                 if writer.transport.get_write_buffer_size():  # not all sent at once: flow control
                     await writer.drain()
             except OSError as exc:
-                raise ConnectionError(f"Error while writing to socket: {exc}") from exc
+                failed = ConnectionError(f"Error while writing to socket: {exc}")
+                failed.__cause__ = exc
+                # several commands in one write: a partial write may hold whole ones, which run
+                if count > 1:
+                    raise_outcome_unknown(failed)
+                raise_not_sent(failed)
             read = reader.replies(count) if count else reader.reply()
-            if conn.socket_timeout:  # redis-py's default is 5 s: nearly always
-                try:
-                    if _timeout is not None:
-                        async with _timeout(conn.socket_timeout):
-                            reply = await read
-                    else:
-                        reply = await asyncio.wait_for(read, conn.socket_timeout)
-                except asyncio.TimeoutError:
-                    raise TimeoutError("Timeout reading from socket") from None
-            else:
-                reply = await read
+            try:
+                if conn.socket_timeout:  # redis-py's default is 5 s: nearly always
+                    try:
+                        if _timeout is not None:
+                            async with _timeout(conn.socket_timeout):
+                                reply = await read
+                        else:
+                            reply = await asyncio.wait_for(read, conn.socket_timeout)
+                    except asyncio.TimeoutError:
+                        raise TimeoutError("Timeout reading from socket") from None
+                else:
+                    reply = await read
+            except (ConnectionError, TimeoutError) as exc:
+                raise_outcome_unknown(exc)
             keep = True
             return reply
         except ResponseError:

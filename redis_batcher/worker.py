@@ -209,7 +209,8 @@ class Worker(WorkerCore):
                 self.jobs.wait()
             self._done.set()
             for t in threads:
-                t.join(timeout=5)
+                if t.ident is not None:  # started (not when the start was refused)
+                    t.join(timeout=5)
             restore()
             self.log_stop()
         return self.stats
@@ -230,9 +231,12 @@ class Worker(WorkerCore):
     # -- main loop -------------------------------------------------------------------------------
 
     def _register(self) -> None:
+        """Check Redis' memory policy (an :class:`~redis_batcher.EvictionPolicyError` ends
+        :meth:`run`) and publish the processors, retrying while Redis cannot be reached."""
         delay = 0.1
         while not self._stopping.is_set():
             try:
+                self.batcher.check_memory_policy()
                 self.batcher.register(self.processors)
                 return
             except RedisError as exc:

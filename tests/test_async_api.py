@@ -1164,9 +1164,10 @@ def test_a_lone_failing_add_and_bad_input_send_nothing_else(backend: Backend) ->
 
 
 def test_a_failed_round_trip_fails_its_callers_only(backend: Backend) -> None:
-    """A network error on the coalesced pipeline reaches every caller in it (their items may or
-    may not have run: they must be told) and no caller of another round trip; an error while
-    connecting (nothing sent) is retried transparently, without duplicates."""
+    """A network error on the coalesced pipeline reaches every caller in it as OutcomeUnknown
+    (their items may or may not have run: they must be told) and no caller of another round
+    trip; a request known not to have been sent (NotSent) is retried transparently, without
+    duplicates."""
     cls, trips = counting_client_class(backend.aclient_class())
 
     async def body(ab: aio.Batcher) -> None:
@@ -1182,13 +1183,12 @@ def test_a_failed_round_trip_fails_its_callers_only(backend: Backend) -> None:
             *(proc.add(f"x{i % 3}", ["kept", i]) for i in range(6)), return_exceptions=True
         )
         lost, kept = await first, await second
+        assert all(isinstance(e, rb.OutcomeUnknownConnectionError) for e in lost), lost
         assert all(isinstance(e, redis.ConnectionError) for e in lost), lost
         assert all(isinstance(r, rb.AddResult) for r in kept), kept
         assert len(trips.pipelines) == 2
 
-        trips.fail_next_pipeline = redis.ConnectionError(
-            "Error 111 connecting to 127.0.0.1:1. Connection refused."
-        )
+        trips.fail_next_pipeline = rb.NotSentConnectionError("Error 111 connecting to 127.0.0.1:1.")
         again = await asyncio.gather(*(proc.add(f"x{i % 3}", ["retried", i]) for i in range(6)))
         assert [r.pending for r in again] == [3, 3, 3, 4, 4, 4]
 

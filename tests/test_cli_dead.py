@@ -61,3 +61,33 @@ def test_dead_letter_commands(redis_server: RedisServer, real_client: object) ->
     code, out = run("dead", "purge", "--all", *common)
     assert code == 0 and "purged 1" in out
     assert proc.dead_letters() == []
+
+
+def test_dead_ls_without_processor_lists_every_registered_processor(
+    redis_server: RedisServer, real_client: object
+) -> None:
+    def failing(flush: rb.Flush) -> None:
+        raise RuntimeError(f"{flush.batch_id} rejected")
+
+    batcher = Batcher(redis_server.url, prefix="cdall")
+    crm = batcher.processor(name="crm", max_batch_size=1, flush_interval=None, max_attempts=1)(failing)
+    mail = batcher.processor(name="mail", max_batch_size=1, flush_interval=None, max_attempts=1)(failing)
+    batcher.processor(name="quiet", max_batch_size=1, flush_interval=None)(failing)  # no dead letters
+    crm.add("acct:1", 1)
+    Worker(batcher).run(burst=True)
+    mail.add("user:1", 2)
+    Worker(batcher).run(burst=True)
+    common = ["--redis-url", redis_server.url, "--prefix", "cdall"]
+
+    code, out = run("dead", "ls", *common, "--json")
+    assert code == 0, out
+    letters = json.loads(out)
+    # newest first, across processors
+    assert [(d["processor"], d["batch_id"]) for d in letters] == [("mail", "user:1"), ("crm", "acct:1")]
+    code, out = run("dead", "ls", *common)
+    assert code == 0 and "processor" in out
+    assert "crm" in out and "mail" in out and "acct:1" in out and "user:1" in out
+    code, out = run("dead", "ls", *common, "--json", "--limit", "1")
+    assert [d["processor"] for d in json.loads(out)] == ["mail"]
+    code, out = run("dead", "ls", *common, "-p", "crm", "--json")
+    assert [(d["processor"], d["batch_id"]) for d in json.loads(out)] == [("crm", "acct:1")]

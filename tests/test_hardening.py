@@ -521,3 +521,21 @@ def test_windows_of_a_million_items_are_moved_in_bounded_steps() -> None:
         logged = client.slowlog_get(128)
         assert [(e["duration"], e["command"][:40]) for e in logged if e["duration"] >= SLOW_US] == []
         client.close()
+
+
+def test_under_an_evicting_policy_vanished_items_are_dead_letters_never_empty_flushes() -> None:
+    # allkeys-lru, allowed explicitly: Redis evicts item lists, states and heads alike; what a
+    # worker then finds missing is reported as dead letters, never delivered short and acked
+    with RedisServer(extra_args=["--maxmemory", "3mb", "--maxmemory-policy", "allkeys-lru"]) as server:
+        client = redis.Redis(port=server.port)
+        b = Batcher(client, prefix="ev", allow_eviction=True)
+        sizes: list[int] = []
+        proc = b.processor(name="ev", max_batch_size=100, **NO_TIMER)(lambda f: sizes.append(len(f.items)))
+        for i in range(300):
+            proc.add_many(f"id{i}", [b"x" * 200] * 100)
+        assert int(client.info("stats")["evicted_keys"]) > 0
+        Worker(b, concurrency=2).run(burst=True)
+        assert sizes and all(n == 100 for n in sizes)  # whole sequences only
+        reasons = {d.reason for d in proc.dead_letters(limit=1000)}
+        assert reasons and reasons <= {"items_missing", "quarantine"}
+        client.close()

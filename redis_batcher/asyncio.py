@@ -709,20 +709,35 @@ class Worker(WorkerCore):
         return self.stats
 
     async def _register(self) -> None:
+        """As the sync worker's: waits while Redis cannot be reached, serves anyway when it
+        refuses the write (a full Redis), retrying at the full checks."""
         delay = 0.1
         while not self._stopping:
             try:
                 await self.batcher.register(self.processors)
                 return
-            except RedisError as exc:
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("cannot reach Redis (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+            except RedisError as exc:
+                self.registration_refused(exc)
+                return
+
+    async def _register_again(self) -> None:
+        try:
+            await self.batcher.register(self.processors)
+        except RedisError as exc:
+            self.registration_retried(exc)
+        else:
+            self.registration_retried(None)
 
     async def _loop(self, burst: bool) -> None:
         assert self._wake is not None
         while not self._stopping:
             self._wake.clear()
+            if self.register_due(time.monotonic()):
+                await self._register_again()
             more = await self._claim_round(time.monotonic())
             free = self.capacity - len(self._inflight)
             if burst and not more and not self._inflight:

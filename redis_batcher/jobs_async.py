@@ -16,7 +16,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import ops
 from .errors import JobNotFound
@@ -208,6 +210,8 @@ class AsyncJobRunner(JobRunnerBase):
                     return self.stats
                 if now >= next_renew:
                     await self._renew()
+                    if self.unregistered:
+                        await self._register_again()
                     next_renew = now + renew_every
                 if more and self.running < self.concurrency:
                     continue
@@ -222,17 +226,33 @@ class AsyncJobRunner(JobRunnerBase):
         return self.stats
 
     async def _register(self) -> None:
-        key = iterator_registry_key(self.batcher.prefix)
+        """As the sync runner's: waits while Redis cannot be reached, retries a refusal later."""
+        self.unregistered = False
         delay = 0.1
         while not self._stopping:
             try:
-                for it in self.iterators:
-                    await self.batcher.client.hset(key, it.name, it.config.to_json())
+                await self.batcher.client.hset(
+                    iterator_registry_key(self.batcher.prefix), mapping=self._registry_fields()
+                )
                 return
-            except RedisError as exc:
+            except (RedisConnectionError, RedisTimeoutError) as exc:
                 log.warning("cannot reach Redis (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+            except RedisError as exc:
+                self._registration_refused(exc)
+                return
+
+    async def _register_again(self) -> None:
+        try:
+            await self.batcher.client.hset(
+                iterator_registry_key(self.batcher.prefix), mapping=self._registry_fields()
+            )
+        except RedisError as exc:
+            log.debug("iterator configs still not registered: %s", exc)
+            return
+        self.unregistered = False
+        log.info("iterator configs registered")
 
     async def _claim_round(self, now: float, due_at: dict[str, float]) -> bool:
         more = False

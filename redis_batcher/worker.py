@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import ops
 from .batcher import Batcher
@@ -230,15 +232,28 @@ class Worker(WorkerCore):
     # -- main loop -------------------------------------------------------------------------------
 
     def _register(self) -> None:
+        """Publish the processor configs. Waits while Redis cannot be reached; any other
+        refusal (a full Redis) is retried later, never a reason not to serve."""
         delay = 0.1
         while not self._stopping.is_set():
             try:
                 self.batcher.register(self.processors)
                 return
-            except RedisError as exc:
+            except (RedisConnectionError, RedisTimeoutError) as exc:
                 log.warning("cannot reach Redis (%s); retrying in %.1fs", exc, delay)
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 5.0)
+            except RedisError as exc:
+                self.registration_refused(exc)
+                return
+
+    def _register_again(self) -> None:
+        try:
+            self.batcher.register(self.processors)
+        except RedisError as exc:
+            self.registration_retried(exc)
+        else:
+            self.registration_retried(None)
 
     def _hold_until(self, now: float) -> float:
         """Until when to leave what is due to the handlers running now (see HOLD); 0: no hold
@@ -301,6 +316,8 @@ class Worker(WorkerCore):
         while not self._stopping.is_set():
             self._wake.clear()
             now = time.monotonic()
+            if self.register_due(now):
+                self._register_again()
             hold = self._hold_until(now)
             if hold > now:
                 self._sleep(hold)  # a handler that started moments ago will take it

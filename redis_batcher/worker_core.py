@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import OutOfMemoryError, RedisError
+
 from . import ops
 from .codec import MsgpackCodec, decode_item
 from .errors import ConfigError, DecodeError, PartialFailure
@@ -158,12 +160,42 @@ class WorkerCore:
         self.backlog: list[bool] = [False] * len(self.parts)
         self.part_index = {part.pfx: i for i, (_, part) in enumerate(self.parts)}
         self.full_check_at = 0.0
+        # the processor configs could not be written at start (Redis out of memory, ...):
+        # written again at each full check until that succeeds (see registration_refused)
+        self.unregistered = False
         self._rr = 0
 
     def reset(self) -> None:
         self.stats = WorkerStats()
         self.full_check_at = 0.0
         self.due_at = [0.0] * len(self.parts)
+        self.unregistered = False
+
+    def registration_refused(self, exc: RedisError) -> None:
+        """Redis answered the registry write with an error (not a connection failure). The
+        worker serves anyway: a full Redis refuses that write but still runs claims and acks,
+        which free memory; the write is retried at each full check (register_due)."""
+        self.unregistered = True
+        if isinstance(exc, OutOfMemoryError):
+            log.warning(
+                "Redis is out of memory (%s); serving what is stored (deliveries free memory), "
+                "the processor configs are registered once Redis accepts writes again",
+                exc,
+            )
+        else:
+            log.warning("cannot register the processor configs (%s); serving anyway, retrying later", exc)
+
+    def register_due(self, now: float) -> bool:
+        """Retry a refused registration now: it was refused and a full check is due."""
+        return self.unregistered and now >= self.full_check_at
+
+    def registration_retried(self, exc: RedisError | None) -> None:
+        """Record a retried registration (``exc``: still refused)."""
+        if exc is None:
+            self.unregistered = False
+            log.info("processor configs registered")
+        else:
+            log.debug("processor configs still not registered: %s", exc)
 
     # -- scheduling ------------------------------------------------------------------------------
 

@@ -306,20 +306,22 @@ class Batcher:
         call alone. Calls that met NOSCRIPT are repeated with EVAL."""
 
         link = self._link
+        conn: Any = link if link is not None else self.client  # the script variants' choice
 
         async def once(batch: Sequence[ops.Call], use_eval: bool) -> list[Any]:
             out: list[Any]
             if link is not None:
                 # framed here, sent in one write, replies read by the link's parser: a
                 # 9-call pipeline costs ~210 µs of client CPU this way, ~320 through redis-py
-                frames = [c.script.framed(c.keys, c.args, source=use_eval) for c in batch]
+                frames = [c.script.framed(c.keys, c.args, source=use_eval, conn=conn) for c in batch]
                 if self.wait_replicas:
                     frames.append(pack((b"WAIT", self.wait_replicas, self.wait_timeout_ms)))
                 out = await link.request(b"".join(frames), len(frames))
             else:
                 pipe = self.client.pipeline(transaction=False)
                 for call in batch:
-                    head = call.script.source if use_eval else call.script.sha
+                    v = call.script.variant(conn)
+                    head = v.source if use_eval else v.sha
                     pipe.execute_command(
                         "EVAL" if use_eval else "EVALSHA", head, len(call.keys), *call.keys, *call.args
                     )
@@ -342,6 +344,15 @@ class Batcher:
             again = await self._retrying(lambda: once([calls[i] for i in missing], True))
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
+            # a flagged script the server cannot compile (Redis < 7) did not run: once more,
+            # now without its shebang
+            refused = [
+                i for i in missing if calls[i].script.fall_back(conn, calls[i].script.best, replies[i])
+            ]
+            if refused:
+                again = await self._retrying(lambda: once([calls[i] for i in refused], True))
+                for i, reply in zip(refused, again, strict=True):
+                    replies[i] = reply
         return replies
 
     # -- group commit ----------------------------------------------------------------------------

@@ -1,20 +1,24 @@
-"""A full Redis (``maxmemory`` with ``noeviction``): adds are refused with a clear error, and a
-worker that starts on it (sync or asyncio, with iterator jobs) serves what is stored instead of
-waiting for its registration to be accepted.
+"""A full Redis (``maxmemory`` with ``noeviction``): adds are refused with a clear error, and
+the workers still start, drain what is stored and keep their bookkeeping (heartbeats, nacks,
+releases) going, through the scripts' ``allow-oom`` flag (Redis 7). Also the fallback for
+servers that cannot read script flags (Redis < 7, fakeredis), and the round trips on Redis 7.
 
-Each test starts its own redis-server: a Redis 7 binary ($REDIS_SERVER, then every
-redis-server on PATH: a virtualenv may put an older one first)."""
+Each test starts its own redis-server; those that need script flags look for a Redis 7 binary
+($REDIS_SERVER, then every redis-server on PATH: a virtualenv may put an older one first)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import fakeredis
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -22,7 +26,10 @@ from redis.exceptions import OutOfMemoryError
 
 import redis_batcher as rb
 from redis_batcher import asyncio as aio
+from redis_batcher import ops
 from redis_batcher.embedded import RedisServer, find_redis_server
+from redis_batcher.scripts import Script, flags_unsupported, scripts
+from redis_batcher.wire import Arg, AsyncDirectLink, DirectLink
 
 from .test_async_api import arun
 from .test_worker import wait_for
@@ -64,6 +71,15 @@ def server7() -> Iterator[RedisServer]:
         yield server
 
 
+@pytest.fixture
+def server6() -> Iterator[RedisServer]:
+    binary = redis_binary(flags=False)
+    if binary is None:
+        pytest.skip("no redis-server < 7.0 found")
+    with RedisServer(binary=binary) as server:
+        yield server
+
+
 def limit_memory(client: redis.Redis) -> int:
     """Cap the server at what it uses now plus ROOM, refusing writes when full; the cap."""
     cap = int(client.info("memory")["used_memory"]) + ROOM
@@ -101,6 +117,15 @@ def fill(proc: rb.Processor, prefix: str = "fill") -> tuple[int, OutOfMemoryErro
             return n, exc
         n += 1
         assert n < 10_000, "Redis never refused an add"
+
+
+def fill_with_other_data(client: redis.Redis) -> None:
+    """Fill Redis with data no worker frees."""
+    try:
+        while True:
+            client.rpush("filler", *[ITEM] * 50)
+    except OutOfMemoryError:
+        tighten(client)
 
 
 def run_guarded(target: Callable[[], Any], timeout: float = 30.0) -> Any:
@@ -248,3 +273,250 @@ def test_a_worker_still_waits_while_redis_cannot_be_reached(caplog: pytest.LogCa
         t.join(10)
     assert not t.is_alive()
     assert "out of memory" not in caplog.text
+
+
+# -- bookkeeping while Redis is full -----------------------------------------------------------------
+
+
+def bookkeeping_processor(batcher: Any, calls: dict[str, int], gate: threading.Event) -> Any:
+    """'slow' outlives its lease without heartbeats, 'bad' raises, 'stuck' runs until released."""
+    options: dict[str, Any] = {
+        "name": "book",
+        "max_batch_size": 5,
+        "flush_interval": None,
+        "lease_timeout": 0.9,
+        "retry_backoff": 30.0,
+    }
+
+    def handler(flush: rb.Flush) -> None:
+        calls[flush.batch_id] = calls.get(flush.batch_id, 0) + 1
+        if flush.batch_id == "slow":
+            time.sleep(1.8)
+        elif flush.batch_id == "bad":
+            raise ValueError("boom")
+        elif flush.batch_id == "stuck":
+            gate.wait(20)
+
+    return batcher.processor(**options)(handler)
+
+
+def check_bookkeeping(client: redis.Redis, stats: rb.WorkerStats, calls: dict[str, int], log: str) -> None:
+    b = rb.Batcher(client, prefix="oom")
+    proc = b.remote("book")
+    assert calls == {"slow": 1, "bad": 1, "stuck": 1}
+    # extend: the slow handler kept its lease, its ack was accepted
+    assert stats.lease_lost == 0 and "heartbeat failed" not in log
+    assert proc.status("slow") is None
+    assert [(h.attempt, h.success) for h in proc.history("slow")] == [(1, True)]
+    # nack: the failure is recorded and a retry scheduled; the items stay
+    bad = proc.status("bad")
+    assert bad is not None
+    [seq] = bad.batches
+    assert seq.attempt == 1 and seq.last_error == "ValueError: boom" and seq.next_attempt_at is not None
+    assert seq.item_count == 5
+    assert [(h.success, h.error) for h in proc.history("bad")] == [(False, "ValueError: boom")]
+    assert "cannot record the result" not in log
+    # release: handed back at shutdown, due again at once, the attempt not counted
+    [stuck] = proc.status("stuck").batches  # type: ignore[union-attr]
+    assert stats.released == 1 and stuck.attempt == 0 and stuck.item_count == 5
+    assert "could not release" not in log
+    assert is_full(client)  # all of that while Redis refused writes
+
+
+def test_heartbeats_nacks_and_releases_work_while_redis_is_full(
+    server7: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    b = rb.Batcher(server7.url, prefix="oom")
+    calls: dict[str, int] = {}
+    gate = threading.Event()
+    proc = bookkeeping_processor(b, calls, gate)
+    for bid in ("slow", "bad", "stuck"):
+        proc.add_many(bid, list(range(5)))
+    limit_memory(b.client)
+    fill_with_other_data(b.client)
+    caplog.set_level(logging.INFO, logger="redis_batcher")
+    w = rb.Worker(b, concurrency=3, grace_period=0)
+    t = threading.Thread(target=w.run, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: w.stats.delivered == 1 and w.stats.failed == 1 and calls.get("stuck") == 1, 15)
+    finally:
+        w.stop()
+        t.join(15)
+        gate.set()
+    assert not t.is_alive()
+    check_bookkeeping(b.client, w.stats, calls, caplog.text)
+    b.close()
+
+
+def test_async_heartbeats_nacks_and_releases_work_while_redis_is_full(
+    server7: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = redis.Redis(host="127.0.0.1", port=server7.port)
+    calls: dict[str, int] = {}
+    gate = threading.Event()
+
+    async def body() -> rb.WorkerStats:
+        ab = aio.Batcher(aioredis.Redis(host="127.0.0.1", port=server7.port), prefix="oom")
+        proc = bookkeeping_processor(ab, calls, gate)
+        for bid in ("slow", "bad", "stuck"):
+            await proc.add_many(bid, list(range(5)))
+        limit_memory(client)
+        fill_with_other_data(client)
+        w = aio.Worker(ab, concurrency=3, grace_period=0)
+        task = asyncio.ensure_future(w.run())
+        try:
+            deadline = time.monotonic() + 15
+            while not (w.stats.delivered == 1 and w.stats.failed == 1 and calls.get("stuck") == 1):
+                assert time.monotonic() < deadline, "the handlers did not run"
+                await asyncio.sleep(0.02)
+        finally:
+            w.stop()
+            stats = await asyncio.wait_for(task, 15)
+            gate.set()
+            await ab.aclose()
+        return stats
+
+    caplog.set_level(logging.INFO, logger="redis_batcher")
+    stats = arun(body, timeout=40)
+    check_bookkeeping(client, stats, calls, caplog.text)
+    client.close()
+
+
+# -- servers without script flags ------------------------------------------------------------------
+
+
+def exercise(batcher: rb.Batcher) -> None:
+    """Every flagged script's path of a batcher: claim, ack, nack, extend, release, purge."""
+    proc = batcher.processor(name="f", max_batch_size=2, flush_interval=None, retry_backoff=0.01)(
+        lambda f: None
+    )
+    proc.add_many("a", [1, 2, 3, 4])
+    part = proc.keys.for_base("a")
+    owner = ops.new_token()
+    _, claimed = ops.parse_claim(proc, part, owner, batcher._run_once(ops.claim_call(proc, part, 2, owner)))
+    first, second = claimed
+    assert batcher._run_once(ops.extend_call(first)) == 1
+    assert batcher._execute(ops.release_call(first)) == 1
+    entry = ops.history_entry(second, 0, 1.0, False, "E: x")
+    assert batcher._execute(ops.nack_call(second, entry, 10, "E: x", "fail", []))[0] == b"retry"
+    assert batcher._execute(ops.purge_call(part, ["none"])) == 0
+    stats = rb.Worker(batcher).run(burst=True)
+    assert stats.delivered >= 1
+
+
+def test_scripts_fall_back_to_their_plain_variant_on_fakeredis() -> None:
+    fake = fakeredis.FakeRedis()
+    other = fakeredis.FakeRedis()
+    exercise(rb.Batcher(fake, prefix="fb"))
+    assert flags_unsupported(fake)
+    assert not flags_unsupported(other)  # remembered per client (pool), not for the process
+    # a plain call goes straight to the plain variant now: one EVALSHA, no new attempt
+    t = scripts()
+    assert t.extend.variant(fake) is t.extend.plain and t.extend.variant(other) is t.extend.best
+
+
+def test_scripts_fall_back_on_redis_before_7_and_keep_flags_on_redis_7(
+    server6: RedisServer, server7: RedisServer
+) -> None:
+    old = rb.Batcher(server6.url, prefix="fb")
+    new = rb.Batcher(server7.url, prefix="fb")
+    assert old._link is not None  # the DirectLink path too
+    exercise(old)
+    exercise(new)
+    assert flags_unsupported(old.client) and flags_unsupported(old._link)  # one pool
+    assert not flags_unsupported(new.client) and not flags_unsupported(new._link)
+    t = scripts()
+    assert new.client.script_exists(t.claim.sha, t.ack.sha, t.extend.sha) == [True, True, True]
+    assert t.claim.sha != t.claim.plain.sha
+    # the redis-py client and the WAIT pipeline fall back too (fresh pools)
+    cases: list[tuple[Script, list[str], list[Arg]]] = [
+        (t.extend, ["k"], ["p", "m", "o", 1000]),
+        (t.purge, ["d"], ["p", "x"]),
+    ]
+    for script, keys, args in cases:
+        fresh = redis.Redis(port=server6.port)
+        assert script(fresh, keys, args) == 0 and flags_unsupported(fresh)
+        fresh = redis.Redis(port=server6.port)
+        assert script.call_and_wait(fresh, keys, args, 0, 10) == (0, 0) and flags_unsupported(fresh)
+    old.close()
+    new.close()
+
+
+def test_async_scripts_fall_back_on_redis_before_7(server6: RedisServer) -> None:
+    t = scripts()
+    keys: list[str] = ["k"]
+    args: list[Arg] = ["p", "m", "o", 1000]
+
+    async def body() -> None:
+        client = aioredis.Redis(host="127.0.0.1", port=server6.port)
+        assert await t.extend.call_async(client, keys, args) == 0 and flags_unsupported(client)
+        client2 = aioredis.Redis(host="127.0.0.1", port=server6.port)
+        link = AsyncDirectLink(client2)
+        assert await t.extend.call_async_direct(link, keys, args) == 0 and flags_unsupported(link)
+        assert flags_unsupported(client2)  # the link shares its client's pool
+        ab = aio.Batcher(aioredis.Redis(host="127.0.0.1", port=server6.port), prefix="fb")
+        # group commit's pipeline (also WAIT's): EVALSHA, EVAL, then EVAL without the shebang
+        replies = await ab._pipeline([ops.Call(t.extend, ("k",), ("p", "m", "o", 1000))])
+        assert replies == [0]
+        await link.close()
+        for c in (client, client2):
+            await c.aclose()
+        await ab.aclose()
+
+    arun(body)
+
+
+def test_a_sync_direct_link_falls_back_on_its_own(server6: RedisServer) -> None:
+    client = redis.Redis(port=server6.port)
+    link = DirectLink(client)
+    t = scripts()
+    assert t.release.call_direct(link, ["k"], ["p", "m", "o", "c"]) == 0
+    assert flags_unsupported(link) and flags_unsupported(client)
+    link.close()
+    client.close()
+
+
+# -- round trips on Redis 7 --------------------------------------------------------------------------
+
+
+def script_stats(client: redis.Redis) -> dict[str, tuple[int, int]]:
+    """(calls, failed calls) of EVAL and EVALSHA since the last CONFIG RESETSTAT."""
+    stats = client.info("commandstats")
+    out: dict[str, tuple[int, int]] = {}
+    for c in ("eval", "evalsha"):
+        entry = stats.get(f"cmdstat_{c}", {})
+        out[c] = (int(entry.get("calls", 0)), int(entry.get("failed_calls", 0)))
+    return out
+
+
+def test_one_evalsha_per_add_claim_and_ack_on_redis_7(server7: RedisServer) -> None:
+    b = rb.Batcher(server7.url, prefix="rt")
+    proc = b.processor(name="rt", max_batch_size=1, flush_interval=None)(lambda f: None)
+    proc.add("warm", 0)
+    rb.Worker(b, concurrency=1).run(burst=True)  # every script used once: cached on the server
+    b.client.config_resetstat()
+    for i in range(20):
+        proc.add(f"b{i}", i)
+    assert script_stats(b.client) == {"eval": (0, 0), "evalsha": (20, 0)}
+    b.client.config_resetstat()
+    stats = rb.Worker(b, concurrency=1).run(burst=True)
+    assert stats.delivered == 20
+    calls = script_stats(b.client)
+    # 20 acks, each claiming the next flush, and a claim or two: no EVAL, no failed call
+    assert calls["eval"] == (0, 0) and 20 <= calls["evalsha"][0] <= 23 and calls["evalsha"][1] == 0
+    b.close()
+
+
+def test_the_plain_variant_costs_one_evalsha_once_learnt(server6: RedisServer) -> None:
+    b = rb.Batcher(server6.url, prefix="rt")
+    proc = b.processor(name="rt", max_batch_size=1, flush_interval=None)(lambda f: None)
+    proc.add("warm", 0)
+    rb.Worker(b, concurrency=1).run(burst=True)
+    for i in range(10):
+        proc.add(f"b{i}", i)
+    b.client.config_resetstat()
+    assert rb.Worker(b, concurrency=1).run(burst=True).delivered == 10
+    calls = script_stats(b.client)
+    assert calls["eval"][0] == 0 and 10 <= calls["evalsha"][0] <= 13
+    b.close()

@@ -43,6 +43,7 @@ from .models import AddResult, BatchInfo, BatchStatus, DeleteResult, FlushRecord
 from .processor import ADD_CHUNK, Processor
 from .wire import AsyncDirectLink, pack
 from .worker_core import (
+    HandlerExit,
     Outcome,
     WorkerCore,
     WorkerStats,
@@ -50,6 +51,7 @@ from .worker_core import (
     decode_window,
     drain_ranges,
     error_text,
+    log_handler_exit,
     make_flush,
     select_processors,
 )
@@ -587,6 +589,17 @@ class AsyncProcessor:
                 yield raw.decode() if isinstance(raw, bytes) else raw
 
 
+async def _guarded(awaitable: Any) -> Any:
+    """Await a handler's awaitable, its non-Exception BaseExceptions (but cancellation) raised
+    as :class:`HandlerExit` (asyncio would let SystemExit out through the event loop)."""
+    try:
+        return await awaitable
+    except (Exception, asyncio.CancelledError):
+        raise
+    except BaseException as exc:
+        raise HandlerExit(exc) from exc
+
+
 def _in_thread(fn: Callable[[Any], Any], arg: Any) -> asyncio.Future[Any]:
     """Run a sync handler in a thread of its own. Unlike a bounded pool, a handler abandoned
     after its handler_timeout cannot hold back the retries."""
@@ -604,8 +617,10 @@ def _in_thread(fn: Callable[[Any], Any], arg: Any) -> asyncio.Future[Any]:
     def target() -> None:
         try:
             result = fn(arg)
-        except BaseException as exc:
+        except Exception as exc:
             loop.call_soon_threadsafe(settle, None, exc)
+        except BaseException as exc:  # sys.exit() in the handler: see HandlerExit
+            loop.call_soon_threadsafe(settle, None, HandlerExit(exc))
         else:
             loop.call_soon_threadsafe(settle, result, None)
 
@@ -797,15 +812,18 @@ class Worker(WorkerCore):
         limit = c.processor.config.handler_timeout
         try:
             if inspect.iscoroutinefunction(handler):
-                result = await asyncio.wait_for(handler(flush), limit)
+                result = await asyncio.wait_for(_guarded(handler(flush)), limit)
             else:
                 result = await asyncio.wait_for(_in_thread(handler, flush), limit)
                 if inspect.isawaitable(result):
-                    result = await asyncio.wait_for(result, limit)
+                    result = await asyncio.wait_for(_guarded(result), limit)
         except asyncio.TimeoutError:
             return self.timeout_outcome(c)
         except asyncio.CancelledError:
             raise
+        except HandlerExit as exc:  # sys.exit() in a handler ends neither the worker nor the flush
+            log_handler_exit(c, exc.exc)
+            return classify(len(items), exc=exc.exc)
         except Exception as exc:  # a handler may raise anything: record it and retry later
             log.debug("handler traceback", exc_info=True)
             return classify(len(items), exc=exc)
@@ -839,7 +857,7 @@ class Worker(WorkerCore):
                 outcome = await self._deliver(c)
             except asyncio.CancelledError:
                 return None  # released at shutdown: the lease was given back
-            except Exception as exc:  # Redis unreachable while draining, ...: keep the items
+            except BaseException as exc:  # Redis unreachable while draining, ...: keep the items
                 outcome = Outcome("fail", error_text(exc), [], c.cutoff)
             r.settling = True
             duration_ms = (time.perf_counter() - t0) * 1000.0

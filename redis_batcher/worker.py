@@ -39,6 +39,7 @@ from .worker_core import (
     decode_window,
     drain_ranges,
     error_text,
+    log_handler_exit,
     make_flush,
     select_processors,
 )
@@ -393,7 +394,10 @@ class Worker(WorkerCore):
             task = self._tasks.get()
             if task is None:
                 break
-            self._execute(*task)
+            try:
+                self._execute(*task)
+            except BaseException:  # a bug here must not end a pool thread
+                log.exception("handler thread error")
             with self._lock:
                 if self._surplus > 0:
                     self._surplus -= 1
@@ -474,6 +478,9 @@ class Worker(WorkerCore):
         except Exception as exc:  # a handler may raise anything: record it and retry later
             log.debug("handler traceback", exc_info=True)
             return classify(len(items), exc=exc)
+        except BaseException as exc:  # sys.exit() in a handler ends neither the thread nor the flush
+            log_handler_exit(c, exc)
+            return classify(len(items), exc=exc)
         return classify(len(items), result)
 
     def _execute(self, key: str, r: _Running) -> None:
@@ -501,7 +508,7 @@ class Worker(WorkerCore):
         cpu0 = time.thread_time()
         try:
             outcome = self._deliver(c)
-        except Exception as exc:  # Redis unreachable while draining, ...: keep the items
+        except BaseException as exc:  # Redis unreachable while draining, ...: keep the items
             outcome = Outcome("fail", error_text(exc), [], c.cutoff)
         elapsed = time.perf_counter() - t0
         duration_ms = elapsed * 1000.0

@@ -66,6 +66,29 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
 
 
+class HandlerExit(Exception):
+    """A handler raised a BaseException that is not an Exception (``sys.exit()``,
+    ``KeyboardInterrupt`` raised in its thread, ...), carried as an Exception: asyncio lets
+    SystemExit and KeyboardInterrupt out of a task through the event loop, ending the worker."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(exc)
+        self.exc = exc
+
+
+def log_handler_exit(c: ops.Claimed, exc: BaseException) -> None:
+    """A handler raised a BaseException that is not an Exception: it counts as a failed attempt
+    like any error, logged with its traceback (it is likely a bug: code meant to end a process
+    ran inside a handler)."""
+    log.error(
+        "%s %s: handler raised %s; counted as a failed attempt",
+        c.processor.name,
+        c.member,
+        error_text(exc),
+        exc_info=exc,
+    )
+
+
 def drain_ranges(cutoff: int) -> list[tuple[int, int]]:
     """LRANGE (start, stop) pairs reading a window of ``cutoff`` items in bounded chunks."""
     return [(i, min(cutoff, i + DRAIN_CHUNK) - 1) for i in range(0, cutoff, DRAIN_CHUNK)]

@@ -277,6 +277,18 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
 
 
+def log_step_exit(iterator: str, job_id: str, exc: BaseException) -> None:
+    """A step's traceback: at debug level for an Exception (the failure is logged once
+    recorded), at error level for another BaseException (``sys.exit()`` in a step: a failed
+    step like any other, but likely a bug)."""
+    if isinstance(exc, Exception):
+        log.debug("job step traceback", exc_info=exc)
+    else:
+        log.error(
+            "%s %s: step raised %s; counted as a failed step", iterator, job_id, error_text(exc), exc_info=exc
+        )
+
+
 def worker_label() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -954,7 +966,7 @@ class JobRunner(JobRunnerBase):
     def _session(self, s: _Session) -> None:
         try:
             self._drive(s)
-        except Exception:  # a bug here must not kill the runner: the lease expires, another retries
+        except BaseException:  # a bug here must not kill the runner: the lease expires, another retries
             log.exception("%s %s: job runner error", s.iterator.name, s.claimed.job_id)
         finally:
             with self._lock:
@@ -973,7 +985,7 @@ class JobRunner(JobRunnerBase):
         try:
             instance = it()
             with_job = takes_job(instance.next_batch)
-        except Exception as exc:
+        except BaseException as exc:
             self._failed(s, exc)
             return
         while True:
@@ -991,7 +1003,7 @@ class JobRunner(JobRunnerBase):
                 items = list(page.items)
                 if items:
                     instance.process(items, ctx)
-            except Exception as exc:  # a step may raise anything: retried with backoff
+            except BaseException as exc:  # a step may raise anything, sys.exit() too: retried
                 self._failed(s, exc)
                 return
             if s.abandoned:
@@ -1035,7 +1047,7 @@ class JobRunner(JobRunnerBase):
         if on_complete is not None:
             try:
                 on_complete(ctx)
-            except Exception as exc:
+            except BaseException as exc:
                 self._failed(s, exc)
                 return
         reply = self._write(s, owner_call("job_finish", it.keys, c.job_id, c.owner))
@@ -1046,7 +1058,7 @@ class JobRunner(JobRunnerBase):
     def _failed(self, s: _Session, exc: BaseException) -> None:
         it, c = s.iterator, s.claimed
         self.stats.failures += 1
-        log.debug("job step traceback", exc_info=exc)
+        log_step_exit(it.name, c.job_id, exc)
         reply = self._write(s, fail_call(it.keys, it.config, c.job_id, c.owner, error_text(exc)))
         if reply is None:
             return

@@ -43,6 +43,7 @@ from .jobs import (
     fail_call,
     iterator_names,
     iterator_registry_key,
+    log_step_exit,
     owner_call,
     parse_control,
     parse_start,
@@ -329,7 +330,7 @@ class AsyncJobRunner(JobRunnerBase):
         except asyncio.CancelledError:
             # shutdown after the grace period: give the job back (its step was not saved)
             await asyncio.shield(self._release(s, "step still running at shutdown"))
-        except Exception:
+        except BaseException:  # a bug here must not end the event loop: the lease expires
             log.exception("%s %s: job runner error", s.iterator.name, s.claimed.job_id)
         finally:
             self._sessions.pop((s.iterator.name, s.claimed.job_id), None)
@@ -346,7 +347,7 @@ class AsyncJobRunner(JobRunnerBase):
         try:
             instance = it()
             with_job = takes_job(instance.next_batch)
-        except Exception as exc:
+        except BaseException as exc:
             await self._failed(s, exc)
             return
         while True:
@@ -362,7 +363,9 @@ class AsyncJobRunner(JobRunnerBase):
                 items = list(page.items)
                 if items:
                     await _call_user(instance.process, items, ctx)
-            except Exception as exc:
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # sys.exit() in a step too: a failed step, the loop goes on
                 await self._failed(s, exc)
                 return
             step += 1
@@ -408,7 +411,9 @@ class AsyncJobRunner(JobRunnerBase):
         if on_complete is not None:
             try:
                 await _call_user(on_complete, ctx)
-            except Exception as exc:
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
                 await self._failed(s, exc)
                 return
         reply = await self._write(s, owner_call("job_finish", it.keys, c.job_id, c.owner))
@@ -419,6 +424,7 @@ class AsyncJobRunner(JobRunnerBase):
     async def _failed(self, s: _Session, exc: BaseException) -> None:
         it, c = s.iterator, s.claimed
         self.stats.failures += 1
+        log_step_exit(it.name, c.job_id, exc)
         reply = await self._write(s, fail_call(it.keys, it.config, c.job_id, c.owner, error_text(exc)))
         if reply is None:
             return

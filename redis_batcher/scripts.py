@@ -163,6 +163,19 @@ class Script:
         _remember_no_flags(conn)
         return True
 
+    def load(self, client: Any) -> ScriptVariant:
+        """``SCRIPT LOAD`` into ``client``'s server the variant it accepts (learning it as a
+        call would); returns that variant."""
+        v = self.variant(client)
+        try:
+            client.script_load(v.source)
+        except ResponseError as exc:
+            if not self.fall_back(client, v, exc):
+                raise
+            v = self.plain
+            client.script_load(v.source)
+        return v
+
     def evalsha_head(self, numkeys: int) -> bytes:
         """The preferred variant's ``EVALSHA sha numkeys`` (see :meth:`ScriptVariant.evalsha_head`)."""
         return self.best.evalsha_head(numkeys)

@@ -284,14 +284,14 @@ def bookkeeping_processor(batcher: Any, calls: dict[str, int], gate: threading.E
         "name": "book",
         "max_batch_size": 5,
         "flush_interval": None,
-        "lease_timeout": 0.9,
+        "lease_timeout": 1.2,
         "retry_backoff": 30.0,
     }
 
     def handler(flush: rb.Flush) -> None:
         calls[flush.batch_id] = calls.get(flush.batch_id, 0) + 1
         if flush.batch_id == "slow":
-            time.sleep(1.8)
+            time.sleep(2.0)
         elif flush.batch_id == "bad":
             raise ValueError("boom")
         elif flush.batch_id == "stuck":

@@ -28,6 +28,11 @@ import redis_batcher as rb
 from redis_batcher import asyncio as aio
 from redis_batcher import ops
 from redis_batcher.embedded import RedisServer, find_redis_server
+from redis_batcher.jobs import claim_call as job_claim_call
+from redis_batcher.jobs import extend_call as job_extend_call
+from redis_batcher.jobs import fail_call as job_fail_call
+from redis_batcher.jobs import owner_call
+from redis_batcher.jobs import parse_claim as parse_job_claim
 from redis_batcher.scripts import Script, flags_unsupported, scripts
 from redis_batcher.wire import Arg, AsyncDirectLink, DirectLink
 
@@ -120,12 +125,14 @@ def fill(proc: rb.Processor, prefix: str = "fill") -> tuple[int, OutOfMemoryErro
 
 
 def fill_with_other_data(client: redis.Redis) -> None:
-    """Fill Redis with data no worker frees."""
+    """Fill Redis (capped by limit_memory) with data no worker frees."""
     try:
-        while True:
+        for _ in range(ROOM // (len(ITEM) * 50) * 4):
             client.rpush("filler", *[ITEM] * 50)
     except OutOfMemoryError:
         tighten(client)
+        return
+    raise AssertionError("Redis never refused a write: no maxmemory set?")
 
 
 def run_guarded(target: Callable[[], Any], timeout: float = 30.0) -> Any:
@@ -381,6 +388,36 @@ def test_async_heartbeats_nacks_and_releases_work_while_redis_is_full(
     stats = arun(body, timeout=40)
     check_bookkeeping(client, stats, calls, caplog.text)
     client.close()
+
+
+def test_job_heartbeats_failures_and_releases_work_while_redis_is_full(server7: RedisServer) -> None:
+    b = rb.Batcher(server7.url, prefix="oom")
+
+    @b.iterator(name="walk", retry_backoff=30.0)
+    class Walk:
+        def next_batch(self, cursor: str | None, batch_size: int) -> rb.Page:
+            return rb.Page([], None, True)
+
+        def process(self, items: list[int], job: rb.JobContext) -> None:
+            pass
+
+    keys, cfg = Walk.keys, Walk.config
+    Walk.start("a")
+    Walk.start("b")
+    owner = ops.new_token()
+    _, claimed = parse_job_claim(owner, job_claim_call(keys, cfg, 2, owner, "w").run(b.client))
+    assert sorted(c.job_id for c in claimed) == ["a", "b"]
+    limit_memory(b.client)
+    fill_with_other_data(b.client)
+    assert job_extend_call(keys, cfg, "a", owner).run(b.client) == 1
+    outcome, retries, _ = job_fail_call(keys, cfg, "a", owner, "E: x").run(b.client)
+    assert (outcome, retries) == (b"retry", 1)
+    assert owner_call("job_release", keys, "b", owner).run(b.client) == 1
+    assert is_full(b.client)
+    a = Walk.status("a")
+    assert a is not None and (a.retry_count, a.error) == (1, "E: x")
+    assert b.client.hget(keys.job("b"), "owner") == b""  # released: any worker may resume it
+    b.close()
 
 
 # -- servers without script flags ------------------------------------------------------------------

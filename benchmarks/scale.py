@@ -100,7 +100,7 @@ class Scale:
         self.script = scripts().add
         self.batcher.register()
         for script in scripts().scripts.values():
-            self.client.script_load(script.source)
+            script.load(self.client)  # with script flags where the server has them
         self.floor_sha = str(self.client.script_load(FLOOR_SCRIPT))
         self.link = DirectLink(self.client)
         self.floor_frames: list[bytes] = []
@@ -164,7 +164,7 @@ class Scale:
         return calls, taken, usec1 - usec0
 
     def _eval(self, pipe: Any, call: ops.Call) -> None:
-        pipe.eval(call.script.source, len(call.keys), *call.keys, *call.args)
+        pipe.eval(call.script.variant(self.client).source, len(call.keys), *call.keys, *call.args)
 
     def claim_cost(self, claims: int, due: int) -> tuple[float, float]:
         """(claim.lua server usec per call, wall usec per call) over ``claims`` claims, each
@@ -182,8 +182,9 @@ class Scale:
             pipe.execute()
             owner = ops.new_token()
             call = ops.claim_call(self.proc, self.part, CLAIM_LIMIT, owner)
+            sha = call.script.variant(self.client).sha
             t0 = time.perf_counter()
-            reply = self.client.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+            reply = self.client.evalsha(sha, len(call.keys), *call.keys, *call.args)
             wall += time.perf_counter() - t0
             _, claimed = ops.parse_claim(self.proc, self.part, owner, reply)
             if len(claimed) != due:
@@ -202,7 +203,7 @@ class Scale:
         """claim.lua server usec per call when nothing is due."""
         owner = ops.new_token()
         call = ops.claim_call(self.proc, self.part, CLAIM_LIMIT, owner)
-        sha = call.script.sha
+        sha = call.script.variant(self.client).sha
         self.client.config_resetstat()
         for _ in range(claims):
             reply = self.client.evalsha(sha, len(call.keys), *call.keys, *call.args)

@@ -1,3 +1,5 @@
+#!lua flags=allow-oom
+-- allow-oom: frees the window; adds one capped history entry, a few fields (its claim: claim.lua)
 -- ack.lua: a handler succeeded -- remove exactly the delivered window and move on.
 --
 -- KEYS[1] due      pfx.."due"

@@ -1,3 +1,5 @@
+#!lua flags=allow-oom
+-- allow-oom: per flush a few lease fields, one capped history entry; dead letters are moved
 -- claim.lua: take due sequences from a partition's delay queue and lease them to a worker.
 --
 -- KEYS[1] due  pfx.."due"

@@ -1,3 +1,5 @@
+#!lua flags=allow-oom
+-- allow-oom: only deletes keys and fields (a head counter rewritten); frees memory
 -- delete.lua: delete a base id (head, history, empty sequences) or one sequence "base::N".
 -- Refuses while a sequence is flushing or holds pending items, so no item is ever dropped.
 --

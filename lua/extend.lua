@@ -1,3 +1,5 @@
+#!lua flags=allow-oom
+-- allow-oom: rewrites a lease field and a due score; no new keys
 -- extend.lua: heartbeat -- renew the lease of a flush whose handler is still running.
 --
 -- KEYS[1] due  pfx.."due"

@@ -1,3 +1,5 @@
+#!lua flags=allow-oom
+-- allow-oom: rewrites a lease field and a due score; no new keys
 -- job_extend.lua: heartbeat -- renew the lease of a job whose step is still running.
 --
 -- KEYS[1] job  pfx.."j:"..id

@@ -1,3 +1,5 @@
+#!lua flags=allow-oom
+-- allow-oom: a few fixed fields and a bounded error text; moves the job between indexes
 -- job_fail.lua: a step (or on_complete) raised: count the retry and schedule it with exponential
 -- backoff, or fail the job once the retries are spent. Only the lease holder may do this.
 --

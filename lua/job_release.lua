@@ -1,3 +1,5 @@
+#!lua flags=allow-oom
+-- allow-oom: rewrites a few fixed fields and a due score; frees the lease
 -- job_release.lua: give a leased job back at once (worker shutting down between steps); any
 -- worker may resume it immediately from its saved cursor.
 --

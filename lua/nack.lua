@@ -1,3 +1,5 @@
+#!lua flags=allow-oom
+-- allow-oom: one capped history entry and a few fields; failed items are moved, never copied
 -- nack.lua: a delivery did not (fully) succeed -- keep what must be retried, never drop items.
 --
 -- KEYS[1] due      pfx.."due"

@@ -1,3 +1,5 @@
+#!lua flags=allow-oom
+-- allow-oom: only deletes dead letters; frees memory
 -- purge.lua: delete dead letters for good.
 --
 -- KEYS[1] dead  pfx.."dead"

@@ -1,3 +1,5 @@
+#!lua flags=allow-oom
+-- allow-oom: rewrites a few fixed fields and a due score; frees the lease for another worker
 -- release.lua: give a leased flush back at once (worker shutting down before its handler ran
 -- or finished); the attempt is not counted and any worker may take it immediately.
 --

@@ -52,6 +52,7 @@ from .models import AddResult, BatchInfo, BatchStatus, DeleteResult, FlushRecord
 from .processor import ADD_CHUNK, Processor
 from .wire import AsyncDirectLink, pack
 from .worker_core import (
+    HandlerExit,
     Outcome,
     WorkerCore,
     WorkerStats,
@@ -59,6 +60,7 @@ from .worker_core import (
     decode_window,
     drain_ranges,
     error_text,
+    log_handler_exit,
     make_flush,
     select_processors,
 )
@@ -431,20 +433,22 @@ class Batcher:
         call alone. Calls that met NOSCRIPT are repeated with EVAL."""
 
         link = self._link
+        conn: Any = link if link is not None else self.client  # the script variants' choice
 
         async def once(batch: Sequence[ops.Call], use_eval: bool) -> list[Any]:
             out: list[Any]
             if link is not None:
                 # framed here, sent in one write, replies read by the link's parser: a
                 # 9-call pipeline costs ~210 µs of client CPU this way, ~320 through redis-py
-                frames = [c.script.framed(c.keys, c.args, source=use_eval) for c in batch]
+                frames = [c.script.framed(c.keys, c.args, source=use_eval, conn=conn) for c in batch]
                 if self.wait_replicas:
                     frames.append(pack((b"WAIT", self.wait_replicas, self.wait_timeout_ms)))
                 out = await link.request(b"".join(frames), len(frames))
             else:
                 pipe = self.client.pipeline(transaction=False)
                 for call in batch:
-                    head = call.script.source if use_eval else call.script.sha
+                    v = call.script.variant(conn)
+                    head = v.source if use_eval else v.sha
                     pipe.execute_command(
                         "EVAL" if use_eval else "EVALSHA", head, len(call.keys), *call.keys, *call.args
                     )
@@ -467,6 +471,15 @@ class Batcher:
             again = await self._retrying(lambda: once([calls[i] for i in missing], True))
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
+            # a flagged script the server cannot compile (Redis < 7) did not run: once more,
+            # now without its shebang
+            refused = [
+                i for i in missing if calls[i].script.fall_back(conn, calls[i].script.best, replies[i])
+            ]
+            if refused:
+                again = await self._retrying(lambda: once([calls[i] for i in refused], True))
+                for i, reply in zip(refused, again, strict=True):
+                    replies[i] = reply
         return replies
 
     # -- group commit ----------------------------------------------------------------------------
@@ -704,6 +717,17 @@ class AsyncProcessor:
                 yield raw.decode() if isinstance(raw, bytes) else raw
 
 
+async def _guarded(awaitable: Any) -> Any:
+    """Await a handler's awaitable, its non-Exception BaseExceptions (but cancellation) raised
+    as :class:`HandlerExit` (asyncio would let SystemExit out through the event loop)."""
+    try:
+        return await awaitable
+    except (Exception, asyncio.CancelledError):
+        raise
+    except BaseException as exc:
+        raise HandlerExit(exc) from exc
+
+
 def _in_thread(fn: Callable[[Any], Any], arg: Any) -> asyncio.Future[Any]:
     """Run a sync handler in a thread of its own. Unlike a bounded pool, a handler abandoned
     after its handler_timeout cannot hold back the retries."""
@@ -721,8 +745,10 @@ def _in_thread(fn: Callable[[Any], Any], arg: Any) -> asyncio.Future[Any]:
     def target() -> None:
         try:
             result = fn(arg)
-        except BaseException as exc:
+        except Exception as exc:
             loop.call_soon_threadsafe(settle, None, exc)
+        except BaseException as exc:  # sys.exit() in the handler: see HandlerExit
+            loop.call_soon_threadsafe(settle, None, HandlerExit(exc))
         else:
             loop.call_soon_threadsafe(settle, result, None)
 
@@ -837,23 +863,37 @@ class Worker(WorkerCore):
         return self.stats
 
     async def _register(self) -> None:
-        """Check Redis' memory policy (an :class:`~redis_batcher.EvictionPolicyError` ends
-        :meth:`run`) and publish the processors, retrying while Redis cannot be reached."""
+        """As the sync worker's: checks the memory policy, waits while Redis cannot be
+        reached, serves anyway when it refuses the write (a full Redis), retrying at the full
+        checks."""
         delay = 0.1
         while not self._stopping:
             try:
                 await self.batcher.check_memory_policy()
                 await self.batcher.register(self.processors)
                 return
-            except RedisError as exc:
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("cannot reach Redis (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+            except RedisError as exc:
+                self.registration_refused(exc)
+                return
+
+    async def _register_again(self) -> None:
+        try:
+            await self.batcher.register(self.processors)
+        except RedisError as exc:
+            self.registration_retried(exc)
+        else:
+            self.registration_retried(None)
 
     async def _loop(self, burst: bool) -> None:
         assert self._wake is not None
         while not self._stopping:
             self._wake.clear()
+            if self.register_due(time.monotonic()):
+                await self._register_again()
             more = await self._claim_round(time.monotonic())
             free = self.capacity - len(self._inflight)
             if burst and not more and not self._inflight:
@@ -902,15 +942,18 @@ class Worker(WorkerCore):
         limit = c.processor.config.handler_timeout
         try:
             if inspect.iscoroutinefunction(handler):
-                result = await asyncio.wait_for(handler(flush), limit)
+                result = await asyncio.wait_for(_guarded(handler(flush)), limit)
             else:
                 result = await asyncio.wait_for(_in_thread(handler, flush), limit)
                 if inspect.isawaitable(result):
-                    result = await asyncio.wait_for(result, limit)
+                    result = await asyncio.wait_for(_guarded(result), limit)
         except asyncio.TimeoutError:
             return self.timeout_outcome(c)
         except asyncio.CancelledError:
             raise
+        except HandlerExit as exc:  # sys.exit() in a handler ends neither the worker nor the flush
+            log_handler_exit(c, exc.exc)
+            return classify(len(items), exc=exc.exc)
         except Exception as exc:  # a handler may raise anything: record it and retry later
             log.debug("handler traceback", exc_info=True)
             return classify(len(items), exc=exc)
@@ -944,7 +987,7 @@ class Worker(WorkerCore):
                 outcome = await self._deliver(c)
             except asyncio.CancelledError:
                 return None  # released at shutdown: the lease was given back
-            except Exception as exc:  # Redis unreachable while draining, ...: keep the items
+            except BaseException as exc:  # Redis unreachable while draining, ...: keep the items
                 outcome = Outcome("fail", error_text(exc), [], c.cutoff)
             r.settling = True
             duration_ms = (time.perf_counter() - t0) * 1000.0

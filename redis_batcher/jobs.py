@@ -33,7 +33,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import ops
 from .batcher import _seconds as seconds_option
@@ -274,6 +276,18 @@ def _ms(seconds: float) -> int:
 
 def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+
+
+def log_step_exit(iterator: str, job_id: str, exc: BaseException) -> None:
+    """A step's traceback: at debug level for an Exception (the failure is logged once
+    recorded), at error level for another BaseException (``sys.exit()`` in a step: a failed
+    step like any other, but likely a bug)."""
+    if isinstance(exc, Exception):
+        log.debug("job step traceback", exc_info=exc)
+    else:
+        log.error(
+            "%s %s: step raised %s; counted as a failed step", iterator, job_id, error_text(exc), exc_info=exc
+        )
 
 
 def worker_label() -> str:
@@ -726,6 +740,25 @@ class JobRunnerBase:
         self.stats = JobStats()
         self._ended: set[str] = set()  # iterators whose job just ended: a retry may be due soon
         self._sessions: dict[tuple[str, str], Any] = {}  # (iterator, job id) -> its session
+        # the iterator configs could not be written at start: retried with the lease renewals
+        self.unregistered = False
+
+    def _registry_fields(self) -> dict[str, str]:
+        """The iterator registry's fields (name -> config JSON) this runner writes."""
+        return {it.name: it.config.to_json() for it in self.iterators}
+
+    def _registration_refused(self, exc: RedisError) -> None:
+        """Redis refused the registry write (not a connection failure): the runner serves
+        anyway and retries the write with its lease renewals."""
+        self.unregistered = True
+        if isinstance(exc, OutOfMemoryError):
+            log.warning(
+                "Redis is out of memory (%s); running jobs anyway, the iterator configs are "
+                "registered once Redis accepts writes again",
+                exc,
+            )
+        else:
+            log.warning("cannot register the iterator configs (%s); running jobs anyway, retrying later", exc)
 
     @property
     def running(self) -> int:
@@ -813,6 +846,8 @@ class JobRunner(JobRunnerBase):
                     return self.stats
                 if now >= next_renew:
                     self._renew()
+                    if self.unregistered:
+                        self._register_again()
                     next_renew = now + renew_every
                 wait = min([*due_at.values(), next_renew, now + self.poll_interval]) - now
                 if more and self.running < self.concurrency:
@@ -823,17 +858,33 @@ class JobRunner(JobRunnerBase):
         return self.stats
 
     def _register(self) -> None:
-        key = iterator_registry_key(self.batcher.prefix)
+        """Publish the iterator configs: waits while Redis cannot be reached; a refusal (a
+        full Redis) is retried later."""
+        self.unregistered = False
         delay = 0.1
         while not self._stopping.is_set():
             try:
-                for it in self.iterators:
-                    self.batcher.client.hset(key, it.name, it.config.to_json())
+                self._write_registry()
                 return
-            except RedisError as exc:
+            except (RedisConnectionError, RedisTimeoutError) as exc:
                 log.warning("cannot reach Redis (%s); retrying in %.1fs", exc, delay)
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 5.0)
+            except RedisError as exc:
+                self._registration_refused(exc)
+                return
+
+    def _write_registry(self) -> None:
+        self.batcher.client.hset(iterator_registry_key(self.batcher.prefix), mapping=self._registry_fields())
+
+    def _register_again(self) -> None:
+        try:
+            self._write_registry()
+        except RedisError as exc:
+            log.debug("iterator configs still not registered: %s", exc)
+            return
+        self.unregistered = False
+        log.info("iterator configs registered")
 
     def _claim_round(self, now: float, due_at: dict[str, float]) -> bool:
         """Claim from iterators that may have runnable jobs; True when more is runnable now."""
@@ -922,7 +973,7 @@ class JobRunner(JobRunnerBase):
     def _session(self, s: _Session) -> None:
         try:
             self._drive(s)
-        except Exception:  # a bug here must not kill the runner: the lease expires, another retries
+        except BaseException:  # a bug here must not kill the runner: the lease expires, another retries
             log.exception("%s %s: job runner error", s.iterator.name, s.claimed.job_id)
         finally:
             with self._lock:
@@ -941,7 +992,7 @@ class JobRunner(JobRunnerBase):
         try:
             instance = it()
             with_job = takes_job(instance.next_batch)
-        except Exception as exc:
+        except BaseException as exc:
             self._failed(s, exc)
             return
         while True:
@@ -959,7 +1010,7 @@ class JobRunner(JobRunnerBase):
                 items = list(page.items)
                 if items:
                     instance.process(items, ctx)
-            except Exception as exc:  # a step may raise anything: retried with backoff
+            except BaseException as exc:  # a step may raise anything, sys.exit() too: retried
                 self._failed(s, exc)
                 return
             if s.abandoned:
@@ -1003,7 +1054,7 @@ class JobRunner(JobRunnerBase):
         if on_complete is not None:
             try:
                 on_complete(ctx)
-            except Exception as exc:
+            except BaseException as exc:
                 self._failed(s, exc)
                 return
         reply = self._write(s, owner_call("job_finish", it.keys, c.job_id, c.owner))
@@ -1014,7 +1065,7 @@ class JobRunner(JobRunnerBase):
     def _failed(self, s: _Session, exc: BaseException) -> None:
         it, c = s.iterator, s.claimed
         self.stats.failures += 1
-        log.debug("job step traceback", exc_info=exc)
+        log_step_exit(it.name, c.job_id, exc)
         reply = self._write(s, fail_call(it.keys, it.config, c.job_id, c.owner, error_text(exc)))
         if reply is None:
             return

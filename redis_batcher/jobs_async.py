@@ -16,7 +16,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import ops
 from .errors import JobNotFound
@@ -41,6 +43,7 @@ from .jobs import (
     fail_call,
     iterator_names,
     iterator_registry_key,
+    log_step_exit,
     owner_call,
     parse_control,
     parse_start,
@@ -208,6 +211,8 @@ class AsyncJobRunner(JobRunnerBase):
                     return self.stats
                 if now >= next_renew:
                     await self._renew()
+                    if self.unregistered:
+                        await self._register_again()
                     next_renew = now + renew_every
                 if more and self.running < self.concurrency:
                     continue
@@ -222,17 +227,33 @@ class AsyncJobRunner(JobRunnerBase):
         return self.stats
 
     async def _register(self) -> None:
-        key = iterator_registry_key(self.batcher.prefix)
+        """As the sync runner's: waits while Redis cannot be reached, retries a refusal later."""
+        self.unregistered = False
         delay = 0.1
         while not self._stopping:
             try:
-                for it in self.iterators:
-                    await self.batcher.client.hset(key, it.name, it.config.to_json())
+                await self.batcher.client.hset(
+                    iterator_registry_key(self.batcher.prefix), mapping=self._registry_fields()
+                )
                 return
-            except RedisError as exc:
+            except (RedisConnectionError, RedisTimeoutError) as exc:
                 log.warning("cannot reach Redis (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+            except RedisError as exc:
+                self._registration_refused(exc)
+                return
+
+    async def _register_again(self) -> None:
+        try:
+            await self.batcher.client.hset(
+                iterator_registry_key(self.batcher.prefix), mapping=self._registry_fields()
+            )
+        except RedisError as exc:
+            log.debug("iterator configs still not registered: %s", exc)
+            return
+        self.unregistered = False
+        log.info("iterator configs registered")
 
     async def _claim_round(self, now: float, due_at: dict[str, float]) -> bool:
         more = False
@@ -309,7 +330,7 @@ class AsyncJobRunner(JobRunnerBase):
         except asyncio.CancelledError:
             # shutdown after the grace period: give the job back (its step was not saved)
             await asyncio.shield(self._release(s, "step still running at shutdown"))
-        except Exception:
+        except BaseException:  # a bug here must not end the event loop: the lease expires
             log.exception("%s %s: job runner error", s.iterator.name, s.claimed.job_id)
         finally:
             self._sessions.pop((s.iterator.name, s.claimed.job_id), None)
@@ -326,7 +347,7 @@ class AsyncJobRunner(JobRunnerBase):
         try:
             instance = it()
             with_job = takes_job(instance.next_batch)
-        except Exception as exc:
+        except BaseException as exc:
             await self._failed(s, exc)
             return
         while True:
@@ -342,7 +363,9 @@ class AsyncJobRunner(JobRunnerBase):
                 items = list(page.items)
                 if items:
                     await _call_user(instance.process, items, ctx)
-            except Exception as exc:
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # sys.exit() in a step too: a failed step, the loop goes on
                 await self._failed(s, exc)
                 return
             step += 1
@@ -388,7 +411,9 @@ class AsyncJobRunner(JobRunnerBase):
         if on_complete is not None:
             try:
                 await _call_user(on_complete, ctx)
-            except Exception as exc:
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
                 await self._failed(s, exc)
                 return
         reply = await self._write(s, owner_call("job_finish", it.keys, c.job_id, c.owner))
@@ -399,6 +424,7 @@ class AsyncJobRunner(JobRunnerBase):
     async def _failed(self, s: _Session, exc: BaseException) -> None:
         it, c = s.iterator, s.claimed
         self.stats.failures += 1
+        log_step_exit(it.name, c.job_id, exc)
         reply = await self._write(s, fail_call(it.keys, it.config, c.job_id, c.owner, error_text(exc)))
         if reply is None:
             return

@@ -7,17 +7,26 @@ answers NOSCRIPT (after ``SCRIPT FLUSH``, a restart or a failover) the call is r
 with EVAL, which also puts the script back into the server's cache. EVAL is routed like
 EVALSHA, so this works unchanged on Redis Cluster. A call goes out through a redis-py client,
 or through :mod:`redis_batcher.wire` (the producer's per-thread connections) where it applies.
+
+Script flags: a ``.lua`` file may start with a Redis 7 shebang line (``#!lua
+flags=allow-oom``: the bookkeeping that frees memory or only rewrites a few fields keeps
+working while Redis is full). The shebang becomes the first line of the composed script.
+Servers that cannot compile a shebang (Redis < 7, test doubles) answer EVAL with a Lua syntax
+error before running anything; the call is then made with the same script without its shebang,
+and that variant is used from then on for that connection pool (or cluster client) only:
+other clients, and other servers in the same process, keep their own choice.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from . import wire
 from .wire import Arg, AsyncDirectLink, DirectLink
@@ -60,40 +69,141 @@ def lua_dir() -> Path:
     raise FileNotFoundError(f"redis-batcher Lua scripts not found next to {here}")
 
 
-class Script:
-    """One Lua script: its full source and SHA1."""
+# id() of the connection pools (clients without one: the client) whose server cannot compile a
+# script with a shebang; each entry leaves with its pool (weakref.finalize)
+_NO_FLAGS: set[int] = set()
 
-    def __init__(self, name: str, source: str) -> None:
-        self.name = name
+
+def _server_of(conn: Any) -> Any:
+    """What the flag fallback is remembered on: the connection pool of a client or link (a
+    client and its links share it), else the object itself (cluster clients)."""
+    pool = getattr(conn, "connection_pool", None)
+    return conn if pool is None else pool
+
+
+def flags_unsupported(conn: Any) -> bool:
+    """True once ``conn``'s server was found unable to compile a script with a shebang."""
+    return id(_server_of(conn)) in _NO_FLAGS
+
+
+def _remember_no_flags(conn: Any) -> None:
+    owner = _server_of(conn)
+    key = id(owner)
+    if key in _NO_FLAGS:
+        return
+    try:
+        weakref.finalize(owner, _NO_FLAGS.discard, key)
+    except TypeError:  # cannot be weakly referenced: remembered for the process's life
+        pass
+    _NO_FLAGS.add(key)
+
+
+def _shebang_refused(exc: BaseException) -> bool:
+    """An EVAL error meaning the server's Lua parser met the shebang: the script never ran.
+    Lua's own message (Redis < 7: "Error compiling script ... unexpected symbol near '#'",
+    fakeredis: "error loading code: ... unexpected symbol near '#'")."""
+    return isinstance(exc, ResponseError) and "near '#'" in str(exc)
+
+
+class ScriptVariant:
+    """One source text of a script, its SHA1 and its framed ``EVALSHA sha numkeys`` heads."""
+
+    __slots__ = ("_heads", "sha", "source")
+
+    def __init__(self, source: str) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
         self._heads: dict[int, bytes] = {}  # numkeys -> "EVALSHA sha numkeys", RESP-encoded
 
     def evalsha_head(self, numkeys: int) -> bytes:
         """``EVALSHA sha numkeys`` as RESP bulk strings (no array header), framed once per
-        script and key count."""
+        key count."""
         head = self._heads.get(numkeys)
         if head is None:
             head = self._heads[numkeys] = wire.frames((b"EVALSHA", self.sha, numkeys))
         return head
 
-    def _evalsha(self, keys: Sequence[str], args: Sequence[Arg]) -> bytes:
-        """``EVALSHA sha numkeys keys... args...`` RESP-encoded for a link."""
-        return wire.pack((*keys, *args), self.evalsha_head(len(keys)), 3)
-
     def framed(self, keys: Sequence[str], args: Sequence[Arg], *, source: bool = False) -> bytes:
-        """This script's call RESP-encoded for a link: ``EVALSHA``, or with ``source``
-        ``EVAL`` with the full source (after NOSCRIPT)."""
+        """``EVALSHA sha numkeys keys... args...`` RESP-encoded for a link, or with ``source``
+        ``EVAL`` with the full source."""
         if source:
             return wire.pack((b"EVAL", self.source, len(keys), *keys, *args))
-        return self._evalsha(keys, args)
+        return wire.pack((*keys, *args), self.evalsha_head(len(keys)), 3)
+
+
+class Script:
+    """One Lua script: its full source and SHA1 (``source``/``sha``: with the shebang, when its
+    file has one; ``plain``: the variant without it, for servers without script flags)."""
+
+    def __init__(self, name: str, source: str, shebang: str = "") -> None:
+        self.name = name
+        self.plain = ScriptVariant(source)
+        self.best = ScriptVariant(f"{shebang}\n{source}") if shebang else self.plain
+        self.source = self.best.source
+        self.sha = self.best.sha
+
+    @property
+    def flagged(self) -> bool:
+        """The script declares Redis 7 script flags (a shebang)."""
+        return self.best is not self.plain
+
+    def variant(self, conn: Any) -> ScriptVariant:
+        """The variant to send over ``conn`` (a client or link): the flagged one unless its
+        server was found unable to compile it."""
+        if self.best is self.plain or id(_server_of(conn)) not in _NO_FLAGS:
+            return self.best
+        return self.plain
+
+    def fall_back(self, conn: Any, used: ScriptVariant, exc: BaseException) -> bool:
+        """After an EVAL of ``used`` failed with ``exc``: True when it was the flagged variant
+        and the server could not compile its shebang (the plain one is remembered for
+        ``conn``'s pool and must be sent now); False when ``exc`` is the call's real outcome."""
+        if used is self.plain or not _shebang_refused(exc):
+            return False
+        _remember_no_flags(conn)
+        return True
+
+    def load(self, client: Any) -> ScriptVariant:
+        """``SCRIPT LOAD`` into ``client``'s server the variant it accepts (learning it as a
+        call would); returns that variant."""
+        v = self.variant(client)
+        try:
+            client.script_load(v.source)
+        except ResponseError as exc:
+            if not self.fall_back(client, v, exc):
+                raise
+            v = self.plain
+            client.script_load(v.source)
+        return v
+
+    def evalsha_head(self, numkeys: int) -> bytes:
+        """The preferred variant's ``EVALSHA sha numkeys`` (see :meth:`ScriptVariant.evalsha_head`)."""
+        return self.best.evalsha_head(numkeys)
+
+    def _evalsha(self, keys: Sequence[str], args: Sequence[Arg]) -> bytes:
+        """``EVALSHA sha numkeys keys... args...`` RESP-encoded for a link."""
+        return self.best.framed(keys, args)
+
+    def framed(
+        self, keys: Sequence[str], args: Sequence[Arg], *, source: bool = False, conn: Any = None
+    ) -> bytes:
+        """This script's call RESP-encoded for a link: ``EVALSHA``, or with ``source``
+        ``EVAL`` with the full source (after NOSCRIPT); the variant ``conn`` uses, if given."""
+        return (self.best if conn is None else self.variant(conn)).framed(keys, args, source=source)
 
     def __call__(self, client: Any, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """Run on a sync redis-py client (``Redis`` or ``RedisCluster``)."""
+        v = self.variant(client)
         try:
-            return client.evalsha(self.sha, len(keys), *keys, *args)
+            return client.evalsha(v.sha, len(keys), *keys, *args)
         except NoScriptError:
-            return client.eval(self.source, len(keys), *keys, *args)
+            pass
+        try:
+            return client.eval(v.source, len(keys), *keys, *args)
+        except ResponseError as exc:
+            if not self.fall_back(client, v, exc):
+                raise
+        return client.eval(self.plain.source, len(keys), *keys, *args)
 
     def call_and_wait(
         self, client: Any, keys: Sequence[str], args: Sequence[Arg], replicas: int, timeout_ms: int
@@ -101,38 +211,68 @@ class Script:
         """Run and ``WAIT replicas timeout_ms`` in one pipelined round trip.
 
         Returns (script reply, replicas that acknowledged)."""
-        for command in ("EVALSHA", "EVAL"):
+        v = self.variant(client)
+        use_eval = False
+        while True:
             pipe = client.pipeline(transaction=False)
-            head = self.sha if command == "EVALSHA" else self.source
-            pipe.execute_command(command, head, len(keys), *keys, *args)
+            if use_eval:
+                pipe.execute_command("EVAL", v.source, len(keys), *keys, *args)
+            else:
+                pipe.execute_command("EVALSHA", v.sha, len(keys), *keys, *args)
             pipe.execute_command("WAIT", replicas, timeout_ms)
             try:
                 reply, acked = pipe.execute()
             except NoScriptError:
+                use_eval = True  # EVAL never answers NOSCRIPT
+                continue
+            except ResponseError as exc:
+                if not (use_eval and self.fall_back(client, v, exc)):
+                    raise
+                v = self.plain  # at most once: the plain variant never falls back
                 continue
             return reply, int(acked)
-        raise AssertionError("unreachable: EVAL never answers NOSCRIPT")
 
     def call_direct(self, link: DirectLink, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """Run over a :class:`DirectLink` (this thread's own connection)."""
+        v = self.variant(link)
         try:
-            return link.request(self._evalsha(keys, args))
+            return link.request(v.framed(keys, args))
         except NoScriptError:
-            return link.request(self.framed(keys, args, source=True))
+            pass
+        try:
+            return link.request(v.framed(keys, args, source=True))
+        except ResponseError as exc:
+            if not self.fall_back(link, v, exc):
+                raise
+        return link.request(self.plain.framed(keys, args, source=True))
 
     async def call_async_direct(self, link: AsyncDirectLink, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """Run over an :class:`AsyncDirectLink`."""
+        v = self.variant(link)
         try:
-            return await link.request(self._evalsha(keys, args))
+            return await link.request(v.framed(keys, args))
         except NoScriptError:
-            return await link.request(self.framed(keys, args, source=True))
+            pass
+        try:
+            return await link.request(v.framed(keys, args, source=True))
+        except ResponseError as exc:
+            if not self.fall_back(link, v, exc):
+                raise
+        return await link.request(self.plain.framed(keys, args, source=True))
 
     async def call_async(self, client: Any, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """Run on an asyncio redis-py client."""
+        v = self.variant(client)
         try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
+            return await client.evalsha(v.sha, len(keys), *keys, *args)
         except NoScriptError:
-            return await client.eval(self.source, len(keys), *keys, *args)
+            pass
+        try:
+            return await client.eval(v.source, len(keys), *keys, *args)
+        except ResponseError as exc:
+            if not self.fall_back(client, v, exc):
+                raise
+        return await client.eval(self.plain.source, len(keys), *keys, *args)
 
 
 _HELPER = re.compile(r"^local function (\w+)\(", re.M)
@@ -165,20 +305,29 @@ def link_helpers(libraries: Sequence[str], body: str) -> str:
     return "\n".join(out)
 
 
+def split_shebang(text: str) -> tuple[str, str]:
+    """(the first line when it is a shebang, else ''; the rest). Redis reads a shebang only on
+    a script's first line, so it is taken off the file and put before the linked helpers."""
+    if not text.startswith("#!"):
+        return "", text
+    shebang, _, rest = text.partition("\n")
+    if not shebang.startswith("#!lua"):
+        raise ValueError(f"a Lua script's shebang must start with '#!lua', got {shebang!r}")
+    return shebang, rest
+
+
 class ScriptTable:
     """All scripts, loaded once per process."""
 
     def __init__(self, directory: Path | None = None) -> None:
         directory = directory or lua_dir()
         common = (directory / "_common.lua").read_text()
-        self.scripts: dict[str, Script] = {}
-        for name in SCRIPT_NAMES:
-            body = (directory / f"{name}.lua").read_text()
-            self.scripts[name] = Script(name, link_helpers([common], body) + "\n" + body)
         jobs_common = (directory / "_jobs.lua").read_text()
-        for name in JOB_SCRIPT_NAMES:
-            body = (directory / f"{name}.lua").read_text()
-            self.scripts[name] = Script(name, link_helpers([common, jobs_common], body) + "\n" + body)
+        self.scripts: dict[str, Script] = {}
+        for names, libraries in ((SCRIPT_NAMES, [common]), (JOB_SCRIPT_NAMES, [common, jobs_common])):
+            for name in names:
+                shebang, body = split_shebang((directory / f"{name}.lua").read_text())
+                self.scripts[name] = Script(name, link_helpers(libraries, body) + "\n" + body, shebang)
         self.add = self.scripts["add"]
         self.flush = self.scripts["flush"]
         self.claim = self.scripts["claim"]

@@ -322,6 +322,8 @@ class DirectLink:
 
     def __init__(self, client: redis.Redis) -> None:
         pool: Any = client.connection_pool
+        # the client's pool: what a server's abilities are remembered on (scripts.variant)
+        self.connection_pool: Any = pool
         self._make: Any = lambda: pool.connection_class(**pool.connection_kwargs)
         self._local = threading.local()
         self._open: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -458,6 +460,7 @@ class AsyncDirectLink:
 
     def __init__(self, client: Any) -> None:
         pool: Any = client.connection_pool
+        self.connection_pool: Any = pool  # as DirectLink's
         self._make: Any = lambda: pool.connection_class(**pool.connection_kwargs)
         # per event loop: idle (connection, its reader or None, monotonic time of last use)
         self._idle: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[_Idle]] = (

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import ops
 from .batcher import Batcher
@@ -37,6 +39,7 @@ from .worker_core import (
     decode_window,
     drain_ranges,
     error_text,
+    log_handler_exit,
     make_flush,
     select_processors,
 )
@@ -232,17 +235,29 @@ class Worker(WorkerCore):
 
     def _register(self) -> None:
         """Check Redis' memory policy (an :class:`~redis_batcher.EvictionPolicyError` ends
-        :meth:`run`) and publish the processors, retrying while Redis cannot be reached."""
+        :meth:`run`) and publish the processor configs. Waits while Redis cannot be reached;
+        any other refusal (a full Redis) is retried later, never a reason not to serve."""
         delay = 0.1
         while not self._stopping.is_set():
             try:
                 self.batcher.check_memory_policy()
                 self.batcher.register(self.processors)
                 return
-            except RedisError as exc:
+            except (RedisConnectionError, RedisTimeoutError) as exc:
                 log.warning("cannot reach Redis (%s); retrying in %.1fs", exc, delay)
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 5.0)
+            except RedisError as exc:
+                self.registration_refused(exc)
+                return
+
+    def _register_again(self) -> None:
+        try:
+            self.batcher.register(self.processors)
+        except RedisError as exc:
+            self.registration_retried(exc)
+        else:
+            self.registration_retried(None)
 
     def _hold_until(self, now: float) -> float:
         """Until when to leave what is due to the handlers running now (see HOLD); 0: no hold
@@ -305,6 +320,8 @@ class Worker(WorkerCore):
         while not self._stopping.is_set():
             self._wake.clear()
             now = time.monotonic()
+            if self.register_due(now):
+                self._register_again()
             hold = self._hold_until(now)
             if hold > now:
                 self._sleep(hold)  # a handler that started moments ago will take it
@@ -380,7 +397,10 @@ class Worker(WorkerCore):
             task = self._tasks.get()
             if task is None:
                 break
-            self._execute(*task)
+            try:
+                self._execute(*task)
+            except BaseException:  # a bug here must not end a pool thread
+                log.exception("handler thread error")
             with self._lock:
                 if self._surplus > 0:
                     self._surplus -= 1
@@ -461,6 +481,9 @@ class Worker(WorkerCore):
         except Exception as exc:  # a handler may raise anything: record it and retry later
             log.debug("handler traceback", exc_info=True)
             return classify(len(items), exc=exc)
+        except BaseException as exc:  # sys.exit() in a handler ends neither the thread nor the flush
+            log_handler_exit(c, exc)
+            return classify(len(items), exc=exc)
         return classify(len(items), result)
 
     def _execute(self, key: str, r: _Running) -> None:
@@ -488,7 +511,7 @@ class Worker(WorkerCore):
         cpu0 = time.thread_time()
         try:
             outcome = self._deliver(c)
-        except Exception as exc:  # Redis unreachable while draining, ...: keep the items
+        except BaseException as exc:  # Redis unreachable while draining, ...: keep the items
             outcome = Outcome("fail", error_text(exc), [], c.cutoff)
         elapsed = time.perf_counter() - t0
         duration_ms = elapsed * 1000.0

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import OutOfMemoryError, RedisError
+
 from . import ops
 from .codec import MsgpackCodec, decode_item
 from .errors import ConfigError, CorruptData, DecodeError, PartialFailure
@@ -64,6 +66,29 @@ def backoff_seconds(proc: Processor, attempt: int) -> float:
 
 def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+
+
+class HandlerExit(Exception):
+    """A handler raised a BaseException that is not an Exception (``sys.exit()``,
+    ``KeyboardInterrupt`` raised in its thread, ...), carried as an Exception: asyncio lets
+    SystemExit and KeyboardInterrupt out of a task through the event loop, ending the worker."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(exc)
+        self.exc = exc
+
+
+def log_handler_exit(c: ops.Claimed, exc: BaseException) -> None:
+    """A handler raised a BaseException that is not an Exception: it counts as a failed attempt
+    like any error, logged with its traceback (it is likely a bug: code meant to end a process
+    ran inside a handler)."""
+    log.error(
+        "%s %s: handler raised %s; counted as a failed attempt",
+        c.processor.name,
+        c.member,
+        error_text(exc),
+        exc_info=exc,
+    )
 
 
 def drain_ranges(cutoff: int) -> list[tuple[int, int]]:
@@ -164,12 +189,42 @@ class WorkerCore:
         self.part_index = {part.pfx: i for i, (_, part) in enumerate(self.parts)}
         self.corrupt_logged: dict[int, float] = {}  # partition -> when its keys were last reported
         self.full_check_at = 0.0
+        # the processor configs could not be written at start (Redis out of memory, ...):
+        # written again at each full check until that succeeds (see registration_refused)
+        self.unregistered = False
         self._rr = 0
 
     def reset(self) -> None:
         self.stats = WorkerStats()
         self.full_check_at = 0.0
         self.due_at = [0.0] * len(self.parts)
+        self.unregistered = False
+
+    def registration_refused(self, exc: RedisError) -> None:
+        """Redis answered the registry write with an error (not a connection failure). The
+        worker serves anyway: a full Redis refuses that write but still runs claims and acks,
+        which free memory; the write is retried at each full check (register_due)."""
+        self.unregistered = True
+        if isinstance(exc, OutOfMemoryError):
+            log.warning(
+                "Redis is out of memory (%s); serving what is stored (deliveries free memory), "
+                "the processor configs are registered once Redis accepts writes again",
+                exc,
+            )
+        else:
+            log.warning("cannot register the processor configs (%s); serving anyway, retrying later", exc)
+
+    def register_due(self, now: float) -> bool:
+        """Retry a refused registration now: it was refused and a full check is due."""
+        return self.unregistered and now >= self.full_check_at
+
+    def registration_retried(self, exc: RedisError | None) -> None:
+        """Record a retried registration (``exc``: still refused)."""
+        if exc is None:
+            self.unregistered = False
+            log.info("processor configs registered")
+        else:
+            log.debug("processor configs still not registered: %s", exc)
 
     # -- scheduling ------------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from tests.apps import async_app
 from tests.conftest import ROOT, cli_command, subprocess_env
 
 from .test_async_api import arun, check_positions
+from .test_reliability import Abort, guarded
 from .test_worker import wait_for
 
 FAST = {"flush_interval": None, "retry_backoff": 0.01, "retry_backoff_max": 0.02}
@@ -323,6 +324,57 @@ def test_async_handler_failures_dead_letter_and_replay(port: int) -> None:
         assert (await handler.history("bad"))[0].reason == "replay"
 
     run_async(port, body, definitions=rb.Batcher(redis.Redis(host="127.0.0.1", port=port), prefix="t"))
+
+
+@pytest.mark.parametrize(
+    ("style", "exc", "text"),
+    [
+        ("async", SystemExit(3), "SystemExit: 3"),
+        ("sync", SystemExit(3), "SystemExit: 3"),
+        ("sync", KeyboardInterrupt(), "KeyboardInterrupt: "),
+        ("async", Abort("stop"), "Abort: stop"),
+    ],
+    ids=["async-exit", "sync-exit", "sync-interrupt", "async-custom"],
+)
+def test_a_handler_raising_a_base_exception_fails_its_attempt(
+    port: int, style: str, exc: BaseException, text: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """sys.exit() in a handler neither ends the event loop nor wedges the flush: a failed
+    attempt, retried, then dead-lettered; bursts return. The loop runs in a thread of its own,
+    so a regression cannot stop the test session."""
+    calls: list[int] = []
+
+    def fail(flush: rb.Flush) -> None:
+        calls.append(flush.attempt)
+        if flush.batch_id == "bad":
+            raise exc
+
+    async def body(ab: aio.Batcher) -> None:
+        if style == "async":
+
+            @ab.processor(name="x", max_batch_size=2, max_attempts=2, **FAST)
+            async def handler(flush: rb.Flush) -> None:
+                await asyncio.sleep(0)
+                fail(flush)
+
+        else:
+            handler = ab.processor(name="x", max_batch_size=2, max_attempts=2, **FAST)(fail)
+        await handler.add_many("bad", [1, 2])
+        await handler.add_many("good", [3, 4])
+
+        async def settled() -> bool:
+            return await handler.status("bad") is None and await handler.status("good") is None
+
+        await drain(ab, settled)
+        assert sorted(calls) == [1, 1, 2]
+        history = [(h.attempt, h.success, h.error) for h in await handler.history("bad")]
+        assert history == [(2, False, text), (1, False, text)]
+        (dead,) = handler.definition.dead_letters()
+        assert (dead.batch_id, dead.reason, dead.error) == ("bad", "max_attempts", text)
+
+    guarded(lambda: run_async(port, body), timeout=30)
+    [record, *_] = [r for r in caplog.records if "handler raised" in r.getMessage()]
+    assert record.levelname == "ERROR" and text in record.getMessage() and record.exc_info is not None
 
 
 # -- timers, wake-ups, shutdown --------------------------------------------------------------------

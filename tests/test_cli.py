@@ -23,7 +23,7 @@ from click.testing import CliRunner, Result
 import redis_batcher
 from redis_batcher.cli import main
 from redis_batcher.embedded import RedisServer
-from tests.apps import ledger, slow
+from tests.apps import exiting, ledger, slow
 from tests.conftest import ROOT, cli_command, subprocess_env
 
 PREFIX = "clitest"
@@ -197,6 +197,35 @@ def test_burst_delivers_due_items_and_exits_0(
         assert proc.status(bid) is None
         assert [r.success for r in proc.history(bid)] == [True]
     assert "burst" in log and "worker stopped: 3 delivered, 0 failed, 0 dead-lettered, 60 items" in log
+
+
+def test_burst_returns_when_a_handler_calls_sys_exit(
+    redis_server: RedisServer, real_client: redis.Redis
+) -> None:
+    """sys.exit(3) in a handler: a failed attempt (logged with its traceback), the worker goes
+    on and --burst returns; the second attempt dead-letters the flush."""
+    _, proc = exiting.make(real_client)
+    proc.add_many("bad", [1, 2])
+    proc.add_many("good", [3, 4])
+    logs: list[str] = []
+    for _ in range(5):  # a burst returns before a retry falls due: run until both are settled
+        done = subprocess.run(
+            cli_command("worker", "tests.apps.exiting:batcher", "--redis-url", redis_server.url, "--burst"),
+            cwd=ROOT,
+            env=worker_env(redis_server.url),
+            capture_output=True,
+            timeout=30,
+        )
+        logs.append(done.stderr.decode(errors="replace"))
+        assert done.returncode == 0, logs[-1]
+        if proc.status("bad") is None and proc.status("good") is None:
+            break
+        time.sleep(0.05)
+    log = "".join(logs)
+    assert [(h.attempt, h.error) for h in proc.history("bad")] == [(2, "SystemExit: 3"), (1, "SystemExit: 3")]
+    assert [d.error for d in proc.dead_letters()] == ["SystemExit: 3"]
+    assert [h.success for h in proc.history("good")] == [True]
+    assert "handler raised SystemExit: 3" in log and "Traceback" in log and "sys.exit(3)" in log
 
 
 def test_worker_logs_each_flush(redis_server: RedisServer, real_client: redis.Redis) -> None:

@@ -7,6 +7,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -196,6 +197,31 @@ def test_a_step_always_failing_fails_the_job_after_max_retries(real_batcher: Bat
     assert (resumed.status, resumed.retry_count) == ("running", 0)
     Worker(real_batcher).run(burst=True)
     assert Broken.status("b1").status == "completed"  # type: ignore[union-attr]
+
+
+def test_a_step_calling_sys_exit_is_a_failed_step(
+    real_batcher: Batcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    """sys.exit() in a step ends neither the runner nor the job's bookkeeping: each try is a
+    counted failure (logged with its traceback) and the job fails after max_retries."""
+    tries = [0]
+
+    @real_batcher.iterator(name="exits", max_retries=1, retry_backoff=0.02, retry_backoff_max=0.05)
+    class Exits:
+        def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
+            return Page([1], None, True)
+
+        def process(self, items: list[Any], job: JobContext) -> None:
+            tries[0] += 1
+            sys.exit(3)
+
+    Exits.start("e1")
+    with running_worker(real_batcher):
+        wait_until(lambda: Exits.status("e1").status == "failed", what="failure")  # type: ignore[union-attr]
+    st = Exits.status("e1")
+    assert st is not None and (st.retry_count, st.error) == (2, "SystemExit: 3") and tries[0] == 2
+    [record, *_] = [r for r in caplog.records if "step raised SystemExit: 3" in r.getMessage()]
+    assert record.levelname == "ERROR" and record.exc_info is not None
 
 
 def test_default_retry_backoff_is_1_2_4_seconds_capped_at_30(real_batcher: Batcher) -> None:

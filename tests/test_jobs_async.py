@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from redis_batcher.embedded import RedisServer
 from tests.apps import jobs_app
 from tests.conftest import snapshot
 from tests.test_jobs import make_table
+from tests.test_reliability import guarded
 
 
 def arun(server: RedisServer, body: Callable[[aio.Batcher], Awaitable[None]]) -> None:
@@ -181,6 +183,47 @@ def test_async_retries_then_failure_then_resume(redis_server: RedisServer, real_
         assert (st.status, st.processed, st.retry_count) == ("completed", 2, 0)
 
     arun(redis_server, body)
+
+
+@pytest.mark.parametrize("style", ["async", "sync"])
+def test_async_runner_counts_a_step_calling_sys_exit_as_a_failed_step(
+    redis_server: RedisServer, real_client: redis.Redis, style: str
+) -> None:
+    """sys.exit() in a step (on the loop, or in its thread) does not end the event loop: a
+    failed step, retried, then the job fails. The loop runs in a thread of its own, so a
+    regression cannot stop the test session."""
+
+    def exit_step() -> None:
+        sys.exit(3)
+
+    async def body(ab: aio.Batcher) -> None:
+        @ab.iterator(name="exits", max_retries=1, retry_backoff=0.02, retry_backoff_max=0.05)
+        class Exits:
+            async def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
+                return Page([1], None, True)
+
+            if style == "async":
+
+                async def process(self, items: list[int], job: JobContext) -> None:
+                    exit_step()
+
+            else:
+
+                def process(self, items: list[int], job: JobContext) -> None:
+                    exit_step()
+
+        await Exits.start("e1")
+        worker = aio.Worker(ab)
+        task = asyncio.ensure_future(worker.run())
+        try:
+            await wait_for(lambda: _status_is(Exits, "e1", "failed"), what="failure")
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 10)
+        st = await status_of(Exits, "e1")
+        assert (st.retry_count, st.error) == (2, "SystemExit: 3")
+
+    guarded(lambda: arun(redis_server, body), timeout=30)
 
 
 def test_async_start_errors_and_listing(redis_server: RedisServer, real_client: redis.Redis) -> None:

@@ -66,13 +66,21 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subp
 
 
 def _header(path: Path) -> list[str]:
-    """The leading comment block of a Lua file."""
+    """The leading comment block of a Lua file (after its script-flags lines, if any)."""
     lines: list[str] = []
-    for line in path.read_text().splitlines():
+    for line in _unflagged(path).splitlines():
         if not line.startswith("--"):
             break
         lines.append(line)
     return lines
+
+
+def _unflagged(path: Path) -> str:
+    """A Lua file without its shebang and the comment line that gives the reason for its flags."""
+    text = path.read_text()
+    if text.startswith("#!"):
+        text = text.split("\n", 2)[2]
+    return text
 
 
 def test_lua_dir_holds_every_script() -> None:
@@ -95,7 +103,7 @@ def test_lua_script_has_header(path: Path) -> None:
         assert word in text, f"{path.name}: header does not mention {word!r}"
 
     # every KEYS[n] / ARGV[n] the code reads is documented (ARGV[6..] documents 6 and later)
-    body = path.read_text()[len("\n".join(header)) :]
+    body = _unflagged(path)[len("\n".join(header)) :]
     documented_keys = {int(n) for n in re.findall(r"^-- KEYS\[(\d+)\]", text, re.MULTILINE)}
     documented_args = {int(n) for n in re.findall(r"^-- ARGV\[(\d+)\]", text, re.MULTILINE)}
     open_ended = [int(n) for n in re.findall(r"^-- ARGV\[(\d+)\.\.\]", text, re.MULTILINE)]
@@ -107,6 +115,31 @@ def test_lua_script_has_header(path: Path) -> None:
         )
     # KEYS are numbered 1..n without gaps
     assert sorted(documented_keys) == list(range(1, len(documented_keys) + 1)), path.name
+
+
+@pytest.mark.parametrize("path", SCRIPT_FILES, ids=lambda p: p.name)
+def test_lua_script_flags_say_why(path: Path) -> None:
+    """A script with Redis 7 flags starts with the shebang, and the next line says why each flag
+    is safe; allow-oom only where a call cannot grow memory by more than a bounded amount (an
+    add must be refused while Redis is full)."""
+    first, second = path.read_text().splitlines()[:2]
+    if not first.startswith("#!"):
+        assert "allow-oom" not in path.read_text()
+        return
+    assert first == "#!lua flags=allow-oom", first
+    assert second.startswith("-- allow-oom: ") and len(second) > len("-- allow-oom: ") + 20, second
+    assert path.stem in {
+        "claim",
+        "ack",
+        "nack",
+        "extend",
+        "release",
+        "purge",
+        "delete",
+        "job_extend",
+        "job_release",
+        "job_fail",
+    }, f"{path.name} may grow memory without bound: it must not run while Redis is full"
 
 
 def test_common_lua_has_header() -> None:

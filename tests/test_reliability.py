@@ -416,3 +416,66 @@ def test_a_million_item_batch_never_blocks_redis(real_batcher: Batcher, real_cli
     slow = real_client.slowlog_get(128)
     print("slowlog entries over 250 ms:", [(e["command"][:40], e["duration"]) for e in slow])
     assert slow == []
+
+
+# -- handlers that raise a BaseException ---------------------------------------------------------
+
+
+class Abort(BaseException):
+    """Not an Exception: what some libraries raise to unwind a whole program."""
+
+
+EXITS: list[tuple[BaseException, str]] = [
+    (SystemExit(3), "SystemExit: 3"),
+    (KeyboardInterrupt(), "KeyboardInterrupt: "),
+    (Abort("stop"), "Abort: stop"),
+]
+
+
+def guarded(target: Callable[[], Any], timeout: float = 15.0) -> Any:
+    """``target()`` in a thread: an exception it lets out (even SystemExit or KeyboardInterrupt)
+    fails the test, and so does not returning in time (instead of hanging the suite)."""
+    out: list[Any] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(target())
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), f"did not return within {timeout:.0f}s"
+    assert not errors, f"raised {errors[0]!r}"
+    return out[0]
+
+
+@pytest.mark.parametrize(("exc", "text"), EXITS, ids=[type(e).__name__ for e, _ in EXITS])
+def test_a_handler_raising_a_base_exception_fails_its_attempt(
+    batcher: Batcher, exc: BaseException, text: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[int] = []
+
+    def handler(flush: rb.Flush) -> None:
+        calls.append(flush.attempt)
+        if flush.batch_id == "bad":
+            raise exc
+
+    proc = batcher.processor(name="x", max_batch_size=2, max_attempts=2, **FAST)(handler)
+    proc.add_many("bad", [1, 2])
+    proc.add_many("good", [3, 4])
+    deadline = time.monotonic() + 20
+    while proc.status("bad") is not None or proc.status("good") is not None:
+        assert time.monotonic() < deadline, "not delivered in time"
+        guarded(lambda: Worker(batcher, concurrency=2).run(burst=True))  # burst returns
+        time.sleep(0.02)
+    assert sorted(calls) == [1, 1, 2]  # bad twice, good once: the worker went on serving
+    history = [(h.attempt, h.success, h.error) for h in proc.history("bad")]
+    assert history == [(2, False, text), (1, False, text)]
+    (dead,) = proc.dead_letters()
+    assert (dead.batch_id, dead.reason, dead.error, dead.item_count) == ("bad", "max_attempts", text, 2)
+    # logged with its traceback, at error level
+    [record, *_] = [r for r in caplog.records if "handler raised" in r.getMessage()]
+    assert record.levelname == "ERROR" and text in record.getMessage() and record.exc_info is not None

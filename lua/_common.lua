@@ -153,6 +153,19 @@ local function push_history(hist, entry, cap)
   end
 end
 
+-- The next sequence number of a base id (HINCRBY of the head's next). A number whose keys exist
+-- already (left by something else) is skipped, never written over.
+local function next_free_seq(pfx, head, base)
+  local seq = redis.call('HINCRBY', head, 'next', 1) - 1
+  local tries = 0
+  while redis.call('EXISTS', pfx .. 's:' .. member_of(base, seq), pfx .. 'i:' .. member_of(base, seq)) > 0
+      and tries < 100 do
+    seq = redis.call('HINCRBY', head, 'next', 1) - 1
+    tries = tries + 1
+  end
+  return seq
+end
+
 -- The head's side of sealing: the sequence no longer takes adds and is indexed as flushing.
 local function seal_head(head, seq)
   if redis.call('HGET', head, 'acc') == tostring(seq) then

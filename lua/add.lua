@@ -107,15 +107,8 @@ local head_set = {}
 -- A new sequence. `full`: this add fills it at once, so it is written sealed right away (never
 -- accumulating: no head 'acc', no open list, no timer) and the caller only queues it as due.
 local function open_sequence(full)
-  local seq = redis.call('HINCRBY', head, 'next', 1) - 1
+  local seq = next_free_seq(pfx, head, base)
   local member = member_of(base, seq)
-  -- a number whose keys exist already (left by something else) is skipped, never overwritten
-  local tries = 0
-  while redis.call('EXISTS', pfx .. 's:' .. member, pfx .. 'i:' .. member) > 0 and tries < 100 do
-    seq = redis.call('HINCRBY', head, 'next', 1) - 1
-    member = member_of(base, seq)
-    tries = tries + 1
-  end
   if full then
     redis.call('HSET', pfx .. 's:' .. member, 'created_at', int(now), 'attempt', 0, 'max', max,
       'interval', interval, unpack(sealed_fields(max, 'size', now)))

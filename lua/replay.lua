@@ -29,15 +29,8 @@ if count == 0 then
   redis.call('ZREM', pfx .. 'dead', id)
   return {'ok', -1, 0}
 end
-local seq = redis.call('HINCRBY', head, 'next', 1) - 1
+local seq = next_free_seq(pfx, head, base)
 local member = member_of(base, seq)
--- a number whose keys exist already (left by something else) is skipped, never overwritten
-local tries = 0
-while redis.call('EXISTS', pfx .. 's:' .. member, pfx .. 'i:' .. member) > 0 and tries < 100 do
-  seq = redis.call('HINCRBY', head, 'next', 1) - 1
-  member = member_of(base, seq)
-  tries = tries + 1
-end
 redis.call('RENAME', dlist, pfx .. 'i:' .. member)
 redis.call('PERSIST', pfx .. 'i:' .. member)  -- live items never expire (dead letters may)
 redis.call('HSET', pfx .. 's:' .. member, 'status', 'flushing', 'cutoff', count,

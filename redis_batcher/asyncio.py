@@ -33,11 +33,10 @@ from redis.retry import Retry as SyncRetry
 
 from . import batcher as sync_batcher
 from . import ops
-from .batcher import _seconds, default_url, policy_evicts, policy_from_config, policy_from_info
+from .batcher import _seconds, default_url, judge_memory_policy, policy_from_config, policy_from_info
 from .codec import Codec, encode_item
 from .errors import (
     ConfigError,
-    EvictionPolicyError,
     NotReplicated,
     NotSentError,
     OutcomeUnknownError,
@@ -327,32 +326,14 @@ class Batcher:
                     functools.partial(self._sent, key, functools.partial(read_memory_policy, send), node),
                     idempotent=True,
                 )
-                self._judge_policy(policy, node.name)
+                judge_memory_policy(self, policy, node.name)
         else:
             policy = await self._retrying(
                 lambda: self._sent(key, lambda: read_memory_policy(client.execute_command)),
                 idempotent=True,
             )
-            self._judge_policy(policy, None)
+            judge_memory_policy(self, policy, None)
         self._policy_checked = True
-
-    def _judge_policy(self, policy: str | None, node: str | None) -> None:
-        if policy is None:
-            if not self._policy_logged:
-                self._policy_logged = True
-                log.debug("Redis does not report its maxmemory-policy (INFO and CONFIG refused)")
-            return
-        if not policy_evicts(policy):
-            return
-        if not self.allow_eviction:
-            raise EvictionPolicyError(policy, node)
-        if not self._policy_logged:
-            self._policy_logged = True
-            log.warning(
-                "Redis maxmemory-policy is %r%s: queued items can be evicted (allow_eviction=True)",
-                policy,
-                f" on {node}" if node else "",
-            )
 
     async def aclose(self) -> None:
         """Close the connection pool and the lone-add connections."""

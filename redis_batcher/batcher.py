@@ -90,6 +90,28 @@ def policy_evicts(policy: str) -> bool:
     return policy != "noeviction" and not policy.startswith("volatile-")
 
 
+def judge_memory_policy(batcher: Any, policy: str | None, node: str | None) -> None:
+    """Refuse an evicting ``policy`` (read from ``node``, None: the only server) unless
+    ``batcher.allow_eviction``; say once, in ``batcher._policy_logged``, when the server could
+    not tell or eviction is allowed. Shared by the sync and asyncio batchers."""
+    if policy is None:
+        if not batcher._policy_logged:
+            batcher._policy_logged = True
+            log.debug("Redis does not report its maxmemory-policy (INFO and CONFIG refused)")
+        return
+    if not policy_evicts(policy):
+        return
+    if not batcher.allow_eviction:
+        raise EvictionPolicyError(policy, node)
+    if not batcher._policy_logged:
+        batcher._policy_logged = True
+        log.warning(
+            "Redis maxmemory-policy is %r%s: queued items can be evicted (allow_eviction=True)",
+            policy,
+            f" on {node}" if node else "",
+        )
+
+
 def read_memory_policy(client: Any) -> str | None:
     """The ``maxmemory-policy`` of the server behind a sync client: from ``INFO memory`` (which
     managed services allow), else ``CONFIG GET``; None when it answers neither."""
@@ -503,26 +525,8 @@ class Batcher:
             policy = self._retrying(
                 partial(self._sent, key, partial(read_memory_policy, target), pool), idempotent=True
             )
-            self._judge_policy(policy, node)
+            judge_memory_policy(self, policy, node)
         self._policy_checked = True
-
-    def _judge_policy(self, policy: str | None, node: str | None) -> None:
-        if policy is None:
-            if not self._policy_logged:
-                self._policy_logged = True
-                log.debug("Redis does not report its maxmemory-policy (INFO and CONFIG refused)")
-            return
-        if not policy_evicts(policy):
-            return
-        if not self.allow_eviction:
-            raise EvictionPolicyError(policy, node)
-        if not self._policy_logged:
-            self._policy_logged = True
-            log.warning(
-                "Redis maxmemory-policy is %r%s: queued items can be evicted (allow_eviction=True)",
-                policy,
-                f" on {node}" if node else "",
-            )
 
     def _registry(self) -> tuple[dict[str, ProcessorConfig], dict[str, str]]:
         """The registry as (configs, unreadable entries: name -> reason)."""

@@ -67,22 +67,22 @@ def redis_binary(flags: bool) -> str | None:
     return None
 
 
-@pytest.fixture
-def server7() -> Iterator[RedisServer]:
-    binary = redis_binary(flags=True)
+def _server(flags: bool) -> Iterator[RedisServer]:
+    binary = redis_binary(flags=flags)
     if binary is None:
-        pytest.skip("no redis-server >= 7.0 (script flags) found")
+        pytest.skip("no redis-server >= 7.0 (script flags) found" if flags else "no redis-server < 7.0 found")
     with RedisServer(binary=binary) as server:
         yield server
+
+
+@pytest.fixture
+def server7() -> Iterator[RedisServer]:
+    yield from _server(flags=True)
 
 
 @pytest.fixture
 def server6() -> Iterator[RedisServer]:
-    binary = redis_binary(flags=False)
-    if binary is None:
-        pytest.skip("no redis-server < 7.0 found")
-    with RedisServer(binary=binary) as server:
-        yield server
+    yield from _server(flags=False)
 
 
 def limit_memory(client: redis.Redis) -> int:

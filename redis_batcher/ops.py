@@ -7,19 +7,30 @@ parse the reply here, so the two never drift apart.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
 import os
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from operator import methodcaller
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgpack
 from redis.exceptions import ResponseError
 
-from .errors import BatchFull, BatchNotAccumulating, BatchNotFound, CorruptData
+from .codec import decode_item
+from .errors import (
+    BatchFull,
+    BatchNotAccumulating,
+    BatchNotFound,
+    ConfigError,
+    CorruptData,
+    DeadLetterNotFound,
+    DecodeError,
+)
 from .keys import PartitionKeys
 from .models import (
     AddResult,
@@ -38,6 +49,7 @@ if TYPE_CHECKING:
     from .processor import Processor
 
 log = logging.getLogger("redis_batcher")
+T = TypeVar("T")
 
 
 def _s(value: Any) -> str:
@@ -552,3 +564,100 @@ def check_replay(reply: Sequence[Any]) -> None:
     """Raise :class:`CorruptData` for a replay.lua reply that found keys holding something else."""
     if _s(reply[0]) == "corrupt":
         raise _corrupt(reply[1])
+
+
+# Dead-letter administration takes several dependent round trips. Each operation is written once
+# here as a generator of the requests it needs; the sync Processor and the AsyncProcessor only
+# answer them (``_drive`` in redis_batcher.processor, ``_drive_async`` in .asyncio), so the two
+# APIs share the logic and not just the parsing.
+
+
+@dataclass(frozen=True)
+class Read:
+    """A plain read of ``key``: its reply is ``send(client)`` (run as an idempotent command,
+    inside :func:`reading`)."""
+
+    key: str
+    send: Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class Run:
+    """A script call; ``writes``: it may add data, so the memory policy is checked first."""
+
+    call: Call
+    writes: bool = False
+
+
+Step = Read | Run
+Steps = Generator[Step, Any, T]
+
+DEAD_PURGE_CHUNK = 100
+
+
+def dead_letters_steps(proc: Processor, limit: int) -> Steps[list[DeadLetter]]:
+    """Dead letters of ``proc``, newest first, without their items."""
+    if not isinstance(limit, int) or limit < 1:
+        raise ConfigError(f"limit must be a positive int, got {limit!r}")
+    found: list[tuple[float, PartitionKeys, str]] = []
+    for part in proc.keys.parts:
+        newest = yield Read(part.dead, methodcaller("zrevrange", part.dead, 0, limit - 1, withscores=True))
+        found.extend((score, part, _s(raw)) for raw, score in newest)
+    found.sort(key=lambda t: t[0], reverse=True)
+    out = []
+    for _, part, dead_id in found[:limit]:
+        meta = part.dead_meta(dead_id)
+        letter = parse_dead_letter(proc, dead_id, (yield Read(meta, methodcaller("hgetall", meta))))
+        if letter is not None:
+            out.append(letter)
+    return out
+
+
+def _find_dead(proc: Processor, dead_id: str) -> Steps[tuple[PartitionKeys, DeadLetter]]:
+    if not isinstance(dead_id, str) or not dead_id:
+        raise DeadLetterNotFound(f"no dead letter {dead_id!r}")
+    for part in proc.keys.parts:
+        meta = part.dead_meta(dead_id)
+        letter = parse_dead_letter(proc, dead_id, (yield Read(meta, methodcaller("hgetall", meta))))
+        if letter is not None:
+            return part, letter
+    raise DeadLetterNotFound(f"no dead letter {dead_id!r} in processor {proc.name!r}")
+
+
+def dead_letter_steps(proc: Processor, dead_id: str) -> Steps[DeadLetter]:
+    """One dead letter with its items (entries the codec cannot read stay ``bytes``)."""
+    part, letter = yield from _find_dead(proc, dead_id)
+    key = part.dead_items(dead_id)
+    raw = yield Read(key, methodcaller("lrange", key, 0, -1))
+    items: list[Any] = []
+    for i, data in enumerate(raw):
+        try:
+            items.append(decode_item(proc.codec, data, i))
+        except DecodeError:
+            items.append(data)
+    return dataclasses.replace(letter, items=items)
+
+
+def replay_dead_steps(proc: Processor, dead_id: str) -> Steps[int]:
+    """Put a dead letter's items back as a new sequence of its batch id; its number."""
+    part, letter = yield from _find_dead(proc, dead_id)
+    reply = yield Run(replay_call(proc, part, dead_id, letter.batch_id), writes=True)
+    check_replay(reply)
+    if _s(reply[0]) != "ok":
+        raise DeadLetterNotFound(f"no dead letter {dead_id!r} (replayed or purged meanwhile?)")
+    return int(reply[1])
+
+
+def purge_dead_steps(proc: Processor, dead_id: str | None) -> Steps[int]:
+    """Delete one dead letter, or all of them with ``None``; how many were deleted."""
+    if dead_id is not None:
+        part, _ = yield from _find_dead(proc, dead_id)
+        return parse_purge((yield Run(purge_call(part, [dead_id]))))
+    total = 0
+    for part in proc.keys.parts:
+        while True:
+            oldest = yield Read(part.dead, methodcaller("zrange", part.dead, 0, DEAD_PURGE_CHUNK - 1))
+            if not oldest:
+                break
+            total += parse_purge((yield Run(purge_call(part, [_s(r) for r in oldest]))))
+    return total

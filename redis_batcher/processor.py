@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import ops, wire
-from .codec import Codec, decode_item, encode_item, encode_items
-from .errors import ConfigError, DeadLetterNotFound, DecodeError
-from .keys import KeySpace, PartitionKeys, parse_batch_id
+from .codec import Codec, encode_item, encode_items
+from .errors import ConfigError
+from .keys import KeySpace, parse_batch_id
 from .models import (
     AddResult,
     BatchInfo,
@@ -28,8 +27,9 @@ if TYPE_CHECKING:
 
 Handler = Callable[[Flush], Any]
 
+T = TypeVar("T")
+
 ADD_CHUNK = 10_000
-DEAD_PURGE_CHUNK = 100
 
 
 class Processor:
@@ -169,84 +169,36 @@ class Processor:
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """Dead letters of this processor, newest first (without their items)."""
-        if not isinstance(limit, int) or limit < 1:
-            raise ConfigError(f"limit must be a positive int, got {limit!r}")
-        client = self.batcher.client
-        command = self.batcher._command
-        found: list[tuple[float, PartitionKeys, str]] = []
-        for part in self.keys.parts:
-            with ops.reading(part.dead):
-                newest = command(
-                    part.dead, partial(client.zrevrange, part.dead, 0, limit - 1, withscores=True)
-                )
-            for raw, score in newest:
-                found.append((score, part, raw.decode() if isinstance(raw, bytes) else raw))
-        found.sort(key=lambda t: t[0], reverse=True)
-        out = []
-        for _, part, dead_id in found[:limit]:
-            meta = part.dead_meta(dead_id)
-            with ops.reading(meta):
-                fields = command(meta, partial(client.hgetall, meta))
-            letter = ops.parse_dead_letter(self, dead_id, fields)
-            if letter is not None:
-                out.append(letter)
-        return out
-
-    def _find_dead(self, dead_id: str) -> tuple[PartitionKeys, DeadLetter]:
-        if not isinstance(dead_id, str) or not dead_id:
-            raise DeadLetterNotFound(f"no dead letter {dead_id!r}")
-        client = self.batcher.client
-        for part in self.keys.parts:
-            meta = part.dead_meta(dead_id)
-            with ops.reading(meta):
-                fields = self.batcher._command(meta, partial(client.hgetall, meta))
-            letter = ops.parse_dead_letter(self, dead_id, fields)
-            if letter is not None:
-                return part, letter
-        raise DeadLetterNotFound(f"no dead letter {dead_id!r} in processor {self.name!r}")
+        return _drive(self.batcher, ops.dead_letters_steps(self, limit))
 
     def dead_letter(self, dead_id: str) -> DeadLetter:
         """One dead letter with its items (entries the codec cannot read stay ``bytes``)."""
-        part, letter = self._find_dead(dead_id)
-        key = part.dead_items(dead_id)
-        client = self.batcher.client
-        with ops.reading(key):
-            raw = self.batcher._command(key, lambda: client.lrange(key, 0, -1))
-        items: list[Any] = []
-        for i, data in enumerate(raw):
-            try:
-                items.append(decode_item(self.codec, data, i))
-            except DecodeError:
-                items.append(data)
-        return dataclasses.replace(letter, items=items)
+        return _drive(self.batcher, ops.dead_letter_steps(self, dead_id))
 
     def replay_dead(self, dead_id: str) -> int:
         """Put a dead letter's items back into its batch id as a new sequence, due now.
 
         Returns the new sequence number."""
-        part, letter = self._find_dead(dead_id)
-        self.batcher._first_write()
-        reply = self.batcher._execute(ops.replay_call(self, part, dead_id, letter.batch_id))
-        ops.check_replay(reply)
-        if reply[0] != b"ok":
-            raise DeadLetterNotFound(f"no dead letter {dead_id!r} (replayed or purged meanwhile?)")
-        return int(reply[1])
+        return _drive(self.batcher, ops.replay_dead_steps(self, dead_id))
 
     def purge_dead(self, dead_id: str | None = None) -> int:
         """Delete one dead letter, or all of them with ``None``. Returns how many were deleted."""
-        client = self.batcher.client
-        if dead_id is not None:
-            part, _ = self._find_dead(dead_id)
-            return ops.parse_purge(self.batcher._execute(ops.purge_call(part, [dead_id])))
-        total = 0
-        for part in self.keys.parts:
-            while True:
-                with ops.reading(part.dead):
-                    oldest = self.batcher._command(
-                        part.dead, partial(client.zrange, part.dead, 0, DEAD_PURGE_CHUNK - 1)
-                    )
-                ids = [r.decode() if isinstance(r, bytes) else r for r in oldest]
-                if not ids:
-                    break
-                total += ops.parse_purge(self.batcher._execute(ops.purge_call(part, ids)))
-        return total
+        return _drive(self.batcher, ops.purge_dead_steps(self, dead_id))
+
+
+def _drive(batcher: Batcher, steps: ops.Steps[T]) -> T:
+    """Answer the requests of an :mod:`ops` multi-step operation through a sync batcher."""
+    reply: Any = None
+    while True:
+        try:
+            step = steps.send(reply)
+        except StopIteration as done:
+            result: T = done.value
+            return result
+        if isinstance(step, ops.Read):
+            with ops.reading(step.key):
+                reply = batcher._command(step.key, partial(step.send, batcher.client))
+        else:
+            if step.writes:
+                batcher._first_write()
+            reply = batcher._execute(step.call)

@@ -145,6 +145,22 @@ def parse_registry(raw: dict[Any, Any]) -> tuple[dict[str, ProcessorConfig], dic
     return configs, bad
 
 
+class _Unconnected:
+    """The client of a batcher made by :meth:`Batcher.definitions_only`: any use is refused
+    with a :class:`ConfigError` saying so (rather than a connection to some default server)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # copy, pickle and friends probe for optional protocols
+            raise AttributeError(name)
+        raise ConfigError(
+            "this batcher has no Redis connection: it only holds definitions; use the async "
+            "processor (or pass a connected sync Batcher as definitions=)"
+        )
+
+    def __repr__(self) -> str:
+        return "<no Redis connection>"
+
+
 def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
@@ -194,6 +210,15 @@ class Batcher:
         self._link: DirectLink | None = None
         self.connect(connection, cluster=cluster, **redis_options)
 
+    @classmethod
+    def definitions_only(cls, *, prefix: str = "rb") -> Batcher:
+        """A batcher without a Redis connection that only holds processor and iterator
+        definitions: what an asyncio batcher keeps them on when given none. Anything that would
+        talk to Redis through it raises :class:`ConfigError`; :meth:`connect` makes it a normal
+        batcher."""
+        unconnected: Any = _Unconnected()
+        return cls(unconnected, prefix=prefix)
+
     def connect(
         self,
         connection: str | redis.Redis | redis.RedisCluster | None = None,
@@ -202,6 +227,10 @@ class Batcher:
         **redis_options: Any,
     ) -> None:
         """(Re)bind the batcher to a URL or client; the CLI uses this for ``--redis-url``."""
+        if isinstance(connection, _Unconnected):  # definitions_only()
+            self.client, self.url, self.is_cluster = connection, None, False
+            self._registered.clear()
+            return
         if connection is None:
             connection = default_url()
         if isinstance(connection, str):
@@ -545,6 +574,8 @@ class Batcher:
 
     def close(self) -> None:
         """Close the connection pool and the producer connections."""
+        if isinstance(self.client, _Unconnected):
+            return  # a definitions_only batcher: nothing to close
         if self._link is not None:
             self._link.close()
         self.client.close()

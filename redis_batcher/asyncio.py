@@ -3,9 +3,10 @@
 Mirrors ``redis.asyncio``: the same processor API, awaited. It runs the same Lua scripts
 (:mod:`redis_batcher.scripts`) through the same call builders (:mod:`redis_batcher.ops`) as the
 sync client, on the same key layout, and its worker shares the sync worker's scheduling and
-bookkeeping (:mod:`redis_batcher.worker_core`). Processor *definitions* are shared too: define
-a processor once on a sync :class:`redis_batcher.Batcher` and pass that batcher as
-``definitions=``, or define it here and use ``aproc.definition`` from sync code.
+bookkeeping (:mod:`redis_batcher.worker_core`). Processor *definitions* are kept on a sync
+:class:`redis_batcher.Batcher`: pass a connected one as ``definitions=`` to use the same
+processors from sync code too; by default a connectionless one holds them
+(:meth:`redis_batcher.Batcher.definitions_only`) and everything goes through the async client.
 
 Group commit: ``add()`` calls made by many coroutines in the same event-loop iteration are sent
 together -- one EVALSHA per batch id, pipelined -- and each call returns only after Redis ran
@@ -29,7 +30,6 @@ import redis
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
-from redis.retry import Retry as SyncRetry
 
 from . import batcher as sync_batcher
 from . import ops
@@ -47,7 +47,15 @@ from .errors import (
 from .jobs import JobStatus, select_iterators
 from .jobs_async import AsyncJobIterator, AsyncJobRunner
 from .keys import parse_batch_id, registry_key, validate_name
-from .models import AddResult, BatchInfo, BatchStatus, DeleteResult, FlushRecord, FlushResult
+from .models import (
+    AddResult,
+    BatchInfo,
+    BatchStatus,
+    DeadLetter,
+    DeleteResult,
+    FlushRecord,
+    FlushResult,
+)
 from .processor import ADD_CHUNK, Processor
 from .wire import AsyncDirectLink, pack
 from .worker_core import (
@@ -94,33 +102,6 @@ def _one_reply(reply: Any) -> Any:
     return reply
 
 
-def _sync_twin(client: Any, url: str | None, cluster: bool) -> Any:
-    """A sync client for the server an async client talks to (for the definitions batcher)."""
-    no_retry = SyncRetry(NoBackoff(), 0)
-    if url is not None:
-        factory = redis.RedisCluster if cluster else redis.Redis
-        return factory.from_url(url, retry=no_retry)
-    if isinstance(client, aioredis.RedisCluster):
-        node = client.get_nodes()[0] if client.get_nodes() else client.startup_nodes[0]
-        return redis.RedisCluster(host=node.host, port=int(node.port), retry=no_retry)
-    kwargs = dict(getattr(getattr(client, "connection_pool", None), "connection_kwargs", {}))
-    if "server" in kwargs:  # fakeredis: share its in-memory server
-        import fakeredis
-
-        return fakeredis.FakeRedis(server=kwargs["server"])
-    allowed = {
-        "host",
-        "port",
-        "db",
-        "username",
-        "password",
-        "path",
-        "socket_timeout",
-        "socket_connect_timeout",
-    }
-    return redis.Redis(retry=no_retry, **{k: v for k, v in kwargs.items() if k in allowed})
-
-
 @dataclass
 class _Pending:
     proc: Processor
@@ -142,8 +123,10 @@ class Batcher:
 
     ``connection``: a URL, a ``redis.asyncio.Redis`` / ``redis.asyncio.RedisCluster`` client (or
     fakeredis' async client), or ``None`` for ``$REDIS_URL``. ``definitions``: a sync
-    :class:`redis_batcher.Batcher` whose processors (and prefix) this batcher shares. Other
-    options as for the sync batcher; ``prefix`` defaults to the definitions' prefix, else "rb".
+    :class:`redis_batcher.Batcher` whose processors (and prefix) this batcher shares; without
+    it, a :meth:`~redis_batcher.Batcher.definitions_only` one (no connection: the processors'
+    ``definition`` cannot be used from sync code). Other options as for the sync batcher;
+    ``prefix`` defaults to the definitions' prefix, else "rb".
     """
 
     def __init__(
@@ -164,21 +147,14 @@ class Batcher:
         self.allow_eviction = allow_eviction
         self.client: Any = None
         self.is_cluster = False
-        self._own_definitions = False
         self._registered: set[str] = set()
         self._policy_checked = False  # check_memory_policy passed on this connection
         self._policy_logged = False
         self.connect(connection, cluster=cluster, **redis_options)
         if definitions is None:
-            # the sync twin holding the processor definitions; its own client is only used by
-            # sync calls on `AsyncProcessor.definition` (lazy: it connects on first use)
-            definitions = sync_batcher.Batcher(
-                _sync_twin(self.client, self.url, cluster),
-                prefix=prefix or "rb",
-                connect_retry=connect_retry,
-                allow_eviction=allow_eviction,
-            )
-            self._own_definitions = True
+            # the definitions need a sync Batcher but no connection of their own: everything
+            # this batcher does goes through its async client
+            definitions = sync_batcher.Batcher.definitions_only(prefix=prefix or "rb")
         elif prefix is not None and validate_name("prefix", prefix) != definitions.prefix:
             raise ConfigError(
                 f"prefix {prefix!r} differs from the definitions' prefix {definitions.prefix!r}"
@@ -225,9 +201,6 @@ class Batcher:
         self._link = AsyncDirectLink(client) if AsyncDirectLink.supports(client) else None
         self._registered.clear()
         self._policy_checked = False
-        if self._own_definitions:
-            # keep the sync twin (dead-letter admin, `aproc.definition`) on the same server
-            self.definitions.connect(_sync_twin(client, self.url, cluster))
 
     def __repr__(self) -> str:
         return f"<async Batcher prefix={self.prefix!r} processors={sorted(self.definitions.processors)}>"
@@ -621,6 +594,14 @@ class AsyncProcessor:
     def codec(self) -> Codec:
         return self.definition.codec
 
+    @property
+    def handler(self) -> Callable[..., Any]:
+        return self.definition.handler
+
+    def encode(self, items: Iterable[Any]) -> list[bytes]:
+        """Encode items, raising before anything is written if one is invalid."""
+        return self.definition.encode(items)
+
     async def add(self, batch_id: str, item: Any) -> AddResult:
         """Append one item. Concurrent calls are coalesced (group commit); this one returns when
         Redis has run its item, with its own result (or raises its own error)."""
@@ -696,6 +677,44 @@ class AsyncProcessor:
                 found = [raw async for raw in self.batcher.client.sscan_iter(part.ids, count=500)]
             for raw in found:
                 yield raw.decode() if isinstance(raw, bytes) else raw
+
+    # -- dead letters (the sync Processor's, awaited: the same steps, from redis_batcher.ops) ----
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters of this processor, newest first (without their items)."""
+        return await _drive_async(self.batcher, ops.dead_letters_steps(self.definition, limit))
+
+    async def dead_letter(self, dead_id: str) -> DeadLetter:
+        """One dead letter with its items (entries the codec cannot read stay ``bytes``)."""
+        return await _drive_async(self.batcher, ops.dead_letter_steps(self.definition, dead_id))
+
+    async def replay_dead(self, dead_id: str) -> int:
+        """Put a dead letter's items back into its batch id as a new sequence, due now; returns
+        the new sequence number."""
+        return await _drive_async(self.batcher, ops.replay_dead_steps(self.definition, dead_id))
+
+    async def purge_dead(self, dead_id: str | None = None) -> int:
+        """Delete one dead letter, or all of them with ``None``; returns how many were deleted."""
+        return await _drive_async(self.batcher, ops.purge_dead_steps(self.definition, dead_id))
+
+
+async def _drive_async(batcher: Batcher, steps: ops.Steps[T]) -> T:
+    """Answer the requests of an :mod:`redis_batcher.ops` multi-step operation through an async
+    batcher (as ``redis_batcher.processor._drive`` does through a sync one)."""
+    reply: Any = None
+    while True:
+        try:
+            step = steps.send(reply)
+        except StopIteration as done:
+            result: T = done.value
+            return result
+        if isinstance(step, ops.Read):
+            with ops.reading(step.key):
+                reply = await batcher._command(step.key, functools.partial(step.send, batcher.client))
+        else:
+            if step.writes:
+                await batcher._first_write()
+            reply = await batcher._execute(step.call)
 
 
 async def _guarded(awaitable: Any) -> Any:

@@ -12,10 +12,13 @@ event loop reports an unhandled error such as "Task exception was never retrieve
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import gc
 import inspect
 import random
+import subprocess
+import sys
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -35,7 +38,7 @@ from redis_batcher.processor import ADD_CHUNK
 from redis_batcher.scripts import scripts
 
 from . import test_api
-from .conftest import snapshot
+from .conftest import ROOT, snapshot
 
 T = TypeVar("T")
 Body = Callable[[aio.Batcher], Awaitable[None]]
@@ -1199,3 +1202,49 @@ def test_a_failed_round_trip_fails_its_callers_only(backend: Backend) -> None:
         assert delivered == sorted([("kept", i) for i in range(6)] + [("retried", i) for i in range(6)])
 
     backend.run(body, client_cls=cls)
+
+
+# == part 3: the async API's surface ===============================================================
+
+
+def test_the_async_processor_offers_every_method_of_the_sync_one() -> None:
+    """Each public method of :class:`redis_batcher.Processor` exists on AsyncProcessor with the
+    same parameters, awaited when it talks to Redis (``encode`` alone does not)."""
+    local = {"encode"}
+    for name, sync_method in inspect.getmembers(rb.Processor, inspect.isfunction):
+        if name.startswith("_"):
+            continue
+        async_method = getattr(aio.AsyncProcessor, name, None)
+        assert async_method is not None, f"AsyncProcessor has no {name}()"
+        params = inspect.signature(async_method).parameters
+        assert list(params) == list(inspect.signature(sync_method).parameters), name
+        if name in local:
+            assert not inspect.iscoroutinefunction(async_method), name
+        else:
+            awaited = inspect.iscoroutinefunction(async_method) or inspect.isasyncgenfunction(async_method)
+            assert awaited, f"AsyncProcessor.{name} is not awaited"
+
+
+def test_the_library_never_imports_a_test_backend() -> None:
+    """fakeredis (and its Lua runtime) is a test dependency: no module of the library imports it,
+    not even lazily in a function, and importing the library (asyncio and CLI too) loads neither."""
+    for path in sorted((ROOT / "redis_batcher").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            assert not [n for n in names if n.split(".")[0] in ("fakeredis", "lupa")], (
+                f"{path.name}:{node.lineno} imports {names}"
+            )
+    probe = (
+        "import sys, redis_batcher, redis_batcher.asyncio, redis_batcher.cli\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('fakeredis', 'lupa'))\n"
+        "assert not loaded, loaded\n"
+        "import fakeredis\n"  # the probe itself can see them: it would notice them imported
+        "assert 'fakeredis' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -23,6 +23,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode
+from redis.credentials import UsernamePasswordCredentialProvider
 
 import redis_batcher as rb
 from redis_batcher import asyncio as aio
@@ -280,9 +281,9 @@ def test_partial_failure_from_an_async_handler_retries_only_the_failed_items(por
         assert [(h.success, h.item_count) for h in hist] == [(True, 2), (False, 5)]
         assert hist[1].error == "PartialFailure: b and d were rejected"
         assert hist[0].flush_id == hist[1].flush_id
-        assert handler.definition.dead_letters() == []
+        assert await handler.dead_letters() == []
 
-    run_async(port, body, definitions=rb.Batcher(redis.Redis(host="127.0.0.1", port=port), prefix="t"))
+    run_async(port, body)
 
 
 async def _is_none(value: Awaitable[Any]) -> bool:
@@ -290,8 +291,8 @@ async def _is_none(value: Awaitable[Any]) -> bool:
 
 
 def test_async_handler_failures_dead_letter_and_replay(port: int) -> None:
-    """Dead letters of an async processor, inspected and replayed through the shared (sync)
-    definition; other batch ids keep flowing meanwhile."""
+    """Dead letters of an async processor, inspected and replayed awaited (and seen by the
+    sync definition it shares); other batch ids keep flowing meanwhile."""
 
     async def body(ab: aio.Batcher) -> None:
         calls: list[tuple[str, int]] = []
@@ -312,13 +313,14 @@ def test_async_handler_failures_dead_letter_and_replay(port: int) -> None:
         await drain(ab, settled)
         assert [a for b, a in calls if b == "bad"] == [1, 2, 3]
         assert [a for b, a in calls if b == "good"] == [1]
-        sync = handler.definition
-        (dead,) = sync.dead_letters()
+        (dead,) = await handler.dead_letters()
         assert (dead.batch_id, dead.item_count, dead.reason, dead.attempts) == ("bad", 3, "max_attempts", 3)
         assert dead.error == "ValueError: nope"
-        assert sync.dead_letter(dead.id).items == [1, 2, 3]
+        assert await asyncio.to_thread(handler.definition.dead_letters) == [dead]
+        assert (await handler.dead_letter(dead.id)).items == [1, 2, 3]
         failing.clear()
-        assert sync.replay_dead(dead.id) == 1
+        assert await handler.replay_dead(dead.id) == 1
+        assert await handler.dead_letters() == []
         await drain(ab, lambda: _is_none(handler.status("bad")))
         assert calls[-1] == ("bad", 1)
         assert (await handler.history("bad"))[0].reason == "replay"
@@ -369,7 +371,7 @@ def test_a_handler_raising_a_base_exception_fails_its_attempt(
         assert sorted(calls) == [1, 1, 2]
         history = [(h.attempt, h.success, h.error) for h in await handler.history("bad")]
         assert history == [(2, False, text), (1, False, text)]
-        (dead,) = handler.definition.dead_letters()
+        (dead,) = await handler.dead_letters()
         assert (dead.batch_id, dead.reason, dead.error) == ("bad", "max_attempts", text)
 
     guarded(lambda: run_async(port, body), timeout=30)
@@ -460,6 +462,115 @@ def test_graceful_stop_releases_unfinished_leases(port: int) -> None:
     run_async(port, body)
 
 
+# -- dead letters, awaited, on clients a sync copy could not reproduce ----------------------------
+
+
+@pytest.fixture(scope="module")
+def locked_server() -> Iterator[tuple[RedisServer, str]]:
+    """A redis-server also listening on a unix socket, with its default user disabled: only the
+    ACL user "app" (password "app-pw") gets in, so a connection made with anything but the
+    test's own client settings is refused."""
+    server = RedisServer()
+    sock = str(Path(server.directory) / "redis.sock")
+    server.extra_args += ["--unixsocket", sock, "--unixsocketperm", "700"]
+    server.start()
+    admin = redis.Redis(host="127.0.0.1", port=server.port)
+    admin.execute_command("ACL", "SETUSER", "app", "on", ">app-pw", "~*", "&*", "+@all")
+    admin.execute_command("ACL", "SETUSER", "default", "off")
+    admin.close()
+    try:
+        yield server, sock
+    finally:
+        server.close()
+
+
+def locked_batcher(server: RedisServer, sock: str, kind: str) -> aio.Batcher:
+    """An async batcher on db 3 of ``locked_server`` as user "app", connected three ways."""
+    if kind == "unix-socket":
+        client: Any = aioredis.Redis(unix_socket_path=sock, db=3, username="app", password="app-pw")
+    elif kind == "credential-provider":
+        creds = UsernamePasswordCredentialProvider("app", "app-pw")
+        client = aioredis.Redis(host="127.0.0.1", port=server.port, db=3, credential_provider=creds)
+    else:  # a URL plus options for the client redis-py builds from it
+        client = f"redis://127.0.0.1:{server.port}/3"
+        return aio.Batcher(client, prefix="t", username="app", password="app-pw")
+    return aio.Batcher(client, prefix="t")
+
+
+@pytest.mark.parametrize("kind", ["unix-socket", "credential-provider", "url-and-options"])
+def test_dead_letters_are_administered_through_the_async_client(
+    locked_server: tuple[RedisServer, str], kind: str
+) -> None:
+    """Listing, reading, replaying and purging dead letters goes through the async client itself,
+    whatever it was built with (a unix socket, a credential provider, options beside a URL; db 3
+    of a server that refuses any other login), never through a sync client guessed from it."""
+    server, sock = locked_server
+    admin = redis.Redis(host="127.0.0.1", port=server.port, db=3, username="app", password="app-pw")
+    admin.flushall()
+    delivered: list[tuple[str, list[Any]]] = []
+    failing = {"a", "b", "c"}
+
+    async def body() -> None:
+        ab = locked_batcher(server, sock, kind)
+
+        @ab.processor(name="d", max_batch_size=2, max_attempts=1, partitions=2, **FAST)
+        async def handler(flush: rb.Flush) -> None:
+            if flush.batch_id in failing:
+                raise ValueError("nope")
+            delivered.append((flush.batch_id, flush.items))
+
+        async def settled(*ids: str) -> bool:
+            return all([await handler.status(i) is None for i in ids])
+
+        try:
+            for i, bid in enumerate(["a", "b", "c", "ok"]):
+                await handler.add_many(bid, [2 * i, 2 * i + 1])
+            await drain(ab, lambda: settled("a", "b", "c", "ok"))
+            assert delivered == [("ok", [6, 7])]
+            letters = await handler.dead_letters()
+            assert sorted((d.batch_id, d.item_count, d.reason, d.error) for d in letters) == [
+                (bid, 2, "max_attempts", "ValueError: nope") for bid in ("a", "b", "c")
+            ]
+            assert [d.dead_at for d in letters] == sorted((d.dead_at for d in letters), reverse=True)
+            assert await handler.dead_letters(limit=2) == letters[:2]
+            dead = {d.batch_id: d for d in letters}
+            assert (await handler.dead_letter(dead["a"].id)).items == [0, 1]
+            # the sync definition has no connection: it refuses instead of guessing one
+            with pytest.raises(rb.ConfigError, match="no Redis connection"):
+                await asyncio.to_thread(handler.definition.dead_letters)
+            for missing in ("no-such-id", ""):
+                with pytest.raises(rb.DeadLetterNotFound):
+                    await handler.dead_letter(missing)
+            with pytest.raises(rb.ConfigError):
+                await handler.dead_letters(limit=0)
+
+            failing.discard("a")
+            assert await handler.replay_dead(dead["a"].id) == 1  # a new sequence of "a"
+            with pytest.raises(rb.DeadLetterNotFound):
+                await handler.replay_dead(dead["a"].id)
+            await drain(ab, lambda: settled("a"))
+            assert delivered[-1] == ("a", [0, 1])
+            assert (await handler.history("a"))[0].reason == "replay"
+
+            assert await handler.purge_dead(dead["b"].id) == 1
+            with pytest.raises(rb.DeadLetterNotFound):
+                await handler.purge_dead(dead["b"].id)
+            assert [d.batch_id for d in await handler.dead_letters()] == ["c"]
+            assert await handler.purge_dead() == 1
+            assert await handler.dead_letters() == [] and await handler.purge_dead() == 0
+        finally:
+            await ab.aclose()
+
+    try:
+        arun(body)
+        # all of it happened in db 3 (db 0 untouched)
+        db0 = redis.Redis(host="127.0.0.1", port=server.port, username="app", password="app-pw")
+        assert admin.dbsize() > 0 and db0.dbsize() == 0
+        db0.close()
+    finally:
+        admin.close()
+
+
 # -- one definition, both APIs ---------------------------------------------------------------------
 
 
@@ -495,9 +606,10 @@ def test_processor_defined_on_an_async_batcher_used_from_sync_code(
     redis_server: RedisServer, port: int
 ) -> None:
     got: list[rb.Flush] = []
+    sync_b = rb.Batcher(redis.Redis(host="127.0.0.1", port=port), prefix="t")
 
     async def body() -> None:
-        ab = aio.Batcher(redis_server.url, prefix="t")
+        ab = aio.Batcher(redis_server.url, definitions=sync_b)
 
         @ab.processor(name="shared", max_batch_size=3, flush_interval=None)
         async def handler(flush: rb.Flush) -> None:
@@ -512,9 +624,9 @@ def test_processor_defined_on_an_async_batcher_used_from_sync_code(
         await aio.Worker(ab).run(burst=True)
         assert await asyncio.to_thread(handler.definition.status, "x") is None
         await ab.aclose()
-        ab.definitions.close()
 
     arun(body)
+    sync_b.close()
     assert [f.items for f in sorted(got, key=lambda f: f.sequence)] == [[1, 2, 3], [4, 5]]
 
 
@@ -545,40 +657,63 @@ def test_sync_worker_never_acknowledges_an_async_handler_it_did_not_run(
     )
 
 
-def test_definitions_of_an_async_batcher_built_from_a_client_use_that_server(
-    redis_server: RedisServer, port: int, monkeypatch: pytest.MonkeyPatch
+def test_definitions_of_an_async_batcher_without_a_sync_batcher_have_no_connection(
+    port: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``aio.Batcher(client)`` builds its sync definitions batcher itself; sync use of
-    ``aproc.definition`` must reach the client's server (or refuse), not $REDIS_URL / 6379.
-    $REDIS_URL points at db 15 of the test server so a wrong target is visible without ever
-    touching port 6379."""
+    """``aio.Batcher(client)`` keeps its definitions on a connectionless sync batcher: sync use
+    of ``aproc.definition`` (or of its iterators) refuses with a ConfigError saying why, and
+    reaches no server -- not the client's, not $REDIS_URL's (db 15 of the test server here)."""
     monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{port}/15")
     other_db = redis.Redis(host="127.0.0.1", port=port, db=15)
 
-    async def body() -> None:
-        ab = aio.Batcher(aioredis.Redis(host="127.0.0.1", port=port), prefix="t")
+    async def body(ab: aio.Batcher) -> None:
         aproc = ab.processor(name="cl", max_batch_size=10, flush_interval=None)(lambda f: None)
-        try:
-            try:
-                await asyncio.to_thread(aproc.definition.add, "x", 1)
-            except rb.BatcherError:
-                return  # refusing sync use is acceptable; writing elsewhere is not
-            st = await aproc.status("x")
-            assert st is not None and st.pending == 1, (
-                "aproc.definition.add() wrote to "
-                f"{ab.definitions.client.connection_pool.connection_kwargs.get('db')=} of $REDIS_URL, "
-                "not to the async client's server/db (db 15 now holds "
-                f"{other_db.dbsize()} keys)"
-            )
-        finally:
-            await ab.aclose()
-            ab.definitions.close()
+
+        @ab.iterator(name="it")
+        class Empty:
+            def next_batch(self, cursor: str | None, batch_size: int) -> rb.Page:
+                return rb.Page(items=[], cursor=None, done=True)
+
+            def process(self, items: list[Any], job: rb.JobContext) -> None:
+                pass
+
+        uses: list[Callable[[], Any]] = [
+            lambda: aproc.definition.add("x", 1),
+            lambda: aproc.definition.status("x"),
+            lambda: aproc.definition.dead_letters(),
+            lambda: aproc.definition.purge_dead(),
+            lambda: ab.definitions.register(),
+            lambda: ab.definitions.check_memory_policy(),
+            lambda: rb.Worker(ab.definitions).run(burst=True),
+            lambda: Empty.definition.start("j"),
+        ]
+        for use in uses:
+            with pytest.raises(rb.ConfigError, match="no Redis connection: it only holds definitions"):
+                await asyncio.to_thread(use)
+        ab.definitions.close()  # nothing to close: no error
+        assert "no Redis connection" in repr(ab.definitions.client)
+        # the async side works as ever, through the async client
+        assert await aproc.status("x") is None
+        assert (await aproc.add("x", 1)).pending == 1
+        assert (await Empty.start("j")).status == "pending"
 
     try:
-        arun(body)
+        run_async(port, body)
+        assert other_db.dbsize() == 0
     finally:
         other_db.flushdb()
         other_db.close()
+
+
+def test_a_definitions_only_batcher_connects_later(port: int) -> None:
+    """A definitions-only sync batcher becomes a normal one on connect() (the CLI's --redis-url)."""
+    b = rb.Batcher.definitions_only(prefix="d")
+    proc = b.processor(name="p", max_batch_size=2, flush_interval=None)(lambda f: None)
+    with pytest.raises(rb.ConfigError, match="only holds definitions"):
+        proc.add("x", 1)
+    b.connect(f"redis://127.0.0.1:{port}/0")
+    assert proc.add("x", 1).pending == 1
+    b.close()
 
 
 # -- WAIT with group commit ----------------------------------------------------------------------
@@ -611,7 +746,6 @@ def test_wait_replicas_with_coalesced_adds() -> None:
                 assert time.monotonic() - t0 < 3
                 assert await proc.pending("b0") == 6 and await proc.pending("b1") == 6  # on the primary
                 await ab.aclose()
-                ab.definitions.close()
 
             arun(body)
         finally:
@@ -801,7 +935,6 @@ def test_async_cluster_smoke(redis_cluster: RedisClusterServers) -> None:
                 await until(lambda: len(got) > before, timeout=5, what=f"wake-up for {bid}")  # noqa: B023
                 assert time.monotonic() - t0 < 3
         await ab.aclose()
-        ab.definitions.close()
 
     try:
         arun(body)
@@ -851,7 +984,6 @@ def test_async_cluster_noscript_on_one_node_never_duplicates(redis_cluster: Redi
             f"{pending} (ids served by the other nodes: {others})"
         )
         await ab.aclose()
-        ab.definitions.close()
 
     try:
         arun(body)

@@ -93,6 +93,13 @@ async def read_memory_policy(send: Callable[..., Awaitable[Any]]) -> str | None:
     return policy
 
 
+async def _aclose(resource: Any) -> None:
+    """Close a ``redis.asyncio`` client or pubsub: ``aclose()`` since redis-py 5.0.1, the
+    (since deprecated) awaitable ``close()`` before it."""
+    close = getattr(resource, "aclose", None)
+    await (close() if close is not None else resource.close())
+
+
 def _one_reply(reply: Any) -> Any:
     """A reply of one node: redis-py's cluster client may key it by the node's name."""
     if isinstance(reply, dict) and len(reply) == 1:
@@ -312,7 +319,7 @@ class Batcher:
         """Close the connection pool and the lone-add connections."""
         if self._link is not None:
             await self._link.close()
-        await self.client.aclose()
+        await _aclose(self.client)
 
     # -- running scripts --------------------------------------------------------------------------
 
@@ -1106,7 +1113,7 @@ class Worker(WorkerCore):
             finally:
                 if pubsub is not None:
                     try:
-                        await pubsub.aclose()
+                        await _aclose(pubsub)
                     except Exception:
                         pass
 

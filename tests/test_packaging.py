@@ -165,6 +165,31 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield wheels[0]
 
 
+def _version(text: str) -> tuple[int, ...]:
+    parts = tuple(int(p) for p in text.split("."))
+    return parts + (0,) * (3 - len(parts))
+
+
+def test_declared_versions_are_the_ones_ci_tests() -> None:
+    """pyproject.toml declares what .ci/run tests, no more: its Python classifiers and
+    requires-python are the matrix's Pythons, its ``redis>=`` bound the lowest redis-py there."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+
+    def ci_array(name: str) -> list[str]:
+        found = re.search(rf"^{name}=\(([^)]*)\)", ci, re.MULTILINE)
+        assert found, f".ci/run has no {name}=(...)"
+        return found.group(1).split()
+
+    pythons = ci_array("PYTHONS")
+    classified = re.findall(r'"Programming Language :: Python :: (3\.\d+)"', pyproject)
+    assert classified == pythons
+    assert re.search(rf'^requires-python = ">={re.escape(pythons[0])}"$', pyproject, re.MULTILINE)
+    (bound,) = re.findall(r'^\s*"redis>=([\d.]+)",?$', pyproject, re.MULTILINE)
+    redis_py = ci_array("REDIS_PY")
+    assert _version(bound) == _version(redis_py[0]) == min(map(_version, redis_py))
+
+
 @pytest.mark.slow
 def test_wheel_contains_lua_scripts_and_py_typed(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:

@@ -35,6 +35,7 @@ from . import batcher as sync_batcher
 from . import ops
 from .batcher import _seconds, default_url, judge_memory_policy, policy_from_config, policy_from_info
 from .codec import Codec, encode_item
+from .connection import AsyncLink, acheckout, pack
 from .errors import (
     ConfigError,
     NotReplicated,
@@ -49,7 +50,6 @@ from .jobs_async import AsyncJobIterator, AsyncJobRunner
 from .keys import parse_batch_id, registry_key, validate_name
 from .models import AddResult, BatchInfo, BatchStatus, DeleteResult, FlushRecord, FlushResult
 from .processor import ADD_CHUNK, Processor
-from .wire import AsyncDirectLink, pack
 from .worker_core import (
     HandlerExit,
     Outcome,
@@ -221,8 +221,9 @@ class Batcher:
             raise ConfigError("redis-batcher needs a client with decode_responses=False (items are bytes)")
         self.client = client
         self.is_cluster = isinstance(client, aioredis.RedisCluster)
-        # lone adds skip redis-py's per-command machinery, as on the sync Batcher
-        self._link = AsyncDirectLink(client) if AsyncDirectLink.supports(client) else None
+        # script calls on connections this event loop keeps, taken from the client's pool (see
+        # connection.AsyncLink); cluster clients go through redis-py (scripts._async_routing)
+        self._link = AsyncLink(client) if AsyncLink.supports(client) else None
         self._registered.clear()
         self._policy_checked = False
         if self._own_definitions:
@@ -380,7 +381,7 @@ class Batcher:
                     node.release(conn)
             else:
                 pool = client.connection_pool
-                await pool.release(await pool.get_connection())
+                await pool.release(await acheckout(pool))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise_not_sent(exc)
         try:
@@ -419,8 +420,8 @@ class Batcher:
         async def once(batch: Sequence[ops.Call], use_eval: bool) -> list[Any]:
             out: list[Any]
             if link is not None:
-                # framed here, sent in one write, replies read by the link's parser: a
-                # 9-call pipeline costs ~210 µs of client CPU this way, ~320 through redis-py
+                # framed here, sent in one write on a connection the link keeps, each reply
+                # read with redis-py's read_response: no pipeline object, no retry wrapper
                 frames = [c.script.framed(c.keys, c.args, source=use_eval, conn=conn) for c in batch]
                 if self.wait_replicas:
                     frames.append(pack((b"WAIT", self.wait_replicas, self.wait_timeout_ms)))
@@ -508,7 +509,7 @@ class Batcher:
             await asyncio.shield(self._spawn(self._send(batch)))
         return await future
 
-    async def _add_one(self, link: AsyncDirectLink, proc: Processor, base: str, data: bytes) -> Any:
+    async def _add_one(self, link: AsyncLink, proc: Processor, base: str, data: bytes) -> Any:
         """A lone single add framed in one step (as the sync Batcher's); NOSCRIPT and a
         request never sent take the general way (which retries the latter)."""
         try:

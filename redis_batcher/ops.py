@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 from redis.exceptions import ResponseError
 
+from .connection import Arg
 from .errors import BatchFull, BatchNotAccumulating, BatchNotFound, CorruptData
 from .keys import PartitionKeys
 from .models import (
@@ -32,7 +33,6 @@ from .models import (
     ms_to_dt,
 )
 from .scripts import Script, scripts
-from .wire import Arg
 
 if TYPE_CHECKING:
     from .processor import Processor

@@ -188,9 +188,10 @@ class Link:
 
     @staticmethod
     def supports(client: Any) -> bool:
-        """True for a standalone ``redis.Redis`` (any connection class, Sentinel-built ones
-        too) whose pool hands out connections: not a cluster client."""
-        return isinstance(client, redis.Redis) and isinstance(
+        """True for a ``redis.Redis`` (any pool and connection class: Sentinel-built clients
+        too). Not for a subclass: its ``execute_command`` may be what the application relies
+        on (tracing, a test double), so it keeps redis-py's path; nor for a cluster client."""
+        return type(client) is redis.Redis and isinstance(
             getattr(client, "connection_pool", None), redis.ConnectionPool
         )
 
@@ -318,10 +319,10 @@ class AsyncLink:
 
     @staticmethod
     def supports(client: Any) -> bool:
-        """True for a standalone ``redis.asyncio.Redis`` (not a cluster client)."""
+        """True for a ``redis.asyncio.Redis`` (not a subclass: see :meth:`Link.supports`)."""
         import redis.asyncio as aioredis
 
-        return isinstance(client, aioredis.Redis) and isinstance(
+        return type(client) is aioredis.Redis and isinstance(
             getattr(client, "connection_pool", None), aioredis.ConnectionPool
         )
 

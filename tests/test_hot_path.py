@@ -36,7 +36,7 @@ def client_id(link: Link) -> int:
     return int(link.call((b"CLIENT", b"ID")))
 
 
-def test_link_is_used_for_standalone_clients(redis_server: RedisServer) -> None:
+def test_link_is_used_for_redis_clients_of_any_connection_class(redis_server: RedisServer) -> None:
     import fakeredis
 
     class Traced(redis.Connection):
@@ -45,18 +45,20 @@ def test_link_is_used_for_standalone_clients(redis_server: RedisServer) -> None:
     custom = redis.Redis(
         connection_pool=redis.ConnectionPool(connection_class=Traced, port=redis_server.port)
     )
-    # only redis-py's public connection API is used: any connection class, and fakeredis
-    for conn in (
-        redis_server.url,
-        redis.Redis(host="127.0.0.1", port=redis_server.port),
-        custom,
-        fakeredis.FakeRedis(),
-    ):
+    # only redis-py's public connection API is used: any connection class
+    for conn in (redis_server.url, redis.Redis(host="127.0.0.1", port=redis_server.port), custom):
         batcher = Batcher(conn)
         assert batcher._link is not None
         proc = make(batcher, max_batch_size=10)
         assert proc.add("a", 1).added == 1
         batcher.close()
+
+    class Instrumented(redis.Redis):
+        pass
+
+    # a subclass of the client (its execute_command may trace) keeps redis-py's path
+    assert Batcher(Instrumented(port=redis_server.port))._link is None
+    assert Batcher(fakeredis.FakeRedis())._link is None
 
 
 def test_link_reconnects_after_the_server_closed_an_idle_connection(
@@ -375,7 +377,7 @@ def test_async_link_for_lone_adds(
     from redis_batcher import asyncio as aio
 
     async def main() -> None:
-        assert aio.Batcher(fakeredis.FakeAsyncRedis())._link is not None
+        assert aio.Batcher(fakeredis.FakeAsyncRedis())._link is None
         ab = aio.Batcher(redis_server.url, prefix="ahot")
         link = ab._link
         assert link is not None

@@ -198,6 +198,7 @@ class Link:
     def _pin(self, old: _Pin | None) -> _Pin:
         """This thread's connection, (re)taken from the pool: the slow path of a call."""
         if old is not None:
+            self._local.pin = None  # given back: never used again, even if no other is taken
             self._unpin(old)
         pool = self.connection_pool
         try:

@@ -190,9 +190,14 @@ class Link:
     def supports(client: Any) -> bool:
         """True for a ``redis.Redis`` (any pool and connection class: Sentinel-built clients
         too). Not for a subclass: its ``execute_command`` may be what the application relies
-        on (tracing, a test double), so it keeps redis-py's path; nor for a cluster client."""
-        return type(client) is redis.Redis and isinstance(
-            getattr(client, "connection_pool", None), redis.ConnectionPool
+        on (tracing, a test double), so it keeps redis-py's path; nor for a cluster client,
+        nor with client-side caching (its connections tie each reply to the command redis-py
+        sent last, which needs Redis 7.4 to be tested)."""
+        pool = getattr(client, "connection_pool", None)
+        return (
+            type(client) is redis.Redis
+            and isinstance(pool, redis.ConnectionPool)
+            and getattr(pool, "cache", None) is None
         )
 
     def _pin(self, old: _Pin | None) -> _Pin:

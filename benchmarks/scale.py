@@ -13,7 +13,7 @@ Per run and id count:
    commandstats`` usec of EVALSHA, read around add()'s own pieces).
 1b. the floor, taking turns with 1. piece by piece: a minimal script touching the same key as
    an add into an open sequence (``RPUSHX`` onto the base id's open list, ``LINDEX`` of its
-   header), pre-framed and sent over the same kind of connection (``wire.DirectLink``). Any
+   header), pre-framed and sent over the same kind of connection (``connection.Link``). Any
    atomic add with this data layout touches this key; at 100,000 ids it is cold in the CPU's
    caches at every call. The floor's extra µs per call at the most ids over 1 id is
    that memory cost; add()'s extra µs set against it shows whether add() has any cost of its
@@ -44,9 +44,9 @@ import redis
 import redis_batcher
 from benchmarks.report import ITEM, Record, append_json, exit_on_sigterm, record
 from redis_batcher import ops
+from redis_batcher.connection import Link, pack
 from redis_batcher.embedded import RedisServer
 from redis_batcher.scripts import scripts
-from redis_batcher.wire import DirectLink, pack
 
 SUITE = "scale"
 CLAIM_LIMIT = 10
@@ -102,7 +102,7 @@ class Scale:
         for script in scripts().scripts.values():
             script.load(self.client)  # with script flags where the server has them
         self.floor_sha = str(self.client.script_load(FLOOR_SCRIPT))
-        self.link = DirectLink(self.client)
+        self.link = Link(self.client)
         self.floor_frames: list[bytes] = []
 
     def close(self) -> None:

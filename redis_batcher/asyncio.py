@@ -35,6 +35,7 @@ from . import batcher as sync_batcher
 from . import ops
 from .batcher import _seconds, default_url, judge_memory_policy, policy_from_config, policy_from_info
 from .codec import Codec, encode_item
+from .connection import AsyncLink, acheckout, pack
 from .errors import (
     ConfigError,
     NotReplicated,
@@ -57,7 +58,6 @@ from .models import (
     FlushResult,
 )
 from .processor import ADD_CHUNK, Processor
-from .wire import AsyncDirectLink, pack
 from .worker_core import (
     HandlerExit,
     Outcome,
@@ -204,8 +204,9 @@ class Batcher:
             raise ConfigError("redis-batcher needs a client with decode_responses=False (items are bytes)")
         self.client = client
         self.is_cluster = isinstance(client, aioredis.RedisCluster)
-        # lone adds skip redis-py's per-command machinery, as on the sync Batcher
-        self._link = AsyncDirectLink(client) if AsyncDirectLink.supports(client) else None
+        # script calls on connections this event loop keeps, taken from the client's pool (see
+        # connection.AsyncLink); cluster clients go through redis-py (scripts._async_routing)
+        self._link = AsyncLink(client) if AsyncLink.supports(client) else None
         self._registered.clear()
         self._policy_checked = False
 
@@ -360,7 +361,7 @@ class Batcher:
                     node.release(conn)
             else:
                 pool = client.connection_pool
-                await pool.release(await pool.get_connection())
+                await pool.release(await acheckout(pool))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise_not_sent(exc)
         try:
@@ -399,8 +400,8 @@ class Batcher:
         async def once(batch: Sequence[ops.Call], use_eval: bool) -> list[Any]:
             out: list[Any]
             if link is not None:
-                # framed here, sent in one write, replies read by the link's parser: a
-                # 9-call pipeline costs ~210 µs of client CPU this way, ~320 through redis-py
+                # framed here, sent in one write on a connection the link keeps, each reply
+                # read with redis-py's read_response: no pipeline object, no retry wrapper
                 frames = [c.script.framed(c.keys, c.args, source=use_eval, conn=conn) for c in batch]
                 if self.wait_replicas:
                     frames.append(pack((b"WAIT", self.wait_replicas, self.wait_timeout_ms)))
@@ -446,49 +447,40 @@ class Batcher:
     # -- group commit ----------------------------------------------------------------------------
 
     async def _add(self, proc: Processor, base: str, encoded: list[bytes]) -> AddResult:
-        """Group commit. The first caller of a loop iteration leads: if other coroutines are
-        ready to run it yields once so they can join, then sends. Alone, it sends its EVALSHA
-        itself (no task, no pipeline: no added latency). With company, the send runs as a task
-        of its own that the leader awaits shielded, so cancelling one caller can neither cut the
-        round trip in half nor strand the others."""
+        """Group commit. The first caller of a loop iteration leads: it yields once, so that
+        every other coroutine ready in this iteration can join, then sends what was collected.
+        Alone, it sends its EVALSHA itself (no task, no pipeline: one round trip plus that one
+        loop iteration). With company, the send runs as a task of its own that the leader
+        awaits shielded, so cancelling one caller can neither cut the round trip in half nor
+        strand the others."""
         loop = asyncio.get_running_loop()
-        ready = getattr(loop, "_ready", None)  # asyncio's run queue (other loops: just yield)
-        if (
-            ready is not None
-            and not ready
-            and not self._scheduled
-            and not self.wait_replicas
-            and proc.name in self._registered
-        ):
-            # alone in this loop iteration: nobody to group with, so no queue and no future
-            # (the same call and reply as _send_one's)
+        future: asyncio.Future[AddResult] = loop.create_future()
+        self._queue.append(_Pending(proc, base, encoded, future))
+        if self._scheduled:
+            return await future  # a leader is collecting this iteration's adds
+        self._scheduled = True
+        try:
+            # a callback queued now runs after every callback already queued: each coroutine
+            # made ready in this iteration (or before) adds before this one goes on
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            batch, self._queue, self._scheduled = self._queue, [], False
+            others = [p for p in batch if p.future is not future]
+            if others:  # the leader leaves; the adds it collected are still sent
+                self._spawn(self._send(others))
+            raise
+        batch, self._queue, self._scheduled = self._queue, [], False
+        if len(batch) == 1 and not self.wait_replicas and proc.name in self._registered:
+            # alone: one EVALSHA, no pipeline, sent by this caller's own task
             if self._link is not None and len(encoded) == 1:
                 reply = await self._add_one(self._link, proc, base, encoded[0])
             else:
                 reply = await self._execute(ops.add_call(proc, base, encoded))
             return ops.parse_add(proc, base, len(encoded), reply)
-        future: asyncio.Future[AddResult] = loop.create_future()
-        self._queue.append(_Pending(proc, base, encoded, future))
-        if self._scheduled:
-            return await future  # a leader is collecting this iteration's adds
-        if ready is None or ready:
-            self._scheduled = True
-            try:
-                await asyncio.sleep(0)
-            except asyncio.CancelledError:
-                batch, self._queue, self._scheduled = self._queue, [], False
-                others = [p for p in batch if p.future is not future]
-                if others:  # the leader leaves; the adds it collected are still sent
-                    self._spawn(self._send(others))
-                raise
-        batch, self._queue, self._scheduled = self._queue, [], False
-        if len(batch) == 1 and not self.wait_replicas and proc.name in self._registered:
-            await self._send_one(batch[0])
-        else:
-            await asyncio.shield(self._spawn(self._send(batch)))
+        await asyncio.shield(self._spawn(self._send(batch)))
         return await future
 
-    async def _add_one(self, link: AsyncDirectLink, proc: Processor, base: str, data: bytes) -> Any:
+    async def _add_one(self, link: AsyncLink, proc: Processor, base: str, data: bytes) -> Any:
         """A lone single add framed in one step (as the sync Batcher's); NOSCRIPT and a
         request never sent take the general way (which retries the latter)."""
         try:
@@ -502,21 +494,6 @@ class Batcher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-    async def _send_one(self, p: _Pending) -> None:
-        """A lone add: one EVALSHA, no pipeline, no grouping."""
-        if p.future.cancelled():
-            return
-        try:
-            reply = await self._execute(ops.add_call(p.proc, p.base, p.encoded))
-            result: Any = ops.parse_add_segments(p.proc, p.base, [len(p.encoded)], reply)[0]
-        except Exception as exc:
-            result = exc
-        if not p.future.done():
-            if isinstance(result, BaseException):
-                p.future.set_exception(result)
-            else:
-                p.future.set_result(result)
 
     async def _send(self, batch: list[_Pending]) -> None:
         try:

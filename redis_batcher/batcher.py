@@ -19,6 +19,7 @@ from redis.retry import Retry
 
 from . import ops
 from .codec import Codec, codec_name, resolve_codec
+from .connection import Link, checkout
 from .errors import (
     ConfigError,
     DuplicateProcessor,
@@ -33,7 +34,6 @@ from .errors import (
 from .keys import registry_key, validate_name
 from .models import AddResult, ProcessorConfig
 from .processor import Handler, Processor
-from .wire import DirectLink
 
 if TYPE_CHECKING:
     from .jobs import JobIterator, JobStatus
@@ -207,7 +207,7 @@ class Batcher:
         self._policy_checked = False  # check_memory_policy passed on this connection
         self._policy_logged = False  # the server could not tell its policy: said once
         self._lock = threading.Lock()
-        self._link: DirectLink | None = None
+        self._link: Link | None = None
         self.connect(connection, cluster=cluster, **redis_options)
 
     @classmethod
@@ -236,7 +236,8 @@ class Batcher:
         if isinstance(connection, str):
             # never let redis-py re-send a command after a connection error: a script that ran
             # but whose reply was lost would run twice (a duplicated add). Connection attempts
-            # that failed before anything was sent are retried by _execute instead.
+            # that failed before anything was sent are retried by _execute instead. (Script
+            # calls never go through these retries: see connection.Link and scripts._routing.)
             redis_options.setdefault("retry", Retry(NoBackoff(), 0))
             if cluster:
                 client: Any = redis.RedisCluster.from_url(connection, **redis_options)
@@ -253,8 +254,9 @@ class Batcher:
         self.is_cluster = isinstance(client, redis.RedisCluster)
         if self._link is not None:
             self._link.close()
-        # the producer's hot path: script calls on this thread's own connection (see DirectLink)
-        self._link = DirectLink(client) if DirectLink.supports(client) else None
+        # script calls on a connection this thread keeps, taken from the client's pool (see
+        # connection.Link); cluster clients go through redis-py (scripts._routing)
+        self._link = Link(client) if Link.supports(client) else None
         if self.is_cluster and self.wait_replicas:
             raise ConfigError("wait_replicas is not supported on Redis Cluster clients")
         self._registered.clear()
@@ -298,8 +300,7 @@ class Batcher:
         apart from a lost reply (:class:`OutcomeUnknownError`)."""
         try:
             pool = pool if pool is not None else self._pool(key)
-            conn = pool.get_connection()
-            pool.release(conn)
+            pool.release(checkout(pool))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise_not_sent(exc)
         try:
@@ -318,6 +319,13 @@ class Batcher:
         (same round trip)."""
 
         def attempt() -> Any:
+            if wait and self.wait_replicas and self._link is not None:
+                reply, acked = call.script.call_and_wait_direct(
+                    self._link, call.keys, call.args, self.wait_replicas, self.wait_timeout_ms
+                )
+                if acked < self.wait_replicas:
+                    raise NotReplicated(self.wait_replicas, acked)
+                return reply
             if wait and self.wait_replicas:
                 reply, acked = self._sent(
                     call.keys[0],
@@ -336,8 +344,8 @@ class Batcher:
 
     def _run_once(self, call: ops.Call) -> Any:
         """Run a script call once, no retry and no WAIT (the worker's claims and lease
-        renewals: their callers handle errors and carry on), on this thread's DirectLink
-        connection when there is one."""
+        renewals: their callers handle errors and carry on), on this thread's connection of
+        the link when there is one."""
         if self._link is not None:
             return call.script.call_direct(self._link, call.keys, call.args)
         return call.run(self.client)

@@ -22,6 +22,7 @@ import msgpack
 from redis.exceptions import ResponseError
 
 from .codec import decode_item
+from .connection import Arg
 from .errors import (
     BatchFull,
     BatchNotAccumulating,
@@ -43,7 +44,6 @@ from .models import (
     ms_to_dt,
 )
 from .scripts import Script, scripts
-from .wire import Arg
 
 if TYPE_CHECKING:
     from .processor import Processor

@@ -5,8 +5,10 @@ Each atomic operation is a file in the top-level ``lua/`` directory (shipped ins
 scripts) that a script uses are prepended to it. Scripts run with EVALSHA; when the server
 answers NOSCRIPT (after ``SCRIPT FLUSH``, a restart or a failover) the call is repeated once
 with EVAL, which also puts the script back into the server's cache. EVAL is routed like
-EVALSHA, so this works unchanged on Redis Cluster. A call goes out through a redis-py client,
-or through :mod:`redis_batcher.wire` (the producer's per-thread connections) where it applies.
+EVALSHA, so this works unchanged on Redis Cluster. A call goes out over a link of
+:mod:`redis_batcher.connection` (a connection the calling thread or event loop keeps) where the
+client has one, else through redis-py's client: on Redis Cluster with the key's node named as
+the target, which turns off the cluster client's own retries (a re-sent script runs twice).
 
 Script flags: a ``.lua`` file may start with a Redis 7 shebang line (``#!lua
 flags=allow-oom``: the bookkeeping that frees memory or only rewrites a few fields keeps
@@ -26,10 +28,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import redis
 from redis.exceptions import NoScriptError, ResponseError
 
-from . import wire
-from .wire import Arg, AsyncDirectLink, DirectLink
+from .connection import Arg, AsyncLink, Link, frames, pack
 
 SCRIPT_NAMES = (
     "add",
@@ -120,15 +122,15 @@ class ScriptVariant:
         key count."""
         head = self._heads.get(numkeys)
         if head is None:
-            head = self._heads[numkeys] = wire.frames((b"EVALSHA", self.sha, numkeys))
+            head = self._heads[numkeys] = frames((b"EVALSHA", self.sha, numkeys))
         return head
 
     def framed(self, keys: Sequence[str], args: Sequence[Arg], *, source: bool = False) -> bytes:
         """``EVALSHA sha numkeys keys... args...`` RESP-encoded for a link, or with ``source``
         ``EVAL`` with the full source."""
         if source:
-            return wire.pack((b"EVAL", self.source, len(keys), *keys, *args))
-        return wire.pack((*keys, *args), self.evalsha_head(len(keys)), 3)
+            return pack((b"EVAL", self.source, len(keys), *keys, *args))
+        return pack((*keys, *args), self.evalsha_head(len(keys)), 3)
 
 
 class Script:
@@ -194,16 +196,17 @@ class Script:
     def __call__(self, client: Any, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """Run on a sync redis-py client (``Redis`` or ``RedisCluster``)."""
         v = self.variant(client)
+        target = _routing(client, keys)
         try:
-            return client.evalsha(v.sha, len(keys), *keys, *args)
+            return client.execute_command("EVALSHA", v.sha, len(keys), *keys, *args, **target)
         except NoScriptError:
             pass
         try:
-            return client.eval(v.source, len(keys), *keys, *args)
+            return client.execute_command("EVAL", v.source, len(keys), *keys, *args, **target)
         except ResponseError as exc:
             if not self.fall_back(client, v, exc):
                 raise
-        return client.eval(self.plain.source, len(keys), *keys, *args)
+        return client.execute_command("EVAL", self.plain.source, len(keys), *keys, *args, **target)
 
     def call_and_wait(
         self, client: Any, keys: Sequence[str], args: Sequence[Arg], replicas: int, timeout_ms: int
@@ -232,8 +235,8 @@ class Script:
                 continue
             return reply, int(acked)
 
-    def call_direct(self, link: DirectLink, keys: Sequence[str], args: Sequence[Arg]) -> Any:
-        """Run over a :class:`DirectLink` (this thread's own connection)."""
+    def call_direct(self, link: Link, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        """Run over a :class:`~redis_batcher.connection.Link` (this thread's own connection)."""
         v = self.variant(link)
         try:
             return link.request(v.framed(keys, args))
@@ -246,8 +249,29 @@ class Script:
                 raise
         return link.request(self.plain.framed(keys, args, source=True))
 
-    async def call_async_direct(self, link: AsyncDirectLink, keys: Sequence[str], args: Sequence[Arg]) -> Any:
-        """Run over an :class:`AsyncDirectLink`."""
+    def call_and_wait_direct(
+        self, link: Link, keys: Sequence[str], args: Sequence[Arg], replicas: int, timeout_ms: int
+    ) -> tuple[Any, int]:
+        """:meth:`call_and_wait` over a :class:`~redis_batcher.connection.Link`: the script
+        call and ``WAIT`` in one write."""
+        v = self.variant(link)
+        wait = pack((b"WAIT", replicas, timeout_ms))
+        use_eval = False
+        while True:
+            reply, acked = link.pipeline(v.framed(keys, args, source=use_eval) + wait, 2)
+            if isinstance(reply, NoScriptError) and not use_eval:
+                use_eval = True  # EVAL never answers NOSCRIPT
+                continue
+            if use_eval and isinstance(reply, ResponseError) and self.fall_back(link, v, reply):
+                v = self.plain  # at most once: the plain variant never falls back
+                continue
+            for value in (reply, acked):
+                if isinstance(value, Exception):
+                    raise value
+            return reply, int(acked)
+
+    async def call_async_direct(self, link: AsyncLink, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        """Run over an :class:`~redis_batcher.connection.AsyncLink`."""
         v = self.variant(link)
         try:
             return await link.request(v.framed(keys, args))
@@ -263,16 +287,38 @@ class Script:
     async def call_async(self, client: Any, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """Run on an asyncio redis-py client."""
         v = self.variant(client)
+        target = await _async_routing(client, keys)
         try:
-            return await client.evalsha(v.sha, len(keys), *keys, *args)
+            return await client.execute_command("EVALSHA", v.sha, len(keys), *keys, *args, **target)
         except NoScriptError:
             pass
         try:
-            return await client.eval(v.source, len(keys), *keys, *args)
+            return await client.execute_command("EVAL", v.source, len(keys), *keys, *args, **target)
         except ResponseError as exc:
             if not self.fall_back(client, v, exc):
                 raise
-        return await client.eval(self.plain.source, len(keys), *keys, *args)
+        return await client.execute_command("EVAL", self.plain.source, len(keys), *keys, *args, **target)
+
+
+def _routing(client: Any, keys: Sequence[str]) -> dict[str, Any]:
+    """redis-py's options for a script call on ``client``: on a cluster client, the node of the
+    call's first key as its target. redis-py's cluster clients (5.x to 8.x) retry after a
+    connection error or timeout only the commands they route themselves, and a script whose
+    reply was lost must not run twice; MOVED and ASK are still followed."""
+    if isinstance(client, redis.RedisCluster) and keys:
+        cluster: Any = client  # its methods are untyped
+        return {"target_nodes": cluster.get_node_from_key(keys[0])}
+    return {}
+
+
+async def _async_routing(client: Any, keys: Sequence[str]) -> dict[str, Any]:
+    """:func:`_routing` for ``redis.asyncio`` clients (a cluster client learns its nodes first)."""
+    import redis.asyncio as aioredis
+
+    if isinstance(client, aioredis.RedisCluster) and keys:
+        await client.initialize()
+        return {"target_nodes": client.get_node_from_key(keys[0])}
+    return {}
 
 
 _HELPER = re.compile(r"^local function (\w+)\(", re.M)

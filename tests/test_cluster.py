@@ -237,6 +237,111 @@ def test_batcher_from_cluster_url(redis_cluster: RedisClusterServers, nodes: lis
         batcher.close()
 
 
+# -- a node busy past the socket timeout ----------------------------------------------------------
+
+# keeps the server it runs on busy for ARGV[1] microseconds: it answers nobody meanwhile, and the
+# commands sent to it wait in its socket buffers and run afterwards
+BUSY = """local t0 = redis.call('TIME')
+local start = t0[1] * 1000000 + t0[2]
+repeat
+  local t = redis.call('TIME')
+until t[1] * 1000000 + t[2] - start >= tonumber(ARGV[1])
+return 1"""
+
+
+def keep_busy(node: redis.Redis, seconds: float) -> threading.Thread:
+    port = node.connection_pool.connection_kwargs["port"]
+
+    def run() -> None:
+        busy = redis.Redis(port=port)
+        try:
+            busy.eval(BUSY, 0, int(seconds * 1e6))
+        finally:
+            busy.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(0.05)  # the script is running
+    return thread
+
+
+def stored_once(nodes: list[redis.Redis], proc: Processor, base: str, expected: list[Any]) -> None:
+    """The items of ``base``'s accumulating sequence are ``expected``, and stay so (no late
+    duplicate arrives)."""
+    part = proc.keys.for_base(base)
+    owner = owner_of(nodes, keyslot_of(nodes[0], part.head(base)))
+
+    def items() -> list[Any]:
+        return [proc.codec.decode(i) for i in owner.lrange(part.open_items(base), 1, -1)]
+
+    deadline = time.monotonic() + 5
+    while items() != expected:
+        assert time.monotonic() < deadline, items()
+        time.sleep(0.02)
+    time.sleep(0.5)
+    assert items() == expected
+
+
+def keyslot_of(node: redis.Redis, key: str) -> int:
+    return int(node.execute_command("CLUSTER KEYSLOT", key))  # type: ignore[no-untyped-call]
+
+
+@pytest.mark.parametrize("how", ["url", "client", "async-url", "async-client"])
+def test_an_add_to_a_node_busy_past_the_socket_timeout_runs_once(
+    redis_cluster: RedisClusterServers, nodes: list[redis.Redis], how: str
+) -> None:
+    """The add's reply times out while the node is busy: OutcomeUnknown, and the script runs
+    once when the node is free. redis-py's cluster clients would re-send it (their own retries:
+    cluster_error_retry_attempts on 5.x, retry on 6.x+, on by default for a client passed in):
+    the batcher names the key's node as the command's target, which turns them off."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    import redis_batcher as rb
+    from redis_batcher import asyncio as aio
+
+    prefix = how.replace("-", "")
+    host, port = redis_cluster.startup_nodes[0]
+    if how.startswith("async"):
+
+        async def main() -> Processor:
+            if how == "async-url":
+                ab = aio.Batcher(redis_cluster.url, cluster=True, prefix=prefix, socket_timeout=0.3)
+            else:
+                client = aioredis.RedisCluster(host=host, port=port, socket_timeout=0.3)
+                ab = aio.Batcher(client, prefix=prefix)
+            aproc = ab.processor(name="b", max_batch_size=1000, flush_interval=None)(lambda f: None)
+            await aproc.add("x", 0)
+            part = aproc.keys.for_base("x")
+            busy = keep_busy(owner_of(nodes, keyslot_of(nodes[0], part.head("x"))), 0.45)
+            try:
+                with pytest.raises(rb.OutcomeUnknownTimeoutError):
+                    await aproc.add("x", 1)
+            finally:
+                busy.join()
+            await ab.aclose()
+            return aproc.definition
+
+        proc = asyncio.run(main())
+    else:
+        if how == "url":
+            batcher = Batcher(redis_cluster.url, cluster=True, prefix=prefix, socket_timeout=0.3)
+        else:
+            client = RedisCluster(startup_nodes=[ClusterNode(host, port)], socket_timeout=0.3)
+            batcher = Batcher(client, prefix=prefix)
+        proc = batcher.processor(name="b", max_batch_size=1000, flush_interval=None)(lambda f: None)
+        proc.add("x", 0)
+        busy = keep_busy(owner_of(nodes, keyslot_of(nodes[0], proc.keys.for_base("x").head("x"))), 0.45)
+        try:
+            with pytest.raises(rb.OutcomeUnknownTimeoutError):
+                proc.add("x", 1)
+        finally:
+            busy.join()
+        batcher.close()
+    stored_once(nodes, proc, "x", [0, 1])
+
+
 # -- NOSCRIPT ------------------------------------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ from redis.exceptions import OutOfMemoryError
 import redis_batcher as rb
 from redis_batcher import asyncio as aio
 from redis_batcher import ops
+from redis_batcher.connection import Arg, AsyncLink, Link
 from redis_batcher.embedded import RedisServer, find_redis_server
 from redis_batcher.jobs import claim_call as job_claim_call
 from redis_batcher.jobs import extend_call as job_extend_call
@@ -34,7 +35,6 @@ from redis_batcher.jobs import fail_call as job_fail_call
 from redis_batcher.jobs import owner_call
 from redis_batcher.jobs import parse_claim as parse_job_claim
 from redis_batcher.scripts import Script, flags_unsupported, scripts
-from redis_batcher.wire import Arg, AsyncDirectLink, DirectLink
 
 from .test_async_api import arun
 from .test_worker import wait_for
@@ -458,7 +458,7 @@ def test_scripts_fall_back_on_redis_before_7_and_keep_flags_on_redis_7(
 ) -> None:
     old = rb.Batcher(server6.url, prefix="fb")
     new = rb.Batcher(server7.url, prefix="fb")
-    assert old._link is not None  # the DirectLink path too
+    assert old._link is not None  # the link's path too
     exercise(old)
     exercise(new)
     assert flags_unsupported(old.client) and flags_unsupported(old._link)  # one pool
@@ -489,7 +489,7 @@ def test_async_scripts_fall_back_on_redis_before_7(server6: RedisServer) -> None
         client = aioredis.Redis(host="127.0.0.1", port=server6.port)
         assert await t.extend.call_async(client, keys, args) == 0 and flags_unsupported(client)
         client2 = aioredis.Redis(host="127.0.0.1", port=server6.port)
-        link = AsyncDirectLink(client2)
+        link = AsyncLink(client2)
         assert await t.extend.call_async_direct(link, keys, args) == 0 and flags_unsupported(link)
         assert flags_unsupported(client2)  # the link shares its client's pool
         ab = aio.Batcher(aioredis.Redis(host="127.0.0.1", port=server6.port), prefix="fb")
@@ -506,10 +506,17 @@ def test_async_scripts_fall_back_on_redis_before_7(server6: RedisServer) -> None
 
 def test_a_sync_direct_link_falls_back_on_its_own(server6: RedisServer) -> None:
     client = redis.Redis(port=server6.port)
-    link = DirectLink(client)
+    link = Link(client)
     t = scripts()
     assert t.release.call_direct(link, ["k"], ["p", "m", "o", "c"]) == 0
     assert flags_unsupported(link) and flags_unsupported(client)
+    link.close()
+    client.close()
+    # the script call and WAIT in one write (wait_replicas) fall back alike
+    client = redis.Redis(port=server6.port)
+    link = Link(client)
+    assert t.extend.call_and_wait_direct(link, ["k"], ["p", "m", "o", 1000], 0, 10) == (0, 0)
+    assert flags_unsupported(link)
     link.close()
     client.close()
 

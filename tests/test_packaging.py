@@ -62,6 +62,23 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subp
     return proc
 
 
+# -- the package's own code (cheap, no build) ------------------------------------------------------
+
+# private attributes of redis-py and asyncio objects that the package once read: the library
+# uses both through their public API only (they change between releases without notice)
+FORBIDDEN = ("._sock", "._parser", "._reader", "._writer", "loop._ready", "._ready")
+
+
+def test_the_package_uses_no_private_attribute_of_redis_py_or_asyncio() -> None:
+    found = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for path in sorted((ROOT / "redis_batcher").rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), start=1)
+        if any(name in line for name in FORBIDDEN)
+    ]
+    assert not found, "\n".join(found)
+
+
 # -- the script headers (cheap, no build) --------------------------------------------------------
 
 

@@ -21,27 +21,28 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 import redis_batcher as rb
-from redis_batcher import Batcher, wire
+from redis_batcher import Batcher, connection
 from redis_batcher import asyncio as aio
 from redis_batcher.embedded import RedisServer
 from tests.conftest import held_items
 
-KINDS = ["link", "redis-py", "wait"]  # the DirectLink, redis-py's own client, EVALSHA+WAIT
+KINDS = ["link", "custom", "wait"]  # from a URL, a custom connection class, EVALSHA+WAIT
 
 
 class Plain(redis.Connection):
-    """A connection class DirectLink does not take: the batcher goes through redis-py."""
+    """A connection class of the application's own, in a pool it built: the link takes its
+    connections from that pool."""
 
 
 class AsyncPlain(aioredis.Connection):
-    """The same for redis.asyncio (no AsyncDirectLink)."""
+    """The same for redis.asyncio."""
 
 
 @pytest.fixture(autouse=True)
 def check_idle_connections(monkeypatch: pytest.MonkeyPatch) -> None:
     """The links check every connection before sending (not only those idle for a second):
     a request sent on a connection the server closed a moment ago has an unknown outcome."""
-    monkeypatch.setattr(wire, "RECHECK_IDLE", 0.0)
+    monkeypatch.setattr(connection, "RECHECK_IDLE", 0.0)
 
 
 @pytest.fixture
@@ -52,7 +53,7 @@ def server() -> Iterator[RedisServer]:
 
 def sync_batcher(server: RedisServer, kind: str, **options: Any) -> Batcher:
     options.setdefault("connect_retry", 0.5)
-    if kind == "redis-py":
+    if kind == "custom":
         pool = redis.ConnectionPool(
             connection_class=Plain,
             port=server.port,
@@ -60,7 +61,7 @@ def sync_batcher(server: RedisServer, kind: str, **options: Any) -> Batcher:
             retry=Retry(NoBackoff(), 0),
         )
         batcher = Batcher(redis.Redis(connection_pool=pool), prefix="t", **options)
-        assert batcher._link is None
+        assert batcher._link is not None
         return batcher
     if kind == "wait":
         options.update(wait_replicas=1, wait_timeout=0.01)  # no replica: NotReplicated, but written
@@ -201,7 +202,7 @@ def test_first_add_waits_for_redis_within_connect_retry(server: RedisServer) -> 
 
 def async_batcher(server: RedisServer, kind: str, **options: Any) -> aio.Batcher:
     options.setdefault("connect_retry", 0.5)
-    if kind == "redis-py":
+    if kind == "custom":
         pool = aioredis.ConnectionPool(
             connection_class=AsyncPlain,
             port=server.port,
@@ -209,7 +210,7 @@ def async_batcher(server: RedisServer, kind: str, **options: Any) -> aio.Batcher
             retry=aioredis.retry.Retry(NoBackoff(), 0),
         )
         ab = aio.Batcher(aioredis.Redis(connection_pool=pool), prefix="t", **options)
-        assert ab._link is None
+        assert ab._link is not None
         return ab
     if kind == "wait":
         options.update(wait_replicas=1, wait_timeout=0.01)

@@ -42,19 +42,20 @@
 -- Shared constants live here, in the header that every script gets (scripts.py links each
 -- helper with the lines that follow it, up to the next one).
 
--- The head fields and sequence-state fields the scripts compute with (checked to be integers).
-local HEAD_INTS = {'next', 'acc', 'active', 'pending', 'done_seq', 'done_items'}
-local SEQ_INTS = {'cutoff', 'window', 'attempt', 'tries', 'deaths', 'fid_n', 'delivered',
-  'claimed_at', 'max', 'mv_w', 'mv_done', 'mv_keep', 'mv_rest', 'mv_rot', 'mv_out', 'mv_at'}
+-- (Tables are built where they are used, not here: what is here runs on every call of every
+-- script.)
+-- The state fields the scripts compute with, each between spaces (a plain find, no table);
+-- the kinds of move jobs.
+local SEQ_INT_FIELDS = ' cutoff window attempt tries deaths fid_n delivered claimed_at max mv_w mv_done mv_keep mv_rest mv_rot mv_out mv_at '
+local MOVE_KINDS = ' KD XD XK XX '
 -- Items a call moves at most (move jobs): each costs a few hundred ns of server time.
 local MOVE_BUDGET = 10000
--- A move job's fields in the sequence's state.
-local MOVE_FIELDS = {'mv', 'mv_w', 'mv_done', 'mv_keep', 'mv_rest', 'mv_rot', 'mv_out', 'mv_dead',
-  'mv_marks', 'mv_end', 'mv_at', 'mv_err', 'mv_reason'}
 -- Dead letters dropped at most per new one, by age or number.
 local DEAD_PRUNE = 100
 -- A claim looks this many entries past its limit; BACKLOG_DUE is its reply when it found them.
 local BACKLOG, BACKLOG_DUE = 8, -2
+-- A claim's reply when the partition's own keys hold something else.
+local CORRUPT_DUE = -3
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -99,49 +100,97 @@ local function wrong_type(checks)
   return nil
 end
 
+-- A value the scripts wrote as a decimal integer (nil: absent, fine).
+local function is_int(v)
+  return not v or (string.match(v, '^%-?%d+$') ~= nil and #v <= 17)
+end
+
 -- nil when each named field of `key` is absent or a decimal integer, as the scripts write them;
 -- else what is wrong with the first one that is not. The key must be a hash (or missing).
 local function bad_ints(key, names)
   local v = redis.call('HMGET', key, unpack(names))
   for i, name in ipairs(names) do
-    if v[i] and not (string.match(v[i], '^%-?%d+$') and #v[i] <= 17) then
+    if not is_int(v[i]) then
       return key .. ' field ' .. name .. ' is ' .. quote(v[i]) .. ', not an integer'
     end
   end
   return nil
 end
 
+-- A base id's head, read once: {next, acc, active, pending, done_seq, done_items} (nil fields:
+-- absent), or nil and what is wrong with it (another type, a field that is not an integer).
+local function head_state(head)
+  local v = redis.pcall('HMGET', head, 'next', 'acc', 'active', 'pending', 'done_seq', 'done_items')
+  if v.err then
+    return nil, head .. ' is a ' .. key_type(head) .. ', not a hash'
+  end
+  for i = 1, 6 do
+    if not is_int(v[i]) then
+      return nil, head .. ' holds ' .. quote(v[i]) .. ' where an integer belongs'
+    end
+  end
+  return v, nil
+end
+
 -- nil when a base id's head is missing or sound, else what is wrong with it.
 local function head_problem(head)
-  return wrong_type({head, 'hash'}) or bad_ints(head, HEAD_INTS)
+  local _, why = head_state(head)
+  return why
 end
 
--- nil when a sequence's state and items are missing or sound (and those of the dead letter an
--- unfinished move job fills), else what is wrong with them.
-local function seq_problem(pfx, member)
+-- A sequence's state, read once (HGETALL) as a table of its fields ({} when it has none), and
+-- its list's length; or nil, nil and what is wrong with them (another type, a number field
+-- that is not one, a status or move job this library does not write, or the keys of the dead
+-- letter an unfinished move job fills).
+local function seq_state(pfx, member)
   local meta = pfx .. 's:' .. member
-  local why = wrong_type({meta, 'hash', pfx .. 'i:' .. member, 'list'}) or bad_ints(meta, SEQ_INTS)
-  if why then return why end
-  local v = redis.call('HMGET', meta, 'status', 'mv', 'mv_end', 'mv_dead')
-  if v[1] and v[1] ~= 'accumulating' and v[1] ~= 'flushing' then
-    return meta .. ' field status is ' .. quote(v[1])
+  local flat = redis.pcall('HGETALL', meta)
+  if flat.err then
+    return nil, nil, meta .. ' is a ' .. key_type(meta) .. ', not a hash'
   end
-  if v[2] then
-    local kinds = {KD = 1, XD = 1, XK = 1, XX = 1}
-    if not kinds[v[2]] or (v[3] ~= 'retry' and v[3] ~= 'advance') or (string.sub(v[2], 1, 1) == 'X'
-        and not v[4]) then
-      return meta .. ' holds a move job ' .. quote(v[2]) .. '/' .. quote(v[3]) .. ' this library did not write'
+  local llen = redis.pcall('LLEN', pfx .. 'i:' .. member)
+  if type(llen) == 'table' then
+    return nil, nil, pfx .. 'i:' .. member .. ' is a ' .. key_type(pfx .. 'i:' .. member) .. ', not a list'
+  end
+  local f = {}
+  for i = 1, #flat, 2 do
+    local k, v = flat[i], flat[i + 1]
+    f[k] = v
+    if string.find(SEQ_INT_FIELDS, ' ' .. k .. ' ', 1, true) and not is_int(v) then
+      return nil, nil, meta .. ' field ' .. k .. ' is ' .. quote(v) .. ', not an integer'
     end
-    if v[4] then
-      return wrong_type({pfx .. 'd:' .. v[4], 'hash', pfx .. 'di:' .. v[4], 'list'})
+  end
+  if f.status and f.status ~= 'accumulating' and f.status ~= 'flushing' then
+    return nil, nil, meta .. ' field status is ' .. quote(f.status)
+  end
+  if f.mv then
+    if not string.find(MOVE_KINDS, ' ' .. f.mv .. ' ', 1, true) or (f.mv_end ~= 'retry'
+        and f.mv_end ~= 'advance') or (string.sub(f.mv, 1, 1) == 'X' and not f.mv_dead) then
+      return nil, nil, meta .. ' holds a move job ' .. quote(f.mv) .. ' this library did not write'
     end
+    if f.mv_dead then
+      local why = wrong_type({pfx .. 'd:' .. f.mv_dead, 'hash', pfx .. 'di:' .. f.mv_dead, 'list'})
+      if why then return nil, nil, why end
+    end
+  end
+  return f, llen, nil
+end
+
+-- nil when a sequence's state and items are missing or sound, else what is wrong with them.
+local function seq_problem(pfx, member)
+  local _, _, why = seq_state(pfx, member)
+  return why
+end
+
+-- nil when a partition's own keys are missing or of their types, else what is wrong (a count of
+-- each, which fails on another type, is cheaper than TYPE).
+local function partition_problem(pfx)
+  local due, ids, dead = pfx .. 'due', pfx .. 'ids', pfx .. 'dead'
+  if type(redis.pcall('ZCARD', due)) == 'table' or type(redis.pcall('SCARD', ids)) == 'table'
+      or type(redis.pcall('ZCARD', dead)) == 'table' then
+    return wrong_type({due, 'zset', ids, 'set', dead, 'zset'})
   end
   return nil
-end
-
--- nil when a partition's own keys are missing or of their types, else what is wrong.
-local function partition_problem(pfx)
-  return wrong_type({pfx .. 'due', 'zset', pfx .. 'ids', 'set', pfx .. 'dead', 'zset'})
 end
 
 -- History is advisory: an entry is not written where the key holds something else.
@@ -430,6 +479,12 @@ end
 -- two letters: the fate of the marked items (bit i of mv_marks, LSB first, for window item i;
 -- no mv_marks: every item is marked), then of the others. Then the kept items are brought back
 -- before the rest (mv_rest items; the shorter side is moved) and mv_end finishes the job.
+-- A move job's fields in the sequence's state.
+local function move_fields()
+  return {'mv', 'mv_w', 'mv_done', 'mv_keep', 'mv_rest', 'mv_rot', 'mv_out', 'mv_dead', 'mv_marks',
+    'mv_end', 'mv_at', 'mv_err', 'mv_reason'}
+end
+
 local function marked(marks, i)
   if not marks then return true end
   local b = string.byte(marks, math.floor(i / 8) + 1)
@@ -437,13 +492,13 @@ local function marked(marks, i)
 end
 
 -- The job of a sequence (nil when none), from its state.
-local function move_job(meta)
-  local v = redis.call('HMGET', meta, unpack(MOVE_FIELDS))
-  if not v[1] then return nil end
-  return {mv = v[1], w = tonumber(v[2]), done = tonumber(v[3] or '0'), keep = tonumber(v[4] or '0'),
-    rest = tonumber(v[5] or '0'), rot = tonumber(v[6] or '0'), out = tonumber(v[7] or '0'),
-    dead = v[8], marks = v[9], finish = v[10], at = tonumber(v[11] or '0'), err = v[12],
-    reason = v[13]}
+-- f: the sequence's fields (seq_state).
+local function move_job(f)
+  if not f.mv then return nil end
+  return {mv = f.mv, w = tonumber(f.mv_w), done = tonumber(f.mv_done or '0'), keep = tonumber(f.mv_keep or '0'),
+    rest = tonumber(f.mv_rest or '0'), rot = tonumber(f.mv_rot or '0'), out = tonumber(f.mv_out or '0'),
+    dead = f.mv_dead, marks = f.mv_marks, finish = f.mv_end, at = tonumber(f.mv_at or '0'), err = f.mv_err,
+    reason = f.mv_reason}
 end
 
 -- Work on a job for at most `budget` items; returns the work done and whether it is finished.
@@ -511,7 +566,7 @@ local function move_finish(pfx, member, j, now, cfg, dead)
   local meta = pfx .. 's:' .. member
   local f = redis.call('HMGET', meta, 'cutoff', 'fid_n', 'max', 'tries', 'deaths', 'flush_id',
     'created_at')
-  redis.call('HDEL', meta, unpack(MOVE_FIELDS))
+  redis.call('HDEL', meta, unpack(move_fields()))
   if j.dead then
     if j.out > 0 then
       register_dead(pfx, j.dead, base, seq, j.out, j.reason, j.err, {tries = f[4], deaths = f[5],
@@ -635,18 +690,26 @@ end
 
 -- Why a due member cannot be delivered as it is (nil when it can): what claim_due reads of it
 -- must be what the scripts write.
-local function member_problem(pfx, member)
-  local base, seq = split_member(member)
+-- Returns the member's state fields, its list's length and its head's fields (seq_state,
+-- head_state), all read before anything is written; or nil and what is wrong.
+local function read_member(pfx, member)
+  local base = split_member(member)
   if not base then
-    return 'the delay-queue member ' .. quote(member) .. ' names no sequence (<batch id>::<N>)'
+    return nil, nil, nil, 'the delay-queue member ' .. quote(member) .. ' names no sequence (<batch id>::<N>)'
   end
-  local why = seq_problem(pfx, member) or head_problem(pfx .. 'b:' .. base)
-    or wrong_type({pfx .. 'o:' .. base, 'list'})
-  if why then return why end
-  if redis.call('EXISTS', pfx .. 's:' .. member) == 0 then
-    return 'the delay queue names ' .. member .. ', which has no state (' .. pfx .. 's:' .. member .. ')'
+  local f, llen, why = seq_state(pfx, member)
+  if why then return nil, nil, nil, why end
+  if not f.status then
+    return nil, nil, nil, 'the delay queue names ' .. member .. ', which has no state (' .. pfx .. 's:'
+      .. member .. ')'
   end
-  return nil
+  local h
+  h, why = head_state(pfx .. 'b:' .. base)
+  if not why and f.status == 'accumulating' then
+    why = wrong_type({pfx .. 'o:' .. base, 'list'})
+  end
+  if why then return nil, nil, nil, why end
+  return f, llen, h, nil
 end
 
 -- Take up to o.limit due sequences from a partition's delay queue and lease them to o.owner
@@ -654,8 +717,9 @@ end
 -- reply: {next_due_ms, then six fields per claimed sequence}; next_due_ms is BACKLOG_DUE
 -- when at least BACKLOG more sequences were due than it took (a backlog: the worker then
 -- spreads them over its threads). Looking BACKLOG entries further with the same ZRANGEBYSCORE
--- also spares the ZRANGE of next_due_ms whenever more is due. The partition's own keys were
--- checked by the caller (partition_problem); every member is checked before it is written.
+-- also spares the ZRANGE of next_due_ms whenever more is due. The partition's own keys are
+-- checked once something is due (BACKLOG_CORRUPT and what is wrong, nothing written); every
+-- member is checked before it is written.
 local function claim_due(due, pfx, o, now)
   local limit, lease, owner, seed = o.limit, o.lease, o.owner, o.seed
   local cfg, max_deaths, bisect, cap, inline_max = o.cfg, o.max_deaths, o.bisect, o.cap, o.inline_max
@@ -664,12 +728,16 @@ local function claim_due(due, pfx, o, now)
   local again = false  -- a move job went on: what is due now may not have been looked at
   local members = redis.call('ZRANGEBYSCORE', due, '-inf', int(now), 'LIMIT', 0, limit + BACKLOG)
   local found = #members
+  if found > 0 then
+    local why = partition_problem(pfx)
+    if why then return {CORRUPT_DUE, why} end
+  end
   for n = 1, math.min(found, limit) do
     local member = members[n]
     local meta = pfx .. 's:' .. member
     local base, seq = split_member(member)
-    local why = member_problem(pfx, member)
-    local job = (not why) and move_job(meta)
+    local f, held, h, why = read_member(pfx, member)
+    local job = (not why) and move_job(f)
     if why then
       local id = quarantine_member(pfx, member, why, 'q' .. seed .. '-' .. n, now, cfg, o.dead)
       for _, v in ipairs({member, -1, 0, id, 'quarantine', why}) do table.insert(out, v) end
@@ -686,20 +754,18 @@ local function claim_due(due, pfx, o, now)
       end
       again = true  -- it may be due now still (or again)
     else
-      local f = redis.call('HMGET', meta, 'status', 'cutoff', 'attempt', 'flush_id', 'reason', 'owner',
-        'deaths', 'window', 'last_error', 'created_at', 'claimed_at', 'fid_n', 'tries', 'max')
       local head = pfx .. 'b:' .. base
       local ikey = pfx .. 'i:' .. member
-      local smax = tonumber(f[14] or cfg.max)
-      local cutoff = tonumber(f[2])
-      local reason = f[5]
+      local smax = tonumber(f.max or cfg.max)
+      local cutoff = tonumber(f.cutoff)
+      local reason = f.reason
       local deliver = true
       local sealing = false
-      if f[1] == 'accumulating' then
+      if f.status == 'accumulating' then
         -- interval timer fired: seal with the current length as the cutoff (the sequence's
         -- own fields and its due entry are written once, with the delivery below); the open
         -- list becomes the sequence's list, so later adds open the next sequence
-        local open, okey, how = open_items_of(pfx, base, seq, redis.call('HGET', head, 'acc'))
+        local open, okey, how = open_items_of(pfx, base, seq, h[2])
         if how == 'damaged' then
           redis.call('LSET', okey, 0, open_header(seq, now, smax))  -- its items are delivered
         end
@@ -713,11 +779,11 @@ local function claim_due(due, pfx, o, now)
           reason = 'interval'
         end
       elseif not cutoff then
-        cutoff = redis.call('LLEN', ikey)
+        cutoff = held
         redis.call('HSET', meta, 'cutoff', cutoff)
       end
-      local info = {tries = tonumber(f[13] or '0'), deaths = tonumber(f[7] or '0'), flush_id = f[4],
-        created_at = f[10]}
+      local info = {tries = tonumber(f.tries or '0'), deaths = tonumber(f.deaths or '0'), flush_id = f.flush_id,
+        created_at = f.created_at}
       if cutoff == 0 then
         -- nothing to deliver: drop the sequence instead of leaving a due entry that never clears
         redis.call('DEL', meta, ikey)
@@ -725,15 +791,14 @@ local function claim_due(due, pfx, o, now)
         retire(pfx, head, pfx .. 'ids', base, seq, cfg.retention)
         deliver = false
       elseif not sealing then
-        local held = redis.call('LLEN', ikey)
         if held < cutoff then
           -- items vanished (evicted, deleted): never an empty or short delivery that is then
           -- acknowledged; what is left goes to the dead-letter store
           local err = (cutoff - held) .. ' of ' .. cutoff .. ' items are missing from ' .. ikey
             .. ' (evicted or deleted)'
-          bury_list(pfx, (f[4] or (seed .. '-' .. n)) .. '.m' .. cutoff, member, held, 'items_missing',
+          bury_list(pfx, (f.flush_id or (seed .. '-' .. n)) .. '.m' .. cutoff, member, held, 'items_missing',
             err, info, now, o.dead)
-          advance(pfx, base, seq, cutoff, now, cfg, {cutoff, f[12], f[14]})
+          advance(pfx, base, seq, cutoff, now, cfg, {cutoff, f.fid_n, f.max})
           deliver = false
         end
       end
@@ -749,18 +814,18 @@ local function claim_due(due, pfx, o, now)
           deliver = false
         end
       end
-      local attempt = tonumber(f[3] or '0')
-      local flush_id = f[4]
-      local window = math.min(tonumber(f[8] or cutoff), cutoff, smax)
-      local fid_n = tonumber(f[12] or '0')
+      local attempt = tonumber(f.attempt or '0')
+      local flush_id = f.flush_id
+      local window = math.min(tonumber(f.window or cutoff), cutoff, smax)
+      local fid_n = tonumber(f.fid_n or '0')
       if flush_id and fid_n > 0 then
         window = math.min(window, fid_n)  -- never mix items of an earlier delivery with new ones
       end
-      if deliver and f[6] and f[6] ~= '' then
+      if deliver and f.owner and f.owner ~= '' then
         -- the previous delivery was never settled: its worker died or lost its lease
-        local deaths = tonumber(f[7] or '0') + 1
+        local deaths = tonumber(f.deaths or '0') + 1
         local err = 'worker died or lost its lease during the handler'
-        push_history(pfx .. 'h:' .. base, history_entry(seq, window, tonumber(f[11] or now), 0,
+        push_history(pfx .. 'h:' .. base, history_entry(seq, window, tonumber(f.claimed_at or now), 0,
           false, err, attempt, flush_id, reason), cap)
         if bisect and window > 1 then
           -- the crash may be caused by one item: deliver the first half on its own (same
@@ -771,7 +836,7 @@ local function claim_due(due, pfx, o, now)
           info.deaths = deaths
           redis.call('HSET', meta, 'deaths', deaths)  -- what the dead letter records
           if bury_window(pfx, (flush_id or (seed .. '-' .. n)) .. '.' .. cutoff, member, window,
-              'max_deaths', f[9] or err, info, now, cfg, o.dead, budget) == 'moving' then
+              'max_deaths', f.last_error or err, info, now, cfg, o.dead, budget) == 'moving' then
             again = true
           end
           budget = math.max(budget - window, 0)

@@ -30,31 +30,34 @@ local pfx, member, owner = ARGV[1], ARGV[2], ARGV[3]
 local cfg = {retention = tonumber(ARGV[6]), max = tonumber(ARGV[7]), ordered = ARGV[8] == '1'}
 local meta = pfx .. 's:' .. member
 local ikey = pfx .. 'i:' .. member
-local why = partition_problem(pfx) or seq_problem(pfx, member) or head_problem(KEYS[2])
+-- the state and list read once, checked before anything is written
+local why = partition_problem(pfx)
+local f, held
+if not why then f, held, why = seq_state(pfx, member) end
+if not why then why = head_problem(KEYS[2]) end
 if why then
   return {'corrupt', why}
 end
--- windows up to this many items are removed with one LTRIM (no LLEN first)
-local SMALL_WINDOW = 1000
-local f = redis.call('HMGET', meta, 'owner', 'status', 'window', 'cutoff', 'fid_n', 'delivered', 'max')
-if f[1] ~= owner or f[2] ~= 'flushing' or not f[4] then
+if f.owner ~= owner or f.status ~= 'flushing' or not f.cutoff then
   return {'lease_lost', 0}
 end
-local window = tonumber(f[3] or f[4])
+-- windows up to this many items are removed with one LTRIM (no UNLINK)
+local SMALL_WINDOW = 1000
+local window = tonumber(f.window or f.cutoff)
 local now = now_ms()
-if window <= SMALL_WINDOW or window < redis.call('LLEN', ikey) then
+if window <= SMALL_WINDOW or window < held then
   redis.call('LTRIM', ikey, window, -1)  -- a list left empty is deleted
 else
   redis.call('UNLINK', ikey)  -- a large window: its memory is freed in the background
 end
 push_history(hist, ARGV[4], tonumber(ARGV[5]))
-local delivered = tonumber(f[6] or '0') + window
-if tonumber(f[4]) > window then
+local delivered = tonumber(f.delivered or '0') + window
+if tonumber(f.cutoff) > window then
   redis.call('HSET', meta, 'delivered', delivered)  -- the sequence goes on: keep the count
 end
 local base, seq = split_member(member)
 -- a completed sequence is recorded on the head (done_seq: the highest completed one)
-local left = advance(pfx, base, seq, window, now, cfg, {f[4], f[5], f[7]}, delivered)
+local left = advance(pfx, base, seq, window, now, cfg, {f.cutoff, f.fid_n, f.max}, delivered)
 if ARGV[9] and tonumber(ARGV[9]) > 0 then
   local reply = claim_due(due, pfx, claim_opts(9), now)
   if #reply == 1 then

@@ -32,11 +32,13 @@
 --   letter's id and its items what was wrong (claim_due).
 --   {-3, what}  the partition's own keys hold something else (nothing was written)
 local pfx = ARGV[1]
-local why = partition_problem(pfx)
-if why then
-  return {-3, why}
+if type(redis.pcall('ZCARD', KEYS[1])) == 'table' then
+  return {-3, wrong_type({KEYS[1], 'zset'})}
 end
 local now = now_ms()
--- a worker is looking: the next sealed sequence gets a wake-up again (see add.lua)
-redis.call('DEL', pfx .. 'woke')
-return claim_due(KEYS[1], pfx, claim_opts(2), now)
+local reply = claim_due(KEYS[1], pfx, claim_opts(2), now)
+if reply[1] ~= -3 then
+  -- a worker is looking: the next sealed sequence gets a wake-up again (see add.lua)
+  redis.call('DEL', pfx .. 'woke')
+end
+return reply

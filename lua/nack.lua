@@ -49,28 +49,29 @@ local dead = {ttl = tonumber(ARGV[14]), max = tonumber(ARGV[15])}
 local marks = ARGV[16]
 local meta = pfx .. 's:' .. member
 local base, seq = split_member(member)
-local why = partition_problem(pfx) or (base and (seq_problem(pfx, member)
-  or head_problem(pfx .. 'b:' .. base)))
+-- the state read once, checked before anything is written
+local why = partition_problem(pfx)
+local f, held = {}, 0
+if not why and base then f, held, why = seq_state(pfx, member) end
+if not why and base then why = head_problem(pfx .. 'b:' .. base) end
 if why then
   return {'corrupt', why}
 end
-local f = redis.call('HMGET', meta, 'owner', 'status', 'window', 'cutoff', 'attempt', 'deaths',
-  'flush_id', 'created_at', 'fid_n', 'tries')
-if f[1] ~= owner or f[2] ~= 'flushing' or not f[4] then
+if not base or f.owner ~= owner or f.status ~= 'flushing' or not f.cutoff then
   return {'lease_lost', 0}
 end
 local now = now_ms()
-local cutoff = tonumber(f[4])
-local window = math.min(tonumber(f[3] or cutoff), cutoff)
-local tries = tonumber(f[10] or '0')
-local info = {tries = tries, deaths = tonumber(f[6] or '0'), flush_id = f[7], created_at = f[8]}
+local cutoff = tonumber(f.cutoff)
+local window = math.min(tonumber(f.window or cutoff), cutoff)
+local tries = tonumber(f.tries or '0')
+local info = {tries = tries, deaths = tonumber(f.deaths or '0'), flush_id = f.flush_id, created_at = f.created_at}
 local dead_id = (info.flush_id or int(now)) .. '.' .. cutoff
 push_history(hist, ARGV[4], cap)
 
 if mode == 'missing' then
   -- fewer items were read than the window holds: not delivered (the attempt does not count);
   -- due now, for the next claim to dead-letter what is left as items_missing
-  redis.call('HSET', meta, 'owner', '', 'attempt', math.max(tonumber(f[5] or '1') - 1, 0),
+  redis.call('HSET', meta, 'owner', '', 'attempt', math.max(tonumber(f.attempt or '1') - 1, 0),
     'last_error', err, 'updated_at', int(now))
   redis.call('HDEL', meta, 'lease_until')
   redis.call('ZADD', due, int(now), member)
@@ -79,7 +80,7 @@ end
 
 if mode == 'decode' then
   -- not the handler's fault: no try is spent
-  return {move_start(pfx, member, {mv = 'XK', w = window, marks = marks, dead = (f[7] or int(now)) .. '.q'
+  return {move_start(pfx, member, {mv = 'XK', w = window, marks = marks, dead = (f.flush_id or int(now)) .. '.q'
     .. cutoff, finish = 'advance', err = err, reason = 'decode_error'}, now, cfg, dead, MOVE_BUDGET)}
 end
 

@@ -179,6 +179,10 @@ class Batcher:
         self.connect_retry = _seconds("connect_retry", connect_retry, allow_none=False) or 0.0
         self._queue: list[_Pending] = []
         self._scheduled = False
+        # group commit's state (see _add): whether callers send at once (not before a leader
+        # has found itself alone), and round trips of adds in flight
+        self._eager = False
+        self._adds_in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     def connect(
@@ -449,12 +453,30 @@ class Batcher:
     async def _add(self, proc: Processor, base: str, encoded: list[bytes]) -> AddResult:
         """Group commit. The first caller of a loop iteration leads: it yields once, so that
         every other coroutine ready in this iteration can join, then sends what was collected.
-        Alone, it sends its EVALSHA itself (no task, no pipeline: one round trip plus that one
-        loop iteration). With company, the send runs as a task of its own that the leader
-        awaits shielded, so cancelling one caller can neither cut the round trip in half nor
-        strand the others."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[AddResult] = loop.create_future()
+        Alone, it sends its EVALSHA itself (no task, no pipeline). With company, the send runs
+        as a task of its own that the leader awaits shielded, so cancelling one caller can
+        neither cut the round trip in half nor strand the others.
+
+        While calls come one at a time (the last leader found nobody to join it and nothing is
+        in flight), a caller skips the yield and sends at once: a lone caller's round trip
+        costs no extra loop iteration. Adds made while it is in flight queue behind it and go
+        out together when its reply is in, so a batch id's adds keep their order."""
+        if (
+            self._eager
+            and not self._scheduled
+            and not self._adds_in_flight
+            and not self.wait_replicas
+            and proc.name in self._registered
+        ):
+            self._scheduled = True
+            try:
+                return await self._alone(proc, base, encoded)
+            finally:
+                batch, self._queue, self._scheduled = self._queue, [], False
+                if batch:  # company arrived: collect again from now on
+                    self._eager = False
+                    self._spawn(self._send(batch))
+        future: asyncio.Future[AddResult] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(proc, base, encoded, future))
         if self._scheduled:
             return await future  # a leader is collecting this iteration's adds
@@ -470,15 +492,23 @@ class Batcher:
                 self._spawn(self._send(others))
             raise
         batch, self._queue, self._scheduled = self._queue, [], False
+        self._eager = len(batch) == 1 and not self._adds_in_flight
         if len(batch) == 1 and not self.wait_replicas and proc.name in self._registered:
-            # alone: one EVALSHA, no pipeline, sent by this caller's own task
+            return await self._alone(proc, base, encoded)
+        await asyncio.shield(self._spawn(self._send(batch)))
+        return await future
+
+    async def _alone(self, proc: Processor, base: str, encoded: list[bytes]) -> AddResult:
+        """One caller's add on its own: one EVALSHA, no pipeline, sent by the caller's task."""
+        self._adds_in_flight += 1
+        try:
             if self._link is not None and len(encoded) == 1:
                 reply = await self._add_one(self._link, proc, base, encoded[0])
             else:
                 reply = await self._execute(ops.add_call(proc, base, encoded))
-            return ops.parse_add(proc, base, len(encoded), reply)
-        await asyncio.shield(self._spawn(self._send(batch)))
-        return await future
+        finally:
+            self._adds_in_flight -= 1
+        return ops.parse_add(proc, base, len(encoded), reply)
 
     async def _add_one(self, link: AsyncLink, proc: Processor, base: str, data: bytes) -> Any:
         """A lone single add framed in one step (as the sync Batcher's); NOSCRIPT and a
@@ -496,6 +526,13 @@ class Batcher:
         return task
 
     async def _send(self, batch: list[_Pending]) -> None:
+        self._adds_in_flight += 1
+        try:
+            await self._send_batch(batch)
+        finally:
+            self._adds_in_flight -= 1
+
+    async def _send_batch(self, batch: list[_Pending]) -> None:
         try:
             for proc in {p.proc.name: p.proc for p in batch}.values():
                 await self._ensure_registered(proc)

@@ -814,6 +814,73 @@ def test_thousand_concurrent_adds_coalesce_and_each_gets_its_own_result(backend:
     backend.run(body, client_cls=cls)
 
 
+def test_lone_callers_send_at_once_and_company_switches_to_collecting(backend: Backend) -> None:
+    """While adds come one at a time, a caller sends at once (no yield to collect company);
+    adds made while it is in flight go after it, together and in order, and from then on the
+    first caller of an iteration collects again, until a leader finds itself alone."""
+    cls, trips = counting_client_class(backend.aclient_class())
+
+    def trip_ids() -> list[list[str]]:
+        # the batch id of each script call, per round trip, in order
+        out = [[str(args[4])] for args in trips.sent if str(args[0]).upper() == "EVALSHA"]
+        return out + [[str(a[4]) for a in p] for p in trips.pipelines]
+
+    async def body(ab: aio.Batcher) -> None:
+        proc, got = make(ab, name="mode", max_batch_size=100)
+        await warm(ab)
+        # a new batcher collects (the adds of its first iteration go together) ...
+        await proc.add("x", 0)  # ... until a leader finds itself alone: now it sends at once
+        trips.clear()
+        a, b, c = await asyncio.gather(proc.add("x", 1), proc.add("x", 2), proc.add("y", 3))
+        # the first went alone; the two made meanwhile went after it in one pipeline
+        assert trips.commands == ["EVALSHA"] and [len(p) for p in trips.pipelines] == [2]
+        assert trip_ids() == [["x"], ["x", "y"]]
+        assert (a.pending, b.pending, c.pending) == (2, 3, 1)  # x's adds kept their order
+
+        trips.clear()  # company was seen: the next iteration's adds are collected
+        d, e = await asyncio.gather(proc.add("x", 4), proc.add("z", 5))
+        assert trips.sent == [] and trip_ids() == [["x", "z"]]
+        assert (d.pending, e.pending) == (4, 1)
+
+        trips.clear()  # this leader finds itself alone: one EVALSHA, and back to sending at once
+        assert (await proc.add("x", 6)).pending == 5
+        assert trips.commands == ["EVALSHA"] and trips.pipelines == []
+        trips.clear()
+        f, g = await asyncio.gather(proc.add("x", 7), proc.add("x", 8))
+        assert trips.commands == ["EVALSHA", "EVALSHA"] and trips.pipelines == []
+        assert (f.pending, g.pending) == (6, 7)
+        assert (await proc.flush("x")).item_count == 7
+        stats = await burst(ab, concurrency=2)
+        assert stats.failed == 0
+        assert [i for f in got if f.batch_id == "x" for i in f.items] == [0, 1, 2, 4, 6, 7, 8]
+
+    backend.run(body, client_cls=cls)
+
+
+def test_adds_queued_behind_a_cancelled_lone_caller_are_still_sent(backend: Backend) -> None:
+    """A caller that sent at once is cancelled while its reply is out: the adds queued behind
+    it are sent all the same, in order, each with its own result."""
+
+    async def body(ab: aio.Batcher) -> None:
+        proc, got = make(ab, name="cx", max_batch_size=100)
+        await warm(ab)
+        await proc.add("x", 0)  # alone: from now on a caller sends at once
+        lead = asyncio.create_task(proc.add("x", 1))
+        await asyncio.sleep(0)  # the lead has sent its add
+        others = [asyncio.create_task(proc.add("x", i)) for i in (2, 3)]
+        await asyncio.sleep(0)  # these two queue behind it
+        lead.cancel()
+        results = await asyncio.gather(*others)
+        assert [r.batch_id for r in results] == ["x", "x"]
+        assert results[1].pending == results[0].pending + 1
+        await proc.flush("x")
+        assert (await burst(ab)).failed == 0
+        items = [i for f in got for i in f.items]
+        assert items[:1] == [0] and items[-2:] == [2, 3] and set(items) <= {0, 1, 2, 3}
+
+    backend.run(body)
+
+
 def test_coalesced_adds_to_one_batch_id_are_one_script_call(backend: Backend) -> None:
     """Adds and add_manys to the same id in one iteration: a single EVALSHA whose segments give
     each caller its own result, spilling over sequences exactly as sequential calls would."""
@@ -1033,7 +1100,8 @@ def test_errors_reach_only_the_callers_they_concern(backend: Backend) -> None:
         broken_head = full.keys.for_base("broken").head("broken")
         assert broken_head == "t:{p:0}:b:broken"
         backend.sync.set(broken_head, "not a hash")
-        await full.add_many("b", [0, 1])  # 2 pending of 5
+        # 2 pending of 5; with company, so the batcher goes on collecting each iteration's adds
+        await asyncio.gather(full.add_many("b", [0, 1]), normal.add("n0", "-"))
         await warm(ab)
         backend.sync.script_flush()
         trips.clear()
@@ -1122,7 +1190,10 @@ def test_max_pending_refuses_adds_and_writes_nothing(backend: Backend) -> None:
             proc.add("c", 6),  # 6 > 5: refused
             return_exceptions=True,
         )
-        assert trips.commands == ["EVALSHA"] and trips.pipelines == []  # one script call
+        # the first add went at once (the calls before came one at a time); the four made
+        # meanwhile went after it as one script call, each segment checked on its own
+        assert trips.commands == ["EVALSHA", "EVALSHA"] and trips.pipelines == []
+        assert [len(args) for args in trips.sent] == [7, 16]  # 6 + 1 item, then 6 + 5 + 3 + 1 + 1
         assert [type(o).__name__ for o in outs] == [
             "AddResult",
             "BatchFull",

@@ -265,7 +265,9 @@ def test_async_reply_lost_after_the_script_ran_is_outcome_unknown(server: RedisS
             assert time.monotonic() - t0 < 2
             assert isinstance(raised.value, redis.TimeoutError | redis.ConnectionError)
         # the group commit's pipeline: every caller in it is told the outcome is unknown
-        await aadd(proc, "a", 3)  # a fresh connection after the lost one
+        # a fresh connection after the lost one; two adds together, so that the batcher
+        # collects each iteration's adds (a lone caller's would go at once, ahead of the rest)
+        await asyncio.gather(aadd(proc, "a", 3), aadd(proc, "b", 0))
         with paused(server):
             group = await asyncio.gather(*(proc.add("a", 4 + i) for i in range(3)), return_exceptions=True)
         assert all(isinstance(e, rb.OutcomeUnknownError) for e in group), group

@@ -368,7 +368,15 @@ class AsyncLink:
         (as redis-py's ``execute(raise_on_error=False)``)."""
         idle = self._idle_list()
         gen = self._gen
-        conn = await self._take(idle)
+        conn = None
+        if idle:  # the common case without a coroutine of its own: a connection used just now
+            conn, used = idle[-1]
+            if time.monotonic() - used <= RECHECK_IDLE:
+                idle.pop()
+            else:
+                conn = None
+        if conn is None:
+            conn = await self._take(idle)
         done = False
         try:
             if count:

@@ -469,13 +469,16 @@ class Batcher:
             and proc.name in self._registered
         ):
             self._scheduled = True
+            self._adds_in_flight += 1
             try:
-                return await self._alone(proc, base, encoded)
+                reply = await self._alone(proc, base, encoded)
             finally:
+                self._adds_in_flight -= 1
                 batch, self._queue, self._scheduled = self._queue, [], False
                 if batch:  # company arrived: collect again from now on
                     self._eager = False
                     self._spawn(self._send(batch))
+            return ops.parse_add(proc, base, len(encoded), reply)
         future: asyncio.Future[AddResult] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(proc, base, encoded, future))
         if self._scheduled:
@@ -494,21 +497,21 @@ class Batcher:
         batch, self._queue, self._scheduled = self._queue, [], False
         self._eager = len(batch) == 1 and not self._adds_in_flight
         if len(batch) == 1 and not self.wait_replicas and proc.name in self._registered:
-            return await self._alone(proc, base, encoded)
+            self._adds_in_flight += 1
+            try:
+                reply = await self._alone(proc, base, encoded)
+            finally:
+                self._adds_in_flight -= 1
+            return ops.parse_add(proc, base, len(encoded), reply)
         await asyncio.shield(self._spawn(self._send(batch)))
         return await future
 
-    async def _alone(self, proc: Processor, base: str, encoded: list[bytes]) -> AddResult:
-        """One caller's add on its own: one EVALSHA, no pipeline, sent by the caller's task."""
-        self._adds_in_flight += 1
-        try:
-            if self._link is not None and len(encoded) == 1:
-                reply = await self._add_one(self._link, proc, base, encoded[0])
-            else:
-                reply = await self._execute(ops.add_call(proc, base, encoded))
-        finally:
-            self._adds_in_flight -= 1
-        return ops.parse_add(proc, base, len(encoded), reply)
+    def _alone(self, proc: Processor, base: str, encoded: list[bytes]) -> Awaitable[Any]:
+        """The script call of one caller's add on its own: one EVALSHA, no pipeline, sent by
+        the caller's task (a plain function: no coroutine frame of its own on the hot path)."""
+        if self._link is not None and len(encoded) == 1:
+            return self._add_one(self._link, proc, base, encoded[0])
+        return self._execute(ops.add_call(proc, base, encoded))
 
     async def _add_one(self, link: AsyncLink, proc: Processor, base: str, data: bytes) -> Any:
         """A lone single add framed in one step (as the sync Batcher's); NOSCRIPT and a

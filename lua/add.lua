@@ -53,7 +53,7 @@ local WAKE_HOLD_MS = 100
 
 local function wake_workers()
   if redis.call('SET', pfx .. 'woke', '1', 'NX', 'PX', WAKE_HOLD_MS) then
-    local prefix, processor = string.match(pfx, '^(.*):{(.*):%d+}:$')
+    local prefix, processor = string.match(pfx, '^(.*):{(.*):[^:]*}:$')
     redis.call('PUBLISH', prefix .. ':wake:' .. processor, pfx)
   end
 end

@@ -156,6 +156,7 @@ class Batcher:
         self.is_cluster = False
         self._registered: set[str] = set()
         self._policy_checked = False  # check_memory_policy passed on this connection
+        self._layout_checked = False  # check_layout passed on this connection
         self._policy_logged = False
         self.connect(connection, cluster=cluster, **redis_options)
         if definitions is None:
@@ -213,6 +214,7 @@ class Batcher:
         self._link = AsyncLink(client) if AsyncLink.supports(client) else None
         self._registered.clear()
         self._policy_checked = False
+        self._layout_checked = False
 
     def __repr__(self) -> str:
         return f"<async Batcher prefix={self.prefix!r} processors={sorted(self.definitions.processors)}>"
@@ -292,10 +294,21 @@ class Batcher:
             self._registered.add(proc.name)
 
     async def _first_write(self) -> None:
-        """Before this batcher's first write on its connection: :meth:`check_memory_policy`."""
+        """Before this batcher's first write on its connection: :meth:`check_memory_policy`
+        and :meth:`check_layout`."""
         if not self._policy_checked:
             await self.check_memory_policy()
             self._policy_checked = True
+        if not self._layout_checked:
+            await self.check_layout()
+
+    async def check_layout(self) -> int:
+        """As :meth:`redis_batcher.Batcher.check_layout`, awaited: raises
+        :class:`~redis_batcher.LayoutMismatch` when Redis holds another version's data layout
+        under the prefix."""
+        version = await _drive_async(self, ops.layout_steps(self.prefix))
+        self._layout_checked = True
+        return version
 
     async def check_memory_policy(self) -> None:
         """As :meth:`redis_batcher.Batcher.check_memory_policy`, awaited: raises
@@ -894,6 +907,7 @@ class Worker(WorkerCore):
         while not self._stopping:
             try:
                 await self.batcher.check_memory_policy()
+                await self.batcher.check_layout()
                 await self.batcher.register(self.processors)
                 return
             except (redis.ConnectionError, redis.TimeoutError) as exc:

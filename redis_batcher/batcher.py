@@ -31,9 +31,9 @@ from .errors import (
     raise_not_sent,
     raise_outcome_unknown,
 )
-from .keys import registry_key, validate_name
+from .keys import MAX_PARTITIONS, layout_key, registry_key, validate_name
 from .models import AddResult, ProcessorConfig
-from .processor import Handler, Processor
+from .processor import Handler, Processor, _drive
 
 if TYPE_CHECKING:
     from .jobs import JobIterator, JobStatus
@@ -205,6 +205,7 @@ class Batcher:
         self.iterators: dict[str, JobIterator] = {}  # iterator jobs (redis_batcher.jobs)
         self._registered: set[str] = set()
         self._policy_checked = False  # check_memory_policy passed on this connection
+        self._layout_checked = False  # check_layout passed on this connection
         self._policy_logged = False  # the server could not tell its policy: said once
         self._lock = threading.Lock()
         self._link: Link | None = None
@@ -261,6 +262,7 @@ class Batcher:
             raise ConfigError("wait_replicas is not supported on Redis Cluster clients")
         self._registered.clear()
         self._policy_checked = False
+        self._layout_checked = False
 
     # -- running scripts --------------------------------------------------------------------------
 
@@ -450,6 +452,8 @@ class Batcher:
         size = _positive_int("max_batch_size", max_batch_size)
         interval = _seconds("flush_interval", flush_interval, allow_none=True)
         parts = _positive_int("partitions", partitions)
+        if parts > MAX_PARTITIONS:
+            raise ConfigError(f"partitions must be at most {MAX_PARTITIONS}, got {parts}")
         codec_obj = resolve_codec(codec)
         item_limit = _positive_int("max_item_bytes", max_item_bytes)
         hist = _positive_int("history_limit", history_limit)
@@ -523,10 +527,22 @@ class Batcher:
     # -- registry ---------------------------------------------------------------------------------
 
     def _first_write(self) -> None:
-        """Before this batcher's first write on its connection: :meth:`check_memory_policy`."""
+        """Before this batcher's first write on its connection: :meth:`check_memory_policy`
+        and :meth:`check_layout`."""
         if not self._policy_checked:
             self.check_memory_policy()
             self._policy_checked = True
+        if not self._layout_checked:
+            self.check_layout()
+
+    def check_layout(self) -> int:
+        """Check that Redis holds this version's data layout under the prefix (stamping it on
+        a Redis without data of the prefix); raise :class:`LayoutMismatch` otherwise, before
+        anything is written. A batcher runs this before its first write; workers run it when
+        they start. Returns the layout version."""
+        version = _drive(self, ops.layout_steps(self.prefix))
+        self._layout_checked = True
+        return version
 
     def _ensure_registered(self, proc: Processor) -> None:
         if proc.name in self._registered:
@@ -569,6 +585,23 @@ class Batcher:
         """The registry as (configs, unreadable entries: name -> reason)."""
         key = registry_key(self.prefix)
         return parse_registry(self._command(key, lambda: self.client.hgetall(key)))
+
+    def layout(self) -> int | str | None:
+        """The data layout version stamped under the prefix (None: none; a str: not a
+        version), read without stamping anything."""
+        key = layout_key(self.prefix)
+        found = self._command(key, lambda: self.client.get(key))
+        return None if found is None else ops.parse_layout(found)
+
+    def upgrade_layout(self) -> int | None:
+        """Stamp this version's layout on data written before layouts were stamped, once
+        nothing is left under the old key names (``redis-batcher layout --upgrade``). Returns
+        the version found before (None: unstamped). See :func:`redis_batcher.ops.upgrade_layout_steps`."""
+        configs, _ = self._registry()
+        steps = ops.upgrade_layout_steps(self.prefix, {n: c.partitions for n, c in configs.items()})
+        found = _drive(self, steps)
+        self._layout_checked = False
+        return found
 
     def registered(self) -> dict[str, ProcessorConfig]:
         """Processor configs found in Redis, written by any producer or worker of this prefix.

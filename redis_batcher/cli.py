@@ -19,8 +19,8 @@ from rich.table import Table
 from rich.text import Text
 
 from .batcher import Batcher, default_url
-from .errors import BatcherError, EvictionPolicyError
-from .keys import registry_key
+from .errors import BatcherError, EvictionPolicyError, LayoutMismatch
+from .keys import LAYOUT, key_slot, registry_key
 from .models import DeadLetter, ProcessorConfig
 from .processor import Processor
 
@@ -232,7 +232,7 @@ def worker(
                 sys.exit(1)
         else:
             w.run(burst=burst)
-    except EvictionPolicyError as exc:  # a setting to fix, not a crash: no traceback
+    except (EvictionPolicyError, LayoutMismatch) as exc:  # a setting to fix, not a crash
         raise click.ClickException(str(exc)) from exc
 
 
@@ -331,13 +331,64 @@ def flush(
         console.print(f"nothing flushed: {result.reason}")
 
 
+def _node_of(batcher: Batcher, key: str) -> str:
+    """host:port of the server holding ``key`` (a cluster: the primary owning its slot)."""
+    if batcher.is_cluster:
+        return str(batcher.client.get_node_from_key(key).name)
+    kwargs = batcher.client.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return str(kwargs["path"])
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+
+
+def _ls_nodes(batcher: Batcher, as_json: bool) -> None:
+    """Every partition of every registered processor: its hash tag, slot and server."""
+    rows = []
+    for name in sorted(_registry(batcher)):
+        proc = batcher.remote(name)
+        for k, part in enumerate(proc.keys.parts):
+            rows.append(
+                {
+                    "processor": name,
+                    "partition": k,
+                    "key_prefix": part.pfx,
+                    "slot": key_slot(part.due),
+                    "node": _node_of(batcher, part.due),
+                    "queued_sequences": batcher.client.zcard(part.due),
+                }
+            )
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table(title=f"partitions under prefix {batcher.prefix!r}")
+    for col in ("processor", "partition", "key prefix", "slot", "node", "queued"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in ("processor", "partition", "key_prefix", "slot", "node")),
+                      str(row["queued_sequences"]))
+    console.print(table, markup=False)
+    per_node: dict[str, int] = {}
+    for row in rows:
+        per_node[str(row["node"])] = per_node.get(str(row["node"]), 0) + 1
+    for node, count in sorted(per_node.items()):
+        click.echo(f"{node}: {count} partition(s)")
+
+
 @main.command(name="ls")
 @click.option("--processor", "-p", default=None, help="List the active batch ids of this processor.")
+@click.option("--nodes", is_flag=True, help="List every partition with its hash tag, slot and server.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_common
-def ls_cmd(processor: str | None, as_json: bool, redis_url: str | None, prefix: str, cluster: bool) -> None:
+def ls_cmd(
+    processor: str | None, nodes: bool, as_json: bool, redis_url: str | None, prefix: str, cluster: bool
+) -> None:
     """List registered processors, or the active batch ids of one processor."""
     batcher = _batcher(redis_url, prefix, cluster)
+    if nodes:
+        if processor is not None:
+            raise click.UsageError("--nodes lists every processor's partitions: leave out -p")
+        _ls_nodes(batcher, as_json)
+        return
     if processor is None:
         rows = []
         for name, cfg in sorted(_registry(batcher).items()):
@@ -370,6 +421,33 @@ def ls_cmd(processor: str | None, as_json: bool, redis_url: str | None, prefix: 
         return
     for bid in batch_ids:
         click.echo(bid)
+
+
+@main.command()
+@click.option("--upgrade", is_flag=True, help="Stamp this version's layout on data of the previous one.")
+@_common
+def layout(upgrade: bool, redis_url: str | None, prefix: str, cluster: bool) -> None:
+    """Show the data layout version stamped in Redis (or upgrade it: README, Upgrading)."""
+    batcher = _batcher(redis_url, prefix, cluster)
+    if upgrade:
+        try:
+            before = batcher.upgrade_layout()
+        except BatcherError as exc:
+            raise click.ClickException(str(exc)) from exc
+        if before == LAYOUT:
+            click.echo(f"prefix {prefix!r} already holds layout {LAYOUT}")
+        else:
+            click.echo(f"prefix {prefix!r} upgraded from layout 1 to layout {LAYOUT}")
+        return
+    found = batcher.layout()
+    legacy = found is None and bool(batcher._registry()[0])
+    if found is None:
+        what = "layout 1 (written before layouts were stamped)" if legacy else "no data yet"
+    else:
+        what = f"layout {found}"
+    click.echo(f"prefix {prefix!r}: {what}; this version writes layout {LAYOUT}")
+    if legacy or found not in (None, LAYOUT):
+        sys.exit(1)  # a mismatch: scripts and probes can tell
 
 
 @main.group()

@@ -33,6 +33,47 @@ class EvictionPolicyError(ConfigError):
         self.node = node
 
 
+class LayoutMismatch(BatcherError):
+    """Redis holds data of another version of redis-batcher's key layout than this process
+    writes (``<prefix>:layout``). Raised before anything is written, so that two versions
+    never mix their layouts during a rolling deploy; see README, *Upgrading*.
+
+    ``found`` is the version in Redis (1: data written before the layout was stamped),
+    ``expected`` this process's."""
+
+    def __init__(self, prefix: str, found: int | str, expected: int) -> None:
+        if isinstance(found, int) and found > expected:
+            todo = f"upgrade this process to the redis-batcher version that writes layout {found}"
+        elif isinstance(found, int):
+            todo = (
+                "stop the processes of the older version once they have drained, then run "
+                "`redis-batcher layout --upgrade`"
+            )
+        else:
+            todo = f"the stamp is not a layout version: check what wrote {prefix}:layout"
+        super().__init__(
+            f"Redis holds redis-batcher data layout {found} under prefix {prefix!r}, this "
+            f"process writes layout {expected}: {todo} (README, Upgrading)"
+        )
+        self.prefix = prefix
+        self.found = found
+        self.expected = expected
+
+
+class LayoutUpgradeRefused(BatcherError):
+    """``redis-batcher layout --upgrade`` found data still stored under the previous layout's
+    key names (``keys``, at most ten shown): drain it with the version that wrote it first."""
+
+    def __init__(self, prefix: str, keys: list[str]) -> None:
+        shown = ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
+        super().__init__(
+            f"data under prefix {prefix!r} is still stored under layout 1's key names ({shown}): "
+            "let the workers of the version that wrote it drain it (or delete it), then upgrade"
+        )
+        self.prefix = prefix
+        self.keys = keys
+
+
 class DuplicateProcessor(ConfigError):
     """Two processors with the same name were registered on one :class:`Batcher`."""
 

@@ -1,7 +1,9 @@
 """Key names, hash tags, partitions and batch-id rules.
 
-Every key of one processor partition shares the hash tag ``{<processor>:<partition>}``, so each
-Lua script touches a single Cluster slot. Layout (prefix ``rb``, processor ``events``, partition 0)::
+Every key of one processor partition shares one hash tag, so each Lua script touches a single
+Cluster slot. The tag is ``{<processor>:<partition>}``, with a ``~<n>`` suffix when that is what
+puts the partition's slot into its share of the slot space (see :func:`partition_tag`).
+Layout (prefix ``rb``, processor ``events``, one partition)::
 
     rb:processors                      HASH  processor name -> JSON config (registry for the CLI)
     rb:{events:0}:due                  ZSET  delay queue: "base::N" -> due / lease-expiry time (ms)
@@ -14,10 +16,13 @@ Lua script touches a single Cluster slot. Layout (prefix ``rb``, processor ``eve
     rb:{events:0}:d:<id>               HASH  dead letter: batch_id, sequence, count, reason, error, ...
     rb:{events:0}:di:<id>              LIST  its items
     rb:wake:events                     pub/sub channel that wakes idle workers
+    rb:layout                          STRING the data layout's version (:data:`LAYOUT`)
 """
 
 from __future__ import annotations
 
+import binascii
+import functools
 import re
 import unicodedata
 import zlib
@@ -26,6 +31,11 @@ from dataclasses import dataclass
 from .errors import ConfigError, InvalidBatchId
 
 MAX_BATCH_ID_BYTES = 1024
+MAX_PARTITIONS = 256
+CLUSTER_SLOTS = 16384
+# the version of the key layout below, stamped in Redis at <prefix>:layout; 2: partitions'
+# hash tags spread over the slot space (1, unstamped: "{<processor>:<partition>}" alone)
+LAYOUT = 2
 _SEQ_SUFFIX = re.compile(r"^(.*)::(\d+)$", re.DOTALL)
 _NAME_FORBIDDEN = re.compile(r"[{}\s]")
 
@@ -83,6 +93,44 @@ def partition_of(base: str, partitions: int) -> int:
     return zlib.crc32(base.encode("utf-8")) % partitions
 
 
+def key_slot(key: str) -> int:
+    """Redis Cluster's slot of a key (CRC16 of its hash tag, or of the key without one)."""
+    data = key.encode("utf-8")
+    start = data.find(b"{")
+    if start >= 0:
+        end = data.find(b"}", start + 1)
+        if end > start + 1:
+            data = data[start + 1 : end]
+    return binascii.crc_hqx(data, 0) % CLUSTER_SLOTS
+
+
+def slot_range(partition: int, partitions: int) -> tuple[int, int]:
+    """The share of the slot space partition ``partition`` of ``partitions`` belongs to,
+    ``[first, end)``: the slots cut into that many equal consecutive ranges."""
+    return partition * CLUSTER_SLOTS // partitions, (partition + 1) * CLUSTER_SLOTS // partitions
+
+
+@functools.lru_cache(maxsize=4096)
+def partition_tag(processor: str, partition: int, partitions: int) -> str:
+    """The hash tag (without braces) of a processor partition's keys.
+
+    ``<processor>:<partition>`` when its slot lies in the middle half of the partition's
+    :func:`slot_range`, else the first ``<processor>:<partition>~<n>`` (n = 1, 2, ...) whose
+    slot does. A cluster whose slots are sliced evenly over its primaries, as
+    ``redis-cli --cluster create`` and ``--cluster rebalance`` do, then holds the partitions
+    evenly; the middle half leaves room for slices that are not exactly even. With a single
+    partition the whole slot space is its range, so its tag is always ``<processor>:0``."""
+    first, end = slot_range(partition, partitions)
+    if partitions > 1:
+        quarter = (end - first) // 4
+        first, end = first + quarter, end - quarter
+    tag, n = f"{processor}:{partition}", 0
+    while not first <= binascii.crc_hqx(tag.encode("utf-8"), 0) % CLUSTER_SLOTS < end:
+        n += 1
+        tag = f"{processor}:{partition}~{n}"
+    return tag
+
+
 @dataclass(frozen=True)
 class PartitionKeys:
     """Key names of one processor partition; ``pfx`` is what scripts prepend to derived keys."""
@@ -132,7 +180,8 @@ class KeySpace:
         self.prefix = prefix
         self.processor = processor
         self.partitions = partitions
-        self.parts = [PartitionKeys(f"{prefix}:{{{processor}:{k}}}:") for k in range(partitions)]
+        tags = [partition_tag(processor, k, partitions) for k in range(partitions)]
+        self.parts = [PartitionKeys(f"{prefix}:{{{tag}}}:") for tag in tags]
         self.channel = f"{prefix}:wake:{processor}"
 
     def for_base(self, base: str) -> PartitionKeys:
@@ -142,3 +191,20 @@ class KeySpace:
 def registry_key(prefix: str) -> str:
     """The HASH where processors publish their configuration for the CLI and workers."""
     return f"{prefix}:processors"
+
+
+def layout_key(prefix: str) -> str:
+    """The STRING holding the version of the data layout of ``prefix`` (:data:`LAYOUT`)."""
+    return f"{prefix}:layout"
+
+
+def layout1_prefixes(prefix: str, processor: str, partitions: int) -> list[str]:
+    """Key prefixes of the partitions whose keys layout 1 named differently: a processor of
+    several partitions had the hash tag ``{<processor>:<partition>}`` for every partition."""
+    if partitions == 1:
+        return []
+    return [
+        f"{prefix}:{{{processor}:{k}}}:"
+        for k in range(partitions)
+        if partition_tag(processor, k, partitions) != f"{processor}:{k}"
+    ]

@@ -31,8 +31,10 @@ from .errors import (
     CorruptData,
     DeadLetterNotFound,
     DecodeError,
+    LayoutMismatch,
+    LayoutUpgradeRefused,
 )
-from .keys import PartitionKeys
+from .keys import LAYOUT, PartitionKeys, layout1_prefixes, layout_key, registry_key
 from .models import (
     AddResult,
     BatchInfo,
@@ -593,6 +595,62 @@ Step = Read | Run
 Steps = Generator[Step, Any, T]
 
 DEAD_PURGE_CHUNK = 100
+
+
+def layout_steps(prefix: str) -> Steps[int]:
+    """Check that Redis holds :data:`~redis_batcher.keys.LAYOUT` under ``prefix``, stamping it
+    when Redis holds no data of the prefix yet; raise :class:`LayoutMismatch` otherwise. A
+    registry without a stamp is data of layout 1, written before layouts were stamped."""
+    key = layout_key(prefix)
+    found = yield Read(key, lambda c: c.get(key))
+    if found is None:
+        registry = registry_key(prefix)
+        if (yield Read(registry, lambda c: c.exists(registry))):
+            raise LayoutMismatch(prefix, 1, LAYOUT)
+        # SET NX: of two processes stamping a new prefix at once, both see the same version
+        if (yield Read(key, lambda c: c.set(key, LAYOUT, nx=True))):
+            return LAYOUT
+        found = yield Read(key, lambda c: c.get(key))
+    version = parse_layout(found)
+    if version != LAYOUT:
+        raise LayoutMismatch(prefix, version, LAYOUT)
+    return version
+
+
+def upgrade_layout_steps(prefix: str, partitions: dict[str, int]) -> Steps[int | None]:
+    """Stamp :data:`~redis_batcher.keys.LAYOUT` on data of layout 1 (``partitions``: each
+    registered processor's partition count), once nothing is left under layout 1's key names
+    (queued sequences, active ids, dead letters of processors with several partitions).
+    Returns the version found before (None: layout 1, unstamped); raises
+    :class:`LayoutUpgradeRefused` naming what is left, or :class:`LayoutMismatch` for a
+    layout this version cannot upgrade from."""
+    key = layout_key(prefix)
+    found = yield Read(key, lambda c: c.get(key))
+    if found is not None:
+        version = parse_layout(found)
+        if version != LAYOUT:
+            raise LayoutMismatch(prefix, version, LAYOUT)
+        return LAYOUT
+    left: list[str] = []
+    for name, count in sorted(partitions.items()):
+        for pfx in layout1_prefixes(prefix, name, count):
+            for key_name in (pfx + "due", pfx + "ids", pfx + "dead"):
+                if (yield Read(key_name, _exists(key_name))):
+                    left.append(key_name)
+    if left:
+        raise LayoutUpgradeRefused(prefix, left)
+    yield Read(key, lambda c: c.set(key, LAYOUT))
+    return None
+
+
+def _exists(key: str) -> Callable[[Any], Any]:
+    return lambda c: c.exists(key)
+
+
+def parse_layout(value: Any) -> int | str:
+    """A layout stamp's version, or its text when it is not a version."""
+    text = _s(value) if value is not None else ""
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 6 else text
 
 
 def dead_letters_steps(proc: Processor, limit: int) -> Steps[list[DeadLetter]]:

@@ -234,13 +234,15 @@ class Worker(WorkerCore):
     # -- main loop -------------------------------------------------------------------------------
 
     def _register(self) -> None:
-        """Check Redis' memory policy (an :class:`~redis_batcher.EvictionPolicyError` ends
-        :meth:`run`) and publish the processor configs. Waits while Redis cannot be reached;
+        """Check Redis' memory policy and data layout (an
+        :class:`~redis_batcher.EvictionPolicyError` or :class:`~redis_batcher.LayoutMismatch`
+        ends :meth:`run`) and publish the processor configs. Waits while Redis cannot be reached;
         any other refusal (a full Redis) is retried later, never a reason not to serve."""
         delay = 0.1
         while not self._stopping.is_set():
             try:
                 self.batcher.check_memory_policy()
+                self.batcher.check_layout()
                 self.batcher.register(self.processors)
                 return
             except (RedisConnectionError, RedisTimeoutError) as exc:

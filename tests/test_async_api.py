@@ -390,7 +390,7 @@ def test_completed_batches_leave_only_head_and_history_with_ttl(backend: Backend
         assert await alist(proc.batch_ids()) == ["u"]
         await burst(ab)
         keys = sorted(k.decode() for k in client.scan_iter("t:*"))
-        assert keys == ["t:processors", "t:{events:0}:b:u", "t:{events:0}:h:u"]
+        assert keys == ["t:layout", "t:processors", "t:{events:0}:b:u", "t:{events:0}:h:u"]
         for k in ("t:{events:0}:b:u", "t:{events:0}:h:u"):
             assert 0 < client.ttl(k) <= 3600
         assert await alist(proc.batch_ids()) == []
@@ -456,7 +456,8 @@ def test_partition_placement_ignores_braces_in_ids(backend: Backend) -> None:
             assert part is proc.keys.parts[partition_of(bid, 8)]
             assert part.head(bid).startswith(part.pfx)
             # the first {...} of every key is the processor's tag, whatever the id holds
-            assert part.head(bid).split("}")[0].endswith(":" + str(proc.keys.parts.index(part)))
+            k = proc.keys.parts.index(part)
+        assert part.head(bid).split("}")[0].split(":")[-1].split("~")[0] == str(k)
         # and the async add writes exactly there
         await proc.add("x{y}z", 1)
         assert backend.sync.exists(proc.keys.for_base("x{y}z").head("x{y}z")) == 1

@@ -34,7 +34,7 @@ from benchmarks.report import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITES = ("machine", "add_path", "async_add", "worker", "memory", "scale", "end_to_end")
+SUITES = ("machine", "add_path", "async_add", "cluster", "worker", "memory", "scale", "end_to_end")
 
 
 def exists(name: str) -> bool:

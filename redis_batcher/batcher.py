@@ -14,7 +14,16 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.retry import Retry
 
 from . import ops
@@ -40,6 +49,11 @@ if TYPE_CHECKING:
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 T = TypeVar("T")
+
+# a cluster node's answers to a command it did not run: the slot is served by another node, is
+# moving, or the cluster is down. The call is safe to send again once redis-py knows the slot's
+# node (Batcher._rerouted).
+REDIRECTED = (MovedError, AskError, TryAgainError, ClusterDownError)
 log = logging.getLogger("redis_batcher")
 
 
@@ -209,6 +223,9 @@ class Batcher:
         self._policy_logged = False  # the server could not tell its policy: said once
         self._lock = threading.Lock()
         self._link: Link | None = None
+        # on a cluster, a link per primary (by node name), as redis-py's slot table says
+        self._node_links: dict[str, Link] = {}
+        self._links_lock = threading.Lock()
         self.connect(connection, cluster=cluster, **redis_options)
 
     @classmethod
@@ -253,13 +270,10 @@ class Batcher:
         self.client = client
         self.url = url
         self.is_cluster = isinstance(client, redis.RedisCluster)
-        if self._link is not None:
-            self._link.close()
+        self._close_links()
         # script calls on a connection this thread keeps, taken from the client's pool (see
-        # connection.Link); cluster clients go through redis-py (scripts._routing)
+        # connection.Link); on a cluster, from the pool of the primary serving the call's slot
         self._link = Link(client) if Link.supports(client) else None
-        if self.is_cluster and self.wait_replicas:
-            raise ConfigError("wait_replicas is not supported on Redis Cluster clients")
         self._registered.clear()
         self._policy_checked = False
         self._layout_checked = False
@@ -315,32 +329,79 @@ class Batcher:
         under the ``connect_retry`` policy."""
         return self._retrying(lambda: self._sent(key, send), idempotent=True)
 
+    def _link_for(self, key: str) -> Link | None:
+        """The link of a script call on ``key``: the client's; on a cluster, the one of the
+        primary that serves ``key``'s slot according to redis-py's slot table (None when the
+        table has none: redis-py's own path then finds it)."""
+        if not self.is_cluster:
+            return self._link
+        try:
+            node = self.client.get_node_from_key(key)
+        except RedisClusterException:
+            return None
+        link = self._node_links.get(node.name)
+        if link is None:
+            with self._links_lock:
+                link = self._node_links.get(node.name)
+                if link is None:
+                    client = self.client.get_redis_connection(node)
+                    if not Link.supports(client):
+                        return None
+                    link = self._node_links[node.name] = Link(client)
+        return link
+
+    def _learn_route(self, key: str) -> None:
+        """A cluster node did not run a call on ``key`` (it answered a redirection, or the
+        call was never sent): a read of ``key`` through redis-py's cluster client lets it
+        learn the slot's node (it follows MOVED and ASK, and renews its table after a failed
+        connection) before :meth:`_retrying` sends the call again."""
+        try:
+            self.client.exists(key)
+        except RedisError:
+            pass  # the retry finds out
+
+
     def _execute(self, call: ops.Call, *, wait: bool = True) -> Any:
         """Run a script call under the ``connect_retry`` policy (retried only while it was never
         sent, see :meth:`_retrying`), and ``WAIT`` for ``wait_replicas`` replicas when configured
-        (same round trip)."""
+        (same round trip, same connection: on a cluster, the primary that ran the script)."""
+        key = call.keys[0]
+
+        def run() -> Any:
+            link = self._link_for(key)
+            if wait and self.wait_replicas:
+                if link is not None:
+                    reply, acked = call.script.call_and_wait_direct(
+                        link, call.keys, call.args, self.wait_replicas, self.wait_timeout_ms
+                    )
+                else:
+                    target = self.client
+                    if self.is_cluster:  # WAIT counts the writes of its own connection
+                        target = self.client.get_redis_connection(self.client.get_node_from_key(key))
+                    reply, acked = self._sent(
+                        key,
+                        lambda: call.script.call_and_wait(
+                            target, call.keys, call.args, self.wait_replicas, self.wait_timeout_ms
+                        ),
+                    )
+                if acked < self.wait_replicas:
+                    raise NotReplicated(self.wait_replicas, acked)
+                return reply
+            if link is not None:
+                return call.script.call_direct(link, call.keys, call.args)
+            return self._sent(key, lambda: call.run(self.client))
 
         def attempt() -> Any:
-            if wait and self.wait_replicas and self._link is not None:
-                reply, acked = call.script.call_and_wait_direct(
-                    self._link, call.keys, call.args, self.wait_replicas, self.wait_timeout_ms
-                )
-                if acked < self.wait_replicas:
-                    raise NotReplicated(self.wait_replicas, acked)
-                return reply
-            if wait and self.wait_replicas:
-                reply, acked = self._sent(
-                    call.keys[0],
-                    lambda: call.script.call_and_wait(
-                        self.client, call.keys, call.args, self.wait_replicas, self.wait_timeout_ms
-                    ),
-                )
-                if acked < self.wait_replicas:
-                    raise NotReplicated(self.wait_replicas, acked)
-                return reply
-            if self._link is not None:
-                return call.script.call_direct(self._link, call.keys, call.args)
-            return self._sent(call.keys[0], lambda: call.run(self.client))
+            if not self.is_cluster:
+                return run()
+            try:
+                return run()
+            except NotSentError:
+                self._learn_route(key)
+                raise
+            except REDIRECTED as exc:
+                self._learn_route(key)
+                raise NotSentError(f"Redis Cluster answered {exc}; the script did not run") from exc
 
         return self._retrying(attempt)
 
@@ -348,19 +409,32 @@ class Batcher:
         """Run a script call once, no retry and no WAIT (the worker's claims and lease
         renewals: their callers handle errors and carry on), on this thread's connection of
         the link when there is one."""
-        if self._link is not None:
-            return call.script.call_direct(self._link, call.keys, call.args)
-        return call.run(self.client)
+        key = call.keys[0]
+        link = self._link_for(key)
+        try:
+            if link is not None:
+                return call.script.call_direct(link, call.keys, call.args)
+            return call.run(self.client)
+        except NotSentError:
+            if self.is_cluster:
+                self._learn_route(key)
+            raise
+        except REDIRECTED as exc:
+            if not self.is_cluster:
+                raise
+            self._learn_route(key)
+            raise NotSentError(f"Redis Cluster answered {exc}; the script did not run") from exc
 
     def _run_add(self, proc: Processor, base: str, encoded: list[bytes]) -> AddResult:
-        link = self._link
+        link = self._link if not self.is_cluster else self._link_for(proc.keys.for_base(base).head(base))
         if link is not None and len(encoded) == 1 and not self.wait_replicas:
             # a single add over this thread's connection, framed in one step (ops.add_frame);
-            # NOSCRIPT and a request never sent take the general way (which retries the latter)
+            # NOSCRIPT, a request never sent and a cluster's redirection take the general way
+            # (which retries the latter two)
             try:
                 reply = link.request(ops.add_frame(proc, base, encoded[0]))
                 return ops.parse_add(proc, base, 1, reply)
-            except (NoScriptError, NotSentError):
+            except (NoScriptError, NotSentError, *REDIRECTED):
                 pass
         reply = self._execute(ops.add_call(proc, base, encoded))
         return ops.parse_add(proc, base, len(encoded), reply)
@@ -613,12 +687,19 @@ class Batcher:
             )
         return configs
 
+    def _close_links(self) -> None:
+        if self._link is not None:
+            self._link.close()
+        with self._links_lock:
+            links, self._node_links = list(self._node_links.values()), {}
+        for link in links:
+            link.close()
+
     def close(self) -> None:
         """Close the connection pool and the producer connections."""
         if isinstance(self.client, _Unconnected):
             return  # a definitions_only batcher: nothing to close
-        if self._link is not None:
-            self._link.close()
+        self._close_links()
         self.client.close()
 
     def remote(self, name: str) -> Processor:

@@ -23,7 +23,7 @@ from tests.conftest import ROOT, subprocess_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
-SUITES = ("machine", "add_path", "async_add", "worker", "memory", "scale", "end_to_end")
+SUITES = ("machine", "add_path", "async_add", "cluster", "worker", "memory", "scale", "end_to_end")
 FIELDS = {
     "suite", "figure", "median", "min", "max", "unit",
     "ratio", "ratio_of", "target", "met", "lost", "duplicates",

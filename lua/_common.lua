@@ -27,6 +27,21 @@
 -- ones that spend the max_attempts budget (bisection steps do not), `deaths` the deliveries
 -- whose worker died.
 --
+-- `flush_id` (what handlers deduplicate by) is decided when the sequence is sealed, written
+-- with the sealed state by whatever seals it (add.lua at max_batch_size, flush.lua, the claim
+-- that finds an interval due, replay.lua), and only read by the claims that deliver it: a claim
+-- that a failover lost, or whose worker died, is redelivered under the same id. It is
+--   "<sealed at, in us>-<tag>-<N>"    e.g. "1795956439667412-d8d3bd6517c8-0"
+-- the sealing call's TIME in microseconds, 12 hex digits of the SHA-1 of pfx..base (prefix,
+-- processor, partition and base id; a 48-bit hash of the same where redis.sha1hex is missing,
+-- as in test doubles) and the sequence number. Sequences sealed by one call share its time and
+-- differ in base id (by its tag: equal tags, 1 in 2^48) or number; a base id deleted or expired
+-- seals its restarted numbers at later times. Once the first `fid_n` items have all left the sequence, the rest is a new
+-- flush under the sealed id plus "-<k>" (`fid_k` = k = 1, 2, ...), written by the call that
+-- removed them, so it too is fixed before any claim. (A sequence sealed by a version from
+-- before this keeps the id it was claimed under; one without any gets the id its `sealed_at`
+-- ms gives, at its first claim.)
+--
 -- Data this library did not write -- a key of another type, a field that is not a number, a
 -- damaged header -- is found by reading before a script writes anything, so no script stops
 -- half-way: the caller is told (a 'corrupt' reply), or a due sequence that cannot be delivered
@@ -46,7 +61,7 @@
 -- script.)
 -- The state fields the scripts compute with, each between spaces (a plain find, no table);
 -- the kinds of move jobs.
-local SEQ_INT_FIELDS = ' cutoff window attempt tries deaths fid_n delivered claimed_at max mv_w mv_done mv_keep mv_rest mv_rot mv_out mv_at '
+local SEQ_INT_FIELDS = ' cutoff window attempt tries deaths fid_n fid_k delivered claimed_at max mv_w mv_done mv_keep mv_rest mv_rot mv_out mv_at '
 local MOVE_KINDS = ' KD XD XK XX '
 -- Items a call moves at most (move jobs): each costs a few hundred ns of server time.
 local MOVE_BUDGET = 10000
@@ -57,9 +72,12 @@ local BACKLOG, BACKLOG_DUE = 8, -2
 -- A claim's reply when the partition's own keys hold something else.
 local CORRUPT_DUE = -3
 
+-- The server's time in ms, and the microseconds past that ms (a flush_id's time is
+-- ms * 1000 + us).
 local function now_ms()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local us = tonumber(t[2])
+  return tonumber(t[1]) * 1000 + math.floor(us / 1000), us % 1000
 end
 
 local function int(n)
@@ -223,10 +241,29 @@ local function seal_head(head, seq)
   redis.call('HSET', head, 'a:' .. seq, 'flushing')
 end
 
--- The sequence-hash fields of a sealed sequence (field, value, ...), ready for HSET.
-local function sealed_fields(count, reason, now)
+-- The flush_id of sequence `seq` of a base id, sealed at `us` (microseconds, server clock):
+-- "<us>-<tag>-<N>" (see the top). Costs a hash of pfx..base, paid when sealing only.
+local function flush_id_of(pfx, base, seq, us)
+  local s, tag = pfx .. base, nil
+  if redis.sha1hex then
+    tag = string.sub(redis.sha1hex(s), 1, 12)
+  else
+    -- test doubles without redis.sha1hex: two 24-bit polynomial hashes
+    local a, b = 0, 0
+    for i = 1, #s do
+      local c = string.byte(s, i)
+      a, b = (a * 257 + c) % 16777213, (b * 263 + c) % 16777199
+    end
+    tag = string.format('%06x%06x', a, b)
+  end
+  return int(us) .. '-' .. tag .. '-' .. int(seq)
+end
+
+-- The sequence-hash fields of a sealed sequence (field, value, ...), ready for HSET; fid: the
+-- flush_id it gets (flush_id_of).
+local function sealed_fields(count, reason, now, fid)
   return {'status', 'flushing', 'cutoff', count, 'sealed_at', int(now), 'reason', reason,
-    'updated_at', int(now)}
+    'updated_at', int(now), 'flush_id', fid}
 end
 
 -- The header entry of a base id's open list (index 0): the accumulating sequence's number, the
@@ -292,12 +329,14 @@ local function seal_items(pfx, head, base, seq, count)
   return redis.call('LLEN', ikey)
 end
 
--- Seal an accumulating sequence: it becomes 'flushing' with its cutoff recorded and is due now.
--- count: its open list's items (see seal_items). Returns the sealed sequence's item count.
-local function seal(pfx, head, due, base, seq, count, reason, now)
+-- Seal an accumulating sequence: it becomes 'flushing' with its cutoff and flush_id recorded
+-- and is due now. count: its open list's items (see seal_items); now, sub: the time in ms and
+-- the microseconds past it. Returns the sealed sequence's item count.
+local function seal(pfx, head, due, base, seq, count, reason, now, sub)
   local member = member_of(base, seq)
   local total = seal_items(pfx, head, base, seq, count)
-  redis.call('HSET', pfx .. 's:' .. member, unpack(sealed_fields(total, reason, now)))
+  redis.call('HSET', pfx .. 's:' .. member, unpack(sealed_fields(total, reason, now,
+    flush_id_of(pfx, base, seq, now * 1000 + sub))))
   seal_head(head, seq)
   redis.call('ZADD', due, int(now), member)
   return total
@@ -357,15 +396,15 @@ end
 
 -- `n` items left the head of a sealed sequence (delivered or dead-lettered). Either the
 -- sequence is done (completed) or the rest becomes a fresh delivery, due now.
--- cfg: {retention=, ordered=, max=}; known: {cutoff, fid_n, max} when the caller has read them;
--- done: the sequence's delivered item count when an ack completes it (the head then records
--- the highest completed sequence: done_seq, done_items, done_at)
+-- cfg: {retention=, ordered=, max=}; known: {cutoff, fid_n, max, flush_id, fid_k} when the
+-- caller has read them; done: the sequence's delivered item count when an ack completes it
+-- (the head then records the highest completed sequence: done_seq, done_items, done_at)
 local function advance(pfx, base, seq, n, now, cfg, known, done)
   local member = member_of(base, seq)
   local meta = pfx .. 's:' .. member
   local head = pfx .. 'b:' .. base
   local due = pfx .. 'due'
-  local f = known or redis.call('HMGET', meta, 'cutoff', 'fid_n', 'max')
+  local f = known or redis.call('HMGET', meta, 'cutoff', 'fid_n', 'max', 'flush_id', 'fid_k')
   local left = tonumber(f[1] or '0') - n
   if left > 0 then
     local pending = redis.call('HINCRBY', head, 'pending', int(-n))
@@ -378,9 +417,18 @@ local function advance(pfx, base, seq, n, now, cfg, known, done)
     local fid_n = tonumber(f[2] or '0') - n
     if fid_n > 0 then
       redis.call('HSET', meta, 'fid_n', fid_n)
+    elseif f[4] then
+      -- the rest is a new flush: the sealed flush_id plus "-<k>", fixed here, before its claim
+      -- (the current one is the sealed id plus "-<fid_k>" when fid_k is set)
+      local id, k = f[4], tonumber(f[5] or '0')
+      if k > 0 then id = string.sub(id, 1, #id - #int(k) - 1) end
+      redis.call('HSET', meta, 'attempt', 0, 'tries', 0, 'deaths', 0, 'flush_id', id .. '-' .. int(k + 1),
+        'fid_k', int(k + 1))
+      redis.call('HDEL', meta, 'fid_n', 'last_error')
     else
+      -- never delivered under an id (sealed by an older version): its claim gives it one
       redis.call('HSET', meta, 'attempt', 0, 'tries', 0, 'deaths', 0)
-      redis.call('HDEL', meta, 'flush_id', 'fid_n', 'last_error')
+      redis.call('HDEL', meta, 'fid_n', 'last_error')
     end
     redis.call('ZADD', due, int(now), member)
     return left
@@ -565,7 +613,7 @@ local function move_finish(pfx, member, j, now, cfg, dead)
   local base, seq = split_member(member)
   local meta = pfx .. 's:' .. member
   local f = redis.call('HMGET', meta, 'cutoff', 'fid_n', 'max', 'tries', 'deaths', 'flush_id',
-    'created_at')
+    'created_at', 'fid_k')
   redis.call('HDEL', meta, unpack(move_fields()))
   if j.dead then
     if j.out > 0 then
@@ -583,8 +631,11 @@ local function move_finish(pfx, member, j, now, cfg, dead)
     if redis.call('HINCRBY', head, 'pending', int(-gone)) < 0 then redis.call('HSET', head, 'pending', 0) end
     local cutoff = tonumber(f[1]) - gone
     if j.keep == 0 then
+      -- none failed: the window's items all left (its flush_id with them, unless the rest was
+      -- delivered under it too)
       redis.call('HSET', meta, 'cutoff', cutoff)
-      return 'delivered', advance(pfx, base, seq, 0, now, cfg, {cutoff, f[2], f[3]})
+      return 'delivered', advance(pfx, base, seq, 0, now, cfg,
+        {cutoff, tonumber(f[2] or '0') - gone, f[3], f[6], f[8]})
     end
     -- the failed items stay at the head and keep their flush_id
     redis.call('HSET', meta, 'cutoff', cutoff, 'window', j.keep,
@@ -594,7 +645,7 @@ local function move_finish(pfx, member, j, now, cfg, dead)
     redis.call('ZADD', pfx .. 'due', int(j.at), member)
     return 'retry', j.at
   end
-  local left = advance(pfx, base, seq, gone, now, cfg, {f[1], f[2], f[3]})
+  local left = advance(pfx, base, seq, gone, now, cfg, {f[1], f[2], f[3], f[6], f[8]})
   if j.reason == 'decode_error' then return 'quarantined', left end
   return 'dead', left
 end
@@ -719,8 +770,9 @@ end
 -- spreads them over its threads). Looking BACKLOG entries further with the same ZRANGEBYSCORE
 -- also spares the ZRANGE of next_due_ms whenever more is due. The partition's own keys are
 -- checked once something is due (BACKLOG_CORRUPT and what is wrong, nothing written); every
--- member is checked before it is written.
-local function claim_due(due, pfx, o, now)
+-- member is checked before it is written. now, sub: the time in ms and the microseconds past
+-- it (an interval seal's flush_id). A flush is delivered under the flush_id its state holds.
+local function claim_due(due, pfx, o, now, sub)
   local limit, lease, owner, seed = o.limit, o.lease, o.owner, o.seed
   local cfg, max_deaths, bisect, cap, inline_max = o.cfg, o.max_deaths, o.bisect, o.cap, o.inline_max
   local out = {0}
@@ -782,7 +834,15 @@ local function claim_due(due, pfx, o, now)
         cutoff = held
         redis.call('HSET', meta, 'cutoff', cutoff)
       end
-      local info = {tries = tonumber(f.tries or '0'), deaths = tonumber(f.deaths or '0'), flush_id = f.flush_id,
+      local flush_id = f.flush_id
+      if sealing then
+        flush_id = flush_id_of(pfx, base, seq, now * 1000 + sub)
+      elseif not flush_id and f.status == 'flushing' then
+        -- sealed by a version from before flush_id was fixed at sealing: the id its seal's ms
+        -- gives, the same at every claim until one has written it
+        flush_id = flush_id_of(pfx, base, seq, (is_int(f.sealed_at) and tonumber(f.sealed_at or '0') or 0) * 1000)
+      end
+      local info = {tries = tonumber(f.tries or '0'), deaths = tonumber(f.deaths or '0'), flush_id = flush_id,
         created_at = f.created_at}
       if cutoff == 0 then
         -- nothing to deliver: drop the sequence instead of leaving a due entry that never clears
@@ -796,9 +856,9 @@ local function claim_due(due, pfx, o, now)
           -- acknowledged; what is left goes to the dead-letter store
           local err = (cutoff - held) .. ' of ' .. cutoff .. ' items are missing from ' .. ikey
             .. ' (evicted or deleted)'
-          bury_list(pfx, (f.flush_id or (seed .. '-' .. n)) .. '.m' .. cutoff, member, held, 'items_missing',
+          bury_list(pfx, (flush_id or (seed .. '-' .. n)) .. '.m' .. cutoff, member, held, 'items_missing',
             err, info, now, o.dead)
-          advance(pfx, base, seq, cutoff, now, cfg, {cutoff, f.fid_n, f.max})
+          advance(pfx, base, seq, cutoff, now, cfg, {cutoff, f.fid_n, f.max, flush_id, f.fid_k})
           deliver = false
         end
       end
@@ -809,16 +869,15 @@ local function claim_due(due, pfx, o, now)
           redis.call('ZREM', due, member)
           redis.call('HSET', meta, 'parked', 1)
           if sealing then
-            redis.call('HSET', meta, unpack(sealed_fields(cutoff, reason, now)))
+            redis.call('HSET', meta, unpack(sealed_fields(cutoff, reason, now, flush_id)))
           end
           deliver = false
         end
       end
       local attempt = tonumber(f.attempt or '0')
-      local flush_id = f.flush_id
       local window = math.min(tonumber(f.window or cutoff), cutoff, smax)
       local fid_n = tonumber(f.fid_n or '0')
-      if flush_id and fid_n > 0 then
+      if fid_n > 0 then
         window = math.min(window, fid_n)  -- never mix items of an earlier delivery with new ones
       end
       if deliver and f.owner and f.owner ~= '' then
@@ -847,18 +906,22 @@ local function claim_due(due, pfx, o, now)
       end
       if deliver then
         attempt = attempt + 1
-        if not flush_id then
-          flush_id = seed .. '-' .. n
-          fid_n = window
+        if fid_n <= 0 then
+          fid_n = window  -- the first delivery under flush_id: these items keep it from now on
         end
         local items = 0
         if window <= inline_max then
           items = redis.call('LRANGE', ikey, 0, window - 1)
           if cmsgpack then items = cmsgpack.pack(items) end
         end
-        -- the lease, and (after an interval seal) the sealed state, in one write
-        local fields = sealing and sealed_fields(cutoff, reason, now) or {'updated_at', int(now)}
-        redis.call('HSET', meta, 'attempt', attempt, 'owner', owner, 'flush_id', flush_id, 'fid_n', fid_n,
+        -- the lease, and (after an interval seal) the sealed state with its flush_id, in one
+        -- write; a flush_id the state holds is only read (one from sealed_at is written)
+        local fields = sealing and sealed_fields(cutoff, reason, now, flush_id) or {'updated_at', int(now)}
+        if not sealing and flush_id ~= f.flush_id then
+          table.insert(fields, 'flush_id')
+          table.insert(fields, flush_id)
+        end
+        redis.call('HSET', meta, 'attempt', attempt, 'owner', owner, 'fid_n', fid_n,
           'window', window, 'claimed_at', int(now), 'lease_until', int(now + lease), unpack(fields))
         redis.call('ZADD', due, int(now + lease), member)
         for _, v in ipairs({member, window, attempt, flush_id, reason or '', items}) do

@@ -44,7 +44,7 @@ end
 -- windows up to this many items are removed with one LTRIM (no UNLINK)
 local SMALL_WINDOW = 1000
 local window = tonumber(f.window or f.cutoff)
-local now = now_ms()
+local now, sub = now_ms()
 if window <= SMALL_WINDOW or window < held then
   redis.call('LTRIM', ikey, window, -1)  -- a list left empty is deleted
 else
@@ -57,9 +57,10 @@ if tonumber(f.cutoff) > window then
 end
 local base, seq = split_member(member)
 -- a completed sequence is recorded on the head (done_seq: the highest completed one)
-local left = advance(pfx, base, seq, window, now, cfg, {f.cutoff, f.fid_n, f.max}, delivered)
+local left = advance(pfx, base, seq, window, now, cfg, {f.cutoff, f.fid_n, f.max, f.flush_id, f.fid_k},
+  delivered)
 if ARGV[9] and tonumber(ARGV[9]) > 0 then
-  local reply = claim_due(due, pfx, claim_opts(9), now)
+  local reply = claim_due(due, pfx, claim_opts(9), now, sub)
   if #reply == 1 then
     -- nothing due: the asking slot goes idle knowing all that is due, so it answers a pending
     -- wake-up like claim.lua (add.lua would otherwise hold the next one back)

@@ -21,7 +21,8 @@
 -- With max_pending the head's pending count (sealed sequences' undelivered items) is read too.
 -- A sequence that an add opens and fills at once (add_many of max_batch_size items or more)
 -- is written sealed from the start, straight into its own list: HINCRBY next, HSET state,
--- HINCRBY active, RPUSH, ZADD due, 5 commands instead of 10.
+-- HINCRBY active, RPUSH, ZADD due, 5 commands instead of 10. Sealing writes the sequence's
+-- flush_id with its sealed state (see _common.lua): the id its deliveries carry.
 -- Derived keys (same hash tag): pfx.."o:"..base, pfx.."ids", pfx.."due", pfx.."h:"..base,
 -- pfx.."woke", and the state and items of the sequences touched. Wakes the workers (PUBLISH
 -- on the wake-up channel) when a sequence is sealed or a new timer became the earliest entry
@@ -46,7 +47,7 @@ local pfx = string.sub(head, 1, #head - #base - 2)
 local max, interval, max_pending, segments = string.match(ARGV[2], '^(%-?%d+) (%-?%d+) (%-?%d+) (%S+)$')
 max, interval, max_pending = tonumber(max), tonumber(interval), tonumber(max_pending)
 local first, last = 3, #ARGV
-local now = now_ms()
+local now, sub = now_ms()  -- sub: the microseconds past `now` (a seal's flush_id)
 local okey = pfx .. 'o:' .. base
 
 local WAKE_HOLD_MS = 100
@@ -82,7 +83,7 @@ if last == first and segments == '-' and max_pending < 0 then
         or wrong_type({pfx .. 'due', 'zset'}) then
       redis.call('RPOP', okey)
     else
-      count = seal(pfx, head, pfx .. 'due', base, seq, count, 'size', now)
+      count = seal(pfx, head, pfx .. 'due', base, seq, count, 'size', now, sub)
       wake_workers()
       return seq .. ',' .. count .. ',F,1,1'
     end
@@ -110,8 +111,9 @@ local function open_sequence(full)
   local seq = next_free_seq(pfx, head, base)
   local member = member_of(base, seq)
   if full then
+    local fid = flush_id_of(pfx, base, seq, now * 1000 + sub)
     redis.call('HSET', pfx .. 's:' .. member, 'created_at', int(now), 'attempt', 0, 'max', max,
-      'interval', interval, unpack(sealed_fields(max, 'size', now)))
+      'interval', interval, unpack(sealed_fields(max, 'size', now, fid)))
     table.insert(head_set, 'a:' .. seq)
     table.insert(head_set, 'flushing')
     if #head_set >= 2000 then  -- unpack() has a limit: many tiny sequences are written in parts
@@ -220,7 +222,7 @@ for _, n in ipairs(segs) do
           redis.call('ZADD', due, int(now), member)
           fresh_items = fresh_items + count
         else
-          res_count = seal(pfx, head, due, base, seq, count, 'size', now)
+          res_count = seal(pfx, head, due, base, seq, count, 'size', now, sub)
           touched = false
         end
         sealed = sealed + 1

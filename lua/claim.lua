@@ -8,7 +8,9 @@
 -- ARGV[3] lease_ms       lease length; the entry is re-scored to now + lease_ms, so a flush whose
 --                        worker dies becomes due again when the lease runs out
 -- ARGV[4] owner          random token of this claim; ack/nack/extend/release must present it
--- ARGV[5] id_seed        random string; new deliveries get flush_id = id_seed.."-"..i
+-- ARGV[5] id_seed        random string; names the dead letters of members quarantined (and,
+--                        were it ever missing, of a window without a flush_id). A flush's
+--                        flush_id is fixed when it is sealed, not here (_common.lua)
 -- ARGV[6] retention      seconds to keep head/history of a base id left without sequences
 -- ARGV[7] max_batch_size largest delivery window of a sequence that did not record its own
 -- ARGV[8] max_attempts   (read by nack.lua; kept so that ack.lua's claim options line up)
@@ -35,8 +37,8 @@ local pfx = ARGV[1]
 if type(redis.pcall('ZCARD', KEYS[1])) == 'table' then
   return {-3, wrong_type({KEYS[1], 'zset'})}
 end
-local now = now_ms()
-local reply = claim_due(KEYS[1], pfx, claim_opts(2), now)
+local now, sub = now_ms()
+local reply = claim_due(KEYS[1], pfx, claim_opts(2), now, sub)
 if reply[1] ~= -3 then
   -- a worker is looking: the next sealed sequence gets a wake-up again (see add.lua)
   redis.call('DEL', pfx .. 'woke')

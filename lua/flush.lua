@@ -59,11 +59,11 @@ local open, _, how = open_items_of(pfx, base, seq, redis.call('HGET', head, 'acc
 if open == 0 and redis.call('LLEN', pfx .. 'i:' .. member_of(base, seq)) == 0 then
   return {'empty', tonumber(seq), 0, 'accumulating'}
 end
-local now = now_ms()
+local now, sub = now_ms()
 if how == 'damaged' then
   local smax = redis.call('HGET', pfx .. 's:' .. member_of(base, seq), 'max') or '0'
   redis.call('LSET', okey, 0, open_header(seq, now, smax))
 end
-local count = seal(pfx, head, due, base, seq, open, 'manual', now)
+local count = seal(pfx, head, due, base, seq, open, 'manual', now, sub)
 redis.call('PUBLISH', ARGV[4], pfx)
 return {'ok', tonumber(seq), count, 'flushing'}

@@ -22,7 +22,7 @@ end
 if redis.call('EXISTS', dmeta) == 0 then
   return {'not_found', -1, 0}
 end
-local now = now_ms()
+local now, sub = now_ms()
 local count = redis.call('LLEN', dlist)
 if count == 0 then
   redis.call('DEL', dmeta)
@@ -35,7 +35,8 @@ redis.call('RENAME', dlist, pfx .. 'i:' .. member)
 redis.call('PERSIST', pfx .. 'i:' .. member)  -- live items never expire (dead letters may)
 redis.call('HSET', pfx .. 's:' .. member, 'status', 'flushing', 'cutoff', count,
   'window', math.min(count, tonumber(ARGV[4])), 'created_at', int(now), 'updated_at', int(now),
-  'sealed_at', int(now), 'reason', 'replay', 'attempt', 0, 'max', ARGV[4])
+  'sealed_at', int(now), 'reason', 'replay', 'attempt', 0, 'max', ARGV[4],
+  'flush_id', flush_id_of(pfx, base, seq, now * 1000 + sub))  -- a new flush: a new id
 redis.call('HSET', head, 'a:' .. seq, 'flushing')
 redis.call('HINCRBY', head, 'pending', count)
 if redis.call('HINCRBY', head, 'active', 1) == 1 then

@@ -132,6 +132,8 @@ class BatchInfo:
     reason: str | None = None
     deaths: int = 0
     window: int | None = None
+    # the id its next delivery carries, fixed when it was sealed (None while accumulating)
+    flush_id: str | None = None
 
 
 @dataclass(frozen=True)

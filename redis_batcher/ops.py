@@ -228,6 +228,7 @@ def parse_status(base: str, reply: Sequence[Any]) -> tuple[list[BatchInfo], Batc
                 reason=meta.get("reason"),
                 deaths=int(meta.get("deaths", 0)),
                 window=int(meta["window"]) if "window" in meta else None,
+                flush_id=meta.get("flush_id"),
             )
         )
     active.sort(key=lambda b: b.sequence)

@@ -67,13 +67,16 @@ def test_add_many_spills_over_sequences_in_one_call(batcher: Batcher, client: An
 
 
 def stored_first_sequence(client: Any, pfx: str, base: str) -> tuple[dict[str, str], dict[str, str], bool]:
-    """Sequence 0 of ``base`` as stored: its state hash and its head hash (times left out), and
-    whether it is in the delay queue."""
+    """Sequence 0 of ``base`` as stored: its state hash and its head hash (times left out, and
+    the flush_id's time and base id tag: "<us>-<tag>-0" becomes "-0"), and whether it is in
+    the delay queue."""
     state = {k.decode(): v.decode() for k, v in client.hgetall(f"{pfx}s:{base}::0").items()}
     head = {k.decode(): v.decode() for k, v in client.hgetall(f"{pfx}b:{base}").items()}
     for fields in (state, head):
         for k in ("created_at", "updated_at", "sealed_at", "added_at"):
             fields.pop(k, None)
+    if "flush_id" in state:
+        state["flush_id"] = "-" + state["flush_id"].rsplit("-", 1)[1]
     return state, head, client.zscore(f"{pfx}due", f"{base}::0") is not None
 
 
@@ -81,6 +84,7 @@ def check_filled_at_once(client: Any, pfx: str) -> None:
     """"fast" (one add_many of 3) is stored like "slow" (3 adds), sealed, with no 'acc'."""
     assert stored_first_sequence(client, pfx, "fast") == stored_first_sequence(client, pfx, "slow")
     state, head, due = stored_first_sequence(client, pfx, "fast")
+    assert state["flush_id"] == "-0"  # fixed at sealing, like the seal by single adds
     assert (state["status"], state["cutoff"], state["reason"], head["a:0"], due) == (
         "flushing", "3", "size", "flushing", True
     )

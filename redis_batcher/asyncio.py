@@ -29,13 +29,20 @@ from typing import Any, TypeVar, overload
 import redis
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from . import batcher as sync_batcher
 from . import ops
-from .batcher import _seconds, default_url, judge_memory_policy, policy_from_config, policy_from_info
+from .batcher import (
+    REDIRECTED,
+    _seconds,
+    default_url,
+    judge_memory_policy,
+    policy_from_config,
+    policy_from_info,
+)
 from .codec import Codec, encode_item
-from .connection import AsyncLink, acheckout, pack
+from .connection import AsyncLink, ClusterNodePool, acheckout, pack
 from .errors import (
     ConfigError,
     NotReplicated,
@@ -171,8 +178,9 @@ class Batcher:
             raise ConfigError(f"wait_replicas must be an int >= 0, got {wait_replicas!r}")
         self.definitions = definitions
         self.prefix = definitions.prefix
-        if self.is_cluster and wait_replicas:
-            raise ConfigError("wait_replicas is not supported on Redis Cluster clients")
+        if self.is_cluster and wait_replicas and not ClusterNodePool.supports(aioredis.cluster.ClusterNode):
+            # WAIT must follow the script on its connection: a connection of the node's own
+            raise ConfigError("wait_replicas on an asyncio Redis Cluster needs redis-py 6 or later")
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = max(
             1, round((_seconds("wait_timeout", wait_timeout, allow_none=False) or 1) * 1000)
@@ -210,8 +218,9 @@ class Batcher:
         self.client = client
         self.is_cluster = isinstance(client, aioredis.RedisCluster)
         # script calls on connections this event loop keeps, taken from the client's pool (see
-        # connection.AsyncLink); cluster clients go through redis-py (scripts._async_routing)
+        # connection.AsyncLink); on a cluster, from the node serving the call's slot
         self._link = AsyncLink(client) if AsyncLink.supports(client) else None
+        self._node_links: dict[str, AsyncLink] = {}
         self._registered.clear()
         self._policy_checked = False
         self._layout_checked = False
@@ -337,6 +346,9 @@ class Batcher:
         """Close the connection pool and the lone-add connections."""
         if self._link is not None:
             await self._link.close()
+        links, self._node_links = list(self._node_links.values()), {}
+        for link in links:
+            await link.close()
         await _aclose(self.client)
 
     # -- running scripts --------------------------------------------------------------------------
@@ -371,11 +383,12 @@ class Batcher:
                 await client.initialize()
                 if node is None:
                     node = client.get_node_from_key(key) if key is not None else client.get_default_node()
-                conn = node.acquire_connection()
-                try:
-                    await conn.connect()
-                finally:
-                    node.release(conn)
+                if ClusterNodePool.supports(node):  # else nothing tells a failure's side
+                    conn = node.acquire_connection()
+                    try:
+                        await conn.connect()
+                    finally:
+                        node.release(conn)
             else:
                 pool = client.connection_pool
                 await pool.release(await acheckout(pool))
@@ -390,9 +403,66 @@ class Batcher:
         """A plain command that may safely run twice, under the ``connect_retry`` policy."""
         return await self._retrying(lambda: self._sent(key, send), idempotent=True)
 
+    async def _node_link(self, key: str) -> AsyncLink | None:
+        """On a cluster, the link of the primary serving ``key``'s slot according to redis-py's
+        slot table (None when the table has none)."""
+        await self.client.initialize()
+        try:
+            node = self.client.get_node_from_key(key)
+        except RedisClusterException:
+            return None
+        link = self._node_links.get(node.name)
+        if link is None:
+            if not ClusterNodePool.supports(node):
+                return None
+            link = self._node_links[node.name] = AsyncLink(pool=ClusterNodePool(node))
+        return link
+
+    async def _learn_route(self, key: str) -> None:
+        """As the sync Batcher's: a read of ``key`` through the cluster client lets redis-py
+        learn the slot's node after a redirection or a node that could not be reached."""
+        try:
+            await self.client.exists(key)
+        except RedisError:
+            pass  # the retry finds out
+
+    async def _execute_on_node(self, call: ops.Call, wait: bool) -> Any:
+        """A script call on a cluster, over the link of the primary serving its slot (and its
+        ``WAIT`` there, on the same connection), retried as the sync Batcher's after a
+        redirection or a send that failed."""
+        key = call.keys[0]
+
+        async def attempt() -> Any:
+            link = await self._node_link(key)
+            try:
+                if link is None:
+                    if wait and self.wait_replicas:
+                        raise NotSentError(f"no node of the cluster serves the slot of {key}")
+                    return await self._sent(
+                        key, lambda: call.script.call_async(self.client, call.keys, call.args)
+                    )
+                if wait and self.wait_replicas:
+                    reply, acked = await call.script.call_and_wait_async_direct(
+                        link, call.keys, call.args, self.wait_replicas, self.wait_timeout_ms
+                    )
+                    if acked < self.wait_replicas:
+                        raise NotReplicated(self.wait_replicas, acked)
+                    return reply
+                return await call.script.call_async_direct(link, call.keys, call.args)
+            except NotSentError:
+                await self._learn_route(key)
+                raise
+            except REDIRECTED as exc:
+                await self._learn_route(key)
+                raise NotSentError(f"Redis Cluster answered {exc}; the script did not run") from exc
+
+        return await self._retrying(attempt)
+
     async def _execute(self, call: ops.Call, *, wait: bool = True) -> Any:
         """Run one script call (NOSCRIPT recovery, WAIT when configured) under the
         ``connect_retry`` policy (retried only while it was never sent)."""
+        if self.is_cluster:
+            return await self._execute_on_node(call, wait)
         if wait and self.wait_replicas:
             replies = await self._pipeline([call])
             if isinstance(replies[0], Exception):
@@ -587,6 +657,14 @@ class Batcher:
         try:
             if len(calls) == 1 and not self.wait_replicas:
                 replies: list[Any] = [await self._execute(calls[0])]
+            elif self.is_cluster and self.wait_replicas:
+                # each call and its WAIT on the primary that runs it, one after the other
+                replies = []
+                for c in calls:
+                    try:
+                        replies.append(await self._execute(c))
+                    except (ResponseError, NotReplicated) as exc:
+                        replies.append(exc)
             else:
                 replies = await self._pipeline(calls)
         except BaseException as exc:  # the whole round trip failed: every caller in it is concerned

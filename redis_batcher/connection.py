@@ -308,13 +308,51 @@ class Link:
 # -- asyncio -------------------------------------------------------------------------------------
 
 
+class ClusterNodePool:
+    """The connections of one node of a ``redis.asyncio.RedisCluster``, as :class:`AsyncLink`
+    takes them from a pool: through the node's own ``acquire_connection`` and ``release``,
+    connected (and a connection the server closed while it was free, reconnected) first."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+
+    @staticmethod
+    def supports(node: Any) -> bool:
+        """Whether ``node`` hands its connections back publicly (``release``: redis-py 6+)."""
+        return callable(getattr(node, "release", None))
+
+    async def get_connection(self) -> Any:
+        conn = self.node.acquire_connection()
+        try:
+            await conn.connect()  # a no-op when connected
+            # as redis-py's pools check a connection they hand out: one with data waiting
+            # was closed by the server (or holds a reply nobody read): connect again
+            # (can_read since redis-py 8, can_read_destructive before)
+            can_read = getattr(conn, "can_read", None) or conn.can_read_destructive
+            try:
+                stale = await can_read()
+            except (ConnectionError, TimeoutError, OSError):
+                stale = True
+            if stale:
+                await conn.disconnect()
+                await conn.connect()
+        except BaseException:
+            self.node.release(conn)
+            raise
+        return conn
+
+    async def release(self, conn: Any) -> None:
+        self.node.release(conn)
+
+
 class AsyncLink:
     """:class:`Link` for ``redis.asyncio.Redis``: connections taken from the client's pool are
     kept per event loop, each used by one call at a time (concurrent calls each take one), and
-    handed back to the pool by :meth:`close`."""
+    handed back to the pool by :meth:`close`. ``pool`` instead of a client: the connections
+    of a :class:`ClusterNodePool`."""
 
-    def __init__(self, client: Any) -> None:
-        self.connection_pool: Any = client.connection_pool  # as Link's
+    def __init__(self, client: Any = None, *, pool: Any = None) -> None:
+        self.connection_pool: Any = pool if pool is not None else client.connection_pool  # as Link's
         # per event loop: idle (connection, monotonic time of its last reply)
         self._idle: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[tuple[Any, float]]] = (
             weakref.WeakKeyDictionary()

@@ -270,6 +270,26 @@ class Script:
                     raise value
             return reply, int(acked)
 
+    async def call_and_wait_async_direct(
+        self, link: AsyncLink, keys: Sequence[str], args: Sequence[Arg], replicas: int, timeout_ms: int
+    ) -> tuple[Any, int]:
+        """:meth:`call_and_wait_direct` over an :class:`~redis_batcher.connection.AsyncLink`."""
+        v = self.variant(link)
+        wait = pack((b"WAIT", replicas, timeout_ms))
+        use_eval = False
+        while True:
+            reply, acked = await link.request(v.framed(keys, args, source=use_eval) + wait, 2)
+            if isinstance(reply, NoScriptError) and not use_eval:
+                use_eval = True  # EVAL never answers NOSCRIPT
+                continue
+            if use_eval and isinstance(reply, ResponseError) and self.fall_back(link, v, reply):
+                v = self.plain  # at most once: the plain variant never falls back
+                continue
+            for value in (reply, acked):
+                if isinstance(value, Exception):
+                    raise value
+            return reply, int(acked)
+
     async def call_async_direct(self, link: AsyncLink, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """Run over an :class:`~redis_batcher.connection.AsyncLink`."""
         v = self.variant(link)

@@ -174,3 +174,55 @@ def test_adds_and_deliveries_follow_a_slot_moved_to_another_primary(
     ]
     assert items == list(range(10))
     batcher.close()
+
+
+def test_async_wait_replicas_and_a_moved_slot(cluster: Cluster, client: RedisCluster) -> None:
+    """The asyncio batcher: lone calls over a link per primary, WAIT on the primary that ran
+    the script, and adds that follow a slot moved to another primary."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    import redis_batcher.asyncio as aio
+
+    with_replica = port_of(cluster.primaries[0])
+
+    async def main() -> None:
+        arc = aioredis.RedisCluster(
+            startup_nodes=[aioredis.cluster.ClusterNode(h, p) for h, p in cluster.servers.startup_nodes]
+        )
+        ab = aio.Batcher(arc, prefix="aw", wait_replicas=1, wait_timeout=0.3)
+        proc = ab.processor(name="ev", partitions=3, max_batch_size=100, flush_interval=None)(lambda f: None)
+        by_owner: dict[bool, str] = {}
+        for i in range(100):
+            bid = f"id{i}"
+            owner = cluster.owner(slot_of(client, proc.keys.for_base(bid).head(bid)))
+            by_owner.setdefault(port_of(owner) == with_replica, bid)
+        assert (await proc.add(by_owner[True], 1)).pending == 1
+        with pytest.raises(rb.NotReplicated):
+            await proc.add(by_owner[False], 1)
+        # several calls of one group commit: each waits on its own primary
+        outs = await asyncio.gather(
+            proc.add(by_owner[True], 2), proc.add(by_owner[False], 2), return_exceptions=True
+        )
+        assert not isinstance(outs[0], BaseException) and outs[0].pending == 2, outs
+        assert isinstance(outs[1], rb.NotReplicated), outs
+
+        # without wait_replicas: a slot moved under a lone caller's feet
+        plain = aio.Batcher(arc, prefix="aw")
+        pproc = plain.processor(name="ev", partitions=3, max_batch_size=100, flush_interval=None)(
+            lambda f: None
+        )
+        bid = by_owner[False]
+        slot = slot_of(client, pproc.keys.for_base(bid).head(bid))
+        src = cluster.owner(slot)
+        dst = next(c for c in cluster.primaries if c is not src)
+        assert (await pproc.add(bid, 3)).pending == 3
+        cluster.move_slot(slot, dst)
+        for n in range(4, 7):
+            assert (await pproc.add(bid, n)).pending == n
+        assert cluster.owner(slot) is dst
+        await ab.aclose()
+        await plain.aclose()
+
+    asyncio.run(main())

@@ -60,6 +60,7 @@ from benchmarks.e2e_common import (
     batch_id_for,
     make_item,
 )
+from redis_batcher import wake
 from redis_batcher.embedded import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -438,9 +439,9 @@ def run_redis_batcher(
             ]  # fmt: skip
             for _ in range(WORKERS):
                 svc.start(cmd, env)
-            channel = proc.keys.channel
+            channel = proc.keys.channels[0]
             svc.wait_until(
-                lambda: int(client.pubsub_numsub(channel)[0][1]) >= WORKERS, "redis-batcher workers"
+                lambda: wake.subscribers(client, channel) >= WORKERS, "redis-batcher workers"
             )
             kw = {"max_batch_size": size, "flush_interval": interval}
             for mode, items in (("one", args.items), ("many", args.many_items)):

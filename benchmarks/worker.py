@@ -29,7 +29,7 @@ from pathlib import Path
 import redis
 
 from benchmarks.report import append_json, exit_on_sigterm, record
-from redis_batcher import ops
+from redis_batcher import ops, wake
 from redis_batcher.embedded import RedisServer
 from redis_batcher.scripts import scripts
 
@@ -124,7 +124,7 @@ def main() -> None:
         )
         try:
             deadline = time.monotonic() + 30
-            while int(client.pubsub_numsub("bench:wake:wake")[0][1]) == 0:
+            while wake.subscribers(client, apps.wake.keys.channels[0]) == 0:
                 if time.monotonic() > deadline or worker.poll() is not None:
                     raise SystemExit("worker did not start")
                 time.sleep(0.05)

@@ -17,6 +17,8 @@
 --   pfx.."dead"           ZSET  dead-letter ids, score = time they died (ms)
 --   pfx.."d:"..id         HASH  dead letter: batch_id, sequence, count, error, reason, ...
 --   pfx.."di:"..id        LIST  its items
+--   pfx.."woke"           STRING  set while a wake-up is unanswered (add.lua)
+--   pfx.."wake"           the partition's wake-up channel (sharded pub/sub on Redis 7+)
 -- Keys derived here from pfx always carry the same hash tag as the declared KEYS.
 --
 -- A sealed sequence's list holds `cutoff` undelivered items at its head. Each claim delivers the
@@ -340,6 +342,19 @@ local function seal(pfx, head, due, base, seq, count, reason, now, sub)
   seal_head(head, seq)
   redis.call('ZADD', due, int(now), member)
   return total
+end
+
+-- Wake the workers serving a partition: its pfx as a message on its channel pfx.."wake" (the
+-- partition's hash tag, so the script's own slot). Redis 7+ (redis.REDIS_VERSION_NUM is set):
+-- SPUBLISH, sharded pub/sub, delivered by the slot's own node to its subscribers and never
+-- broadcast over a cluster's bus; older servers, or one that refuses SPUBLISH: PUBLISH on the
+-- same name. Workers subscribe the same way (redis_batcher.wake).
+local function publish_wake(pfx)
+  local channel = pfx .. 'wake'
+  if redis.REDIS_VERSION_NUM and type(redis.pcall('SPUBLISH', channel, pfx)) == 'number' then
+    return
+  end
+  redis.call('PUBLISH', channel, pfx)
 end
 
 -- Lowest active sequence number of a base id (nil when none); used by ordered processors.

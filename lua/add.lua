@@ -1,8 +1,6 @@
 -- add.lua: append items to a base id's accumulating sequence, sealing full sequences.
 --
--- KEYS[1] head      pfx.."b:"..base; pfx = "<prefix>:{<processor>:<partition>}:" is read
---                   from it, and (only when publishing) the wake-up channel
---                   "<prefix>:wake:<processor>" from pfx
+-- KEYS[1] head      pfx.."b:"..base; pfx (the partition's key prefix) is read from it
 -- ARGV[1] base      base batch id
 -- ARGV[2] config    "<max_batch_size> <interval_ms> <max_pending> <segments>": a sequence is
 --                   sealed at max_batch_size items; interval_ms is the delay before an interval
@@ -24,9 +22,10 @@
 -- HINCRBY active, RPUSH, ZADD due, 5 commands instead of 10. Sealing writes the sequence's
 -- flush_id with its sealed state (see _common.lua): the id its deliveries carry.
 -- Derived keys (same hash tag): pfx.."o:"..base, pfx.."ids", pfx.."due", pfx.."h:"..base,
--- pfx.."woke", and the state and items of the sequences touched. Wakes the workers (PUBLISH
--- on the wake-up channel) when a sequence is sealed or a new timer became the earliest entry
--- of the delay queue -- unless the previous wake-up of this partition is still unanswered:
+-- pfx.."woke", and the state and items of the sequences touched. Wakes the workers serving the
+-- partition (a message on its channel pfx.."wake": SPUBLISH on Redis 7+, else PUBLISH) when a
+-- sequence is sealed or a new timer became the earliest entry of the delay queue -- unless
+-- the previous wake-up of this partition is still unanswered:
 -- pfx.."woke" is set with each wake-up (for at most WAKE_HOLD_MS) and cleared by the next
 -- claim (claim.lua). Workers woken by that wake-up have not claimed yet, so they will find
 -- this sequence too (a worker goes on claiming while more is due and it has free slots);
@@ -54,8 +53,7 @@ local WAKE_HOLD_MS = 100
 
 local function wake_workers()
   if redis.call('SET', pfx .. 'woke', '1', 'NX', 'PX', WAKE_HOLD_MS) then
-    local prefix, processor = string.match(pfx, '^(.*):{(.*):[^:]*}:$')
-    redis.call('PUBLISH', prefix .. ':wake:' .. processor, pfx)
+    publish_wake(pfx)
   end
 end
 

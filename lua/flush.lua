@@ -5,9 +5,8 @@
 -- ARGV[1] pfx
 -- ARGV[2] base
 -- ARGV[3] seq      sequence number to flush, or '' for the current accumulating one
--- ARGV[4] channel  pub/sub channel to wake workers
 -- Derived keys: pfx.."o:"..base (renamed to the sequence's pfx.."i:"..base.."::"..seq), its
--- pfx.."s:" state.
+-- pfx.."s:" state; wakes the workers on the channel pfx.."wake".
 -- Reply: {code, seq, count, status}
 --   code 'ok'               sealed; count items will be delivered
 --        'empty'            nothing is accumulating (seq -1) or the sequence holds no items
@@ -65,5 +64,5 @@ if how == 'damaged' then
   redis.call('LSET', okey, 0, open_header(seq, now, smax))
 end
 local count = seal(pfx, head, due, base, seq, open, 'manual', now, sub)
-redis.call('PUBLISH', ARGV[4], pfx)
+publish_wake(pfx)
 return {'ok', tonumber(seq), count, 'flushing'}

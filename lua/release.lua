@@ -7,8 +7,7 @@
 -- ARGV[1] pfx
 -- ARGV[2] member   "base::N"
 -- ARGV[3] owner    token from claim.lua
--- ARGV[4] channel  pub/sub channel to wake other workers
--- Derived keys: pfx.."s:"..member.
+-- Derived keys: pfx.."s:"..member; wakes the other workers on the channel pfx.."wake".
 -- Reply: 1 when released, 0 when the lease was no longer ours (or its keys hold something else)
 local due = KEYS[1]
 local meta = ARGV[1] .. 's:' .. ARGV[2]
@@ -21,5 +20,5 @@ local attempt = tonumber(redis.call('HGET', meta, 'attempt') or '1')
 redis.call('HSET', meta, 'owner', '', 'attempt', math.max(attempt - 1, 0), 'updated_at', int(now))
 redis.call('HDEL', meta, 'lease_until')
 redis.call('ZADD', due, int(now), ARGV[2])
-redis.call('PUBLISH', ARGV[4], ARGV[1])
+publish_wake(ARGV[1])
 return 1

@@ -32,7 +32,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from . import batcher as sync_batcher
-from . import ops
+from . import ops, wake
 from .batcher import (
     REDIRECTED,
     _seconds,
@@ -1198,33 +1198,17 @@ class Worker(WorkerCore):
                     log.warning("%s %s: heartbeat failed: %s", c.processor.name, c.member, exc)
 
     async def _listen(self) -> None:
-        delay = 0.1
-        while not self._stopping:
-            pubsub = None
-            try:
-                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-                await pubsub.subscribe(*self.channels)
-                self.on_subscribed()
-                self._poke()
-                delay = 0.1
-                while not self._stopping:
-                    msg = await pubsub.get_message(timeout=1.0)
-                    if msg is not None:
-                        self.on_wake(msg.get("data"))
-                        self._poke()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # reconnect with backoff whatever went wrong
-                log.debug("wake-up subscription failed: %s", exc)
-                self._poke()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-            finally:
-                if pubsub is not None:
-                    try:
-                        await _aclose(pubsub)
-                    except Exception:
-                        pass
+        """As the sync worker's: wake-ups of the partitions served here (redis_batcher.wake)."""
+
+        def heard(data: Any) -> None:
+            self.on_wake(data)
+            self._poke()
+
+        def ready() -> None:
+            self.on_subscribed()
+            self._poke()
+
+        await wake.alisten(self.client, self.channels, heard, ready)
 
     def _poke(self) -> None:
         if self._wake is not None:

@@ -43,6 +43,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from . import wake
 from .batcher import Batcher, default_url
 from .embedded import RedisServer, RedisServerError
 from .models import Flush
@@ -377,14 +378,13 @@ def _children_ignore_sigint() -> Iterator[None]:
 
 
 def _wait_for_worker(client: Any, worker: subprocess.Popen[bytes]) -> None:
-    """Wait until the worker has subscribed to its wake-up channel (it is then claiming)."""
-    channel = batcher.get_processor(PROCESSOR_NAME).keys.channel
+    """Wait until the worker has subscribed to its wake-up channels (it is then claiming)."""
+    channel = batcher.get_processor(PROCESSOR_NAME).keys.parts[0].wake
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while True:
         if worker.poll() is not None:
             raise DemoError(f"the worker exited with code {worker.returncode} before it was ready")
-        subscribers = dict(client.pubsub_numsub(channel))
-        if int(subscribers.get(channel.encode(), 0)) > 0:
+        if wake.subscribers(client, channel) > 0:
             return
         if time.monotonic() > deadline:
             raise DemoError(f"the worker did not subscribe to {channel} within {STARTUP_TIMEOUT:.0f} s")

@@ -15,7 +15,9 @@ Layout (prefix ``rb``, processor ``events``, one partition)::
     rb:{events:0}:dead                 ZSET  dead-letter ids -> time they died (ms)
     rb:{events:0}:d:<id>               HASH  dead letter: batch_id, sequence, count, reason, error, ...
     rb:{events:0}:di:<id>              LIST  its items
-    rb:wake:events                     pub/sub channel that wakes idle workers
+    rb:{events:0}:woke                 STRING set while a wake-up is unanswered (add.lua)
+    rb:{events:0}:wake                 wake-up channel of the partition: sharded pub/sub
+                                       (SPUBLISH/SSUBSCRIBE) on Redis 7+, else plain
     rb:layout                          STRING the data layout's version (:data:`LAYOUT`)
 """
 
@@ -149,6 +151,11 @@ class PartitionKeys:
     def dead(self) -> str:
         return self.pfx + "dead"
 
+    @property
+    def wake(self) -> str:
+        """The partition's wake-up channel (its hash tag: the partition's slot)."""
+        return self.pfx + "wake"
+
     def dead_meta(self, dead_id: str) -> str:
         return f"{self.pfx}d:{dead_id}"
 
@@ -182,7 +189,7 @@ class KeySpace:
         self.partitions = partitions
         tags = [partition_tag(processor, k, partitions) for k in range(partitions)]
         self.parts = [PartitionKeys(f"{prefix}:{{{tag}}}:") for tag in tags]
-        self.channel = f"{prefix}:wake:{processor}"
+        self.channels = [part.wake for part in self.parts]  # wake-up channels, by partition
 
     def for_base(self, base: str) -> PartitionKeys:
         return self.parts[partition_of(base, self.partitions)]

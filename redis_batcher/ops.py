@@ -178,7 +178,7 @@ def flush_call(proc: Processor, base: str, seq: int | None) -> Call:
     return Call(
         scripts().flush,
         (part.head(base), part.due),
-        (part.pfx, base, "" if seq is None else seq, proc.keys.channel),
+        (part.pfx, base, "" if seq is None else seq),
     )
 
 
@@ -510,7 +510,7 @@ def nack_call(
 
 
 def release_call(c: Claimed) -> Call:
-    return Call(scripts().release, (c.part.due,), (c.part.pfx, c.member, c.owner, c.processor.keys.channel))
+    return Call(scripts().release, (c.part.due,), (c.part.pfx, c.member, c.owner))
 
 
 def extend_call(c: Claimed) -> Call:
@@ -549,7 +549,7 @@ def replay_call(proc: Processor, part: PartitionKeys, dead_id: str, base: str) -
     return Call(
         scripts().replay,
         (part.head(base), part.ids, part.due, part.history(base)),
-        (part.pfx, dead_id, base, proc.config.max_batch_size, proc.keys.channel),
+        (part.pfx, dead_id, base, proc.config.max_batch_size),
     )
 
 

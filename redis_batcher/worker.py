@@ -26,7 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import ops
+from . import ops, wake
 from .batcher import Batcher
 from .errors import NotReplicated
 from .jobs import JobRunner, select_iterators
@@ -662,33 +662,19 @@ class Worker(WorkerCore):
             self._wake.set()
 
     def _listen(self) -> None:
-        """Wake the main loop when a producer seals a sequence (pub/sub; a lost message only
-        delays work until the next full check)."""
-        delay = 0.1
-        while not self._stopping.is_set():
-            pubsub = None
-            try:
-                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(*self.channels)
-                self.on_subscribed()
-                self._wake.set()
-                delay = 0.1
-                while not self._stopping.is_set():
-                    msg = pubsub.get_message(timeout=1.0)
-                    if msg is not None:
-                        self.on_wake(msg.get("data"))
-                        self._wake.set()
-            except Exception as exc:  # reconnect with backoff whatever went wrong
-                log.debug("wake-up subscription failed: %s", exc)
-                self._wake.set()
-                self._stopping.wait(delay)
-                delay = min(delay * 2, 5.0)
-            finally:
-                if pubsub is not None:
-                    try:
-                        pubsub.close()
-                    except Exception:
-                        pass
+        """Wake the main loop when a producer makes something due in a partition served here
+        (pub/sub, see :mod:`redis_batcher.wake`; a lost message only delays work until the
+        next full check)."""
+
+        def heard(data: Any) -> None:
+            self.on_wake(data)
+            self._wake.set()
+
+        def ready() -> None:
+            self.on_subscribed()
+            self._wake.set()
+
+        wake.listen(self.client, self.channels, heard, ready, self._stopping)
 
     def _install_signals(self) -> Callable[[], None]:
         if threading.current_thread() is not threading.main_thread():

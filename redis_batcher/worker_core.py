@@ -45,6 +45,7 @@ class WorkerStats:
     timed_out: int = 0
     released: int = 0
     quarantined: int = 0
+    claims: int = 0  # claim calls sent (an ack that claims the next flush not counted)
 
 
 @dataclass
@@ -177,7 +178,8 @@ class WorkerCore:
         self.parts: list[tuple[Processor, PartitionKeys]] = [
             (p, part) for p in self.processors for part in p.keys.parts
         ]
-        self.channels = sorted({p.keys.channel for p in self.processors})
+        # the wake-up channel of each partition served (redis_batcher.wake)
+        self.channels = [channel for p in self.processors for channel in p.keys.channels]
         self.stats = WorkerStats()
         # monotonic time at which each partition may next have something due (0 = check now)
         self.due_at: list[float] = [0.0] * len(self.parts)
@@ -244,6 +246,7 @@ class WorkerCore:
         """(owner token, the claim call, the partition's wake count to pass to claimed())."""
         proc, part = self.parts[idx]
         owner = ops.new_token()
+        self.stats.claims += 1
         return owner, ops.claim_call(proc, part, free, owner), self.wakes[idx]
 
     def claimed(

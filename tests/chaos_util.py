@@ -19,6 +19,7 @@ from typing import Any
 import msgpack
 import redis
 
+from redis_batcher import wake
 from redis_batcher.embedded import RedisServer
 from tests.apps import chaos
 from tests.conftest import ROOT, cli_command, subprocess_env
@@ -173,7 +174,7 @@ def wait_for_subscribers(
 
     def ready() -> bool:
         workers.assert_alive()
-        return int(dict(client.pubsub_numsub(channel)).get(channel.encode(), 0)) >= count
+        return wake.subscribers(client, channel) >= count
 
     wait_until(ready, timeout, f"{count} subscribers on {channel}", step=0.05)
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 
-from redis_batcher import Batcher
+from redis_batcher import Batcher, wake
 from redis_batcher.embedded import RedisClusterServers, RedisServer, find_redis_server
 from redis_batcher.keys import PartitionKeys
 
@@ -99,6 +99,17 @@ def held_items(client: Any, part: PartitionKeys, base: str, seq: int) -> list[by
         assert header is not None and header.split(b":")[0] == str(seq).encode(), header
         return list(client.lrange(part.open_items(base), 1, -1))
     return list(client.lrange(part.items(base, seq), 0, -1))
+
+
+def wake_pubsub(client: Any, *channels: str, ignore_subscribe_messages: bool = True) -> Any:
+    """A pubsub of ``client`` on wake-up ``channels``, subscribed as a worker would: sharded
+    where the scripts publish sharded (Redis 7+)."""
+    pubsub = client.pubsub(ignore_subscribe_messages=ignore_subscribe_messages)
+    if wake.sharded(client):
+        pubsub.ssubscribe(*channels)
+    else:
+        pubsub.subscribe(*channels)
+    return pubsub
 
 
 def subprocess_env(url: str | None = None) -> dict[str, str]:

@@ -88,7 +88,7 @@ def test_random_worker_kills_and_handler_failures_lose_nothing(tmp_path: Path) -
         t0 = time.monotonic()
         with workers, producers:
             workers.start_all()
-            wait_for_subscribers(client, proc.keys.channel, KILL_WORKERS, workers)
+            wait_for_subscribers(client, proc.keys.channels[0], KILL_WORKERS, workers)
             producers.start()
             next_kill = time.monotonic() + rng.uniform(0.3, 1.0)
             # kill at least MIN_KILLS times, going on into the drain when producing was quicker
@@ -182,7 +182,7 @@ def test_stopped_worker_late_ack_is_refused_and_changes_nothing(tmp_path: Path, 
 
         with workers:
             workers.start_all()
-            wait_for_subscribers(client, proc.keys.channel, 2, workers)
+            wait_for_subscribers(client, proc.keys.channels[0], 2, workers)
 
             first = list(range(10))
             assert proc.add_many(bid, first).sequence == 0
@@ -289,7 +289,7 @@ def test_redis_kill9_and_restart_loses_no_returned_add(tmp_path: Path) -> None:
         crashes: list[tuple[str, float, float]] = []  # (kind, killed at, back up at), wall clock
         with workers, producers:
             workers.start_all()
-            wait_for_subscribers(client, proc.keys.channel, 2, workers)
+            wait_for_subscribers(client, proc.keys.channels[0], 2, workers)
             pids = sorted(workers.pids)
             producers.start()
             for kind, outage in CRASHES:
@@ -402,7 +402,7 @@ def test_poison_items_end_in_dead_letters_and_the_rest_is_delivered(tmp_path: Pa
         with workers:
             workers.start_all()
             for proc in procs.values():
-                wait_for_subscribers(client, proc.keys.channel, 3, workers)
+                wait_for_subscribers(client, proc.keys.channels[0], 3, workers)
             for (name, bid), items in poisoned.items():
                 procs[name].add_many(bid, items)
                 procs[name].flush(bid)
@@ -487,7 +487,7 @@ def test_worker_death_after_side_effects_keeps_one_flush_id_with_bisect(tmp_path
         items = list(range(chaos_dead.MAX_BATCH_SIZE))
         with workers:
             workers.start_all()
-            wait_for_subscribers(client, proc.keys.channel, 2, workers)
+            wait_for_subscribers(client, proc.keys.channels[0], 2, workers)
             proc.add_many("die-after", items)  # one full sequence, due now
             deaths = 0
 
@@ -547,7 +547,7 @@ def test_racing_workers_never_run_one_sequence_twice(tmp_path: Path) -> None:
 
         with workers:
             workers.start_all()
-            wait_for_subscribers(client, proc.keys.channel, RACE_WORKERS, workers)
+            wait_for_subscribers(client, proc.keys.channels[0], RACE_WORKERS, workers)
             t0 = time.monotonic()
             for r in range(RACE_ROUNDS):
                 add("hot", chaos.RACE_BATCH_SIZE)  # sealed by size: every idle worker wakes up
@@ -623,7 +623,7 @@ def test_script_flush_and_client_kill_during_a_run(tmp_path: Path) -> None:
         client = _client(server.url)
         proc = _processor(server.url, "chaos")
         pfx = _pfx(proc)
-        channel = proc.keys.channel
+        channel = proc.keys.channels[0]
         ledger = Ledger(client)
         workers = Workers(server.url, APP, 2, tmp_path, args=["--processor", "chaos", *FAST])
         producers = Producers(server.url, 3, 10**9, 16, tmp_path, max_seconds=60)

@@ -21,6 +21,7 @@ import redis
 from click.testing import CliRunner, Result
 
 import redis_batcher
+from redis_batcher import wake
 from redis_batcher.cli import main
 from redis_batcher.embedded import RedisServer
 from tests.apps import exiting, ledger, slow
@@ -154,11 +155,11 @@ def test_sigterm_on_an_idle_worker_exits_0(
     redis_server: RedisServer, real_client: redis.Redis, tmp_path: Path, workers: list[Worker]
 ) -> None:
     _, proc = slow.make(real_client)
-    channel = proc.keys.channel.encode()
+    channel = proc.keys.channels[0]
     w = Worker(redis_server.url, "tests.apps.slow:batcher", tmp_path / "worker.log")
     workers.append(w)
     w.wait_until(
-        "the wake-up subscription", lambda: dict(real_client.pubsub_numsub(channel)).get(channel, 0) == 1
+        "the wake-up subscription", lambda: wake.subscribers(real_client, channel) == 1
     )
     t0 = time.monotonic()
     w.process.send_signal(signal.SIGTERM)

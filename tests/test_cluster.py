@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -405,64 +405,298 @@ def test_noscript_on_cluster_is_recovered(cluster_client: RedisCluster, nodes: l
         assert all(_script_cached(owners[bid], sha) for bid in ids), name
 
 
-# -- non-burst worker: pub/sub wake-up -----------------------------------------------------------
+# -- non-burst workers: sharded wake-ups ---------------------------------------------------------
 
 
-def _subscribers(nodes: list[redis.Redis], channel: str) -> int:
-    """Subscribers of ``channel`` over all nodes (PUBSUB NUMSUB only counts a node's own)."""
-    return sum(int(dict(c.pubsub_numsub(channel)).get(channel.encode(), 0)) for c in nodes)
+def port_of(node: redis.Redis) -> int:
+    return int(node.connection_pool.connection_kwargs["port"])
 
 
-def test_worker_wakes_on_pubsub_on_cluster(cluster_client: RedisCluster, nodes: list[redis.Redis]) -> None:
-    """A size-sealed batch is delivered at once by an idle worker whose timed check is 30 s
-    away: only the pub/sub message from add.lua can have woken it."""
+def shard_subscribers(node: redis.Redis, channel: str) -> int:
+    reply = node.execute_command("PUBSUB", "SHARDNUMSUB", channel)  # type: ignore[no-untyped-call]
+    return int(reply[1])
+
+
+def plain_subscribers(node: redis.Redis, channel: str) -> int:
+    reply = node.execute_command("PUBSUB", "NUMSUB", channel)  # type: ignore[no-untyped-call]
+    return int(reply[1])
+
+
+def subscriptions(nodes: list[redis.Redis], channels: list[str]) -> dict[str, dict[int, int]]:
+    """For each channel, the sharded subscribers on each node (by port) that has some, plus
+    plain ones under -port."""
+    out: dict[str, dict[int, int]] = {}
+    for channel in channels:
+        seen: dict[int, int] = {}
+        for node in nodes:
+            if n := shard_subscribers(node, channel):
+                seen[port_of(node)] = n
+            if n := plain_subscribers(node, channel):
+                seen[-port_of(node)] = n
+        out[channel] = seen
+    return out
+
+
+def bus_publishes(nodes: list[redis.Redis]) -> int:
+    """PUBLISH messages the nodes have sent each other over the cluster bus (CLUSTER INFO): a
+    plain PUBLISH goes to every node, a sharded one only to the slot's replicas (none here)."""
+    total = 0
+    for node in nodes:
+        text = node.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+        text = text.decode() if isinstance(text, bytes) else str(text)
+        for line in text.splitlines():
+            name, _, value = line.strip().partition(":")
+            if name == "cluster_stats_messages_publish_sent":
+                total += int(value)
+    return total
+
+
+def ids_by_partition(partitions: int) -> list[str]:
+    """A batch id for each partition, in partition order."""
+    found: dict[int, str] = {}
+    for i in range(10_000):
+        found.setdefault(partition_of(f"id{i}", partitions), f"id{i}")
+        if len(found) == partitions:
+            return [found[k] for k in range(partitions)]
+    raise AssertionError("no id for some partition")
+
+
+def spread_processor(batcher: Any, nodes: list[redis.Redis], cluster: Any, rec: Recorder) -> Any:
+    """A processor whose partitions' slots are on every node."""
+    proc = batcher.processor(name="spread", partitions=6, max_batch_size=5, flush_interval=None)(rec)
+    owners = {port_of(owner_of(nodes, keyslot_of(nodes[0], ch))) for ch in proc.keys.channels}
+    assert len(owners) == len(nodes), owners
+    return proc
+
+
+def wait_subscribed(
+    nodes: list[redis.Redis], channels: list[str], count: int, alive: Callable[[], bool]
+) -> None:
+    """Until each channel has ``count`` sharded subscribers on the node serving its slot and none
+    anywhere else."""
+    deadline = time.monotonic() + 15
+    while True:
+        subs = subscriptions(nodes, channels)
+        want = {ch: {port_of(owner_of(nodes, keyslot_of(nodes[0], ch))): count} for ch in channels}
+        if subs == want:
+            return
+        assert time.monotonic() < deadline, (subs, want)
+        assert alive()
+        time.sleep(0.05)
+
+
+def deliver_each(proc: Any, rec: Recorder, ids: list[str], rounds: int = 1) -> list[float]:
+    """Seal a batch of each id in turn (one per partition), each delivered before the next;
+    the latencies. The workers' timed checks are 30 s away: only a wake-up delivers at once."""
+    latencies: list[float] = []
+    for _ in range(rounds):
+        for bid in ids:
+            n = len(rec.flushes)
+            proc.add_many(bid, [f"{bid}-{i}" for i in range(5)])
+            waited = rec.wait_for(n + 1, timeout=5.0)
+            part = partition_of(bid, proc.config.partitions)
+            assert waited is not None, f"{bid!r} (partition {part}) not delivered: no wake-up"
+            latencies.append(waited)
+            time.sleep(0.1)  # every worker idle again
+    return latencies
+
+
+WAKE_WORKERS = 6
+
+
+def test_wake_ups_reach_only_the_workers_of_the_partition_on_cluster(
+    cluster_client: RedisCluster, nodes: list[redis.Redis]
+) -> None:
+    """Six idle workers serve a processor whose partitions' slots are on every node. Each sealed
+    batch is delivered at once (their timed checks are 30 s away); each worker listens with
+    SSUBSCRIBE on the node serving each partition's slot, nowhere else; no wake-up crosses the
+    cluster bus (a plain PUBLISH went to every node); and each wake-up costs each worker one
+    claim of that partition at most (the message names it)."""
     batcher = Batcher(cluster_client, prefix="w")
     rec = Recorder()
-    proc = batcher.processor(name="wake", partitions=3, max_batch_size=5, flush_interval=None)(rec)
-    ids = ["{a}", "ö ö", "b b"]
-    assert [partition_of(b, 3) for b in ids] == [0, 1, 2]
+    proc = spread_processor(batcher, nodes, cluster_client, rec)
     batcher.register()
+    workers = [Worker(batcher, concurrency=1, max_idle_wait=30) for _ in range(WAKE_WORKERS)]
+    threads = [threading.Thread(target=w.run, name=f"worker-{i}", daemon=True) for i, w in enumerate(workers)]
+    for t in threads:
+        t.start()
+    try:
+        wait_subscribed(nodes, proc.keys.channels, WAKE_WORKERS, lambda: all(t.is_alive() for t in threads))
+        time.sleep(0.5)  # their first claim rounds are over: all asleep for 30 s
+        claims, published = sum(w.stats.claims for w in workers), bus_publishes(nodes)
+        ids = ids_by_partition(proc.config.partitions)
+        latencies = deliver_each(proc, rec, ids, rounds=2)
+        per_flush = (sum(w.stats.claims for w in workers) - claims) / len(latencies)
+        print(f"wake-up latencies (s): max {max(latencies):.4f}; claims per flush {per_flush:.2f}")
+        assert max(latencies) < 2.0, latencies
+        assert bus_publishes(nodes) == published  # SPUBLISH: nothing broadcast
+        # every idle worker is woken (they all serve every partition) and claims that partition
+        # once: never a claim of every partition per message
+        assert per_flush <= WAKE_WORKERS, per_flush
+    finally:
+        for w in workers:
+            w.stop()
+        for t in threads:
+            t.join(timeout=15)
+    assert not any(t.is_alive() for t in threads)
+    assert sum(w.stats.delivered for w in workers) == len(latencies)
+    assert subscriptions(nodes, proc.keys.channels) == {ch: {} for ch in proc.keys.channels}
 
-    worker = Worker(batcher, concurrency=2, max_idle_wait=30)
-    result: dict[str, Any] = {}
+
+def test_async_wake_ups_reach_only_the_workers_of_the_partition_on_cluster(
+    redis_cluster: RedisClusterServers, cluster_client: RedisCluster, nodes: list[redis.Redis]
+) -> None:
+    """The same with asyncio workers (one event loop, a redis.asyncio cluster client)."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from redis_batcher import asyncio as aio
+
+    rec = Recorder()
+    host, port = redis_cluster.startup_nodes[0]
+    stop = threading.Event()
+    state: dict[str, Any] = {}
+
+    async def serve() -> None:
+        ab = aio.Batcher(aioredis.RedisCluster(host=host, port=port), prefix="aw")
+        ab.processor(name="spread", partitions=6, max_batch_size=5, flush_interval=None)(rec)
+        workers = [aio.Worker(ab, concurrency=1, max_idle_wait=30) for _ in range(WAKE_WORKERS)]
+        state["workers"] = workers
+        runs = [asyncio.ensure_future(w.run()) for w in workers]
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        for w in workers:
+            w.stop()
+        await asyncio.gather(*runs)
+        await ab.aclose()
+
+    thread = threading.Thread(target=lambda: asyncio.run(serve()), name="async-workers", daemon=True)
+    batcher = Batcher(cluster_client, prefix="aw")
+    proc = spread_processor(batcher, nodes, cluster_client, rec)
+    thread.start()
+    try:
+        wait_subscribed(nodes, proc.keys.channels, WAKE_WORKERS, thread.is_alive)
+        time.sleep(0.5)
+        workers = state["workers"]
+        claims, published = sum(w.stats.claims for w in workers), bus_publishes(nodes)
+        latencies = deliver_each(proc, rec, ids_by_partition(proc.config.partitions), rounds=2)
+        per_flush = (sum(w.stats.claims for w in workers) - claims) / len(latencies)
+        print(f"async wake-up latencies (s): max {max(latencies):.4f}; claims per flush {per_flush:.2f}")
+        assert max(latencies) < 2.0, latencies
+        assert bus_publishes(nodes) == published
+        assert per_flush <= WAKE_WORKERS, per_flush
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert subscriptions(nodes, proc.keys.channels) == {ch: {} for ch in proc.keys.channels}
+
+
+def move_slot(nodes: list[redis.Redis], slot: int, target: redis.Redis) -> None:
+    """Move an empty ``slot`` to ``target`` as redis-cli's resharding does (IMPORTING,
+    MIGRATING, then NODE on the target, the source and the others)."""
+    source = owner_of(nodes, slot)
+    assert int(source.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot)) == 0  # type: ignore[no-untyped-call]
+    target_id = target.execute_command("CLUSTER", "MYID")  # type: ignore[no-untyped-call]
+    source_id = source.execute_command("CLUSTER", "MYID")  # type: ignore[no-untyped-call]
+    target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)  # type: ignore[no-untyped-call]
+    source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)  # type: ignore[no-untyped-call]
+    for node in [target, source] + [n for n in nodes if n not in (target, source)]:
+        node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)  # type: ignore[no-untyped-call]
+    deadline = time.monotonic() + 10
+    while any(owner_port(n, slot) != port_of(target) for n in nodes):
+        assert time.monotonic() < deadline, "the nodes do not agree on the slot's new owner"
+        time.sleep(0.05)
+
+
+def owner_port(node: redis.Redis, slot: int) -> int:
+    """The port of the master serving ``slot``, as ``node`` sees it (CLUSTER SLOTS)."""
+    for lo, hi, master, *_ in node.execute_command("CLUSTER SLOTS"):  # type: ignore[no-untyped-call]
+        if int(lo) <= slot <= int(hi):
+            return int(master[1])
+    raise AssertionError(f"{node} knows no owner of slot {slot}")
+
+
+def empty_slot(nodes: list[redis.Redis], slot: int) -> None:
+    owner = owner_of(nodes, slot)
+    keys = owner.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 10_000)  # type: ignore[no-untyped-call]
+    if keys:
+        owner.delete(*keys)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_worker_follows_a_partition_whose_slot_moves(
+    redis_cluster: RedisClusterServers, cluster_client: RedisCluster, nodes: list[redis.Redis], kind: str
+) -> None:
+    """A partition's slot moves to another node while a worker listens: the old node drops the
+    sharded subscription; the worker subscribes on the new owner, and a batch sealed there
+    afterwards is delivered at once (the timed check is 30 s away). Then the slot moves back."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from redis_batcher import asyncio as aio
+
+    prefix = f"mv{kind}"
+    batcher = Batcher(cluster_client, prefix=prefix)
+    rec = Recorder()
+    proc = batcher.processor(name="mv", partitions=3, max_batch_size=5, flush_interval=None)(rec)
+    batcher.register()
+    ids = ids_by_partition(3)
+    channel = proc.keys.channels[0]
+    slot = keyslot_of(nodes[0], channel)
+    home = owner_of(nodes, slot)
+    other = next(n for n in nodes if n is not home)
+    stop = threading.Event()
+    errors: list[BaseException] = []
 
     def serve() -> None:
         try:
-            result["stats"] = worker.run()
-        except BaseException as exc:  # surfaced by the assertions below
-            result["error"] = exc
+            if kind == "sync":
+                worker = Worker(batcher, concurrency=2, max_idle_wait=30)
+                threading.Thread(target=lambda: (stop.wait(), worker.stop()), daemon=True).start()
+                worker.run()
+            else:
 
-    thread = threading.Thread(target=serve, name="cluster-worker", daemon=True)
+                async def main() -> None:
+                    host, port = redis_cluster.startup_nodes[0]
+                    ab = aio.Batcher(aioredis.RedisCluster(host=host, port=port), prefix=prefix)
+                    ab.processor(name="mv", partitions=3, max_batch_size=5, flush_interval=None)(rec)
+                    worker = aio.Worker(ab, concurrency=2, max_idle_wait=30)
+                    run = asyncio.ensure_future(worker.run())
+                    while not stop.is_set():
+                        await asyncio.sleep(0.05)
+                    worker.stop()
+                    await run
+                    await ab.aclose()
+
+                asyncio.run(main())
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve, name="mv-worker", daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 10
-        while _subscribers(nodes, proc.keys.channel) < 1:
-            assert time.monotonic() < deadline, "the worker never subscribed to its wake-up channel"
-            assert thread.is_alive(), result
-            time.sleep(0.02)
-        time.sleep(0.5)  # let the worker finish its first claim round and go to sleep (30 s)
-
-        latencies: list[float] = []
-        for n, bid in enumerate(ids):  # one id per partition: each publish comes from another slot
-            proc.add_many(bid, [f"{bid}-{i}" for i in range(5)])
-            waited = rec.wait_for(n + 1, timeout=5.0)
-            assert waited is not None, (
-                f"size-sealed batch {bid!r} not delivered within 5 s: the pub/sub wake-up did not reach "
-                "the worker on RedisCluster (only the 30 s timed check would deliver it)"
-            )
-            latencies.append(waited)
+        wait_subscribed(nodes, proc.keys.channels, 1, thread.is_alive)
+        time.sleep(0.5)
+        move_slot(nodes, slot, other)  # partition 0 was never used: its slot is empty
+        try:
+            wait_subscribed(nodes, proc.keys.channels, 1, thread.is_alive)
+            assert shard_subscribers(other, channel) == 1 and shard_subscribers(home, channel) == 0
             time.sleep(0.3)
-        print(f"pub/sub wake-up latencies on RedisCluster (s): {[round(x, 4) for x in latencies]}")
-        assert max(latencies) < 3.0, latencies
-        assert [f.items for f in rec.flushes] == [[f"{bid}-{i}" for i in range(5)] for bid in ids]
-        assert all(f.reason == "size" for f in rec.flushes)
+            latencies = deliver_each(proc, rec, ids)  # partition 0 on its new node, and the others
+            assert max(latencies) < 2.0, latencies
+        finally:
+            empty_slot(nodes, slot)
+            move_slot(nodes, slot, home)
+        wait_subscribed(nodes, proc.keys.channels, 1, thread.is_alive)
+        time.sleep(0.3)
+        assert max(deliver_each(proc, rec, ids[:1])) < 2.0
     finally:
-        worker.stop()
-        thread.join(timeout=15)
-    assert not thread.is_alive(), "worker.run() did not return after stop()"
-    assert "error" not in result, result
-    assert result["stats"].delivered == len(ids)
-    assert _subscribers(nodes, proc.keys.channel) == 0
+        stop.set()
+        thread.join(timeout=20)
+    assert not thread.is_alive() and not errors, errors
 
 
 # -- iterator jobs -------------------------------------------------------------------------------

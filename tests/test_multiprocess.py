@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import redis
 
+from redis_batcher import wake
 from redis_batcher.embedded import RedisServer
 from tests.apps import ledger
 from tests.conftest import ROOT, cli_command, subprocess_env
@@ -51,7 +52,7 @@ def _wait_for_subscribers(
     """Wait until ``count`` workers listen on the wake-up channel (they are serving)."""
     deadline = time.monotonic() + 20
     while True:
-        subscribed = dict(client.pubsub_numsub(channel)).get(channel.encode(), 0)
+        subscribed = wake.subscribers(client, channel)
         if subscribed >= count:
             return
         for p, log in zip(procs, logs, strict=True):
@@ -76,7 +77,7 @@ def test_producer_processes_and_worker_processes_deliver_every_item_once(
     t0 = time.monotonic()
     try:
         workers = [_start_worker(url, log) for log in logs]
-        _wait_for_subscribers(real_client, proc.keys.channel, WORKERS, workers, logs)
+        _wait_for_subscribers(real_client, proc.keys.channels[0], WORKERS, workers, logs)
 
         start = ctx.Barrier(PRODUCERS)
         producers = [

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 import redis_batcher as rb
-from redis_batcher import Batcher, Worker
+from redis_batcher import Batcher, Worker, wake
 
 from .conftest import snapshot
 from .test_worker import claim_directly, running, wait_for
@@ -335,12 +335,12 @@ def test_redis_restart_worker_and_producer_recover() -> None:
         proc = batcher.processor(name="rs", max_batch_size=2, flush_interval=None)(
             lambda f: got.append(f.items)
         )
-        channel = proc.keys.channel.encode()
+        channel = proc.keys.channels[0]
         probe = redis.Redis(host="127.0.0.1", port=server.port)
 
         def subscribed() -> bool:
             try:
-                return dict(probe.pubsub_numsub(channel)).get(channel, 0) == 1
+                return wake.subscribers(probe, channel) == 1
             except redis.ConnectionError:
                 return False
 

@@ -14,6 +14,7 @@ import redis
 
 import redis_batcher as rb
 from redis_batcher import Batcher, Worker, ops
+from tests.conftest import wake_pubsub
 
 
 @contextmanager
@@ -526,8 +527,7 @@ def test_wake_ups_are_held_back_until_a_claim_answers_the_last_one(
     real_batcher: Batcher, real_client: redis.Redis
 ) -> None:
     proc = real_batcher.processor(name="hold", max_batch_size=1, flush_interval=None)(lambda f: None)
-    pubsub = real_client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(proc.keys.channel)
+    pubsub = wake_pubsub(real_client, *proc.keys.channels)
     part = proc.keys.parts[0]
 
     def wake_ups() -> int:

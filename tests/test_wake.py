@@ -1,0 +1,153 @@
+"""Wake-ups on one server: each partition's channel ``<pfx>wake``, sharded pub/sub (SPUBLISH,
+SSUBSCRIBE) on Redis 7+, plain PUBLISH/SUBSCRIBE on Redis < 7 and fakeredis; the sync and
+asyncio workers woken either way. (Redis Cluster: tests/test_cluster.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from redis_batcher import Batcher, Flush, Worker, wake
+from redis_batcher import asyncio as aio
+from redis_batcher.embedded import RedisServer
+from redis_batcher.keys import partition_of
+
+from .test_full_redis import redis_binary
+from .test_worker import wait_for
+
+
+@pytest.fixture(params=["redis7", "redis6", "fakeredis"])
+def backend(request: pytest.FixtureRequest) -> Iterator[tuple[str, Any]]:
+    """(kind, how to make a sync client, how to make an async one) of a fresh server."""
+    if request.param == "fakeredis":
+        server = fakeredis.FakeServer()
+        yield "fakeredis", (
+            lambda: fakeredis.FakeRedis(server=server),
+            lambda: fakeredis.FakeAsyncRedis(server=server),
+        )
+        return
+    binary = redis_binary(flags=request.param == "redis7")
+    if binary is None:
+        pytest.skip(f"no redis-server for {request.param}")
+    with RedisServer(binary=binary) as srv:
+        yield request.param, (
+            lambda: redis.Redis(host="127.0.0.1", port=srv.port),
+            lambda: aioredis.Redis(host="127.0.0.1", port=srv.port),
+        )
+
+
+def test_scripts_wake_each_partition_on_its_own_channel(backend: tuple[str, Any]) -> None:
+    """A size seal (add.lua) and a manual flush (flush.lua) publish the partition's prefix on
+    that partition's channel, SPUBLISH on Redis 7 (a plain subscriber of the same name hears
+    nothing) and PUBLISH elsewhere; the other partitions' channels stay quiet."""
+    kind, (make, _) = backend
+    client = make()
+    assert wake.sharded(client) == (kind == "redis7")
+    batcher = Batcher(client, prefix="s")
+    proc = batcher.processor(name="p", partitions=2, max_batch_size=3, flush_interval=None)(lambda f: None)
+    part = proc.keys.parts[0]
+    assert part.wake == "s:{p:0}:wake" and proc.keys.channels == ["s:{p:0}:wake", "s:{p:1}:wake"]
+    bid = next(f"id{i}" for i in range(100) if partition_of(f"id{i}", 2) == 0)
+    listener = make()
+    sharded = listener.pubsub(ignore_subscribe_messages=True)
+    plain = listener.pubsub(ignore_subscribe_messages=True)
+    if kind == "redis7":
+        sharded.ssubscribe(*proc.keys.channels)
+        plain.subscribe(*proc.keys.channels)
+    else:
+        sharded.subscribe(*proc.keys.channels)
+
+    def heard(pubsub: Any) -> list[tuple[str, bytes, bytes]]:
+        """What ``pubsub`` gets within 0.3 s (a None may be a confirmation it skipped)."""
+        got = []
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            if (msg := pubsub.get_message(timeout=0.05)) is not None:
+                got.append((msg["type"], msg["channel"], msg["data"]))
+        return got
+
+    heard(sharded)
+    expected = ("smessage" if kind == "redis7" else "message", part.wake.encode(), part.pfx.encode())
+    proc.add_many(bid, [1, 2, 3])  # sealed by size
+    assert heard(sharded) == [expected]
+    client.delete(part.pfx + "woke")  # as a claim would: the next wake-up is not held back
+    proc.add(bid, 4)
+    assert proc.flush(bid).flushed
+    assert heard(sharded) == [expected]
+    if kind == "redis7":
+        assert heard(plain) == []
+    for c in (sharded, plain):
+        c.close()
+    listener.close()
+    client.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_an_idle_worker_is_woken(backend: tuple[str, Any], mode: str) -> None:
+    """A size-sealed batch is delivered at once by a worker whose timed check is 30 s away,
+    listening the server's way: SSUBSCRIBE on Redis 7, SUBSCRIBE on Redis < 7 and fakeredis."""
+    kind, (make, make_async) = backend
+    got: list[tuple[Flush, float]] = []
+
+    def handler(flush: Flush) -> None:
+        got.append((flush, time.monotonic()))
+
+    probe = make()
+    batcher = Batcher(probe, prefix="w")
+    proc = batcher.processor(name="p", partitions=2, max_batch_size=2, flush_interval=None)(handler)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            if mode == "sync":
+                worker = Worker(proc.batcher, max_idle_wait=30)
+                threading.Thread(target=lambda: (stop.wait(), worker.stop()), daemon=True).start()
+                worker.run()
+                return
+
+            async def main() -> None:
+                ab = aio.Batcher(make_async(), prefix="w", definitions=proc.batcher)
+                worker = aio.Worker(ab, max_idle_wait=30)
+                run = asyncio.ensure_future(worker.run())
+                while not stop.is_set():
+                    await asyncio.sleep(0.02)
+                worker.stop()
+                await run
+                await ab.aclose()
+
+            asyncio.run(main())
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        channels = proc.keys.channels
+        wait_for(lambda: all(wake.subscribers(probe, ch) == 1 for ch in channels) or bool(errors))
+        assert not errors, errors
+        if kind == "redis7":
+            assert probe.execute_command("PUBSUB", "NUMSUB", *channels)[1::2] == [0, 0]  # all sharded
+        time.sleep(0.3)  # the first claims are over: asleep for 30 s
+        for k in (0, 1):
+            bid = next(f"id{i}" for i in range(100) if partition_of(f"id{i}", 2) == k)
+            t0 = time.monotonic()
+            proc.add_many(bid, [k, k])
+            wait_for(lambda: len(got) > k, timeout=5)  # noqa: B023
+            assert got[k][1] - t0 < 2.0
+    finally:
+        stop.set()
+        thread.join(timeout=15)
+    assert not thread.is_alive() and not errors, errors
+    assert [f.items for f, _ in got] == [[0, 0], [1, 1]]
+    if kind != "fakeredis":  # whose async pubsub leaves its registry to the garbage collector
+        assert all(wake.subscribers(probe, ch) == 0 for ch in proc.keys.channels)
+    probe.close()

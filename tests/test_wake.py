@@ -54,7 +54,8 @@ def test_scripts_wake_each_partition_on_its_own_channel(backend: tuple[str, Any]
     batcher = Batcher(client, prefix="s")
     proc = batcher.processor(name="p", partitions=2, max_batch_size=3, flush_interval=None)(lambda f: None)
     part = proc.keys.parts[0]
-    assert part.wake == "s:{p:0}:wake" and proc.keys.channels == ["s:{p:0}:wake", "s:{p:1}:wake"]
+    assert part.wake == part.pfx + "wake" and part.wake.startswith("s:{p:0")
+    assert proc.keys.channels == [pk.pfx + "wake" for pk in proc.keys.parts]
     bid = next(f"id{i}" for i in range(100) if partition_of(f"id{i}", 2) == 0)
     listener = make()
     sharded = listener.pubsub(ignore_subscribe_messages=True)

@@ -17,7 +17,8 @@
 --   pfx.."dead"           ZSET  dead-letter ids, score = time they died (ms)
 --   pfx.."d:"..id         HASH  dead letter: batch_id, sequence, count, error, reason, ...
 --   pfx.."di:"..id        LIST  its items
---   pfx.."woke"           STRING  set while a wake-up is unanswered (add.lua)
+--   pfx.."woke"           STRING  the wake-up token: set while a wake-up is unanswered; one
+--                               woken worker takes it (DEL) and claims
 --   pfx.."wake"           the partition's wake-up channel (sharded pub/sub on Redis 7+)
 -- Keys derived here from pfx always carry the same hash tag as the declared KEYS.
 --
@@ -73,6 +74,8 @@ local DEAD_PRUNE = 100
 local BACKLOG, BACKLOG_DUE = 8, -2
 -- A claim's reply when the partition's own keys hold something else.
 local CORRUPT_DUE = -3
+-- How long a wake-up token (pfx.."woke") lives when no worker takes it.
+local WAKE_HOLD_MS = 100
 
 -- The server's time in ms, and the microseconds past that ms (a flush_id's time is
 -- ms * 1000 + us).
@@ -355,6 +358,36 @@ local function publish_wake(pfx)
     return
   end
   redis.call('PUBLISH', channel, pfx)
+end
+
+-- The wake-up token. A wake-up is a token, pfx.."woke" (set for at most WAKE_HOLD_MS): of the
+-- workers it wakes, only the one that takes the token (a DEL that answers 1, by a worker with
+-- a free slot: redis_batcher.worker_core) claims; the others go back to waiting. While the token
+-- is out, a seal publishes nothing more (the worker that takes it will claim what is due then,
+-- up to its free slots); each claim is done with it (see below).
+local function wake_workers(pfx)
+  if redis.call('SET', pfx .. 'woke', '1', 'NX', 'PX', WAKE_HOLD_MS) then
+    publish_wake(pfx)
+  end
+end
+
+-- A wake-up whatever the token's state (a manual flush, a release, a replay): the token is set
+-- and published, so that one worker claims.
+local function wake_always(pfx)
+  redis.call('SET', pfx .. 'woke', '1', 'PX', WAKE_HOLD_MS)
+  publish_wake(pfx)
+end
+
+-- A claim is done with the partition's wake-up token. It left due entries it could not take
+-- (`more`: it found more than its limit, the asking worker's free slots): the token goes out
+-- again, so that another worker with a free slot takes the rest (unless one is out already).
+-- Else it is deleted: the claimer knows all that is due, so the next seal publishes again.
+local function answer_wake(pfx, more)
+  if more then
+    wake_workers(pfx)
+  else
+    redis.call('DEL', pfx .. 'woke')
+  end
 end
 
 -- Lowest active sequence number of a base id (nil when none); used by ordered processors.
@@ -953,5 +986,5 @@ local function claim_due(due, pfx, o, now, sub)
     out[1] = next_due_ms(due, now)
   end
   if again and out[1] ~= BACKLOG_DUE then out[1] = 0 end
-  return out
+  return out, found > limit
 end

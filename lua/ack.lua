@@ -19,7 +19,9 @@
 --                        inline_max, dead_ttl_ms, dead_max). The worker asks for its next flush with
 --                        the ack: after a successful ack, up to `limit` due sequences are claimed as
 --                        claim.lua does (one round trip per flush instead of two). When that claim
---                        finds nothing due, pfx.."woke" is deleted as claim.lua does.
+--                        finds nothing due, pfx.."woke" is deleted as claim.lua does; when it
+--                        leaves due entries beyond its limit, the token goes out again
+--                        (claim.lua) unless one is out already.
 -- Derived keys: pfx.."s:"..member, pfx.."i:"..member (and claim.lua's, when claiming).
 -- Reply: {code, left} or, when claiming, {code, left, <claim.lua's reply>}
 --   code 'ok' | 'lease_lost' (nothing changed, nothing claimed) | 'corrupt' (left: what is
@@ -60,11 +62,12 @@ local base, seq = split_member(member)
 local left = advance(pfx, base, seq, window, now, cfg, {f.cutoff, f.fid_n, f.max, f.flush_id, f.fid_k},
   delivered)
 if ARGV[9] and tonumber(ARGV[9]) > 0 then
-  local reply = claim_due(due, pfx, claim_opts(9), now, sub)
-  if #reply == 1 then
+  local reply, more = claim_due(due, pfx, claim_opts(9), now, sub)
+  if more or #reply == 1 then
     -- nothing due: the asking slot goes idle knowing all that is due, so it answers a pending
-    -- wake-up like claim.lua (add.lua would otherwise hold the next one back)
-    redis.call('DEL', pfx .. 'woke')
+    -- wake-up like claim.lua (add.lua would otherwise hold the next one back); more due than
+    -- it took: another worker is woken for the rest, unless a wake-up is out already
+    answer_wake(pfx, more)
   end
   table.insert(reply, 1, left)
   table.insert(reply, 1, 'ok')

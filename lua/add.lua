@@ -26,9 +26,10 @@
 -- partition (a message on its channel pfx.."wake": SPUBLISH on Redis 7+, else PUBLISH) when a
 -- sequence is sealed or a new timer became the earliest entry of the delay queue -- unless
 -- the previous wake-up of this partition is still unanswered:
--- pfx.."woke" is set with each wake-up (for at most WAKE_HOLD_MS) and cleared by the next
--- claim (claim.lua). Workers woken by that wake-up have not claimed yet, so they will find
--- this sequence too (a worker goes on claiming while more is due and it has free slots);
+-- pfx.."woke", the wake-up's token, is set with each wake-up (for at most WAKE_HOLD_MS); the
+-- one woken worker that takes it (DEL) claims, and its claim ends the hold (claim.lua). That
+-- worker has not claimed yet, so it will find this sequence too (it claims up to its free
+-- slots, and a claim that leaves more due sends the token out again);
 -- under load this saves a message to every worker per sealed batch.
 -- Keys found holding something else (data this library did not write) make the add refused,
 -- before anything is written; an open list whose header is damaged keeps its items for the
@@ -48,14 +49,6 @@ max, interval, max_pending = tonumber(max), tonumber(interval), tonumber(max_pen
 local first, last = 3, #ARGV
 local now, sub = now_ms()  -- sub: the microseconds past `now` (a seal's flush_id)
 local okey = pfx .. 'o:' .. base
-
-local WAKE_HOLD_MS = 100
-
-local function wake_workers()
-  if redis.call('SET', pfx .. 'woke', '1', 'NX', 'PX', WAKE_HOLD_MS) then
-    publish_wake(pfx)
-  end
-end
 
 -- The hot path, kept short (every Lua operation costs here): one item from one caller into
 -- the open sequence, no max_pending. The header is read first, so that nothing is written
@@ -82,7 +75,7 @@ if last == first and segments == '-' and max_pending < 0 then
       redis.call('RPOP', okey)
     else
       count = seal(pfx, head, pfx .. 'due', base, seq, count, 'size', now, sub)
-      wake_workers()
+      wake_workers(pfx)
       return seq .. ',' .. count .. ',F,1,1'
     end
   end
@@ -246,6 +239,6 @@ if seq and touched then
   redis.call('LSET', okey, 0, open_header(seq, now, smax))
 end
 if any_sealed or wake then
-  wake_workers()
+  wake_workers(pfx)
 end
 return table.concat(out, ';')

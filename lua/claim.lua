@@ -23,7 +23,9 @@
 -- ARGV[14] dead_ttl_ms   dead letters are kept this long (0 = for ever)
 -- ARGV[15] dead_max      at most this many dead letters per partition (0 = no limit)
 -- Derived keys: head, history, state and items of each member; dead-letter keys; pfx.."ids";
---   pfx.."woke" (deleted: add.lua holds back wake-ups until a claim answered the last one).
+--   pfx.."woke", the wake-up token (add.lua holds back wake-ups until a claim answered the
+--   last one): deleted, or, when the claim leaves due entries beyond its limit (the worker's
+--   free slots), set again and published, so that another worker takes the rest.
 -- Reply: {next_due_ms, member, window, attempt, flush_id, reason, items, ...}
 --   next_due_ms  ms until the earliest remaining entry is due (0 = due now, -1 = queue empty,
 --                -2 = due now, and 8 or more sequences beyond those claimed: a backlog)
@@ -38,9 +40,10 @@ if type(redis.pcall('ZCARD', KEYS[1])) == 'table' then
   return {-3, wrong_type({KEYS[1], 'zset'})}
 end
 local now, sub = now_ms()
-local reply = claim_due(KEYS[1], pfx, claim_opts(2), now, sub)
+local reply, more = claim_due(KEYS[1], pfx, claim_opts(2), now, sub)
 if reply[1] ~= -3 then
-  -- a worker is looking: the next sealed sequence gets a wake-up again (see add.lua)
-  redis.call('DEL', pfx .. 'woke')
+  -- a worker is looking: the next sealed sequence gets a wake-up again (see add.lua), or what
+  -- this worker has no slot for goes to another one now
+  answer_wake(pfx, more)
 end
 return reply

@@ -6,7 +6,8 @@
 -- ARGV[2] base
 -- ARGV[3] seq      sequence number to flush, or '' for the current accumulating one
 -- Derived keys: pfx.."o:"..base (renamed to the sequence's pfx.."i:"..base.."::"..seq), its
--- pfx.."s:" state; wakes the workers on the channel pfx.."wake".
+-- pfx.."s:" state; wakes a worker: sets the wake-up token pfx.."woke", publishes on the
+-- channel pfx.."wake".
 -- Reply: {code, seq, count, status}
 --   code 'ok'               sealed; count items will be delivered
 --        'empty'            nothing is accumulating (seq -1) or the sequence holds no items
@@ -64,5 +65,5 @@ if how == 'damaged' then
   redis.call('LSET', okey, 0, open_header(seq, now, smax))
 end
 local count = seal(pfx, head, due, base, seq, open, 'manual', now, sub)
-publish_wake(pfx)
+wake_always(pfx)
 return {'ok', tonumber(seq), count, 'flushing'}

@@ -7,7 +7,8 @@
 -- ARGV[1] pfx
 -- ARGV[2] member   "base::N"
 -- ARGV[3] owner    token from claim.lua
--- Derived keys: pfx.."s:"..member; wakes the other workers on the channel pfx.."wake".
+-- Derived keys: pfx.."s:"..member; wakes another worker: sets the wake-up
+-- token pfx.."woke", publishes on the channel pfx.."wake".
 -- Reply: 1 when released, 0 when the lease was no longer ours (or its keys hold something else)
 local due = KEYS[1]
 local meta = ARGV[1] .. 's:' .. ARGV[2]
@@ -20,5 +21,5 @@ local attempt = tonumber(redis.call('HGET', meta, 'attempt') or '1')
 redis.call('HSET', meta, 'owner', '', 'attempt', math.max(attempt - 1, 0), 'updated_at', int(now))
 redis.call('HDEL', meta, 'lease_until')
 redis.call('ZADD', due, int(now), ARGV[2])
-publish_wake(ARGV[1])
+wake_always(ARGV[1])
 return 1

@@ -8,8 +8,8 @@
 -- ARGV[2] id              dead-letter id
 -- ARGV[3] base            the dead letter's batch id (its head is KEYS[1])
 -- ARGV[4] max_batch_size  largest delivery window
--- Derived keys: pfx.."d:"..id, pfx.."di:"..id, the new sequence's state and items; wakes the
--- workers on the channel pfx.."wake".
+-- Derived keys: pfx.."d:"..id, pfx.."di:"..id, the new sequence's state and items; wakes a
+-- worker: sets the wake-up token pfx.."woke", publishes on the channel pfx.."wake".
 -- Reply: {code, seq, count}; code 'ok' | 'not_found' | 'corrupt' (seq: what is wrong; nothing
 -- written)
 local head, ids, due, hist = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -47,5 +47,5 @@ end
 redis.call('ZADD', due, int(now), member)
 redis.call('DEL', dmeta)
 redis.call('ZREM', pfx .. 'dead', id)
-publish_wake(pfx)
+wake_always(pfx)
 return {'ok', seq, count}

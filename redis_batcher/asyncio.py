@@ -1010,6 +1010,7 @@ class Worker(WorkerCore):
             self._wake.clear()
             if self.register_due(time.monotonic()):
                 await self._register_again()
+            await self._take_tokens()
             more = await self._claim_round(time.monotonic())
             free = self.capacity - len(self._inflight)
             if burst and not more and not self._inflight:
@@ -1020,6 +1021,16 @@ class Worker(WorkerCore):
                 await asyncio.wait_for(self._wake.wait(), self.sleep_time(time.monotonic(), free))
             except asyncio.TimeoutError:
                 pass
+
+    async def _take_tokens(self) -> None:
+        """As the sync worker's: try to take the token of each wake-up heard, with a slot free."""
+        for idx in self.tokens_wanted(self.capacity - len(self._inflight)):
+            try:
+                taken = bool(await self.client.delete(self.parts[idx][1].woke))
+            except RedisError as exc:  # claim anyway: the claim reports and retries a failure
+                log.debug("wake-up token of %s: %s", self.parts[idx][1].pfx, exc)
+                taken = True
+            self.token_tried(idx, taken)
 
     async def _claim_round(self, now: float) -> bool:
         more = False

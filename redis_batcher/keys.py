@@ -15,7 +15,8 @@ Layout (prefix ``rb``, processor ``events``, one partition)::
     rb:{events:0}:dead                 ZSET  dead-letter ids -> time they died (ms)
     rb:{events:0}:d:<id>               HASH  dead letter: batch_id, sequence, count, reason, error, ...
     rb:{events:0}:di:<id>              LIST  its items
-    rb:{events:0}:woke                 STRING set while a wake-up is unanswered (add.lua)
+    rb:{events:0}:woke                 STRING the wake-up token: set while a wake-up is unanswered
+                                       (add.lua); the woken worker that deletes it claims
     rb:{events:0}:wake                 wake-up channel of the partition: sharded pub/sub
                                        (SPUBLISH/SSUBSCRIBE) on Redis 7+, else plain
     rb:layout                          STRING the data layout's version (:data:`LAYOUT`)
@@ -150,6 +151,12 @@ class PartitionKeys:
     @property
     def dead(self) -> str:
         return self.pfx + "dead"
+
+    @property
+    def woke(self) -> str:
+        """The partition's wake-up token (see :meth:`WorkerCore.on_wake
+        <redis_batcher.worker_core.WorkerCore.on_wake>`)."""
+        return self.pfx + "woke"
 
     @property
     def wake(self) -> str:

@@ -10,6 +10,10 @@ servers. ``publish_wake`` in ``_common.lua`` asks the server it runs on (is
 no work for it. A worker subscribes to the channels of the partitions it serves, asking its
 server the same question once per connection: ``SSUBSCRIBE`` on Redis 7+, else ``SUBSCRIBE``.
 
+Every worker serving a partition hears its wake-ups, but a wake-up is a token: the script that
+publishes it sets ``<pfx>woke``, and only the woken worker whose ``DEL`` of that key answers 1
+claims (one with a free slot; see ``WorkerCore.on_wake``). A listener only records what it heard.
+
 On Redis Cluster a sharded subscription is made on the node serving the channel's slot: the
 channels are grouped by node (the cluster client's slot map), one subscription per node. When a
 slot moves to another node (resharding, failover), its old node drops the subscription (a

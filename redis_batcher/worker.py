@@ -324,6 +324,7 @@ class Worker(WorkerCore):
             now = time.monotonic()
             if self.register_due(now):
                 self._register_again()
+            self._take_tokens()
             hold = self._hold_until(now)
             if hold > now:
                 self._sleep(hold)  # a handler that started moments ago will take it
@@ -355,6 +356,19 @@ class Worker(WorkerCore):
         cost two context switches to find nothing to do."""
         with self._lock:
             return self._full or self._burst or min(self.due_at) < self._until
+
+    def _take_tokens(self) -> None:
+        """Try to take the token of each wake-up heard, with a slot free (see
+        :meth:`WorkerCore.on_wake`): a plain ``DEL`` on a key of the partition's slot."""
+        with self._lock:
+            free = self._slots() - len(self._inflight)
+        for idx in self.tokens_wanted(free):
+            try:
+                taken = bool(self.client.delete(self.parts[idx][1].woke))
+            except RedisError as exc:  # claim anyway: the claim reports and retries a failure
+                log.debug("wake-up token of %s: %s", self.parts[idx][1].pfx, exc)
+                taken = True
+            self.token_tried(idx, taken)
 
     def _claim_round(self, now: float) -> bool:
         """Claim from the partitions that may have due entries. True when more is due than was

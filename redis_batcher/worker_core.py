@@ -186,6 +186,8 @@ class WorkerCore:
         # bumped whenever a partition is announced due: a claim reply read after such news must
         # not push that partition's due time back (see claimed())
         self.wakes: list[int] = [0] * len(self.parts)
+        # a wake-up was heard whose token is still to be tried (see on_wake)
+        self.heard: list[bool] = [False] * len(self.parts)
         # the last claim of each partition left a backlog due (see ops.BACKLOG_DUE)
         self.backlog: list[bool] = [False] * len(self.parts)
         self.part_index = {part.pfx: i for i, (_, part) in enumerate(self.parts)}
@@ -200,6 +202,7 @@ class WorkerCore:
         self.stats = WorkerStats()
         self.full_check_at = 0.0
         self.due_at = [0.0] * len(self.parts)
+        self.heard = [False] * len(self.parts)
         self.unregistered = False
 
     def registration_refused(self, exc: RedisError) -> None:
@@ -326,13 +329,35 @@ class WorkerCore:
         self.due_at[idx] = 0.0
 
     def on_wake(self, data: Any) -> None:
-        """A wake-up message (its payload is a partition prefix)."""
+        """A wake-up message (its payload is a partition prefix). A wake-up is a token: the
+        script that sent it set the partition's ``woke`` key, and of the workers woken only the
+        one that deletes it claims (:meth:`tokens_wanted`, :meth:`token_tried`); the others go
+        back to waiting. So each wake-up costs one claim, not one per idle worker."""
         pfx = data.decode() if isinstance(data, bytes) else str(data)
         idx = self.part_index.get(pfx)
         if idx is None:  # not ours (or an old publisher): check everything
             self.on_subscribed()
         else:
-            self.mark_due(pfx)
+            self.heard[idx] = True
+
+    def tokens_wanted(self, free: int) -> list[int]:
+        """The partitions whose wake-up token to try to take now (a ``DEL`` of
+        ``PartitionKeys.woke`` each; pass what it answered to :meth:`token_tried`). None while
+        no slot is free: the token is left to a worker that has one, and the wake-up is kept for
+        when a slot frees here (by then an ack's claim or another worker has usually answered
+        it: the DEL finds nothing)."""
+        if free <= 0 or not any(self.heard):
+            return []
+        wanted = [idx for idx, heard in enumerate(self.heard) if heard]
+        for idx in wanted:
+            self.heard[idx] = False
+        return wanted
+
+    def token_tried(self, idx: int, taken: bool) -> None:
+        """This worker took the partition's wake-up token (or could not tell, Redis failed):
+        it claims there. Otherwise another worker did, or a claim since answered the wake-up."""
+        if taken:
+            self.mark_due(self.parts[idx][1].pfx)
 
     def on_subscribed(self) -> None:
         """(Re)subscribed: wake-ups sent while nobody listened are lost; check everything."""

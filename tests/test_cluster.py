@@ -510,8 +510,8 @@ def test_wake_ups_reach_only_the_workers_of_the_partition_on_cluster(
     """Six idle workers serve a processor whose partitions' slots are on every node. Each sealed
     batch is delivered at once (their timed checks are 30 s away); each worker listens with
     SSUBSCRIBE on the node serving each partition's slot, nowhere else; no wake-up crosses the
-    cluster bus (a plain PUBLISH went to every node); and each wake-up costs each worker one
-    claim of that partition at most (the message names it)."""
+    cluster bus (a plain PUBLISH went to every node); and each wake-up costs about one claim in
+    all: every idle worker hears it, but it is a token (``<pfx>woke``) that one of them takes."""
     batcher = Batcher(cluster_client, prefix="w")
     rec = Recorder()
     proc = spread_processor(batcher, nodes, cluster_client, rec)
@@ -530,9 +530,9 @@ def test_wake_ups_reach_only_the_workers_of_the_partition_on_cluster(
         print(f"wake-up latencies (s): max {max(latencies):.4f}; claims per flush {per_flush:.2f}")
         assert max(latencies) < 2.0, latencies
         assert bus_publishes(nodes) == published  # SPUBLISH: nothing broadcast
-        # every idle worker is woken (they all serve every partition) and claims that partition
-        # once: never a claim of every partition per message
-        assert per_flush <= WAKE_WORKERS, per_flush
+        # every idle worker is woken (they all serve every partition), but only the one that
+        # took the wake-up's token claims: not one claim per worker, nor one of every partition
+        assert per_flush <= 1.2, per_flush
     finally:
         for w in workers:
             w.stop()
@@ -585,7 +585,7 @@ def test_async_wake_ups_reach_only_the_workers_of_the_partition_on_cluster(
         print(f"async wake-up latencies (s): max {max(latencies):.4f}; claims per flush {per_flush:.2f}")
         assert max(latencies) < 2.0, latencies
         assert bus_publishes(nodes) == published
-        assert per_flush <= WAKE_WORKERS, per_flush
+        assert per_flush <= 1.2, per_flush
     finally:
         stop.set()
         thread.join(timeout=30)

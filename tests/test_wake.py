@@ -152,3 +152,114 @@ def test_an_idle_worker_is_woken(backend: tuple[str, Any], mode: str) -> None:
     if kind != "fakeredis":  # whose async pubsub leaves its registry to the garbage collector
         assert all(wake.subscribers(probe, ch) == 0 for ch in proc.keys.channels)
     probe.close()
+
+
+@pytest.mark.parametrize("workers", [2, 6])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_each_wake_up_makes_about_one_claim_and_a_burst_is_spread(
+    backend: tuple[str, Any], mode: str, workers: int
+) -> None:
+    """Idle workers (one slot each, timed checks 30 s away) all hear each wake-up, but a
+    wake-up is a token (``<pfx>woke``) that one of them takes: each sealed batch is delivered at
+    once for about one claim, not one per worker. A burst of seals, one wake-up for all of
+    them, is still spread: a claim that leaves more due than its worker has slots for sends
+    the token out again, to a worker with a free slot. Nothing is left behind."""
+    kind, (make, make_async) = backend
+    got: list[tuple[str, float]] = []
+    lock = threading.Lock()
+    slow = threading.Event()
+
+    def handler(flush: Flush) -> None:
+        if slow.is_set():
+            time.sleep(0.05)  # a burst: a worker's one slot stays busy a while
+        with lock:
+            got.append((flush.batch_id, time.monotonic()))
+
+    probe = make()
+    batcher = Batcher(probe, prefix="t")
+    proc = batcher.processor(name="p", partitions=2, max_batch_size=2, flush_interval=None)(handler)
+    batcher.register()  # stamps the layout before workers start together (each checks it)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    pool: list[Any] = []
+
+    def run(worker: Worker) -> None:
+        try:
+            worker.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    def serve() -> None:
+        try:
+            if mode == "sync":
+                pool.extend(Worker(proc.batcher, concurrency=1, max_idle_wait=30) for _ in range(workers))
+                threads = [threading.Thread(target=run, args=(w,), daemon=True) for w in pool]
+                for t in threads:
+                    t.start()
+                stop.wait()
+                for w in pool:
+                    w.stop()
+                for t in threads:
+                    t.join(timeout=10)
+                return
+
+            async def main() -> None:
+                ab = aio.Batcher(make_async(), prefix="t", definitions=proc.batcher)
+                pool.extend(aio.Worker(ab, concurrency=1, max_idle_wait=30) for _ in range(workers))
+                runs = [asyncio.ensure_future(w.run()) for w in pool]
+                while not stop.is_set():
+                    await asyncio.sleep(0.02)
+                for w in pool:
+                    w.stop()
+                await asyncio.gather(*runs)
+                await ab.aclose()
+
+            asyncio.run(main())
+        except BaseException as exc:
+            errors.append(exc)
+
+    def claims() -> int:
+        return sum(w.stats.claims for w in pool)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        channels = proc.keys.channels
+        wait_for(lambda: all(wake.subscribers(probe, ch) == workers for ch in channels) or bool(errors))
+        assert not errors, errors
+        # the first claims are over: all asleep for 30 s (fakeredis refuses the scripts' flags
+        # line at first: those claims fail, and are tried again a second later)
+        time.sleep(1.3 if kind == "fakeredis" else 0.3)
+        ids = [next(f"id{i}" for i in range(100) if partition_of(f"id{i}", 2) == k) for k in (0, 1)]
+        proc.add_many("warm-up", [0, 0])  # the producer's first call loads its scripts
+        wait_for(lambda: len(got) == 1, timeout=5)
+        time.sleep(0.05)
+        before, latencies = claims(), []
+        for n in range(1, 11):
+            t0 = time.monotonic()
+            proc.add_many(ids[n % 2], [n, n])  # sealed: one wake-up
+            wait_for(lambda: len(got) > n, timeout=5)  # noqa: B023
+            latencies.append(got[n][1] - t0)
+            time.sleep(0.05)  # every worker idle again
+        per_flush = (claims() - before) / 10
+        print(f"{kind} {mode} {workers} workers: {per_flush:.2f} claims per flush, {max(latencies):.4f} s")
+        assert max(latencies) < 1.0, latencies
+        assert per_flush <= 1.2, per_flush
+
+        # a burst: 12 sequences sealed by one add, one wake-up for all of them
+        slow.set()
+        delivered = [w.stats.delivered for w in pool]
+        proc.add_many(ids[0], list(range(24)))
+        wait_for(lambda: len(got) == 23, timeout=10)  # all of them, well before any timed check
+        wait_for(lambda: proc.status(ids[0]) is None)  # and acknowledged: nothing left behind
+
+        def busy() -> list[int]:
+            return [w.stats.delivered - d for w, d in zip(pool, delivered, strict=True)]
+
+        wait_for(lambda: sum(busy()) == 12)
+        assert sum(1 for b in busy() if b) > 1, busy()  # spread over several workers
+    finally:
+        stop.set()
+        thread.join(timeout=15)
+    assert not thread.is_alive() and not errors, errors
+    probe.close()

@@ -416,6 +416,9 @@ def test_a_claim_reply_never_hides_a_wake_up_that_came_while_it_was_on_the_way(
     owner, call, seen = w.claim_call(idx, 1)
     reply = call.run(real_batcher.client)  # the queue is empty: "nothing due, ever"
     w.on_wake(proc.keys.parts[0].pfx.encode())  # ... but a seal was announced meanwhile
+    assert w.tokens_wanted(0) == []  # (no free slot: the token is left to the others, for now)
+    assert w.tokens_wanted(1) == [idx] and w.tokens_wanted(1) == []
+    w.token_tried(idx, True)  # this worker took its token
     assert w.claimed(idx, owner, reply, time.monotonic(), seen) == ([], False)
     assert w.due_at[idx] == 0.0  # still checked on the next round
     owner, call, seen = w.claim_call(idx, 1)

@@ -603,10 +603,13 @@ def layout_steps(prefix: str) -> Steps[int]:
     when Redis holds no data of the prefix yet; raise :class:`LayoutMismatch` otherwise. A
     registry without a stamp is data of layout 1, written before layouts were stamped."""
     key = layout_key(prefix)
+    registry = registry_key(prefix)
+    # the registry is read before the stamp: a process stamps before it registers, so a
+    # registry seen without a stamp read after it is layout 1's, never a process starting now
+    registered = yield Read(registry, lambda c: c.exists(registry))
     found = yield Read(key, lambda c: c.get(key))
     if found is None:
-        registry = registry_key(prefix)
-        if (yield Read(registry, lambda c: c.exists(registry))):
+        if registered:
             raise LayoutMismatch(prefix, 1, LAYOUT)
         # SET NX: of two processes stamping a new prefix at once, both see the same version
         if (yield Read(key, lambda c: c.set(key, LAYOUT, nx=True))):

@@ -252,3 +252,31 @@ def test_ls_nodes_on_one_server(redis_server: RedisServer, fresh: redis.Redis) -
     assert sum(r["queued_sequences"] for r in rows) == 0
     assert invoke("ls", "--nodes", "-p", "p", "--redis-url", redis_server.url).exit_code == 2
     batcher.close()
+
+
+@pytest.mark.parametrize("after", [0, 1, 2, 3])
+def test_processes_starting_together_never_take_each_other_for_layout_1(
+    redis_server: RedisServer, fresh: redis.Redis, after: int
+) -> None:
+    """Another process stamps and registers between any two of this one's reads: this one
+    still finds layout 2 (it reads the registry before the stamp)."""
+    from redis_batcher import ops
+
+    other = Batcher(redis_server.url, prefix=PREFIX)
+    steps = ops.layout_steps(PREFIX)
+    reply = None
+    done = False
+    for n in range(10):
+        if n == after:
+            make(other).add("x", 1)  # stamps, then registers
+        try:
+            step = steps.send(reply)
+        except StopIteration as stop:
+            assert stop.value == LAYOUT
+            done = True
+            break
+        assert isinstance(step, ops.Read)
+        reply = step.send(fresh)
+    assert done
+    assert fresh.get(layout_key(PREFIX)) == str(LAYOUT).encode()
+    other.close()

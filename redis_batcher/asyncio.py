@@ -192,6 +192,10 @@ class Batcher:
         # has found itself alone), and round trips of adds in flight
         self._eager = False
         self._adds_in_flight = 0
+        # whether this client's round trips let the event loop run (None: not known yet); one
+        # that answers without (an in-process fake) leaves nobody time to queue behind a
+        # caller that sent at once, so callers then always collect
+        self._trips_yield: bool | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     def connect(
@@ -220,6 +224,7 @@ class Batcher:
         # script calls on connections this event loop keeps, taken from the client's pool (see
         # connection.AsyncLink); on a cluster, from the node serving the call's slot
         self._link = AsyncLink(client) if AsyncLink.supports(client) else None
+        self._trips_yield = None  # see __init__
         self._node_links: dict[str, AsyncLink] = {}
         self._registered.clear()
         self._policy_checked = False
@@ -549,13 +554,19 @@ class Batcher:
             and not self._scheduled
             and not self._adds_in_flight
             and not self.wait_replicas
+            and self._trips_yield is not False
             and proc.name in self._registered
         ):
             self._scheduled = True
             self._adds_in_flight += 1
+            yielded: list[bool] = []
+            if self._trips_yield is None:
+                asyncio.get_running_loop().call_soon(yielded.append, True)
             try:
                 reply = await self._alone(proc, base, encoded)
             finally:
+                if self._trips_yield is None:
+                    self._trips_yield = bool(yielded)
                 self._adds_in_flight -= 1
                 batch, self._queue, self._scheduled = self._queue, [], False
                 if batch:  # company arrived: collect again from now on

@@ -320,7 +320,7 @@ class Batcher:
         """As :meth:`redis_batcher.Batcher.check_layout`, awaited: raises
         :class:`~redis_batcher.LayoutMismatch` when Redis holds another version's data layout
         under the prefix."""
-        version = await _drive_async(self, ops.layout_steps(self.prefix))
+        version = await _drive_async(self, ops.layout_steps(self.prefix, self.allow_eviction))
         self._layout_checked = True
         return version
 

@@ -614,7 +614,7 @@ class Batcher:
         a Redis without data of the prefix); raise :class:`LayoutMismatch` otherwise, before
         anything is written. A batcher runs this before its first write; workers run it when
         they start. Returns the layout version."""
-        version = _drive(self, ops.layout_steps(self.prefix))
+        version = _drive(self, ops.layout_steps(self.prefix, self.allow_eviction))
         self._layout_checked = True
         return version
 

@@ -598,7 +598,7 @@ Steps = Generator[Step, Any, T]
 DEAD_PURGE_CHUNK = 100
 
 
-def layout_steps(prefix: str) -> Steps[int]:
+def layout_steps(prefix: str, evicting: bool = False) -> Steps[int]:
     """Check that Redis holds :data:`~redis_batcher.keys.LAYOUT` under ``prefix``, stamping it
     when Redis holds no data of the prefix yet; raise :class:`LayoutMismatch` otherwise. A
     registry without a stamp is data of layout 1, written before layouts were stamped."""
@@ -609,7 +609,9 @@ def layout_steps(prefix: str) -> Steps[int]:
     registered = yield Read(registry, lambda c: c.exists(registry))
     found = yield Read(key, lambda c: c.get(key))
     if found is None:
-        if registered:
+        # under an evicting policy (allow_eviction) the stamp may have been evicted: a registry
+        # without it cannot be told from layout 1's, so it is stamped again
+        if registered and not evicting:
             raise LayoutMismatch(prefix, 1, LAYOUT)
         # SET NX: of two processes stamping a new prefix at once, both see the same version
         if (yield Read(key, lambda c: c.set(key, LAYOUT, nx=True))):

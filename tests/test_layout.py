@@ -280,3 +280,15 @@ def test_processes_starting_together_never_take_each_other_for_layout_1(
     assert done
     assert fresh.get(layout_key(PREFIX)) == str(LAYOUT).encode()
     other.close()
+
+
+def test_with_allow_eviction_a_missing_stamp_is_stamped_again(
+    redis_server: RedisServer, fresh: redis.Redis
+) -> None:
+    """Under an evicting policy the stamp itself may be evicted while the registry stays: a
+    batcher with allow_eviction=True stamps it again instead of refusing."""
+    layout1(fresh)
+    with pytest.raises(rb.LayoutMismatch):
+        Batcher(redis_server.url, prefix=PREFIX).check_layout()
+    assert Batcher(redis_server.url, prefix=PREFIX, allow_eviction=True).check_layout() == LAYOUT
+    assert fresh.get(layout_key(PREFIX)) == str(LAYOUT).encode()

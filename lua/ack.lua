@@ -6,6 +6,7 @@
 -- KEYS[2] head     pfx.."b:"..base
 -- KEYS[3] history  pfx.."h:"..base
 -- KEYS[4] ids      pfx.."ids"
+-- KEYS[5] guard    pfx.."guard": never written, so no script of a migrating slot runs
 -- ARGV[1] pfx
 -- ARGV[2] member         "base::N"
 -- ARGV[3] owner          token from claim.lua; a worker that lost its lease is refused

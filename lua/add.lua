@@ -1,6 +1,7 @@
 -- add.lua: append items to a base id's accumulating sequence, sealing full sequences.
 --
 -- KEYS[1] head      pfx.."b:"..base; pfx (the partition's key prefix) is read from it
+-- KEYS[2] guard     pfx.."guard": never written, so no script of a migrating slot runs
 -- ARGV[1] base      base batch id
 -- ARGV[2] config    "<max_batch_size> <interval_ms> <max_pending> <segments>": a sequence is
 --                   sealed at max_batch_size items; interval_ms is the delay before an interval

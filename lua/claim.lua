@@ -3,6 +3,7 @@
 -- claim.lua: take due sequences from a partition's delay queue and lease them to a worker.
 --
 -- KEYS[1] due  pfx.."due"
+-- KEYS[2] guard pfx.."guard": never written, so no script of a migrating slot runs
 -- ARGV[1] pfx
 -- ARGV[2] limit          claim at most this many sequences
 -- ARGV[3] lease_ms       lease length; the entry is re-scored to now + lease_ms, so a flush whose

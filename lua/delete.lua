@@ -7,6 +7,7 @@
 -- KEYS[2] history  pfx.."h:"..base
 -- KEYS[3] ids      pfx.."ids"
 -- KEYS[4] due      pfx.."due"
+-- KEYS[5] guard    pfx.."guard": never written, so no script of a migrating slot runs
 -- ARGV[1] pfx
 -- ARGV[2] base
 -- ARGV[3] seq        sequence number, or '' for the whole base id

@@ -3,6 +3,7 @@
 -- extend.lua: heartbeat -- renew the lease of a flush whose handler is still running.
 --
 -- KEYS[1] due  pfx.."due"
+-- KEYS[2] guard pfx.."guard": never written, so no script of a migrating slot runs
 -- ARGV[1] pfx
 -- ARGV[2] member    "base::N"
 -- ARGV[3] owner     token from claim.lua

@@ -2,6 +2,7 @@
 --
 -- KEYS[1] head  pfx.."b:"..base
 -- KEYS[2] due   pfx.."due"
+-- KEYS[3] guard pfx.."guard": never written, so no script of a migrating slot runs
 -- ARGV[1] pfx
 -- ARGV[2] base
 -- ARGV[3] seq      sequence number to flush, or '' for the current accumulating one

@@ -2,6 +2,7 @@
 -- of a step saves it and then stops (job_commit.lua replies 'cancelled').
 --
 -- KEYS[1] job  pfx.."j:"..id
+-- KEYS[2] guard pfx.."guard": never written, so no script of a migrating slot runs
 -- ARGV[1] pfx
 -- ARGV[2] job id
 -- Derived keys: pfx.."due", pfx.."status:*".

@@ -1,6 +1,7 @@
 -- job_claim.lua: lease runnable jobs of one iterator to a worker.
 --
 -- KEYS[1] due  pfx.."due"
+-- KEYS[2] guard pfx.."guard": never written, so no script of a migrating slot runs
 -- ARGV[1] pfx
 -- ARGV[2] limit     claim at most this many jobs
 -- ARGV[3] lease_ms  lease length; the entry is re-scored to now + lease_ms, so a job whose worker

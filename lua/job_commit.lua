@@ -2,6 +2,7 @@
 -- reset -- only if the caller still holds the job's lease.
 --
 -- KEYS[1] job  pfx.."j:"..id
+-- KEYS[2] guard pfx.."guard": never written, so no script of a migrating slot runs
 -- ARGV[1] pfx
 -- ARGV[2] job id
 -- ARGV[3] owner      token from job_claim.lua

@@ -1,6 +1,7 @@
 -- job_delete.lua: remove a job and its progress samples. Refused while it is running or paused.
 --
 -- KEYS[1] job  pfx.."j:"..id
+-- KEYS[2] guard pfx.."guard": never written, so no script of a migrating slot runs
 -- ARGV[1] pfx
 -- ARGV[2] job id
 -- Derived keys: pfx.."due", pfx.."r:"..id, pfx.."status:*".

@@ -3,6 +3,7 @@
 -- job_extend.lua: heartbeat -- renew the lease of a job whose step is still running.
 --
 -- KEYS[1] job  pfx.."j:"..id
+-- KEYS[2] guard pfx.."guard": never written, so no script of a migrating slot runs
 -- ARGV[1] pfx
 -- ARGV[2] job id
 -- ARGV[3] owner     token from job_claim.lua

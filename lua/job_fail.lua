@@ -4,6 +4,7 @@
 -- backoff, or fail the job once the retries are spent. Only the lease holder may do this.
 --
 -- KEYS[1] job  pfx.."j:"..id
+-- KEYS[2] guard pfx.."guard": never written, so no script of a migrating slot runs
 -- ARGV[1] pfx
 -- ARGV[2] job id
 -- ARGV[3] owner           token from job_claim.lua

@@ -1,6 +1,7 @@
 -- job_finish.lua: the data source is exhausted and on_complete (if any) returned: complete the job.
 --
 -- KEYS[1] job  pfx.."j:"..id
+-- KEYS[2] guard pfx.."guard": never written, so no script of a migrating slot runs
 -- ARGV[1] pfx
 -- ARGV[2] job id
 -- ARGV[3] owner  token from job_claim.lua

@@ -1,6 +1,7 @@
 -- job_start.lua: create an iterator job; it is runnable at once (status pending).
 --
 -- KEYS[1] job  pfx.."j:"..id
+-- KEYS[2] guard pfx.."guard": never written, so no script of a migrating slot runs
 -- ARGV[1] pfx
 -- ARGV[2] job id
 -- ARGV[3] iterator name

@@ -4,6 +4,7 @@
 --
 -- KEYS[1] due      pfx.."due"
 -- KEYS[2] history  pfx.."h:"..base
+-- KEYS[3] guard    pfx.."guard": never written, so no script of a migrating slot runs
 -- ARGV[1] pfx
 -- ARGV[2] member          "base::N"
 -- ARGV[3] owner           token from claim.lua; a worker that lost its lease is refused

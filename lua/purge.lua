@@ -3,6 +3,7 @@
 -- purge.lua: delete dead letters for good.
 --
 -- KEYS[1] dead  pfx.."dead"
+-- KEYS[2] guard pfx.."guard": never written, so no script of a migrating slot runs
 -- ARGV[1] pfx
 -- ARGV[2..] ids  dead-letter ids to delete (callers send bounded chunks)
 -- Derived keys: pfx.."d:"..id, pfx.."di:"..id.

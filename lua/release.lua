@@ -4,6 +4,7 @@
 -- or finished); the attempt is not counted and any worker may take it immediately.
 --
 -- KEYS[1] due  pfx.."due"
+-- KEYS[2] guard pfx.."guard": never written, so no script of a migrating slot runs
 -- ARGV[1] pfx
 -- ARGV[2] member   "base::N"
 -- ARGV[3] owner    token from claim.lua

@@ -4,6 +4,7 @@
 -- KEYS[2] ids      pfx.."ids"
 -- KEYS[3] due      pfx.."due"
 -- KEYS[4] history  pfx.."h:"..base
+-- KEYS[5] guard    pfx.."guard": never written, so no script of a migrating slot runs
 -- ARGV[1] pfx
 -- ARGV[2] id              dead-letter id
 -- ARGV[3] base            the dead letter's batch id (its head is KEYS[1])

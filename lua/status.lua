@@ -1,6 +1,7 @@
 -- status.lua: one consistent snapshot of a base id -- head record plus every active sequence.
 --
 -- KEYS[1] head  pfx.."b:"..base
+-- KEYS[2] guard pfx.."guard": never written, so no script of a migrating slot runs
 -- ARGV[1] pfx
 -- ARGV[2] base
 -- Derived keys: state and items of each active sequence (the open list pfx.."o:"..base for the

@@ -49,7 +49,7 @@ from .errors import (
     JobStateError,
     UnknownIterator,
 )
-from .keys import validate_name
+from .keys import GUARD, validate_name
 from .models import ms_to_dt
 from .scripts import scripts
 
@@ -163,6 +163,7 @@ class JobKeys:
     def __init__(self, prefix: str, iterator: str) -> None:
         self.pfx = f"{prefix}:{{jobs:{iterator}}}:"
         self.due = self.pfx + "due"
+        self.guard = self.pfx + GUARD  # declared last by every script (keys.GUARD)
 
     def job(self, job_id: str) -> str:
         return f"{self.pfx}j:{job_id}"
@@ -297,18 +298,20 @@ def worker_label() -> str:
 # -- script calls ----------------------------------------------------------------------------------
 
 
-def _call(name: str, key: str, *args: str | int) -> ops.Call:
-    return ops.Call(scripts().scripts[name], (key,), tuple(args))
+def _call(name: str, keys: JobKeys, key: str, *args: str | int) -> ops.Call:
+    return ops.Call(scripts().scripts[name], (key, keys.guard), tuple(args))
 
 
 def start_call(keys: JobKeys, config: IteratorConfig, job_id: str, params_json: str) -> ops.Call:
-    return _call("job_start", keys.job(job_id), keys.pfx, job_id, config.name, params_json, config.to_json())
+    return _call(
+        "job_start", keys, keys.job(job_id), keys.pfx, job_id, config.name, params_json, config.to_json()
+    )
 
 
 def claim_call(keys: JobKeys, config: IteratorConfig, limit: int, owner: str, label: str) -> ops.Call:
     return ops.Call(
         scripts().scripts["job_claim"],
-        (keys.due,),
+        (keys.due, keys.guard),
         (keys.pfx, limit, _ms(config.lease_timeout), owner, label),
     )
 
@@ -327,6 +330,7 @@ def commit_call(
     a connection error that may have run is not counted twice."""
     return _call(
         "job_commit",
+        keys,
         keys.job(job_id),
         keys.pfx,
         job_id,
@@ -343,6 +347,7 @@ def commit_call(
 def fail_call(keys: JobKeys, config: IteratorConfig, job_id: str, owner: str, error: str) -> ops.Call:
     return _call(
         "job_fail",
+        keys,
         keys.job(job_id),
         keys.pfx,
         job_id,
@@ -356,16 +361,16 @@ def fail_call(keys: JobKeys, config: IteratorConfig, job_id: str, owner: str, er
 
 def owner_call(name: str, keys: JobKeys, job_id: str, owner: str) -> ops.Call:
     """job_finish / job_release: the lease holder's token is the only argument."""
-    return _call(name, keys.job(job_id), keys.pfx, job_id, owner)
+    return _call(name, keys, keys.job(job_id), keys.pfx, job_id, owner)
 
 
 def extend_call(keys: JobKeys, config: IteratorConfig, job_id: str, owner: str) -> ops.Call:
-    return _call("job_extend", keys.job(job_id), keys.pfx, job_id, owner, _ms(config.lease_timeout))
+    return _call("job_extend", keys, keys.job(job_id), keys.pfx, job_id, owner, _ms(config.lease_timeout))
 
 
 def control_call(action: str, keys: JobKeys, job_id: str) -> ops.Call:
     """job_pause / job_resume / job_cancel / job_delete."""
-    return _call(f"job_{action}", keys.job(validate_job_id(job_id)), keys.pfx, job_id)
+    return _call(f"job_{action}", keys, keys.job(validate_job_id(job_id)), keys.pfx, job_id)
 
 
 # -- replies -------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ Layout (prefix ``rb``, processor ``events``, one partition)::
                                        (add.lua); the woken worker that deletes it claims
     rb:{events:0}:wake                 wake-up channel of the partition: sharded pub/sub
                                        (SPUBLISH/SSUBSCRIBE) on Redis 7+, else plain
+    rb:{events:0}:guard                never written: the last key every script declares, so
+                                       that no script runs while the slot migrates (:data:`GUARD`)
     rb:layout                          STRING the data layout's version (:data:`LAYOUT`)
 """
 
@@ -39,6 +41,11 @@ CLUSTER_SLOTS = 16384
 # the version of the key layout below, stamped in Redis at <prefix>:layout; 2: partitions'
 # hash tags spread over the slot space (1, unstamped: "{<processor>:<partition>}" alone)
 LAYOUT = 2
+# The name, after a partition's (or iterator's) key prefix, of a key that no script ever
+# writes yet every script declares last in KEYS. While a slot migrates, Redis Cluster runs a
+# script only where all its declared keys exist, so the guard makes it answer TRYAGAIN or ASK
+# before any script of the slot runs, never half-way (see docs/data-layout.md).
+GUARD = "guard"
 _SEQ_SUFFIX = re.compile(r"^(.*)::(\d+)$", re.DOTALL)
 _NAME_FORBIDDEN = re.compile(r"[{}\s]")
 
@@ -139,6 +146,17 @@ class PartitionKeys:
     """Key names of one processor partition; ``pfx`` is what scripts prepend to derived keys."""
 
     pfx: str
+
+    @functools.cached_property
+    def guard(self) -> str:
+        """The migration guard every script declares last (:data:`GUARD`)."""
+        return self.pfx + GUARD
+
+    @functools.cached_property
+    def guard_frame(self) -> bytes:
+        """:attr:`guard` as a RESP bulk string (the single add's frame, ``ops.add_frame``)."""
+        raw = self.guard.encode()
+        return b"$%d\r\n%b\r\n" % (len(raw), raw)
 
     @property
     def due(self) -> str:

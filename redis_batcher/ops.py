@@ -95,7 +95,7 @@ def add_call(proc: Processor, base: str, encoded: Sequence[bytes], segments: Seq
     """One add, or several coalesced adds (``segments`` = item count of each, in order)."""
     part = proc.keys.for_base(base)
     config = proc.add_config + ",".join(map(str, segments)) if len(segments) > 1 else proc.add_config_one
-    return Call(scripts().add, (f"{part.pfx}b:{base}",), (base, config, *encoded))
+    return Call(scripts().add, (f"{part.pfx}b:{base}", part.guard), (base, config, *encoded))
 
 
 def add_frame(proc: Processor, base: str, data: bytes) -> bytes:
@@ -103,12 +103,14 @@ def add_frame(proc: Processor, base: str, data: bytes) -> bytes:
     ``Script.framed``), built in one formatting step: a single add's hot path. Measured end to
     end (4 producers on 2 cores), the general framing cost ~3-5 µs of CPU per add more; cold
     caches after each blocking read make every step dear."""
-    key = f"{proc.keys.for_base(base).pfx}b:{base}".encode()
+    part = proc.keys.for_base(base)
+    key = f"{part.pfx}b:{base}".encode()
     raw = base.encode()
-    return b"*7\r\n%b$%d\r\n%b\r\n$%d\r\n%b\r\n%b$%d\r\n%b\r\n" % (
-        scripts().add.evalsha_head(1),
+    return b"*8\r\n%b$%d\r\n%b\r\n%b$%d\r\n%b\r\n%b$%d\r\n%b\r\n" % (
+        scripts().add.evalsha_head(2),
         len(key),
         key,
+        part.guard_frame,
         len(raw),
         raw,
         proc.add_config_frame,
@@ -177,7 +179,7 @@ def flush_call(proc: Processor, base: str, seq: int | None) -> Call:
     part = proc.keys.for_base(base)
     return Call(
         scripts().flush,
-        (part.head(base), part.due),
+        (part.head(base), part.due, part.guard),
         (part.pfx, base, "" if seq is None else seq),
     )
 
@@ -198,7 +200,7 @@ def parse_flush(batch_id: str, base: str, reply: Sequence[Any]) -> FlushResult:
 
 def status_call(proc: Processor, base: str) -> Call:
     part = proc.keys.for_base(base)
-    return Call(scripts().status, (part.head(base),), (part.pfx, base))
+    return Call(scripts().status, (part.head(base), part.guard), (part.pfx, base))
 
 
 def parse_status(base: str, reply: Sequence[Any]) -> tuple[list[BatchInfo], BatchInfo | None]:
@@ -269,7 +271,7 @@ def delete_call(proc: Processor, base: str, seq: int | None) -> Call:
     part = proc.keys.for_base(base)
     return Call(
         scripts().delete,
-        (part.head(base), part.history(base), part.ids, part.due),
+        (part.head(base), part.history(base), part.ids, part.due, part.guard),
         (part.pfx, base, "" if seq is None else seq, proc.retention_s),
     )
 
@@ -364,7 +366,7 @@ def _claim_args(proc: Processor, limit: int, owner: str) -> tuple[Arg, ...]:
 
 
 def claim_call(proc: Processor, part: PartitionKeys, limit: int, owner: str) -> Call:
-    return Call(scripts().claim, (part.due,), (part.pfx, *_claim_args(proc, limit, owner)))
+    return Call(scripts().claim, (part.due, part.guard), (part.pfx, *_claim_args(proc, limit, owner)))
 
 
 def parse_claim(
@@ -449,7 +451,11 @@ def ack_call(c: Claimed, entry: str, claim_owner: str | None = None) -> Call:
     )
     if claim_owner is not None:
         args += _claim_args(proc, 1, claim_owner)
-    return Call(scripts().ack, (c.part.due, c.part.head(c.base), c.part.history(c.base), c.part.ids), args)
+    return Call(
+        scripts().ack,
+        (c.part.due, c.part.head(c.base), c.part.history(c.base), c.part.ids, c.part.guard),
+        args,
+    )
 
 
 def without_claim(call: Call) -> Call:
@@ -487,7 +493,7 @@ def nack_call(
     cfg = proc.config
     return Call(
         scripts().nack,
-        (c.part.due, c.part.history(c.base)),
+        (c.part.due, c.part.history(c.base), c.part.guard),
         (
             c.part.pfx,
             c.member,
@@ -510,11 +516,13 @@ def nack_call(
 
 
 def release_call(c: Claimed) -> Call:
-    return Call(scripts().release, (c.part.due,), (c.part.pfx, c.member, c.owner))
+    return Call(scripts().release, (c.part.due, c.part.guard), (c.part.pfx, c.member, c.owner))
 
 
 def extend_call(c: Claimed) -> Call:
-    return Call(scripts().extend, (c.part.due,), (c.part.pfx, c.member, c.owner, c.processor.lease_ms))
+    return Call(
+        scripts().extend, (c.part.due, c.part.guard), (c.part.pfx, c.member, c.owner, c.processor.lease_ms)
+    )
 
 
 def items_key(c: Claimed) -> str:
@@ -548,13 +556,13 @@ def parse_dead_letter(proc: Processor, dead_id: str, flat: Any) -> DeadLetter | 
 def replay_call(proc: Processor, part: PartitionKeys, dead_id: str, base: str) -> Call:
     return Call(
         scripts().replay,
-        (part.head(base), part.ids, part.due, part.history(base)),
+        (part.head(base), part.ids, part.due, part.history(base), part.guard),
         (part.pfx, dead_id, base, proc.config.max_batch_size),
     )
 
 
 def purge_call(part: PartitionKeys, ids: Sequence[str]) -> Call:
-    return Call(scripts().purge, (part.dead,), (part.pfx, *ids))
+    return Call(scripts().purge, (part.dead, part.guard), (part.pfx, *ids))
 
 
 def parse_purge(reply: Any) -> int:

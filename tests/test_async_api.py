@@ -822,9 +822,9 @@ def test_lone_callers_send_at_once_and_company_switches_to_collecting(backend: B
     cls, trips = counting_client_class(backend.aclient_class())
 
     def trip_ids() -> list[list[str]]:
-        # the batch id of each script call, per round trip, in order
-        out = [[str(args[4])] for args in trips.sent if str(args[0]).upper() == "EVALSHA"]
-        return out + [[str(a[4]) for a in p] for p in trips.pipelines]
+        # the batch id of each script call (EVALSHA sha 2 head guard base ...), per round trip
+        out = [[str(args[5])] for args in trips.sent if str(args[0]).upper() == "EVALSHA"]
+        return out + [[str(a[5]) for a in p] for p in trips.pipelines]
 
     async def body(ab: aio.Batcher) -> None:
         proc, got = make(ab, name="mode", max_batch_size=100)
@@ -931,8 +931,8 @@ def test_coalesced_script_calls_stay_within_add_chunk(real_client: redis.Redis) 
             *(proc.add_many("x", [[c, i] for i in range(6_000)]) for c in range(n))
         )
         assert sorted(r.pending for r in results) == [6_000 * (c + 1) for c in range(n)]
-        # EVALSHA sha numkeys, 1 key, 2 fixed arguments, then the items (see lua/add.lua)
-        sizes = [len(args) - 3 - 1 - 2 for args in trips.script_calls()]
+        # EVALSHA sha numkeys, 2 keys, 2 fixed arguments, then the items (see lua/add.lua)
+        sizes = [len(args) - 3 - 2 - 2 for args in trips.script_calls()]
         assert sum(sizes) == n * 6_000
         assert max(sizes) <= ADD_CHUNK, (
             f"one coalesced script call carried {max(sizes)} items (> ADD_CHUNK={ADD_CHUNK}); "
@@ -1197,10 +1197,10 @@ def test_max_pending_refuses_adds_and_writes_nothing(backend: Backend) -> None:
         # the first add went at once (the calls before came one at a time); the four made
         # meanwhile went after it as one script call, each segment checked on its own (a fake
         # that answers without letting the loop run: all five as one call, see _add)
-        sizes = [len(args) for args in trips.sent]  # 6 + items
+        sizes = [len(args) for args in trips.sent]  # 7 + items
         assert trips.pipelines == []
-        if backend.kind == "real" or sizes != [17]:
-            assert sizes == [7, 16], sizes
+        if backend.kind == "real" or sizes != [18]:
+            assert sizes == [8, 17], sizes
         assert [type(o).__name__ for o in outs] == [
             "AddResult",
             "BatchFull",

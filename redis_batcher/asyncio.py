@@ -29,7 +29,7 @@ from typing import Any, TypeVar, overload
 import redis
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import ClusterError, NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from . import batcher as sync_batcher
 from . import ops, wake
@@ -40,12 +40,14 @@ from .batcher import (
     judge_memory_policy,
     policy_from_config,
     policy_from_info,
+    redirected,
 )
 from .codec import Codec, encode_item
 from .connection import AsyncLink, ClusterNodePool, acheckout, pack
 from .errors import (
     ConfigError,
     NotReplicated,
+    NotSentClusterError,
     NotSentError,
     OutcomeUnknownError,
     UnknownProcessor,
@@ -442,7 +444,7 @@ class Batcher:
             try:
                 if link is None:
                     if wait and self.wait_replicas:
-                        raise NotSentError(f"no node of the cluster serves the slot of {key}")
+                        raise NotSentClusterError(f"no node of the cluster serves the slot of {key}")
                     return await self._sent(
                         key, lambda: call.script.call_async(self.client, call.keys, call.args)
                     )
@@ -457,9 +459,11 @@ class Batcher:
             except NotSentError:
                 await self._learn_route(key)
                 raise
-            except REDIRECTED as exc:
+            except (*REDIRECTED, ClusterError) as exc:
+                if not redirected(exc):
+                    raise
                 await self._learn_route(key)
-                raise NotSentError(f"Redis Cluster answered {exc}; the script did not run") from exc
+                raise NotSentClusterError(f"Redis Cluster answered {exc}; the script did not run") from exc
 
         return await self._retrying(attempt)
 
@@ -668,14 +672,15 @@ class Batcher:
         try:
             if len(calls) == 1 and not self.wait_replicas:
                 replies: list[Any] = [await self._execute(calls[0])]
-            elif self.is_cluster and self.wait_replicas:
-                # each call and its WAIT on the primary that runs it, one after the other
-                replies = []
-                for c in calls:
-                    try:
-                        replies.append(await self._execute(c))
-                    except (ResponseError, NotReplicated) as exc:
-                        replies.append(exc)
+            elif self.is_cluster:
+                # each call (and its WAIT) on the primary that runs it, with its own retries: a
+                # pipeline through redis-py's cluster client fails as a whole once a redirection
+                # of one call runs out, though the others ran
+                runs = [self._execute(c) for c in calls]
+                replies = list(await asyncio.gather(*runs, return_exceptions=True))
+                for reply in replies:
+                    if isinstance(reply, BaseException) and not isinstance(reply, Exception):
+                        raise reply
             else:
                 replies = await self._pipeline(calls)
         except BaseException as exc:  # the whole round trip failed: every caller in it is concerned

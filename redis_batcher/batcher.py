@@ -17,6 +17,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import (
     AskError,
     ClusterDownError,
+    ClusterError,
     MovedError,
     NoScriptError,
     RedisClusterException,
@@ -34,6 +35,7 @@ from .errors import (
     DuplicateProcessor,
     EvictionPolicyError,
     NotReplicated,
+    NotSentClusterError,
     NotSentError,
     OutcomeUnknownError,
     UnknownProcessor,
@@ -54,6 +56,16 @@ T = TypeVar("T")
 # moving, or the cluster is down. The call is safe to send again once redis-py knows the slot's
 # node (Batcher._rerouted).
 REDIRECTED = (MovedError, AskError, TryAgainError, ClusterDownError)
+
+
+def redirected(exc: BaseException) -> bool:
+    """A cluster node did not run a single command: it answered a redirection, or redis-py's
+    cluster client gave up on it after redirections alone (``ClusterError("TTL exhausted.")``:
+    MOVED, ASK, TRYAGAIN each time), as while a slot migrates for longer than its retries."""
+    gave_up = isinstance(exc, ClusterError) and str(exc).startswith("TTL exhausted")
+    return gave_up or isinstance(exc, REDIRECTED)
+
+
 log = logging.getLogger("redis_batcher")
 
 
@@ -360,7 +372,6 @@ class Batcher:
         except RedisError:
             pass  # the retry finds out
 
-
     def _execute(self, call: ops.Call, *, wait: bool = True) -> Any:
         """Run a script call under the ``connect_retry`` policy (retried only while it was never
         sent, see :meth:`_retrying`), and ``WAIT`` for ``wait_replicas`` replicas when configured
@@ -399,9 +410,11 @@ class Batcher:
             except NotSentError:
                 self._learn_route(key)
                 raise
-            except REDIRECTED as exc:
+            except (*REDIRECTED, ClusterError) as exc:
+                if not redirected(exc):
+                    raise
                 self._learn_route(key)
-                raise NotSentError(f"Redis Cluster answered {exc}; the script did not run") from exc
+                raise NotSentClusterError(f"Redis Cluster answered {exc}; the script did not run") from exc
 
         return self._retrying(attempt)
 
@@ -419,11 +432,11 @@ class Batcher:
             if self.is_cluster:
                 self._learn_route(key)
             raise
-        except REDIRECTED as exc:
-            if not self.is_cluster:
+        except (*REDIRECTED, ClusterError) as exc:
+            if not self.is_cluster or not redirected(exc):
                 raise
             self._learn_route(key)
-            raise NotSentError(f"Redis Cluster answered {exc}; the script did not run") from exc
+            raise NotSentClusterError(f"Redis Cluster answered {exc}; the script did not run") from exc
 
     def _run_add(self, proc: Processor, base: str, encoded: list[bytes]) -> AddResult:
         link = self._link if not self.is_cluster else self._link_for(proc.keys.for_base(base).head(base))

@@ -210,6 +210,11 @@ class NotSentTimeoutError(NotSentError, redis.exceptions.TimeoutError):
     """:class:`NotSentError` for a redis-py ``TimeoutError``."""
 
 
+class NotSentClusterError(NotSentError, redis.exceptions.ClusterError):
+    """:class:`NotSentError` for a Redis Cluster node that answered without running the
+    command (MOVED, ASK, TRYAGAIN while its slot migrates, CLUSTERDOWN)."""
+
+
 class OutcomeUnknownError(BatcherError):
     """A command was sent but its reply was lost (the connection broke or timed out while
     waiting for it). It may or may not have run: re-sending an add may duplicate its items.

@@ -274,6 +274,11 @@ class Ledger:
         self.poll()
         return len(self.records) > seen
 
+    def delivered_count(self) -> int:
+        """Distinct items delivered so far."""
+        self.poll()
+        return len(self.delivered)
+
     def covers(self, ids: Iterable[Any]) -> bool:
         self.poll()
         return self.delivered.issuperset(ids)

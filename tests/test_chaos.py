@@ -294,6 +294,9 @@ def test_redis_kill9_and_restart_loses_no_returned_add(tmp_path: Path) -> None:
             producers.start()
             for kind, outage in CRASHES:
                 time.sleep(1.5)
+                # producers are spawned interpreters: on a loaded machine they take a while to
+                # start, and the report below wants a load of adds to have returned before a crash
+                wait_until(lambda: ledger.delivered_count() >= 1500, 30, "adds under way")
                 if kind == "hold":
                     proc.add_many("hold-1", hold_items)
                     proc.flush("hold-1")

@@ -209,9 +209,8 @@ class Batcher:
         if isinstance(connection, str):
             # never re-send a command after a connection error (see the sync Batcher)
             redis_options.setdefault("retry", aioredis.retry.Retry(NoBackoff(), 0))
-            # redis-py 8 gives asyncio connections a 5 s socket timeout by default, which wraps
-            # every read and write in timeout machinery (measured: +40% per lone add). Like
-            # the sync client, wait for replies without a socket timeout unless asked to.
+            # redis-py 8's default 5 s socket timeout wraps every read and write in timeout
+            # machinery; like the sync client, wait for replies without one unless asked to.
             redis_options.setdefault("socket_timeout", None)
             factory = aioredis.RedisCluster if cluster else aioredis.Redis
             client: Any = factory.from_url(connection, **redis_options)

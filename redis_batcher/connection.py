@@ -63,12 +63,11 @@ _CACHE_MAX = 4096
 
 def pack(command: Sequence[Arg], head: bytes = b"", head_count: int = 0) -> bytes:
     """RESP-encode one command (bulk strings; str as UTF-8, numbers in decimal), the bytes
-    redis-py's ``pack_command`` makes, in a quarter of its time.
+    redis-py's ``pack_command`` makes, in less time.
 
     ``head`` is the command's first ``head_count`` arguments already encoded (a script's
     ``EVALSHA sha numkeys``: see :func:`frames`), ``command`` the rest. Each argument adds its
-    header and its data to one list joined by CRLF: for an add_many of 100 items ~1.6x faster
-    than appending three pieces per argument, and no slower for a single add."""
+    header and its data to one list joined by CRLF once: two appends per argument, not three."""
     parts: list[bytes] = []
     append = parts.append
     heads = _HEADS

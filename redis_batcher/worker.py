@@ -49,31 +49,18 @@ __all__ = ["Worker", "WorkerStats", "backoff_seconds"]
 log = logging.getLogger("redis_batcher.worker")
 
 SETTLE_WAIT = 2.0  # seconds a stopping worker still waits for results being recorded
-# The hold: a flush that falls due while a handler thread started less than HOLD seconds ago is
-# left for that thread's ack to claim (one round trip, no thread woken) for up to HOLD; only
-# then does the main loop hand it to another thread. It applies while handlers compute (busy
-# on the CPU for at least COMPUTING of their time: under the GIL more threads would not run
-# them faster) and no claim found a backlog (ops.BACKLOG_DUE: then every thread is worth it).
-# Fast handlers thus run one after another in one thread instead of waking an idle thread per
-# flush (end-to-end add_many(100) benchmark: 6-7 context switches per flush in the workers
-# before, 3.5-5 after; 2.8 -> 2.4 µs of worker CPU per item). A slow handler, or one that
-# waits, delays nothing by more than HOLD.
+# The hold (docs/how-it-works.md): while handlers compute and no backlog is due (ops.BACKLOG_DUE),
+# a flush due within HOLD s of a handler's start is left for its ack, sparing a thread wake-up.
 HOLD = 0.002
+# Handlers count as computing when busy on the CPU for this share of their time (GIL-bound).
 COMPUTING = 0.25
-# The spread limit: on a saturated machine, a backlog of computing handlers (see HOLD) runs on
-# at most COMPUTING_THREADS threads at once. Two keep the GIL busy: one runs a handler while the
-# other's ack is on the wire; a third would only wait for the GIL and a CPU, and every wait is a
-# context switch (end-to-end add_many(100), b=100, 2 workers of 4 threads on 2 busy cores:
-# 3.1 -> 1.4-1.9 context switches per flush in the workers, 2.6-2.8 -> 2.2-2.5 µs of worker CPU
-# per item). The machine counts as saturated while a handler thread waits for a CPU (run-queue
-# delay, /proc/thread-self/schedstat on Linux) at least CROWDED times as long as it runs,
-# measured per thread over CROWD_WINDOW: in that benchmark 68-95 % of the readings, against 9 %
-# for a worker draining 1,000 tiny flushes due at once with Redis on the same 2 cores. Where the
-# CPUs have room (a distant Redis, an idle box) more threads overlap more round trips, so all of
-# them run; without /proc the limit never applies.
+# The spread limit: on a saturated machine a backlog of computing handlers runs on at most this
+# many threads; two keep the GIL busy, a third only waits for it and for a CPU.
 COMPUTING_THREADS = 2
+# Saturated: a handler thread waits for a CPU (/proc/thread-self/schedstat) at least this many
+# times as long as it runs; without /proc the limit never applies.
 CROWDED = 0.5
-CROWD_WINDOW = 0.5  # seconds
+CROWD_WINDOW = 0.5  # seconds between a thread's run-queue readings
 
 
 def sched_times() -> tuple[int, int] | None:

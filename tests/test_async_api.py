@@ -916,7 +916,7 @@ def test_coalesced_adds_to_one_batch_id_are_one_script_call(backend: Backend) ->
 
 
 def test_coalesced_script_calls_stay_within_add_chunk(real_client: redis.Redis) -> None:
-    """README: "add_many sends at most 10,000 items per script call, so no single call blocks
+    """docs/how-it-works.md: "add_many sends at most 10,000 items per script call, so no single call blocks
     Redis for long". Group commit must not merge concurrent add_manys into one bigger call."""
     cls, trips = counting_client_class(aioredis.Redis)
     port = real_client.connection_pool.connection_kwargs["port"]

@@ -644,13 +644,13 @@ local function move_later(pfx, member, j, now)
   redis.call('ZADD', pfx .. 'due', int(now), member)
 end
 
--- Claim options from ARGV[i..i+13] (claim.lua's ARGV[2..15]; ack.lua's optional ARGV[9..22]).
+-- Claim options from ARGV[i..i+12] (claim.lua's ARGV[2..14]; ack.lua's optional ARGV[9..21]).
 local function claim_opts(i)
   return {limit = tonumber(ARGV[i]), lease = tonumber(ARGV[i + 1]), owner = ARGV[i + 2],
-    seed = ARGV[i + 3], max_deaths = tonumber(ARGV[i + 7]), bisect = ARGV[i + 8] == '1',
-    cap = tonumber(ARGV[i + 10]), inline_max = tonumber(ARGV[i + 11] or '0'),
-    dead = {ttl = tonumber(ARGV[i + 12] or '0'), max = tonumber(ARGV[i + 13] or '0')},
-    cfg = {retention = tonumber(ARGV[i + 4]), max = tonumber(ARGV[i + 5]), ordered = ARGV[i + 9] == '1'}}
+    seed = ARGV[i + 3], max_deaths = tonumber(ARGV[i + 6]), bisect = ARGV[i + 7] == '1',
+    cap = tonumber(ARGV[i + 9]), inline_max = tonumber(ARGV[i + 10] or '0'),
+    dead = {ttl = tonumber(ARGV[i + 11] or '0'), max = tonumber(ARGV[i + 12] or '0')},
+    cfg = {retention = tonumber(ARGV[i + 4]), max = tonumber(ARGV[i + 5]), ordered = ARGV[i + 8] == '1'}}
 end
 
 -- Finish a job: its window's items went where the job said. mv_end:

@@ -14,15 +14,14 @@
 --                        flush_id is fixed when it is sealed, not here (_common.lua)
 -- ARGV[6] retention      seconds to keep head/history of a base id left without sequences
 -- ARGV[7] max_batch_size largest delivery window of a sequence that did not record its own
--- ARGV[8] max_attempts   (read by nack.lua; kept so that ack.lua's claim options line up)
--- ARGV[9] max_deaths     deliveries whose worker died (lease expired unsettled) before dead-letter
--- ARGV[10] bisect        '1': a window whose worker died is halved instead (poison isolation)
--- ARGV[11] ordered       '1': only the lowest active sequence of a base id is delivered
--- ARGV[12] history_cap   history length limit (deaths are recorded in the history)
--- ARGV[13] inline_max    windows of at most this many items are returned with the claim
+-- ARGV[8] max_deaths     deliveries whose worker died (lease expired unsettled) before dead-letter
+-- ARGV[9] bisect         '1': a window whose worker died is halved instead (poison isolation)
+-- ARGV[10] ordered       '1': only the lowest active sequence of a base id is delivered
+-- ARGV[11] history_cap   history length limit (deaths are recorded in the history)
+-- ARGV[12] inline_max    windows of at most this many items are returned with the claim
 --                        (saves the worker a round trip and a slow multi-bulk parse); 0 = never
--- ARGV[14] dead_ttl_ms   dead letters are kept this long (0 = for ever)
--- ARGV[15] dead_max      at most this many dead letters per partition (0 = no limit)
+-- ARGV[13] dead_ttl_ms   dead letters are kept this long (0 = for ever)
+-- ARGV[14] dead_max      at most this many dead letters per partition (0 = no limit)
 -- Derived keys: head, history, state and items of each member; dead-letter keys; pfx.."ids";
 --   pfx.."woke", the wake-up token (add.lua holds back wake-ups until a claim answered the
 --   last one): deleted, or, when the claim leaves due entries beyond its limit (the worker's

@@ -28,6 +28,17 @@
 --   code 'ok' | 'lease_lost' (nothing changed, nothing claimed) | 'corrupt' (left: what is
 --   wrong; nothing changed); left = sealed items still to deliver
 -- KEYS[2] (the head) is declared, not read here: advance() derives it from pfx and writes it
+--- @include "now_ms"
+--- @include "split_member"
+--- @include "head_problem"
+--- @include "seq_state"
+--- @include "partition_problem"
+--- @include "push_history"
+--- @include "answer_wake"
+--- @include "advance"
+--- @include "claim_opts"
+--- @include "claim_due"
+
 local due, hist = KEYS[1], KEYS[3]
 local pfx, member, owner = ARGV[1], ARGV[2], ARGV[3]
 local cfg = {retention = tonumber(ARGV[6]), max = tonumber(ARGV[7]), ordered = ARGV[8] == '1'}

@@ -11,7 +11,7 @@
 -- ARGV[4] owner          random token of this claim; ack/nack/extend/release must present it
 -- ARGV[5] id_seed        random string; names the dead letters of members quarantined (and,
 --                        were it ever missing, of a window without a flush_id). A flush's
---                        flush_id is fixed when it is sealed, not here (_common.lua)
+--                        flush_id is fixed when it is sealed, not here (flush_id_of)
 -- ARGV[6] retention      seconds to keep head/history of a base id left without sequences
 -- ARGV[7] max_batch_size largest delivery window of a sequence that did not record its own
 -- ARGV[8] max_deaths     deliveries whose worker died (lease expired unsettled) before dead-letter
@@ -35,6 +35,12 @@
 --   delivered as it is was quarantined instead: its window is -1, its flush_id the dead
 --   letter's id and its items what was wrong (claim_due).
 --   {-3, what}  the partition's own keys hold something else (nothing was written)
+--- @include "now_ms"
+--- @include "wrong_type"
+--- @include "answer_wake"
+--- @include "claim_opts"
+--- @include "claim_due"
+
 local pfx = ARGV[1]
 if type(redis.pcall('ZCARD', KEYS[1])) == 'table' then
   return {-3, wrong_type({KEYS[1], 'zset'})}

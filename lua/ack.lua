@@ -15,9 +15,9 @@
 -- ARGV[6] retention      seconds to keep head/history once the base id has no active sequence
 -- ARGV[7] max_batch_size largest delivery window (for what is left)
 -- ARGV[8] ordered        '1' for ordered processors (wake the next parked sequence)
--- ARGV[9..]  optional, 14 values: claim.lua's ARGV[2..15] (limit, lease_ms, owner, id_seed, retention,
---                        max_batch_size, max_attempts, max_deaths, bisect, ordered, history_cap,
---                        inline_max, dead_ttl_ms, dead_max). The worker asks for its next flush with
+-- ARGV[9..]  optional, 13 values: claim.lua's ARGV[2..14] (limit, lease_ms, owner, id_seed, retention,
+--                        max_batch_size, max_deaths, bisect, ordered, history_cap, inline_max,
+--                        dead_ttl_ms, dead_max). The worker asks for its next flush with
 --                        the ack: after a successful ack, up to `limit` due sequences are claimed as
 --                        claim.lua does (one round trip per flush instead of two). When that claim
 --                        finds nothing due, pfx.."woke" is deleted as claim.lua does; when it
@@ -27,7 +27,18 @@
 -- Reply: {code, left} or, when claiming, {code, left, <claim.lua's reply>}
 --   code 'ok' | 'lease_lost' (nothing changed, nothing claimed) | 'corrupt' (left: what is
 --   wrong; nothing changed); left = sealed items still to deliver
--- KEYS[2] (the head) is declared, not read here: advance() derives it from pfx and writes it
+-- KEYS[2] (the head) is checked for damage here; advance() derives its name from pfx and writes it
+--- @include "now_ms"
+--- @include "split_member"
+--- @include "head_problem"
+--- @include "seq_state"
+--- @include "partition_problem"
+--- @include "push_history"
+--- @include "answer_wake"
+--- @include "advance"
+--- @include "claim_opts"
+--- @include "claim_due"
+
 local due, hist = KEYS[1], KEYS[3]
 local pfx, member, owner = ARGV[1], ARGV[2], ARGV[3]
 local cfg = {retention = tonumber(ARGV[6]), max = tonumber(ARGV[7]), ordered = ARGV[8] == '1'}

@@ -21,7 +21,7 @@
 -- A sequence that an add opens and fills at once (add_many of max_batch_size items or more)
 -- is written sealed from the start, straight into its own list: HINCRBY next, HSET state,
 -- HINCRBY active, RPUSH, ZADD due, 5 commands instead of 10. Sealing writes the sequence's
--- flush_id with its sealed state (see _common.lua): the id its deliveries carry.
+-- flush_id with its sealed state (see includes/flush_id_of.lua): the id its deliveries carry.
 -- Derived keys (same hash tag): pfx.."o:"..base, pfx.."ids", pfx.."due", pfx.."h:"..base,
 -- pfx.."woke", and the state and items of the sequences touched. Wakes the workers serving the
 -- partition (a message on its channel pfx.."wake": SPUBLISH on Redis 7+, else PUBLISH) when a
@@ -42,6 +42,21 @@
 --                                      many sequences the add sealed, how many items it added
 --   "full,undelivered"              -- refused by max_pending, nothing of that add written
 -- or "corrupt,<what is wrong>" for the whole call, nothing written.
+--- @include "now_ms"
+--- @include "int"
+--- @include "member_of"
+--- @include "wrong_type"
+--- @include "head_problem"
+--- @include "seq_problem"
+--- @include "next_free_seq"
+--- @include "flush_id_of"
+--- @include "sealed_fields"
+--- @include "open_header"
+--- @include "parse_header"
+--- @include "open_items_of"
+--- @include "seal"
+--- @include "wake_workers"
+
 local head = KEYS[1]
 local base = ARGV[1]
 local pfx = string.sub(head, 1, #head - #base - 2)

@@ -11,18 +11,17 @@
 -- ARGV[4] owner          random token of this claim; ack/nack/extend/release must present it
 -- ARGV[5] id_seed        random string; names the dead letters of members quarantined (and,
 --                        were it ever missing, of a window without a flush_id). A flush's
---                        flush_id is fixed when it is sealed, not here (_common.lua)
+--                        flush_id is fixed when it is sealed, not here (flush_id_of)
 -- ARGV[6] retention      seconds to keep head/history of a base id left without sequences
 -- ARGV[7] max_batch_size largest delivery window of a sequence that did not record its own
--- ARGV[8] max_attempts   (read by nack.lua; kept so that ack.lua's claim options line up)
--- ARGV[9] max_deaths     deliveries whose worker died (lease expired unsettled) before dead-letter
--- ARGV[10] bisect        '1': a window whose worker died is halved instead (poison isolation)
--- ARGV[11] ordered       '1': only the lowest active sequence of a base id is delivered
--- ARGV[12] history_cap   history length limit (deaths are recorded in the history)
--- ARGV[13] inline_max    windows of at most this many items are returned with the claim
+-- ARGV[8] max_deaths     deliveries whose worker died (lease expired unsettled) before dead-letter
+-- ARGV[9] bisect         '1': a window whose worker died is halved instead (poison isolation)
+-- ARGV[10] ordered       '1': only the lowest active sequence of a base id is delivered
+-- ARGV[11] history_cap   history length limit (deaths are recorded in the history)
+-- ARGV[12] inline_max    windows of at most this many items are returned with the claim
 --                        (saves the worker a round trip and a slow multi-bulk parse); 0 = never
--- ARGV[14] dead_ttl_ms   dead letters are kept this long (0 = for ever)
--- ARGV[15] dead_max      at most this many dead letters per partition (0 = no limit)
+-- ARGV[13] dead_ttl_ms   dead letters are kept this long (0 = for ever)
+-- ARGV[14] dead_max      at most this many dead letters per partition (0 = no limit)
 -- Derived keys: head, history, state and items of each member; dead-letter keys; pfx.."ids";
 --   pfx.."woke", the wake-up token (add.lua holds back wake-ups until a claim answered the
 --   last one): deleted, or, when the claim leaves due entries beyond its limit (the worker's
@@ -36,6 +35,12 @@
 --   delivered as it is was quarantined instead: its window is -1, its flush_id the dead
 --   letter's id and its items what was wrong (claim_due).
 --   {-3, what}  the partition's own keys hold something else (nothing was written)
+--- @include "now_ms"
+--- @include "wrong_type"
+--- @include "answer_wake"
+--- @include "claim_opts"
+--- @include "claim_due"
+
 local pfx = ARGV[1]
 if type(redis.pcall('ZCARD', KEYS[1])) == 'table' then
   return {-3, wrong_type({KEYS[1], 'zset'})}

@@ -15,6 +15,13 @@
 -- Derived keys: state and items of the sequences concerned (pfx.."o:"..base for an accumulating one).
 -- Reply: {deleted (0|1), reason ('' when deleted)}; {-1, what} when the keys hold something
 -- else (nothing deleted)
+--- @include "member_of"
+--- @include "wrong_type"
+--- @include "head_problem"
+--- @include "seq_problem"
+--- @include "open_items_of"
+--- @include "retire"
+
 local head, hist, ids, due = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local pfx, base, want = ARGV[1], ARGV[2], ARGV[3]
 local why = head_problem(head) or wrong_type({ids, 'set', due, 'zset', pfx .. 'o:' .. base, 'list'})

@@ -11,6 +11,10 @@
 -- Derived keys: pfx.."s:"..member.
 -- Reply: 1 when renewed, 0 when the lease belongs to someone else (or the flush is gone, or
 -- its keys hold something else)
+--- @include "now_ms"
+--- @include "int"
+--- @include "wrong_type"
+
 local due = KEYS[1]
 local meta = ARGV[1] .. 's:' .. ARGV[2]
 if wrong_type({meta, 'hash', due, 'zset'}) or redis.call('HGET', meta, 'owner') ~= ARGV[3] then

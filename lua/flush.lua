@@ -16,6 +16,16 @@
 --        'not_accumulating' the sequence exists but is in `status`
 --        'corrupt'          the keys hold something else (status: what); nothing written
 -- A damaged open-list header is rewritten: its items are sealed with the sequence.
+--- @include "now_ms"
+--- @include "member_of"
+--- @include "wrong_type"
+--- @include "head_problem"
+--- @include "seq_problem"
+--- @include "open_header"
+--- @include "open_items_of"
+--- @include "seal"
+--- @include "wake_always"
+
 local head, due = KEYS[1], KEYS[2]
 local pfx, base, want = ARGV[1], ARGV[2], ARGV[3]
 local okey = pfx .. 'o:' .. base

@@ -9,6 +9,10 @@
 -- Reply: {'ok', previous status}, {'invalid', status} (completed or already cancelled) or
 -- {'missing', ''}
 --   or {'corrupt', what} when its keys hold something else (nothing written)
+--- @include "now_ms"
+--- @include "job_problem"
+--- @include "job_end"
+
 local job = KEYS[1]
 local pfx, id = ARGV[1], ARGV[2]
 if job_problem(ARGV[1], KEYS[1], ARGV[2]) then

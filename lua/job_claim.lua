@@ -14,6 +14,14 @@
 --   next_due_ms  ms until the earliest remaining entry is runnable (0 = now, -1 = none; also
 --                -1 when the runnable set itself holds something else)
 --   then six fields per claimed job (cursor is nil when the walk has not started)
+--- @include "now_ms"
+--- @include "int"
+--- @include "wrong_type"
+--- @include "next_due_ms"
+--- @include "job_problem"
+--- @include "job_set_status"
+--- @include "job_sample"
+
 local due = KEYS[1]
 if wrong_type({due, 'zset'}) then
   return {-1}

@@ -17,6 +17,12 @@
 -- Reply: 'ok' (keep going), 'lease_lost' (nothing saved: another worker owns the job), 'corrupt'
 -- (nothing saved: its keys hold something else), or the
 -- job's status when it was paused or cancelled meanwhile (saved; the caller must stop)
+--- @include "now_ms"
+--- @include "int"
+--- @include "job_problem"
+--- @include "job_owned"
+--- @include "job_sample"
+
 local job = KEYS[1]
 local pfx, id, owner = ARGV[1], ARGV[2], ARGV[3]
 if job_problem(ARGV[1], KEYS[1], ARGV[2]) then

@@ -7,6 +7,8 @@
 -- Derived keys: pfx.."due", pfx.."r:"..id, pfx.."status:*".
 -- Reply: {'ok', status}, {'refused', status} or {'missing', ''}
 --   or {'corrupt', what} when its keys hold something else (nothing written)
+--- @include "job_problem"
+
 local job = KEYS[1]
 local pfx, id = ARGV[1], ARGV[2]
 if job_problem(ARGV[1], KEYS[1], ARGV[2]) then

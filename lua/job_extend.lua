@@ -11,6 +11,11 @@
 -- Derived keys: pfx.."due".
 -- Reply: 1 when renewed, 0 when the lease belongs to someone else (or the job is gone, or its
 -- keys hold something else)
+--- @include "now_ms"
+--- @include "int"
+--- @include "job_problem"
+--- @include "job_owned"
+
 local job = KEYS[1]
 local owner = ARGV[3]
 if job_problem(ARGV[1], KEYS[1], ARGV[2]) then

@@ -16,6 +16,12 @@
 -- Reply: {outcome, retries, delay_ms}; outcome 'retry', 'failed', 'lease_lost', 'corrupt' (its
 -- keys hold something else: nothing written), or the status
 -- ('paused', 'cancelled') when the job was stopped meanwhile (error kept, nothing scheduled)
+--- @include "now_ms"
+--- @include "int"
+--- @include "job_problem"
+--- @include "job_owned"
+--- @include "job_end"
+
 local job = KEYS[1]
 local pfx, id, owner = ARGV[1], ARGV[2], ARGV[3]
 if job_problem(ARGV[1], KEYS[1], ARGV[2]) then

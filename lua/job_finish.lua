@@ -8,6 +8,11 @@
 -- Derived keys: pfx.."due", pfx.."status:*".
 -- Reply: 'completed', 'lease_lost', 'corrupt' (its keys hold something else: nothing written),
 -- or the status when it was paused or cancelled meanwhile
+--- @include "now_ms"
+--- @include "job_problem"
+--- @include "job_owned"
+--- @include "job_end"
+
 local job = KEYS[1]
 local pfx, id, owner = ARGV[1], ARGV[2], ARGV[3]
 if job_problem(ARGV[1], KEYS[1], ARGV[2]) then

@@ -9,6 +9,10 @@
 -- Reply: {'ok', previous status} ('paused' again is a no-op), {'invalid', status} for a finished
 -- job, {'missing', ''} when there is no such job
 --   or {'corrupt', what} when its keys hold something else (nothing written)
+--- @include "now_ms"
+--- @include "job_problem"
+--- @include "job_set_status"
+
 local job = KEYS[1]
 local pfx, id = ARGV[1], ARGV[2]
 if job_problem(ARGV[1], KEYS[1], ARGV[2]) then

@@ -10,6 +10,11 @@
 -- ARGV[3] owner  token from job_claim.lua
 -- Derived keys: pfx.."due".
 -- Reply: 1 when released, 0 when the lease was no longer ours (or its keys hold something else)
+--- @include "now_ms"
+--- @include "int"
+--- @include "job_problem"
+--- @include "job_owned"
+
 local job = KEYS[1]
 local owner = ARGV[3]
 if job_problem(ARGV[1], KEYS[1], ARGV[2]) then

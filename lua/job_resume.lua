@@ -9,6 +9,11 @@
 -- Reply: {'ok', new status}, {'invalid', status} (pending, running, completed, cancelled) or
 -- {'missing', ''}
 --   or {'corrupt', what} when its keys hold something else (nothing written)
+--- @include "now_ms"
+--- @include "int"
+--- @include "job_problem"
+--- @include "job_set_status"
+
 local job = KEYS[1]
 local pfx, id = ARGV[1], ARGV[2]
 if job_problem(ARGV[1], KEYS[1], ARGV[2]) then

@@ -10,6 +10,11 @@
 -- Derived keys: pfx.."due", pfx.."status:pending".
 -- Reply: {'ok', created_at_ms} or {'exists', current status}; an existing job is left untouched;
 -- {'corrupt', what} when its keys hold something else (nothing written)
+--- @include "now_ms"
+--- @include "int"
+--- @include "job_problem"
+--- @include "job_set_status"
+
 local job = KEYS[1]
 local pfx, id = ARGV[1], ARGV[2]
 if job_problem(ARGV[1], KEYS[1], ARGV[2]) then

@@ -40,7 +40,18 @@
 --   'delivered'  left         a partial failure that named no item: all were delivered
 --   'moving'     items        a window too large to rearrange in one call: the sequence is due
 --                             now and the claims that find it go on with it (a move job,
---                             _common.lua), then do what the outcome above would have done
+--                             move_step.lua), then do what the outcome above would have done
+--- @include "constants"
+--- @include "now_ms"
+--- @include "int"
+--- @include "split_member"
+--- @include "head_problem"
+--- @include "seq_state"
+--- @include "partition_problem"
+--- @include "push_history"
+--- @include "move_start"
+--- @include "bury_window"
+
 local due, hist = KEYS[1], KEYS[2]
 local pfx, member, owner = ARGV[1], ARGV[2], ARGV[3]
 local cap, delay, err, mode = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]

@@ -9,6 +9,8 @@
 -- Derived keys: pfx.."d:"..id, pfx.."di:"..id.
 -- Reply: number of dead letters deleted; {'corrupt', what} when the dead-letter index holds
 -- something else (nothing deleted)
+--- @include "wrong_type"
+
 local dead, pfx = KEYS[1], ARGV[1]
 local why = wrong_type({dead, 'zset'})
 if why then

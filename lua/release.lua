@@ -11,6 +11,12 @@
 -- Derived keys: pfx.."s:"..member; wakes another worker: sets the wake-up
 -- token pfx.."woke", publishes on the channel pfx.."wake".
 -- Reply: 1 when released, 0 when the lease was no longer ours (or its keys hold something else)
+--- @include "now_ms"
+--- @include "int"
+--- @include "wrong_type"
+--- @include "bad_ints"
+--- @include "wake_always"
+
 local due = KEYS[1]
 local meta = ARGV[1] .. 's:' .. ARGV[2]
 if wrong_type({meta, 'hash', due, 'zset'}) or bad_ints(meta, {'attempt'})

@@ -13,6 +13,16 @@
 -- worker: sets the wake-up token pfx.."woke", publishes on the channel pfx.."wake".
 -- Reply: {code, seq, count}; code 'ok' | 'not_found' | 'corrupt' (seq: what is wrong; nothing
 -- written)
+--- @include "now_ms"
+--- @include "int"
+--- @include "member_of"
+--- @include "wrong_type"
+--- @include "head_problem"
+--- @include "partition_problem"
+--- @include "next_free_seq"
+--- @include "flush_id_of"
+--- @include "wake_always"
+
 local head, ids, due, hist = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local pfx, id, base = ARGV[1], ARGV[2], ARGV[3]
 local dmeta, dlist = pfx .. 'd:' .. id, pfx .. 'di:' .. id

@@ -11,6 +11,12 @@
 --   per active sequence (accumulating or flushing): its number, flat HGETALL, item count, and
 --   for the accumulating sequence the time of its last add (ms; '' for the others)
 -- or {'corrupt', what} when the keys hold something else
+--- @include "member_of"
+--- @include "wrong_type"
+--- @include "head_problem"
+--- @include "seq_problem"
+--- @include "open_items_of"
+
 local head = KEYS[1]
 local pfx, base = ARGV[1], ARGV[2]
 local why = head_problem(head) or wrong_type({pfx .. 'o:' .. base, 'list'})

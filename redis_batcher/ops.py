@@ -344,7 +344,7 @@ def _flag(value: bool) -> str:
 
 
 def _claim_args(proc: Processor, limit: int, owner: str) -> tuple[Arg, ...]:
-    """claim.lua's ARGV[2..13] (also ack.lua's optional ARGV[9..20])."""
+    """claim.lua's ARGV[2..14] (also ack.lua's optional ARGV[9..21])."""
     cfg = proc.config
     return (
         limit,
@@ -353,7 +353,6 @@ def _claim_args(proc: Processor, limit: int, owner: str) -> tuple[Arg, ...]:
         new_token(),
         proc.retention_s,
         cfg.max_batch_size,
-        cfg.max_attempts,
         cfg.max_deaths,
         _flag(cfg.bisect_on_error),
         _flag(cfg.ordered),

@@ -1,8 +1,10 @@
 """The one thin layer through which Python talks to the Lua scripts.
 
 Each atomic operation is a file in the top-level ``lua/`` directory (shipped inside the wheel as
-``redis_batcher/lua``). The helpers of ``_common.lua`` (and ``_jobs.lua`` for the iterator-job
-scripts) that a script uses are prepended to it. Scripts run with EVALSHA; when the server
+``redis_batcher/lua``); the keys they use are described in ``docs/data-layout.md``. The helpers
+they share are in ``lua/includes/``, one file per helper, and each file names the helpers it
+calls with ``--- @include "<name>"`` lines (BullMQ's convention): a script is sent with exactly
+those, resolved recursively (:class:`Includes`). Scripts run with EVALSHA; when the server
 answers NOSCRIPT (after ``SCRIPT FLUSH``, a restart or a failover) the call is repeated once
 with EVAL, which also puts the script back into the server's cache. EVAL is routed like
 EVALSHA, so this works unchanged on Redis Cluster. A call goes out over a link of
@@ -12,7 +14,7 @@ the target, which turns off the cluster client's own retries (a re-sent script r
 
 Script flags: a ``.lua`` file may start with a Redis 7 shebang line (``#!lua
 flags=allow-oom``: the bookkeeping that frees memory or only rewrites a few fields keeps
-working while Redis is full). The shebang becomes the first line of the composed script.
+working while Redis is full). The shebang stays the first line of the composed script.
 Servers that cannot compile a shebang (Redis < 7, test doubles) answer EVAL with a Lua syntax
 error before running anything; the call is then made with the same script without its shebang,
 and that variant is used from then on for that connection pool (or cluster client) only:
@@ -46,7 +48,7 @@ SCRIPT_NAMES = (
     "replay",
     "purge",
 )
-# iterator jobs (redis_batcher.jobs): _jobs.lua is prepended to these after _common.lua
+# iterator jobs (redis_batcher.jobs)
 JOB_SCRIPT_NAMES = (
     "job_start",
     "job_claim",
@@ -62,11 +64,15 @@ JOB_SCRIPT_NAMES = (
 )
 
 
+# the folder of lua_dir() that holds the include files
+INCLUDES = "includes"
+
+
 def lua_dir() -> Path:
     """Where the ``.lua`` files are: inside the installed package, else the repository root."""
     here = Path(__file__).resolve().parent
     for candidate in (here / "lua", here.parent / "lua"):
-        if (candidate / "_common.lua").is_file():
+        if (candidate / "add.lua").is_file() and (candidate / INCLUDES).is_dir():
             return candidate
     raise FileNotFoundError(f"redis-batcher Lua scripts not found next to {here}")
 
@@ -341,39 +347,97 @@ async def _async_routing(client: Any, keys: Sequence[str]) -> dict[str, Any]:
     return {}
 
 
-_HELPER = re.compile(r"^local function (\w+)\(", re.M)
+class IncludeError(ValueError):
+    """A Lua file's ``--- @include`` lines cannot be resolved: a malformed or repeated line, a name
+    with no file in ``lua/includes/``, or includes that form a cycle."""
 
 
-def link_helpers(libraries: Sequence[str], body: str) -> str:
-    """Each library's header (what precedes its first ``local function``: comments, shared
-    constants) plus only the helpers ``body`` uses, directly or through other helpers, in file
-    order. Redis runs a script's whole chunk on every call, so each unused helper would cost a
-    closure per call (all of ``_common.lua``'s: ~3.6 µs on an add)."""
-    headers: list[str] = []
-    blocks: dict[str, str] = {}
-    for text in libraries:
-        found = list(_HELPER.finditer(text))
-        headers.append(text[: found[0].start()] if found else text)
-        ends = [m.start() for m in found[1:]] + [len(text)]
-        blocks.update({m.group(1): text[m.start() : end] for m, end in zip(found, ends, strict=True)})
-    needed: set[str] = set()
-    todo = [body, *headers]
-    while todo:
-        text = todo.pop()
-        for name, block in blocks.items():
-            if name not in needed and re.search(rf"\b{name}\b", text):
-                needed.add(name)
-                todo.append(block)
-    out: list[str] = []
-    for header, text in zip(headers, libraries, strict=True):
-        out.append(header)
-        out.extend(b for n, b in blocks.items() if n in needed and b in text)
-    return "\n".join(out)
+_INCLUDE = re.compile(r'--- @include "([A-Za-z0-9_]+)"')
+
+
+def parse_includes(text: str, where: str) -> tuple[list[str], str]:
+    """The names a Lua file's ``--- @include "<name>"`` lines give, in their order, and the file's
+    text with those lines taken out. ``where`` names the file in errors."""
+    names: list[str] = []
+    kept: list[str] = []
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.startswith("--- @include"):
+            kept.append(line)
+            continue
+        found = _INCLUDE.fullmatch(line.rstrip())
+        if found is None:
+            raise IncludeError(f'{where}:{n}: expected --- @include "<name>", got {line!r}')
+        if found.group(1) in names:
+            raise IncludeError(f"{where}:{n}: {found.group(1)!r} is included twice")
+        names.append(found.group(1))
+    return names, "\n".join(kept)
+
+
+class Includes:
+    """The include files of a ``lua/includes/`` folder, each read once.
+
+    A script's includes are resolved recursively: every helper it names, and what those name,
+    in one deterministic order -- depth first in the order of the ``--- @include`` lines, each
+    file after the files it includes and only once (a Lua ``local function`` must be defined
+    before the functions that call it). Redis runs a script's whole chunk on every call, so each
+    helper a script does not use would cost a closure per call: a file includes exactly what it
+    calls (tests/test_packaging.py checks that)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._files: dict[str, tuple[list[str], str]] = {}  # name -> (its includes, its text)
+
+    def _file(self, name: str, needed_by: str) -> tuple[list[str], str]:
+        got = self._files.get(name)
+        if got is None:
+            path = self.directory / f"{name}.lua"
+            try:
+                text = path.read_text()
+            except FileNotFoundError:
+                raise IncludeError(f'{needed_by} includes "{name}", but there is no {path}') from None
+            if text.startswith("#!"):
+                raise IncludeError(f"{path}: an include file cannot have a shebang")
+            got = self._files[name] = parse_includes(text, str(path))
+        return got
+
+    def resolve(self, names: Sequence[str], where: str) -> list[str]:
+        """Every include file that ``names`` (the includes of ``where``) need, dependencies
+        first. Raises :class:`IncludeError` for an unknown name or a cycle."""
+        order: list[str] = []
+        done: set[str] = set()
+
+        def visit(name: str, path: list[str]) -> None:
+            if name in done:
+                return
+            if name in path:
+                cycle = " -> ".join([*path[path.index(name) :], name])
+                raise IncludeError(f"{where}: the includes form a cycle: {cycle}")
+            deps, _ = self._file(name, f"{INCLUDES}/{path[-1]}.lua" if path else where)
+            for dep in deps:
+                visit(dep, [*path, name])
+            done.add(name)
+            order.append(name)
+
+        for name in names:
+            visit(name, [])
+        return order
+
+    def assemble(self, text: str, where: str) -> str:
+        """``text`` (a script without its shebang) with its include lines replaced by the
+        resolved include files, in place of the first one (after the script's header)."""
+        names, _ = parse_includes(text, where)
+        if not names:
+            return text
+        lines = text.split("\n")
+        first = next(i for i, line in enumerate(lines) if line.startswith("--- @include"))
+        head, body = "\n".join(lines[:first]), parse_includes("\n".join(lines[first:]), where)[1]
+        helpers = [self._file(name, where)[1].strip("\n") for name in self.resolve(names, where)]
+        return "\n\n".join(part for part in (head, *helpers, body.lstrip("\n")) if part)
 
 
 def split_shebang(text: str) -> tuple[str, str]:
     """(the first line when it is a shebang, else ''; the rest). Redis reads a shebang only on
-    a script's first line, so it is taken off the file and put before the linked helpers."""
+    a script's first line, so it is taken off the file and put back before the composed text."""
     if not text.startswith("#!"):
         return "", text
     shebang, _, rest = text.partition("\n")
@@ -387,13 +451,11 @@ class ScriptTable:
 
     def __init__(self, directory: Path | None = None) -> None:
         directory = directory or lua_dir()
-        common = (directory / "_common.lua").read_text()
-        jobs_common = (directory / "_jobs.lua").read_text()
+        includes = Includes(directory / INCLUDES)
         self.scripts: dict[str, Script] = {}
-        for names, libraries in ((SCRIPT_NAMES, [common]), (JOB_SCRIPT_NAMES, [common, jobs_common])):
-            for name in names:
-                shebang, body = split_shebang((directory / f"{name}.lua").read_text())
-                self.scripts[name] = Script(name, link_helpers(libraries, body) + "\n" + body, shebang)
+        for name in (*SCRIPT_NAMES, *JOB_SCRIPT_NAMES):
+            shebang, body = split_shebang((directory / f"{name}.lua").read_text())
+            self.scripts[name] = Script(name, includes.assemble(body, f"{name}.lua"), shebang)
         self.add = self.scripts["add"]
         self.flush = self.scripts["flush"]
         self.claim = self.scripts["claim"]

@@ -5,7 +5,7 @@ partition's hash tag, so it hashes to the partition's slot. The scripts that mak
 at once (a sealed sequence, an earlier timer, a manual flush, a release, a replay) publish the
 partition's prefix there: ``SPUBLISH`` on Redis 7+, sharded pub/sub, which only the nodes
 serving the slot deliver and a cluster never broadcasts over its bus; ``PUBLISH`` on older
-servers. ``publish_wake`` in ``_common.lua`` asks the server it runs on (is
+servers. ``publish_wake`` (``lua/includes/publish_wake.lua``) asks the server it runs on (is
 ``redis.REDIS_VERSION_NUM`` set?): no argument is sent for it, and an add that wakes nobody does
 no work for it. A worker subscribes to the channels of the partitions it serves, asking its
 server the same question once per connection: ``SSUBSCRIBE`` on Redis 7+, else ``SUBSCRIBE``.
@@ -58,8 +58,8 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-# what publish_wake (_common.lua) goes by: redis.REDIS_VERSION_NUM is set from Redis 7.0 on,
-# with sharded pub/sub; asked the same way, a worker and the scripts never disagree
+# what publish_wake (lua/includes/publish_wake.lua) goes by: redis.REDIS_VERSION_NUM is set from
+# Redis 7.0 on, with sharded pub/sub; asked the same way, a worker and the scripts never disagree
 PROBE = "return redis.REDIS_VERSION_NUM and 1 or 0"
 
 

@@ -17,7 +17,7 @@ import redis_batcher as rb
 from redis_batcher import Batcher, Worker, connection, ops
 from redis_batcher.connection import Link
 from redis_batcher.embedded import RedisServer
-from redis_batcher.scripts import link_helpers, lua_dir, scripts
+from redis_batcher.scripts import INCLUDES, Includes, lua_dir, scripts
 from tests.conftest import held_items, snapshot, wake_pubsub
 
 
@@ -351,17 +351,18 @@ def test_scripts_link_only_the_helpers_they_use(real_client: redis.Redis) -> Non
     table = scripts()
     assert "local function bury" not in table.add.source
     assert "local function advance" in table.ack.source
-    # advance uses retire and unpark: linked through it even where the body does not name them
+    # advance uses retire and unpark: linked through it, though ack.lua does not include them
     assert "local function retire" in table.ack.source and "local function unpark" in table.ack.source
+    assert not any("--- @include" in s.source for s in table.scripts.values())
     flags = int(str(real_client.info("server")["redis_version"]).split(".")[0]) >= 7
     for script in table.scripts.values():
         # each compiles: the plain variant everywhere, the one with script flags on Redis 7
         assert real_client.script_load(script.plain.source) == script.plain.sha
         if flags:
             assert real_client.script_load(script.source) == script.sha
-    common = (lua_dir() / "_common.lua").read_text()
-    assert link_helpers([common], "return 1").strip().startswith("--")
-    assert "\nlocal function" not in link_helpers([common], "return 1")
+    # a script without include lines gets no helper
+    bare = "-- x.lua: x\nreturn 1"
+    assert Includes(lua_dir() / INCLUDES).assemble(bare, "x.lua") == bare
 
 
 def test_async_link_for_lone_adds(

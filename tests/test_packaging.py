@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -22,16 +23,32 @@ from pathlib import Path
 import pytest
 
 from redis_batcher.embedded import RedisServer
-from redis_batcher.scripts import SCRIPT_NAMES
+from redis_batcher.scripts import (
+    INCLUDES,
+    JOB_SCRIPT_NAMES,
+    SCRIPT_NAMES,
+    IncludeError,
+    Includes,
+    ScriptTable,
+    parse_includes,
+    scripts,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA_DIR = ROOT / "lua"
+INCLUDE_DIR = LUA_DIR / INCLUDES
 
 pytestmark = pytest.mark.timeout(600)
 
 
 def _lua_files() -> list[Path]:
+    """The scripts (``lua/*.lua``)."""
     return sorted(LUA_DIR.glob("*.lua"))
+
+
+def _include_files() -> list[Path]:
+    """The include files (``lua/includes/*.lua``)."""
+    return sorted(INCLUDE_DIR.glob("*.lua"))
 
 
 def _clean_env(bin_dir: Path | None = None) -> dict[str, str]:
@@ -102,11 +119,12 @@ def _unflagged(path: Path) -> str:
 
 def test_lua_dir_holds_every_script() -> None:
     names = {p.stem for p in _lua_files()}
-    assert "_common" in names
-    assert set(SCRIPT_NAMES) <= names, f"missing: {set(SCRIPT_NAMES) - names}"
+    assert names == {*SCRIPT_NAMES, *JOB_SCRIPT_NAMES}, names ^ {*SCRIPT_NAMES, *JOB_SCRIPT_NAMES}
+    assert _include_files()
+    assert {p.parent for p in LUA_DIR.rglob("*.lua")} == {LUA_DIR, INCLUDE_DIR}
 
 
-SCRIPT_FILES = [p for p in _lua_files() if not p.name.startswith("_")]
+SCRIPT_FILES = _lua_files()
 
 
 @pytest.mark.parametrize("path", SCRIPT_FILES, ids=lambda p: p.name)
@@ -159,9 +177,177 @@ def test_lua_script_flags_say_why(path: Path) -> None:
     }, f"{path.name} may grow memory without bound: it must not run while Redis is full"
 
 
-def test_common_lua_has_header() -> None:
-    header = _header(LUA_DIR / "_common.lua")
-    assert header and header[0].startswith("-- _common.lua:")
+# -- the include files (cheap, no build) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", _include_files(), ids=lambda p: p.name)
+def test_include_file_has_header(path: Path) -> None:
+    """Each include file starts with a comment saying what it provides (its name first), then
+    its own include lines; it has no shebang (only a script's first line can carry one)."""
+    first = path.read_text().splitlines()[0]
+    assert first.startswith(f"-- {path.name}: ") and len(first) > len(f"-- {path.name}: ") + 10, first
+    header = _header(path)
+    includes = [n for n, line in enumerate(header) if line.startswith("--- @include")]
+    # the include lines end the header, with nothing between them
+    assert includes == list(range(len(header) - len(includes), len(header))), path.name
+
+
+@pytest.mark.parametrize("path", SCRIPT_FILES, ids=lambda p: p.name)
+def test_script_includes_follow_its_header(path: Path) -> None:
+    """A script's include lines come right after its header comment (and its shebang lines),
+    then a blank line and the code."""
+    lines = _unflagged(path).splitlines()
+    at = [n for n, line in enumerate(lines) if line.startswith("--- @include")]
+    if not at:
+        return
+    assert at == list(range(at[0], at[-1] + 1)), f"{path.name}: the include lines are not together"
+    assert all(line.startswith("-- ") or line == "--" for line in lines[: at[0]]), path.name
+    assert lines[at[-1] + 1] == "", f"{path.name}: a blank line should follow the include lines"
+
+
+def _code(text: str) -> str:
+    """Lua text without its comments and the contents of its string literals."""
+    text = re.sub(r"--[^\n]*", "", text)
+    text = re.sub(r"'(?:[^'\\\n]|\\.)*'", "''", text)
+    return re.sub(r'"(?:[^"\\\n]|\\.)*"', '""', text)
+
+
+def _defined(text: str) -> list[str]:
+    """The names a Lua file defines at its top level: its local functions and its local values."""
+    names = re.findall(r"^local function (\w+)\(", text, re.MULTILINE)
+    for found in re.findall(r"^local (\w+(?:, \w+)*) =", text, re.MULTILINE):
+        names.extend(found.split(", "))
+    return names
+
+
+def _providers() -> dict[str, str]:
+    """Each name an include file defines -> that include file's name."""
+    out: dict[str, str] = {}
+    for path in _include_files():
+        for name in _defined(path.read_text()):
+            assert name not in out, f"{name} is defined in both {out[name]}.lua and {path.name}"
+            out[name] = path.stem
+    return out
+
+
+def _all_lua_files() -> list[Path]:
+    return [*_lua_files(), *_include_files()]
+
+
+@pytest.mark.parametrize("path", _all_lua_files(), ids=lambda p: str(p.relative_to(LUA_DIR)))
+def test_include_lines_name_existing_files(path: Path) -> None:
+    names, _ = parse_includes(path.read_text(), path.name)
+    for name in names:
+        assert (INCLUDE_DIR / f"{name}.lua").is_file(), f'{path.name} includes "{name}": no such file'
+
+
+def test_every_include_file_is_used_by_a_script() -> None:
+    includes = Includes(INCLUDE_DIR)
+    used: set[str] = set()
+    for path in _lua_files():
+        names, _ = parse_includes(path.read_text(), path.name)
+        used.update(includes.resolve(names, path.name))
+    assert {p.stem for p in _include_files()} - used == set()
+
+
+@pytest.mark.parametrize("path", _all_lua_files(), ids=lambda p: str(p.relative_to(LUA_DIR)))
+def test_file_includes_exactly_what_it_calls(path: Path) -> None:
+    """A script or include file includes each file that defines a helper (or constant) it uses,
+    and no other: nothing is linked in that is never called, nothing is called that it does not
+    include (a plain text check: comments and string literals left out)."""
+    providers = _providers()
+    names, text = parse_includes(path.read_text(), path.name)
+    own = set(_defined(text))
+    words = set(re.findall(r"\b\w+\b", _code(text)))
+    needed = {providers[w] for w in words if w in providers and w not in own}
+    assert not needed - set(names), f"{path.name} uses helpers it does not include: {needed - set(names)}"
+    assert not set(names) - needed, f"{path.name} includes what it never uses: {set(names) - needed}"
+
+
+@pytest.mark.parametrize("name", [*SCRIPT_NAMES, *JOB_SCRIPT_NAMES])
+def test_assembled_script_links_each_helper_once_before_its_use(name: str) -> None:
+    """In the source sent to Redis each helper (or constant) is defined once and before its
+    first use, each helper linked in is called, and each one used is linked in."""
+    providers = _providers()
+    lines = _code(scripts().scripts[name].plain.source).splitlines()
+    defined: dict[str, int] = {}  # name -> the line that defines it
+    used: dict[str, int] = {}  # name -> the first line that uses it (its definition left out)
+    for n, line in enumerate(lines):
+        own = _defined(line)
+        for word in own:
+            assert word not in defined, f"{name}.lua: {word} is defined twice"
+            defined[word] = n
+        for word in set(re.findall(r"\b\w+\b", line)) - set(own):
+            used.setdefault(word, n)
+    for helper in re.findall(r"^local function (\w+)\(", "\n".join(lines), re.MULTILINE):
+        assert helper in used, f"{name}.lua: {helper} is linked in but never called"
+    for word, n in used.items():
+        if word in providers:
+            assert word in defined, f"{name}.lua uses {word} ({providers[word]}.lua) but does not link it"
+            assert defined[word] < n, f"{name}.lua: {word} is used before it is defined"
+
+
+def _write(directory: Path, files: dict[str, str]) -> Includes:
+    directory.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (directory / f"{name}.lua").write_text(text)
+    return Includes(directory)
+
+
+def test_includes_resolve_dependencies_first_each_once(tmp_path: Path) -> None:
+    includes = _write(
+        tmp_path / "includes",
+        {
+            "a": "-- a.lua: a\nlocal function a() return 1 end\n",
+            "b": '-- b.lua: b\n--- @include "a"\n\nlocal function b() return a() end\n',
+            "c": '-- c.lua: c\n--- @include "a"\n\nlocal function c() return a() end\n',
+            "d": '-- d.lua: d\n--- @include "c"\n--- @include "b"\n\nlocal function d() return b(), c() end',
+        },
+    )
+    assert includes.resolve(["d"], "s.lua") == ["a", "c", "b", "d"]
+    assert includes.resolve(["b", "d"], "s.lua") == ["a", "b", "c", "d"]
+    source = includes.assemble('-- s.lua: s\n--- @include "d"\n\nreturn d()', "s.lua")
+    assert source.count("local function a()") == 1
+    assert [source.index(f"local function {n}()") for n in "acbd"] == sorted(
+        source.index(f"local function {n}()") for n in "acbd"
+    )
+    assert source.startswith("-- s.lua: s\n\n-- a.lua: a") and source.endswith("\n\nreturn d()")
+    assert "@include" not in source
+
+
+def test_unknown_cyclic_or_malformed_includes_are_refused(tmp_path: Path) -> None:
+    includes = _write(
+        tmp_path / "includes",
+        {
+            "a": '-- a.lua: a\n--- @include "b"\n',
+            "b": '-- b.lua: b\n--- @include "c"\n',
+            "c": '-- c.lua: c\n--- @include "a"\n',
+            "d": '-- d.lua: d\n--- @include "nope"\n',
+        },
+    )
+    with pytest.raises(IncludeError, match=r"s\.lua: the includes form a cycle: a -> b -> c -> a"):
+        includes.assemble('--- @include "a"\nreturn 1', "s.lua")
+    with pytest.raises(IncludeError, match=r'includes/d\.lua includes "nope", but there is no .*nope\.lua'):
+        includes.assemble('--- @include "d"\nreturn 1', "s.lua")
+    with pytest.raises(IncludeError, match=r's\.lua includes "nope"'):
+        includes.assemble('--- @include "nope"\nreturn 1', "s.lua")
+    for line in ("--- @include nope", '--- @include "no-pe"', '--- @include "a.lua"', '--- @include  "a"'):
+        with pytest.raises(IncludeError, match="expected --- @include"):
+            includes.assemble(f"{line}\nreturn 1", "s.lua")
+    with pytest.raises(IncludeError, match="included twice"):
+        includes.assemble('--- @include "a"\n--- @include "a"\nreturn 1', "s.lua")
+
+
+def test_a_bad_include_stops_the_script_table_from_loading(tmp_path: Path) -> None:
+    """An include that cannot be resolved is found when the scripts are loaded, not when one
+    of them first runs."""
+    lua = tmp_path / "lua"
+    shutil.copytree(LUA_DIR, lua)
+    purge = lua / "purge.lua"
+    purge.write_text(purge.read_text().replace('--- @include "wrong_type"', '--- @include "wrong_typo"'))
+    with pytest.raises(IncludeError, match=r'purge\.lua includes "wrong_typo"'):
+        ScriptTable(lua)
+    assert ScriptTable(LUA_DIR).scripts["purge"].source == scripts().scripts["purge"].source
 
 
 # -- the wheel -----------------------------------------------------------------------------------
@@ -212,14 +398,14 @@ def test_wheel_contains_lua_scripts_and_py_typed(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         assert "redis_batcher/lua/add.lua" in names
-        assert "redis_batcher/lua/_common.lua" in names
+        assert "redis_batcher/lua/includes/now_ms.lua" in names
         assert "redis_batcher/py.typed" in names
-        for path in _lua_files():
-            member = f"redis_batcher/lua/{path.name}"
-            assert member in names, f"{path.name} is missing from the wheel"
-            assert zf.read(member) == path.read_bytes(), f"{member} differs from lua/{path.name}"
+        expected = {f"redis_batcher/lua/{p.relative_to(LUA_DIR).as_posix()}": p for p in _all_lua_files()}
+        for member, path in expected.items():
+            assert member in names, f"{path.relative_to(ROOT)} is missing from the wheel"
+            assert zf.read(member) == path.read_bytes(), f"{member} differs from {path.relative_to(ROOT)}"
         shipped = {n for n in names if n.endswith(".lua")}
-        assert shipped == {f"redis_batcher/lua/{p.name}" for p in _lua_files()}
+        assert shipped == set(expected)
         # the console script is declared
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
         assert "redis-batcher = redis_batcher.cli:main" in zf.read(entry_points).decode()

@@ -33,15 +33,7 @@ from redis.exceptions import ClusterError, NoScriptError, RedisClusterException,
 
 from . import batcher as sync_batcher
 from . import ops, wake
-from .batcher import (
-    REDIRECTED,
-    _seconds,
-    default_url,
-    judge_memory_policy,
-    policy_from_config,
-    policy_from_info,
-    redirected,
-)
+from .batcher import default_url
 from .codec import Codec, encode_item
 from .connection import AsyncLink, ClusterNodePool, acheckout, pack
 from .errors import (
@@ -54,6 +46,7 @@ from .errors import (
     raise_not_sent,
     raise_outcome_unknown,
 )
+from .executor import REDIRECTED, redirected
 from .jobs import JobStatus, select_iterators
 from .jobs_async import AsyncJobIterator, AsyncJobRunner
 from .keys import parse_batch_id, registry_key, validate_name
@@ -66,6 +59,8 @@ from .models import (
     FlushRecord,
     FlushResult,
 )
+from .options import seconds_option
+from .policy import judge_memory_policy, policy_from_config, policy_from_info
 from .processor import ADD_CHUNK, Processor
 from .worker_core import (
     HandlerExit,
@@ -185,9 +180,9 @@ class Batcher:
             raise ConfigError("wait_replicas on an asyncio Redis Cluster needs redis-py 6 or later")
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = max(
-            1, round((_seconds("wait_timeout", wait_timeout, allow_none=False) or 1) * 1000)
+            1, round((seconds_option("wait_timeout", wait_timeout, allow_none=False) or 1) * 1000)
         )
-        self.connect_retry = _seconds("connect_retry", connect_retry, allow_none=False) or 0.0
+        self.connect_retry = seconds_option("connect_retry", connect_retry, allow_none=False) or 0.0
         self._queue: list[_Pending] = []
         self._scheduled = False
         # group commit's state (see _add): whether callers send at once (not before a leader
@@ -339,13 +334,17 @@ class Batcher:
                     functools.partial(self._sent, key, functools.partial(read_memory_policy, send), node),
                     idempotent=True,
                 )
-                judge_memory_policy(self, policy, node.name)
+                self._policy_logged = judge_memory_policy(
+                    policy, node.name, allow_eviction=self.allow_eviction, logged=self._policy_logged
+                )
         else:
             policy = await self._retrying(
                 lambda: self._sent(key, lambda: read_memory_policy(client.execute_command)),
                 idempotent=True,
             )
-            judge_memory_policy(self, policy, None)
+            self._policy_logged = judge_memory_policy(
+                policy, None, allow_eviction=self.allow_eviction, logged=self._policy_logged
+            )
         self._policy_checked = True
 
     async def aclose(self) -> None:

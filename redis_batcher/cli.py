@@ -93,7 +93,7 @@ def _remote(url: str | None, prefix: str, cluster: bool, name: str) -> Processor
 def _registry(batcher: Batcher) -> dict[str, ProcessorConfig]:
     """The registered processors; each unreadable registry entry is reported on stderr (one
     line) and skipped."""
-    configs, bad = batcher._registry()
+    configs, bad = batcher.registry_entries()
     for name, reason in sorted(bad.items()):
         click.echo(f"skipped registry entry {name} of {registry_key(batcher.prefix)}: {reason}", err=True)
     return configs
@@ -440,7 +440,7 @@ def layout(upgrade: bool, redis_url: str | None, prefix: str, cluster: bool) -> 
             click.echo(f"prefix {prefix!r} upgraded from layout 1 to layout {LAYOUT}")
         return
     found = batcher.layout()
-    legacy = found is None and bool(batcher._registry()[0])
+    legacy = found is None and bool(batcher.registry_entries()[0])
     if found is None:
         what = "layout 1 (written before layouts were stamped)" if legacy else "no data yet"
     else:

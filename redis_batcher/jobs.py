@@ -31,14 +31,13 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import ops
-from .batcher import _seconds as seconds_option
 from .errors import (
     ConfigError,
     CorruptData,
@@ -49,14 +48,34 @@ from .errors import (
     JobStateError,
     UnknownIterator,
 )
+from .executor import Executor
 from .keys import GUARD, validate_name
 from .models import ms_to_dt
+from .options import seconds_option
 from .scripts import scripts
 
-if TYPE_CHECKING:
-    from .batcher import Batcher
-
 log = logging.getLogger("redis_batcher.jobs")
+
+
+class JobsHost(Protocol):
+    """What the iterator jobs need of a sync :class:`~redis_batcher.Batcher`: its key
+    ``prefix``, ``client`` and :class:`~redis_batcher.executor.Executor`, and the iterators
+    defined on it (added under ``definitions_lock``)."""
+
+    @property
+    def prefix(self) -> str: ...
+
+    @property
+    def client(self) -> Any: ...
+
+    @property
+    def executor(self) -> Executor: ...
+
+    @property
+    def iterators(self) -> dict[str, JobIterator]: ...
+
+    @property
+    def definitions_lock(self) -> threading.Lock: ...
 
 STATUSES = ("pending", "running", "paused", "completed", "failed", "cancelled")
 MAX_JOB_ID_BYTES = 512
@@ -552,10 +571,10 @@ class JobControlBase:
 class JobControl(JobControlBase):
     """Control of one iterator's jobs by name; needs no code of the iterator (the CLI uses it)."""
 
-    batcher: Batcher
+    batcher: JobsHost
 
     def _control(self, action: str, job_id: str) -> str:
-        reply = self.batcher._execute(control_call(action, self.keys, job_id))
+        reply = self.batcher.executor.execute(control_call(action, self.keys, job_id))
         return parse_control(action, self.name, job_id, reply)
 
     def pause(self, job_id: str) -> JobStatus:
@@ -613,7 +632,7 @@ class JobIterator(JobControl):
     """What ``@batcher.iterator(...)`` returns: the iterator class with its settings, and the
     control methods of its jobs. ``JobIterator.cls`` is the decorated class."""
 
-    def __init__(self, batcher: Batcher, cls: type, config: IteratorConfig) -> None:
+    def __init__(self, batcher: JobsHost, cls: type, config: IteratorConfig) -> None:
         super().__init__(batcher, config.name)
         self.cls = cls
         self.config = config
@@ -629,7 +648,7 @@ class JobIterator(JobControl):
         validate_job_id(job_id)
         params_json = encode_params(params)
         self.batcher.client.hset(iterator_registry_key(self.batcher.prefix), self.name, self.config.to_json())
-        reply = self.batcher._execute(start_call(self.keys, self.config, job_id, params_json))
+        reply = self.batcher.executor.execute(start_call(self.keys, self.config, job_id, params_json))
         parse_start(self.name, job_id, reply)
         return self._must_status(job_id)
 
@@ -640,9 +659,9 @@ def _limit(limit: int) -> int:
     return limit
 
 
-def define_iterator(batcher: Batcher, cls: type, config: IteratorConfig) -> JobIterator:
+def define_iterator(batcher: JobsHost, cls: type, config: IteratorConfig) -> JobIterator:
     check_iterator_class(cls)
-    with batcher._lock:
+    with batcher.definitions_lock:
         if config.name in batcher.iterators:
             raise DuplicateProcessor(f"an iterator named {config.name!r} is already defined on this batcher")
         handle = JobIterator(batcher, cls, config)
@@ -666,7 +685,7 @@ def iterator_names(local: Iterable[str], registered: Iterable[Any]) -> list[str]
     return sorted(set(local) | {_s(n) for n in registered})
 
 
-def list_jobs(batcher: Batcher, status: str | None = None, limit: int = 50) -> list[JobStatus]:
+def list_jobs(batcher: JobsHost, status: str | None = None, limit: int = 50) -> list[JobStatus]:
     """Jobs of every iterator this batcher defines or the registry knows, newest first."""
     validate_status(status)
     _limit(limit)
@@ -684,7 +703,7 @@ def list_jobs(batcher: Batcher, status: str | None = None, limit: int = 50) -> l
     return out
 
 
-def control_for(batcher: Batcher, iterator: str) -> JobControl:
+def control_for(batcher: JobsHost, iterator: str) -> JobControl:
     """The handle of a local iterator, else a :class:`JobControl` for a registered one."""
     if iterator in batcher.iterators:
         return batcher.iterators[iterator]
@@ -693,7 +712,7 @@ def control_for(batcher: Batcher, iterator: str) -> JobControl:
     return JobControl(batcher, iterator)
 
 
-def find_job(batcher: Batcher, job_id: str, iterator: str | None = None) -> JobControl:
+def find_job(batcher: JobsHost, job_id: str, iterator: str | None = None) -> JobControl:
     """The control handle of the iterator owning ``job_id`` (searched when not named)."""
     validate_job_id(job_id)
     if iterator is not None:
@@ -794,7 +813,7 @@ class JobRunner(JobRunnerBase):
 
     def __init__(
         self,
-        batcher: Batcher,
+        batcher: JobsHost,
         iterators: Iterable[JobIterator] | None = None,
         *,
         concurrency: int = 4,
@@ -803,7 +822,7 @@ class JobRunner(JobRunnerBase):
     ) -> None:
         chosen = iterators if iterators is not None else batcher.iterators.values()
         super().__init__(batcher, chosen, concurrency, poll_interval, grace_period)
-        self.batcher: Batcher = batcher
+        self.batcher: JobsHost = batcher
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -956,7 +975,7 @@ class JobRunner(JobRunnerBase):
         deadline = time.monotonic() + session.iterator.config.lease_timeout
         while True:
             try:
-                return self.batcher._execute(call)
+                return self.batcher.executor.execute(call)
             except RedisError as exc:
                 if time.monotonic() > deadline:
                     log.error(
@@ -969,7 +988,8 @@ class JobRunner(JobRunnerBase):
     def _release(self, s: _Session, why: str) -> None:
         it, c = s.iterator, s.claimed
         try:
-            if self.batcher._execute(owner_call("job_release", it.keys, c.job_id, c.owner), wait=False):
+            release = owner_call("job_release", it.keys, c.job_id, c.owner)
+            if self.batcher.executor.execute(release, wait=False):
                 self.stats.released += 1
                 log.info("%s %s: lease released (%s)", it.name, c.job_id, why)
         except RedisError as exc:

@@ -61,7 +61,7 @@ def sync_batcher(server: RedisServer, kind: str, **options: Any) -> Batcher:
             retry=Retry(NoBackoff(), 0),
         )
         batcher = Batcher(redis.Redis(connection_pool=pool), prefix="t", **options)
-        assert batcher._link is not None
+        assert batcher.executor.link is not None
         return batcher
     if kind == "wait":
         options.update(wait_replicas=1, wait_timeout=0.01)  # no replica: NotReplicated, but written

@@ -18,11 +18,14 @@ from rich.logging import RichHandler
 from rich.table import Table
 from rich.text import Text
 
+from . import asyncio as aio
 from .batcher import Batcher, default_url
 from .errors import BatcherError, EvictionPolicyError, LayoutMismatch
+from .jobs import STATUSES, find_job
 from .keys import LAYOUT, key_slot, registry_key
 from .models import DeadLetter, ProcessorConfig
 from .processor import Processor
+from .worker import Worker
 
 F = TypeVar("F", bound=Callable[..., Any])
 # Piped output (CI, log files, grep) must not be cut at rich's default of 80 columns.
@@ -53,8 +56,6 @@ def _fmt_time(value: datetime | None) -> str:
 def load_target(spec: str) -> tuple[Any, list[str] | None]:
     """Import ``module:attr`` naming a Batcher or a Processor (then only that processor), sync
     or asyncio."""
-    from . import asyncio as aio
-
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise click.BadParameter(f"expected MODULE:ATTR, got {spec!r}", param_hint="APP")
@@ -177,8 +178,6 @@ def worker(
 
     SIGTERM/SIGINT: stop claiming, finish in-flight flushes, exit 0. A second signal exits at once.
     """
-    from .worker import Worker
-
     if sys.stderr.isatty():
         handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -205,8 +204,6 @@ def worker(
     iterators: list[str] | None = None
     if selected or iterator_names:
         selected, iterators = selected or [], list(iterator_names)
-    from . import asyncio as aio
-
     if redis_url:
         batcher.connect(redis_url, cluster=batcher.is_cluster)
     options: dict[str, Any] = {
@@ -611,7 +608,7 @@ def demo(
     flush_interval: float,
 ) -> None:
     """Run producers and a worker against a throwaway redis-server and report throughput."""
-    from .demo import run_demo
+    from .demo import run_demo  # not at the top: it makes its batcher when imported
 
     code = run_demo(
         redis_url=redis_url,
@@ -638,8 +635,6 @@ def _job_command(f: F) -> F:
 
 
 def _find_job(url: str | None, prefix: str, cluster: bool, job_id: str, iterator: str | None) -> Any:
-    from .jobs import find_job
-
     try:
         return find_job(_batcher(url, prefix, cluster), job_id, iterator)
     except BatcherError as exc:
@@ -683,8 +678,6 @@ def jobs_ls(
     status_filter: str | None, limit: int, as_json: bool, redis_url: str | None, prefix: str, cluster: bool
 ) -> None:
     """List jobs of every registered iterator, newest first."""
-    from .jobs import STATUSES
-
     if status_filter is not None and status_filter not in STATUSES:
         raise click.BadParameter(f"one of {', '.join(STATUSES)}", param_hint="--status")
     found = _batcher(redis_url, prefix, cluster).jobs(status=status_filter, limit=limit)

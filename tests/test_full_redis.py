@@ -507,7 +507,7 @@ def test_async_scripts_fall_back_on_redis_before_7(server6: RedisServer) -> None
         assert flags_unsupported(client2)  # the link shares its client's pool
         ab = aio.Batcher(aioredis.Redis(host="127.0.0.1", port=server6.port), prefix="fb")
         # group commit's pipeline (also WAIT's): EVALSHA, EVAL, then EVAL without the shebang
-        replies = await ab._pipeline([ops.Call(t.extend, ("k",), ("p", "m", "o", 1000))])
+        replies = await ab.executor.pipeline([ops.Call(t.extend, ("k",), ("p", "m", "o", 1000))])
         assert replies == [0]
         await link.close()
         for c in (client, client2):

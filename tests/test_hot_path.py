@@ -376,9 +376,9 @@ def test_async_link_for_lone_adds(
     from redis_batcher import asyncio as aio
 
     async def main() -> None:
-        assert aio.Batcher(fakeredis.FakeAsyncRedis())._link is None
+        assert aio.Batcher(fakeredis.FakeAsyncRedis()).executor.link is None
         ab = aio.Batcher(redis_server.url, prefix="ahot")
-        link = ab._link
+        link = ab.executor.link
         assert link is not None
         proc = ab.processor(name="hot", max_batch_size=1000, flush_interval=None)(lambda f: None)
         assert (await proc.add("a", 1)).pending == 1
@@ -555,7 +555,7 @@ def test_async_group_commit_is_pipelined_over_the_link(
 
     async def main() -> None:
         ab = aio.Batcher(redis_server.url, prefix="gp")
-        assert ab._link is not None
+        assert ab.executor.link is not None
 
         def no_redis_py_pipeline(*args: Any, **kwargs: Any) -> Any:
             raise AssertionError("the group commit used redis-py's pipeline")
@@ -565,13 +565,13 @@ def test_async_group_commit_is_pipelined_over_the_link(
         await ab.register()
         real_client.set(proc.keys.for_base("broken").head("broken"), "not a hash")
         requests: list[int] = []
-        request = ab._link.request
+        request = ab.executor.link.request
 
         async def counting(data: bytes, count: int = 0) -> Any:
             requests.append(count)
             return await request(data, count)
 
-        ab._link.request = counting  # type: ignore[method-assign]
+        ab.executor.link.request = counting  # type: ignore[method-assign]
         for round_ in range(2):
             real_client.script_flush()
             requests.clear()
@@ -606,7 +606,7 @@ def test_async_lone_adds_start_no_task_and_a_socket_timeout_fires(redis_server: 
     async def main() -> None:
         client = aioredis.Redis(host="127.0.0.1", port=redis_server.port, socket_timeout=None)
         ab = aio.Batcher(client, prefix="lt")
-        assert ab._link is not None
+        assert ab.executor.link is not None
         proc = ab.processor(name="lt", max_batch_size=1000, flush_interval=None)(lambda f: None)
         await proc.add("a", 0)
         loop = asyncio.get_running_loop()
@@ -622,10 +622,10 @@ def test_async_lone_adds_start_no_task_and_a_socket_timeout_fires(redis_server: 
         loop.set_task_factory(None)
         assert tasks == []
         short = aio.Batcher(aioredis.Redis(host="127.0.0.1", port=redis_server.port, socket_timeout=0.2))
-        assert short._link is not None
+        assert short.executor.link is not None
         t0 = time.monotonic()
         with pytest.raises(rb.OutcomeUnknownTimeoutError):
-            await short._link.call((b"BLPOP", "lt:never", 2))
+            await short.executor.link.call((b"BLPOP", "lt:never", 2))
         assert time.monotonic() - t0 < 1.5
         await short.aclose()
         await ab.aclose()

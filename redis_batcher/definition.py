@@ -14,6 +14,9 @@ from .models import Flush, ProcessorConfig
 
 Handler = Callable[[Flush], Any]
 
+# the most items one add script call carries (a larger add_many is split in chunks this size)
+ADD_CHUNK = 10_000
+
 
 class ProcessorDef:
     """A processor as the scripts see it: ``name``, ``handler``, ``config``, ``codec`` and

@@ -20,7 +20,7 @@ from redis.exceptions import ClusterError, NoScriptError, RedisClusterException,
 
 from . import ops
 from .connection import AsyncLink, ClusterNodePool, acheckout, pack
-from .definition import ProcessorDef
+from .definition import ADD_CHUNK, ProcessorDef
 from .errors import (
     NotReplicated,
     NotSentClusterError,
@@ -33,7 +33,6 @@ from .executor import REDIRECTED, redirected
 from .keys import registry_key
 from .models import AddResult
 from .policy import judge_memory_policy, policy_from_config, policy_from_info
-from .processor import ADD_CHUNK
 
 T = TypeVar("T")
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from . import ops
 from .codec import Codec, encode_item, encode_items
-from .definition import Handler, ProcessorDef
+from .definition import ADD_CHUNK, Handler, ProcessorDef
 from .errors import ConfigError
 from .executor import ExecutorHost
 from .keys import parse_batch_id
@@ -23,9 +23,6 @@ from .models import (
 )
 
 __all__ = ["ADD_CHUNK", "Handler", "Processor"]
-
-ADD_CHUNK = 10_000
-
 
 class Processor(ProcessorDef):
     """Adds items for a handler and inspects its batches. Created by :meth:`Batcher.processor`.

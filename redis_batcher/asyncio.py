@@ -22,41 +22,29 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
 import redis
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
-from redis.exceptions import ClusterError, NoScriptError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from . import batcher as sync_batcher
 from . import ops, wake
-from .batcher import (
-    REDIRECTED,
-    _seconds,
-    default_url,
-    judge_memory_policy,
-    policy_from_config,
-    policy_from_info,
-    redirected,
-)
+from .batcher import default_url
 from .codec import Codec, encode_item
-from .connection import AsyncLink, ClusterNodePool, acheckout, pack
+from .connection import ClusterNodePool
 from .errors import (
     ConfigError,
     NotReplicated,
-    NotSentClusterError,
-    NotSentError,
-    OutcomeUnknownError,
     UnknownProcessor,
-    raise_not_sent,
-    raise_outcome_unknown,
 )
+from .executor_async import AsyncExecutor
 from .jobs import JobStatus, select_iterators
-from .jobs_async import AsyncJobIterator, AsyncJobRunner
-from .keys import parse_batch_id, registry_key, validate_name
+from .jobs_async import AsyncJobIterator, AsyncJobRunner, list_jobs
+from .keys import parse_batch_id, validate_name
 from .models import (
     AddResult,
     BatchInfo,
@@ -66,6 +54,7 @@ from .models import (
     FlushRecord,
     FlushResult,
 )
+from .options import seconds_option
 from .processor import ADD_CHUNK, Processor
 from .worker_core import (
     HandlerExit,
@@ -87,51 +76,11 @@ log = logging.getLogger("redis_batcher.worker")
 T = TypeVar("T")
 
 
-async def read_memory_policy(send: Callable[..., Awaitable[Any]]) -> str | None:
-    """The ``maxmemory-policy`` a server reports, asked through ``send(*command)``: from
-    ``INFO memory``, else ``CONFIG GET``; None when it answers neither."""
-    try:
-        policy = policy_from_info(_one_reply(await send("INFO", "memory")))
-    except ResponseError:  # an unknown command (a Redis-like server), an ACL refusal
-        policy = None
-    if policy is None:
-        try:
-            policy = policy_from_config(_one_reply(await send("CONFIG GET", "maxmemory-policy")))
-        except ResponseError:
-            policy = None
-    return policy
-
-
 async def _aclose(resource: Any) -> None:
     """Close a ``redis.asyncio`` client or pubsub: ``aclose()`` since redis-py 5.0.1, the
     (since deprecated) awaitable ``close()`` before it."""
     close = getattr(resource, "aclose", None)
     await (close() if close is not None else resource.close())
-
-
-def _one_reply(reply: Any) -> Any:
-    """A reply of one node: redis-py's cluster client may key it by the node's name."""
-    if isinstance(reply, dict) and len(reply) == 1:
-        (value,) = reply.values()
-        if isinstance(value, dict):
-            return value
-    return reply
-
-
-@dataclass
-class _Pending:
-    proc: Processor
-    base: str
-    encoded: list[bytes]
-    future: asyncio.Future[AddResult]
-
-
-@dataclass
-class _Group:
-    proc: Processor
-    base: str
-    pending: list[_Pending] = field(default_factory=list)
-    size: int = 0  # items in this group
 
 
 class Batcher:
@@ -160,13 +109,9 @@ class Batcher:
     ) -> None:
         if not isinstance(allow_eviction, bool):
             raise ConfigError(f"allow_eviction must be True or False, got {allow_eviction!r}")
-        self.allow_eviction = allow_eviction
-        self.client: Any = None
-        self.is_cluster = False
-        self._registered: set[str] = set()
-        self._policy_checked = False  # check_memory_policy passed on this connection
-        self._layout_checked = False  # check_layout passed on this connection
-        self._policy_logged = False
+        # the I/O: script calls, retries, WAIT, group commit and the checks before the first
+        # write (its prefix and other settings are set below, once checked)
+        self.executor = AsyncExecutor(prefix="", allow_eviction=allow_eviction)
         self.connect(connection, cluster=cluster, **redis_options)
         if definitions is None:
             # the definitions need a sync Batcher but no connection of their own: everything
@@ -183,22 +128,12 @@ class Batcher:
         if self.is_cluster and wait_replicas and not ClusterNodePool.supports(aioredis.cluster.ClusterNode):
             # WAIT must follow the script on its connection: a connection of the node's own
             raise ConfigError("wait_replicas on an asyncio Redis Cluster needs redis-py 6 or later")
-        self.wait_replicas = wait_replicas
-        self.wait_timeout_ms = max(
-            1, round((_seconds("wait_timeout", wait_timeout, allow_none=False) or 1) * 1000)
+        self.executor.prefix = self.prefix
+        self.executor.wait_replicas = wait_replicas
+        self.executor.wait_timeout_ms = max(
+            1, round((seconds_option("wait_timeout", wait_timeout, allow_none=False) or 1) * 1000)
         )
-        self.connect_retry = _seconds("connect_retry", connect_retry, allow_none=False) or 0.0
-        self._queue: list[_Pending] = []
-        self._scheduled = False
-        # group commit's state (see _add): whether callers send at once (not before a leader
-        # has found itself alone), and round trips of adds in flight
-        self._eager = False
-        self._adds_in_flight = 0
-        # whether this client's round trips let the event loop run (None: not known yet); one
-        # that answers without (an in-process fake) leaves nobody time to queue behind a
-        # caller that sent at once, so callers then always collect
-        self._trips_yield: bool | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.executor.connect_retry = seconds_option("connect_retry", connect_retry, allow_none=False) or 0.0
 
     def connect(
         self, connection: str | Any | None = None, *, cluster: bool = False, **redis_options: Any
@@ -220,16 +155,55 @@ class Batcher:
         kwargs: dict[str, Any] = getattr(client, "get_connection_kwargs", dict)()
         if kwargs.get("decode_responses"):
             raise ConfigError("redis-batcher needs a client with decode_responses=False (items are bytes)")
-        self.client = client
-        self.is_cluster = isinstance(client, aioredis.RedisCluster)
-        # script calls on connections this event loop keeps, taken from the client's pool (see
-        # connection.AsyncLink); on a cluster, from the node serving the call's slot
-        self._link = AsyncLink(client) if AsyncLink.supports(client) else None
-        self._trips_yield = None  # see __init__
-        self._node_links: dict[str, AsyncLink] = {}
-        self._registered.clear()
-        self._policy_checked = False
-        self._layout_checked = False
+        self.executor.bind(client)
+
+    # -- the executor's settings and client, as attributes of the batcher ----------------------
+
+    @property
+    def client(self) -> Any:
+        """The ``redis.asyncio`` client."""
+        return self.executor.client
+
+    @property
+    def is_cluster(self) -> bool:
+        """True when the client is a ``redis.asyncio.RedisCluster``."""
+        return self.executor.is_cluster
+
+    @property
+    def allow_eviction(self) -> bool:
+        """Whether an evicting ``maxmemory-policy`` is accepted (with a warning)."""
+        return self.executor.allow_eviction
+
+    @allow_eviction.setter
+    def allow_eviction(self, value: bool) -> None:
+        self.executor.allow_eviction = value
+
+    @property
+    def wait_replicas(self) -> int:
+        """How many replicas a write waits for (``WAIT``); 0: none."""
+        return self.executor.wait_replicas
+
+    @wait_replicas.setter
+    def wait_replicas(self, value: int) -> None:
+        self.executor.wait_replicas = value
+
+    @property
+    def wait_timeout_ms(self) -> int:
+        """How long a ``WAIT`` for replicas lasts, in milliseconds."""
+        return self.executor.wait_timeout_ms
+
+    @wait_timeout_ms.setter
+    def wait_timeout_ms(self, value: int) -> None:
+        self.executor.wait_timeout_ms = value
+
+    @property
+    def connect_retry(self) -> float:
+        """For how many seconds a call that could not be sent is retried."""
+        return self.executor.connect_retry
+
+    @connect_retry.setter
+    def connect_retry(self, value: float) -> None:
+        self.executor.connect_retry = value
 
     def __repr__(self) -> str:
         return f"<async Batcher prefix={self.prefix!r} processors={sorted(self.definitions.processors)}>"
@@ -286,8 +260,6 @@ class Batcher:
 
     async def jobs(self, status: str | None = None, limit: int = 50) -> list[JobStatus]:
         """As :meth:`redis_batcher.Batcher.jobs`, awaited."""
-        from .jobs_async import list_jobs
-
         return await list_jobs(self, status, limit)
 
     async def batch_ids(self, processor: str) -> AsyncIterator[str]:
@@ -298,410 +270,25 @@ class Batcher:
     async def register(self, processors: Iterable[Processor] | None = None) -> None:
         """Publish processor configs to ``<prefix>:processors`` (the CLI reads it)."""
         for proc in processors if processors is not None else list(self.definitions.processors.values()):
-            self._registered.discard(proc.name)
-            await self._ensure_registered(proc)
-
-    async def _ensure_registered(self, proc: Processor) -> None:
-        if proc.name not in self._registered:
-            await self._first_write()
-            key = registry_key(self.prefix)
-            await self._command(key, lambda: self.client.hset(key, proc.name, proc.config.to_json()))
-            self._registered.add(proc.name)
-
-    async def _first_write(self) -> None:
-        """Before this batcher's first write on its connection: :meth:`check_memory_policy`
-        and :meth:`check_layout`."""
-        if not self._policy_checked:
-            await self.check_memory_policy()
-            self._policy_checked = True
-        if not self._layout_checked:
-            await self.check_layout()
+            self.executor.registered.discard(proc.name)
+            await self.executor.ensure_registered(proc)
 
     async def check_layout(self) -> int:
         """As :meth:`redis_batcher.Batcher.check_layout`, awaited: raises
         :class:`~redis_batcher.LayoutMismatch` when Redis holds another version's data layout
         under the prefix."""
-        version = await _drive_async(self, ops.layout_steps(self.prefix, self.allow_eviction))
-        self._layout_checked = True
-        return version
+        return await self.executor.check_layout()
 
     async def check_memory_policy(self) -> None:
         """As :meth:`redis_batcher.Batcher.check_memory_policy`, awaited: raises
         :class:`~redis_batcher.EvictionPolicyError` when Redis (any primary of a cluster) may
         evict queued items, unless ``allow_eviction=True``."""
-        key = registry_key(self.prefix)
-        client = self.client
-        if self.is_cluster:
-            await client.initialize()
-            for node in client.get_primaries():
-                send = functools.partial(client.execute_command, target_nodes=node)
-                policy = await self._retrying(
-                    functools.partial(self._sent, key, functools.partial(read_memory_policy, send), node),
-                    idempotent=True,
-                )
-                judge_memory_policy(self, policy, node.name)
-        else:
-            policy = await self._retrying(
-                lambda: self._sent(key, lambda: read_memory_policy(client.execute_command)),
-                idempotent=True,
-            )
-            judge_memory_policy(self, policy, None)
-        self._policy_checked = True
+        await self.executor.check_memory_policy()
 
     async def aclose(self) -> None:
         """Close the connection pool and the lone-add connections."""
-        if self._link is not None:
-            await self._link.close()
-        links, self._node_links = list(self._node_links.values()), {}
-        for link in links:
-            await link.close()
+        await self.executor.close_links()
         await _aclose(self.client)
-
-    # -- running scripts --------------------------------------------------------------------------
-
-    async def _retrying(self, attempt: Callable[[], Awaitable[T]], *, idempotent: bool = False) -> T:
-        """As the sync Batcher's: retried with backoff, for up to ``connect_retry`` seconds
-        from its first failure, while it raises :class:`~redis_batcher.NotSentError` (and, when
-        ``idempotent``, :class:`~redis_batcher.OutcomeUnknownError`); then that is raised."""
-        retryable: tuple[type[BaseException], ...] = (
-            (NotSentError, OutcomeUnknownError) if idempotent else (NotSentError,)
-        )
-        deadline: float | None = None
-        delay = 0.05
-        while True:
-            try:
-                return await attempt()
-            except retryable:
-                if deadline is None:
-                    deadline = time.monotonic() + self.connect_retry
-                if time.monotonic() + delay > deadline:
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-
-    async def _sent(self, key: str | None, send: Callable[[], Awaitable[T]], node: Any = None) -> T:
-        """Await ``send`` (a command through redis-py) with its failures classified, as the
-        sync Batcher's ``_sent``: a connection it can use is connected (or checked) first, so
-        that failing to reach Redis is known to have sent nothing."""
-        client = self.client
-        try:
-            if self.is_cluster:
-                await client.initialize()
-                if node is None:
-                    node = client.get_node_from_key(key) if key is not None else client.get_default_node()
-                if ClusterNodePool.supports(node):  # else nothing tells a failure's side
-                    conn = node.acquire_connection()
-                    try:
-                        await conn.connect()
-                    finally:
-                        node.release(conn)
-            else:
-                pool = client.connection_pool
-                await pool.release(await acheckout(pool))
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise_not_sent(exc)
-        try:
-            return await send()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise_outcome_unknown(exc)
-
-    async def _command(self, key: str | None, send: Callable[[], Awaitable[T]]) -> T:
-        """A plain command that may safely run twice, under the ``connect_retry`` policy."""
-        return await self._retrying(lambda: self._sent(key, send), idempotent=True)
-
-    async def _node_link(self, key: str) -> AsyncLink | None:
-        """On a cluster, the link of the primary serving ``key``'s slot according to redis-py's
-        slot table (None when the table has none)."""
-        await self.client.initialize()
-        try:
-            node = self.client.get_node_from_key(key)
-        except RedisClusterException:
-            return None
-        link = self._node_links.get(node.name)
-        if link is None:
-            if not ClusterNodePool.supports(node):
-                return None
-            link = self._node_links[node.name] = AsyncLink(pool=ClusterNodePool(node))
-        return link
-
-    async def _learn_route(self, key: str) -> None:
-        """As the sync Batcher's: a read of ``key`` through the cluster client lets redis-py
-        learn the slot's node after a redirection or a node that could not be reached."""
-        try:
-            await self.client.exists(key)
-        except RedisError:
-            pass  # the retry finds out
-
-    async def _execute_on_node(self, call: ops.Call, wait: bool) -> Any:
-        """A script call on a cluster, over the link of the primary serving its slot (and its
-        ``WAIT`` there, on the same connection), retried as the sync Batcher's after a
-        redirection or a send that failed."""
-        key = call.keys[0]
-
-        async def attempt() -> Any:
-            link = await self._node_link(key)
-            try:
-                if link is None:
-                    if wait and self.wait_replicas:
-                        raise NotSentClusterError(f"no node of the cluster serves the slot of {key}")
-                    return await self._sent(
-                        key, lambda: call.script.call_async(self.client, call.keys, call.args)
-                    )
-                if wait and self.wait_replicas:
-                    reply, acked = await call.script.call_and_wait_async_direct(
-                        link, call.keys, call.args, self.wait_replicas, self.wait_timeout_ms
-                    )
-                    if acked < self.wait_replicas:
-                        raise NotReplicated(self.wait_replicas, acked)
-                    return reply
-                return await call.script.call_async_direct(link, call.keys, call.args)
-            except NotSentError:
-                await self._learn_route(key)
-                raise
-            except (*REDIRECTED, ClusterError) as exc:
-                if not redirected(exc):
-                    raise
-                await self._learn_route(key)
-                raise NotSentClusterError(f"Redis Cluster answered {exc}; the script did not run") from exc
-
-        return await self._retrying(attempt)
-
-    async def _execute(self, call: ops.Call, *, wait: bool = True) -> Any:
-        """Run one script call (NOSCRIPT recovery, WAIT when configured) under the
-        ``connect_retry`` policy (retried only while it was never sent)."""
-        if self.is_cluster:
-            return await self._execute_on_node(call, wait)
-        if wait and self.wait_replicas:
-            replies = await self._pipeline([call])
-            if isinstance(replies[0], Exception):
-                raise replies[0]
-            return replies[0]
-        link = self._link
-
-        def attempt() -> Awaitable[Any]:
-            if link is not None:
-                return call.script.call_async_direct(link, call.keys, call.args)
-            return self._sent(call.keys[0], lambda: call.script.call_async(self.client, call.keys, call.args))
-
-        return await self._retrying(attempt)
-
-    async def _pipeline(self, calls: Sequence[ops.Call]) -> list[Any]:
-        """Run calls pipelined in one round trip; each reply is a value or the exception of that
-        call alone. Calls that met NOSCRIPT are repeated with EVAL."""
-
-        link = self._link
-        conn: Any = link if link is not None else self.client  # the script variants' choice
-
-        async def once(batch: Sequence[ops.Call], use_eval: bool) -> list[Any]:
-            out: list[Any]
-            if link is not None:
-                # framed here, sent in one write on a connection the link keeps, each reply
-                # read with redis-py's read_response: no pipeline object, no retry wrapper
-                frames = [c.script.framed(c.keys, c.args, source=use_eval, conn=conn) for c in batch]
-                if self.wait_replicas:
-                    frames.append(pack((b"WAIT", self.wait_replicas, self.wait_timeout_ms)))
-                out = await link.request(b"".join(frames), len(frames))
-            else:
-                pipe = self.client.pipeline(transaction=False)
-                for call in batch:
-                    v = call.script.variant(conn)
-                    head = v.source if use_eval else v.sha
-                    pipe.execute_command(
-                        "EVAL" if use_eval else "EVALSHA", head, len(call.keys), *call.keys, *call.args
-                    )
-                if self.wait_replicas:
-                    pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
-                out = await self._sent(batch[0].keys[0], lambda: pipe.execute(raise_on_error=False))
-            if self.wait_replicas:
-                acked = out.pop()
-                if not isinstance(acked, Exception) and int(acked) < self.wait_replicas:
-                    out = [
-                        r if isinstance(r, Exception) else NotReplicated(self.wait_replicas, int(acked))
-                        for r in out
-                    ]
-            return out
-
-        replies: list[Any] = await self._retrying(lambda: once(calls, False))
-        # only the calls that met NOSCRIPT are sent again (with EVAL): the others already ran
-        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-        if missing:
-            again = await self._retrying(lambda: once([calls[i] for i in missing], True))
-            for i, reply in zip(missing, again, strict=True):
-                replies[i] = reply
-            # a flagged script the server cannot compile (Redis < 7) did not run: once more,
-            # now without its shebang
-            refused = [
-                i for i in missing if calls[i].script.fall_back(conn, calls[i].script.best, replies[i])
-            ]
-            if refused:
-                again = await self._retrying(lambda: once([calls[i] for i in refused], True))
-                for i, reply in zip(refused, again, strict=True):
-                    replies[i] = reply
-        return replies
-
-    # -- group commit ----------------------------------------------------------------------------
-
-    async def _add(self, proc: Processor, base: str, encoded: list[bytes]) -> AddResult:
-        """Group commit. The first caller of a loop iteration leads: it yields once, so that
-        every other coroutine ready in this iteration can join, then sends what was collected.
-        Alone, it sends its EVALSHA itself (no task, no pipeline). With company, the send runs
-        as a task of its own that the leader awaits shielded, so cancelling one caller can
-        neither cut the round trip in half nor strand the others.
-
-        While calls come one at a time (the last leader found nobody to join it and nothing is
-        in flight), a caller skips the yield and sends at once: a lone caller's round trip
-        costs no extra loop iteration. Adds made while it is in flight queue behind it and go
-        out together when its reply is in, so a batch id's adds keep their order."""
-        if (
-            self._eager
-            and not self._scheduled
-            and not self._adds_in_flight
-            and not self.wait_replicas
-            and self._trips_yield is not False
-            and proc.name in self._registered
-        ):
-            self._scheduled = True
-            self._adds_in_flight += 1
-            yielded: list[bool] = []
-            if self._trips_yield is None:
-                asyncio.get_running_loop().call_soon(yielded.append, True)
-            try:
-                reply = await self._alone(proc, base, encoded)
-            finally:
-                if self._trips_yield is None:
-                    self._trips_yield = bool(yielded)
-                self._adds_in_flight -= 1
-                batch, self._queue, self._scheduled = self._queue, [], False
-                if batch:  # company arrived: collect again from now on
-                    self._eager = False
-                    self._spawn(self._send(batch))
-            return ops.parse_add(proc, base, len(encoded), reply)
-        future: asyncio.Future[AddResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(proc, base, encoded, future))
-        if self._scheduled:
-            return await future  # a leader is collecting this iteration's adds
-        self._scheduled = True
-        try:
-            # a callback queued now runs after every callback already queued: each coroutine
-            # made ready in this iteration (or before) adds before this one goes on
-            await asyncio.sleep(0)
-        except asyncio.CancelledError:
-            batch, self._queue, self._scheduled = self._queue, [], False
-            others = [p for p in batch if p.future is not future]
-            if others:  # the leader leaves; the adds it collected are still sent
-                self._spawn(self._send(others))
-            raise
-        batch, self._queue, self._scheduled = self._queue, [], False
-        self._eager = len(batch) == 1 and not self._adds_in_flight
-        if len(batch) == 1 and not self.wait_replicas and proc.name in self._registered:
-            self._adds_in_flight += 1
-            try:
-                reply = await self._alone(proc, base, encoded)
-            finally:
-                self._adds_in_flight -= 1
-            return ops.parse_add(proc, base, len(encoded), reply)
-        await asyncio.shield(self._spawn(self._send(batch)))
-        return await future
-
-    def _alone(self, proc: Processor, base: str, encoded: list[bytes]) -> Awaitable[Any]:
-        """The script call of one caller's add on its own: one EVALSHA, no pipeline, sent by
-        the caller's task (a plain function: no coroutine frame of its own on the hot path)."""
-        if self._link is not None and len(encoded) == 1:
-            return self._add_one(self._link, proc, base, encoded[0])
-        return self._execute(ops.add_call(proc, base, encoded))
-
-    async def _add_one(self, link: AsyncLink, proc: Processor, base: str, data: bytes) -> Any:
-        """A lone single add framed in one step (as the sync Batcher's); NOSCRIPT and a
-        request never sent take the general way (which retries the latter)."""
-        try:
-            return await link.request(ops.add_frame(proc, base, data))
-        except (NoScriptError, NotSentError):
-            pass
-        return await self._execute(ops.add_call(proc, base, [data]))
-
-    def _spawn(self, coro: Any) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    async def _send(self, batch: list[_Pending]) -> None:
-        self._adds_in_flight += 1
-        try:
-            await self._send_batch(batch)
-        finally:
-            self._adds_in_flight -= 1
-
-    async def _send_batch(self, batch: list[_Pending]) -> None:
-        try:
-            for proc in {p.proc.name: p.proc for p in batch}.values():
-                await self._ensure_registered(proc)
-        except BaseException as exc:
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        groups: list[_Group] = []
-        open_groups: dict[tuple[str, str], _Group] = {}
-        for p in batch:
-            if p.future.cancelled():
-                continue  # cancelled before it was sent: nothing of it is written
-            key = (p.proc.name, p.base)
-            g = open_groups.get(key)
-            # one script call per batch id, but never more than ADD_CHUNK items in one call
-            if g is None or g.size + len(p.encoded) > ADD_CHUNK:
-                g = open_groups[key] = _Group(p.proc, p.base)
-                groups.append(g)
-            g.pending.append(p)
-            g.size += len(p.encoded)
-        if not groups:
-            return
-        ordered = groups
-        calls = [
-            ops.add_call(
-                g.proc,
-                g.base,
-                [e for p in g.pending for e in p.encoded],
-                [len(p.encoded) for p in g.pending],
-            )
-            for g in ordered
-        ]
-        try:
-            if len(calls) == 1 and not self.wait_replicas:
-                replies: list[Any] = [await self._execute(calls[0])]
-            elif self.is_cluster:
-                # each call (and its WAIT) on the primary that runs it, with its own retries: a
-                # pipeline through redis-py's cluster client fails as a whole once a redirection
-                # of one call runs out, though the others ran
-                runs = [self._execute(c) for c in calls]
-                replies = list(await asyncio.gather(*runs, return_exceptions=True))
-                for reply in replies:
-                    if isinstance(reply, BaseException) and not isinstance(reply, Exception):
-                        raise reply
-            else:
-                replies = await self._pipeline(calls)
-        except BaseException as exc:  # the whole round trip failed: every caller in it is concerned
-            for g in ordered:
-                for p in g.pending:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for g, reply in zip(ordered, replies, strict=True):
-            if isinstance(reply, Exception):
-                results: list[Any] = [reply] * len(g.pending)
-            else:
-                results = ops.parse_add_segments(g.proc, g.base, [len(p.encoded) for p in g.pending], reply)
-            for p, result in zip(g.pending, results, strict=True):
-                if p.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    p.future.set_exception(result)
-                else:
-                    p.future.set_result(result)
 
 
 class AsyncProcessor:
@@ -737,7 +324,7 @@ class AsyncProcessor:
         Redis has run its item, with its own result (or raises its own error)."""
         base, _ = parse_batch_id(batch_id)
         data = encode_item(self.codec, item, self.config.max_item_bytes)
-        return await self.batcher._add(self.definition, base, [data])
+        return await self.batcher.executor.add(self.definition, base, [data])
 
     async def add_many(self, batch_id: str, items: Iterable[Any]) -> AddResult:
         """Append many items in order (group-committed like :meth:`add`; above 10,000 items in
@@ -747,9 +334,9 @@ class AsyncProcessor:
         if not encoded:
             return AddResult(base, None, 0, 0, False, None, 0)
         if len(encoded) <= ADD_CHUNK:
-            return await self.batcher._add(self.definition, base, encoded)
+            return await self.batcher.executor.add(self.definition, base, encoded)
         results = [
-            await self.batcher._add(self.definition, base, encoded[i : i + ADD_CHUNK])
+            await self.batcher.executor.add(self.definition, base, encoded[i : i + ADD_CHUNK])
             for i in range(0, len(encoded), ADD_CHUNK)
         ]
         return ops.combine_adds(base, results)
@@ -757,14 +344,14 @@ class AsyncProcessor:
     async def flush(self, batch_id: str) -> FlushResult:
         """Seal the accumulating sequence now (see :meth:`redis_batcher.Processor.flush`)."""
         base, seq = parse_batch_id(batch_id)
-        await self.batcher._ensure_registered(self.definition)
+        await self.batcher.executor.ensure_registered(self.definition)
         return ops.parse_flush(
-            batch_id, base, await self.batcher._execute(ops.flush_call(self.definition, base, seq))
+            batch_id, base, await self.batcher.executor.execute(ops.flush_call(self.definition, base, seq))
         )
 
     async def _snapshot(self, batch_id: str) -> tuple[str, list[BatchInfo], BatchInfo | None]:
         base, _ = parse_batch_id(batch_id)
-        reply = await self.batcher._execute(ops.status_call(self.definition, base), wait=False)
+        reply = await self.batcher.executor.execute(ops.status_call(self.definition, base), wait=False)
         active, done = ops.parse_status(base, reply)
         return base, active, done
 
@@ -791,14 +378,15 @@ class AsyncProcessor:
         key, start, stop = ops.history_range(self.definition, base, limit)
         client = self.batcher.client
         with ops.reading(key):
-            raw = await self.batcher._command(key, lambda: client.lrange(key, start, stop))
+            raw = await self.batcher.executor.command(key, lambda: client.lrange(key, start, stop))
         return ops.parse_history(raw, key)
 
     async def delete(self, batch_id: str) -> DeleteResult:
         """Delete a base id or one ``base::N`` (refused while flushing or pending)."""
         base, seq = parse_batch_id(batch_id)
-        await self.batcher._first_write()
-        return ops.parse_delete(await self.batcher._execute(ops.delete_call(self.definition, base, seq)))
+        await self.batcher.executor.first_write()
+        reply = await self.batcher.executor.execute(ops.delete_call(self.definition, base, seq))
+        return ops.parse_delete(reply)
 
     async def batch_ids(self) -> AsyncIterator[str]:
         """Active base ids (SSCAN over each partition, never KEYS)."""
@@ -812,39 +400,20 @@ class AsyncProcessor:
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """Dead letters of this processor, newest first (without their items)."""
-        return await _drive_async(self.batcher, ops.dead_letters_steps(self.definition, limit))
+        return await self.batcher.executor.drive(ops.dead_letters_steps(self.definition, limit))
 
     async def dead_letter(self, dead_id: str) -> DeadLetter:
         """One dead letter with its items (entries the codec cannot read stay ``bytes``)."""
-        return await _drive_async(self.batcher, ops.dead_letter_steps(self.definition, dead_id))
+        return await self.batcher.executor.drive(ops.dead_letter_steps(self.definition, dead_id))
 
     async def replay_dead(self, dead_id: str) -> int:
         """Put a dead letter's items back into its batch id as a new sequence, due now; returns
         the new sequence number."""
-        return await _drive_async(self.batcher, ops.replay_dead_steps(self.definition, dead_id))
+        return await self.batcher.executor.drive(ops.replay_dead_steps(self.definition, dead_id))
 
     async def purge_dead(self, dead_id: str | None = None) -> int:
         """Delete one dead letter, or all of them with ``None``; returns how many were deleted."""
-        return await _drive_async(self.batcher, ops.purge_dead_steps(self.definition, dead_id))
-
-
-async def _drive_async(batcher: Batcher, steps: ops.Steps[T]) -> T:
-    """Answer the requests of an :mod:`redis_batcher.ops` multi-step operation through an async
-    batcher (as ``redis_batcher.processor._drive`` does through a sync one)."""
-    reply: Any = None
-    while True:
-        try:
-            step = steps.send(reply)
-        except StopIteration as done:
-            result: T = done.value
-            return result
-        if isinstance(step, ops.Read):
-            with ops.reading(step.key):
-                reply = await batcher._command(step.key, functools.partial(step.send, batcher.client))
-        else:
-            if step.writes:
-                await batcher._first_write()
-            reply = await batcher._execute(step.call)
+        return await self.batcher.executor.drive(ops.purge_dead_steps(self.definition, dead_id))
 
 
 async def _guarded(awaitable: Any) -> Any:
@@ -1160,7 +729,7 @@ class Worker(WorkerCore):
         deadline = time.monotonic() + c.processor.config.lease_timeout
         while True:
             try:
-                return self.reply_code(c, await self.batcher._execute(call))
+                return self.reply_code(c, await self.batcher.executor.execute(call))
             except NotReplicated as exc:
                 log.warning("%s %s: result recorded on the primary only: %s", c.processor.name, c.member, exc)
                 return [b"ok"]
@@ -1201,7 +770,7 @@ class Worker(WorkerCore):
             return
         r.released = True
         try:
-            if await self.batcher._execute(ops.release_call(r.claimed), wait=False):
+            if await self.batcher.executor.execute(ops.release_call(r.claimed), wait=False):
                 self.stats.released += 1
                 log.warning("%s %s: released unfinished flush", r.claimed.processor.name, r.claimed.member)
         except RedisError as exc:

@@ -18,11 +18,14 @@ from rich.logging import RichHandler
 from rich.table import Table
 from rich.text import Text
 
+from . import asyncio as aio
 from .batcher import Batcher, default_url
 from .errors import BatcherError, EvictionPolicyError, LayoutMismatch
+from .jobs import STATUSES, find_job
 from .keys import LAYOUT, key_slot, registry_key
 from .models import DeadLetter, ProcessorConfig
 from .processor import Processor
+from .worker import Worker
 
 F = TypeVar("F", bound=Callable[..., Any])
 # Piped output (CI, log files, grep) must not be cut at rich's default of 80 columns.
@@ -53,8 +56,6 @@ def _fmt_time(value: datetime | None) -> str:
 def load_target(spec: str) -> tuple[Any, list[str] | None]:
     """Import ``module:attr`` naming a Batcher or a Processor (then only that processor), sync
     or asyncio."""
-    from . import asyncio as aio
-
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise click.BadParameter(f"expected MODULE:ATTR, got {spec!r}", param_hint="APP")
@@ -93,7 +94,7 @@ def _remote(url: str | None, prefix: str, cluster: bool, name: str) -> Processor
 def _registry(batcher: Batcher) -> dict[str, ProcessorConfig]:
     """The registered processors; each unreadable registry entry is reported on stderr (one
     line) and skipped."""
-    configs, bad = batcher._registry()
+    configs, bad = batcher.registry_entries()
     for name, reason in sorted(bad.items()):
         click.echo(f"skipped registry entry {name} of {registry_key(batcher.prefix)}: {reason}", err=True)
     return configs
@@ -177,8 +178,6 @@ def worker(
 
     SIGTERM/SIGINT: stop claiming, finish in-flight flushes, exit 0. A second signal exits at once.
     """
-    from .worker import Worker
-
     if sys.stderr.isatty():
         handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -205,8 +204,6 @@ def worker(
     iterators: list[str] | None = None
     if selected or iterator_names:
         selected, iterators = selected or [], list(iterator_names)
-    from . import asyncio as aio
-
     if redis_url:
         batcher.connect(redis_url, cluster=batcher.is_cluster)
     options: dict[str, Any] = {
@@ -440,7 +437,7 @@ def layout(upgrade: bool, redis_url: str | None, prefix: str, cluster: bool) -> 
             click.echo(f"prefix {prefix!r} upgraded from layout 1 to layout {LAYOUT}")
         return
     found = batcher.layout()
-    legacy = found is None and bool(batcher._registry()[0])
+    legacy = found is None and bool(batcher.registry_entries()[0])
     if found is None:
         what = "layout 1 (written before layouts were stamped)" if legacy else "no data yet"
     else:
@@ -611,7 +608,7 @@ def demo(
     flush_interval: float,
 ) -> None:
     """Run producers and a worker against a throwaway redis-server and report throughput."""
-    from .demo import run_demo
+    from .demo import run_demo  # not at the top: it makes its batcher when imported
 
     code = run_demo(
         redis_url=redis_url,
@@ -638,8 +635,6 @@ def _job_command(f: F) -> F:
 
 
 def _find_job(url: str | None, prefix: str, cluster: bool, job_id: str, iterator: str | None) -> Any:
-    from .jobs import find_job
-
     try:
         return find_job(_batcher(url, prefix, cluster), job_id, iterator)
     except BatcherError as exc:
@@ -683,8 +678,6 @@ def jobs_ls(
     status_filter: str | None, limit: int, as_json: bool, redis_url: str | None, prefix: str, cluster: bool
 ) -> None:
     """List jobs of every registered iterator, newest first."""
-    from .jobs import STATUSES
-
     if status_filter is not None and status_filter not in STATUSES:
         raise click.BadParameter(f"one of {', '.join(STATUSES)}", param_hint="--status")
     found = _batcher(redis_url, prefix, cluster).jobs(status=status_filter, limit=limit)

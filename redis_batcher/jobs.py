@@ -31,14 +31,13 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import ops
-from .batcher import _seconds as seconds_option
 from .errors import (
     ConfigError,
     CorruptData,
@@ -49,14 +48,27 @@ from .errors import (
     JobStateError,
     UnknownIterator,
 )
+from .executor import Executor
 from .keys import GUARD, validate_name
 from .models import ms_to_dt
+from .options import seconds_option
 from .scripts import scripts
 
-if TYPE_CHECKING:
-    from .batcher import Batcher
-
 log = logging.getLogger("redis_batcher.jobs")
+
+
+class JobsHost(Protocol):
+    """What the iterator jobs need of a sync :class:`~redis_batcher.Batcher`: its key prefix,
+    client and executor, and the iterators defined on it (added under ``definitions_lock``)."""
+
+    prefix: str
+    executor: Executor
+    iterators: dict[str, JobIterator]
+    definitions_lock: threading.Lock
+
+    @property
+    def client(self) -> Any: ...
+
 
 STATUSES = ("pending", "running", "paused", "completed", "failed", "cancelled")
 MAX_JOB_ID_BYTES = 512
@@ -267,7 +279,8 @@ def takes_job(method: Any) -> bool:
     return sum(p.kind in positional for p in params) >= 3
 
 
-def _s(value: Any) -> str:
+def as_text(value: Any) -> str:
+    """``value`` as str (bytes decoded as UTF-8)."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -396,28 +409,28 @@ def parse_claim(owner: str, reply: Sequence[Any]) -> tuple[int, list[Claimed]]:
         job_id, cursor, processed, retries, params, exhausted = reply[i : i + 6]
         out.append(
             Claimed(
-                job_id=_s(job_id),
+                job_id=as_text(job_id),
                 owner=owner,
-                cursor=None if cursor is None else _s(cursor),
+                cursor=None if cursor is None else as_text(cursor),
                 processed=int(processed),
                 retries=int(retries),
                 params=json.loads(params),
-                exhausted=_s(exhausted) == "1",
+                exhausted=as_text(exhausted) == "1",
             )
         )
     return int(reply[0]), out
 
 
 def parse_start(iterator: str, job_id: str, reply: Sequence[Any]) -> None:
-    if _s(reply[0]) == "exists":
-        raise JobExists(iterator, job_id, _s(reply[1]))
-    if _s(reply[0]) == "corrupt":
-        raise CorruptData(f"job {job_id!r} of {iterator!r}: {_s(reply[1])}; nothing was written")
+    if as_text(reply[0]) == "exists":
+        raise JobExists(iterator, job_id, as_text(reply[1]))
+    if as_text(reply[0]) == "corrupt":
+        raise CorruptData(f"job {job_id!r} of {iterator!r}: {as_text(reply[1])}; nothing was written")
 
 
 def parse_control(action: str, iterator: str, job_id: str, reply: Sequence[Any]) -> str:
     """The status the control script reports, or the exception its refusal means."""
-    code, status = _s(reply[0]), _s(reply[1])
+    code, status = as_text(reply[0]), as_text(reply[1])
     if code == "corrupt":
         raise CorruptData(f"cannot {action} job {job_id!r} of {iterator!r}: {status}; nothing was written")
     if code == "missing":
@@ -433,7 +446,7 @@ def rate(samples: Sequence[Any], processed: int, end_ms: float) -> float:
     start = end_ms - RATE_WINDOW_MS
     oldest: tuple[int, int] | None = None
     for raw in samples:
-        t_text, _, p_text = _s(raw).partition(":")
+        t_text, _, p_text = as_text(raw).partition(":")
         t, p = int(t_text), int(p_text)
         if t >= start and (oldest is None or t < oldest[0]):
             oldest = (t, p)
@@ -444,7 +457,7 @@ def rate(samples: Sequence[Any], processed: int, end_ms: float) -> float:
 
 def parse_status(raw: dict[Any, Any], samples: Sequence[Any], now_ms: float) -> JobStatus:
     """A job hash (HGETALL) and its samples as a :class:`JobStatus`."""
-    f = {_s(k): _s(v) for k, v in raw.items()}
+    f = {as_text(k): as_text(v) for k, v in raw.items()}
     status = f["status"]
     processed = int(f.get("processed", "0"))
     last_run = int(f["last_run_at"]) if f.get("last_run_at") else None
@@ -482,7 +495,7 @@ def step_saved(stats: JobStats, iterator: str, job_id: str, reply: Any, items: i
     """Count and log a job_commit.lua reply (None: it could not be written). True when the
     step was saved and the job goes on; False stops this runner's work on the job (its lease
     was lost, or the job was paused, cancelled, ... meanwhile)."""
-    code = None if reply is None else _s(reply)
+    code = None if reply is None else as_text(reply)
     if code == "ok":
         stats.steps += 1
         stats.items += items
@@ -538,7 +551,7 @@ class JobControlBase:
         return JobNotFound(f"no job {job_id!r} for iterator {self.name!r}")
 
     def _queue_ids(self, pipe: Any, status: str | None, limit: int) -> Any:
-        _limit(limit)
+        check_limit(limit)
         chosen = validate_status(status)
         for s in STATUSES if chosen is None else (chosen,):
             pipe.zrevrange(self.keys.by_status(s), 0, limit - 1, withscores=True)
@@ -546,16 +559,16 @@ class JobControlBase:
 
     @staticmethod
     def _read_ids(replies: Sequence[Any], limit: int) -> list[tuple[float, str]]:
-        return sorted(((score, _s(m)) for rows in replies for m, score in rows), reverse=True)[:limit]
+        return sorted(((score, as_text(m)) for rows in replies for m, score in rows), reverse=True)[:limit]
 
 
 class JobControl(JobControlBase):
     """Control of one iterator's jobs by name; needs no code of the iterator (the CLI uses it)."""
 
-    batcher: Batcher
+    batcher: JobsHost
 
     def _control(self, action: str, job_id: str) -> str:
-        reply = self.batcher._execute(control_call(action, self.keys, job_id))
+        reply = self.batcher.executor.execute(control_call(action, self.keys, job_id))
         return parse_control(action, self.name, job_id, reply)
 
     def pause(self, job_id: str) -> JobStatus:
@@ -602,7 +615,7 @@ class JobControl(JobControlBase):
     def jobs(self, status: str | None = None, limit: int = 50) -> list[JobStatus]:
         """This iterator's jobs, newest first, optionally only those in ``status``."""
         out = []
-        for _, job_id in self.job_ids(status, _limit(limit)):
+        for _, job_id in self.job_ids(status, check_limit(limit)):
             st = self.status(job_id)
             if st is not None:
                 out.append(st)
@@ -613,7 +626,7 @@ class JobIterator(JobControl):
     """What ``@batcher.iterator(...)`` returns: the iterator class with its settings, and the
     control methods of its jobs. ``JobIterator.cls`` is the decorated class."""
 
-    def __init__(self, batcher: Batcher, cls: type, config: IteratorConfig) -> None:
+    def __init__(self, batcher: JobsHost, cls: type, config: IteratorConfig) -> None:
         super().__init__(batcher, config.name)
         self.cls = cls
         self.config = config
@@ -629,20 +642,21 @@ class JobIterator(JobControl):
         validate_job_id(job_id)
         params_json = encode_params(params)
         self.batcher.client.hset(iterator_registry_key(self.batcher.prefix), self.name, self.config.to_json())
-        reply = self.batcher._execute(start_call(self.keys, self.config, job_id, params_json))
+        reply = self.batcher.executor.execute(start_call(self.keys, self.config, job_id, params_json))
         parse_start(self.name, job_id, reply)
         return self._must_status(job_id)
 
 
-def _limit(limit: int) -> int:
+def check_limit(limit: int) -> int:
+    """``limit`` when it is an int >= 1; raises :class:`ConfigError` otherwise."""
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ConfigError(f"limit must be an int >= 1, got {limit!r}")
     return limit
 
 
-def define_iterator(batcher: Batcher, cls: type, config: IteratorConfig) -> JobIterator:
+def define_iterator(batcher: JobsHost, cls: type, config: IteratorConfig) -> JobIterator:
     check_iterator_class(cls)
-    with batcher._lock:
+    with batcher.definitions_lock:
         if config.name in batcher.iterators:
             raise DuplicateProcessor(f"an iterator named {config.name!r} is already defined on this batcher")
         handle = JobIterator(batcher, cls, config)
@@ -663,13 +677,13 @@ def select_iterators(defined: dict[str, JobIterator], names: Iterable[str] | Non
 
 
 def iterator_names(local: Iterable[str], registered: Iterable[Any]) -> list[str]:
-    return sorted(set(local) | {_s(n) for n in registered})
+    return sorted(set(local) | {as_text(n) for n in registered})
 
 
-def list_jobs(batcher: Batcher, status: str | None = None, limit: int = 50) -> list[JobStatus]:
+def list_jobs(batcher: JobsHost, status: str | None = None, limit: int = 50) -> list[JobStatus]:
     """Jobs of every iterator this batcher defines or the registry knows, newest first."""
     validate_status(status)
-    _limit(limit)
+    check_limit(limit)
     names = iterator_names(batcher.iterators, batcher.client.hkeys(iterator_registry_key(batcher.prefix)))
     found: list[tuple[float, str, JobControl]] = []
     for name in names:
@@ -684,7 +698,7 @@ def list_jobs(batcher: Batcher, status: str | None = None, limit: int = 50) -> l
     return out
 
 
-def control_for(batcher: Batcher, iterator: str) -> JobControl:
+def control_for(batcher: JobsHost, iterator: str) -> JobControl:
     """The handle of a local iterator, else a :class:`JobControl` for a registered one."""
     if iterator in batcher.iterators:
         return batcher.iterators[iterator]
@@ -693,7 +707,7 @@ def control_for(batcher: Batcher, iterator: str) -> JobControl:
     return JobControl(batcher, iterator)
 
 
-def find_job(batcher: Batcher, job_id: str, iterator: str | None = None) -> JobControl:
+def find_job(batcher: JobsHost, job_id: str, iterator: str | None = None) -> JobControl:
     """The control handle of the iterator owning ``job_id`` (searched when not named)."""
     validate_job_id(job_id)
     if iterator is not None:
@@ -794,7 +808,7 @@ class JobRunner(JobRunnerBase):
 
     def __init__(
         self,
-        batcher: Batcher,
+        batcher: JobsHost,
         iterators: Iterable[JobIterator] | None = None,
         *,
         concurrency: int = 4,
@@ -803,7 +817,7 @@ class JobRunner(JobRunnerBase):
     ) -> None:
         chosen = iterators if iterators is not None else batcher.iterators.values()
         super().__init__(batcher, chosen, concurrency, poll_interval, grace_period)
-        self.batcher: Batcher = batcher
+        self.batcher: JobsHost = batcher
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -956,7 +970,7 @@ class JobRunner(JobRunnerBase):
         deadline = time.monotonic() + session.iterator.config.lease_timeout
         while True:
             try:
-                return self.batcher._execute(call)
+                return self.batcher.executor.execute(call)
             except RedisError as exc:
                 if time.monotonic() > deadline:
                     log.error(
@@ -969,7 +983,8 @@ class JobRunner(JobRunnerBase):
     def _release(self, s: _Session, why: str) -> None:
         it, c = s.iterator, s.claimed
         try:
-            if self.batcher._execute(owner_call("job_release", it.keys, c.job_id, c.owner), wait=False):
+            release = owner_call("job_release", it.keys, c.job_id, c.owner)
+            if self.batcher.executor.execute(release, wait=False):
                 self.stats.released += 1
                 log.info("%s %s: lease released (%s)", it.name, c.job_id, why)
         except RedisError as exc:
@@ -1044,12 +1059,12 @@ class JobRunner(JobRunnerBase):
             status, owner = self.batcher.client.hmget(it.keys.job(c.job_id), ["status", "owner"])
         except RedisError:
             return True  # the step's commit will find out
-        if owner is None or _s(owner) != c.owner:
+        if owner is None or as_text(owner) != c.owner:
             log.warning("%s %s: lease lost; another worker runs the job now", it.name, c.job_id)
             self.stats.lease_lost += 1
             return False
-        if status is not None and _s(status) != "running":
-            self._release(s, f"job {_s(status)}")
+        if status is not None and as_text(status) != "running":
+            self._release(s, f"job {as_text(status)}")
             return False
         return True
 
@@ -1063,7 +1078,7 @@ class JobRunner(JobRunnerBase):
                 self._failed(s, exc)
                 return
         reply = self._write(s, owner_call("job_finish", it.keys, c.job_id, c.owner))
-        if reply is not None and _s(reply) == "completed":
+        if reply is not None and as_text(reply) == "completed":
             self.stats.completed += 1
             log.info("%s %s: completed, %d items", it.name, c.job_id, ctx.processed)
 
@@ -1074,7 +1089,7 @@ class JobRunner(JobRunnerBase):
         reply = self._write(s, fail_call(it.keys, it.config, c.job_id, c.owner, error_text(exc)))
         if reply is None:
             return
-        outcome, retries, delay_ms = _s(reply[0]), int(reply[1]), int(reply[2])
+        outcome, retries, delay_ms = as_text(reply[0]), int(reply[1]), int(reply[2])
         if outcome == "corrupt":
             log.error("%s %s: its keys hold data this library did not write; failure not recorded",
                       it.name, c.job_id)

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -22,6 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import ops
 from .errors import JobNotFound
+from .executor_async import AsyncExecutor
 from .jobs import (
     Claimed,
     IteratorConfig,
@@ -29,10 +30,11 @@ from .jobs import (
     JobControlBase,
     JobIterator,
     JobRunnerBase,
+    JobsHost,
     JobStats,
     JobStatus,
-    _limit,
-    _s,
+    as_text,
+    check_limit,
     check_page,
     claim_call,
     commit_call,
@@ -54,10 +56,25 @@ from .jobs import (
     validate_status,
 )
 
-if TYPE_CHECKING:
-    from .asyncio import Batcher
-
 log = logging.getLogger("redis_batcher.jobs")
+
+
+class AsyncJobsHost(Protocol):
+    """What the asyncio iterator jobs need of an asyncio :class:`~redis_batcher.asyncio.Batcher`:
+    its key ``prefix``, ``client`` and :class:`~redis_batcher.executor_async.AsyncExecutor`, and
+    the sync batcher holding the iterator ``definitions``."""
+
+    @property
+    def prefix(self) -> str: ...
+
+    @property
+    def client(self) -> Any: ...
+
+    @property
+    def executor(self) -> AsyncExecutor: ...
+
+    @property
+    def definitions(self) -> JobsHost: ...
 
 
 async def _call_user(fn: Any, *args: Any) -> Any:
@@ -73,10 +90,10 @@ async def _call_user(fn: Any, *args: Any) -> Any:
 class AsyncJobControl(JobControlBase):
     """Awaited control of one iterator's jobs by name."""
 
-    batcher: Batcher
+    batcher: AsyncJobsHost
 
     async def _control(self, action: str, job_id: str) -> str:
-        reply = await self.batcher._execute(control_call(action, self.keys, job_id))
+        reply = await self.batcher.executor.execute(control_call(action, self.keys, job_id))
         return parse_control(action, self.name, job_id, reply)
 
     async def pause(self, job_id: str) -> JobStatus:
@@ -114,7 +131,7 @@ class AsyncJobControl(JobControlBase):
 
     async def jobs(self, status: str | None = None, limit: int = 50) -> list[JobStatus]:
         out = []
-        for _, job_id in await self.job_ids(status, _limit(limit)):
+        for _, job_id in await self.job_ids(status, check_limit(limit)):
             st = await self.status(job_id)
             if st is not None:
                 out.append(st)
@@ -125,7 +142,7 @@ class AsyncJobIterator(AsyncJobControl):
     """What the async ``@batcher.iterator(...)`` returns: ``definition`` is the sync
     :class:`~redis_batcher.jobs.JobIterator` (same class, same settings)."""
 
-    def __init__(self, batcher: Batcher, definition: JobIterator) -> None:
+    def __init__(self, batcher: AsyncJobsHost, definition: JobIterator) -> None:
         super().__init__(batcher, definition.name)
         self.definition = definition
         self.config: IteratorConfig = definition.config
@@ -138,15 +155,15 @@ class AsyncJobIterator(AsyncJobControl):
         await self.batcher.client.hset(
             iterator_registry_key(self.batcher.prefix), self.name, self.config.to_json()
         )
-        reply = await self.batcher._execute(start_call(self.keys, self.config, job_id, params_json))
+        reply = await self.batcher.executor.execute(start_call(self.keys, self.config, job_id, params_json))
         parse_start(self.name, job_id, reply)
         return await self._must_status(job_id)
 
 
-async def list_jobs(batcher: Batcher, status: str | None = None, limit: int = 50) -> list[JobStatus]:
+async def list_jobs(batcher: AsyncJobsHost, status: str | None = None, limit: int = 50) -> list[JobStatus]:
     """Jobs of every iterator defined on the batcher or registered in Redis, newest first."""
     validate_status(status)
-    _limit(limit)
+    check_limit(limit)
     registered = await batcher.client.hkeys(iterator_registry_key(batcher.prefix))
     found: list[tuple[float, str, AsyncJobControl]] = []
     for name in iterator_names(batcher.definitions.iterators, registered):
@@ -173,7 +190,7 @@ class AsyncJobRunner(JobRunnerBase):
 
     def __init__(
         self,
-        batcher: Batcher,
+        batcher: AsyncJobsHost,
         iterators: Iterable[JobIterator] | None = None,
         *,
         concurrency: int = 4,
@@ -182,7 +199,7 @@ class AsyncJobRunner(JobRunnerBase):
     ) -> None:
         chosen = iterators if iterators is not None else batcher.definitions.iterators.values()
         super().__init__(batcher, chosen, concurrency, poll_interval, grace_period)
-        self.batcher: Batcher = batcher
+        self.batcher: AsyncJobsHost = batcher
         self._stopping = False
         self._wake: asyncio.Event | None = None
 
@@ -307,7 +324,7 @@ class AsyncJobRunner(JobRunnerBase):
         deadline = time.monotonic() + s.iterator.config.lease_timeout
         while True:
             try:
-                return await self.batcher._execute(call)
+                return await self.batcher.executor.execute(call)
             except RedisError as exc:
                 if time.monotonic() > deadline:
                     log.error("%s %s: cannot record progress (%s)", call.script.name, s.claimed.job_id, exc)
@@ -318,7 +335,8 @@ class AsyncJobRunner(JobRunnerBase):
     async def _release(self, s: _Session, why: str) -> None:
         it, c = s.iterator, s.claimed
         try:
-            if await self.batcher._execute(owner_call("job_release", it.keys, c.job_id, c.owner), wait=False):
+            release = owner_call("job_release", it.keys, c.job_id, c.owner)
+            if await self.batcher.executor.execute(release, wait=False):
                 self.stats.released += 1
                 log.info("%s %s: lease released (%s)", it.name, c.job_id, why)
         except RedisError as exc:
@@ -391,12 +409,12 @@ class AsyncJobRunner(JobRunnerBase):
             status, owner = await self.batcher.client.hmget(it.keys.job(c.job_id), ["status", "owner"])
         except RedisError:
             return True
-        if owner is None or _s(owner) != c.owner:
+        if owner is None or as_text(owner) != c.owner:
             log.warning("%s %s: lease lost; another worker runs the job now", it.name, c.job_id)
             self.stats.lease_lost += 1
             return False
-        if status is not None and _s(status) != "running":
-            await self._release(s, f"job {_s(status)}")
+        if status is not None and as_text(status) != "running":
+            await self._release(s, f"job {as_text(status)}")
             return False
         return True
 
@@ -417,7 +435,7 @@ class AsyncJobRunner(JobRunnerBase):
                 await self._failed(s, exc)
                 return
         reply = await self._write(s, owner_call("job_finish", it.keys, c.job_id, c.owner))
-        if reply is not None and _s(reply) == "completed":
+        if reply is not None and as_text(reply) == "completed":
             self.stats.completed += 1
             log.info("%s %s: completed, %d items", it.name, c.job_id, ctx.processed)
 
@@ -428,7 +446,7 @@ class AsyncJobRunner(JobRunnerBase):
         reply = await self._write(s, fail_call(it.keys, it.config, c.job_id, c.owner, error_text(exc)))
         if reply is None:
             return
-        outcome, retries = _s(reply[0]), int(reply[1])
+        outcome, retries = as_text(reply[0]), int(reply[1])
         if outcome == "corrupt":
             log.error("%s %s: its keys hold data this library did not write; failure not recorded",
                       it.name, c.job_id)

@@ -48,7 +48,8 @@ from .models import (
 from .scripts import Script, scripts
 
 if TYPE_CHECKING:
-    from .processor import Processor
+    # the functions below take the client-free definition (annotated "Processor" for short)
+    from .definition import ProcessorDef as Processor
 
 log = logging.getLogger("redis_batcher")
 T = TypeVar("T")

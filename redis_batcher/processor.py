@@ -2,70 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from . import ops
 from .codec import Codec, encode_item, encode_items
-from .connection import frames
+from .definition import ADD_CHUNK, Handler, ProcessorDef
 from .errors import ConfigError
-from .keys import KeySpace, parse_batch_id
+from .executor import ExecutorHost
+from .keys import parse_batch_id
 from .models import (
     AddResult,
     BatchInfo,
     BatchStatus,
     DeadLetter,
     DeleteResult,
-    Flush,
     FlushRecord,
     FlushResult,
     ProcessorConfig,
 )
 
-if TYPE_CHECKING:
-    from .batcher import Batcher
+__all__ = ["ADD_CHUNK", "Handler", "Processor"]
 
-Handler = Callable[[Flush], Any]
-
-T = TypeVar("T")
-
-ADD_CHUNK = 10_000
-
-
-class Processor:
+class Processor(ProcessorDef):
     """Adds items for a handler and inspects its batches. Created by :meth:`Batcher.processor`.
 
     Calling the processor object calls the handler directly, which keeps handlers unit-testable.
     """
 
-    def __init__(self, batcher: Batcher, handler: Handler, config: ProcessorConfig, codec: Codec) -> None:
+    def __init__(
+        self, batcher: ExecutorHost, handler: Handler, config: ProcessorConfig, codec: Codec
+    ) -> None:
+        super().__init__(batcher.prefix, handler, config, codec)
         self.batcher = batcher
-        self.handler = handler
-        self.config = config
-        self.codec = codec
-        self.name = config.name
-        self.keys = KeySpace(batcher.prefix, config.name, config.partitions)
-        self.interval_ms = -1 if config.flush_interval is None else round(config.flush_interval * 1000)
-        self.lease_ms = round(config.lease_timeout * 1000)
-        self.retention_s = max(1, round(config.retention))
-        # dead-letter limits as the scripts take them (0: none)
-        ttl = config.dead_letter_ttl
-        self.dead_ttl_ms = 0 if ttl is None else max(1, round(ttl * 1000))
-        self.dead_max = 0 if config.max_dead_letters is None else config.max_dead_letters
-        pending_cap = -1 if config.max_pending is None else config.max_pending
-        # add.lua's packed config argument (one argument instead of three on the hot path)
-        self.add_config = f"{config.max_batch_size} {self.interval_ms} {pending_cap} "
-        self.add_config_one = self.add_config + "-"  # one add (no coalesced segments)
-        self.add_config_frame = frames((self.add_config_one,))  # the same, RESP-encoded (ops.add_frame)
-        self.__doc__ = getattr(handler, "__doc__", None)
-        self.__wrapped__ = handler
-
-    def __repr__(self) -> str:
-        return f"<Processor {self.name!r} max_batch_size={self.config.max_batch_size}>"
-
-    def __call__(self, flush: Flush) -> Any:
-        return self.handler(flush)
 
     # -- producing ------------------------------------------------------------------------------
 
@@ -79,8 +48,8 @@ class Processor:
         Raises :class:`BatchFull` (nothing written) when ``max_pending`` would be exceeded."""
         base, _ = parse_batch_id(batch_id)
         data = encode_item(self.codec, item, self.config.max_item_bytes)
-        self.batcher._ensure_registered(self)
-        return self.batcher._run_add(self, base, [data])
+        self.batcher.executor.ensure_registered(self)
+        return self.batcher.executor.run_add(self, base, [data])
 
     def add_many(self, batch_id: str, items: Iterable[Any]) -> AddResult:
         """Append many items in order. Full sequences are sealed on the way, so no flush ever
@@ -93,11 +62,11 @@ class Processor:
         encoded = self.encode(items)
         if not encoded:
             return AddResult(base, None, 0, 0, False, None, 0)
-        self.batcher._ensure_registered(self)
+        self.batcher.executor.ensure_registered(self)
         if len(encoded) <= ADD_CHUNK:
-            return self.batcher._run_add(self, base, encoded)
+            return self.batcher.executor.run_add(self, base, encoded)
         chunks = [encoded[i : i + ADD_CHUNK] for i in range(0, len(encoded), ADD_CHUNK)]
-        return ops.combine_adds(base, [self.batcher._run_add(self, base, chunk) for chunk in chunks])
+        return ops.combine_adds(base, [self.batcher.executor.run_add(self, base, chunk) for chunk in chunks])
 
     def flush(self, batch_id: str) -> FlushResult:
         """Seal the accumulating sequence of ``batch_id`` (or the named ``base::N``) now.
@@ -107,15 +76,15 @@ class Processor:
         ``flushed=False, reason="Batch is empty"``.
         """
         base, seq = parse_batch_id(batch_id)
-        self.batcher._ensure_registered(self)
-        reply = self.batcher._execute(ops.flush_call(self, base, seq))
+        self.batcher.executor.ensure_registered(self)
+        reply = self.batcher.executor.execute(ops.flush_call(self, base, seq))
         return ops.parse_flush(batch_id, base, reply)
 
     # -- inspecting -----------------------------------------------------------------------------
 
     def _snapshot(self, batch_id: str) -> tuple[str, list[BatchInfo], BatchInfo | None]:
         base, _ = parse_batch_id(batch_id)
-        reply = self.batcher._execute(ops.status_call(self, base), wait=False)
+        reply = self.batcher.executor.execute(ops.status_call(self, base), wait=False)
         active, done = ops.parse_status(base, reply)
         return base, active, done
 
@@ -139,7 +108,7 @@ class Processor:
         key, start, stop = ops.history_range(self, base, limit)
         client = self.batcher.client
         with ops.reading(key):
-            raw = self.batcher._command(key, lambda: client.lrange(key, start, stop))
+            raw = self.batcher.executor.command(key, lambda: client.lrange(key, start, stop))
         return ops.parse_history(raw, key)
 
     def delete(self, batch_id: str) -> DeleteResult:
@@ -149,8 +118,8 @@ class Processor:
         items, so deleting never drops an item.
         """
         base, seq = parse_batch_id(batch_id)
-        self.batcher._first_write()
-        return ops.parse_delete(self.batcher._execute(ops.delete_call(self, base, seq)))
+        self.batcher.executor.first_write()
+        return ops.parse_delete(self.batcher.executor.execute(ops.delete_call(self, base, seq)))
 
     def batch_ids(self) -> Iterator[str]:
         """Base ids with at least one active sequence (SSCAN over each partition, never KEYS)."""
@@ -170,36 +139,19 @@ class Processor:
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """Dead letters of this processor, newest first (without their items)."""
-        return _drive(self.batcher, ops.dead_letters_steps(self, limit))
+        return self.batcher.executor.drive(ops.dead_letters_steps(self, limit))
 
     def dead_letter(self, dead_id: str) -> DeadLetter:
         """One dead letter with its items (entries the codec cannot read stay ``bytes``)."""
-        return _drive(self.batcher, ops.dead_letter_steps(self, dead_id))
+        return self.batcher.executor.drive(ops.dead_letter_steps(self, dead_id))
 
     def replay_dead(self, dead_id: str) -> int:
         """Put a dead letter's items back into its batch id as a new sequence, due now.
 
         Returns the new sequence number."""
-        return _drive(self.batcher, ops.replay_dead_steps(self, dead_id))
+        return self.batcher.executor.drive(ops.replay_dead_steps(self, dead_id))
 
     def purge_dead(self, dead_id: str | None = None) -> int:
         """Delete one dead letter, or all of them with ``None``. Returns how many were deleted."""
-        return _drive(self.batcher, ops.purge_dead_steps(self, dead_id))
+        return self.batcher.executor.drive(ops.purge_dead_steps(self, dead_id))
 
-
-def _drive(batcher: Batcher, steps: ops.Steps[T]) -> T:
-    """Answer the requests of an :mod:`ops` multi-step operation through a sync batcher."""
-    reply: Any = None
-    while True:
-        try:
-            step = steps.send(reply)
-        except StopIteration as done:
-            result: T = done.value
-            return result
-        if isinstance(step, ops.Read):
-            with ops.reading(step.key):
-                reply = batcher._command(step.key, partial(step.send, batcher.client))
-        else:
-            if step.writes:
-                batcher._first_write()
-            reply = batcher._execute(step.call)

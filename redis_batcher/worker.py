@@ -369,7 +369,7 @@ class Worker(WorkerCore):
                 return True
             owner, call, seen = self.claim_call(idx, free)
             try:
-                reply = self.batcher._run_once(call)
+                reply = self.batcher.executor.run_once(call)
             except RedisError as exc:
                 self.claim_failed(idx, now, exc)
                 continue
@@ -456,7 +456,7 @@ class Worker(WorkerCore):
         caller), so another worker takes it now rather than after the lease runs out."""
         c = r.claimed
         try:
-            if self.batcher._execute(ops.release_call(c), wait=False):
+            if self.batcher.executor.execute(ops.release_call(c), wait=False):
                 self.stats.released += 1
                 log.warning("%s %s: released unfinished flush for another worker", c.processor.name, c.member)
         except RedisError as exc:
@@ -589,7 +589,7 @@ class Worker(WorkerCore):
         deadline = time.monotonic() + c.processor.config.lease_timeout
         while True:
             try:
-                return self.reply_code(c, self.batcher._execute(call))
+                return self.reply_code(c, self.batcher.executor.execute(call))
             except NotReplicated as exc:
                 log.warning("%s %s: result recorded on the primary only: %s", c.processor.name, c.member, exc)
                 return [b"ok"]
@@ -623,7 +623,7 @@ class Worker(WorkerCore):
                 running = [r.claimed for r in self._inflight.values() if not r.abandoned]
             for c in running:
                 try:
-                    if not self.batcher._run_once(ops.extend_call(c)) and self._still_running(c):
+                    if not self.batcher.executor.run_once(ops.extend_call(c)) and self._still_running(c):
                         log.warning("%s %s: lease lost during the handler", c.processor.name, c.member)
                 except RedisError as exc:
                     log.warning("%s %s: heartbeat failed: %s", c.processor.name, c.member, exc)

@@ -16,6 +16,7 @@ from redis.exceptions import OutOfMemoryError, RedisError
 
 from . import ops
 from .codec import MsgpackCodec, decode_item
+from .definition import ProcessorDef
 from .errors import ConfigError, CorruptData, DecodeError, PartialFailure
 from .keys import PartitionKeys
 from .models import Flush
@@ -58,7 +59,7 @@ class Outcome:
     count: int
 
 
-def backoff_seconds(proc: Processor, attempt: int) -> float:
+def backoff_seconds(proc: ProcessorDef, attempt: int) -> float:
     """``retry_backoff * 2**(attempt-1)`` capped at ``retry_backoff_max``, with 50-100% jitter."""
     cfg = proc.config
     raw = min(cfg.retry_backoff_max, cfg.retry_backoff * (2 ** min(max(attempt - 1, 0), 62)))

@@ -850,7 +850,7 @@ def test_lone_callers_send_at_once_and_company_switches_to_collecting(backend: B
         f, g = await asyncio.gather(proc.add("x", 7), proc.add("x", 8))
         if backend.kind == "real":
             assert trips.commands == ["EVALSHA", "EVALSHA"] and trips.pipelines == []
-        else:  # a fake that answers without letting the loop run may leave this mode (see _add)
+        else:  # a fake that answers without letting the loop run may leave this mode (see AsyncExecutor.add)
             assert trips.commands in (["EVALSHA", "EVALSHA"], ["EVALSHA"]) and trips.pipelines == []
         assert (f.pending, g.pending) == (6, 7)
         assert (await proc.flush("x")).item_count == 7
@@ -1196,7 +1196,7 @@ def test_max_pending_refuses_adds_and_writes_nothing(backend: Backend) -> None:
         )
         # the first add went at once (the calls before came one at a time); the four made
         # meanwhile went after it as one script call, each segment checked on its own (a fake
-        # that answers without letting the loop run: all five as one call, see _add)
+        # that answers without letting the loop run: all five as one call, see AsyncExecutor.add)
         sizes = [len(args) for args in trips.sent]  # 7 + items
         assert trips.pipelines == []
         if backend.kind == "real" or sizes != [18]:

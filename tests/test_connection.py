@@ -36,7 +36,7 @@ def make(batcher: Any, name: str = "c") -> Any:
 @pytest.mark.parametrize("protocol", [2, 3])
 def test_script_replies_on_resp2_and_resp3(redis_server: RedisServer, protocol: int) -> None:
     batcher = Batcher(redis.Redis(port=redis_server.port, protocol=protocol), prefix=f"r{protocol}")
-    link = batcher._link
+    link = batcher.executor.link
     assert link is not None
     assert link.call((b"EVAL", "return nil", 0)) is None
     assert link.call((b"EVAL", "return false", 0)) is None  # Lua false is a nil reply
@@ -60,7 +60,7 @@ def test_script_replies_on_resp2_and_resp3(redis_server: RedisServer, protocol: 
 def test_async_script_replies_on_resp2_and_resp3(redis_server: RedisServer, protocol: int) -> None:
     async def main() -> None:
         ab = aio.Batcher(aioredis.Redis(port=redis_server.port, protocol=protocol), prefix=f"a{protocol}")
-        link = ab._link
+        link = ab.executor.link
         assert link is not None
         assert await link.call((b"EVAL", "return nil", 0)) is None
         assert await link.call((b"EVAL", "return false", 0)) is None
@@ -186,7 +186,7 @@ def test_unix_socket_acl_user_and_db_number(unix_server: tuple[RedisServer, str]
         (f"redis://producer:s3cret@127.0.0.1:{server.port}/5", 5),
     ):
         batcher = Batcher(url)
-        assert batcher._link is not None
+        assert batcher.executor.link is not None
         proc = make(batcher, "u")
         assert proc.add("a", 1).pending == 1
         assert proc.add_many("a", [2]).pending == 2
@@ -202,7 +202,7 @@ def test_async_unix_socket_acl_user_and_db_number(unix_server: tuple[RedisServer
     async def main() -> None:
         for url in (f"unix://producer:s3cret@{path}?db=4", f"redis://producer:s3cret@127.0.0.1:{server.port}/6"):
             ab = aio.Batcher(url)
-            assert ab._link is not None
+            assert ab.executor.link is not None
             proc = make(ab, "u")
             assert (await proc.add("a", 1)).pending == 1
             assert [r.pending for r in await asyncio.gather(proc.add("a", 2), proc.add("a", 3))] == [2, 3]
@@ -250,7 +250,7 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Redis
 def test_tls(tls_server: tuple[RedisServer, int, str]) -> None:
     server, tls_port, ca = tls_server
     batcher = Batcher(f"rediss://127.0.0.1:{tls_port}/0", ssl_ca_certs=ca)
-    assert batcher._link is not None
+    assert batcher.executor.link is not None
     proc = make(batcher, "t")
     assert proc.add("a", 1).pending == 1
     assert proc.add_many("a", [2, 3]).sealed == 1
@@ -304,7 +304,7 @@ def test_sentinel_built_clients(sentinel: int) -> None:
 
     client = Sentinel([("127.0.0.1", sentinel)]).master_for("main")
     batcher = Batcher(client, prefix="s")
-    assert batcher._link is not None  # its pool finds the primary through the Sentinel
+    assert batcher.executor.link is not None  # its pool finds the primary through the Sentinel
     proc = make(batcher, "s")
     assert proc.add("a", 1).pending == 1
     assert proc.add_many("a", [2]).pending == 2
@@ -312,7 +312,7 @@ def test_sentinel_built_clients(sentinel: int) -> None:
 
     async def main() -> None:
         ab = aio.Batcher(AsyncSentinel([("127.0.0.1", sentinel)]).master_for("main"), prefix="s")
-        assert ab._link is not None
+        assert ab.executor.link is not None
         aproc = make(ab, "s")
         assert (await aproc.add("a", 3)).pending == 3
         # the sequence sealed at 3 items: the next one holds these

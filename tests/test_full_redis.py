@@ -443,13 +443,14 @@ def exercise(batcher: rb.Batcher) -> None:
     proc.add_many("a", [1, 2, 3, 4])
     part = proc.keys.for_base("a")
     owner = ops.new_token()
-    _, claimed = ops.parse_claim(proc, part, owner, batcher._run_once(ops.claim_call(proc, part, 2, owner)))
+    reply = batcher.executor.run_once(ops.claim_call(proc, part, 2, owner))
+    _, claimed = ops.parse_claim(proc, part, owner, reply)
     first, second = claimed
-    assert batcher._run_once(ops.extend_call(first)) == 1
-    assert batcher._execute(ops.release_call(first)) == 1
+    assert batcher.executor.run_once(ops.extend_call(first)) == 1
+    assert batcher.executor.execute(ops.release_call(first)) == 1
     entry = ops.history_entry(second, 0, 1.0, False, "E: x")
-    assert batcher._execute(ops.nack_call(second, entry, 10, "E: x", "fail", []))[0] == b"retry"
-    assert batcher._execute(ops.purge_call(part, ["none"])) == 0
+    assert batcher.executor.execute(ops.nack_call(second, entry, 10, "E: x", "fail", []))[0] == b"retry"
+    assert batcher.executor.execute(ops.purge_call(part, ["none"])) == 0
     stats = rb.Worker(batcher).run(burst=True)
     assert stats.delivered >= 1
 
@@ -470,11 +471,11 @@ def test_scripts_fall_back_on_redis_before_7_and_keep_flags_on_redis_7(
 ) -> None:
     old = rb.Batcher(server6.url, prefix="fb")
     new = rb.Batcher(server7.url, prefix="fb")
-    assert old._link is not None  # the link's path too
+    assert old.executor.link is not None  # the link's path too
     exercise(old)
     exercise(new)
-    assert flags_unsupported(old.client) and flags_unsupported(old._link)  # one pool
-    assert not flags_unsupported(new.client) and not flags_unsupported(new._link)
+    assert flags_unsupported(old.client) and flags_unsupported(old.executor.link)  # one pool
+    assert not flags_unsupported(new.client) and not flags_unsupported(new.executor.link)
     t = scripts()
     assert new.client.script_exists(t.claim.sha, t.ack.sha, t.extend.sha) == [True, True, True]
     assert t.claim.sha != t.claim.plain.sha
@@ -506,7 +507,7 @@ def test_async_scripts_fall_back_on_redis_before_7(server6: RedisServer) -> None
         assert flags_unsupported(client2)  # the link shares its client's pool
         ab = aio.Batcher(aioredis.Redis(host="127.0.0.1", port=server6.port), prefix="fb")
         # group commit's pipeline (also WAIT's): EVALSHA, EVAL, then EVAL without the shebang
-        replies = await ab._pipeline([ops.Call(t.extend, ("k",), ("p", "m", "o", 1000))])
+        replies = await ab.executor.pipeline([ops.Call(t.extend, ("k",), ("p", "m", "o", 1000))])
         assert replies == [0]
         await link.close()
         for c in (client, client2):

@@ -48,7 +48,7 @@ def test_link_is_used_for_redis_clients_of_any_connection_class(redis_server: Re
     # only redis-py's public connection API is used: any connection class
     for conn in (redis_server.url, redis.Redis(host="127.0.0.1", port=redis_server.port), custom):
         batcher = Batcher(conn)
-        assert batcher._link is not None
+        assert batcher.executor.link is not None
         proc = make(batcher, max_batch_size=10)
         assert proc.add("a", 1).added == 1
         batcher.close()
@@ -57,8 +57,8 @@ def test_link_is_used_for_redis_clients_of_any_connection_class(redis_server: Re
         pass
 
     # a subclass of the client (its execute_command may trace) keeps redis-py's path
-    assert Batcher(Instrumented(port=redis_server.port))._link is None
-    assert Batcher(fakeredis.FakeRedis())._link is None
+    assert Batcher(Instrumented(port=redis_server.port)).executor.link is None
+    assert Batcher(fakeredis.FakeRedis()).executor.link is None
 
 
 def test_link_reconnects_after_the_server_closed_an_idle_connection(
@@ -91,7 +91,7 @@ def test_link_keeps_a_connection_per_thread_and_close_closes_them(
 
     batcher = Batcher(redis.Redis(port=redis_server.port, client_name="rb-pins"))
     proc = make(batcher, max_batch_size=10_000)
-    link = batcher._link
+    link = batcher.executor.link
     assert link is not None
     ids: set[int] = set()
     go = threading.Barrier(5)
@@ -137,7 +137,7 @@ def test_a_threads_connection_goes_back_to_the_pool_when_the_thread_ends(redis_s
 def test_forked_child_opens_its_own_connection(redis_server: RedisServer) -> None:
     batcher = Batcher(redis_server.url)
     proc = make(batcher, max_batch_size=10_000)
-    link = batcher._link
+    link = batcher.executor.link
     assert link is not None
     proc.add("f", "parent")
     parent_id = client_id(link)
@@ -160,7 +160,7 @@ def test_forked_child_opens_its_own_connection(redis_server: RedisServer) -> Non
 
 
 def test_script_error_keeps_the_connection_in_step(real_batcher: Batcher) -> None:
-    link = real_batcher._link
+    link = real_batcher.executor.link
     assert link is not None
     with pytest.raises(redis.ResponseError):
         link.call((b"EVAL", "return redis.error_reply('nope')", 0))
@@ -230,7 +230,7 @@ def test_open_list_holds_the_accumulating_sequence_until_it_is_sealed(
     time.sleep(0.1)
     owner = ops.new_token()
     call = ops.claim_call(proc, part, 10, owner)
-    _, claimed = ops.parse_claim(proc, part, owner, real_batcher._run_once(call))
+    _, claimed = ops.parse_claim(proc, part, owner, real_batcher.executor.run_once(call))
     assert [(c.member, c.cutoff) for c in claimed] == [("u::0", 3)]
     assert real_client.exists(part.open_items("u")) == 0
     assert real_client.lrange(part.items("u", 0), 0, -1) == [enc(1), enc(2), enc(3)]
@@ -243,7 +243,7 @@ def test_open_list_holds_the_accumulating_sequence_until_it_is_sealed(
     assert proc.flush("u").item_count == 1
     assert real_client.exists(part.open_items("u")) == 0
     for c in claimed:  # hand sequence 0 back rather than wait for its lease
-        assert real_batcher._execute(ops.release_call(c), wait=False)
+        assert real_batcher.executor.execute(ops.release_call(c), wait=False)
     Worker(real_batcher).run(burst=True)
     assert sorted((f.sequence, f.items) for f in got) == [(0, [1, 2, 3]), (1, [4])]
     assert real_client.hget(part.head("u"), "pending") == b"0"
@@ -377,9 +377,9 @@ def test_async_link_for_lone_adds(
     from redis_batcher import asyncio as aio
 
     async def main() -> None:
-        assert aio.Batcher(fakeredis.FakeAsyncRedis())._link is None
+        assert aio.Batcher(fakeredis.FakeAsyncRedis()).executor.link is None
         ab = aio.Batcher(redis_server.url, prefix="ahot")
-        link = ab._link
+        link = ab.executor.link
         assert link is not None
         proc = ab.processor(name="hot", max_batch_size=1000, flush_interval=None)(lambda f: None)
         assert (await proc.add("a", 1)).pending == 1
@@ -424,7 +424,7 @@ def test_add_frame_is_the_general_framing_of_a_single_add(real_batcher: Batcher)
 
 def test_link_reconnects_on_next_use_after_close(real_batcher: Batcher) -> None:
     proc = make(real_batcher, max_batch_size=100)
-    link = real_batcher._link
+    link = real_batcher.executor.link
     assert link is not None
     proc.add("c", 1)
     before = client_id(link)
@@ -476,7 +476,7 @@ def test_add_result_fast_constructor_is_the_dataclass() -> None:
 
 def test_link_maps_socket_timeouts_to_redis_errors(redis_server: RedisServer) -> None:
     batcher = Batcher(redis.Redis(host="127.0.0.1", port=redis_server.port, socket_timeout=0.2))
-    link = batcher._link
+    link = batcher.executor.link
     assert link is not None
     assert link.call((b"PING",)) == b"PONG"
     t0 = time.monotonic()
@@ -556,7 +556,7 @@ def test_async_group_commit_is_pipelined_over_the_link(
 
     async def main() -> None:
         ab = aio.Batcher(redis_server.url, prefix="gp")
-        assert ab._link is not None
+        assert ab.executor.link is not None
 
         def no_redis_py_pipeline(*args: Any, **kwargs: Any) -> Any:
             raise AssertionError("the group commit used redis-py's pipeline")
@@ -566,13 +566,13 @@ def test_async_group_commit_is_pipelined_over_the_link(
         await ab.register()
         real_client.set(proc.keys.for_base("broken").head("broken"), "not a hash")
         requests: list[int] = []
-        request = ab._link.request
+        request = ab.executor.link.request
 
         async def counting(data: bytes, count: int = 0) -> Any:
             requests.append(count)
             return await request(data, count)
 
-        ab._link.request = counting  # type: ignore[method-assign]
+        ab.executor.link.request = counting  # type: ignore[method-assign]
         for round_ in range(2):
             real_client.script_flush()
             requests.clear()
@@ -607,7 +607,7 @@ def test_async_lone_adds_start_no_task_and_a_socket_timeout_fires(redis_server: 
     async def main() -> None:
         client = aioredis.Redis(host="127.0.0.1", port=redis_server.port, socket_timeout=None)
         ab = aio.Batcher(client, prefix="lt")
-        assert ab._link is not None
+        assert ab.executor.link is not None
         proc = ab.processor(name="lt", max_batch_size=1000, flush_interval=None)(lambda f: None)
         await proc.add("a", 0)
         loop = asyncio.get_running_loop()
@@ -623,10 +623,10 @@ def test_async_lone_adds_start_no_task_and_a_socket_timeout_fires(redis_server: 
         loop.set_task_factory(None)
         assert tasks == []
         short = aio.Batcher(aioredis.Redis(host="127.0.0.1", port=redis_server.port, socket_timeout=0.2))
-        assert short._link is not None
+        assert short.executor.link is not None
         t0 = time.monotonic()
         with pytest.raises(rb.OutcomeUnknownTimeoutError):
-            await short._link.call((b"BLPOP", "lt:never", 2))
+            await short.executor.link.call((b"BLPOP", "lt:never", 2))
         assert time.monotonic() - t0 < 1.5
         await short.aclose()
         await ab.aclose()

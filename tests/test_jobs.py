@@ -470,7 +470,7 @@ def test_a_commit_resent_after_its_reply_was_lost_is_counted_once(
     runner; the step number in it keeps ``processed`` from counting the batch twice."""
     Count, seen = counting_iterator(real_batcher)
     Count.start("resent", params={"n": 50})
-    execute = real_batcher._execute
+    execute = real_batcher.executor.execute
     lost: list[str] = []
 
     def reply_lost_once(call: Any, **kw: Any) -> Any:
@@ -480,7 +480,7 @@ def test_a_commit_resent_after_its_reply_was_lost_is_counted_once(
             raise redis.ConnectionError("connection reset after the script ran")
         return reply
 
-    monkeypatch.setattr(real_batcher, "_execute", reply_lost_once)
+    monkeypatch.setattr(real_batcher.executor, "execute", reply_lost_once)
     Worker(real_batcher).run(burst=True)
     st = Count.status("resent")
     assert lost and st is not None

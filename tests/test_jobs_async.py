@@ -262,7 +262,7 @@ def test_async_commit_resent_after_its_reply_was_lost_is_counted_once(
     async def body(ab: aio.Batcher) -> None:
         Count, seen = counting(ab)
         await Count.start("resent", params={"n": 50})
-        execute = ab._execute
+        execute = ab.executor.execute
 
         async def reply_lost_once(call: Any, **kw: Any) -> Any:
             reply = await execute(call, **kw)
@@ -271,7 +271,7 @@ def test_async_commit_resent_after_its_reply_was_lost_is_counted_once(
                 raise redis.ConnectionError("connection reset after the script ran")
             return reply
 
-        ab._execute = reply_lost_once  # type: ignore[method-assign]
+        ab.executor.execute = reply_lost_once  # type: ignore[method-assign]
         await aio.Worker(ab).run(burst=True)
         st = await status_of(Count, "resent")
         assert (st.status, st.processed, st.cursor) == ("completed", 50, "50")

@@ -61,7 +61,7 @@ def sync_batcher(server: RedisServer, kind: str, **options: Any) -> Batcher:
             retry=Retry(NoBackoff(), 0),
         )
         batcher = Batcher(redis.Redis(connection_pool=pool), prefix="t", **options)
-        assert batcher._link is not None
+        assert batcher.executor.link is not None
         return batcher
     if kind == "wait":
         options.update(wait_replicas=1, wait_timeout=0.01)  # no replica: NotReplicated, but written
@@ -210,7 +210,7 @@ def async_batcher(server: RedisServer, kind: str, **options: Any) -> aio.Batcher
             retry=aioredis.retry.Retry(NoBackoff(), 0),
         )
         ab = aio.Batcher(aioredis.Redis(connection_pool=pool), prefix="t", **options)
-        assert ab._link is not None
+        assert ab.executor.link is not None
         return ab
     if kind == "wait":
         options.update(wait_replicas=1, wait_timeout=0.01)

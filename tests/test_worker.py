@@ -284,20 +284,20 @@ def test_small_windows_come_inline_with_the_claim_and_large_ones_are_read_in_chu
     part = small.keys.for_base("s")
     owner = ops.new_token()
     _, [claimed] = ops.parse_claim(
-        small, part, owner, real_batcher._execute(ops.claim_call(small, part, 5, owner))
+        small, part, owner, real_batcher.executor.execute(ops.claim_call(small, part, 5, owner))
     )
     assert claimed.raw is not None and [small.codec.decode(d) for d in claimed.raw] == ["a", {"b": 1}, [2]]
-    real_batcher._execute(ops.release_call(claimed), wait=False)
+    real_batcher.executor.execute(ops.release_call(claimed), wait=False)
 
     big_size = ops.INLINE_MAX + 500
     large = real_batcher.processor(name="large", max_batch_size=big_size, flush_interval=None)(got.append)
     large.add_many("l", list(range(big_size)))
     lpart = large.keys.for_base("l")
     owner = ops.new_token()
-    reply = real_batcher._execute(ops.claim_call(large, lpart, 5, owner))
+    reply = real_batcher.executor.execute(ops.claim_call(large, lpart, 5, owner))
     _, [big] = ops.parse_claim(large, lpart, owner, reply)
     assert big.raw is None and big.cutoff == big_size  # too large to come inline
-    real_batcher._execute(ops.release_call(big), wait=False)
+    real_batcher.executor.execute(ops.release_call(big), wait=False)
 
     stats = Worker(real_batcher).run(burst=True)
     assert stats.delivered == 2

@@ -49,7 +49,8 @@ from .errors import (
     UnknownIterator,
     UnknownProcessor,
 )
-from .jobs import IteratorConfig, JobContext, JobIterator, JobStatus, Page
+from .job_model import IteratorConfig, JobContext, JobStatus, Page
+from .jobs import JobIterator
 from .models import (
     AddResult,
     BatchInfo,

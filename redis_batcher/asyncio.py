@@ -40,9 +40,11 @@ from .errors import (
     ConfigError,
     NotReplicated,
     UnknownProcessor,
+    error_text,
 )
 from .executor_async import AsyncExecutor
-from .jobs import JobStatus, select_iterators
+from .job_model import JobStatus
+from .jobs import select_iterators
 from .jobs_async import AsyncJobIterator, AsyncJobRunner, list_jobs
 from .keys import parse_batch_id, validate_name
 from .models import (
@@ -64,7 +66,6 @@ from .worker_core import (
     classify,
     decode_window,
     drain_ranges,
-    error_text,
     log_handler_exit,
     make_flush,
     select_processors,

@@ -22,7 +22,8 @@ from .errors import (
     UnknownProcessor,
 )
 from .executor import Executor
-from .jobs import JobIterator, JobStatus, define_iterator, list_jobs, make_config
+from .job_model import JobStatus, make_config
+from .jobs import JobIterator, define_iterator, list_jobs
 from .keys import MAX_PARTITIONS, layout_key, registry_key, validate_name
 from .models import ProcessorConfig
 from .options import positive_int, seconds_option

@@ -21,7 +21,8 @@ from rich.text import Text
 from . import asyncio as aio
 from .batcher import Batcher, default_url
 from .errors import BatcherError, EvictionPolicyError, LayoutMismatch
-from .jobs import STATUSES, find_job
+from .job_model import STATUSES
+from .jobs import find_job
 from .keys import LAYOUT, key_slot, registry_key
 from .models import DeadLetter, ProcessorConfig
 from .processor import Processor

@@ -292,3 +292,12 @@ class CorruptData(BatcherError):
     """Keys of the batcher hold data it did not write (another type, a field that is not a
     number, ...). Nothing was written; the message names the key. A due sequence in that state
     is quarantined as a dead letter by the worker instead (reason ``quarantine``)."""
+
+
+# the longest error text kept with a flush or job (history, dead letters, job state)
+MAX_ERROR_CHARS = 2000
+
+
+def error_text(exc: BaseException) -> str:
+    """``"<ExceptionType>: <message>"``, cut at :data:`MAX_ERROR_CHARS`."""
+    return f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]

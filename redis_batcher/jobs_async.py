@@ -21,40 +21,37 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import ops
-from .errors import JobNotFound
+from .errors import JobNotFound, error_text
 from .executor_async import AsyncExecutor
-from .jobs import (
-    Claimed,
+from .job_model import (
     IteratorConfig,
     JobContext,
-    JobControlBase,
-    JobIterator,
-    JobRunnerBase,
-    JobsHost,
     JobStats,
     JobStatus,
-    as_text,
-    check_limit,
+    encode_params,
+    iterator_registry_key,
+    log_step_exit,
+    takes_job,
+    validate_job_id,
+    validate_status,
+)
+from .job_ops import (
+    Claimed,
     check_page,
     claim_call,
     commit_call,
     control_call,
-    encode_params,
-    error_text,
     extend_call,
     fail_call,
-    iterator_names,
-    iterator_registry_key,
-    log_step_exit,
     owner_call,
     parse_control,
     parse_start,
     start_call,
     step_saved,
-    takes_job,
-    validate_job_id,
-    validate_status,
 )
+from .job_runner import JobRunnerBase
+from .jobs import JobControlBase, JobIterator, JobsHost, check_limit, iterator_names
+from .models import as_text
 
 log = logging.getLogger("redis_batcher.jobs")
 
@@ -448,8 +445,11 @@ class AsyncJobRunner(JobRunnerBase):
             return
         outcome, retries = as_text(reply[0]), int(reply[1])
         if outcome == "corrupt":
-            log.error("%s %s: its keys hold data this library did not write; failure not recorded",
-                      it.name, c.job_id)
+            log.error(
+                "%s %s: its keys hold data this library did not write; failure not recorded",
+                it.name,
+                c.job_id,
+            )
         elif outcome == "failed":
             self.stats.failed += 1
             log.error("%s %s: failed after %d tries: %s", it.name, c.job_id, retries, error_text(exc))

@@ -236,3 +236,8 @@ class DeadLetter:
     created_at: datetime | None
     dead_at: datetime | None
     items: list[Any] | None = None
+
+
+def as_text(value: Any) -> str:
+    """``value`` as str (bytes decoded as UTF-8): what redis-py returns without decoding."""
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -43,6 +43,7 @@ from .models import (
     FlushRecord,
     FlushResult,
     add_result,
+    as_text,
     ms_to_dt,
 )
 from .scripts import Script, scripts
@@ -53,10 +54,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("redis_batcher")
 T = TypeVar("T")
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @contextlib.contextmanager
@@ -72,7 +69,7 @@ def reading(key: str) -> Iterator[None]:
 
 
 def _pairs(flat: Sequence[Any]) -> dict[str, str]:
-    return {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat), 2)}
+    return {as_text(flat[i]): as_text(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
 class Call:
@@ -131,7 +128,7 @@ _CORRUPT = "corrupt,"
 
 
 def _corrupt(what: Any) -> CorruptData:
-    return CorruptData(f"{_s(what)}; nothing was written (delete or rename that key)")
+    return CorruptData(f"{as_text(what)}; nothing was written (delete or rename that key)")
 
 
 def parse_add_segments(
@@ -185,9 +182,9 @@ def flush_call(proc: Processor, base: str, seq: int | None) -> Call:
 
 
 def parse_flush(batch_id: str, base: str, reply: Sequence[Any]) -> FlushResult:
-    if _s(reply[0]) == "corrupt":
+    if as_text(reply[0]) == "corrupt":
         raise _corrupt(reply[3])
-    code, seq, count, status = _s(reply[0]), int(reply[1]), int(reply[2]), _s(reply[3])
+    code, seq, count, status = as_text(reply[0]), int(reply[1]), int(reply[2]), as_text(reply[3])
     sequence = None if seq < 0 else seq
     if code == "not_found":
         raise BatchNotFound(f"batch {batch_id!r} does not exist")
@@ -205,8 +202,8 @@ def status_call(proc: Processor, base: str) -> Call:
 
 def parse_status(base: str, reply: Sequence[Any]) -> tuple[list[BatchInfo], BatchInfo | None]:
     """Active sequences (ordered) and the last completed one, from a status.lua reply."""
-    if not isinstance(reply[0], list) and _s(reply[0]) == "corrupt":
-        raise CorruptData(_s(reply[1]))
+    if not isinstance(reply[0], list) and as_text(reply[0]) == "corrupt":
+        raise CorruptData(as_text(reply[1]))
     head = _pairs(reply[0])
     active: list[BatchInfo] = []
     for seq, flat, llen, added_at in reply[1:]:
@@ -214,7 +211,7 @@ def parse_status(base: str, reply: Sequence[Any]) -> tuple[list[BatchInfo], Batc
         status = meta.get("status", "accumulating")
         if added_at:
             # add.lua records the accumulating sequence's last add in its open list's header
-            meta["updated_at"] = max(meta.get("updated_at", "0"), _s(added_at), key=int)
+            meta["updated_at"] = max(meta.get("updated_at", "0"), as_text(added_at), key=int)
         count = int(meta["cutoff"]) if status == "flushing" and "cutoff" in meta else int(llen)
         active.append(
             BatchInfo(
@@ -277,7 +274,7 @@ def delete_call(proc: Processor, base: str, seq: int | None) -> Call:
 
 
 def parse_delete(reply: Sequence[Any]) -> DeleteResult:
-    deleted, reason = int(reply[0]), _s(reply[1])
+    deleted, reason = int(reply[0]), as_text(reply[1])
     if deleted < 0:
         raise _corrupt(reason)
     return DeleteResult(bool(deleted), reason or None)
@@ -380,13 +377,13 @@ def parse_claim(
     ``quarantined``. Raises :class:`CorruptData` when the partition's keys hold something else."""
     next_due = int(reply[0])
     if next_due == CORRUPT_DUE:
-        raise CorruptData(f"{_s(reply[1])}: nothing of {part.pfx} can be claimed until it is fixed")
+        raise CorruptData(f"{as_text(reply[1])}: nothing of {part.pfx} can be claimed until it is fixed")
     out = []
     for i in range(1, len(reply), 6):
-        member = _s(reply[i])
+        member = as_text(reply[i])
         if int(reply[i + 1]) < 0:
             if quarantined is not None:
-                quarantined.append(Quarantined(member, _s(reply[i + 3]), _s(reply[i + 5])))
+                quarantined.append(Quarantined(member, as_text(reply[i + 3]), as_text(reply[i + 5])))
             continue
         window = reply[i + 5]
         if isinstance(window, bytes):
@@ -403,8 +400,8 @@ def parse_claim(
                 sequence=int(seq),
                 cutoff=int(reply[i + 1]),
                 attempt=int(reply[i + 2]),
-                flush_id=_s(reply[i + 3]),
-                reason=_s(reply[i + 4]),
+                flush_id=as_text(reply[i + 3]),
+                reason=as_text(reply[i + 4]),
                 owner=owner,
                 raw=raw,
             )
@@ -534,7 +531,7 @@ def items_key(c: Claimed) -> str:
 
 def parse_dead_letter(proc: Processor, dead_id: str, flat: Any) -> DeadLetter | None:
     meta = flat if isinstance(flat, dict) else _pairs(flat)
-    meta = {_s(k): _s(v) for k, v in meta.items()}
+    meta = {as_text(k): as_text(v) for k, v in meta.items()}
     if not meta:
         return None
     return DeadLetter(
@@ -573,7 +570,7 @@ def parse_purge(reply: Any) -> int:
 
 def check_replay(reply: Sequence[Any]) -> None:
     """Raise :class:`CorruptData` for a replay.lua reply that found keys holding something else."""
-    if _s(reply[0]) == "corrupt":
+    if as_text(reply[0]) == "corrupt":
         raise _corrupt(reply[1])
 
 
@@ -663,7 +660,7 @@ def _exists(key: str) -> Callable[[Any], Any]:
 
 def parse_layout(value: Any) -> int | str:
     """A layout stamp's version, or its text when it is not a version."""
-    text = _s(value) if value is not None else ""
+    text = as_text(value) if value is not None else ""
     return int(text) if text.isascii() and text.isdigit() and len(text) < 6 else text
 
 
@@ -674,7 +671,7 @@ def dead_letters_steps(proc: Processor, limit: int) -> Steps[list[DeadLetter]]:
     found: list[tuple[float, PartitionKeys, str]] = []
     for part in proc.keys.parts:
         newest = yield Read(part.dead, methodcaller("zrevrange", part.dead, 0, limit - 1, withscores=True))
-        found.extend((score, part, _s(raw)) for raw, score in newest)
+        found.extend((score, part, as_text(raw)) for raw, score in newest)
     found.sort(key=lambda t: t[0], reverse=True)
     out = []
     for _, part, dead_id in found[:limit]:
@@ -715,7 +712,7 @@ def replay_dead_steps(proc: Processor, dead_id: str) -> Steps[int]:
     part, letter = yield from _find_dead(proc, dead_id)
     reply = yield Run(replay_call(proc, part, dead_id, letter.batch_id), writes=True)
     check_replay(reply)
-    if _s(reply[0]) != "ok":
+    if as_text(reply[0]) != "ok":
         raise DeadLetterNotFound(f"no dead letter {dead_id!r} (replayed or purged meanwhile?)")
     return int(reply[1])
 
@@ -731,5 +728,5 @@ def purge_dead_steps(proc: Processor, dead_id: str | None) -> Steps[int]:
             oldest = yield Read(part.dead, methodcaller("zrange", part.dead, 0, DEAD_PURGE_CHUNK - 1))
             if not oldest:
                 break
-            total += parse_purge((yield Run(purge_call(part, [_s(r) for r in oldest]))))
+            total += parse_purge((yield Run(purge_call(part, [as_text(r) for r in oldest]))))
     return total

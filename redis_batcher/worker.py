@@ -28,8 +28,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import ops, wake
 from .batcher import Batcher
-from .errors import NotReplicated
-from .jobs import JobRunner, select_iterators
+from .errors import NotReplicated, error_text
+from .job_runner import JobRunner
+from .jobs import select_iterators
 from .worker_core import (
     Outcome,
     WorkerCore,
@@ -38,7 +39,6 @@ from .worker_core import (
     classify,
     decode_window,
     drain_ranges,
-    error_text,
     log_handler_exit,
     make_flush,
     select_processors,
@@ -149,7 +149,7 @@ class Worker(WorkerCore):
         self._stopping = threading.Event()
         self._done = threading.Event()
         self.ready = threading.Event()  # set once the worker has started claiming
-        # iterator jobs run in a runner thread of their own (redis_batcher.jobs)
+        # iterator jobs run in a runner thread of their own (redis_batcher.job_runner)
         self.jobs = (
             JobRunner(batcher, chosen, concurrency=concurrency, grace_period=grace_period)
             if chosen

@@ -17,7 +17,7 @@ from redis.exceptions import OutOfMemoryError, RedisError
 from . import ops
 from .codec import MsgpackCodec, decode_item
 from .definition import ProcessorDef
-from .errors import ConfigError, CorruptData, DecodeError, PartialFailure
+from .errors import MAX_ERROR_CHARS, ConfigError, CorruptData, DecodeError, PartialFailure, error_text
 from .keys import PartitionKeys
 from .models import Flush
 from .processor import Processor
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("redis_batcher.worker")
 
-MAX_ERROR_CHARS = 2000
 DRAIN_CHUNK = 10_000
 CORRUPT_RETRY = 5.0  # seconds before a partition whose own keys are corrupt is claimed from again
 CORRUPT_LOG_EVERY = 60.0  # seconds between reports of one such partition
@@ -64,10 +63,6 @@ def backoff_seconds(proc: ProcessorDef, attempt: int) -> float:
     cfg = proc.config
     raw = min(cfg.retry_backoff_max, cfg.retry_backoff * (2 ** min(max(attempt - 1, 0), 62)))
     return float(raw * random.uniform(0.5, 1.0))
-
-
-def error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
 
 
 class HandlerExit(Exception):

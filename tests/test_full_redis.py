@@ -28,13 +28,13 @@ import redis_batcher as rb
 from redis_batcher import asyncio as aio
 from redis_batcher import ops
 from redis_batcher.connection import Arg, AsyncLink, Link
-from redis_batcher.embedded import RedisServer, find_redis_server
-from redis_batcher.jobs import claim_call as job_claim_call
-from redis_batcher.jobs import extend_call as job_extend_call
-from redis_batcher.jobs import fail_call as job_fail_call
-from redis_batcher.jobs import owner_call
-from redis_batcher.jobs import parse_claim as parse_job_claim
+from redis_batcher.job_ops import claim_call as job_claim_call
+from redis_batcher.job_ops import extend_call as job_extend_call
+from redis_batcher.job_ops import fail_call as job_fail_call
+from redis_batcher.job_ops import owner_call
+from redis_batcher.job_ops import parse_claim as parse_job_claim
 from redis_batcher.scripts import Script, flags_unsupported, scripts
+from redis_batcher.embedded import RedisServer, find_redis_server
 
 from .test_async_api import arun
 from .test_worker import wait_for

@@ -18,7 +18,7 @@ import redis
 
 import redis_batcher
 from benchmarks.report import ITEM, append_json, exit_on_sigterm, record
-from redis_batcher.embedded import RedisServer
+from redis_batcher.testing import RedisServer
 
 
 def rate(fn: Callable[[], int], seconds: float) -> float:

@@ -35,7 +35,7 @@ import redis
 import redis_batcher
 import redis_batcher.asyncio as rb_asyncio
 from benchmarks.report import ITEM, append_json, exit_on_sigterm, record
-from redis_batcher.embedded import RedisServer
+from redis_batcher.testing import RedisServer
 
 PROCESSOR: dict[str, Any] = {"name": "bench", "max_batch_size": 1_000_000, "flush_interval": None}
 

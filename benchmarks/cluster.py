@@ -21,7 +21,7 @@ from redis.cluster import ClusterNode, RedisCluster
 
 import redis_batcher
 from benchmarks.report import ITEM, append_json, exit_on_sigterm, record
-from redis_batcher.embedded import RedisClusterServers, RedisServer
+from redis_batcher.testing import RedisClusterServers, RedisServer
 
 SUITE = "cluster"
 IDS = [f"b{i}" for i in range(20)]

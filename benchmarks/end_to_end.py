@@ -61,7 +61,7 @@ from benchmarks.e2e_common import (
     make_item,
 )
 from redis_batcher import wake
-from redis_batcher.embedded import RedisServer
+from redis_batcher.testing import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = "end_to_end"

@@ -31,7 +31,7 @@ import msgpack
 import redis
 
 from benchmarks.report import ITEM, append_json, exit_on_sigterm, record
-from redis_batcher.embedded import RedisServer
+from redis_batcher.testing import RedisServer
 
 SUITE = "machine"
 PING = b"*1\r\n$4\r\nPING\r\n"

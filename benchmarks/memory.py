@@ -23,7 +23,7 @@ import redis
 
 import redis_batcher
 from benchmarks.report import append_json, exit_on_sigterm, record
-from redis_batcher.embedded import RedisServer
+from redis_batcher.testing import RedisServer
 
 SUITE = "memory"
 ITEM: dict[str, Any] = {

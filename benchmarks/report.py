@@ -212,7 +212,7 @@ def _dist_version(name: str) -> str | None:
 
 
 def redis_server_version() -> str:
-    from redis_batcher.embedded import find_redis_server
+    from redis_batcher.testing import find_redis_server
 
     binary = find_redis_server()
     if not binary:

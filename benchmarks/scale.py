@@ -45,8 +45,8 @@ import redis_batcher
 from benchmarks.report import ITEM, Record, append_json, exit_on_sigterm, record
 from redis_batcher import ops
 from redis_batcher.connection import Link, pack
-from redis_batcher.embedded import RedisServer
 from redis_batcher.scripts import scripts
+from redis_batcher.testing import RedisServer
 
 SUITE = "scale"
 CLAIM_LIMIT = 10

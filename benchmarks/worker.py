@@ -30,8 +30,8 @@ import redis
 
 from benchmarks.report import append_json, exit_on_sigterm, record
 from redis_batcher import ops, wake
-from redis_batcher.embedded import RedisServer
 from redis_batcher.scripts import scripts
+from redis_batcher.testing import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")

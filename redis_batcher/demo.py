@@ -45,8 +45,8 @@ from rich.text import Text
 
 from . import wake
 from .batcher import Batcher, default_url
-from .embedded import RedisServer, RedisServerError
 from .models import Flush
+from .testing import RedisServer, RedisServerError
 
 PREFIX = "rb-demo"
 PROCESSOR_NAME = "demo.events"

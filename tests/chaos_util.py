@@ -20,7 +20,7 @@ import msgpack
 import redis
 
 from redis_batcher import wake
-from redis_batcher.embedded import RedisServer
+from redis_batcher.testing import RedisServer
 from tests.apps import chaos
 from tests.conftest import ROOT, cli_command, subprocess_env
 

@@ -13,8 +13,8 @@ import pytest
 import redis
 
 from redis_batcher import Batcher, wake
-from redis_batcher.embedded import RedisClusterServers, RedisServer, find_redis_server
 from redis_batcher.keys import PartitionKeys
+from redis_batcher.testing import RedisClusterServers, RedisServer, find_redis_server
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -33,9 +33,9 @@ import redis.asyncio as aioredis
 
 import redis_batcher as rb
 from redis_batcher import asyncio as aio
-from redis_batcher.embedded import RedisServer
 from redis_batcher.processor import ADD_CHUNK
 from redis_batcher.scripts import scripts
+from redis_batcher.testing import RedisServer
 
 from . import test_api
 from .conftest import ROOT, snapshot

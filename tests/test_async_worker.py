@@ -27,8 +27,8 @@ from redis.credentials import UsernamePasswordCredentialProvider
 
 import redis_batcher as rb
 from redis_batcher import asyncio as aio
-from redis_batcher.embedded import RedisClusterServers, RedisServer
 from redis_batcher.keys import partition_of
+from redis_batcher.testing import RedisClusterServers, RedisServer
 from tests.apps import async_app
 from tests.conftest import ROOT, cli_command, subprocess_env
 

@@ -23,7 +23,7 @@ from click.testing import CliRunner, Result
 import redis_batcher
 from redis_batcher import wake
 from redis_batcher.cli import main
-from redis_batcher.embedded import RedisServer
+from redis_batcher.testing import RedisServer
 from tests.apps import exiting, ledger, slow
 from tests.conftest import ROOT, cli_command, subprocess_env
 

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 import redis_batcher as rb
 from redis_batcher import Batcher, Worker
 from redis_batcher.cli import main
-from redis_batcher.embedded import RedisServer
+from redis_batcher.testing import RedisServer
 
 
 def run(*args: str) -> tuple[int, str]:

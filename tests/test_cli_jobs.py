@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from redis_batcher import Batcher, JobContext, Page, Worker
 from redis_batcher.cli import main
-from redis_batcher.embedded import RedisServer
+from redis_batcher.testing import RedisServer
 
 
 def run(*args: str) -> tuple[int, str]:

@@ -15,9 +15,9 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 
 from redis_batcher import Batcher, Flush, Processor, Worker
-from redis_batcher.embedded import RedisClusterServers
 from redis_batcher.keys import partition_of
 from redis_batcher.scripts import scripts
+from redis_batcher.testing import RedisClusterServers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

@@ -18,7 +18,7 @@ from redis.cluster import ClusterNode, RedisCluster
 import redis_batcher as rb
 from redis_batcher import Batcher, Flush, Worker
 from redis_batcher.connection import ClusterNodePool
-from redis_batcher.embedded import RedisClusterServers, RedisServer, free_cluster_port
+from redis_batcher.testing import RedisClusterServers, RedisServer, free_cluster_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 

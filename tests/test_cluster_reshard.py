@@ -22,8 +22,8 @@ from redis.cluster import ClusterNode, RedisCluster
 
 from redis_batcher import Batcher, BatcherError, Flush, NotSentClusterError, Processor, Worker
 from redis_batcher import asyncio as aio
-from redis_batcher.embedded import RedisClusterServers, RedisServer, free_cluster_port
 from redis_batcher.keys import KeySpace, key_slot
+from redis_batcher.testing import RedisClusterServers, RedisServer, free_cluster_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

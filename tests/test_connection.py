@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 import redis_batcher as rb
 from redis_batcher import Batcher, connection
 from redis_batcher import asyncio as aio
-from redis_batcher.embedded import RedisServer, free_port
+from redis_batcher.testing import RedisServer, free_port
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from redis_batcher import demo, wake
-from redis_batcher.embedded import RedisServer
+from redis_batcher.testing import RedisServer
 from tests.conftest import subprocess_env
 
 DEMO_TIMEOUT = 60
@@ -180,7 +180,7 @@ def test_summary_and_redact() -> None:
 def test_a_signal_while_a_server_starts_never_leaves_it_running(monkeypatch: pytest.MonkeyPatch) -> None:
     # SIGTERM arriving inside Popen (as the handler of a stopped benchmark raises SystemExit):
     # the server is recorded first, so start() stops it on the way out
-    from redis_batcher import embedded
+    from redis_batcher.testing import servers as embedded
 
     started: list[subprocess.Popen[bytes]] = []
     real_popen = subprocess.Popen

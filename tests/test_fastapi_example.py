@@ -23,7 +23,7 @@ import httpx
 import pytest
 import redis
 
-from redis_batcher.embedded import RedisServer
+from redis_batcher.testing import RedisServer
 from tests.conftest import ROOT, cli_command, subprocess_env
 
 MODULE = "examples.fastapi_app"

@@ -34,7 +34,7 @@ from redis_batcher.job_ops import fail_call as job_fail_call
 from redis_batcher.job_ops import owner_call
 from redis_batcher.job_ops import parse_claim as parse_job_claim
 from redis_batcher.scripts import Script, flags_unsupported, scripts
-from redis_batcher.embedded import RedisServer, find_redis_server
+from redis_batcher.testing import RedisServer, find_redis_server
 
 from .test_async_api import arun
 from .test_worker import wait_for

@@ -18,8 +18,8 @@ import pytest
 import redis
 
 from redis_batcher import Batcher, Flush, JobContext, Page, Worker
-from redis_batcher.embedded import RedisServer
 from redis_batcher.scripts import scripts
+from redis_batcher.testing import RedisServer
 
 pytestmark = pytest.mark.timeout(120)
 

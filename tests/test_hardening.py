@@ -14,7 +14,7 @@ import redis
 
 import redis_batcher as rb
 from redis_batcher import Batcher, Worker, ops
-from redis_batcher.embedded import RedisServer
+from redis_batcher.testing import RedisServer
 
 from .conftest import snapshot
 

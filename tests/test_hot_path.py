@@ -16,8 +16,8 @@ import redis
 import redis_batcher as rb
 from redis_batcher import Batcher, Worker, connection, ops
 from redis_batcher.connection import Link
-from redis_batcher.embedded import RedisServer
 from redis_batcher.scripts import INCLUDES, Includes, lua_dir, scripts
+from redis_batcher.testing import RedisServer
 from tests.conftest import held_items, snapshot, wake_pubsub
 
 

@@ -22,7 +22,7 @@ import redis_batcher as rb
 from redis_batcher import Batcher, JobContext, Page, Worker
 from redis_batcher.job_ops import claim_call, commit_call, fail_call, parse_claim
 from redis_batcher.job_runner import JobRunner
-from redis_batcher.embedded import RedisServer
+from redis_batcher.testing import RedisServer
 from tests.apps import jobs_app
 from tests.chaos_util import own_server
 from tests.conftest import ROOT, cli_command, snapshot, subprocess_env

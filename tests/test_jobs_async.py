@@ -17,7 +17,7 @@ import redis
 import redis_batcher as rb
 import redis_batcher.asyncio as aio
 from redis_batcher import JobContext, Page
-from redis_batcher.embedded import RedisServer
+from redis_batcher.testing import RedisServer
 from tests.apps import jobs_app
 from tests.conftest import snapshot
 from tests.test_jobs import make_table

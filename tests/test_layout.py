@@ -22,8 +22,8 @@ import redis_batcher as rb
 import redis_batcher.asyncio as aio
 from redis_batcher import Batcher, Worker
 from redis_batcher.cli import main
-from redis_batcher.embedded import RedisClusterServers, RedisServer
 from redis_batcher.keys import LAYOUT, MAX_PARTITIONS, key_slot, layout_key, partition_tag, slot_range
+from redis_batcher.testing import RedisClusterServers, RedisServer
 from tests.conftest import snapshot
 
 PREFIX = "lay"

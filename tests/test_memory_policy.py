@@ -18,7 +18,7 @@ import redis_batcher as rb
 from redis_batcher import Batcher, Worker
 from redis_batcher import asyncio as aio
 from redis_batcher.cli import main
-from redis_batcher.embedded import RedisClusterServers, RedisServer
+from redis_batcher.testing import RedisClusterServers, RedisServer
 
 
 @pytest.fixture(scope="module")

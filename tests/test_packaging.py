@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from redis_batcher.embedded import RedisServer
 from redis_batcher.scripts import (
     INCLUDES,
     JOB_SCRIPT_NAMES,
@@ -33,6 +32,7 @@ from redis_batcher.scripts import (
     parse_includes,
     scripts,
 )
+from redis_batcher.testing import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA_DIR = ROOT / "lua"

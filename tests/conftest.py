@@ -136,3 +136,14 @@ def redis_cluster() -> Iterator[RedisClusterServers]:
         yield cluster
     finally:
         cluster.stop()
+
+
+# Tests whose fakeredis variant takes half a minute (its Lua interpreter is far slower than
+# Redis'): marked slow there, so the CI matrix runs their real-server variant only.
+SLOW_ON_FAKEREDIS = {"test_add_many_into_thousands_of_tiny_sequences"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.name.endswith("[fake]") and item.name.split("[")[0] in SLOW_ON_FAKEREDIS:
+            item.add_marker(pytest.mark.slow)

@@ -381,13 +381,8 @@ class Batcher:
             self.executor.ensure_registered(proc)
 
     def check_memory_policy(self) -> None:
-        """Refuse a Redis that may evict queued items: raises :class:`EvictionPolicyError`
-        when the server's ``maxmemory-policy`` is neither ``noeviction`` nor a ``volatile-*``
-        policy (on Redis Cluster: any primary's), unless ``allow_eviction=True`` (then it logs
-        a warning). The policy is read from ``INFO memory``, else ``CONFIG GET``; a server that
-        answers neither (an ACL, a Redis-like server without them) is not refused.
-
-        A batcher runs this before its first write; workers run it when they start."""
+        """Refuse a Redis that may evict queued items (:class:`EvictionPolicyError`); see
+        :meth:`Executor.check_memory_policy <redis_batcher.executor.Executor.check_memory_policy>`."""
         self.executor.check_memory_policy()
 
     def registry_entries(self) -> tuple[dict[str, ProcessorConfig], dict[str, str]]:

@@ -119,7 +119,7 @@ def port_of(node: redis.Redis) -> int:
 def test_wait_replicas_waits_on_the_primary_that_ran_the_script(
     cluster: Cluster, client: RedisCluster
 ) -> None:
-    batcher = Batcher(client, prefix="w", wait_replicas=1, wait_timeout=0.3)
+    batcher = Batcher(client, prefix="w", wait_replicas=1, wait_timeout=1.0)
     proc = batcher.processor(name="ev", partitions=3, max_batch_size=100, flush_interval=None)(lambda f: None)
     with_replica = port_of(cluster.primaries[0])
     by_owner: dict[bool, str] = {}
@@ -197,7 +197,7 @@ def test_async_wait_replicas_and_a_moved_slot(cluster: Cluster, client: RedisClu
                 aio.Batcher(arc, prefix="aw", wait_replicas=1)
             ab = aio.Batcher(arc, prefix="aw")
         else:
-            ab = aio.Batcher(arc, prefix="aw", wait_replicas=1, wait_timeout=0.3)
+            ab = aio.Batcher(arc, prefix="aw", wait_replicas=1, wait_timeout=1.0)
         proc = ab.processor(name="ev", partitions=3, max_batch_size=100, flush_interval=None)(lambda f: None)
         by_owner: dict[bool, str] = {}
         for i in range(100):

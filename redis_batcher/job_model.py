@@ -17,7 +17,8 @@ Key layout (prefix ``rb``, iterator ``backfill``; one hash tag per iterator)::
 
 :mod:`redis_batcher.job_ops` builds the script calls and reads their replies;
 :mod:`redis_batcher.jobs` has the sync handles, :mod:`redis_batcher.job_runner` the threaded
-runner and :mod:`redis_batcher.jobs_async` the asyncio twins.
+runner, :mod:`redis_batcher.jobs_async` and :mod:`redis_batcher.job_runner_async` the asyncio
+twins.
 """
 
 from __future__ import annotations

@@ -330,7 +330,8 @@ def test_async_pause_during_delay_between_batches_runs_no_further_step(
 
 
 def test_async_bad_runner_and_listing_arguments(redis_server: RedisServer, real_client: redis.Redis) -> None:
-    from redis_batcher.jobs_async import AsyncJobControl, AsyncJobRunner
+    from redis_batcher.job_runner_async import AsyncJobRunner
+    from redis_batcher.jobs_async import AsyncJobControl
 
     async def body(ab: aio.Batcher) -> None:
         Count, _ = counting(ab)

@@ -44,8 +44,9 @@ from .errors import (
 )
 from .executor_async import AsyncExecutor
 from .job_model import JobStatus
+from .job_runner_async import AsyncJobRunner
 from .jobs import select_iterators
-from .jobs_async import AsyncJobIterator, AsyncJobRunner, list_jobs
+from .jobs_async import AsyncJobIterator, list_jobs
 from .keys import parse_batch_id, validate_name
 from .models import (
     AddResult,

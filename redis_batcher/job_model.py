@@ -16,8 +16,10 @@ Key layout (prefix ``rb``, iterator ``backfill``; one hash tag per iterator)::
     rb:{jobs:backfill}:guard            never written: declared last by every job script
 
 :mod:`redis_batcher.job_ops` builds the script calls and reads their replies;
-:mod:`redis_batcher.jobs` has the sync handles, :mod:`redis_batcher.job_runner` the threaded
-runner and :mod:`redis_batcher.jobs_async` the asyncio twins.
+:mod:`redis_batcher.jobs` has the sync handles and :mod:`redis_batcher.jobs_async` the asyncio
+ones; :mod:`redis_batcher.job_runner_core` decides how jobs run, and
+:mod:`redis_batcher.job_runner` (threads) and :mod:`redis_batcher.job_runner_async` (asyncio)
+carry that out.
 """
 
 from __future__ import annotations

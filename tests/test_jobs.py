@@ -138,7 +138,9 @@ def test_pause_stops_progress_and_resume_finishes(real_batcher: Batcher) -> None
     assert sorted(seen) == list(range(400))
 
 
-def test_a_step_failing_twice_then_succeeding_is_retried_with_backoff(real_batcher: Batcher) -> None:
+def test_a_step_failing_twice_then_succeeding_is_retried_with_backoff(
+    real_batcher: Batcher, caplog: pytest.LogCaptureFixture
+) -> None:
     calls: list[float] = []
 
     @real_batcher.iterator(name="flaky", batch_size=5, retry_backoff=0.1, retry_backoff_max=30.0)
@@ -166,6 +168,11 @@ def test_a_step_failing_twice_then_succeeding_is_retried_with_backoff(real_batch
     assert st is not None
     assert (st.retry_count, st.processed) == (0, 3)
     assert st.error == "ConnectionError: database away (2)"  # the last error is kept
+    retries = [r.getMessage() for r in caplog.records if "step failed" in r.getMessage()]
+    assert retries == [
+        "flaky f1: step failed (ConnectionError: database away (1)); retry 1 in 0.1s",
+        "flaky f1: step failed (ConnectionError: database away (2)); retry 2 in 0.2s",
+    ]
 
 
 def test_a_step_always_failing_fails_the_job_after_max_retries(real_batcher: Batcher) -> None:

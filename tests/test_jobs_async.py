@@ -150,7 +150,9 @@ async def _owner_free(client: redis.Redis, it: Any, job_id: str) -> bool:
     return client.hget(it.keys.job(job_id), "owner") == b""
 
 
-def test_async_retries_then_failure_then_resume(redis_server: RedisServer, real_client: redis.Redis) -> None:
+def test_async_retries_then_failure_then_resume(
+    redis_server: RedisServer, real_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
     calls: list[float] = []
     healthy = [False]
 
@@ -176,6 +178,9 @@ def test_async_retries_then_failure_then_resume(redis_server: RedisServer, real_
         st = await status_of(Flaky, "f1")
         assert (st.retry_count, st.error) == (3, "TimeoutError: api timed out")
         assert len(calls) == 3 and calls[1] - calls[0] >= 0.045 and calls[2] - calls[1] >= 0.095
+        # logged as by the sync runner: with the delay before the retry
+        logged = [r.getMessage() for r in caplog.records if "step failed" in r.getMessage()]
+        assert logged[1] == "flaky f1: step failed (TimeoutError: api timed out); retry 2 in 0.1s"
         healthy[0] = True
         assert (await Flaky.resume("f1")).retry_count == 0
         await aio.Worker(ab).run(burst=True)
@@ -330,7 +335,8 @@ def test_async_pause_during_delay_between_batches_runs_no_further_step(
 
 
 def test_async_bad_runner_and_listing_arguments(redis_server: RedisServer, real_client: redis.Redis) -> None:
-    from redis_batcher.jobs_async import AsyncJobControl, AsyncJobRunner
+    from redis_batcher.job_runner_async import AsyncJobRunner
+    from redis_batcher.jobs_async import AsyncJobControl
 
     async def body(ab: aio.Batcher) -> None:
         Count, _ = counting(ab)

@@ -4,50 +4,50 @@ prefix, read from the registry without the application's code."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import click
-from rich.table import Table
 
 from . import overview
 from .cli_common import (
     connection_options,
     console,
+    exit_on_error,
     fmt_time,
     json_option,
     make_batcher,
     print_json,
+    print_table,
     processor_options,
     registry,
     remote,
 )
-from .errors import BatcherError
 from .keys import LAYOUT
+from .processor import Processor
+
+STATUS_COLUMNS = ("seq", "status", "items", "attempt", "created", "updated", "last error")
+HISTORY_COLUMNS = ("seq", "items", "started", "ms", "ok", "attempt", "error")
 
 
-@click.command()
-@click.argument("batch_id")
-@processor_options
-def status(
-    batch_id: str, processor: str, as_json: bool, redis_url: str | None, prefix: str, cluster: bool
-) -> None:
+def _batch_command(f: Callable[..., None]) -> click.Command:
+    """A command on one BATCH_ID of one processor found in the registry."""
+    return click.command()(click.argument("batch_id")(processor_options(f)))
+
+
+@_batch_command
+def status(batch_id: str, proc: Processor, as_json: bool) -> None:
     """Show the sequences of BATCH_ID (active ones and the last completed one)."""
-    proc = remote(redis_url, prefix, cluster, processor)
-    try:
+    with exit_on_error("BATCH_ID"):
         seqs = proc.sequences(batch_id)
-    except BatcherError as exc:
-        raise click.BadParameter(str(exc), param_hint="BATCH_ID") from exc
     if as_json:
         st = proc.status(batch_id)
         print_json({"batch_id": batch_id, "active": st is not None, "sequences": seqs, "config": proc.config})
         return
     if not seqs:
-        console.print(f"[yellow]no sequences for {batch_id!r} in processor {processor!r}[/]")
+        console.print(f"[yellow]no sequences for {batch_id!r} in processor {proc.name!r}[/]")
         return
-    table = Table(title=f"{processor} / {batch_id}")
-    for col in ("seq", "status", "items", "attempt", "created", "updated", "last error"):
-        table.add_column(col)
-    for b in seqs:
-        table.add_row(
+    rows = [
+        (
             str(b.sequence),
             b.status,
             str(b.item_count),
@@ -56,36 +56,22 @@ def status(
             fmt_time(b.updated_at),
             b.last_error or "",
         )
-    console.print(table)
+        for b in seqs
+    ]
+    print_table(f"{proc.name} / {batch_id}", STATUS_COLUMNS, rows)
 
 
-@click.command()
-@click.argument("batch_id")
-@processor_options
+@_batch_command
 @click.option("--limit", "-n", type=click.IntRange(min=1), default=20, show_default=True)
-def history(
-    batch_id: str,
-    processor: str,
-    limit: int,
-    as_json: bool,
-    redis_url: str | None,
-    prefix: str,
-    cluster: bool,
-) -> None:
+def history(batch_id: str, proc: Processor, limit: int, as_json: bool) -> None:
     """Show the flush history of BATCH_ID, newest first."""
-    proc = remote(redis_url, prefix, cluster, processor)
-    try:
+    with exit_on_error("BATCH_ID"):
         records = proc.history(batch_id, limit=limit)
-    except BatcherError as exc:
-        raise click.BadParameter(str(exc), param_hint="BATCH_ID") from exc
     if as_json:
         print_json(records)
         return
-    table = Table(title=f"history of {processor} / {batch_id}")
-    for col in ("seq", "items", "started", "ms", "ok", "attempt", "error"):
-        table.add_column(col)
-    for r in records:
-        table.add_row(
+    rows = [
+        (
             str(r.sequence),
             str(r.item_count),
             fmt_time(r.started_at),
@@ -94,21 +80,16 @@ def history(
             str(r.attempt),
             r.error or "",
         )
-    console.print(table)
+        for r in records
+    ]
+    print_table(f"history of {proc.name} / {batch_id}", HISTORY_COLUMNS, rows)
 
 
-@click.command()
-@click.argument("batch_id")
-@processor_options
-def flush(
-    batch_id: str, processor: str, as_json: bool, redis_url: str | None, prefix: str, cluster: bool
-) -> None:
+@_batch_command
+def flush(batch_id: str, proc: Processor, as_json: bool) -> None:
     """Seal BATCH_ID's accumulating sequence now (a base id or base::N)."""
-    proc = remote(redis_url, prefix, cluster, processor)
-    try:
+    with exit_on_error():
         result = proc.flush(batch_id)
-    except BatcherError as exc:
-        raise click.ClickException(str(exc)) from exc
     if as_json:
         print_json(result)
     elif result.flushed:
@@ -121,13 +102,11 @@ def _print_partitions(rows: list[overview.PartitionInfo], prefix: str, as_json: 
     if as_json:
         print_json(rows)
         return
-    table = Table(title=f"partitions under prefix {prefix!r}")
-    for col in ("processor", "partition", "key prefix", "slot", "node", "queued"):
-        table.add_column(col)
-    for row in rows:
-        cells = (row.processor, row.partition, row.key_prefix, row.slot, row.node, row.queued_sequences)
-        table.add_row(*map(str, cells))
-    console.print(table, markup=False)
+    cells = [(r.processor, r.partition, r.key_prefix, r.slot, r.node, r.queued_sequences) for r in rows]
+    columns = ("processor", "partition", "key prefix", "slot", "node", "queued")
+    print_table(
+        f"partitions under prefix {prefix!r}", columns, [tuple(map(str, c)) for c in cells], markup=False
+    )
     for node, count in overview.partitions_per_node(rows).items():
         click.echo(f"{node}: {count} partition(s)")
 
@@ -146,20 +125,19 @@ def _print_processors(rows: list[overview.ProcessorOverview], prefix: str, as_js
             ]
         )
         return
-    table = Table(title=f"processors under prefix {prefix!r}")
-    for col in ("processor", "max size", "interval s", "partitions", "active ids", "queued"):
-        table.add_column(col)
-    for row in rows:
-        cfg = row.config
-        table.add_row(
-            row.name,
-            str(cfg.max_batch_size),
-            str(cfg.flush_interval),
-            str(cfg.partitions),
-            str(row.active_batch_ids),
-            str(row.queued_sequences),
+    cells = [
+        (
+            r.name,
+            r.config.max_batch_size,
+            r.config.flush_interval,
+            r.config.partitions,
+            r.active_batch_ids,
+            r.queued_sequences,
         )
-    console.print(table)
+        for r in rows
+    ]
+    columns = ("processor", "max size", "interval s", "partitions", "active ids", "queued")
+    print_table(f"processors under prefix {prefix!r}", columns, [tuple(map(str, c)) for c in cells])
 
 
 @click.command(name="ls")
@@ -195,10 +173,8 @@ def layout(upgrade: bool, redis_url: str | None, prefix: str, cluster: bool) -> 
     """Show the data layout version stamped in Redis (or upgrade it: README, Upgrading)."""
     batcher = make_batcher(redis_url, prefix, cluster)
     if upgrade:
-        try:
+        with exit_on_error():
             before = batcher.upgrade_layout()
-        except BatcherError as exc:
-            raise click.ClickException(str(exc)) from exc
         if before == LAYOUT:
             click.echo(f"prefix {prefix!r} already holds layout {LAYOUT}")
         else:

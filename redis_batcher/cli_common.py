@@ -4,14 +4,17 @@ connection options and the batcher or processor those options name."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, TypeVar
 
 import click
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.table import Table
 
 from . import overview
 from .batcher import Batcher, default_url
@@ -42,6 +45,19 @@ def print_json(value: Any) -> None:
     click.echo(json.dumps(jsonable(value), indent=2, ensure_ascii=False))
 
 
+def print_table(
+    title: str, columns: Iterable[str], rows: Iterable[Sequence[RenderableType]], markup: bool = True
+) -> None:
+    """A table of ``rows`` under ``columns`` (cells that are str are rich markup unless
+    ``markup`` is false)."""
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table, markup=markup)
+
+
 def fmt_time(value: datetime | None) -> str:
     return value.isoformat(timespec="milliseconds") if value else "-"
 
@@ -57,10 +73,29 @@ def json_option(f: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
 
 
-def processor_options(f: F) -> F:
-    """Options of the commands that act on one processor found in the registry."""
-    f = json_option(connection_options(f))
-    return click.option("--processor", "-p", required=True, help="Processor name.")(f)
+def processor_options(f: Callable[..., None]) -> Callable[..., None]:
+    """Options of the commands that act on one processor found in the registry: ``--processor``,
+    ``--json`` and the connection. The command gets that processor as ``proc`` (an unknown
+    name is a usage error, exit status 2), and ``as_json``."""
+
+    @functools.wraps(f)
+    def command(processor: str, redis_url: str | None, prefix: str, cluster: bool, **params: Any) -> None:
+        f(proc=remote(redis_url, prefix, cluster, processor), **params)
+
+    options = json_option(connection_options(command))
+    return click.option("--processor", "-p", required=True, help="Processor name.")(options)
+
+
+@contextmanager
+def exit_on_error(param_hint: str | None = None) -> Iterator[None]:
+    """Around a library call: a :class:`BatcherError` it raises ends the command with its
+    message and exit status 1 (with ``param_hint``: as a bad value of that parameter, status 2)."""
+    try:
+        yield
+    except BatcherError as exc:
+        if param_hint is None:
+            raise click.ClickException(str(exc)) from exc
+        raise click.BadParameter(str(exc), param_hint=param_hint) from exc
 
 
 def make_batcher(url: str | None, prefix: str, cluster: bool) -> Batcher:
@@ -69,10 +104,8 @@ def make_batcher(url: str | None, prefix: str, cluster: bool) -> Batcher:
 
 def remote(url: str | None, prefix: str, cluster: bool, name: str) -> Processor:
     """The registered processor ``name`` (a bad name is a usage error, exit status 2)."""
-    try:
+    with exit_on_error("--processor"):
         return make_batcher(url, prefix, cluster).remote(name)
-    except BatcherError as exc:
-        raise click.BadParameter(str(exc), param_hint="--processor") from exc
 
 
 def registry(batcher: Batcher) -> dict[str, ProcessorConfig]:

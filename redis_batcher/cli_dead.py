@@ -5,24 +5,24 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import click
-from rich.table import Table
 
 from . import overview
 from .cli_common import (
-    F,
     connection_options,
     console,
+    exit_on_error,
     fmt_time,
     json_option,
     jsonable,
     make_batcher,
     print_json,
+    print_table,
     processor_options,
     registry,
     remote,
 )
-from .errors import BatcherError
 from .models import DeadLetter
+from .processor import Processor
 
 # what `dead show` prints of a dead letter, before its time and items
 DEAD_FIELDS = (
@@ -62,15 +62,19 @@ def dead_ls(
         print_json([{"processor": d.processor, **jsonable(d)} for d in found])
         return
     title = f"dead letters of {processor}" if processor else f"dead letters under prefix {prefix!r}"
-    table = Table(title=title)
-    columns = ("id", "batch id", "seq", "items", "reason", "attempts", "deaths", "dead at", "error")
-    if processor is None:
-        table.add_column("processor")
-    for col in columns:
-        table.add_column(col)
-    for d in found:
-        table.add_row(
-            *([] if processor else [d.processor]),
+    columns: tuple[str, ...] = (
+        "id",
+        "batch id",
+        "seq",
+        "items",
+        "reason",
+        "attempts",
+        "deaths",
+        "dead at",
+        "error",
+    )
+    rows: list[tuple[str, ...]] = [
+        (
             d.id,
             d.batch_id,
             str(d.sequence),
@@ -81,21 +85,21 @@ def dead_ls(
             fmt_time(d.dead_at),
             d.error,
         )
-    console.print(table)
+        for d in found
+    ]
+    if processor is None:  # several processors: which one each is of
+        columns = ("processor", *columns)
+        rows = [(d.processor, *row) for d, row in zip(found, rows, strict=True)]
+    print_table(title, columns, rows)
 
 
 @dead.command(name="show")
 @click.argument("dead_id")
 @processor_options
-def dead_show(
-    dead_id: str, processor: str, as_json: bool, redis_url: str | None, prefix: str, cluster: bool
-) -> None:
+def dead_show(dead_id: str, proc: Processor, as_json: bool) -> None:
     """Show one dead letter with its items."""
-    proc = remote(redis_url, prefix, cluster, processor)
-    try:
+    with exit_on_error():
         letter = proc.dead_letter(dead_id)
-    except BatcherError as exc:
-        raise click.ClickException(str(exc)) from exc
     if as_json:
         data = jsonable(letter)
         data["items"] = [repr(i) if isinstance(i, bytes) else i for i in letter.items or []]
@@ -108,62 +112,50 @@ def dead_show(
         console.print(f"  [{i}] {item!r}")
 
 
-def _dead_selection(verb: str) -> Callable[[F], F]:
-    """Arguments shared by `dead replay` and `dead purge`: ids, or --all, of one processor."""
+Action = Callable[[Processor, tuple[str, ...] | None], None]
 
-    def decorate(f: F) -> F:
-        f = connection_options(f)
+
+def _dead_selection(name: str, verb: str) -> Callable[[Action], click.Command]:
+    """`dead replay` and `dead purge`: the action gets the processor and the dead-letter ids
+    given (None: --all, every dead letter of the processor)."""
+
+    def decorate(action: Action) -> click.Command:
+        def command(
+            dead_ids: tuple[str, ...],
+            select_all: bool,
+            processor: str,
+            redis_url: str | None,
+            prefix: str,
+            cluster: bool,
+        ) -> None:
+            if select_all == bool(dead_ids):
+                raise click.UsageError("give dead-letter ids or --all (not both)")
+            proc = remote(redis_url, prefix, cluster, processor)
+            with exit_on_error():
+                action(proc, None if select_all else dead_ids)
+
+        command.__doc__ = action.__doc__
+        f = connection_options(command)
         f = click.option("--processor", "-p", required=True, help="Processor name.")(f)
         f = click.option(
             "--all", "select_all", is_flag=True, help=f"{verb} every dead letter of the processor."
         )(f)
-        return click.argument("dead_ids", nargs=-1)(f)
+        return dead.command(name=name)(click.argument("dead_ids", nargs=-1)(f))
 
     return decorate
 
 
-def _selected(dead_ids: tuple[str, ...], select_all: bool) -> None:
-    if select_all == bool(dead_ids):
-        raise click.UsageError("give dead-letter ids or --all (not both)")
-
-
-@dead.command(name="replay")
-@_dead_selection("Replay")
-def dead_replay(
-    dead_ids: tuple[str, ...],
-    select_all: bool,
-    processor: str,
-    redis_url: str | None,
-    prefix: str,
-    cluster: bool,
-) -> None:
+@_dead_selection("replay", "Replay")
+def dead_replay(proc: Processor, dead_ids: tuple[str, ...] | None) -> None:
     """Put dead letters back into their batch ids (as new sequences, due now)."""
-    _selected(dead_ids, select_all)
-    proc = remote(redis_url, prefix, cluster, processor)
-    try:
-        for dead_id, sequence in overview.replay_dead_letters(proc, None if select_all else dead_ids):
-            console.print(f"replayed {dead_id} as sequence {sequence}")
-    except BatcherError as exc:
-        raise click.ClickException(str(exc)) from exc
+    for dead_id, sequence in overview.replay_dead_letters(proc, dead_ids):
+        console.print(f"replayed {dead_id} as sequence {sequence}")
 
 
-@dead.command(name="purge")
-@_dead_selection("Delete")
-def dead_purge(
-    dead_ids: tuple[str, ...],
-    select_all: bool,
-    processor: str,
-    redis_url: str | None,
-    prefix: str,
-    cluster: bool,
-) -> None:
+@_dead_selection("purge", "Delete")
+def dead_purge(proc: Processor, dead_ids: tuple[str, ...] | None) -> None:
     """Delete dead letters for good."""
-    _selected(dead_ids, select_all)
-    proc = remote(redis_url, prefix, cluster, processor)
-    try:
-        n = proc.purge_dead() if select_all else sum(proc.purge_dead(d) for d in dead_ids)
-    except BatcherError as exc:
-        raise click.ClickException(str(exc)) from exc
+    n = proc.purge_dead() if dead_ids is None else sum(proc.purge_dead(d) for d in dead_ids)
     console.print(f"purged {n} dead letter(s)")
 
 

@@ -14,13 +14,14 @@ from .cli_common import (
     F,
     connection_options,
     console,
+    exit_on_error,
     fmt_time,
     json_option,
     jsonable,
     make_batcher,
     print_json,
+    print_table,
 )
-from .errors import BatcherError
 from .job_model import STATUSES
 from .jobs import find_job
 
@@ -46,10 +47,8 @@ def _job_command(f: F) -> F:
 
 
 def _find_job(url: str | None, prefix: str, cluster: bool, job_id: str, iterator: str | None) -> Any:
-    try:
+    with exit_on_error():
         return find_job(make_batcher(url, prefix, cluster), job_id, iterator)
-    except BatcherError as exc:
-        raise click.ClickException(str(exc)) from exc
 
 
 def _print_job(st: Any) -> None:
@@ -95,13 +94,12 @@ def jobs_ls(
     if as_json:
         print_json(found)
         return
-    table = Table(title=f"jobs under prefix {prefix!r}" + (f" ({status_filter})" if status_filter else ""))
-    for col in LS_COLUMNS:
-        table.add_column(col)
-    for st in found:
-        table.add_row(
+    title = f"jobs under prefix {prefix!r}" + (f" ({status_filter})" if status_filter else "")
+    rows = [
+        # Text: ids and error texts are not rich markup
+        (
             st.iterator,
-            Text(st.job_id),  # Text: ids and error texts are not rich markup
+            Text(st.job_id),
             st.status,
             str(st.processed),
             f"{st.items_per_second:g}",
@@ -110,7 +108,9 @@ def jobs_ls(
             fmt_time(st.last_run_at),
             Text(st.error or ""),
         )
-    console.print(table)
+        for st in found
+    ]
+    print_table(title, LS_COLUMNS, rows)
 
 
 @jobs.command(name="status")
@@ -135,10 +135,8 @@ def _job_action(action: str, help_text: str) -> None:
         job_id: str, iterator: str | None, as_json: bool, redis_url: str | None, prefix: str, cluster: bool
     ) -> None:
         control = _find_job(redis_url, prefix, cluster, job_id, iterator)
-        try:
+        with exit_on_error():
             result = getattr(control, action)(job_id)
-        except BatcherError as exc:
-            raise click.ClickException(str(exc)) from exc
         if action == "delete":
             if not result:
                 raise click.ClickException(f"no job {job_id!r} for iterator {control.name!r}")

@@ -29,7 +29,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
 from types import FrameType
@@ -37,14 +36,12 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
 
 from . import wake
 from .batcher import Batcher, default_url
+from .demo_report import Progress, Summary, render_progress, summary_table
 from .models import Flush
 from .testing import RedisServer, RedisServerError
 
@@ -174,50 +171,6 @@ class DemoError(Exception):
     """A demo run that cannot finish; the message says what went wrong."""
 
 
-@dataclass
-class Progress:
-    added: int = 0
-    delivered: int = 0
-    unique: int = 0
-    flushes: int = 0
-    elapsed: float = 0.0
-
-
-@dataclass
-class Summary:
-    items: int
-    added: int
-    delivered: int
-    unique: int
-    flushes: int
-    wall_time: float
-    latencies: list[float]
-
-    @property
-    def lost(self) -> int:
-        return self.items - self.unique
-
-    @property
-    def duplicates(self) -> int:
-        return self.delivered - self.unique
-
-    @property
-    def mean_batch_size(self) -> float:
-        return self.delivered / self.flushes if self.flushes else 0.0
-
-    @property
-    def throughput(self) -> float:
-        return self.unique / self.wall_time if self.wall_time > 0 else 0.0
-
-    def percentile(self, p: float) -> float | None:
-        """Nearest-rank percentile of the latency samples (ms)."""
-        if not self.latencies:
-            return None
-        ordered = sorted(self.latencies)
-        rank = max(1, math.ceil(p / 100.0 * len(ordered)))
-        return ordered[rank - 1]
-
-
 def delete_demo_keys(client: Any) -> int:
     """Delete the demo's keys only (SCAN MATCH ``rb-demo:*``; never FLUSHDB/FLUSHALL)."""
     deleted = 0
@@ -244,46 +197,6 @@ def _read_progress(client: Any, added: Any, started: float | None) -> Progress:
         flushes=int(flushes or 0),
         elapsed=0.0 if started is None else time.monotonic() - started,
     )
-
-
-def _render(progress: Progress, total: int, header: str) -> Group:
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column(width=40)
-    grid.add_column(justify="right")
-    for label, count in (("added", progress.added), ("delivered", progress.unique)):
-        grid.add_row(label, ProgressBar(total=total, completed=count), f"{count:,} / {total:,}")
-    rate = progress.unique / progress.elapsed if progress.elapsed > 0 else 0.0
-    grid.add_row("flushes", "", f"{progress.flushes:,}")
-    grid.add_row("throughput", "", f"{rate:,.0f} items/s")
-    grid.add_row("elapsed", "", f"{progress.elapsed:.1f} s")
-    return Group(Text(header, style="dim"), grid)
-
-
-def _summary_table(s: Summary) -> Table:
-    def ms(value: float | None) -> str:
-        return "-" if value is None else f"{value:,.1f}"
-
-    table = Table(title="redis-batcher demo summary")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    rows = [
-        ("items", f"{s.items:,}"),
-        ("added", f"{s.added:,}"),
-        ("delivered", f"{s.delivered:,}"),
-        ("flushes", f"{s.flushes:,}"),
-        ("mean batch size", f"{s.mean_batch_size:,.1f}"),
-        ("wall time", f"{s.wall_time:.2f} s"),
-        ("throughput", f"{s.throughput:,.0f} items/s"),
-        ("latency p50", f"{ms(s.percentile(50))} ms"),
-        ("latency p99", f"{ms(s.percentile(99))} ms"),
-        ("lost", f"{s.lost:,}"),
-        ("duplicates", f"{s.duplicates:,}"),
-    ]
-    for name, value in rows:
-        style = "red" if (name == "lost" and s.lost) or (name == "duplicates" and s.duplicates) else None
-        table.add_row(name, value, style=style)
-    return table
 
 
 def redact(url: str) -> str:
@@ -415,6 +328,7 @@ def _pending_in_redis(client: Any) -> int:
     return total
 
 
+@_sigterm_interrupts()  # a context manager as a decorator: around each call
 def run_demo(
     *,
     redis_url: str | None = None,
@@ -432,30 +346,6 @@ def run_demo(
     at the end; with it, only the demo's own keys (``rb-demo:*``) are deleted, before and after.
     """
     console = console or Console()
-    with _sigterm_interrupts():
-        return _run(
-            redis_url=redis_url,
-            items=items,
-            producers=producers,
-            batch_ids=batch_ids,
-            max_batch_size=max_batch_size,
-            flush_interval=flush_interval,
-            console=console,
-            timeout=timeout,
-        )
-
-
-def _run(
-    *,
-    redis_url: str | None,
-    items: int,
-    producers: int,
-    batch_ids: int,
-    max_batch_size: int,
-    flush_interval: float,
-    console: Console,
-    timeout: float | None,
-) -> int:
     producers = min(producers, items)
     if timeout is None:
         timeout = max(60.0, items / 1000.0)
@@ -544,11 +434,11 @@ def _run(
         go.set()
         error: str | None = None
         with Live(
-            _render(Progress(), items, header), console=console, refresh_per_second=REFRESH_PER_SECOND
+            render_progress(Progress(), items, header), console=console, refresh_per_second=REFRESH_PER_SECOND
         ) as live:
             while True:
                 progress = _read_progress(client, added, started)
-                live.update(_render(progress, items, header))
+                live.update(render_progress(progress, items, header))
                 producers_done = all(p.exitcode is not None for p in procs)
                 if producers_done and progress.unique >= progress.added:
                     break
@@ -584,7 +474,7 @@ def _run(
             wall_time=wall_time,
             latencies=[float(v) for v in client.lrange(LATENCY_KEY, 0, -1)],
         )
-        console.print(_summary_table(summary))
+        console.print(summary_table(summary))
         if error is None and summary.lost:
             error = f"{summary.lost:,} item(s) lost"
         if error is not None:

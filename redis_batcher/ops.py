@@ -1,44 +1,43 @@
 """Script calls as data: what to send for each operation and how to read the reply.
 
 Both the sync API and any async twin build a :class:`Call` here, run it on their own client and
-parse the reply here, so the two never drift apart.
+parse the reply here, so the two never drift apart. This module holds the producer's and the
+worker's calls; dead letters (:mod:`.dead_ops`) and the layout stamp (:mod:`.layout_ops`) have
+modules of their own, whose operations the executors and processors reach through this one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import itertools
 import json
 import logging
 import os
 import secrets
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from operator import methodcaller
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import msgpack
-from redis.exceptions import ResponseError
 
-from .codec import decode_item
+from .calls import Call as Call
+from .calls import Read as Read
+from .calls import Steps as Steps
+from .calls import corrupt, pairs
+from .calls import reading as reading
 from .connection import Arg
-from .errors import (
-    BatchFull,
-    BatchNotAccumulating,
-    BatchNotFound,
-    ConfigError,
-    CorruptData,
-    DeadLetterNotFound,
-    DecodeError,
-    LayoutMismatch,
-    LayoutUpgradeRefused,
-)
-from .keys import LAYOUT, PartitionKeys, layout1_prefixes, layout_key, registry_key
+from .dead_ops import dead_letter_steps as dead_letter_steps
+from .dead_ops import dead_letters_steps as dead_letters_steps
+from .dead_ops import purge_call as purge_call
+from .dead_ops import purge_dead_steps as purge_dead_steps
+from .dead_ops import replay_dead_steps as replay_dead_steps
+from .errors import BatchFull, BatchNotAccumulating, BatchNotFound, CorruptData
+from .keys import PartitionKeys
+from .layout_ops import layout_steps as layout_steps
+from .layout_ops import parse_layout as parse_layout
+from .layout_ops import upgrade_layout_steps as upgrade_layout_steps
 from .models import (
     AddResult,
     BatchInfo,
-    DeadLetter,
     DeleteResult,
     FlushRecord,
     FlushResult,
@@ -46,44 +45,13 @@ from .models import (
     as_text,
     ms_to_dt,
 )
-from .scripts import Script, scripts
+from .scripts import scripts
 
 if TYPE_CHECKING:
     # the functions below take the client-free definition (annotated "Processor" for short)
     from .definition import ProcessorDef as Processor
 
 log = logging.getLogger("redis_batcher")
-T = TypeVar("T")
-
-
-@contextlib.contextmanager
-def reading(key: str) -> Iterator[None]:
-    """Around a plain read of one of the batcher's keys: a key holding another type raises
-    :class:`CorruptData` naming it, not a bare WRONGTYPE error."""
-    try:
-        yield
-    except ResponseError as exc:
-        if str(exc).startswith("WRONGTYPE"):
-            raise CorruptData(f"{key} holds a value of another type than this library writes there") from None
-        raise
-
-
-def _pairs(flat: Sequence[Any]) -> dict[str, str]:
-    return {as_text(flat[i]): as_text(flat[i + 1]) for i in range(0, len(flat), 2)}
-
-
-class Call:
-    """One script invocation (a slotted class: built on every add, so kept cheap)."""
-
-    __slots__ = ("args", "keys", "script")
-
-    def __init__(self, script: Script, keys: tuple[str, ...], args: tuple[Arg, ...]) -> None:
-        self.script = script
-        self.keys = keys
-        self.args = args
-
-    def run(self, client: Any) -> Any:
-        return self.script(client, self.keys, self.args)
 
 
 # -- producer side -----------------------------------------------------------------------------
@@ -127,10 +95,6 @@ def parse_add(proc: Processor, base: str, adding: int, reply: Any) -> AddResult:
 _CORRUPT = "corrupt,"
 
 
-def _corrupt(what: Any) -> CorruptData:
-    return CorruptData(f"{as_text(what)}; nothing was written (delete or rename that key)")
-
-
 def parse_add_segments(
     proc: Processor, base: str, sizes: Sequence[int], reply: Any
 ) -> list[AddResult | BatchFull | CorruptData]:
@@ -138,7 +102,7 @@ def parse_add_segments(
     whole call was refused) it must raise."""
     text = reply.decode() if isinstance(reply, bytes) else str(reply)
     if text.startswith(_CORRUPT):
-        return [_corrupt(text[len(_CORRUPT) :]) for _ in sizes]
+        return [corrupt(text[len(_CORRUPT) :]) for _ in sizes]
     return [
         _parse_one_add(proc, base, size, entry) for size, entry in zip(sizes, text.split(";"), strict=True)
     ]
@@ -155,7 +119,7 @@ def combine_adds(base: str, results: Sequence[AddResult]) -> AddResult:
 
 def _parse_one_add(proc: Processor, base: str, adding: int, entry: str) -> AddResult | BatchFull:
     if entry.startswith(_CORRUPT):
-        raise _corrupt(entry[len(_CORRUPT) :])
+        raise corrupt(entry[len(_CORRUPT) :])
     fields = entry.split(",")
     if fields[0] == "full":
         limit = proc.config.max_pending if proc.config.max_pending is not None else -1
@@ -183,7 +147,7 @@ def flush_call(proc: Processor, base: str, seq: int | None) -> Call:
 
 def parse_flush(batch_id: str, base: str, reply: Sequence[Any]) -> FlushResult:
     if as_text(reply[0]) == "corrupt":
-        raise _corrupt(reply[3])
+        raise corrupt(reply[3])
     code, seq, count, status = as_text(reply[0]), int(reply[1]), int(reply[2]), as_text(reply[3])
     sequence = None if seq < 0 else seq
     if code == "not_found":
@@ -204,10 +168,10 @@ def parse_status(base: str, reply: Sequence[Any]) -> tuple[list[BatchInfo], Batc
     """Active sequences (ordered) and the last completed one, from a status.lua reply."""
     if not isinstance(reply[0], list) and as_text(reply[0]) == "corrupt":
         raise CorruptData(as_text(reply[1]))
-    head = _pairs(reply[0])
+    head = pairs(reply[0])
     active: list[BatchInfo] = []
     for seq, flat, llen, added_at in reply[1:]:
-        meta = _pairs(flat)
+        meta = pairs(flat)
         status = meta.get("status", "accumulating")
         if added_at:
             # add.lua records the accumulating sequence's last add in its open list's header
@@ -276,7 +240,7 @@ def delete_call(proc: Processor, base: str, seq: int | None) -> Call:
 def parse_delete(reply: Sequence[Any]) -> DeleteResult:
     deleted, reason = int(reply[0]), as_text(reply[1])
     if deleted < 0:
-        raise _corrupt(reason)
+        raise corrupt(reason)
     return DeleteResult(bool(deleted), reason or None)
 
 
@@ -524,209 +488,3 @@ def extend_call(c: Claimed) -> Call:
 
 def items_key(c: Claimed) -> str:
     return c.part.items(c.base, c.sequence)
-
-
-# -- dead letters ------------------------------------------------------------------------------
-
-
-def parse_dead_letter(proc: Processor, dead_id: str, flat: Any) -> DeadLetter | None:
-    meta = flat if isinstance(flat, dict) else _pairs(flat)
-    meta = {as_text(k): as_text(v) for k, v in meta.items()}
-    if not meta:
-        return None
-    return DeadLetter(
-        id=dead_id,
-        processor=proc.name,
-        batch_id=meta.get("batch_id", ""),
-        sequence=int(meta.get("sequence", -1)),
-        item_count=int(meta.get("count", 0)),
-        reason=meta.get("reason", ""),
-        error=meta.get("error", ""),
-        attempts=int(meta.get("attempts", 0)),
-        deaths=int(meta.get("deaths", 0)),
-        flush_id=meta.get("flush_id", ""),
-        created_at=ms_to_dt(meta.get("created_at")),
-        dead_at=ms_to_dt(meta.get("dead_at")),
-    )
-
-
-def replay_call(proc: Processor, part: PartitionKeys, dead_id: str, base: str) -> Call:
-    return Call(
-        scripts().replay,
-        (part.head(base), part.ids, part.due, part.history(base), part.guard),
-        (part.pfx, dead_id, base, proc.config.max_batch_size),
-    )
-
-
-def purge_call(part: PartitionKeys, ids: Sequence[str]) -> Call:
-    return Call(scripts().purge, (part.dead, part.guard), (part.pfx, *ids))
-
-
-def parse_purge(reply: Any) -> int:
-    if isinstance(reply, list):
-        raise _corrupt(reply[1])
-    return int(reply)
-
-
-def check_replay(reply: Sequence[Any]) -> None:
-    """Raise :class:`CorruptData` for a replay.lua reply that found keys holding something else."""
-    if as_text(reply[0]) == "corrupt":
-        raise _corrupt(reply[1])
-
-
-# Dead-letter administration takes several dependent round trips. Each operation is written once
-# here as a generator of the requests it needs; the sync Processor and the AsyncProcessor only
-# answer them (``_drive`` in redis_batcher.processor, ``_drive_async`` in .asyncio), so the two
-# APIs share the logic and not just the parsing.
-
-
-@dataclass(frozen=True)
-class Read:
-    """A plain read of ``key``: its reply is ``send(client)`` (run as an idempotent command,
-    inside :func:`reading`)."""
-
-    key: str
-    send: Callable[[Any], Any]
-
-
-@dataclass(frozen=True)
-class Run:
-    """A script call; ``writes``: it may add data, so the memory policy is checked first."""
-
-    call: Call
-    writes: bool = False
-
-
-Step = Read | Run
-Steps = Generator[Step, Any, T]
-
-DEAD_PURGE_CHUNK = 100
-
-
-def layout_steps(prefix: str, evicting: bool = False) -> Steps[int]:
-    """Check that Redis holds :data:`~redis_batcher.keys.LAYOUT` under ``prefix``, stamping it
-    when Redis holds no data of the prefix yet; raise :class:`LayoutMismatch` otherwise. A
-    registry without a stamp is data of layout 1, written before layouts were stamped."""
-    key = layout_key(prefix)
-    registry = registry_key(prefix)
-    # the registry is read before the stamp: a process stamps before it registers, so a
-    # registry seen without a stamp read after it is layout 1's, never a process starting now
-    registered = yield Read(registry, lambda c: c.exists(registry))
-    found = yield Read(key, lambda c: c.get(key))
-    if found is None:
-        # under an evicting policy (allow_eviction) the stamp may have been evicted: a registry
-        # without it cannot be told from layout 1's, so it is stamped again
-        if registered and not evicting:
-            raise LayoutMismatch(prefix, 1, LAYOUT)
-        # SET NX: of two processes stamping a new prefix at once, both see the same version
-        if (yield Read(key, lambda c: c.set(key, LAYOUT, nx=True))):
-            return LAYOUT
-        found = yield Read(key, lambda c: c.get(key))
-    version = parse_layout(found)
-    if version != LAYOUT:
-        raise LayoutMismatch(prefix, version, LAYOUT)
-    return version
-
-
-def upgrade_layout_steps(prefix: str, partitions: dict[str, int]) -> Steps[int | None]:
-    """Stamp :data:`~redis_batcher.keys.LAYOUT` on data of layout 1 (``partitions``: each
-    registered processor's partition count), once nothing is left under layout 1's key names
-    (queued sequences, active ids, dead letters of processors with several partitions).
-    Returns the version found before (None: layout 1, unstamped); raises
-    :class:`LayoutUpgradeRefused` naming what is left, or :class:`LayoutMismatch` for a
-    layout this version cannot upgrade from."""
-    key = layout_key(prefix)
-    found = yield Read(key, lambda c: c.get(key))
-    if found is not None:
-        version = parse_layout(found)
-        if version != LAYOUT:
-            raise LayoutMismatch(prefix, version, LAYOUT)
-        return LAYOUT
-    left: list[str] = []
-    for name, count in sorted(partitions.items()):
-        for pfx in layout1_prefixes(prefix, name, count):
-            for key_name in (pfx + "due", pfx + "ids", pfx + "dead"):
-                if (yield Read(key_name, _exists(key_name))):
-                    left.append(key_name)
-    if left:
-        raise LayoutUpgradeRefused(prefix, left)
-    yield Read(key, lambda c: c.set(key, LAYOUT))
-    return None
-
-
-def _exists(key: str) -> Callable[[Any], Any]:
-    return lambda c: c.exists(key)
-
-
-def parse_layout(value: Any) -> int | str:
-    """A layout stamp's version, or its text when it is not a version."""
-    text = as_text(value) if value is not None else ""
-    return int(text) if text.isascii() and text.isdigit() and len(text) < 6 else text
-
-
-def dead_letters_steps(proc: Processor, limit: int) -> Steps[list[DeadLetter]]:
-    """Dead letters of ``proc``, newest first, without their items."""
-    if not isinstance(limit, int) or limit < 1:
-        raise ConfigError(f"limit must be a positive int, got {limit!r}")
-    found: list[tuple[float, PartitionKeys, str]] = []
-    for part in proc.keys.parts:
-        newest = yield Read(part.dead, methodcaller("zrevrange", part.dead, 0, limit - 1, withscores=True))
-        found.extend((score, part, as_text(raw)) for raw, score in newest)
-    found.sort(key=lambda t: t[0], reverse=True)
-    out = []
-    for _, part, dead_id in found[:limit]:
-        meta = part.dead_meta(dead_id)
-        letter = parse_dead_letter(proc, dead_id, (yield Read(meta, methodcaller("hgetall", meta))))
-        if letter is not None:
-            out.append(letter)
-    return out
-
-
-def _find_dead(proc: Processor, dead_id: str) -> Steps[tuple[PartitionKeys, DeadLetter]]:
-    if not isinstance(dead_id, str) or not dead_id:
-        raise DeadLetterNotFound(f"no dead letter {dead_id!r}")
-    for part in proc.keys.parts:
-        meta = part.dead_meta(dead_id)
-        letter = parse_dead_letter(proc, dead_id, (yield Read(meta, methodcaller("hgetall", meta))))
-        if letter is not None:
-            return part, letter
-    raise DeadLetterNotFound(f"no dead letter {dead_id!r} in processor {proc.name!r}")
-
-
-def dead_letter_steps(proc: Processor, dead_id: str) -> Steps[DeadLetter]:
-    """One dead letter with its items (entries the codec cannot read stay ``bytes``)."""
-    part, letter = yield from _find_dead(proc, dead_id)
-    key = part.dead_items(dead_id)
-    raw = yield Read(key, methodcaller("lrange", key, 0, -1))
-    items: list[Any] = []
-    for i, data in enumerate(raw):
-        try:
-            items.append(decode_item(proc.codec, data, i))
-        except DecodeError:
-            items.append(data)
-    return dataclasses.replace(letter, items=items)
-
-
-def replay_dead_steps(proc: Processor, dead_id: str) -> Steps[int]:
-    """Put a dead letter's items back as a new sequence of its batch id; its number."""
-    part, letter = yield from _find_dead(proc, dead_id)
-    reply = yield Run(replay_call(proc, part, dead_id, letter.batch_id), writes=True)
-    check_replay(reply)
-    if as_text(reply[0]) != "ok":
-        raise DeadLetterNotFound(f"no dead letter {dead_id!r} (replayed or purged meanwhile?)")
-    return int(reply[1])
-
-
-def purge_dead_steps(proc: Processor, dead_id: str | None) -> Steps[int]:
-    """Delete one dead letter, or all of them with ``None``; how many were deleted."""
-    if dead_id is not None:
-        part, _ = yield from _find_dead(proc, dead_id)
-        return parse_purge((yield Run(purge_call(part, [dead_id]))))
-    total = 0
-    for part in proc.keys.parts:
-        while True:
-            oldest = yield Read(part.dead, methodcaller("zrange", part.dead, 0, DEAD_PURGE_CHUNK - 1))
-            if not oldest:
-                break
-            total += parse_purge((yield Run(purge_call(part, [as_text(r) for r in oldest]))))
-    return total

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from redis_batcher import demo, wake
+from redis_batcher import demo, demo_report, wake
 from redis_batcher.testing import RedisServer
 from tests.conftest import subprocess_env
 
@@ -167,11 +167,11 @@ def test_worker_module_reads_its_config_from_the_environment() -> None:
 
 
 def test_summary_and_redact() -> None:
-    s = demo.Summary(items=10, added=10, delivered=11, unique=10, flushes=2, wall_time=2.0,
-                     latencies=[float(v) for v in range(1, 101)])
+    s = demo_report.Summary(items=10, added=10, delivered=11, unique=10, flushes=2, wall_time=2.0,
+                            latencies=[float(v) for v in range(1, 101)])
     assert (s.lost, s.duplicates, s.mean_batch_size, s.throughput) == (0, 1, 5.5, 5.0)
     assert (s.percentile(50), s.percentile(99), s.percentile(100)) == (50.0, 99.0, 100.0)
-    assert demo.Summary(1, 1, 0, 0, 0, 0.0, []).percentile(50) is None
+    assert demo_report.Summary(1, 1, 0, 0, 0, 0.0, []).percentile(50) is None
     assert demo.redact("redis://:secret@127.0.0.1:7000/0") == "redis://:***@127.0.0.1:7000/0"
     assert demo.redact("redis://user:pw@host/1") == "redis://user:***@host/1"
     assert demo.redact("redis://127.0.0.1:7000/0") == "redis://127.0.0.1:7000/0"

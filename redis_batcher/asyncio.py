@@ -43,6 +43,7 @@ from .errors import (
     error_text,
 )
 from .executor_async import AsyncExecutor
+from .executor_core import ExecutorAttributes, check_client
 from .job_model import JobStatus
 from .jobs import select_iterators
 from .jobs_async import AsyncJobIterator, AsyncJobRunner, list_jobs
@@ -56,7 +57,6 @@ from .models import (
     FlushRecord,
     FlushResult,
 )
-from .options import seconds_option
 from .processor import ADD_CHUNK, Processor
 from .worker_core import (
     HandlerExit,
@@ -84,7 +84,7 @@ async def _aclose(resource: Any) -> None:
     await (close() if close is not None else resource.close())
 
 
-class Batcher:
+class Batcher(ExecutorAttributes):
     """Async batcher: a ``redis.asyncio`` client, a key prefix and processors.
 
     ``connection``: a URL, a ``redis.asyncio.Redis`` / ``redis.asyncio.RedisCluster`` client (or
@@ -94,6 +94,8 @@ class Batcher:
     ``definition`` cannot be used from sync code). Other options as for the sync batcher;
     ``prefix`` defaults to the definitions' prefix, else "rb".
     """
+
+    executor: AsyncExecutor
 
     def __init__(
         self,
@@ -108,11 +110,15 @@ class Batcher:
         definitions: sync_batcher.Batcher | None = None,
         **redis_options: Any,
     ) -> None:
-        if not isinstance(allow_eviction, bool):
-            raise ConfigError(f"allow_eviction must be True or False, got {allow_eviction!r}")
         # the I/O: script calls, retries, WAIT, group commit and the checks before the first
-        # write (its prefix and other settings are set below, once checked)
-        self.executor = AsyncExecutor(prefix="", allow_eviction=allow_eviction)
+        # write (its prefix is set below, once known)
+        self.executor = AsyncExecutor.from_options(
+            prefix="",
+            wait_replicas=wait_replicas,
+            wait_timeout=wait_timeout,
+            connect_retry=connect_retry,
+            allow_eviction=allow_eviction,
+        )
         self.connect(connection, cluster=cluster, **redis_options)
         if definitions is None:
             # the definitions need a sync Batcher but no connection of their own: everything
@@ -122,19 +128,12 @@ class Batcher:
             raise ConfigError(
                 f"prefix {prefix!r} differs from the definitions' prefix {definitions.prefix!r}"
             )
-        if isinstance(wait_replicas, bool) or not isinstance(wait_replicas, int) or wait_replicas < 0:
-            raise ConfigError(f"wait_replicas must be an int >= 0, got {wait_replicas!r}")
         self.definitions = definitions
         self.prefix = definitions.prefix
         if self.is_cluster and wait_replicas and not ClusterNodePool.supports(aioredis.cluster.ClusterNode):
             # WAIT must follow the script on its connection: a connection of the node's own
             raise ConfigError("wait_replicas on an asyncio Redis Cluster needs redis-py 6 or later")
         self.executor.prefix = self.prefix
-        self.executor.wait_replicas = wait_replicas
-        self.executor.wait_timeout_ms = max(
-            1, round((seconds_option("wait_timeout", wait_timeout, allow_none=False) or 1) * 1000)
-        )
-        self.executor.connect_retry = seconds_option("connect_retry", connect_retry, allow_none=False) or 0.0
 
     def connect(
         self, connection: str | Any | None = None, *, cluster: bool = False, **redis_options: Any
@@ -153,58 +152,8 @@ class Batcher:
             self.url: str | None = connection
         else:
             client, self.url = connection, None
-        kwargs: dict[str, Any] = getattr(client, "get_connection_kwargs", dict)()
-        if kwargs.get("decode_responses"):
-            raise ConfigError("redis-batcher needs a client with decode_responses=False (items are bytes)")
+        check_client(client)
         self.executor.bind(client)
-
-    # -- the executor's settings and client, as attributes of the batcher ----------------------
-
-    @property
-    def client(self) -> Any:
-        """The ``redis.asyncio`` client."""
-        return self.executor.client
-
-    @property
-    def is_cluster(self) -> bool:
-        """True when the client is a ``redis.asyncio.RedisCluster``."""
-        return self.executor.is_cluster
-
-    @property
-    def allow_eviction(self) -> bool:
-        """Whether an evicting ``maxmemory-policy`` is accepted (with a warning)."""
-        return self.executor.allow_eviction
-
-    @allow_eviction.setter
-    def allow_eviction(self, value: bool) -> None:
-        self.executor.allow_eviction = value
-
-    @property
-    def wait_replicas(self) -> int:
-        """How many replicas a write waits for (``WAIT``); 0: none."""
-        return self.executor.wait_replicas
-
-    @wait_replicas.setter
-    def wait_replicas(self, value: int) -> None:
-        self.executor.wait_replicas = value
-
-    @property
-    def wait_timeout_ms(self) -> int:
-        """How long a ``WAIT`` for replicas lasts, in milliseconds."""
-        return self.executor.wait_timeout_ms
-
-    @wait_timeout_ms.setter
-    def wait_timeout_ms(self, value: int) -> None:
-        self.executor.wait_timeout_ms = value
-
-    @property
-    def connect_retry(self) -> float:
-        """For how many seconds a call that could not be sent is retried."""
-        return self.executor.connect_retry
-
-    @connect_retry.setter
-    def connect_retry(self, value: float) -> None:
-        self.executor.connect_retry = value
 
     def __repr__(self) -> str:
         return f"<async Batcher prefix={self.prefix!r} processors={sorted(self.definitions.processors)}>"

@@ -22,6 +22,7 @@ from .errors import (
     UnknownProcessor,
 )
 from .executor import Executor
+from .executor_core import ExecutorAttributes, check_client
 from .job_model import JobStatus, make_config
 from .jobs import JobIterator, define_iterator, list_jobs
 from .keys import MAX_PARTITIONS, layout_key, registry_key, validate_name
@@ -74,7 +75,7 @@ class _Unconnected:
         return "<no Redis connection>"
 
 
-class Batcher:
+class Batcher(ExecutorAttributes):
     """Holds the Redis client and the processors.
 
     ``connection`` is a URL (``redis://``, ``rediss://``, ``unix://``), an existing
@@ -82,6 +83,8 @@ class Batcher:
     ``redis://127.0.0.1:6379/0``. ``prefix`` namespaces every key. Pass ``cluster=True`` with a
     URL to connect to Redis Cluster.
     """
+
+    executor: Executor
 
     def __init__(
         self,
@@ -96,17 +99,12 @@ class Batcher:
         **redis_options: Any,
     ) -> None:
         self.prefix = validate_name("prefix", prefix)
-        if not isinstance(allow_eviction, bool):
-            raise ConfigError(f"allow_eviction must be True or False, got {allow_eviction!r}")
-        if isinstance(wait_replicas, bool) or not isinstance(wait_replicas, int) or wait_replicas < 0:
-            raise ConfigError(f"wait_replicas must be an int >= 0, got {wait_replicas!r}")
-        wait_s = seconds_option("wait_timeout", wait_timeout, allow_none=False, positive=True) or 1.0
         # the I/O: script calls, retries, WAIT and the checks before the first write
-        self.executor = Executor(
+        self.executor = Executor.from_options(
             prefix=self.prefix,
             wait_replicas=wait_replicas,
-            wait_timeout_ms=max(1, round(wait_s * 1000)),  # WAIT n 0 would block forever
-            connect_retry=seconds_option("connect_retry", connect_retry, allow_none=False) or 0.0,
+            wait_timeout=wait_timeout,
+            connect_retry=connect_retry,
             allow_eviction=allow_eviction,
         )
         self.url: str | None = None
@@ -152,59 +150,9 @@ class Batcher:
             url: str | None = connection
         else:
             client, url = connection, None
-        kwargs: dict[str, Any] = getattr(client, "get_connection_kwargs", dict)()
-        if kwargs.get("decode_responses"):
-            raise ConfigError("redis-batcher needs a client with decode_responses=False (items are bytes)")
+        check_client(client)
         self.url = url
         self.executor.bind(client)
-
-    # -- the executor's settings and client, as attributes of the batcher ----------------------
-
-    @property
-    def client(self) -> Any:
-        """The redis-py client (``redis.Redis`` or ``redis.RedisCluster``)."""
-        return self.executor.client
-
-    @property
-    def is_cluster(self) -> bool:
-        """True when the client is a ``redis.RedisCluster``."""
-        return self.executor.is_cluster
-
-    @property
-    def allow_eviction(self) -> bool:
-        """Whether an evicting ``maxmemory-policy`` is accepted (with a warning)."""
-        return self.executor.allow_eviction
-
-    @allow_eviction.setter
-    def allow_eviction(self, value: bool) -> None:
-        self.executor.allow_eviction = value
-
-    @property
-    def wait_replicas(self) -> int:
-        """How many replicas a write waits for (``WAIT``); 0: none."""
-        return self.executor.wait_replicas
-
-    @wait_replicas.setter
-    def wait_replicas(self, value: int) -> None:
-        self.executor.wait_replicas = value
-
-    @property
-    def wait_timeout_ms(self) -> int:
-        """How long a ``WAIT`` for replicas lasts, in milliseconds."""
-        return self.executor.wait_timeout_ms
-
-    @wait_timeout_ms.setter
-    def wait_timeout_ms(self, value: int) -> None:
-        self.executor.wait_timeout_ms = value
-
-    @property
-    def connect_retry(self) -> float:
-        """For how many seconds a call that could not be sent is retried."""
-        return self.executor.connect_retry
-
-    @connect_retry.setter
-    def connect_retry(self, value: float) -> None:
-        self.executor.connect_retry = value
 
     def __repr__(self) -> str:
         return f"<Batcher prefix={self.prefix!r} processors={sorted(self.processors)}>"

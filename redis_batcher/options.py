@@ -32,3 +32,10 @@ def positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
     return value
+
+
+def flag(name: str, value: object) -> bool:
+    """``value`` when it is True or False; raises :class:`ConfigError` otherwise."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r}")
+    return value

@@ -20,11 +20,12 @@ import functools
 import inspect
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import redis
 import redis.asyncio as aioredis
@@ -48,15 +49,8 @@ from .job_model import JobStatus
 from .jobs import select_iterators
 from .jobs_async import AsyncJobIterator, AsyncJobRunner, list_jobs
 from .keys import parse_batch_id, validate_name
-from .models import (
-    AddResult,
-    BatchInfo,
-    BatchStatus,
-    DeadLetter,
-    DeleteResult,
-    FlushRecord,
-    FlushResult,
-)
+from .models import AddResult, BatchInfo, BatchStatus, DeadLetter, DeleteResult, FlushRecord, FlushResult
+from .options import ProcessorOptions
 from .processor import ADD_CHUNK, Processor
 from .worker_core import (
     HandlerExit,
@@ -70,6 +64,11 @@ from .worker_core import (
     make_flush,
     select_processors,
 )
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+elif TYPE_CHECKING:  # typing_extensions is no runtime dependency: annotations are not evaluated
+    from typing_extensions import Unpack
 
 __all__ = ["AsyncProcessor", "Batcher", "Worker", "WorkerStats"]
 
@@ -165,21 +164,18 @@ class Batcher(ExecutorAttributes):
 
     @overload
     def processor(
-        self, fn: None = None, /, **options: Any
+        self, fn: None = None, /, **options: Unpack[ProcessorOptions]
     ) -> Callable[[Callable[..., Any]], AsyncProcessor]: ...
 
     def processor(
-        self, fn: Callable[..., Any] | None = None, /, **options: Any
+        self, fn: Callable[..., Any] | None = None, /, **options: Unpack[ProcessorOptions]
     ) -> AsyncProcessor | Callable[[Callable[..., Any]], AsyncProcessor]:
         """Decorator, as :meth:`redis_batcher.Batcher.processor` (handlers may be ``async def``);
         returns an :class:`AsyncProcessor`."""
+        define = self.definitions.processor(**options)
         if fn is not None:
-            return self.use(self.definitions.processor(fn, **options))
-
-        def decorate(handler: Callable[..., Any]) -> AsyncProcessor:
-            return self.use(self.definitions.processor(**options)(handler))
-
-        return decorate
+            return self.use(define(fn))
+        return lambda handler: self.use(define(handler))
 
     def use(self, proc: Processor | str) -> AsyncProcessor:
         """The async face of a processor defined on the definitions batcher (or its name)."""

@@ -20,11 +20,12 @@ import functools
 import inspect
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import redis
 import redis.asyncio as aioredis
@@ -43,21 +44,14 @@ from .errors import (
     error_text,
 )
 from .executor_async import AsyncExecutor
+from .executor_core import ExecutorAttributes, check_client
 from .job_model import JobStatus
 from .job_runner_async import AsyncJobRunner
 from .jobs import select_iterators
 from .jobs_async import AsyncJobIterator, list_jobs
 from .keys import parse_batch_id, validate_name
-from .models import (
-    AddResult,
-    BatchInfo,
-    BatchStatus,
-    DeadLetter,
-    DeleteResult,
-    FlushRecord,
-    FlushResult,
-)
-from .options import seconds_option
+from .models import AddResult, BatchInfo, BatchStatus, DeadLetter, DeleteResult, FlushRecord, FlushResult
+from .options import ProcessorOptions
 from .processor import ADD_CHUNK, Processor
 from .worker_core import (
     HandlerExit,
@@ -72,6 +66,11 @@ from .worker_core import (
     select_processors,
 )
 
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+elif TYPE_CHECKING:  # typing_extensions is no runtime dependency: annotations are not evaluated
+    from typing_extensions import Unpack
+
 __all__ = ["AsyncProcessor", "Batcher", "Worker", "WorkerStats"]
 
 log = logging.getLogger("redis_batcher.worker")
@@ -85,7 +84,7 @@ async def _aclose(resource: Any) -> None:
     await (close() if close is not None else resource.close())
 
 
-class Batcher:
+class Batcher(ExecutorAttributes):
     """Async batcher: a ``redis.asyncio`` client, a key prefix and processors.
 
     ``connection``: a URL, a ``redis.asyncio.Redis`` / ``redis.asyncio.RedisCluster`` client (or
@@ -95,6 +94,8 @@ class Batcher:
     ``definition`` cannot be used from sync code). Other options as for the sync batcher;
     ``prefix`` defaults to the definitions' prefix, else "rb".
     """
+
+    executor: AsyncExecutor
 
     def __init__(
         self,
@@ -109,11 +110,15 @@ class Batcher:
         definitions: sync_batcher.Batcher | None = None,
         **redis_options: Any,
     ) -> None:
-        if not isinstance(allow_eviction, bool):
-            raise ConfigError(f"allow_eviction must be True or False, got {allow_eviction!r}")
         # the I/O: script calls, retries, WAIT, group commit and the checks before the first
-        # write (its prefix and other settings are set below, once checked)
-        self.executor = AsyncExecutor(prefix="", allow_eviction=allow_eviction)
+        # write (its prefix is set below, once known)
+        self.executor = AsyncExecutor.from_options(
+            prefix="",
+            wait_replicas=wait_replicas,
+            wait_timeout=wait_timeout,
+            connect_retry=connect_retry,
+            allow_eviction=allow_eviction,
+        )
         self.connect(connection, cluster=cluster, **redis_options)
         if definitions is None:
             # the definitions need a sync Batcher but no connection of their own: everything
@@ -123,19 +128,12 @@ class Batcher:
             raise ConfigError(
                 f"prefix {prefix!r} differs from the definitions' prefix {definitions.prefix!r}"
             )
-        if isinstance(wait_replicas, bool) or not isinstance(wait_replicas, int) or wait_replicas < 0:
-            raise ConfigError(f"wait_replicas must be an int >= 0, got {wait_replicas!r}")
         self.definitions = definitions
         self.prefix = definitions.prefix
         if self.is_cluster and wait_replicas and not ClusterNodePool.supports(aioredis.cluster.ClusterNode):
             # WAIT must follow the script on its connection: a connection of the node's own
             raise ConfigError("wait_replicas on an asyncio Redis Cluster needs redis-py 6 or later")
         self.executor.prefix = self.prefix
-        self.executor.wait_replicas = wait_replicas
-        self.executor.wait_timeout_ms = max(
-            1, round((seconds_option("wait_timeout", wait_timeout, allow_none=False) or 1) * 1000)
-        )
-        self.executor.connect_retry = seconds_option("connect_retry", connect_retry, allow_none=False) or 0.0
 
     def connect(
         self, connection: str | Any | None = None, *, cluster: bool = False, **redis_options: Any
@@ -154,58 +152,8 @@ class Batcher:
             self.url: str | None = connection
         else:
             client, self.url = connection, None
-        kwargs: dict[str, Any] = getattr(client, "get_connection_kwargs", dict)()
-        if kwargs.get("decode_responses"):
-            raise ConfigError("redis-batcher needs a client with decode_responses=False (items are bytes)")
+        check_client(client)
         self.executor.bind(client)
-
-    # -- the executor's settings and client, as attributes of the batcher ----------------------
-
-    @property
-    def client(self) -> Any:
-        """The ``redis.asyncio`` client."""
-        return self.executor.client
-
-    @property
-    def is_cluster(self) -> bool:
-        """True when the client is a ``redis.asyncio.RedisCluster``."""
-        return self.executor.is_cluster
-
-    @property
-    def allow_eviction(self) -> bool:
-        """Whether an evicting ``maxmemory-policy`` is accepted (with a warning)."""
-        return self.executor.allow_eviction
-
-    @allow_eviction.setter
-    def allow_eviction(self, value: bool) -> None:
-        self.executor.allow_eviction = value
-
-    @property
-    def wait_replicas(self) -> int:
-        """How many replicas a write waits for (``WAIT``); 0: none."""
-        return self.executor.wait_replicas
-
-    @wait_replicas.setter
-    def wait_replicas(self, value: int) -> None:
-        self.executor.wait_replicas = value
-
-    @property
-    def wait_timeout_ms(self) -> int:
-        """How long a ``WAIT`` for replicas lasts, in milliseconds."""
-        return self.executor.wait_timeout_ms
-
-    @wait_timeout_ms.setter
-    def wait_timeout_ms(self, value: int) -> None:
-        self.executor.wait_timeout_ms = value
-
-    @property
-    def connect_retry(self) -> float:
-        """For how many seconds a call that could not be sent is retried."""
-        return self.executor.connect_retry
-
-    @connect_retry.setter
-    def connect_retry(self, value: float) -> None:
-        self.executor.connect_retry = value
 
     def __repr__(self) -> str:
         return f"<async Batcher prefix={self.prefix!r} processors={sorted(self.definitions.processors)}>"
@@ -217,21 +165,18 @@ class Batcher:
 
     @overload
     def processor(
-        self, fn: None = None, /, **options: Any
+        self, fn: None = None, /, **options: Unpack[ProcessorOptions]
     ) -> Callable[[Callable[..., Any]], AsyncProcessor]: ...
 
     def processor(
-        self, fn: Callable[..., Any] | None = None, /, **options: Any
+        self, fn: Callable[..., Any] | None = None, /, **options: Unpack[ProcessorOptions]
     ) -> AsyncProcessor | Callable[[Callable[..., Any]], AsyncProcessor]:
         """Decorator, as :meth:`redis_batcher.Batcher.processor` (handlers may be ``async def``);
         returns an :class:`AsyncProcessor`."""
+        define = self.definitions.processor(**options)
         if fn is not None:
-            return self.use(self.definitions.processor(fn, **options))
-
-        def decorate(handler: Callable[..., Any]) -> AsyncProcessor:
-            return self.use(self.definitions.processor(**options)(handler))
-
-        return decorate
+            return self.use(define(fn))
+        return lambda handler: self.use(define(handler))
 
     def use(self, proc: Processor | str) -> AsyncProcessor:
         """The async face of a processor defined on the definitions batcher (or its name)."""

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import redis
 from redis.backoff import NoBackoff
@@ -22,12 +23,18 @@ from .errors import (
     UnknownProcessor,
 )
 from .executor import Executor
+from .executor_core import ExecutorAttributes, check_client
 from .job_model import JobStatus, make_config
 from .jobs import JobIterator, define_iterator, list_jobs
-from .keys import MAX_PARTITIONS, layout_key, registry_key, validate_name
+from .keys import layout_key, registry_key, validate_name
 from .models import ProcessorConfig
-from .options import positive_int, seconds_option
+from .options import ProcessorOptions, processor_options
 from .processor import Processor
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+elif TYPE_CHECKING:  # typing_extensions is no runtime dependency: annotations are not evaluated
+    from typing_extensions import Unpack
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 T = TypeVar("T")
@@ -74,7 +81,7 @@ class _Unconnected:
         return "<no Redis connection>"
 
 
-class Batcher:
+class Batcher(ExecutorAttributes):
     """Holds the Redis client and the processors.
 
     ``connection`` is a URL (``redis://``, ``rediss://``, ``unix://``), an existing
@@ -82,6 +89,8 @@ class Batcher:
     ``redis://127.0.0.1:6379/0``. ``prefix`` namespaces every key. Pass ``cluster=True`` with a
     URL to connect to Redis Cluster.
     """
+
+    executor: Executor
 
     def __init__(
         self,
@@ -96,17 +105,12 @@ class Batcher:
         **redis_options: Any,
     ) -> None:
         self.prefix = validate_name("prefix", prefix)
-        if not isinstance(allow_eviction, bool):
-            raise ConfigError(f"allow_eviction must be True or False, got {allow_eviction!r}")
-        if isinstance(wait_replicas, bool) or not isinstance(wait_replicas, int) or wait_replicas < 0:
-            raise ConfigError(f"wait_replicas must be an int >= 0, got {wait_replicas!r}")
-        wait_s = seconds_option("wait_timeout", wait_timeout, allow_none=False, positive=True) or 1.0
         # the I/O: script calls, retries, WAIT and the checks before the first write
-        self.executor = Executor(
+        self.executor = Executor.from_options(
             prefix=self.prefix,
             wait_replicas=wait_replicas,
-            wait_timeout_ms=max(1, round(wait_s * 1000)),  # WAIT n 0 would block forever
-            connect_retry=seconds_option("connect_retry", connect_retry, allow_none=False) or 0.0,
+            wait_timeout=wait_timeout,
+            connect_retry=connect_retry,
             allow_eviction=allow_eviction,
         )
         self.url: str | None = None
@@ -152,59 +156,9 @@ class Batcher:
             url: str | None = connection
         else:
             client, url = connection, None
-        kwargs: dict[str, Any] = getattr(client, "get_connection_kwargs", dict)()
-        if kwargs.get("decode_responses"):
-            raise ConfigError("redis-batcher needs a client with decode_responses=False (items are bytes)")
+        check_client(client)
         self.url = url
         self.executor.bind(client)
-
-    # -- the executor's settings and client, as attributes of the batcher ----------------------
-
-    @property
-    def client(self) -> Any:
-        """The redis-py client (``redis.Redis`` or ``redis.RedisCluster``)."""
-        return self.executor.client
-
-    @property
-    def is_cluster(self) -> bool:
-        """True when the client is a ``redis.RedisCluster``."""
-        return self.executor.is_cluster
-
-    @property
-    def allow_eviction(self) -> bool:
-        """Whether an evicting ``maxmemory-policy`` is accepted (with a warning)."""
-        return self.executor.allow_eviction
-
-    @allow_eviction.setter
-    def allow_eviction(self, value: bool) -> None:
-        self.executor.allow_eviction = value
-
-    @property
-    def wait_replicas(self) -> int:
-        """How many replicas a write waits for (``WAIT``); 0: none."""
-        return self.executor.wait_replicas
-
-    @wait_replicas.setter
-    def wait_replicas(self, value: int) -> None:
-        self.executor.wait_replicas = value
-
-    @property
-    def wait_timeout_ms(self) -> int:
-        """How long a ``WAIT`` for replicas lasts, in milliseconds."""
-        return self.executor.wait_timeout_ms
-
-    @wait_timeout_ms.setter
-    def wait_timeout_ms(self, value: int) -> None:
-        self.executor.wait_timeout_ms = value
-
-    @property
-    def connect_retry(self) -> float:
-        """For how many seconds a call that could not be sent is retried."""
-        return self.executor.connect_retry
-
-    @connect_retry.setter
-    def connect_retry(self, value: float) -> None:
-        self.executor.connect_retry = value
 
     def __repr__(self) -> str:
         return f"<Batcher prefix={self.prefix!r} processors={sorted(self.processors)}>"
@@ -214,133 +168,28 @@ class Batcher:
 
     @overload
     def processor(
-        self,
-        fn: None = None,
-        /,
-        *,
-        name: str | None = None,
-        max_batch_size: int = 100,
-        flush_interval: float | timedelta | None = 30.0,
-        partitions: int = 1,
-        codec: str | Codec = "msgpack",
-        max_item_bytes: int = 1 << 20,
-        history_limit: int = 100,
-        retention: float | timedelta = timedelta(days=7),
-        lease_timeout: float | timedelta = 60.0,
-        retry_backoff: float = 1.0,
-        retry_backoff_max: float = 300.0,
-        max_attempts: int = 10,
-        max_deaths: int = 3,
-        handler_timeout: float | timedelta | None = None,
-        bisect_on_error: bool = False,
-        ordered: bool = False,
-        max_pending: int | None = None,
-        dead_letter_ttl: float | timedelta | None = timedelta(days=180),
-        max_dead_letters: int | None = 10_000,
+        self, fn: None = None, /, **options: Unpack[ProcessorOptions]
     ) -> Callable[[Handler], Processor]: ...
 
     def processor(
-        self,
-        fn: Handler | None = None,
-        /,
-        *,
-        name: str | None = None,
-        max_batch_size: int = 100,
-        flush_interval: float | timedelta | None = 30.0,
-        partitions: int = 1,
-        codec: str | Codec = "msgpack",
-        max_item_bytes: int = 1 << 20,
-        history_limit: int = 100,
-        retention: float | timedelta = timedelta(days=7),
-        lease_timeout: float | timedelta = 60.0,
-        retry_backoff: float = 1.0,
-        retry_backoff_max: float = 300.0,
-        max_attempts: int = 10,
-        max_deaths: int = 3,
-        handler_timeout: float | timedelta | None = None,
-        bisect_on_error: bool = False,
-        ordered: bool = False,
-        max_pending: int | None = None,
-        dead_letter_ttl: float | timedelta | None = timedelta(days=180),
-        max_dead_letters: int | None = 10_000,
+        self, fn: Handler | None = None, /, **options: Unpack[ProcessorOptions]
     ) -> Processor | Callable[[Handler], Processor]:
-        """Decorator that turns ``handler(flush)`` into a :class:`Processor`.
-
-        ``max_batch_size``: a sequence is sealed and delivered when it holds this many items.
-        ``flush_interval``: seconds (or timedelta) after a sequence's first item at which it is
-        delivered even if not full; ``None`` = only size and manual flushes.
-        ``partitions``: hash-tagged shards of the processor (spread one hot processor over a
-        cluster). ``codec``: ``"msgpack"`` (default), ``"json"`` or a :class:`Codec`.
-        ``max_item_bytes``: largest encoded item accepted. ``history_limit``: flush records kept
-        per batch id. ``retention``: how long a finished batch id's head and history stay.
-        ``lease_timeout``: how long a claimed flush is owned by a worker without a heartbeat.
-        ``retry_backoff``/``retry_backoff_max``: failed flushes are retried after
-        ``retry_backoff * 2**(attempt-1)`` seconds (with jitter), capped at ``retry_backoff_max``.
-        ``max_attempts``: after this many failed deliveries the items go to the dead-letter store.
-        ``max_deaths``: same, counting deliveries whose worker died (or lost its lease) in the
-        handler, so a poison item that crashes the process cannot crash-loop the workers.
-        ``handler_timeout``: a handler running longer counts as failed (its late result is
-        ignored). ``bisect_on_error``: a failing delivery of several items is split in halves
-        (retried at once, without spending attempts) to isolate poison items.
-        ``ordered``: deliver the sequences of one batch id one at a time, in order; a retrying
-        sequence holds back the later ones. ``max_pending``: ``add`` raises :class:`BatchFull`
-        instead of letting one batch id hold more undelivered items than this.
-        ``dead_letter_ttl``: how long a dead letter is kept (``None``: until purged or replayed);
-        ``max_dead_letters``: at most this many per partition, the oldest dropped first
-        (``None``: no limit). Both keep a failing processor from filling Redis.
-        """
+        """Decorator that turns ``handler(flush)`` into a :class:`Processor`. The keywords,
+        all optional, are those of :class:`~redis_batcher.options.ProcessorOptions`: the
+        batching rules (``max_batch_size``, ``flush_interval``), retries and dead letters,
+        ordering, limits; each is described there."""
         # validate everything eagerly: bad configuration fails at import time, not in production
-        size = positive_int("max_batch_size", max_batch_size)
-        interval = seconds_option("flush_interval", flush_interval, allow_none=True)
-        parts = positive_int("partitions", partitions)
-        if parts > MAX_PARTITIONS:
-            raise ConfigError(f"partitions must be at most {MAX_PARTITIONS}, got {parts}")
-        codec_obj = resolve_codec(codec)
-        item_limit = positive_int("max_item_bytes", max_item_bytes)
-        hist = positive_int("history_limit", history_limit)
-        keep = seconds_option("retention", retention, allow_none=False, positive=True)
-        lease = seconds_option("lease_timeout", lease_timeout, allow_none=False, positive=True)
-        backoff = seconds_option("retry_backoff", retry_backoff, allow_none=False, positive=True)
-        backoff_max = seconds_option("retry_backoff_max", retry_backoff_max, allow_none=False)
-        attempts = positive_int("max_attempts", max_attempts)
-        deaths = positive_int("max_deaths", max_deaths)
-        timeout = seconds_option("handler_timeout", handler_timeout, allow_none=True, positive=True)
-        pending_cap = None if max_pending is None else positive_int("max_pending", max_pending)
-        dead_ttl = seconds_option("dead_letter_ttl", dead_letter_ttl, allow_none=True, positive=True)
-        dead_cap = None if max_dead_letters is None else positive_int("max_dead_letters", max_dead_letters)
-        for flag_name, flag in (("bisect_on_error", bisect_on_error), ("ordered", ordered)):
-            if not isinstance(flag, bool):
-                raise ConfigError(f"{flag_name} must be True or False, got {flag!r}")
-        assert keep is not None and lease is not None and backoff is not None and backoff_max is not None
-        if name is not None:
-            validate_name("processor name", name)
+        settings = processor_options(options)
+        name: str | None = settings.pop("name")
+        codec_obj: Codec = settings["codec"]
+        settings["codec"] = codec_name(codec_obj)
 
         def decorate(handler: Handler) -> Processor:
             if not callable(handler):
                 raise ConfigError(f"processor handler must be callable, got {handler!r}")
             pname = name or f"{handler.__module__}.{handler.__qualname__}"
             validate_name("processor name", pname)
-            config = ProcessorConfig(
-                name=pname,
-                max_batch_size=size,
-                flush_interval=interval,
-                partitions=parts,
-                codec=codec_name(codec_obj),
-                max_item_bytes=item_limit,
-                history_limit=hist,
-                retention=keep,
-                lease_timeout=lease,
-                retry_backoff=backoff,
-                retry_backoff_max=backoff_max,
-                max_attempts=attempts,
-                max_deaths=deaths,
-                handler_timeout=timeout,
-                bisect_on_error=bisect_on_error,
-                ordered=ordered,
-                max_pending=pending_cap,
-                dead_letter_ttl=dead_ttl,
-                max_dead_letters=dead_cap,
-            )
+            config = ProcessorConfig(name=pname, **settings)
             with self.definitions_lock:
                 if pname in self.processors:
                     raise DuplicateProcessor(

@@ -13,92 +13,41 @@ from functools import partial
 from typing import Any, Protocol, TypeVar
 
 import redis
-from redis.exceptions import (
-    AskError,
-    ClusterDownError,
-    ClusterError,
-    MovedError,
-    NoScriptError,
-    RedisClusterException,
-    RedisError,
-    TryAgainError,
-)
+from redis.exceptions import ClusterError, NoScriptError, RedisClusterException, RedisError
 
 from . import ops
 from .connection import Link, checkout
 from .definition import ProcessorDef
-from .errors import (
-    NotReplicated,
-    NotSentClusterError,
-    NotSentError,
-    OutcomeUnknownError,
-    raise_not_sent,
-    raise_outcome_unknown,
-)
+from .errors import NotReplicated, NotSentError, raise_not_sent, raise_outcome_unknown
+from .executor_core import REDIRECTED, RETRIED, Backoff, ExecutorCore, Finished, advance, not_run, redirected
 from .keys import registry_key
 from .models import AddResult
 from .policy import judge_memory_policy, read_memory_policy
 
 T = TypeVar("T")
 
-# a cluster node's answers to a command it did not run: the slot is served by another node, is
-# moving, or the cluster is down. The call is safe to send again once redis-py knows the slot's
-# node (Executor.learn_route).
-REDIRECTED = (MovedError, AskError, TryAgainError, ClusterDownError)
 
-
-def redirected(exc: BaseException) -> bool:
-    """A cluster node did not run a single command: it answered a redirection, or redis-py's
-    cluster client gave up on it after redirections alone (``ClusterError("TTL exhausted.")``:
-    MOVED, ASK, TRYAGAIN each time), as while a slot migrates for longer than its retries."""
-    gave_up = isinstance(exc, ClusterError) and str(exc).startswith("TTL exhausted")
-    return gave_up or isinstance(exc, REDIRECTED)
-
-
-class Executor:
+class Executor(ExecutorCore):
     """Runs calls on one sync client (see the module's docstring). ``client`` is bound by
     :meth:`bind`; ``link`` (the client's :class:`~redis_batcher.connection.Link`, None when
     the client does not allow one) and ``node_links`` (a cluster's, per primary) carry the
     script calls."""
 
-    def __init__(
-        self,
-        *,
-        prefix: str,
-        wait_replicas: int = 0,
-        wait_timeout_ms: int = 1000,
-        connect_retry: float = 10.0,
-        allow_eviction: bool = False,
-    ) -> None:
-        self.prefix = prefix
-        self.wait_replicas = wait_replicas
-        self.wait_timeout_ms = wait_timeout_ms
-        self.connect_retry = connect_retry
-        self.allow_eviction = allow_eviction
-        self.client: Any = None
-        self.is_cluster = False
+    def __post_init__(self) -> None:
         self.link: Link | None = None
         # on a cluster, a link per primary (by node name), as redis-py's slot table says
         self.node_links: dict[str, Link] = {}
         self._links_lock = threading.Lock()
-        self.registered: set[str] = set()  # processors registered on this connection
-        self.policy_checked = False  # check_memory_policy passed on this connection
-        self.layout_checked = False  # check_layout passed on this connection
-        self.policy_logged = False  # the server could not tell its policy: said once
 
     def bind(self, client: Any, *, links: bool = True) -> None:
         """Run calls on ``client`` from now on (closing the links of the previous one); the
         checks before the first write are due again. ``links=False``: no link (a client
         that only stands in for one)."""
-        self.client = client
-        self.is_cluster = isinstance(client, redis.RedisCluster)
+        self.rebind(client, isinstance(client, redis.RedisCluster))
         self.close_links()
         # script calls on a connection this thread keeps, taken from the client's pool (see
         # connection.Link); on a cluster, from the pool of the primary serving the call's slot
         self.link = Link(client) if links and Link.supports(client) else None
-        self.registered.clear()
-        self.policy_checked = False
-        self.layout_checked = False
 
     def close_links(self) -> None:
         """Close the links (the client itself stays open)."""
@@ -111,13 +60,8 @@ class Executor:
 
     def drive(self, steps: ops.Steps[T]) -> T:
         """Answer the requests of an :mod:`ops` multi-step operation, and return its result."""
-        reply: Any = None
-        while True:
-            try:
-                step = steps.send(reply)
-            except StopIteration as done:
-                result: T = done.value
-                return result
+        step = advance(steps, None)
+        while not isinstance(step, Finished):
             if isinstance(step, ops.Read):
                 with ops.reading(step.key):
                     reply = self.command(step.key, partial(step.send, self.client))
@@ -125,6 +69,8 @@ class Executor:
                 if step.writes:
                     self.first_write()
                 reply = self.execute(step.call)
+            step = advance(steps, reply)
+        return step.value
 
     # -- running scripts --------------------------------------------------------------------------
 
@@ -133,21 +79,17 @@ class Executor:
         ``connect_retry`` seconds from its first failure, while it raises :class:`NotSentError`
         (and, for an ``idempotent`` command such as a read, :class:`OutcomeUnknownError` too);
         then that error is raised. Any other error is raised at once."""
-        retryable: tuple[type[BaseException], ...] = (
-            (NotSentError, OutcomeUnknownError) if idempotent else (NotSentError,)
-        )
-        deadline: float | None = None
-        delay = 0.05
+        retryable = RETRIED[idempotent]
+        backoff: Backoff | None = None
         while True:
             try:
                 return attempt()
             except retryable:
-                if deadline is None:
-                    deadline = time.monotonic() + self.connect_retry
-                if time.monotonic() + delay > deadline:
+                backoff = backoff or Backoff(self.connect_retry)
+                pause = backoff.pause()
+                if pause is None:
                     raise
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                time.sleep(pause)
 
     def _pool(self, key: str | None) -> Any:
         """The redis-py connection pool a command on ``key`` goes through."""
@@ -250,7 +192,7 @@ class Executor:
                 if not redirected(exc):
                     raise
                 self.learn_route(key)
-                raise NotSentClusterError(f"Redis Cluster answered {exc}; the script did not run") from exc
+                raise not_run(exc) from exc
 
         return self.retrying(attempt)
 
@@ -272,7 +214,7 @@ class Executor:
             if not self.is_cluster or not redirected(exc):
                 raise
             self.learn_route(key)
-            raise NotSentClusterError(f"Redis Cluster answered {exc}; the script did not run") from exc
+            raise not_run(exc) from exc
 
     def run_add(self, proc: ProcessorDef, base: str, encoded: list[bytes]) -> AddResult:
         """Add ``encoded`` items to ``base`` of ``proc``: a single add without WAIT over the

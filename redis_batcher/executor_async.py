@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -21,15 +20,8 @@ from redis.exceptions import ClusterError, NoScriptError, RedisClusterException,
 from . import ops
 from .connection import AsyncLink, ClusterNodePool, acheckout, pack
 from .definition import ADD_CHUNK, ProcessorDef
-from .errors import (
-    NotReplicated,
-    NotSentClusterError,
-    NotSentError,
-    OutcomeUnknownError,
-    raise_not_sent,
-    raise_outcome_unknown,
-)
-from .executor import REDIRECTED, redirected
+from .errors import NotReplicated, NotSentClusterError, NotSentError, raise_not_sent, raise_outcome_unknown
+from .executor_core import REDIRECTED, RETRIED, Backoff, ExecutorCore, Finished, advance, not_run, redirected
 from .keys import registry_key
 from .models import AddResult
 from .policy import judge_memory_policy, policy_from_config, policy_from_info
@@ -77,34 +69,15 @@ class _Group:
     size: int = 0  # items in this group
 
 
-class AsyncExecutor:
+class AsyncExecutor(ExecutorCore):
     """Runs calls on one ``redis.asyncio`` client (see the module's docstring). ``client`` is
     bound by :meth:`bind`; ``link`` (the client's :class:`~redis_batcher.connection.AsyncLink`,
     None when the client does not allow one) and ``node_links`` (a cluster's, per primary)
     carry the script calls."""
 
-    def __init__(
-        self,
-        *,
-        prefix: str,
-        wait_replicas: int = 0,
-        wait_timeout_ms: int = 1000,
-        connect_retry: float = 10.0,
-        allow_eviction: bool = False,
-    ) -> None:
-        self.prefix = prefix
-        self.wait_replicas = wait_replicas
-        self.wait_timeout_ms = wait_timeout_ms
-        self.connect_retry = connect_retry
-        self.allow_eviction = allow_eviction
-        self.client: Any = None
-        self.is_cluster = False
+    def __post_init__(self) -> None:
         self.link: AsyncLink | None = None
         self.node_links: dict[str, AsyncLink] = {}
-        self.registered: set[str] = set()  # processors registered on this connection
-        self.policy_checked = False  # check_memory_policy passed on this connection
-        self.layout_checked = False  # check_layout passed on this connection
-        self.policy_logged = False  # the server could not tell its policy: said once
         self._queue: list[_Pending] = []
         self._scheduled = False
         # group commit's state (see add): whether callers send at once (not before a leader
@@ -121,16 +94,12 @@ class AsyncExecutor:
         """Run calls on ``client`` from now on; the checks before the first write are due
         again. (The links of a previous client are dropped, not closed: closing is awaited,
         see :meth:`close_links`.)"""
-        self.client = client
-        self.is_cluster = isinstance(client, aioredis.RedisCluster)
+        self.rebind(client, isinstance(client, aioredis.RedisCluster))
         # script calls on connections this event loop keeps, taken from the client's pool (see
         # connection.AsyncLink); on a cluster, from the node serving the call's slot
         self.link = AsyncLink(client) if AsyncLink.supports(client) else None
-        self._trips_yield = None  # see __init__
+        self._trips_yield = None  # see __post_init__
         self.node_links = {}
-        self.registered.clear()
-        self.policy_checked = False
-        self.layout_checked = False
 
     async def close_links(self) -> None:
         """Close the links (the client itself stays open)."""
@@ -199,21 +168,17 @@ class AsyncExecutor:
         """As the sync executor's: retried with backoff, for up to ``connect_retry`` seconds
         from its first failure, while it raises :class:`~redis_batcher.NotSentError` (and, when
         ``idempotent``, :class:`~redis_batcher.OutcomeUnknownError`); then that is raised."""
-        retryable: tuple[type[BaseException], ...] = (
-            (NotSentError, OutcomeUnknownError) if idempotent else (NotSentError,)
-        )
-        deadline: float | None = None
-        delay = 0.05
+        retryable = RETRIED[idempotent]
+        backoff: Backoff | None = None
         while True:
             try:
                 return await attempt()
             except retryable:
-                if deadline is None:
-                    deadline = time.monotonic() + self.connect_retry
-                if time.monotonic() + delay > deadline:
+                backoff = backoff or Backoff(self.connect_retry)
+                pause = backoff.pause()
+                if pause is None:
                     raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                await asyncio.sleep(pause)
 
     async def sent(self, key: str | None, send: Callable[[], Awaitable[T]], node: Any = None) -> T:
         """Await ``send`` (a command through redis-py) with its failures classified, as the
@@ -254,9 +219,7 @@ class AsyncExecutor:
         except RedisClusterException:
             return None
         link = self.node_links.get(node.name)
-        if link is None:
-            if not ClusterNodePool.supports(node):
-                return None
+        if link is None and ClusterNodePool.supports(node):
             link = self.node_links[node.name] = AsyncLink(pool=ClusterNodePool(node))
         return link
 
@@ -298,7 +261,7 @@ class AsyncExecutor:
                 if not redirected(exc):
                     raise
                 await self.learn_route(key)
-                raise NotSentClusterError(f"Redis Cluster answered {exc}; the script did not run") from exc
+                raise not_run(exc) from exc
 
         return await self.retrying(attempt)
 
@@ -542,13 +505,8 @@ class AsyncExecutor:
     async def drive(self, steps: ops.Steps[T]) -> T:
         """Answer the requests of an :mod:`redis_batcher.ops` multi-step operation (as
         :meth:`redis_batcher.executor.Executor.drive` does on a sync client)."""
-        reply: Any = None
-        while True:
-            try:
-                step = steps.send(reply)
-            except StopIteration as done:
-                result: T = done.value
-                return result
+        step = advance(steps, None)
+        while not isinstance(step, Finished):
             if isinstance(step, ops.Read):
                 with ops.reading(step.key):
                     reply = await self.command(step.key, functools.partial(step.send, self.client))
@@ -556,3 +514,5 @@ class AsyncExecutor:
                 if step.writes:
                     await self.first_write()
                 reply = await self.execute(step.call)
+            step = advance(steps, reply)
+        return step.value

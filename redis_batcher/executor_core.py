@@ -12,7 +12,7 @@ from typing import Any, Generic, TypeVar, overload
 
 from redis.exceptions import AskError, ClusterDownError, ClusterError, MovedError, TryAgainError
 
-from . import ops
+from .calls import Step, Steps
 from .errors import ConfigError, NotSentClusterError, NotSentError, OutcomeUnknownError
 from .options import flag, seconds_option
 
@@ -78,8 +78,8 @@ class Finished(Generic[T]):
     value: T
 
 
-def advance(steps: ops.Steps[T], reply: Any) -> ops.Step | Finished[T]:
-    """Send ``reply`` (None to start) to a multi-step operation of :mod:`redis_batcher.ops`:
+def advance(steps: Steps[T], reply: Any) -> Step | Finished[T]:
+    """Send ``reply`` (None to start) to a multi-step operation of :mod:`redis_batcher.calls`:
     its next request, or what it returned."""
     try:
         return steps.send(reply)

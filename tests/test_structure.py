@@ -174,6 +174,5 @@ def test_the_definitions_and_the_ops_hold_no_client_code() -> None:
         "models",
         "codec",
         "executor_core",
-        "job_runner_core",
     ):
         assert not edges[low] & io_modules, (low, edges[low] & io_modules)

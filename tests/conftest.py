@@ -16,6 +16,8 @@ from redis_batcher import Batcher, wake
 from redis_batcher.keys import PartitionKeys
 from redis_batcher.testing import RedisClusterServers, RedisServer, find_redis_server
 
+from .clients import Backend
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -56,6 +58,17 @@ def client(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterato
         yield c
     finally:
         c.close()
+
+
+@pytest.fixture(params=["real", "fake"])
+def backend(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[Backend]:
+    """Parametrised backend for async tests: the session's redis-server (flushed) and a fresh
+    fakeredis server, each reachable by sync and async clients."""
+    b = Backend.open(request.param, redis_server.port)
+    try:
+        yield b
+    finally:
+        b.close()
 
 
 @pytest.fixture

@@ -6,25 +6,24 @@ keeps the two files in step. Part 2 covers what only the async client has: group
 (concurrent ``add()`` calls coalesced into one pipelined round trip, each answered on its own),
 cancellation of awaiting adds, and errors delivered to exactly the callers they concern.
 
-Every test body runs in one ``asyncio.run`` (see :func:`arun`), which fails the test when the
-event loop reports an unhandled error such as "Task exception was never retrieved".
+Every test body runs in one ``asyncio.run`` (see :func:`tests.clients.arun`), which fails the
+test when the event loop reports an unhandled error such as "Task exception was never
+retrieved".
 """
 
 from __future__ import annotations
 
 import ast
 import asyncio
-import gc
 import inspect
 import random
 import subprocess
 import sys
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, TypeVar
+from typing import Any
 
 import fakeredis
 import pytest
@@ -35,90 +34,10 @@ import redis_batcher as rb
 from redis_batcher import asyncio as aio
 from redis_batcher.processor import ADD_CHUNK
 from redis_batcher.scripts import scripts
-from redis_batcher.testing import RedisServer
 
 from . import test_api
+from .clients import Backend, alist, arun
 from .conftest import ROOT, snapshot
-
-T = TypeVar("T")
-Body = Callable[[aio.Batcher], Awaitable[None]]
-
-
-# -- running async test bodies -----------------------------------------------------------------
-
-
-def arun(body: Callable[[], Awaitable[T]], timeout: float = 60.0) -> T:
-    """Run ``body()`` in a fresh event loop; fail on errors the loop reports but nobody awaited
-    (an exception set on a future or task that was never retrieved)."""
-
-    async def main() -> T:
-        loop = asyncio.get_running_loop()
-        reported: list[dict[str, Any]] = []
-        loop.set_exception_handler(lambda _loop, context: reported.append(context))
-        result = await asyncio.wait_for(body(), timeout)
-        gc.collect()  # futures/tasks holding unretrieved exceptions report when collected
-        await asyncio.sleep(0)
-        assert not reported, f"the event loop reported unhandled errors: {reported}"
-        return result
-
-    return asyncio.run(main())
-
-
-@dataclass
-class Backend:
-    """One Redis server reachable both by a sync client (snapshots, fault injection) and by
-    async clients built inside the test's event loop."""
-
-    kind: str
-    sync: Any
-    port: int
-    fake_server: Any = None
-
-    def aclient(self, cls: type | None = None) -> Any:
-        if self.kind == "real":
-            return (cls or aioredis.Redis)(host="127.0.0.1", port=self.port)
-        return (cls or fakeredis.FakeAsyncRedis)(server=self.fake_server)
-
-    def aclient_class(self) -> type:
-        return aioredis.Redis if self.kind == "real" else fakeredis.FakeAsyncRedis
-
-    def run(self, body: Body, *, client_cls: type | None = None, **batcher_options: Any) -> None:
-        """``body(async_batcher)`` with prefix "t" on this backend, in a fresh event loop."""
-
-        async def main() -> None:
-            async with connected(self, client_cls=client_cls, **batcher_options) as ab:
-                await body(ab)
-
-        arun(main)
-
-
-@asynccontextmanager
-async def connected(
-    backend: Backend, *, client_cls: type | None = None, **batcher_options: Any
-) -> AsyncIterator[aio.Batcher]:
-    batcher_options.setdefault("prefix", "t")
-    ab = aio.Batcher(backend.aclient(client_cls), **batcher_options)
-    try:
-        yield ab
-    finally:
-        await ab.aclose()
-
-
-@pytest.fixture(params=["real", "fake"])
-def backend(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[Backend]:
-    """Parametrised backend: the session's redis-server (flushed) and a fresh fakeredis server."""
-    if request.param == "real":
-        sync: Any = redis.Redis(host="127.0.0.1", port=redis_server.port)
-        sync.flushall()
-        b = Backend("real", sync, redis_server.port)
-    else:
-        server = fakeredis.FakeServer()
-        sync = fakeredis.FakeRedis(server=server)
-        b = Backend("fake", sync, 0, server)
-    try:
-        yield b
-    finally:
-        sync.close()
 
 
 def make(ab: aio.Batcher, **kw: Any) -> tuple[aio.AsyncProcessor, list[rb.Flush]]:
@@ -143,10 +62,6 @@ async def warm(ab: aio.Batcher) -> None:
     """Register the processors and load the add script, so what follows is adds alone."""
     await ab.register()
     await ab.client.script_load(scripts().add.source)
-
-
-async def alist(it: AsyncIterator[T]) -> list[T]:
-    return [x async for x in it]
 
 
 # == part 1: tests/test_api.py, awaited ===========================================================

@@ -1,5 +1,6 @@
 """Shared fixtures: a real redis-server started per test session on a free loopback port, and
-fakeredis (with Lua through lupa) as a second backend for the API tests."""
+fakeredis (with Lua through lupa) as a second backend for the API tests; ``api`` hands an API
+test the sync or the asyncio client on either backend (tests/clients.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import redis
 from redis_batcher import Batcher, wake
 from redis_batcher.keys import PartitionKeys
 from redis_batcher.testing import RedisClusterServers, RedisServer, find_redis_server
+
+from .clients import Backend, ClientApi, open_api
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,6 +59,33 @@ def client(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterato
         yield c
     finally:
         c.close()
+
+
+@pytest.fixture(params=["real", "fake"])
+def backend(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[Backend]:
+    """Parametrised backend for async tests: the session's redis-server (flushed) and a fresh
+    fakeredis server, each reachable by sync and async clients."""
+    b = Backend.open(request.param, redis_server.port)
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+@pytest.fixture(params=["sync-real", "sync-fake", "async-real", "async-fake"])
+def api(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[ClientApi]:
+    """The sync and the asyncio client, each on the real server and on fakeredis, behind one
+    interface: an API test written once runs on all four."""
+    kind, server = request.param.split("-")
+    backend = Backend.open(server, redis_server.port)
+    try:
+        client_api = open_api(kind, backend)
+        try:
+            yield client_api
+        finally:
+            client_api.close()
+    finally:
+        backend.close()
 
 
 @pytest.fixture
@@ -138,12 +168,13 @@ def redis_cluster() -> Iterator[RedisClusterServers]:
         cluster.stop()
 
 
-# Tests whose fakeredis variant takes half a minute (its Lua interpreter is far slower than
-# Redis'): marked slow there, so the CI matrix runs their real-server variant only.
+# Tests whose fakeredis variants take half a minute (its Lua interpreter is far slower than
+# Redis'): marked slow there, with either client, so the CI matrix runs the real server only.
 SLOW_ON_FAKEREDIS = {"test_add_many_into_thousands_of_tiny_sequences"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.name.endswith("[fake]") and item.name.split("[")[0] in SLOW_ON_FAKEREDIS:
+        name, _, params = item.name.partition("[")
+        if name in SLOW_ON_FAKEREDIS and "fake" in params.rstrip("]").split("-"):
             item.add_marker(pytest.mark.slow)

@@ -1,4 +1,6 @@
-"""Producer/inspection API against both backends (real redis-server and fakeredis+lupa)."""
+"""The producer and inspection API, each case written once and run on the sync and the asyncio
+client (the ``api`` fixture, tests/clients.py), each on a real redis-server and on fakeredis
+with Lua (lupa). What only the asyncio client has is tested in tests/test_async_api.py."""
 
 from __future__ import annotations
 
@@ -8,22 +10,24 @@ from typing import Any
 import pytest
 
 import redis_batcher as rb
-from redis_batcher import Batcher, Worker
+from redis_batcher.keys import partition_of
 
+from .clients import ClientApi, ProcessorApi
 from .conftest import snapshot
 
 
-def make(batcher: Batcher, **kw: Any) -> tuple[rb.Processor, list[rb.Flush]]:
+def make(api: ClientApi, **kw: Any) -> tuple[ProcessorApi, list[rb.Flush]]:
+    """Processor "events" (3 items a batch, no interval) whose handler records each flush."""
     got: list[rb.Flush] = []
     kw.setdefault("name", "events")
     kw.setdefault("max_batch_size", 3)
     kw.setdefault("flush_interval", None)
-    proc = batcher.processor(**kw)(got.append)
+    proc = api.processor(**kw)(api.recorder(got))
     return proc, got
 
 
-def test_add_one_item(batcher: Batcher) -> None:
-    proc, _ = make(batcher)
+def test_add_one_item(api: ClientApi) -> None:
+    proc, _ = make(api)
     r = proc.add("user:42", {"type": "click"})
     assert r == rb.AddResult("user:42", 0, 1, 1, False, "accumulating", 0)
     st = proc.status("user:42")
@@ -36,8 +40,8 @@ def test_add_one_item(batcher: Batcher) -> None:
     assert abs((datetime.now(timezone.utc) - b.created_at).total_seconds()) < 60
 
 
-def test_size_seals_and_next_add_starts_new_sequence(batcher: Batcher) -> None:
-    proc, _ = make(batcher)
+def test_size_seals_and_next_add_starts_new_sequence(api: ClientApi) -> None:
+    proc, _ = make(api)
     proc.add("b", 1)
     proc.add("b", 2)
     r = proc.add("b", 3)
@@ -52,15 +56,15 @@ def test_size_seals_and_next_add_starts_new_sequence(batcher: Batcher) -> None:
     ]
 
 
-def test_add_many_spills_over_sequences_in_one_call(batcher: Batcher, client: Any) -> None:
-    proc, got = make(batcher)
+def test_add_many_spills_over_sequences_in_one_call(api: ClientApi) -> None:
+    proc, got = make(api)
     proc.add("b", "first")
     r = proc.add_many("b", list(range(8)))
     # 1 + 8 items, size 3: seq 0 [first,0,1], seq 1 [2,3,4], seq 2 [5,6,7] sealed
     assert (r.sequence, r.pending, r.status, r.sealed, r.added) == (2, 3, "flushing", 3, 8)
     r = proc.add_many("b", ["x", "y"])
     assert (r.sequence, r.pending, r.status, r.sealed) == (3, 2, "accumulating", 0)
-    Worker(batcher).run(burst=True)
+    api.burst()
     by_seq = {f.sequence: f.items for f in got}
     assert by_seq == {0: ["first", 0, 1], 1: [2, 3, 4], 2: [5, 6, 7]}
     assert all(len(f.items) <= 3 for f in got)
@@ -80,8 +84,14 @@ def stored_first_sequence(client: Any, pfx: str, base: str) -> tuple[dict[str, s
     return state, head, client.zscore(f"{pfx}due", f"{base}::0") is not None
 
 
-def check_filled_at_once(client: Any, pfx: str) -> None:
-    """"fast" (one add_many of 3) is stored like "slow" (3 adds), sealed, with no 'acc'."""
+def test_a_sequence_filled_at_once_is_stored_like_one_filled_item_by_item(api: ClientApi) -> None:
+    # add.lua writes a sequence that one add opens and fills as sealed from the start
+    proc, _ = make(api, max_batch_size=3, flush_interval=30.0)
+    for i in range(3):
+        proc.add("slow", i)
+    proc.add_many("fast", [0, 1, 2])
+    # "fast" (one add_many of 3) is stored like "slow" (3 adds), sealed, with no 'acc'
+    client, pfx = api.client, proc.keys.for_base("slow").pfx
     assert stored_first_sequence(client, pfx, "fast") == stored_first_sequence(client, pfx, "slow")
     state, head, due = stored_first_sequence(client, pfx, "fast")
     assert state["flush_id"] == "-0"  # fixed at sealing, like the seal by single adds
@@ -91,56 +101,45 @@ def check_filled_at_once(client: Any, pfx: str) -> None:
     assert "acc" not in head and client.llen(f"{pfx}i:fast::0") == 3
 
 
-def test_a_sequence_filled_at_once_is_stored_like_one_filled_item_by_item(
-    batcher: Batcher, client: Any
-) -> None:
-    # add.lua writes a sequence that one add opens and fills as sealed from the start
-    proc, _ = make(batcher, max_batch_size=3, flush_interval=30.0)
-    for i in range(3):
-        proc.add("slow", i)
-    proc.add_many("fast", [0, 1, 2])
-    check_filled_at_once(client, proc.keys.for_base("slow").pfx)
-
-
-def test_add_many_into_thousands_of_tiny_sequences(batcher: Batcher) -> None:
-    proc, got = make(batcher, max_batch_size=1)
+def test_add_many_into_thousands_of_tiny_sequences(api: ClientApi) -> None:
+    proc, got = make(api, max_batch_size=1)
     r = proc.add_many("tiny", list(range(5_000)))  # 5,000 sequences opened and sealed in one call
     assert (r.sequence, r.sealed, r.added, r.status) == (4_999, 5_000, 5_000, "flushing")
     st = proc.status("tiny")
     assert st is not None and len(st.batches) == 5_000
     assert all(b.status == "flushing" and b.item_count == 1 for b in st.batches)
-    Worker(batcher, concurrency=4).run(burst=True)
+    api.burst(concurrency=4)
     assert sorted(i for f in got for i in f.items) == list(range(5_000))
     assert proc.status("tiny") is None
 
 
-def test_add_many_large_call_never_exceeds_max(batcher: Batcher) -> None:
-    proc, got = make(batcher, max_batch_size=1000)
+def test_add_many_large_call_never_exceeds_max(api: ClientApi) -> None:
+    proc, got = make(api, max_batch_size=1000)
     r = proc.add_many("big", list(range(12_345)))
     assert r.sealed == 12 and r.pending == 345
     proc.flush("big")
-    Worker(batcher, concurrency=2).run(burst=True)
+    api.burst(concurrency=2)
     assert max(len(f.items) for f in got) == 1000
     assert [i for f in sorted(got, key=lambda f: f.sequence) for i in f.items] == list(range(12_345))
 
 
-def test_add_many_empty_writes_nothing(batcher: Batcher, client: Any) -> None:
-    proc, _ = make(batcher)
-    before = snapshot(client)
+def test_add_many_empty_writes_nothing(api: ClientApi) -> None:
+    proc, _ = make(api)
+    before = snapshot(api.client)
     r = proc.add_many("b", [])
     assert (r.added, r.sequence, r.flushed) == (0, None, False)
-    assert snapshot(client) == before
+    assert snapshot(api.client) == before
 
 
-def test_sequence_suffix_is_stripped_on_add(batcher: Batcher) -> None:
-    proc, _ = make(batcher)
+def test_sequence_suffix_is_stripped_on_add(api: ClientApi) -> None:
+    proc, _ = make(api)
     assert proc.add("order::7", 1).batch_id == "order"
     st = proc.status("order::0")
     assert st is not None and st.batch_id == "order"
 
 
-def test_manual_flush_semantics(batcher: Batcher) -> None:
-    proc, got = make(batcher, max_batch_size=100)
+def test_manual_flush_semantics(api: ClientApi) -> None:
+    proc, got = make(api, max_batch_size=100)
     with pytest.raises(rb.BatchNotFound):
         proc.flush("nobody")
     proc.add_many("b", [1, 2])
@@ -155,7 +154,7 @@ def test_manual_flush_semantics(batcher: Batcher) -> None:
         proc.flush("b::9")
     proc.add("b", 3)
     assert proc.flush("b::1").item_count == 1
-    Worker(batcher).run(burst=True)
+    api.burst()
     assert sorted((f.sequence, tuple(f.items), f.reason) for f in got) == [
         (0, (1, 2), "manual"),
         (1, (3,), "manual"),
@@ -165,10 +164,10 @@ def test_manual_flush_semantics(batcher: Batcher) -> None:
     assert err.value.status == "completed"
 
 
-def test_flush_delivery_fields(batcher: Batcher) -> None:
-    proc, got = make(batcher)
+def test_flush_delivery_fields(api: ClientApi) -> None:
+    proc, got = make(api)
     proc.add_many("user:1", ["a", "b", "c"])
-    Worker(batcher).run(burst=True)
+    api.burst()
     (f,) = got
     assert (f.processor, f.batch_id, f.sequence, f.items, f.attempt) == (
         "events",
@@ -180,11 +179,11 @@ def test_flush_delivery_fields(batcher: Batcher) -> None:
     assert f.flush_id and f.reason == "size" and len(f) == 3
 
 
-def test_history_newest_first_and_capped(batcher: Batcher) -> None:
-    proc, _ = make(batcher, max_batch_size=2, history_limit=3)
+def test_history_newest_first_and_capped(api: ClientApi) -> None:
+    proc, _ = make(api, max_batch_size=2, history_limit=3)
     for i in range(5):
         proc.add_many("h", [i, i])
-        Worker(batcher).run(burst=True)
+        api.burst()
     hist = proc.history("h", limit=20)
     assert [r.sequence for r in hist] == [4, 3, 2]
     assert all(r.success and r.error is None and r.item_count == 2 and r.attempt == 1 for r in hist)
@@ -195,16 +194,16 @@ def test_history_newest_first_and_capped(batcher: Batcher) -> None:
         proc.history("h", limit=0)
 
 
-def test_failed_flush_keeps_items_and_records_error(batcher: Batcher) -> None:
+def test_failed_flush_keeps_items_and_records_error(api: ClientApi) -> None:
     calls: list[int] = []
 
     def handler(flush: rb.Flush) -> None:
         calls.append(flush.attempt)
         raise RuntimeError("downstream is down")
 
-    proc = batcher.processor(name="f", max_batch_size=2, flush_interval=None, retry_backoff=30)(handler)
+    proc = api.processor(name="f", max_batch_size=2, flush_interval=None, retry_backoff=30)(handler)
     proc.add_many("b", [1, 2])
-    Worker(batcher).run(burst=True)
+    api.burst()
     assert calls == [1]
     (rec,) = proc.history("b")
     assert (rec.success, rec.error, rec.attempt) == (False, "RuntimeError: downstream is down", 1)
@@ -217,48 +216,48 @@ def test_failed_flush_keeps_items_and_records_error(batcher: Batcher) -> None:
     assert proc.delete("b") == rb.DeleteResult(False, "Cannot delete batch while flushing")
 
 
-def test_delete_semantics(batcher: Batcher, client: Any) -> None:
-    proc, _ = make(batcher)
+def test_delete_semantics(api: ClientApi) -> None:
+    proc, _ = make(api)
     assert proc.delete("nothing") == rb.DeleteResult(False, "Batch not found")
     proc.add("b", 1)
     assert proc.delete("b") == rb.DeleteResult(False, "Cannot delete batch with pending items")
     assert proc.delete("b::0") == rb.DeleteResult(False, "Cannot delete batch with pending items")
     proc.flush("b")
     assert proc.delete("b") == rb.DeleteResult(False, "Cannot delete batch while flushing")
-    Worker(batcher).run(burst=True)
+    api.burst()
     assert proc.delete("b::5") == rb.DeleteResult(False, "Batch not found")
     assert proc.delete("b::0") == rb.DeleteResult(True, None)
     assert [s.status for s in proc.sequences("b")] == []
     assert proc.delete("b") == rb.DeleteResult(True, None)
     assert proc.history("b") == []
-    assert [k for k in client.scan_iter("t:{events*")] == []
+    assert [k for k in api.client.scan_iter("t:{events*")] == []
 
 
-def test_completed_batches_leave_only_head_and_history_with_ttl(batcher: Batcher, client: Any) -> None:
-    proc, _ = make(batcher, retention=timedelta(hours=1))
+def test_completed_batches_leave_only_head_and_history_with_ttl(api: ClientApi) -> None:
+    proc, _ = make(api, retention=timedelta(hours=1))
     proc.add_many("u", [1, 2, 3, 4])
     proc.flush("u")
     assert list(proc.batch_ids()) == ["u"]
-    Worker(batcher).run(burst=True)
-    keys = sorted(k.decode() for k in client.scan_iter("t:*"))
+    api.burst()
+    keys = sorted(k.decode() for k in api.client.scan_iter("t:*"))
     assert keys == ["t:layout", "t:processors", "t:{events:0}:b:u", "t:{events:0}:h:u"]
     for k in ("t:{events:0}:b:u", "t:{events:0}:h:u"):
-        assert 0 < client.ttl(k) <= 3600
+        assert 0 < api.client.ttl(k) <= 3600
     assert list(proc.batch_ids()) == []
     assert proc.status("u") is None
     (done,) = proc.sequences("u")
     assert (done.sequence, done.status, done.item_count) == (1, "completed", 1)
     # a new add revives the base id: the head stops expiring and numbering continues
     assert proc.add("u", 5).sequence == 2
-    assert client.ttl("t:{events:0}:b:u") == -1
+    assert api.client.ttl("t:{events:0}:b:u") == -1
 
 
-def test_batch_ids_iterates_active_ids(batcher: Batcher) -> None:
-    proc, _ = make(batcher, partitions=4)
+def test_batch_ids_iterates_active_ids(api: ClientApi) -> None:
+    proc, _ = make(api, partitions=4)
     ids = {f"tenant:{i}" for i in range(50)}
     for i in ids:
         proc.add(i, 1)
-    assert set(batcher.batch_ids("events")) == ids
+    assert set(api.batch_ids("events")) == ids
     assert set(proc.batch_ids()) == ids
 
 
@@ -277,22 +276,20 @@ def test_batch_ids_iterates_active_ids(batcher: Batcher) -> None:
         "tab-free:" + "é" * 300,
     ],
 )
-def test_unusual_batch_ids_work(batcher: Batcher, client: Any, batch_id: str) -> None:
-    proc, got = make(batcher, partitions=3)
+def test_unusual_batch_ids_work(api: ClientApi, batch_id: str) -> None:
+    proc, got = make(api, partitions=3)
     r = proc.add_many(batch_id, [1, 2])
     assert r.batch_id == batch_id
     proc.flush(batch_id)
-    Worker(batcher).run(burst=True)
+    api.burst()
     assert [(f.batch_id, f.items) for f in got] == [(batch_id, [1, 2])]
     # the key is readable: it carries the raw id after the processor's hash tag
-    keys = [k.decode() for k in client.scan_iter("t:{events:*}:b:*")]
+    keys = [k.decode() for k in api.client.scan_iter("t:{events:*}:b:*")]
     assert len(keys) == 1 and keys[0].endswith(":b:" + batch_id)
 
 
-def test_partition_placement_ignores_braces_in_ids(batcher: Batcher) -> None:
-    proc, _ = make(batcher, partitions=8)
-    from redis_batcher.keys import partition_of
-
+def test_partition_placement_ignores_braces_in_ids(api: ClientApi) -> None:
+    proc, _ = make(api, partitions=8)
     for bid in ["{a}", "{b}", "x{y}z", "plain"]:
         part = proc.keys.for_base(bid)
         assert part is proc.keys.parts[partition_of(bid, 8)]
@@ -300,9 +297,12 @@ def test_partition_placement_ignores_braces_in_ids(batcher: Batcher) -> None:
         # the first {...} of every key is the processor's tag, whatever the id holds
         k = proc.keys.parts.index(part)
         assert part.head(bid).split("}")[0].split(":")[-1].split("~")[0] == str(k)
+    # and an add writes exactly there
+    proc.add("x{y}z", 1)
+    assert api.client.exists(proc.keys.for_base("x{y}z").head("x{y}z")) == 1
 
 
-def test_codecs(batcher: Batcher) -> None:
+def test_codecs(api: ClientApi) -> None:
     class Upper:
         name = "upper"
 
@@ -317,13 +317,13 @@ def test_codecs(batcher: Batcher) -> None:
     def keep(flush: rb.Flush) -> None:
         got[flush.processor] = flush.items
 
-    pj = batcher.processor(name="j", codec="json", max_batch_size=2)(keep)
-    pm = batcher.processor(name="m", max_batch_size=3)(keep)
-    pu = batcher.processor(name="u", codec=Upper(), max_batch_size=1)(keep)
+    pj = api.processor(name="j", codec="json", max_batch_size=2)(keep)
+    pm = api.processor(name="m", max_batch_size=3)(keep)
+    pu = api.processor(name="u", codec=Upper(), max_batch_size=1)(keep)
     pj.add_many("x", [{"a": [1, 2]}, "é"])
     pm.add_many("x", [b"\x00\xff", {1: None}, [1.5, True]])
     pu.add("x", "abc")
-    Worker(batcher).run(burst=True)
+    api.burst()
     assert got == {"j": [{"a": [1, 2]}, "é"], "m": [b"\x00\xff", {1: None}, [1.5, True]], "u": ["ABC"]}
     with pytest.raises(rb.ItemEncodeError):
         pj.add("x", b"bytes are not json")
@@ -358,16 +358,16 @@ def raw_items(client: Any) -> list[bytes]:
     return list(client.lrange(items_key, 1, -1))
 
 
-def test_codec_may_return_any_bytes_like_but_nothing_else(batcher: Batcher, client: Any) -> None:
-    proc = batcher.processor(name="raw", codec=RawCodec(), max_batch_size=10)(lambda flush: None)
+def test_codec_may_return_any_bytes_like_but_nothing_else(api: ClientApi) -> None:
+    proc = api.processor(name="raw", codec=RawCodec(), max_batch_size=10)(lambda flush: None)
     for method, arg in RAW_ADDS:
         getattr(proc, method)("x", arg)
-    before = snapshot(client)
+    before = snapshot(api.client)
     for method, arg in RAW_BAD:
         with pytest.raises(rb.ItemEncodeError, match="returned str, not bytes"):
             getattr(proc, method)("x", arg)
-    assert snapshot(client) == before
-    assert raw_items(client) == RAW_STORED
+    assert snapshot(api.client) == before
+    assert raw_items(api.client) == RAW_STORED
 
 
 BAD_IDS: list[Any] = [
@@ -384,10 +384,10 @@ BAD_IDS: list[Any] = [
 ]
 
 
-def test_bad_input_raises_and_leaves_redis_untouched(batcher: Batcher, client: Any) -> None:
-    proc, _ = make(batcher, max_item_bytes=100)
+def test_bad_input_raises_and_leaves_redis_untouched(api: ClientApi) -> None:
+    proc, _ = make(api, max_item_bytes=100)
     proc.add("existing", 1)  # registry and one batch exist before the snapshot
-    before = snapshot(client)
+    before = snapshot(api.client)
     for bad_id in BAD_IDS:
         with pytest.raises(rb.InvalidBatchId):
             proc.add(bad_id, 1)
@@ -399,6 +399,8 @@ def test_bad_input_raises_and_leaves_redis_untouched(batcher: Batcher, client: A
             proc.status(bad_id)
         with pytest.raises(rb.InvalidBatchId):
             proc.delete(bad_id)
+        with pytest.raises(rb.InvalidBatchId):
+            proc.history(bad_id)
     for bad_item in [object(), {1, 2}, datetime.now(), 2**70, lambda: 1]:
         with pytest.raises(rb.ItemEncodeError):
             proc.add("existing", bad_item)
@@ -412,7 +414,7 @@ def test_bad_input_raises_and_leaves_redis_untouched(batcher: Batcher, client: A
         proc.flush("unknown-batch")
     with pytest.raises(rb.BatchNotFound):
         proc.flush("existing::5")
-    assert snapshot(client) == before
+    assert snapshot(api.client) == before
     assert issubclass(rb.ItemTooLarge, rb.BatcherError) and issubclass(rb.InvalidBatchId, rb.BatcherError)
 
 
@@ -439,24 +441,24 @@ def test_bad_input_raises_and_leaves_redis_untouched(batcher: Batcher, client: A
         {"name": ""},
     ],
 )
-def test_bad_config_raises_before_any_write(batcher: Batcher, client: Any, kwargs: dict[str, Any]) -> None:
-    before = snapshot(client)
+def test_bad_config_raises_before_any_write(api: ClientApi, kwargs: dict[str, Any]) -> None:
+    before = snapshot(api.client)
     with pytest.raises(rb.ConfigError):
-        batcher.processor(**{"name": "p", **kwargs})(lambda f: None)
-    assert snapshot(client) == before
-    assert batcher.processors == {}
+        api.processor(**{"name": "p", **kwargs})(lambda f: None)
+    assert snapshot(api.client) == before
+    assert api.processors == {}
 
 
-def test_duplicate_processor_name(batcher: Batcher, client: Any) -> None:
-    make(batcher)
-    before = snapshot(client)
+def test_duplicate_processor_name(api: ClientApi) -> None:
+    make(api)
+    before = snapshot(api.client)
     with pytest.raises(rb.DuplicateProcessor):
-        make(batcher)
-    assert snapshot(client) == before
+        make(api)
+    assert snapshot(api.client) == before
 
 
-def test_default_name_and_interval_types(batcher: Batcher) -> None:
-    @batcher.processor(flush_interval=timedelta(milliseconds=1500))
+def test_default_name_and_interval_types(api: ClientApi) -> None:
+    @api.processor(flush_interval=timedelta(milliseconds=1500))
     def my_handler(flush: rb.Flush) -> str:
         return "called"
 
@@ -464,43 +466,43 @@ def test_default_name_and_interval_types(batcher: Batcher) -> None:
     assert my_handler.config.flush_interval == 1.5 and my_handler.interval_ms == 1500
     assert my_handler(rb.Flush("p", "b", 0, [], 1, "id")) == "called"
 
-    @batcher.processor
+    @api.processor
     def bare(flush: rb.Flush) -> None:
         pass
 
     assert bare.config.flush_interval == 30.0 and bare.config.max_batch_size == 100
 
 
-def test_decode_responses_client_is_rejected() -> None:
-    import redis
-
+def test_decode_responses_client_is_rejected(api: ClientApi) -> None:
     with pytest.raises(rb.ConfigError):
-        Batcher(redis.Redis(decode_responses=True))
+        api.batcher_of(api.new_client(decode_responses=True))
     with pytest.raises(rb.ConfigError):
-        Batcher("redis://127.0.0.1:1/0", prefix="has space")
+        api.batcher_of("redis://127.0.0.1:1/0", prefix="has space")
 
 
-def test_noscript_recovery_after_script_flush(batcher: Batcher, client: Any) -> None:
-    proc, got = make(batcher)
+def test_noscript_recovery_after_script_flush(api: ClientApi) -> None:
+    proc, got = make(api)
     proc.add("n", 1)
-    client.script_flush()
+    api.client.script_flush()
     assert proc.add("n", 2).pending == 2
-    client.script_flush()
+    api.client.script_flush()
     proc.flush("n")
-    client.script_flush()
-    Worker(batcher).run(burst=True)
+    api.client.script_flush()
+    api.burst()
     assert [f.items for f in got] == [[1, 2]]
-    client.script_flush()
+    api.client.script_flush()
     assert proc.status("n") is None
 
 
-def test_registry_and_remote_processor(batcher: Batcher) -> None:
-    proc, _ = make(batcher, partitions=2)
+def test_registry_and_remote_processor(api: ClientApi) -> None:
+    proc, _ = make(api, partitions=2)
     proc.add("r", 1)
-    other = Batcher(batcher.client, prefix="t")
+    # another batcher (the CLI's, a sync one) rebuilds the processor from what Redis holds
+    other = rb.Batcher(api.client, prefix="t")
     remote = other.remote("events")
     assert remote.config == proc.config
     st = remote.status("r")
     assert st is not None and st.batches[0].item_count == 1
     with pytest.raises(rb.UnknownProcessor):
         other.remote("missing")
+    assert set(other.registered()) == {"events"}

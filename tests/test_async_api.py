@@ -1,32 +1,29 @@
-"""The asyncio client (``redis_batcher.asyncio``) against both backends.
+"""What only the asyncio client (``redis_batcher.asyncio``) has, against both backends.
 
-Part 1 mirrors tests/test_api.py case by case (same test names, same assertions, awaited) on
-the real redis-server and on fakeredis' async client; ``test_every_sync_api_test_is_mirrored``
-keeps the two files in step. Part 2 covers what only the async client has: group commit
-(concurrent ``add()`` calls coalesced into one pipelined round trip, each answered on its own),
-cancellation of awaiting adds, and errors delivered to exactly the callers they concern.
+The API both clients share is tested once, on each of them, in tests/test_api.py. Here: async
+handlers, group commit (concurrent ``add()`` calls coalesced into one pipelined round trip, each
+answered on its own), cancellation of awaiting adds, errors delivered to exactly the callers
+they concern, and the async API's surface.
 
-Every test body runs in one ``asyncio.run`` (see :func:`arun`), which fails the test when the
-event loop reports an unhandled error such as "Task exception was never retrieved".
+Every test body runs in one ``asyncio.run`` (see :func:`tests.clients.arun`), which fails the
+test when the event loop reports an unhandled error such as "Task exception was never
+retrieved".
 """
 
 from __future__ import annotations
 
 import ast
 import asyncio
-import gc
 import inspect
 import random
 import subprocess
 import sys
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Any, TypeVar
+from datetime import timedelta
+from typing import Any
 
-import fakeredis
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -35,94 +32,14 @@ import redis_batcher as rb
 from redis_batcher import asyncio as aio
 from redis_batcher.processor import ADD_CHUNK
 from redis_batcher.scripts import scripts
-from redis_batcher.testing import RedisServer
 
-from . import test_api
+from .clients import Backend
 from .conftest import ROOT, snapshot
-
-T = TypeVar("T")
-Body = Callable[[aio.Batcher], Awaitable[None]]
-
-
-# -- running async test bodies -----------------------------------------------------------------
-
-
-def arun(body: Callable[[], Awaitable[T]], timeout: float = 60.0) -> T:
-    """Run ``body()`` in a fresh event loop; fail on errors the loop reports but nobody awaited
-    (an exception set on a future or task that was never retrieved)."""
-
-    async def main() -> T:
-        loop = asyncio.get_running_loop()
-        reported: list[dict[str, Any]] = []
-        loop.set_exception_handler(lambda _loop, context: reported.append(context))
-        result = await asyncio.wait_for(body(), timeout)
-        gc.collect()  # futures/tasks holding unretrieved exceptions report when collected
-        await asyncio.sleep(0)
-        assert not reported, f"the event loop reported unhandled errors: {reported}"
-        return result
-
-    return asyncio.run(main())
-
-
-@dataclass
-class Backend:
-    """One Redis server reachable both by a sync client (snapshots, fault injection) and by
-    async clients built inside the test's event loop."""
-
-    kind: str
-    sync: Any
-    port: int
-    fake_server: Any = None
-
-    def aclient(self, cls: type | None = None) -> Any:
-        if self.kind == "real":
-            return (cls or aioredis.Redis)(host="127.0.0.1", port=self.port)
-        return (cls or fakeredis.FakeAsyncRedis)(server=self.fake_server)
-
-    def aclient_class(self) -> type:
-        return aioredis.Redis if self.kind == "real" else fakeredis.FakeAsyncRedis
-
-    def run(self, body: Body, *, client_cls: type | None = None, **batcher_options: Any) -> None:
-        """``body(async_batcher)`` with prefix "t" on this backend, in a fresh event loop."""
-
-        async def main() -> None:
-            async with connected(self, client_cls=client_cls, **batcher_options) as ab:
-                await body(ab)
-
-        arun(main)
-
-
-@asynccontextmanager
-async def connected(
-    backend: Backend, *, client_cls: type | None = None, **batcher_options: Any
-) -> AsyncIterator[aio.Batcher]:
-    batcher_options.setdefault("prefix", "t")
-    ab = aio.Batcher(backend.aclient(client_cls), **batcher_options)
-    try:
-        yield ab
-    finally:
-        await ab.aclose()
-
-
-@pytest.fixture(params=["real", "fake"])
-def backend(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[Backend]:
-    """Parametrised backend: the session's redis-server (flushed) and a fresh fakeredis server."""
-    if request.param == "real":
-        sync: Any = redis.Redis(host="127.0.0.1", port=redis_server.port)
-        sync.flushall()
-        b = Backend("real", sync, redis_server.port)
-    else:
-        server = fakeredis.FakeServer()
-        sync = fakeredis.FakeRedis(server=server)
-        b = Backend("fake", sync, 0, server)
-    try:
-        yield b
-    finally:
-        sync.close()
 
 
 def make(ab: aio.Batcher, **kw: Any) -> tuple[aio.AsyncProcessor, list[rb.Flush]]:
-    """As test_api.make, with an ``async def`` handler (run natively by the async worker)."""
+    """Processor "events" (3 items a batch, no interval) whose ``async def`` handler (run
+    natively by the async worker) records each flush."""
     got: list[rb.Flush] = []
     kw.setdefault("name", "events")
     kw.setdefault("max_batch_size", 3)
@@ -145,527 +62,30 @@ async def warm(ab: aio.Batcher) -> None:
     await ab.client.script_load(scripts().add.source)
 
 
-async def alist(it: AsyncIterator[T]) -> list[T]:
-    return [x async for x in it]
+# == part 1: async handlers =========================================================================
 
 
-# == part 1: tests/test_api.py, awaited ===========================================================
+def test_an_async_handler_stays_unit_testable(backend: Backend) -> None:
+    """The async batcher's decorator gives an AsyncProcessor; calling it calls the handler
+    directly, which for an ``async def`` handler gives its awaitable."""
 
-
-def test_every_sync_api_test_is_mirrored() -> None:
-    sync_tests = {n for n, f in vars(test_api).items() if n.startswith("test_") and callable(f)}
-    missing = sorted(n for n in sync_tests if n not in globals())
-    assert not missing, f"tests/test_api.py cases without an async twin here: {missing}"
-
-
-def test_add_one_item(backend: Backend) -> None:
-    async def body(ab: aio.Batcher) -> None:
-        proc, _ = make(ab)
-        r = await proc.add("user:42", {"type": "click"})
-        assert r == rb.AddResult("user:42", 0, 1, 1, False, "accumulating", 0)
-        st = await proc.status("user:42")
-        assert st is not None
-        assert st.batch_id == "user:42"
-        assert [(b.sequence, b.status, b.item_count) for b in st.batches] == [(0, "accumulating", 1)]
-        assert st.config.max_batch_size == 3
-        b = st.batches[0]
-        assert b.created_at is not None and b.created_at.tzinfo is timezone.utc
-        assert abs((datetime.now(timezone.utc) - b.created_at).total_seconds()) < 60
-
-    backend.run(body)
-
-
-def test_size_seals_and_next_add_starts_new_sequence(backend: Backend) -> None:
-    async def body(ab: aio.Batcher) -> None:
-        proc, _ = make(ab)
-        await proc.add("b", 1)
-        await proc.add("b", 2)
-        r = await proc.add("b", 3)
-        assert (r.sequence, r.pending, r.status, r.flushed, r.sealed) == (0, 3, "flushing", True, 1)
-        r = await proc.add("b", 4)
-        assert (r.sequence, r.pending, r.status, r.flushed) == (1, 1, "accumulating", False)
-        st = await proc.status("b")
-        assert st is not None
-        assert [(x.sequence, x.status, x.item_count, x.reason) for x in st.batches] == [
-            (0, "flushing", 3, "size"),
-            (1, "accumulating", 1, None),
-        ]
-
-    backend.run(body)
-
-
-def test_add_many_spills_over_sequences_in_one_call(backend: Backend) -> None:
-    async def body(ab: aio.Batcher) -> None:
-        proc, got = make(ab)
-        await proc.add("b", "first")
-        r = await proc.add_many("b", list(range(8)))
-        # 1 + 8 items, size 3: seq 0 [first,0,1], seq 1 [2,3,4], seq 2 [5,6,7] sealed
-        assert (r.sequence, r.pending, r.status, r.sealed, r.added) == (2, 3, "flushing", 3, 8)
-        r = await proc.add_many("b", ["x", "y"])
-        assert (r.sequence, r.pending, r.status, r.sealed) == (3, 2, "accumulating", 0)
-        await burst(ab)
-        by_seq = {f.sequence: f.items for f in got}
-        assert by_seq == {0: ["first", 0, 1], 1: [2, 3, 4], 2: [5, 6, 7]}
-        assert all(len(f.items) <= 3 for f in got)
-
-    backend.run(body)
-
-
-def test_a_sequence_filled_at_once_is_stored_like_one_filled_item_by_item(backend: Backend) -> None:
-    async def body(ab: aio.Batcher) -> None:
-        proc, _ = make(ab, max_batch_size=3, flush_interval=30.0)
-        for i in range(3):
-            await proc.add("slow", i)
-        await proc.add_many("fast", [0, 1, 2])
-        test_api.check_filled_at_once(backend.sync, proc.keys.for_base("slow").pfx)
-
-    backend.run(body)
-
-
-def test_add_many_into_thousands_of_tiny_sequences(backend: Backend) -> None:
-    async def body(ab: aio.Batcher) -> None:
-        proc, got = make(ab, max_batch_size=1)
-        r = await proc.add_many("tiny", list(range(5_000)))
-        assert (r.sequence, r.sealed, r.added, r.status) == (4_999, 5_000, 5_000, "flushing")
-        st = await proc.status("tiny")
-        assert st is not None and len(st.batches) == 5_000
-        assert all(b.status == "flushing" and b.item_count == 1 for b in st.batches)
-        await burst(ab, concurrency=4)
-        assert sorted(i for f in got for i in f.items) == list(range(5_000))
-        assert await proc.status("tiny") is None
-
-    backend.run(body)
-
-
-def test_add_many_large_call_never_exceeds_max(backend: Backend) -> None:
-    async def body(ab: aio.Batcher) -> None:
-        proc, got = make(ab, max_batch_size=1000)
-        r = await proc.add_many("big", list(range(12_345)))
-        assert r.sealed == 12 and r.pending == 345
-        await proc.flush("big")
-        await burst(ab, concurrency=2)
-        assert max(len(f.items) for f in got) == 1000
-        assert [i for f in sorted(got, key=lambda f: f.sequence) for i in f.items] == list(range(12_345))
-
-    backend.run(body)
-
-
-def test_add_many_empty_writes_nothing(backend: Backend) -> None:
-    async def body(ab: aio.Batcher) -> None:
-        proc, _ = make(ab)
-        before = snapshot(backend.sync)
-        r = await proc.add_many("b", [])
-        assert (r.added, r.sequence, r.flushed) == (0, None, False)
-        assert snapshot(backend.sync) == before
-
-    backend.run(body)
-
-
-def test_sequence_suffix_is_stripped_on_add(backend: Backend) -> None:
-    async def body(ab: aio.Batcher) -> None:
-        proc, _ = make(ab)
-        assert (await proc.add("order::7", 1)).batch_id == "order"
-        st = await proc.status("order::0")
-        assert st is not None and st.batch_id == "order"
-
-    backend.run(body)
-
-
-def test_manual_flush_semantics(backend: Backend) -> None:
-    async def body(ab: aio.Batcher) -> None:
-        proc, got = make(ab, max_batch_size=100)
-        with pytest.raises(rb.BatchNotFound):
-            await proc.flush("nobody")
-        await proc.add_many("b", [1, 2])
-        res = await proc.flush("b")
-        assert (res.flushed, res.sequence, res.item_count, res.status) == (True, 0, 2, "flushing")
-        again = await proc.flush("b")
-        assert (again.flushed, again.reason) == (False, "Batch is empty")
-        with pytest.raises(rb.BatchNotAccumulating) as err:
-            await proc.flush("b::0")
-        assert err.value.status == "flushing"
-        with pytest.raises(rb.BatchNotFound):
-            await proc.flush("b::9")
-        await proc.add("b", 3)
-        assert (await proc.flush("b::1")).item_count == 1
-        await burst(ab)
-        assert sorted((f.sequence, tuple(f.items), f.reason) for f in got) == [
-            (0, (1, 2), "manual"),
-            (1, (3,), "manual"),
-        ]
-        with pytest.raises(rb.BatchNotAccumulating) as err:
-            await proc.flush("b::0")
-        assert err.value.status == "completed"
-
-    backend.run(body)
-
-
-def test_flush_delivery_fields(backend: Backend) -> None:
-    async def body(ab: aio.Batcher) -> None:
-        proc, got = make(ab)
-        await proc.add_many("user:1", ["a", "b", "c"])
-        await burst(ab)
-        (f,) = got
-        assert (f.processor, f.batch_id, f.sequence, f.items, f.attempt) == (
-            "events",
-            "user:1",
-            0,
-            ["a", "b", "c"],
-            1,
-        )
-        assert f.flush_id and f.reason == "size" and len(f) == 3
-
-    backend.run(body)
-
-
-def test_history_newest_first_and_capped(backend: Backend) -> None:
-    async def body(ab: aio.Batcher) -> None:
-        proc, _ = make(ab, max_batch_size=2, history_limit=3)
-        for i in range(5):
-            await proc.add_many("h", [i, i])
-            await burst(ab)
-        hist = await proc.history("h", limit=20)
-        assert [r.sequence for r in hist] == [4, 3, 2]
-        assert all(r.success and r.error is None and r.item_count == 2 and r.attempt == 1 for r in hist)
-        assert hist[0].started_at.tzinfo is timezone.utc and hist[0].duration_ms >= 0
-        assert [r.sequence for r in await proc.history("h", limit=1)] == [4]
-        assert await proc.history("unknown") == []
-        with pytest.raises(rb.BatcherError):
-            await proc.history("h", limit=0)
-
-    backend.run(body)
-
-
-def test_failed_flush_keeps_items_and_records_error(backend: Backend) -> None:
-    async def body(ab: aio.Batcher) -> None:
-        calls: list[int] = []
-
-        def handler(flush: rb.Flush) -> None:  # a sync handler: the async worker's thread pool
-            calls.append(flush.attempt)
-            raise RuntimeError("downstream is down")
-
-        proc = ab.processor(name="f", max_batch_size=2, flush_interval=None, retry_backoff=30)(handler)
-        await proc.add_many("b", [1, 2])
-        await burst(ab)
-        assert calls == [1]
-        (rec,) = await proc.history("b")
-        assert (rec.success, rec.error, rec.attempt) == (False, "RuntimeError: downstream is down", 1)
-        st = await proc.status("b")
-        assert st is not None
-        (info,) = st.batches
-        assert (info.status, info.item_count, info.attempt) == ("flushing", 2, 1)
-        assert info.last_error == "RuntimeError: downstream is down"
-        assert info.next_attempt_at is not None and info.next_attempt_at > datetime.now(timezone.utc)
-        assert await proc.delete("b") == rb.DeleteResult(False, "Cannot delete batch while flushing")
-
-    backend.run(body)
-
-
-def test_delete_semantics(backend: Backend) -> None:
-    async def body(ab: aio.Batcher) -> None:
-        proc, _ = make(ab)
-        assert await proc.delete("nothing") == rb.DeleteResult(False, "Batch not found")
-        await proc.add("b", 1)
-        assert await proc.delete("b") == rb.DeleteResult(False, "Cannot delete batch with pending items")
-        assert await proc.delete("b::0") == rb.DeleteResult(False, "Cannot delete batch with pending items")
-        await proc.flush("b")
-        assert await proc.delete("b") == rb.DeleteResult(False, "Cannot delete batch while flushing")
-        await burst(ab)
-        assert await proc.delete("b::5") == rb.DeleteResult(False, "Batch not found")
-        assert await proc.delete("b::0") == rb.DeleteResult(True, None)
-        assert [s.status for s in await proc.sequences("b")] == []
-        assert await proc.delete("b") == rb.DeleteResult(True, None)
-        assert await proc.history("b") == []
-        assert list(backend.sync.scan_iter("t:{events*")) == []
-
-    backend.run(body)
-
-
-def test_completed_batches_leave_only_head_and_history_with_ttl(backend: Backend) -> None:
-    async def body(ab: aio.Batcher) -> None:
-        client = backend.sync
-        proc, _ = make(ab, retention=timedelta(hours=1))
-        await proc.add_many("u", [1, 2, 3, 4])
-        await proc.flush("u")
-        assert await alist(proc.batch_ids()) == ["u"]
-        await burst(ab)
-        keys = sorted(k.decode() for k in client.scan_iter("t:*"))
-        assert keys == ["t:layout", "t:processors", "t:{events:0}:b:u", "t:{events:0}:h:u"]
-        for k in ("t:{events:0}:b:u", "t:{events:0}:h:u"):
-            assert 0 < client.ttl(k) <= 3600
-        assert await alist(proc.batch_ids()) == []
-        assert await proc.status("u") is None
-        (done,) = await proc.sequences("u")
-        assert (done.sequence, done.status, done.item_count) == (1, "completed", 1)
-        # a new add revives the base id: the head stops expiring and numbering continues
-        assert (await proc.add("u", 5)).sequence == 2
-        assert client.ttl("t:{events:0}:b:u") == -1
-
-    backend.run(body)
-
-
-def test_batch_ids_iterates_active_ids(backend: Backend) -> None:
-    async def body(ab: aio.Batcher) -> None:
-        proc, _ = make(ab, partitions=4)
-        ids = {f"tenant:{i}" for i in range(50)}
-        for i in ids:
-            await proc.add(i, 1)
-        assert set(await alist(ab.batch_ids("events"))) == ids
-        assert set(await alist(proc.batch_ids())) == ids
-
-    backend.run(body)
-
-
-@pytest.mark.parametrize(
-    "batch_id",
-    [
-        "{user}:42",
-        "a b c",
-        "ü:{x}}",
-        "x::y",
-        "::",
-        "emoji 🎉",
-        "{",
-        "}{",
-        "a" * 1024,
-        "tab-free:" + "é" * 300,
-    ],
-)
-def test_unusual_batch_ids_work(backend: Backend, batch_id: str) -> None:
-    async def body(ab: aio.Batcher) -> None:
-        proc, got = make(ab, partitions=3)
-        r = await proc.add_many(batch_id, [1, 2])
-        assert r.batch_id == batch_id
-        await proc.flush(batch_id)
-        await burst(ab)
-        assert [(f.batch_id, f.items) for f in got] == [(batch_id, [1, 2])]
-        # the key is readable: it carries the raw id after the processor's hash tag
-        keys = [k.decode() for k in backend.sync.scan_iter("t:{events:*}:b:*")]
-        assert len(keys) == 1 and keys[0].endswith(":b:" + batch_id)
-
-    backend.run(body)
-
-
-def test_partition_placement_ignores_braces_in_ids(backend: Backend) -> None:
-    async def body(ab: aio.Batcher) -> None:
-        proc, _ = make(ab, partitions=8)
-        from redis_batcher.keys import partition_of
-
-        for bid in ["{a}", "{b}", "x{y}z", "plain"]:
-            part = proc.keys.for_base(bid)
-            assert part is proc.keys.parts[partition_of(bid, 8)]
-            assert part.head(bid).startswith(part.pfx)
-            # the first {...} of every key is the processor's tag, whatever the id holds
-            k = proc.keys.parts.index(part)
-        assert part.head(bid).split("}")[0].split(":")[-1].split("~")[0] == str(k)
-        # and the async add writes exactly there
-        await proc.add("x{y}z", 1)
-        assert backend.sync.exists(proc.keys.for_base("x{y}z").head("x{y}z")) == 1
-
-    backend.run(body)
-
-
-def test_codecs(backend: Backend) -> None:
-    async def body(ab: aio.Batcher) -> None:
-        class Upper:
-            name = "upper"
-
-            def encode(self, item: Any) -> bytes:
-                return str(item).upper().encode()
-
-            def decode(self, data: bytes) -> Any:
-                return data.decode()
-
-        got: dict[str, list[Any]] = {}
-
-        def keep(flush: rb.Flush) -> None:
-            got[flush.processor] = flush.items
-
-        pj = ab.processor(name="j", codec="json", max_batch_size=2)(keep)
-        pm = ab.processor(name="m", max_batch_size=3)(keep)
-        pu = ab.processor(name="u", codec=Upper(), max_batch_size=1)(keep)
-        await pj.add_many("x", [{"a": [1, 2]}, "é"])
-        await pm.add_many("x", [b"\x00\xff", {1: None}, [1.5, True]])
-        await pu.add("x", "abc")
-        await burst(ab)
-        assert got == {"j": [{"a": [1, 2]}, "é"], "m": [b"\x00\xff", {1: None}, [1.5, True]], "u": ["ABC"]}
-        with pytest.raises(rb.ItemEncodeError):
-            await pj.add("x", b"bytes are not json")
-
-    backend.run(body)
-
-
-def test_codec_may_return_any_bytes_like_but_nothing_else(backend: Backend) -> None:
-    async def body(ab: aio.Batcher) -> None:
-        proc = ab.processor(name="raw", codec=test_api.RawCodec(), max_batch_size=10)(lambda flush: None)
-        for method, arg in test_api.RAW_ADDS:
-            await getattr(proc, method)("x", arg)
-        before = snapshot(backend.sync)
-        for method, arg in test_api.RAW_BAD:
-            with pytest.raises(rb.ItemEncodeError, match="returned str, not bytes"):
-                await getattr(proc, method)("x", arg)
-        assert snapshot(backend.sync) == before
-        assert test_api.raw_items(backend.sync) == test_api.RAW_STORED
-
-    backend.run(body)
-
-
-BAD_IDS = test_api.BAD_IDS
-
-
-def test_bad_input_raises_and_leaves_redis_untouched(backend: Backend) -> None:
-    async def body(ab: aio.Batcher) -> None:
-        proc, _ = make(ab, max_item_bytes=100)
-        await proc.add("existing", 1)  # registry and one batch exist before the snapshot
-        before = snapshot(backend.sync)
-        for bad_id in BAD_IDS:
-            with pytest.raises(rb.InvalidBatchId):
-                await proc.add(bad_id, 1)
-            with pytest.raises(rb.InvalidBatchId):
-                await proc.add_many(bad_id, [1])
-            with pytest.raises(rb.InvalidBatchId):
-                await proc.flush(bad_id)
-            with pytest.raises(rb.InvalidBatchId):
-                await proc.status(bad_id)
-            with pytest.raises(rb.InvalidBatchId):
-                await proc.delete(bad_id)
-            with pytest.raises(rb.InvalidBatchId):
-                await proc.history(bad_id)
-        for bad_item in [object(), {1, 2}, datetime.now(), 2**70, lambda: 1]:
-            with pytest.raises(rb.ItemEncodeError):
-                await proc.add("existing", bad_item)
-        with pytest.raises(rb.ItemTooLarge):
-            await proc.add("existing", "x" * 200)
-        with pytest.raises(rb.ItemEncodeError):
-            await proc.add_many("existing", [1, 2, object(), 4])  # one bad item: nothing written
-        with pytest.raises(rb.ItemTooLarge):
-            await proc.add_many("existing", [1, "y" * 101])
-        with pytest.raises(rb.BatchNotFound):
-            await proc.flush("unknown-batch")
-        with pytest.raises(rb.BatchNotFound):
-            await proc.flush("existing::5")
-        assert snapshot(backend.sync) == before
-        assert issubclass(rb.ItemTooLarge, rb.BatcherError) and issubclass(rb.InvalidBatchId, rb.BatcherError)
-
-    backend.run(body)
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"max_batch_size": 0},
-        {"max_batch_size": -1},
-        {"max_batch_size": True},
-        {"max_batch_size": 2.5},
-        {"flush_interval": -1},
-        {"flush_interval": timedelta(seconds=-1)},
-        {"flush_interval": float("nan")},
-        {"flush_interval": "5"},
-        {"partitions": 0},
-        {"codec": "pickle"},
-        {"codec": object()},
-        {"max_item_bytes": 0},
-        {"history_limit": 0},
-        {"retention": 0},
-        {"lease_timeout": 0},
-        {"name": "has space"},
-        {"name": "br{ace"},
-        {"name": ""},
-    ],
-)
-def test_bad_config_raises_before_any_write(backend: Backend, kwargs: dict[str, Any]) -> None:
-    async def body(ab: aio.Batcher) -> None:
-        before = snapshot(backend.sync)
-        with pytest.raises(rb.ConfigError):
-            ab.processor(**{"name": "p", **kwargs})(lambda f: None)
-        assert snapshot(backend.sync) == before
-        assert ab.processors == {}
-
-    backend.run(body)
-
-
-def test_duplicate_processor_name(backend: Backend) -> None:
-    async def body(ab: aio.Batcher) -> None:
-        make(ab)
-        before = snapshot(backend.sync)
-        with pytest.raises(rb.DuplicateProcessor):
-            make(ab)
-        assert snapshot(backend.sync) == before
-
-    backend.run(body)
-
-
-def test_default_name_and_interval_types(backend: Backend) -> None:
     async def body(ab: aio.Batcher) -> None:
         @ab.processor(flush_interval=timedelta(milliseconds=1500))
-        def my_handler(flush: rb.Flush) -> str:
-            return "called"
+        async def handler(flush: rb.Flush) -> str:
+            return "awaited"
 
-        assert isinstance(my_handler, aio.AsyncProcessor)
-        assert (
-            my_handler.name
-            == f"{__name__}.test_default_name_and_interval_types.<locals>.body.<locals>.my_handler"
-        )
-        assert my_handler.config.flush_interval == 1.5 and my_handler.definition.interval_ms == 1500
-        assert my_handler(rb.Flush("p", "b", 0, [], 1, "id")) == "called"
+        assert isinstance(handler, aio.AsyncProcessor)
+        assert handler.config.flush_interval == 1.5 and handler.definition.interval_ms == 1500
+        call = handler(rb.Flush("p", "b", 0, [], 1, "id"))
+        assert inspect.isawaitable(call) and await call == "awaited"
 
         @ab.processor
         async def bare(flush: rb.Flush) -> str:
-            return "awaited"
+            return "bare"
 
+        assert isinstance(bare, aio.AsyncProcessor)
         assert bare.config.flush_interval == 30.0 and bare.config.max_batch_size == 100
-        call = bare(rb.Flush("p", "b", 0, [], 1, "id"))  # an async handler stays unit-testable
-        assert inspect.isawaitable(call) and await call == "awaited"
-
-    backend.run(body)
-
-
-def test_decode_responses_client_is_rejected() -> None:
-    async def body() -> None:
-        for client in (
-            aioredis.Redis(decode_responses=True),
-            fakeredis.FakeAsyncRedis(decode_responses=True),
-        ):
-            with pytest.raises(rb.ConfigError):
-                aio.Batcher(client)
-            await aio._aclose(client)  # redis-py 5.0.0 has no aclose()
-        with pytest.raises(rb.ConfigError):
-            aio.Batcher("redis://127.0.0.1:1/0", prefix="has space")
-
-    arun(body)
-
-
-def test_noscript_recovery_after_script_flush(backend: Backend) -> None:
-    async def body(ab: aio.Batcher) -> None:
-        client = backend.sync
-        proc, got = make(ab)
-        await proc.add("n", 1)
-        client.script_flush()
-        assert (await proc.add("n", 2)).pending == 2
-        client.script_flush()
-        await proc.flush("n")
-        client.script_flush()
-        await burst(ab)
-        assert [f.items for f in got] == [[1, 2]]
-        client.script_flush()
-        assert await proc.status("n") is None
-
-    backend.run(body)
-
-
-def test_registry_and_remote_processor(backend: Backend) -> None:
-    async def body(ab: aio.Batcher) -> None:
-        proc, _ = make(ab, partitions=2)
-        await proc.add("r", 1)
-        # the async client registered the processor: sync tools (the CLI) rebuild it from Redis
-        other = rb.Batcher(backend.sync, prefix="t")
-        remote = other.remote("events")
-        assert remote.config == proc.config
-        st = remote.status("r")
-        assert st is not None and st.batches[0].item_count == 1
-        with pytest.raises(rb.UnknownProcessor):
-            other.remote("missing")
-        assert set(other.registered()) == {"events"}
+        assert await bare(rb.Flush("p", "b", 0, [], 1, "id")) == "bare"
 
     backend.run(body)
 

@@ -32,7 +32,8 @@ from redis_batcher.testing import RedisClusterServers, RedisServer
 from tests.apps import async_app
 from tests.conftest import ROOT, cli_command, subprocess_env
 
-from .test_async_api import arun, check_positions
+from .clients import arun
+from .test_async_api import check_positions
 from .test_reliability import Abort, guarded
 from .test_worker import wait_for
 

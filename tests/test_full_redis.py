@@ -36,7 +36,7 @@ from redis_batcher.job_ops import parse_claim as parse_job_claim
 from redis_batcher.scripts import Script, flags_unsupported, scripts
 from redis_batcher.testing import RedisServer, find_redis_server
 
-from .test_async_api import arun
+from .clients import arun
 from .test_worker import wait_for
 
 ITEM = "x" * 1000  # about 1 KB encoded

@@ -17,22 +17,21 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import ops, wake
 from .batcher import Batcher
 from .errors import NotReplicated, error_text
 from .job_runner import JobRunner
-from .jobs import select_iterators
+from .jobs import JobIterator
 from .worker_core import (
     Outcome,
+    SettleRetry,
     WorkerCore,
     WorkerStats,
     backoff_seconds,
@@ -41,7 +40,6 @@ from .worker_core import (
     drain_ranges,
     log_handler_exit,
     make_flush,
-    select_processors,
 )
 
 __all__ = ["Worker", "WorkerStats", "backoff_seconds"]
@@ -89,7 +87,7 @@ class _Running:
     settling: bool = False  # the thread is recording its result; the watchdog leaves it alone
 
 
-class Worker(WorkerCore):
+class Worker(WorkerCore[Batcher]):
     """Delivers due batches of a :class:`Batcher`'s processors to their handlers.
 
     ``concurrency`` handlers run at once, in a pool of threads (while handlers compute rather
@@ -110,29 +108,10 @@ class Worker(WorkerCore):
     ``iterators`` limits the iterator jobs it runs to those iterator names (``[]``: none).
     """
 
-    def __init__(
-        self,
-        batcher: Batcher,
-        *,
-        concurrency: int = 4,
-        processors: Iterable[str] | None = None,
-        max_idle_wait: float = 5.0,
-        grace_period: float = 30.0,
-        prefetch_multiplier: int = 1,
-        iterators: Iterable[str] | None = None,
-    ) -> None:
-        chosen = select_iterators(batcher.iterators, iterators)
-        super().__init__(
-            select_processors(batcher, processors),
-            concurrency=concurrency,
-            max_idle_wait=max_idle_wait,
-            grace_period=grace_period,
-            jobs=bool(chosen),
-            prefetch_multiplier=prefetch_multiplier,
-            wait_replicas=batcher.wait_replicas,
-        )
-        self.batcher = batcher
-        self.client: Any = batcher.client
+    def definitions_of(self, batcher: Batcher) -> Batcher:
+        return batcher
+
+    def setup(self, iterators: list[JobIterator]) -> None:
         self._inflight: dict[str, _Running] = {}
         self._tasks: queue.SimpleQueue[tuple[str, _Running] | None] = queue.SimpleQueue()
         self._threads = 0  # live pool threads
@@ -151,8 +130,8 @@ class Worker(WorkerCore):
         self.ready = threading.Event()  # set once the worker has started claiming
         # iterator jobs run in a runner thread of their own (redis_batcher.job_runner)
         self.jobs = (
-            JobRunner(batcher, chosen, concurrency=concurrency, grace_period=grace_period)
-            if chosen
+            JobRunner(self.batcher, iterators, concurrency=self.concurrency, grace_period=self.grace_period)
+            if iterators
             else None
         )
 
@@ -232,13 +211,11 @@ class Worker(WorkerCore):
                 self.batcher.check_layout()
                 self.batcher.register(self.processors)
                 return
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                log.warning("cannot reach Redis (%s); retrying in %.1fs", exc, delay)
-                self._stopping.wait(delay)
-                delay = min(delay * 2, 5.0)
             except RedisError as exc:
-                self.registration_refused(exc)
-                return
+                if not self.registration_failed(exc, delay):
+                    return
+            self._stopping.wait(delay)
+            delay = min(delay * 2, 5.0)
 
     def _register_again(self) -> None:
         try:
@@ -456,13 +433,9 @@ class Worker(WorkerCore):
         caller), so another worker takes it now rather than after the lease runs out."""
         c = r.claimed
         try:
-            if self.batcher.executor.execute(ops.release_call(c), wait=False):
-                self.stats.released += 1
-                log.warning("%s %s: released unfinished flush for another worker", c.processor.name, c.member)
+            self.released(c, self.batcher.executor.execute(ops.release_call(c), wait=False))
         except RedisError as exc:
-            log.warning(
-                "%s %s: could not release (%s); its lease will expire", c.processor.name, c.member, exc
-            )
+            self.released(c, exc=exc)
         with self._lock:
             self._inflight.pop(c.part.pfx + c.member, None)
 
@@ -569,15 +542,9 @@ class Worker(WorkerCore):
         return task
 
     def _record(
-        self,
-        c: ops.Claimed,
-        outcome: Outcome,
-        started: float,
-        duration_ms: float,
-        claim_owner: str | None = None,
+        self, c: ops.Claimed, outcome: Outcome, started: float, duration_ms: float, owner: str | None = None
     ) -> Any:
-        call = self.settle_call(c, outcome, started, duration_ms, claim_owner)
-        reply = self._settle(c, call)
+        reply = self._settle(c, self.settle_call(c, outcome, started, duration_ms, owner))
         self.settled(c, outcome, reply, duration_ms)
         return reply
 
@@ -585,27 +552,15 @@ class Worker(WorkerCore):
         """Run an ack/nack, retrying through errors while the lease lasts. Returns the reply, or
         None when the result could not be recorded (the flush will be delivered again). An ack
         that asked for the next flush is retried as a plain ack (ops.without_claim)."""
-        delay = 0.05
-        deadline = time.monotonic() + c.processor.config.lease_timeout
+        retry = SettleRetry(c, call)
         while True:
             try:
-                return self.reply_code(c, self.batcher.executor.execute(call))
-            except NotReplicated as exc:
-                log.warning("%s %s: result recorded on the primary only: %s", c.processor.name, c.member, exc)
-                return [b"ok"]
-            except RedisError as exc:  # connection trouble, a server still loading, ...
-                if time.monotonic() > deadline:
-                    log.error(
-                        "%s %s: cannot record the result (%s); the lease will expire and the flush "
-                        "will be delivered again",
-                        c.processor.name,
-                        c.member,
-                        exc,
-                    )
-                    return None
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                call = ops.without_claim(call)
+                return self.reply_code(c, self.batcher.executor.execute(retry.call))
+            except (NotReplicated, RedisError) as exc:  # connection trouble, a server still loading, ...
+                wait = retry.failed(exc)
+                if wait is None:
+                    return retry.reply
+                time.sleep(wait)
 
     # -- background threads ----------------------------------------------------------------------
 
@@ -624,9 +579,9 @@ class Worker(WorkerCore):
             for c in running:
                 try:
                     if not self.batcher.executor.run_once(ops.extend_call(c)) and self._still_running(c):
-                        log.warning("%s %s: lease lost during the handler", c.processor.name, c.member)
+                        self.lease_trouble(c)
                 except RedisError as exc:
-                    log.warning("%s %s: heartbeat failed: %s", c.processor.name, c.member, exc)
+                    self.lease_trouble(c, exc)
 
     def _still_running(self, c: ops.Claimed) -> bool:
         """False once the flush was settled (an extend that raced with its ack is no news)."""

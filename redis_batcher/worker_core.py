@@ -8,16 +8,29 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import ops
 from .codec import MsgpackCodec, decode_item
 from .definition import ProcessorDef
-from .errors import MAX_ERROR_CHARS, ConfigError, CorruptData, DecodeError, PartialFailure, error_text
+from .errors import (
+    MAX_ERROR_CHARS,
+    ConfigError,
+    CorruptData,
+    DecodeError,
+    NotReplicated,
+    PartialFailure,
+    error_text,
+)
+from .jobs import JobIterator, select_iterators
 from .keys import PartitionKeys
 from .models import Flush
 from .processor import Processor
@@ -141,20 +154,39 @@ def classify(n_items: int, result: Any = None, exc: BaseException | None = None)
     return Outcome("fail", error_text(exc), [], n_items)
 
 
-class WorkerCore:
-    """Scheduling state and bookkeeping of a worker, independent of how it does I/O."""
+class WorkerHost(Protocol):
+    """What a worker needs of its batcher, sync or asyncio, to be built."""
+
+    @property
+    def client(self) -> Any: ...
+
+    @property
+    def wait_replicas(self) -> int: ...
+
+
+H = TypeVar("H", bound=WorkerHost)
+
+
+class WorkerCore(ABC, Generic[H]):
+    """Scheduling state and bookkeeping of a worker, independent of how it does I/O.
+
+    A driver says where its batcher keeps the definitions (:meth:`definitions_of`) and sets up
+    its own state, its iterator-job runner included, in :meth:`setup`."""
 
     def __init__(
         self,
-        processors: Sequence[Processor],
+        batcher: H,
         *,
-        concurrency: int,
-        max_idle_wait: float,
-        grace_period: float,
-        jobs: bool = False,
+        concurrency: int = 4,
+        processors: Iterable[str] | None = None,
+        max_idle_wait: float = 5.0,
+        grace_period: float = 30.0,
         prefetch_multiplier: int = 1,
-        wait_replicas: int = 0,
+        iterators: Iterable[str] | None = None,
     ) -> None:
+        definitions = self.definitions_of(batcher)
+        chosen = select_iterators(definitions.iterators, iterators)
+        served = select_processors(definitions, processors)
         for name, value in (("concurrency", concurrency), ("prefetch_multiplier", prefetch_multiplier)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
@@ -162,13 +194,15 @@ class WorkerCore:
             raise ConfigError(f"max_idle_wait must be > 0, got {max_idle_wait!r}")
         if not grace_period >= 0:
             raise ConfigError(f"grace_period must be >= 0, got {grace_period!r}")
-        if not processors and not jobs:  # jobs: the batcher has iterators (redis_batcher.jobs)
+        if not served and not chosen:  # iterator jobs only (redis_batcher.jobs)
             raise ConfigError("the worker has no processors or iterators to serve")
-        self.processors = list(processors)
+        self.batcher = batcher
+        self.client: Any = batcher.client
+        self.processors = served
         self.concurrency = concurrency
         self.prefetch_multiplier = prefetch_multiplier
         self.capacity = concurrency * prefetch_multiplier  # claimed flushes, waiting or running
-        self.wait_replicas = wait_replicas  # the batcher's: acks are confirmed by replicas
+        self.wait_replicas = batcher.wait_replicas  # acks are confirmed by replicas
         self.max_idle_wait = float(max_idle_wait)
         self.grace_period = float(grace_period)
         self.parts: list[tuple[Processor, PartitionKeys]] = [
@@ -193,6 +227,15 @@ class WorkerCore:
         # written again at each full check until that succeeds (see registration_refused)
         self.unregistered = False
         self._rr = 0
+        self.setup(chosen)
+
+    @abstractmethod
+    def definitions_of(self, batcher: H) -> Batcher:
+        """The sync batcher holding the processor and iterator definitions."""
+
+    @abstractmethod
+    def setup(self, iterators: list[JobIterator]) -> None:
+        """The driver's own state, and its runner of ``iterators`` (none: no iterator jobs)."""
 
     def reset(self) -> None:
         self.stats = WorkerStats()
@@ -214,6 +257,15 @@ class WorkerCore:
             )
         else:
             log.warning("cannot register the processor configs (%s); serving anyway, retrying later", exc)
+
+    def registration_failed(self, exc: RedisError, delay: float) -> bool:
+        """The first registration failed: True to try again in ``delay`` seconds (Redis cannot
+        be reached); False to serve anyway (see :meth:`registration_refused`)."""
+        if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+            log.warning("cannot reach Redis (%s); retrying in %.1fs", exc, delay)
+            return True
+        self.registration_refused(exc)
+        return False
 
     def register_due(self, now: float) -> bool:
         """Retry a refused registration now: it was refused and a full check is due."""
@@ -455,6 +507,24 @@ class WorkerCore:
                 "%s %s attempt %d failed: %s; retry scheduled", proc.name, c.member, c.attempt, outcome.error
             )
 
+    def released(self, c: ops.Claimed, reply: Any = None, exc: RedisError | None = None) -> None:
+        """Count and log the release of a flush's lease (``exc``: it failed)."""
+        if exc is not None:
+            log.warning(
+                "%s %s: could not release (%s); its lease will expire", c.processor.name, c.member, exc
+            )
+        elif reply:
+            self.stats.released += 1
+            log.warning("%s %s: released unfinished flush for another worker", c.processor.name, c.member)
+
+    def lease_trouble(self, c: ops.Claimed, exc: RedisError | None = None) -> None:
+        """Log a lease renewal Redis refused while the handler ran (the lease was lost), or one
+        that failed (``exc``)."""
+        if exc is None:
+            log.warning("%s %s: lease lost during the handler", c.processor.name, c.member)
+        else:
+            log.warning("%s %s: heartbeat failed: %s", c.processor.name, c.member, exc)
+
     def reply_code(self, c: ops.Claimed, reply: Any) -> Any:
         """The reply, or None (counted, logged) when the lease was lost before recording, or the
         sequence's keys were found holding something else (the next claim quarantines it once its
@@ -495,6 +565,40 @@ class WorkerCore:
             self.stats.dead_lettered,
             self.stats.items,
         )
+
+
+class SettleRetry:
+    """The retries of one ack or nack through Redis errors while the flush's lease lasts. An
+    ack that asked for the next flush is retried as a plain ack (ops.without_claim)."""
+
+    def __init__(self, c: ops.Claimed, call: ops.Call) -> None:
+        self.c = c
+        self.call = call  # what to run (again)
+        self.reply: Any = None  # what to return once given up (see failed)
+        self.delay = 0.05
+        self.deadline = time.monotonic() + c.processor.config.lease_timeout
+
+    def failed(self, exc: NotReplicated | RedisError) -> float | None:
+        """Seconds to wait before running :attr:`call` again; None: stop and return
+        :attr:`reply` (None: the result could not be recorded, the flush will be delivered
+        again; or, when only the replicas did not confirm it, as recorded)."""
+        c = self.c
+        if isinstance(exc, NotReplicated):
+            log.warning("%s %s: result recorded on the primary only: %s", c.processor.name, c.member, exc)
+            self.reply = [b"ok"]
+            return None
+        if time.monotonic() > self.deadline:
+            log.error(
+                "%s %s: cannot record the result (%s); the lease will expire and the flush "
+                "will be delivered again",
+                c.processor.name,
+                c.member,
+                exc,
+            )
+            return None
+        delay, self.delay = self.delay, min(self.delay * 2, 2.0)
+        self.call = ops.without_claim(self.call)
+        return delay
 
 
 def select_processors(batcher: Batcher, names: Iterable[str] | None) -> list[Processor]:

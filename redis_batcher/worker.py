@@ -3,8 +3,9 @@ retries them.
 
 A worker never busy-polls. It claims what is due, then sleeps until the earliest entry of its
 delay queues is due, a slot frees up, or a pub/sub message says a sequence was sealed. The
-scheduling and bookkeeping live in :mod:`redis_batcher.worker_core`, shared with the asyncio
-worker; this module is the threaded driver.
+scheduling and bookkeeping live in :mod:`redis_batcher.worker_core` and the steps of one
+delivery in :mod:`redis_batcher.delivery`, shared with the asyncio worker; how the handler
+threads are paced in :mod:`redis_batcher.worker_pace`. This module is the threaded driver.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -26,14 +26,9 @@ from redis.exceptions import RedisError
 
 from . import ops, wake
 from .batcher import Batcher
-from .errors import NotReplicated, error_text
-from .job_runner import JobRunner
-from .jobs import JobIterator
-from .worker_core import (
+from .delivery import (
     Outcome,
     SettleRetry,
-    WorkerCore,
-    WorkerStats,
     backoff_seconds,
     classify,
     decode_window,
@@ -41,20 +36,17 @@ from .worker_core import (
     log_handler_exit,
     make_flush,
 )
+from .errors import NotReplicated, error_text
+from .job_runner import JobRunner
+from .jobs import JobIterator
+from .worker_core import WorkerStats
+from .worker_pace import Pacing, Running
 
 __all__ = ["Worker", "WorkerStats", "backoff_seconds"]
 
 log = logging.getLogger("redis_batcher.worker")
 
 SETTLE_WAIT = 2.0  # seconds a stopping worker still waits for results being recorded
-# The hold (docs/how-it-works.md): while handlers compute and no backlog is due (ops.BACKLOG_DUE),
-# a flush due within HOLD s of a handler's start is left for its ack, sparing a thread wake-up.
-HOLD = 0.002
-# Handlers count as computing when busy on the CPU for this share of their time (GIL-bound).
-COMPUTING = 0.25
-# The spread limit: on a saturated machine a backlog of computing handlers runs on at most this
-# many threads; two keep the GIL busy, a third only waits for it and for a CPU.
-COMPUTING_THREADS = 2
 # Saturated: a handler thread waits for a CPU (/proc/thread-self/schedstat) at least this many
 # times as long as it runs; without /proc the limit never applies.
 CROWDED = 0.5
@@ -76,24 +68,13 @@ async def _awaited(awaitable: Any) -> Any:
     return await awaitable
 
 
-@dataclass
-class _Running:
-    """A claimed flush this worker is working on."""
-
-    claimed: ops.Claimed
-    started: float | None = None  # time.monotonic() when the handler started; None: queued
-    chained: bool = False  # claimed by the ack of the flush its thread ran before
-    abandoned: bool = False  # timed out or released: whatever the thread does next is ignored
-    settling: bool = False  # the thread is recording its result; the watchdog leaves it alone
-
-
-class Worker(WorkerCore[Batcher]):
+class Worker(Pacing):
     """Delivers due batches of a :class:`Batcher`'s processors to their handlers.
 
     ``concurrency`` handlers run at once, in a pool of threads (while handlers compute rather
     than wait, a flush due during a handler that started under 2 ms ago is left to that
-    handler's thread: see HOLD; and on a saturated machine a backlog of such handlers is worked
-    through by at most two threads: see COMPUTING_THREADS).
+    handler's thread; and on a saturated machine a backlog of such handlers is worked through by
+    at most two threads: see :mod:`redis_batcher.worker_pace`).
     ``prefetch_multiplier``: the
     worker claims up to ``concurrency * prefetch_multiplier`` flushes (as Celery's setting of
     that name); above 1, flushes wait claimed for a free thread, so bursts of small flushes
@@ -112,8 +93,8 @@ class Worker(WorkerCore[Batcher]):
         return batcher
 
     def setup(self, iterators: list[JobIterator]) -> None:
-        self._inflight: dict[str, _Running] = {}
-        self._tasks: queue.SimpleQueue[tuple[str, _Running] | None] = queue.SimpleQueue()
+        self._inflight: dict[str, Running] = {}
+        self._tasks: queue.SimpleQueue[tuple[str, Running] | None] = queue.SimpleQueue()
         self._threads = 0  # live pool threads
         self._recording = 0  # threads recording a result (see _settling)
         self._surplus = 0  # threads started to replace handlers abandoned at their timeout
@@ -122,8 +103,8 @@ class Worker(WorkerCore[Batcher]):
         self._until = 0.0  # when the main loop wakes by itself (see _sleep)
         self._full = False  # it waits for a free slot
         self._burst = False
-        self._cpu_share = 1.0  # of the recent handlers' time, how much they computed (see HOLD)
-        self._crowded = False  # handler threads wait for a CPU (see COMPUTING_THREADS)
+        self._cpu_share = 1.0  # measured as handlers run (see Pacing)
+        self._crowded = False  # measured by _measure_crowding (see Pacing)
         self._sched = threading.local()  # each handler thread's last schedstat reading
         self._stopping = threading.Event()
         self._done = threading.Event()
@@ -220,46 +201,9 @@ class Worker(WorkerCore[Batcher]):
     def _register_again(self) -> None:
         try:
             self.batcher.register(self.processors)
+            self.registration_retried(None)
         except RedisError as exc:
             self.registration_retried(exc)
-        else:
-            self.registration_retried(None)
-
-    def _hold_until(self, now: float) -> float:
-        """Until when to leave what is due to the handlers running now (see HOLD); 0: no hold
-        (nothing due, not _computing, or a partition with something due has no young handler
-        whose ack would claim it: an ack claims from its own partition only)."""
-        due = {idx for idx, at in enumerate(self.due_at) if at <= now}
-        if not due or not self._computing():
-            return 0.0
-        young: dict[int, float] = {}
-        with self._lock:
-            for r in self._inflight.values():
-                start = now if r.started is None else r.started
-                if not r.abandoned and (r.chained if r.started is None else now - start < HOLD):
-                    idx = self.part_index[r.claimed.part.pfx]
-                    young[idx] = min(young.get(idx, start), start)
-        if not due <= young.keys():
-            return 0.0
-        return min(young[idx] for idx in due) + HOLD
-
-    def _computing(self) -> bool:
-        """Hold (see HOLD): recent handlers computed rather than waited, so more threads would
-        not run them faster (the GIL), only wake one another; and no claim found a backlog due
-        (ops.BACKLOG_DUE: then every thread is worth it)."""
-        return self._handlers_compute() and not any(self.backlog)
-
-    def _handlers_compute(self) -> bool:
-        """Recent handlers computed (busy on the CPU for at least COMPUTING of their time) and
-        no prefetch was asked for: the condition shared by the hold and the spread limit."""
-        return self.prefetch_multiplier == 1 and self._cpu_share >= COMPUTING
-
-    def _slots(self) -> int:
-        """How many flushes may be in flight at once: ``capacity``, or COMPUTING_THREADS while
-        computing handlers work through a backlog on a saturated machine."""
-        if self._handlers_compute() and self._crowded and any(self.backlog):
-            return min(self.capacity, COMPUTING_THREADS)
-        return self.capacity
 
     def _measure_crowding(self, now: float) -> None:
         """At most every CROWD_WINDOW seconds per handler thread: did this thread wait for a CPU
@@ -275,11 +219,6 @@ class Worker(WorkerCore[Batcher]):
         local.since, local.times = now, times
         if last is not None and times[0] > last[0]:
             self._crowded = times[1] - last[1] >= CROWDED * (times[0] - last[0])
-
-    def _spread(self, task: tuple[str, _Running] | None) -> bool:
-        """More is due than this thread took: should another thread take some? Not when this
-        thread goes on with the next one and we hold (_computing)."""
-        return task is None or not self._computing()
 
     def _loop(self, burst: bool) -> None:
         self._burst = burst
@@ -329,9 +268,8 @@ class Worker(WorkerCore[Batcher]):
         for idx in self.tokens_wanted(free):
             try:
                 taken = bool(self.client.delete(self.parts[idx][1].woke))
-            except RedisError as exc:  # claim anyway: the claim reports and retries a failure
-                log.debug("wake-up token of %s: %s", self.parts[idx][1].pfx, exc)
-                taken = True
+            except RedisError as exc:
+                taken = self.token_unknown(idx, exc)
             self.token_tried(idx, taken)
 
     def _claim_round(self, now: float) -> bool:
@@ -346,11 +284,9 @@ class Worker(WorkerCore[Batcher]):
                 return True
             owner, call, seen = self.claim_call(idx, free)
             try:
-                reply = self.batcher.executor.run_once(call)
+                claimed, due_now = self.claimed(idx, owner, self.batcher.executor.run_once(call), now, seen)
             except RedisError as exc:
-                self.claim_failed(idx, now, exc)
-                continue
-            claimed, due_now = self.claimed(idx, owner, reply, now, seen)
+                claimed, due_now = self.claim_failed(idx, now, exc)
             more = more or due_now
             for c in claimed:
                 self._submit(c)
@@ -358,7 +294,7 @@ class Worker(WorkerCore[Batcher]):
 
     def _submit(self, c: ops.Claimed) -> None:
         key = c.part.pfx + c.member
-        running = _Running(c)
+        running = Running(c)
         with self._lock:
             self._inflight[key] = running
         self._tasks.put((key, running))
@@ -428,7 +364,7 @@ class Worker(WorkerCore[Batcher]):
         for r in leftovers:
             self._release(r)
 
-    def _release(self, r: _Running) -> None:
+    def _release(self, r: Running) -> None:
         """Give up the lease of a flush this worker will not finish (marked abandoned by the
         caller), so another worker takes it now rather than after the lease runs out."""
         c = r.claimed
@@ -462,14 +398,14 @@ class Worker(WorkerCore[Batcher]):
             return classify(len(items), exc=exc)
         return classify(len(items), result)
 
-    def _execute(self, key: str, r: _Running) -> None:
+    def _execute(self, key: str, r: Running) -> None:
         """Run a flush; then, while each ack brings the partition's next due flush along, run
         that one too (in this thread, in the slot it already holds)."""
-        task: tuple[str, _Running] | None = (key, r)
+        task: tuple[str, Running] | None = (key, r)
         while task is not None:
             task = self._execute_one(*task)
 
-    def _execute_one(self, key: str, r: _Running) -> tuple[str, _Running] | None:
+    def _execute_one(self, key: str, r: Running) -> tuple[str, Running] | None:
         c = r.claimed
         with self._lock:
             if r.abandoned:
@@ -522,7 +458,7 @@ class Worker(WorkerCore[Batcher]):
             with self._lock:
                 self._inflight.pop(key, None)
                 for n in nxt:  # at most one
-                    task = (n.part.pfx + n.member, _Running(n, chained=True))
+                    task = (n.part.pfx + n.member, Running(n, chained=True))
                     self._inflight[task[0]] = task[1]
             if follow is None:
                 self.mark_due(c.part.pfx)
@@ -591,7 +527,7 @@ class Worker(WorkerCore[Batcher]):
 
     def _enforce_timeouts(self) -> None:
         now = time.monotonic()
-        expired: list[_Running] = []
+        expired: list[Running] = []
         with self._lock:
             for key, r in list(self._inflight.items()):
                 limit = r.claimed.processor.config.handler_timeout
@@ -621,15 +557,7 @@ class Worker(WorkerCore[Batcher]):
         """Wake the main loop when a producer makes something due in a partition served here
         (pub/sub, see :mod:`redis_batcher.wake`; a lost message only delays work until the
         next full check)."""
-
-        def heard(data: Any) -> None:
-            self.on_wake(data)
-            self._wake.set()
-
-        def ready() -> None:
-            self.on_subscribed()
-            self._wake.set()
-
+        heard, ready = self.wake_callbacks(self._wake.set)
         wake.listen(self.client, self.channels, heard, ready, self._stopping)
 
     def _install_signals(self) -> Callable[[], None]:

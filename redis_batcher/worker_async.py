@@ -24,22 +24,21 @@ from redis.exceptions import RedisError
 
 from . import ops, wake
 from .batcher import Batcher as SyncBatcher
-from .errors import NotReplicated, error_text
-from .jobs import JobIterator
-from .jobs_async import AsyncJobRunner, AsyncJobsHost
-from .processor import Processor
-from .worker_core import (
+from .delivery import (
     HandlerExit,
     Outcome,
     SettleRetry,
-    WorkerCore,
-    WorkerStats,
     classify,
     decode_window,
     drain_ranges,
     log_handler_exit,
     make_flush,
 )
+from .errors import NotReplicated, error_text
+from .jobs import JobIterator
+from .jobs_async import AsyncJobRunner, AsyncJobsHost
+from .processor import Processor
+from .worker_core import WorkerCore, WorkerStats
 
 __all__ = ["AsyncWorkerHost", "Worker"]
 
@@ -213,10 +212,9 @@ class Worker(WorkerCore[AsyncWorkerHost]):
     async def _register_again(self) -> None:
         try:
             await self.batcher.register(self.processors)
+            self.registration_retried(None)
         except RedisError as exc:
             self.registration_retried(exc)
-        else:
-            self.registration_retried(None)
 
     async def _loop(self, burst: bool) -> None:
         assert self._wake is not None
@@ -241,9 +239,8 @@ class Worker(WorkerCore[AsyncWorkerHost]):
         for idx in self.tokens_wanted(self.capacity - len(self._inflight)):
             try:
                 taken = bool(await self.client.delete(self.parts[idx][1].woke))
-            except RedisError as exc:  # claim anyway: the claim reports and retries a failure
-                log.debug("wake-up token of %s: %s", self.parts[idx][1].pfx, exc)
-                taken = True
+            except RedisError as exc:
+                taken = self.token_unknown(idx, exc)
             self.token_tried(idx, taken)
 
     async def _claim_round(self, now: float) -> bool:
@@ -257,10 +254,9 @@ class Worker(WorkerCore[AsyncWorkerHost]):
             owner, call, seen = self.claim_call(idx, free)
             try:
                 reply = await call.script.call_async(self.client, call.keys, call.args)
+                claimed, due_now = self.claimed(idx, owner, reply, now, seen)
             except RedisError as exc:
-                self.claim_failed(idx, now, exc)
-                continue
-            claimed, due_now = self.claimed(idx, owner, reply, now, seen)
+                claimed, due_now = self.claim_failed(idx, now, exc)
             more = more or due_now
             for c in claimed:
                 key = c.part.pfx + c.member
@@ -413,15 +409,7 @@ class Worker(WorkerCore[AsyncWorkerHost]):
 
     async def _listen(self) -> None:
         """As the sync worker's: wake-ups of the partitions served here (redis_batcher.wake)."""
-
-        def heard(data: Any) -> None:
-            self.on_wake(data)
-            self._poke()
-
-        def ready() -> None:
-            self.on_subscribed()
-            self._poke()
-
+        heard, ready = self.wake_callbacks(self._poke)
         await wake.alisten(self.client, self.channels, heard, ready)
 
     def _poke(self) -> None:

@@ -1,16 +1,15 @@
-"""What the sync and asyncio workers share: scheduling, claim bookkeeping, classifying handler
-outcomes, building the ack/nack calls and recording their results. No I/O happens here; each
-worker runs the :class:`~redis_batcher.ops.Call` objects on its own client.
+"""What the sync and asyncio workers share: scheduling, claim bookkeeping, building the ack/nack
+calls and recording their results (one delivery's own steps are in :mod:`redis_batcher.delivery`).
+No I/O happens here; each worker runs the :class:`~redis_batcher.ops.Call` objects on its own
+client.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import random
-import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -19,20 +18,10 @@ from redis.exceptions import OutOfMemoryError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import ops
-from .codec import MsgpackCodec, decode_item
-from .definition import ProcessorDef
-from .errors import (
-    MAX_ERROR_CHARS,
-    ConfigError,
-    CorruptData,
-    DecodeError,
-    NotReplicated,
-    PartialFailure,
-    error_text,
-)
+from .delivery import Outcome, backoff_seconds
+from .errors import ConfigError, CorruptData
 from .jobs import JobIterator, select_iterators
 from .keys import PartitionKeys
-from .models import Flush
 from .processor import Processor
 
 if TYPE_CHECKING:
@@ -40,7 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("redis_batcher.worker")
 
-DRAIN_CHUNK = 10_000
 CORRUPT_RETRY = 5.0  # seconds before a partition whose own keys are corrupt is claimed from again
 CORRUPT_LOG_EVERY = 60.0  # seconds between reports of one such partition
 
@@ -59,99 +47,6 @@ class WorkerStats:
     released: int = 0
     quarantined: int = 0
     claims: int = 0  # claim calls sent (an ack that claims the next flush not counted)
-
-
-@dataclass
-class Outcome:
-    """How one delivery ended, before it is recorded in Redis."""
-
-    mode: str  # ack | fail | partial | decode | missing
-    error: str | None
-    indices: list[int]
-    count: int
-
-
-def backoff_seconds(proc: ProcessorDef, attempt: int) -> float:
-    """``retry_backoff * 2**(attempt-1)`` capped at ``retry_backoff_max``, with 50-100% jitter."""
-    cfg = proc.config
-    raw = min(cfg.retry_backoff_max, cfg.retry_backoff * (2 ** min(max(attempt - 1, 0), 62)))
-    return float(raw * random.uniform(0.5, 1.0))
-
-
-class HandlerExit(Exception):
-    """A handler raised a BaseException that is not an Exception (``sys.exit()``,
-    ``KeyboardInterrupt`` raised in its thread, ...), carried as an Exception: asyncio lets
-    SystemExit and KeyboardInterrupt out of a task through the event loop, ending the worker."""
-
-    def __init__(self, exc: BaseException) -> None:
-        super().__init__(exc)
-        self.exc = exc
-
-
-def log_handler_exit(c: ops.Claimed, exc: BaseException) -> None:
-    """A handler raised a BaseException that is not an Exception: it counts as a failed attempt
-    like any error, logged with its traceback (it is likely a bug: code meant to end a process
-    ran inside a handler)."""
-    log.error(
-        "%s %s: handler raised %s; counted as a failed attempt",
-        c.processor.name,
-        c.member,
-        error_text(exc),
-        exc_info=exc,
-    )
-
-
-def drain_ranges(cutoff: int) -> list[tuple[int, int]]:
-    """LRANGE (start, stop) pairs reading a window of ``cutoff`` items in bounded chunks."""
-    return [(i, min(cutoff, i + DRAIN_CHUNK) - 1) for i in range(0, cutoff, DRAIN_CHUNK)]
-
-
-def decode_window(c: ops.Claimed, raw: Sequence[bytes]) -> tuple[list[Any], Outcome | None]:
-    """Decode a delivery; an Outcome('decode') when some entries cannot be read, and
-    Outcome('missing') when fewer were found than the window holds (the handler never sees a
-    short batch: the next claim dead-letters what is left, as items_missing)."""
-    if len(raw) < c.cutoff:
-        error = f"{c.cutoff - len(raw)} of {c.cutoff} items are missing (evicted or deleted)"
-        return [], Outcome("missing", error, [], len(raw))
-    codec = c.processor.codec
-    if isinstance(codec, MsgpackCodec):
-        try:  # the common case in one call; on any error, item by item below
-            return codec.decode_many(raw), None
-        except Exception:
-            pass
-    items: list[Any] = []
-    bad: list[int] = []
-    errors: list[str] = []
-    for i, data in enumerate(raw):
-        try:
-            items.append(decode_item(c.processor.codec, data, i))
-        except DecodeError as exc:
-            bad.append(i)
-            errors.append(str(exc))
-    if bad:
-        return items, Outcome("decode", "; ".join(errors[:3])[:MAX_ERROR_CHARS], bad, len(raw))
-    return items, None
-
-
-def make_flush(c: ops.Claimed, items: list[Any]) -> Flush:
-    return Flush(c.processor.name, c.base, c.sequence, items, c.attempt, c.flush_id, c.reason)
-
-
-def classify(n_items: int, result: Any = None, exc: BaseException | None = None) -> Outcome:
-    """Turn what a handler returned or raised into an Outcome."""
-    if exc is None and isinstance(result, PartialFailure):
-        exc = result
-    if exc is None:
-        return Outcome("ack", None, [], n_items)
-    if isinstance(exc, PartialFailure):
-        failed = [i for i in exc.failed if 0 <= i < n_items]
-        if len(failed) != len(exc.failed):
-            error = f"PartialFailure named indices outside 0..{n_items - 1}: {exc.failed}"
-            return Outcome("fail", error, [], n_items)
-        if not failed:
-            return Outcome("ack", None, [], n_items)
-        return Outcome("partial", f"PartialFailure: {exc.message}"[:MAX_ERROR_CHARS], failed, n_items)
-    return Outcome("fail", error_text(exc), [], n_items)
 
 
 class WorkerHost(Protocol):
@@ -360,9 +255,11 @@ class WorkerCore(ABC, Generic[H]):
             return [], True
         return self.claimed(idx, owner, part, now, seen)
 
-    def claim_failed(self, idx: int, now: float, exc: BaseException) -> None:
+    def claim_failed(self, idx: int, now: float, exc: BaseException) -> tuple[list[ops.Claimed], bool]:
+        """A claim Redis did not answer: nothing claimed; the partition is tried again in a second."""
         log.warning("claim on %s failed: %s", self.parts[idx][1].pfx, exc)
         self.due_at[idx] = now + 1.0
+        return [], False
 
     def sleep_time(self, now: float, free: int) -> float:
         wait = self.full_check_at - now
@@ -401,6 +298,12 @@ class WorkerCore(ABC, Generic[H]):
             self.heard[idx] = False
         return wanted
 
+    def token_unknown(self, idx: int, exc: RedisError) -> bool:
+        """Redis failed the ``DEL`` of a wake-up token: claim anyway (True; the claim reports
+        and retries a failure)."""
+        log.debug("wake-up token of %s: %s", self.parts[idx][1].pfx, exc)
+        return True
+
     def token_tried(self, idx: int, taken: bool) -> None:
         """This worker took the partition's wake-up token (or could not tell, Redis failed):
         it claims there. Otherwise another worker did, or a claim since answered the wake-up."""
@@ -411,6 +314,21 @@ class WorkerCore(ABC, Generic[H]):
         """(Re)subscribed: wake-ups sent while nobody listened are lost; check everything."""
         for pfx in self.part_index:
             self.mark_due(pfx)
+
+    def wake_callbacks(self, poke: Callable[[], None]) -> tuple[Callable[[Any], None], Callable[[], None]]:
+        """A wake-up listener's callbacks (:mod:`redis_batcher.wake`): record a wake-up heard
+        (:meth:`on_wake`) or a (re)subscription (:meth:`on_subscribed`), then ``poke`` the
+        main loop."""
+
+        def heard(data: Any) -> None:
+            self.on_wake(data)
+            poke()
+
+        def ready() -> None:
+            self.on_subscribed()
+            poke()
+
+        return heard, ready
 
     def heartbeat_tick(self) -> tuple[float, float, bool]:
         """(seconds between lease renewals, seconds between timeout checks, any timeouts)."""
@@ -565,40 +483,6 @@ class WorkerCore(ABC, Generic[H]):
             self.stats.dead_lettered,
             self.stats.items,
         )
-
-
-class SettleRetry:
-    """The retries of one ack or nack through Redis errors while the flush's lease lasts. An
-    ack that asked for the next flush is retried as a plain ack (ops.without_claim)."""
-
-    def __init__(self, c: ops.Claimed, call: ops.Call) -> None:
-        self.c = c
-        self.call = call  # what to run (again)
-        self.reply: Any = None  # what to return once given up (see failed)
-        self.delay = 0.05
-        self.deadline = time.monotonic() + c.processor.config.lease_timeout
-
-    def failed(self, exc: NotReplicated | RedisError) -> float | None:
-        """Seconds to wait before running :attr:`call` again; None: stop and return
-        :attr:`reply` (None: the result could not be recorded, the flush will be delivered
-        again; or, when only the replicas did not confirm it, as recorded)."""
-        c = self.c
-        if isinstance(exc, NotReplicated):
-            log.warning("%s %s: result recorded on the primary only: %s", c.processor.name, c.member, exc)
-            self.reply = [b"ok"]
-            return None
-        if time.monotonic() > self.deadline:
-            log.error(
-                "%s %s: cannot record the result (%s); the lease will expire and the flush "
-                "will be delivered again",
-                c.processor.name,
-                c.member,
-                exc,
-            )
-            return None
-        delay, self.delay = self.delay, min(self.delay * 2, 2.0)
-        self.call = ops.without_claim(self.call)
-        return delay
 
 
 def select_processors(batcher: Batcher, names: Iterable[str] | None) -> list[Processor]:

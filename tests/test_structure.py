@@ -163,5 +163,5 @@ def test_the_definitions_and_the_ops_hold_no_client_code() -> None:
     """The client-free layer imports neither the executors nor what is built on them."""
     edges, _ = graph()
     io_modules = {"executor", "executor_async", "batcher", "asyncio", "processor", "jobs", "jobs_async"}
-    for low in ("definition", "ops", "options", "keys", "models", "codec"):
+    for low in ("definition", "ops", "options", "keys", "models", "codec", "delivery"):
         assert not edges[low] & io_modules, (low, edges[low] & io_modules)

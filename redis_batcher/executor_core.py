@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, Generic, TypeVar
 
 from redis.exceptions import AskError, ClusterDownError, ClusterError, MovedError, TryAgainError
 
@@ -145,28 +145,6 @@ class ExecutorCore:
         self.layout_checked = False
 
 
-class _Setting(Generic[T]):
-    """An attribute of a batcher that is its executor's attribute of the same name."""
-
-    def __set_name__(self, owner: type[Any], name: str) -> None:
-        self.name = name
-
-    @overload
-    def __get__(self, obj: None, owner: type[Any]) -> _Setting[T]: ...
-
-    @overload
-    def __get__(self, obj: ExecutorAttributes, owner: type[Any]) -> T: ...
-
-    def __get__(self, obj: ExecutorAttributes | None, owner: type[Any]) -> T | _Setting[T]:
-        if obj is None:
-            return self
-        value: T = getattr(obj.executor, self.name)
-        return value
-
-    def __set__(self, obj: ExecutorAttributes, value: T) -> None:
-        setattr(obj.executor, self.name, value)
-
-
 class ExecutorAttributes:
     """The client and the settings of a batcher's ``executor`` (sync or asyncio), as
     attributes of the batcher."""
@@ -184,11 +162,38 @@ class ExecutorAttributes:
         """True when the client is a Redis Cluster client."""
         return self.executor.is_cluster
 
-    allow_eviction: _Setting[bool] = _Setting()
-    """Whether an evicting ``maxmemory-policy`` is accepted (with a warning)."""
-    wait_replicas: _Setting[int] = _Setting()
-    """How many replicas a write waits for (``WAIT``); 0: none."""
-    wait_timeout_ms: _Setting[int] = _Setting()
-    """How long a ``WAIT`` for replicas lasts, in milliseconds."""
-    connect_retry: _Setting[float] = _Setting()
-    """For how many seconds a call that could not be sent is retried."""
+    @property
+    def allow_eviction(self) -> bool:
+        """Whether an evicting ``maxmemory-policy`` is accepted (with a warning)."""
+        return self.executor.allow_eviction
+
+    @allow_eviction.setter
+    def allow_eviction(self, value: bool) -> None:
+        self.executor.allow_eviction = value
+
+    @property
+    def wait_replicas(self) -> int:
+        """How many replicas a write waits for (``WAIT``); 0: none."""
+        return self.executor.wait_replicas
+
+    @wait_replicas.setter
+    def wait_replicas(self, value: int) -> None:
+        self.executor.wait_replicas = value
+
+    @property
+    def wait_timeout_ms(self) -> int:
+        """How long a ``WAIT`` for replicas lasts, in milliseconds."""
+        return self.executor.wait_timeout_ms
+
+    @wait_timeout_ms.setter
+    def wait_timeout_ms(self, value: int) -> None:
+        self.executor.wait_timeout_ms = value
+
+    @property
+    def connect_retry(self) -> float:
+        """For how many seconds a call that could not be sent is retried."""
+        return self.executor.connect_retry
+
+    @connect_retry.setter
+    def connect_retry(self, value: float) -> None:
+        self.executor.connect_retry = value

@@ -3,8 +3,9 @@ retries them.
 
 A worker never busy-polls. It claims what is due, then sleeps until the earliest entry of its
 delay queues is due, a slot frees up, or a pub/sub message says a sequence was sealed. The
-scheduling and bookkeeping live in :mod:`redis_batcher.worker_core`, shared with the asyncio
-worker; this module is the threaded driver.
+scheduling and bookkeeping live in :mod:`redis_batcher.worker_core` and the steps of one
+delivery in :mod:`redis_batcher.delivery`, shared with the asyncio worker; how the handler
+threads are paced in :mod:`redis_batcher.worker_pace`. This module is the threaded driver.
 """
 
 from __future__ import annotations
@@ -17,46 +18,35 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import ops, wake
 from .batcher import Batcher
-from .errors import NotReplicated, error_text
-from .job_runner import JobRunner
-from .jobs import select_iterators
-from .worker_core import (
+from .delivery import (
     Outcome,
-    WorkerCore,
-    WorkerStats,
+    SettleRetry,
     backoff_seconds,
     classify,
     decode_window,
     drain_ranges,
     log_handler_exit,
     make_flush,
-    select_processors,
 )
+from .errors import NotReplicated, error_text
+from .job_runner import JobRunner
+from .jobs import JobIterator
+from .worker_core import WorkerStats
+from .worker_pace import Pacing, Running
 
 __all__ = ["Worker", "WorkerStats", "backoff_seconds"]
 
 log = logging.getLogger("redis_batcher.worker")
 
 SETTLE_WAIT = 2.0  # seconds a stopping worker still waits for results being recorded
-# The hold (docs/how-it-works.md): while handlers compute and no backlog is due (ops.BACKLOG_DUE),
-# a flush due within HOLD s of a handler's start is left for its ack, sparing a thread wake-up.
-HOLD = 0.002
-# Handlers count as computing when busy on the CPU for this share of their time (GIL-bound).
-COMPUTING = 0.25
-# The spread limit: on a saturated machine a backlog of computing handlers runs on at most this
-# many threads; two keep the GIL busy, a third only waits for it and for a CPU.
-COMPUTING_THREADS = 2
 # Saturated: a handler thread waits for a CPU (/proc/thread-self/schedstat) at least this many
 # times as long as it runs; without /proc the limit never applies.
 CROWDED = 0.5
@@ -78,24 +68,13 @@ async def _awaited(awaitable: Any) -> Any:
     return await awaitable
 
 
-@dataclass
-class _Running:
-    """A claimed flush this worker is working on."""
-
-    claimed: ops.Claimed
-    started: float | None = None  # time.monotonic() when the handler started; None: queued
-    chained: bool = False  # claimed by the ack of the flush its thread ran before
-    abandoned: bool = False  # timed out or released: whatever the thread does next is ignored
-    settling: bool = False  # the thread is recording its result; the watchdog leaves it alone
-
-
-class Worker(WorkerCore):
+class Worker(Pacing):
     """Delivers due batches of a :class:`Batcher`'s processors to their handlers.
 
     ``concurrency`` handlers run at once, in a pool of threads (while handlers compute rather
     than wait, a flush due during a handler that started under 2 ms ago is left to that
-    handler's thread: see HOLD; and on a saturated machine a backlog of such handlers is worked
-    through by at most two threads: see COMPUTING_THREADS).
+    handler's thread; and on a saturated machine a backlog of such handlers is worked through by
+    at most two threads: see :mod:`redis_batcher.worker_pace`).
     ``prefetch_multiplier``: the
     worker claims up to ``concurrency * prefetch_multiplier`` flushes (as Celery's setting of
     that name); above 1, flushes wait claimed for a free thread, so bursts of small flushes
@@ -110,31 +89,12 @@ class Worker(WorkerCore):
     ``iterators`` limits the iterator jobs it runs to those iterator names (``[]``: none).
     """
 
-    def __init__(
-        self,
-        batcher: Batcher,
-        *,
-        concurrency: int = 4,
-        processors: Iterable[str] | None = None,
-        max_idle_wait: float = 5.0,
-        grace_period: float = 30.0,
-        prefetch_multiplier: int = 1,
-        iterators: Iterable[str] | None = None,
-    ) -> None:
-        chosen = select_iterators(batcher.iterators, iterators)
-        super().__init__(
-            select_processors(batcher, processors),
-            concurrency=concurrency,
-            max_idle_wait=max_idle_wait,
-            grace_period=grace_period,
-            jobs=bool(chosen),
-            prefetch_multiplier=prefetch_multiplier,
-            wait_replicas=batcher.wait_replicas,
-        )
-        self.batcher = batcher
-        self.client: Any = batcher.client
-        self._inflight: dict[str, _Running] = {}
-        self._tasks: queue.SimpleQueue[tuple[str, _Running] | None] = queue.SimpleQueue()
+    def definitions_of(self, batcher: Batcher) -> Batcher:
+        return batcher
+
+    def setup(self, iterators: list[JobIterator]) -> None:
+        self._inflight: dict[str, Running] = {}
+        self._tasks: queue.SimpleQueue[tuple[str, Running] | None] = queue.SimpleQueue()
         self._threads = 0  # live pool threads
         self._recording = 0  # threads recording a result (see _settling)
         self._surplus = 0  # threads started to replace handlers abandoned at their timeout
@@ -143,16 +103,16 @@ class Worker(WorkerCore):
         self._until = 0.0  # when the main loop wakes by itself (see _sleep)
         self._full = False  # it waits for a free slot
         self._burst = False
-        self._cpu_share = 1.0  # of the recent handlers' time, how much they computed (see HOLD)
-        self._crowded = False  # handler threads wait for a CPU (see COMPUTING_THREADS)
+        self._cpu_share = 1.0  # measured as handlers run (see Pacing)
+        self._crowded = False  # measured by _measure_crowding (see Pacing)
         self._sched = threading.local()  # each handler thread's last schedstat reading
         self._stopping = threading.Event()
         self._done = threading.Event()
         self.ready = threading.Event()  # set once the worker has started claiming
         # iterator jobs run in a runner thread of their own (redis_batcher.job_runner)
         self.jobs = (
-            JobRunner(batcher, chosen, concurrency=concurrency, grace_period=grace_period)
-            if chosen
+            JobRunner(self.batcher, iterators, concurrency=self.concurrency, grace_period=self.grace_period)
+            if iterators
             else None
         )
 
@@ -232,57 +192,18 @@ class Worker(WorkerCore):
                 self.batcher.check_layout()
                 self.batcher.register(self.processors)
                 return
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                log.warning("cannot reach Redis (%s); retrying in %.1fs", exc, delay)
-                self._stopping.wait(delay)
-                delay = min(delay * 2, 5.0)
             except RedisError as exc:
-                self.registration_refused(exc)
-                return
+                if not self.registration_failed(exc, delay):
+                    return
+            self._stopping.wait(delay)
+            delay = min(delay * 2, 5.0)
 
     def _register_again(self) -> None:
         try:
             self.batcher.register(self.processors)
+            self.registration_retried(None)
         except RedisError as exc:
             self.registration_retried(exc)
-        else:
-            self.registration_retried(None)
-
-    def _hold_until(self, now: float) -> float:
-        """Until when to leave what is due to the handlers running now (see HOLD); 0: no hold
-        (nothing due, not _computing, or a partition with something due has no young handler
-        whose ack would claim it: an ack claims from its own partition only)."""
-        due = {idx for idx, at in enumerate(self.due_at) if at <= now}
-        if not due or not self._computing():
-            return 0.0
-        young: dict[int, float] = {}
-        with self._lock:
-            for r in self._inflight.values():
-                start = now if r.started is None else r.started
-                if not r.abandoned and (r.chained if r.started is None else now - start < HOLD):
-                    idx = self.part_index[r.claimed.part.pfx]
-                    young[idx] = min(young.get(idx, start), start)
-        if not due <= young.keys():
-            return 0.0
-        return min(young[idx] for idx in due) + HOLD
-
-    def _computing(self) -> bool:
-        """Hold (see HOLD): recent handlers computed rather than waited, so more threads would
-        not run them faster (the GIL), only wake one another; and no claim found a backlog due
-        (ops.BACKLOG_DUE: then every thread is worth it)."""
-        return self._handlers_compute() and not any(self.backlog)
-
-    def _handlers_compute(self) -> bool:
-        """Recent handlers computed (busy on the CPU for at least COMPUTING of their time) and
-        no prefetch was asked for: the condition shared by the hold and the spread limit."""
-        return self.prefetch_multiplier == 1 and self._cpu_share >= COMPUTING
-
-    def _slots(self) -> int:
-        """How many flushes may be in flight at once: ``capacity``, or COMPUTING_THREADS while
-        computing handlers work through a backlog on a saturated machine."""
-        if self._handlers_compute() and self._crowded and any(self.backlog):
-            return min(self.capacity, COMPUTING_THREADS)
-        return self.capacity
 
     def _measure_crowding(self, now: float) -> None:
         """At most every CROWD_WINDOW seconds per handler thread: did this thread wait for a CPU
@@ -298,11 +219,6 @@ class Worker(WorkerCore):
         local.since, local.times = now, times
         if last is not None and times[0] > last[0]:
             self._crowded = times[1] - last[1] >= CROWDED * (times[0] - last[0])
-
-    def _spread(self, task: tuple[str, _Running] | None) -> bool:
-        """More is due than this thread took: should another thread take some? Not when this
-        thread goes on with the next one and we hold (_computing)."""
-        return task is None or not self._computing()
 
     def _loop(self, burst: bool) -> None:
         self._burst = burst
@@ -352,9 +268,8 @@ class Worker(WorkerCore):
         for idx in self.tokens_wanted(free):
             try:
                 taken = bool(self.client.delete(self.parts[idx][1].woke))
-            except RedisError as exc:  # claim anyway: the claim reports and retries a failure
-                log.debug("wake-up token of %s: %s", self.parts[idx][1].pfx, exc)
-                taken = True
+            except RedisError as exc:
+                taken = self.token_unknown(idx, exc)
             self.token_tried(idx, taken)
 
     def _claim_round(self, now: float) -> bool:
@@ -369,11 +284,9 @@ class Worker(WorkerCore):
                 return True
             owner, call, seen = self.claim_call(idx, free)
             try:
-                reply = self.batcher.executor.run_once(call)
+                claimed, due_now = self.claimed(idx, owner, self.batcher.executor.run_once(call), now, seen)
             except RedisError as exc:
-                self.claim_failed(idx, now, exc)
-                continue
-            claimed, due_now = self.claimed(idx, owner, reply, now, seen)
+                claimed, due_now = self.claim_failed(idx, now, exc)
             more = more or due_now
             for c in claimed:
                 self._submit(c)
@@ -381,7 +294,7 @@ class Worker(WorkerCore):
 
     def _submit(self, c: ops.Claimed) -> None:
         key = c.part.pfx + c.member
-        running = _Running(c)
+        running = Running(c)
         with self._lock:
             self._inflight[key] = running
         self._tasks.put((key, running))
@@ -451,18 +364,14 @@ class Worker(WorkerCore):
         for r in leftovers:
             self._release(r)
 
-    def _release(self, r: _Running) -> None:
+    def _release(self, r: Running) -> None:
         """Give up the lease of a flush this worker will not finish (marked abandoned by the
         caller), so another worker takes it now rather than after the lease runs out."""
         c = r.claimed
         try:
-            if self.batcher.executor.execute(ops.release_call(c), wait=False):
-                self.stats.released += 1
-                log.warning("%s %s: released unfinished flush for another worker", c.processor.name, c.member)
+            self.released(c, self.batcher.executor.execute(ops.release_call(c), wait=False))
         except RedisError as exc:
-            log.warning(
-                "%s %s: could not release (%s); its lease will expire", c.processor.name, c.member, exc
-            )
+            self.released(c, exc=exc)
         with self._lock:
             self._inflight.pop(c.part.pfx + c.member, None)
 
@@ -489,14 +398,14 @@ class Worker(WorkerCore):
             return classify(len(items), exc=exc)
         return classify(len(items), result)
 
-    def _execute(self, key: str, r: _Running) -> None:
+    def _execute(self, key: str, r: Running) -> None:
         """Run a flush; then, while each ack brings the partition's next due flush along, run
         that one too (in this thread, in the slot it already holds)."""
-        task: tuple[str, _Running] | None = (key, r)
+        task: tuple[str, Running] | None = (key, r)
         while task is not None:
             task = self._execute_one(*task)
 
-    def _execute_one(self, key: str, r: _Running) -> tuple[str, _Running] | None:
+    def _execute_one(self, key: str, r: Running) -> tuple[str, Running] | None:
         c = r.claimed
         with self._lock:
             if r.abandoned:
@@ -549,7 +458,7 @@ class Worker(WorkerCore):
             with self._lock:
                 self._inflight.pop(key, None)
                 for n in nxt:  # at most one
-                    task = (n.part.pfx + n.member, _Running(n, chained=True))
+                    task = (n.part.pfx + n.member, Running(n, chained=True))
                     self._inflight[task[0]] = task[1]
             if follow is None:
                 self.mark_due(c.part.pfx)
@@ -569,15 +478,9 @@ class Worker(WorkerCore):
         return task
 
     def _record(
-        self,
-        c: ops.Claimed,
-        outcome: Outcome,
-        started: float,
-        duration_ms: float,
-        claim_owner: str | None = None,
+        self, c: ops.Claimed, outcome: Outcome, started: float, duration_ms: float, owner: str | None = None
     ) -> Any:
-        call = self.settle_call(c, outcome, started, duration_ms, claim_owner)
-        reply = self._settle(c, call)
+        reply = self._settle(c, self.settle_call(c, outcome, started, duration_ms, owner))
         self.settled(c, outcome, reply, duration_ms)
         return reply
 
@@ -585,27 +488,15 @@ class Worker(WorkerCore):
         """Run an ack/nack, retrying through errors while the lease lasts. Returns the reply, or
         None when the result could not be recorded (the flush will be delivered again). An ack
         that asked for the next flush is retried as a plain ack (ops.without_claim)."""
-        delay = 0.05
-        deadline = time.monotonic() + c.processor.config.lease_timeout
+        retry = SettleRetry(c, call)
         while True:
             try:
-                return self.reply_code(c, self.batcher.executor.execute(call))
-            except NotReplicated as exc:
-                log.warning("%s %s: result recorded on the primary only: %s", c.processor.name, c.member, exc)
-                return [b"ok"]
-            except RedisError as exc:  # connection trouble, a server still loading, ...
-                if time.monotonic() > deadline:
-                    log.error(
-                        "%s %s: cannot record the result (%s); the lease will expire and the flush "
-                        "will be delivered again",
-                        c.processor.name,
-                        c.member,
-                        exc,
-                    )
-                    return None
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                call = ops.without_claim(call)
+                return self.reply_code(c, self.batcher.executor.execute(retry.call))
+            except (NotReplicated, RedisError) as exc:  # connection trouble, a server still loading, ...
+                wait = retry.failed(exc)
+                if wait is None:
+                    return retry.reply
+                time.sleep(wait)
 
     # -- background threads ----------------------------------------------------------------------
 
@@ -624,9 +515,9 @@ class Worker(WorkerCore):
             for c in running:
                 try:
                     if not self.batcher.executor.run_once(ops.extend_call(c)) and self._still_running(c):
-                        log.warning("%s %s: lease lost during the handler", c.processor.name, c.member)
+                        self.lease_trouble(c)
                 except RedisError as exc:
-                    log.warning("%s %s: heartbeat failed: %s", c.processor.name, c.member, exc)
+                    self.lease_trouble(c, exc)
 
     def _still_running(self, c: ops.Claimed) -> bool:
         """False once the flush was settled (an extend that raced with its ack is no news)."""
@@ -636,7 +527,7 @@ class Worker(WorkerCore):
 
     def _enforce_timeouts(self) -> None:
         now = time.monotonic()
-        expired: list[_Running] = []
+        expired: list[Running] = []
         with self._lock:
             for key, r in list(self._inflight.items()):
                 limit = r.claimed.processor.config.handler_timeout
@@ -666,15 +557,7 @@ class Worker(WorkerCore):
         """Wake the main loop when a producer makes something due in a partition served here
         (pub/sub, see :mod:`redis_batcher.wake`; a lost message only delays work until the
         next full check)."""
-
-        def heard(data: Any) -> None:
-            self.on_wake(data)
-            self._wake.set()
-
-        def ready() -> None:
-            self.on_subscribed()
-            self._wake.set()
-
+        heard, ready = self.wake_callbacks(self._wake.set)
         wake.listen(self.client, self.channels, heard, ready, self._stopping)
 
     def _install_signals(self) -> Callable[[], None]:

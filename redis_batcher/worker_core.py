@@ -1,25 +1,27 @@
-"""What the sync and asyncio workers share: scheduling, claim bookkeeping, classifying handler
-outcomes, building the ack/nack calls and recording their results. No I/O happens here; each
-worker runs the :class:`~redis_batcher.ops.Call` objects on its own client.
+"""What the sync and asyncio workers share: scheduling, claim bookkeeping, building the ack/nack
+calls and recording their results (one delivery's own steps are in :mod:`redis_batcher.delivery`).
+No I/O happens here; each worker runs the :class:`~redis_batcher.ops.Call` objects on its own
+client.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import random
-from collections.abc import Iterable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import ops
-from .codec import MsgpackCodec, decode_item
-from .definition import ProcessorDef
-from .errors import MAX_ERROR_CHARS, ConfigError, CorruptData, DecodeError, PartialFailure, error_text
+from .delivery import Outcome, backoff_seconds
+from .errors import ConfigError, CorruptData
+from .jobs import JobIterator, select_iterators
 from .keys import PartitionKeys
-from .models import Flush
 from .processor import Processor
 
 if TYPE_CHECKING:
@@ -27,7 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("redis_batcher.worker")
 
-DRAIN_CHUNK = 10_000
 CORRUPT_RETRY = 5.0  # seconds before a partition whose own keys are corrupt is claimed from again
 CORRUPT_LOG_EVERY = 60.0  # seconds between reports of one such partition
 
@@ -48,113 +49,39 @@ class WorkerStats:
     claims: int = 0  # claim calls sent (an ack that claims the next flush not counted)
 
 
-@dataclass
-class Outcome:
-    """How one delivery ended, before it is recorded in Redis."""
+class WorkerHost(Protocol):
+    """What a worker needs of its batcher, sync or asyncio, to be built."""
 
-    mode: str  # ack | fail | partial | decode | missing
-    error: str | None
-    indices: list[int]
-    count: int
+    @property
+    def client(self) -> Any: ...
 
-
-def backoff_seconds(proc: ProcessorDef, attempt: int) -> float:
-    """``retry_backoff * 2**(attempt-1)`` capped at ``retry_backoff_max``, with 50-100% jitter."""
-    cfg = proc.config
-    raw = min(cfg.retry_backoff_max, cfg.retry_backoff * (2 ** min(max(attempt - 1, 0), 62)))
-    return float(raw * random.uniform(0.5, 1.0))
+    @property
+    def wait_replicas(self) -> int: ...
 
 
-class HandlerExit(Exception):
-    """A handler raised a BaseException that is not an Exception (``sys.exit()``,
-    ``KeyboardInterrupt`` raised in its thread, ...), carried as an Exception: asyncio lets
-    SystemExit and KeyboardInterrupt out of a task through the event loop, ending the worker."""
-
-    def __init__(self, exc: BaseException) -> None:
-        super().__init__(exc)
-        self.exc = exc
+H = TypeVar("H", bound=WorkerHost)
 
 
-def log_handler_exit(c: ops.Claimed, exc: BaseException) -> None:
-    """A handler raised a BaseException that is not an Exception: it counts as a failed attempt
-    like any error, logged with its traceback (it is likely a bug: code meant to end a process
-    ran inside a handler)."""
-    log.error(
-        "%s %s: handler raised %s; counted as a failed attempt",
-        c.processor.name,
-        c.member,
-        error_text(exc),
-        exc_info=exc,
-    )
+class WorkerCore(ABC, Generic[H]):
+    """Scheduling state and bookkeeping of a worker, independent of how it does I/O.
 
-
-def drain_ranges(cutoff: int) -> list[tuple[int, int]]:
-    """LRANGE (start, stop) pairs reading a window of ``cutoff`` items in bounded chunks."""
-    return [(i, min(cutoff, i + DRAIN_CHUNK) - 1) for i in range(0, cutoff, DRAIN_CHUNK)]
-
-
-def decode_window(c: ops.Claimed, raw: Sequence[bytes]) -> tuple[list[Any], Outcome | None]:
-    """Decode a delivery; an Outcome('decode') when some entries cannot be read, and
-    Outcome('missing') when fewer were found than the window holds (the handler never sees a
-    short batch: the next claim dead-letters what is left, as items_missing)."""
-    if len(raw) < c.cutoff:
-        error = f"{c.cutoff - len(raw)} of {c.cutoff} items are missing (evicted or deleted)"
-        return [], Outcome("missing", error, [], len(raw))
-    codec = c.processor.codec
-    if isinstance(codec, MsgpackCodec):
-        try:  # the common case in one call; on any error, item by item below
-            return codec.decode_many(raw), None
-        except Exception:
-            pass
-    items: list[Any] = []
-    bad: list[int] = []
-    errors: list[str] = []
-    for i, data in enumerate(raw):
-        try:
-            items.append(decode_item(c.processor.codec, data, i))
-        except DecodeError as exc:
-            bad.append(i)
-            errors.append(str(exc))
-    if bad:
-        return items, Outcome("decode", "; ".join(errors[:3])[:MAX_ERROR_CHARS], bad, len(raw))
-    return items, None
-
-
-def make_flush(c: ops.Claimed, items: list[Any]) -> Flush:
-    return Flush(c.processor.name, c.base, c.sequence, items, c.attempt, c.flush_id, c.reason)
-
-
-def classify(n_items: int, result: Any = None, exc: BaseException | None = None) -> Outcome:
-    """Turn what a handler returned or raised into an Outcome."""
-    if exc is None and isinstance(result, PartialFailure):
-        exc = result
-    if exc is None:
-        return Outcome("ack", None, [], n_items)
-    if isinstance(exc, PartialFailure):
-        failed = [i for i in exc.failed if 0 <= i < n_items]
-        if len(failed) != len(exc.failed):
-            error = f"PartialFailure named indices outside 0..{n_items - 1}: {exc.failed}"
-            return Outcome("fail", error, [], n_items)
-        if not failed:
-            return Outcome("ack", None, [], n_items)
-        return Outcome("partial", f"PartialFailure: {exc.message}"[:MAX_ERROR_CHARS], failed, n_items)
-    return Outcome("fail", error_text(exc), [], n_items)
-
-
-class WorkerCore:
-    """Scheduling state and bookkeeping of a worker, independent of how it does I/O."""
+    A driver says where its batcher keeps the definitions (:meth:`definitions_of`) and sets up
+    its own state, its iterator-job runner included, in :meth:`setup`."""
 
     def __init__(
         self,
-        processors: Sequence[Processor],
+        batcher: H,
         *,
-        concurrency: int,
-        max_idle_wait: float,
-        grace_period: float,
-        jobs: bool = False,
+        concurrency: int = 4,
+        processors: Iterable[str] | None = None,
+        max_idle_wait: float = 5.0,
+        grace_period: float = 30.0,
         prefetch_multiplier: int = 1,
-        wait_replicas: int = 0,
+        iterators: Iterable[str] | None = None,
     ) -> None:
+        definitions = self.definitions_of(batcher)
+        chosen = select_iterators(definitions.iterators, iterators)
+        served = select_processors(definitions, processors)
         for name, value in (("concurrency", concurrency), ("prefetch_multiplier", prefetch_multiplier)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
@@ -162,13 +89,15 @@ class WorkerCore:
             raise ConfigError(f"max_idle_wait must be > 0, got {max_idle_wait!r}")
         if not grace_period >= 0:
             raise ConfigError(f"grace_period must be >= 0, got {grace_period!r}")
-        if not processors and not jobs:  # jobs: the batcher has iterators (redis_batcher.jobs)
+        if not served and not chosen:  # iterator jobs only (redis_batcher.jobs)
             raise ConfigError("the worker has no processors or iterators to serve")
-        self.processors = list(processors)
+        self.batcher = batcher
+        self.client: Any = batcher.client
+        self.processors = served
         self.concurrency = concurrency
         self.prefetch_multiplier = prefetch_multiplier
         self.capacity = concurrency * prefetch_multiplier  # claimed flushes, waiting or running
-        self.wait_replicas = wait_replicas  # the batcher's: acks are confirmed by replicas
+        self.wait_replicas = batcher.wait_replicas  # acks are confirmed by replicas
         self.max_idle_wait = float(max_idle_wait)
         self.grace_period = float(grace_period)
         self.parts: list[tuple[Processor, PartitionKeys]] = [
@@ -193,6 +122,15 @@ class WorkerCore:
         # written again at each full check until that succeeds (see registration_refused)
         self.unregistered = False
         self._rr = 0
+        self.setup(chosen)
+
+    @abstractmethod
+    def definitions_of(self, batcher: H) -> Batcher:
+        """The sync batcher holding the processor and iterator definitions."""
+
+    @abstractmethod
+    def setup(self, iterators: list[JobIterator]) -> None:
+        """The driver's own state, and its runner of ``iterators`` (none: no iterator jobs)."""
 
     def reset(self) -> None:
         self.stats = WorkerStats()
@@ -214,6 +152,15 @@ class WorkerCore:
             )
         else:
             log.warning("cannot register the processor configs (%s); serving anyway, retrying later", exc)
+
+    def registration_failed(self, exc: RedisError, delay: float) -> bool:
+        """The first registration failed: True to try again in ``delay`` seconds (Redis cannot
+        be reached); False to serve anyway (see :meth:`registration_refused`)."""
+        if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+            log.warning("cannot reach Redis (%s); retrying in %.1fs", exc, delay)
+            return True
+        self.registration_refused(exc)
+        return False
 
     def register_due(self, now: float) -> bool:
         """Retry a refused registration now: it was refused and a full check is due."""
@@ -308,9 +255,11 @@ class WorkerCore:
             return [], True
         return self.claimed(idx, owner, part, now, seen)
 
-    def claim_failed(self, idx: int, now: float, exc: BaseException) -> None:
+    def claim_failed(self, idx: int, now: float, exc: BaseException) -> tuple[list[ops.Claimed], bool]:
+        """A claim Redis did not answer: nothing claimed; the partition is tried again in a second."""
         log.warning("claim on %s failed: %s", self.parts[idx][1].pfx, exc)
         self.due_at[idx] = now + 1.0
+        return [], False
 
     def sleep_time(self, now: float, free: int) -> float:
         wait = self.full_check_at - now
@@ -349,6 +298,12 @@ class WorkerCore:
             self.heard[idx] = False
         return wanted
 
+    def token_unknown(self, idx: int, exc: RedisError) -> bool:
+        """Redis failed the ``DEL`` of a wake-up token: claim anyway (True; the claim reports
+        and retries a failure)."""
+        log.debug("wake-up token of %s: %s", self.parts[idx][1].pfx, exc)
+        return True
+
     def token_tried(self, idx: int, taken: bool) -> None:
         """This worker took the partition's wake-up token (or could not tell, Redis failed):
         it claims there. Otherwise another worker did, or a claim since answered the wake-up."""
@@ -359,6 +314,21 @@ class WorkerCore:
         """(Re)subscribed: wake-ups sent while nobody listened are lost; check everything."""
         for pfx in self.part_index:
             self.mark_due(pfx)
+
+    def wake_callbacks(self, poke: Callable[[], None]) -> tuple[Callable[[Any], None], Callable[[], None]]:
+        """A wake-up listener's callbacks (:mod:`redis_batcher.wake`): record a wake-up heard
+        (:meth:`on_wake`) or a (re)subscription (:meth:`on_subscribed`), then ``poke`` the
+        main loop."""
+
+        def heard(data: Any) -> None:
+            self.on_wake(data)
+            poke()
+
+        def ready() -> None:
+            self.on_subscribed()
+            poke()
+
+        return heard, ready
 
     def heartbeat_tick(self) -> tuple[float, float, bool]:
         """(seconds between lease renewals, seconds between timeout checks, any timeouts)."""
@@ -454,6 +424,24 @@ class WorkerCore:
             log.warning(
                 "%s %s attempt %d failed: %s; retry scheduled", proc.name, c.member, c.attempt, outcome.error
             )
+
+    def released(self, c: ops.Claimed, reply: Any = None, exc: RedisError | None = None) -> None:
+        """Count and log the release of a flush's lease (``exc``: it failed)."""
+        if exc is not None:
+            log.warning(
+                "%s %s: could not release (%s); its lease will expire", c.processor.name, c.member, exc
+            )
+        elif reply:
+            self.stats.released += 1
+            log.warning("%s %s: released unfinished flush for another worker", c.processor.name, c.member)
+
+    def lease_trouble(self, c: ops.Claimed, exc: RedisError | None = None) -> None:
+        """Log a lease renewal Redis refused while the handler ran (the lease was lost), or one
+        that failed (``exc``)."""
+        if exc is None:
+            log.warning("%s %s: lease lost during the handler", c.processor.name, c.member)
+        else:
+            log.warning("%s %s: heartbeat failed: %s", c.processor.name, c.member, exc)
 
     def reply_code(self, c: ops.Claimed, reply: Any) -> Any:
         """The reply, or None (counted, logged) when the lease was lost before recording, or the

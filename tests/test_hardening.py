@@ -415,9 +415,9 @@ def test_a_short_read_is_given_back_not_delivered(real_batcher: Batcher, real_cl
 
 
 def _running(c: ops.Claimed) -> Any:
-    from redis_batcher.worker import _Running
+    from redis_batcher.worker_pace import Running
 
-    return _Running(c)
+    return Running(c)
 
 
 BIG = 1_000_000

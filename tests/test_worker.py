@@ -688,7 +688,7 @@ def test_a_claim_reports_a_backlog_of_eight_or_more_beyond_what_it_took(real_bat
 
 
 def test_the_main_loop_holds_due_flushes_only_for_young_computing_handlers(real_batcher: Batcher) -> None:
-    from redis_batcher.worker import HOLD, _Running
+    from redis_batcher.worker_pace import HOLD, Running
 
     proc = real_batcher.processor(name="hold", max_batch_size=1, flush_interval=None)(lambda f: None)
     proc.add("b", 1)
@@ -697,15 +697,15 @@ def test_the_main_loop_holds_due_flushes_only_for_young_computing_handlers(real_
     now = time.monotonic()
     w.due_at = [0.0] * len(w.parts)  # something is due
     assert w._hold_until(now) == 0.0  # no handler running
-    w._inflight["x"] = _Running(c, started=now - HOLD / 2)
+    w._inflight["x"] = Running(c, started=now - HOLD / 2)
     assert w._hold_until(now) == now - HOLD / 2 + HOLD  # held until the handler is HOLD old
     assert not w._spread(("x", w._inflight["x"]))  # its ack claims the rest, no other thread
     assert w._spread(None)  # a thread with nothing next always lets the loop look
-    w._inflight["x"] = _Running(c, chained=True)  # claimed by an ack, about to start
+    w._inflight["x"] = Running(c, chained=True)  # claimed by an ack, about to start
     assert w._hold_until(now) == now + HOLD
-    w._inflight["x"] = _Running(c, started=now - 2 * HOLD)  # running for longer: spread
+    w._inflight["x"] = Running(c, started=now - 2 * HOLD)  # running for longer: spread
     assert w._hold_until(now) == 0.0
-    w._inflight["x"] = _Running(c, started=now)
+    w._inflight["x"] = Running(c, started=now)
     for undo in (
         lambda: setattr(w, "_cpu_share", 0.1),  # handlers that wait: threads are worth it
         lambda: w.backlog.__setitem__(0, True),  # a backlog: threads are worth it
@@ -721,7 +721,7 @@ def test_the_main_loop_holds_due_flushes_only_for_young_computing_handlers(real_
 def test_the_spread_limit_applies_only_to_computing_handlers_under_a_backlog_on_a_busy_machine(
     real_batcher: Batcher,
 ) -> None:
-    from redis_batcher.worker import COMPUTING_THREADS
+    from redis_batcher.worker_pace import COMPUTING_THREADS
 
     real_batcher.processor(name="spread", max_batch_size=1, flush_interval=None)(lambda f: None)
     w = Worker(real_batcher, concurrency=4)
@@ -815,14 +815,14 @@ def test_computing_handlers_work_through_a_backlog_on_two_threads_when_cpus_are_
 
 
 def test_the_hold_never_keeps_another_partitions_due_flush_waiting(real_batcher: Batcher) -> None:
-    from redis_batcher.worker import HOLD, _Running
+    from redis_batcher.worker_pace import HOLD, Running
 
     busy = real_batcher.processor(name="busy", max_batch_size=1, flush_interval=None)(lambda f: None)
     real_batcher.processor(name="other", max_batch_size=1, flush_interval=None)(lambda f: None)
     busy.add("b", 1)
     w = Worker(real_batcher, concurrency=4)
     now = time.monotonic()
-    w._inflight["x"] = _Running(claim_directly(busy, "b"), started=now)  # busy's chain is young
+    w._inflight["x"] = Running(claim_directly(busy, "b"), started=now)  # busy's chain is young
     busy_idx = w.part_index[busy.keys.parts[0].pfx]
     w.due_at = [now + 60.0] * len(w.parts)
     w.due_at[busy_idx] = 0.0
@@ -850,7 +850,7 @@ def test_a_freed_thread_wakes_the_main_loop_only_when_it_has_something_to_do(rea
 def test_a_flush_due_during_a_slow_handler_gets_another_thread_within_the_hold(
     real_batcher: Batcher,
 ) -> None:
-    from redis_batcher.worker import HOLD
+    from redis_batcher.worker_pace import HOLD
 
     spans: dict[str, tuple[float, float]] = {}
 

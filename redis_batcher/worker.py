@@ -96,7 +96,7 @@ class Worker(Pacing):
         self._inflight: dict[str, Running] = {}
         self._tasks: queue.SimpleQueue[tuple[str, Running] | None] = queue.SimpleQueue()
         self._threads = 0  # live pool threads
-        self._recording = 0  # threads recording a result (see _settling)
+        self._recording = 0  # threads recording a result or handing a flush back (see _settling)
         self._surplus = 0  # threads started to replace handlers abandoned at their timeout
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -413,10 +413,15 @@ class Worker(Pacing):
             hand_back = self._stopping.is_set()
             if hand_back:
                 r.abandoned = True  # never started: handed back now (not by _release_all)
+                self._recording += 1  # so that shutdown waits for the release to be sent
             else:
                 r.started = time.monotonic()
         if hand_back:
-            self._release(r)
+            try:
+                self._release(r)
+            finally:
+                with self._lock:
+                    self._recording -= 1
             return None
         started = time.time()
         t0 = time.perf_counter()

@@ -191,7 +191,9 @@ def test_ordered_delivery_holds_later_sequences_behind_a_retrying_one(batcher: B
         if flush.sequence == 0 and failing[0]:
             raise RuntimeError("first one fails")
 
-    proc = batcher.processor(name="ord", max_batch_size=2, ordered=True, **FAST)(handler)
+    # a retry 0.5-1 s away: a slow burst run ends before it, and drain() waits for it
+    slow_retry = {**FAST, "retry_backoff": 1.0, "retry_backoff_max": 1.0}
+    proc = batcher.processor(name="ord", max_batch_size=2, ordered=True, **slow_retry)(handler)
     proc.add_many("b", [1, 2, 3, 4, 5, 6])  # sequences 0, 1, 2 sealed
     Worker(batcher, concurrency=4).run(burst=True)
     assert order == [(0, 1)]

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 
 from . import batcher as sync_batcher
-from . import ops
+from . import calls, dead_ops, ops
 from .batcher import default_url
 from .codec import Codec, encode_item
 from .connection import ClusterNodePool
@@ -299,7 +299,7 @@ class AsyncProcessor:
         base, _ = parse_batch_id(batch_id)
         key, start, stop = ops.history_range(self.definition, base, limit)
         client = self.batcher.client
-        with ops.reading(key):
+        with calls.reading(key):
             raw = await self.batcher.executor.command(key, lambda: client.lrange(key, start, stop))
         return ops.parse_history(raw, key)
 
@@ -313,7 +313,7 @@ class AsyncProcessor:
     async def batch_ids(self) -> AsyncIterator[str]:
         """Active base ids (SSCAN over each partition, never KEYS)."""
         for part in self.keys.parts:
-            with ops.reading(part.ids):
+            with calls.reading(part.ids):
                 found = [raw async for raw in self.batcher.client.sscan_iter(part.ids, count=500)]
             for raw in found:
                 yield raw.decode() if isinstance(raw, bytes) else raw
@@ -322,17 +322,17 @@ class AsyncProcessor:
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """Dead letters of this processor, newest first (without their items)."""
-        return await self.batcher.executor.drive(ops.dead_letters_steps(self.definition, limit))
+        return await self.batcher.executor.drive(dead_ops.dead_letters_steps(self.definition, limit))
 
     async def dead_letter(self, dead_id: str) -> DeadLetter:
         """One dead letter with its items (entries the codec cannot read stay ``bytes``)."""
-        return await self.batcher.executor.drive(ops.dead_letter_steps(self.definition, dead_id))
+        return await self.batcher.executor.drive(dead_ops.dead_letter_steps(self.definition, dead_id))
 
     async def replay_dead(self, dead_id: str) -> int:
         """Put a dead letter's items back into its batch id as a new sequence, due now; returns
         the new sequence number."""
-        return await self.batcher.executor.drive(ops.replay_dead_steps(self.definition, dead_id))
+        return await self.batcher.executor.drive(dead_ops.replay_dead_steps(self.definition, dead_id))
 
     async def purge_dead(self, dead_id: str | None = None) -> int:
         """Delete one dead letter, or all of them with ``None``; returns how many were deleted."""
-        return await self.batcher.executor.drive(ops.purge_dead_steps(self.definition, dead_id))
+        return await self.batcher.executor.drive(dead_ops.purge_dead_steps(self.definition, dead_id))

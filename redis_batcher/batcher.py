@@ -14,7 +14,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import ops
+from . import layout_ops
 from .codec import Codec, codec_name, resolve_codec
 from .definition import Handler
 from .errors import (
@@ -245,14 +245,14 @@ class Batcher(ExecutorAttributes):
         version), read without stamping anything."""
         key = layout_key(self.prefix)
         found = self.executor.command(key, lambda: self.client.get(key))
-        return None if found is None else ops.parse_layout(found)
+        return None if found is None else layout_ops.parse_layout(found)
 
     def upgrade_layout(self) -> int | None:
         """Stamp this version's layout on data written before layouts were stamped, once
         nothing is left under the old key names (``redis-batcher layout --upgrade``). Returns
         the version found before (None: unstamped). See :func:`redis_batcher.ops.upgrade_layout_steps`."""
         configs, _ = self.registry_entries()
-        steps = ops.upgrade_layout_steps(self.prefix, {n: c.partitions for n, c in configs.items()})
+        steps = layout_ops.upgrade_layout_steps(self.prefix, {n: c.partitions for n, c in configs.items()})
         found = self.executor.drive(steps)
         self.executor.layout_checked = False
         return found

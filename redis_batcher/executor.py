@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar
 import redis
 from redis.exceptions import ClusterError, NoScriptError, RedisClusterException, RedisError
 
-from . import ops
+from . import calls, layout_ops, ops
 from .connection import Link, checkout
 from .definition import ProcessorDef
 from .errors import NotReplicated, NotSentError, raise_not_sent, raise_outcome_unknown
@@ -58,12 +58,12 @@ class Executor(ExecutorCore):
         for link in links:
             link.close()
 
-    def drive(self, steps: ops.Steps[T]) -> T:
+    def drive(self, steps: calls.Steps[T]) -> T:
         """Answer the requests of an :mod:`ops` multi-step operation, and return its result."""
         step = advance(steps, None)
         while not isinstance(step, Finished):
-            if isinstance(step, ops.Read):
-                with ops.reading(step.key):
+            if isinstance(step, calls.Read):
+                with calls.reading(step.key):
                     reply = self.command(step.key, partial(step.send, self.client))
             else:
                 if step.writes:
@@ -248,7 +248,7 @@ class Executor(ExecutorCore):
         a Redis without data of the prefix); raise :class:`LayoutMismatch` otherwise, before
         anything is written. A batcher runs this before its first write; workers run it when
         they start. Returns the layout version."""
-        version = self.drive(ops.layout_steps(self.prefix, self.allow_eviction))
+        version = self.drive(layout_ops.layout_steps(self.prefix, self.allow_eviction))
         self.layout_checked = True
         return version
 

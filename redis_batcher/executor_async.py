@@ -17,7 +17,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import ClusterError, NoScriptError, RedisClusterException, RedisError, ResponseError
 
-from . import ops
+from . import calls, layout_ops, ops
 from .connection import AsyncLink, ClusterNodePool, acheckout, pack
 from .definition import ADD_CHUNK, ProcessorDef
 from .errors import NotReplicated, NotSentClusterError, NotSentError, raise_not_sent, raise_outcome_unknown
@@ -131,7 +131,7 @@ class AsyncExecutor(ExecutorCore):
         """As :meth:`redis_batcher.Batcher.check_layout`, awaited: raises
         :class:`~redis_batcher.LayoutMismatch` when Redis holds another version's data layout
         under the prefix."""
-        version = await self.drive(ops.layout_steps(self.prefix, self.allow_eviction))
+        version = await self.drive(layout_ops.layout_steps(self.prefix, self.allow_eviction))
         self.layout_checked = True
         return version
 
@@ -502,13 +502,13 @@ class AsyncExecutor(ExecutorCore):
                 else:
                     p.future.set_result(result)
 
-    async def drive(self, steps: ops.Steps[T]) -> T:
+    async def drive(self, steps: calls.Steps[T]) -> T:
         """Answer the requests of an :mod:`redis_batcher.ops` multi-step operation (as
         :meth:`redis_batcher.executor.Executor.drive` does on a sync client)."""
         step = advance(steps, None)
         while not isinstance(step, Finished):
-            if isinstance(step, ops.Read):
-                with ops.reading(step.key):
+            if isinstance(step, calls.Read):
+                with calls.reading(step.key):
                     reply = await self.command(step.key, functools.partial(step.send, self.client))
             else:
                 if step.writes:

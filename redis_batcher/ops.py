@@ -20,21 +20,10 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from .calls import Call as Call
-from .calls import Read as Read
-from .calls import Steps as Steps
 from .calls import corrupt, pairs
-from .calls import reading as reading
 from .connection import Arg
-from .dead_ops import dead_letter_steps as dead_letter_steps
-from .dead_ops import dead_letters_steps as dead_letters_steps
-from .dead_ops import purge_call as purge_call
-from .dead_ops import purge_dead_steps as purge_dead_steps
-from .dead_ops import replay_dead_steps as replay_dead_steps
 from .errors import BatchFull, BatchNotAccumulating, BatchNotFound, CorruptData
 from .keys import PartitionKeys
-from .layout_ops import layout_steps as layout_steps
-from .layout_ops import parse_layout as parse_layout
-from .layout_ops import upgrade_layout_steps as upgrade_layout_steps
 from .models import (
     AddResult,
     BatchInfo,

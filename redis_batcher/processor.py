@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from . import ops
+from . import calls, dead_ops, ops
 from .codec import Codec, encode_item, encode_items
 from .definition import ADD_CHUNK, Handler, ProcessorDef
 from .errors import ConfigError
@@ -107,7 +107,7 @@ class Processor(ProcessorDef):
         base, _ = parse_batch_id(batch_id)
         key, start, stop = ops.history_range(self, base, limit)
         client = self.batcher.client
-        with ops.reading(key):
+        with calls.reading(key):
             raw = self.batcher.executor.command(key, lambda: client.lrange(key, start, stop))
         return ops.parse_history(raw, key)
 
@@ -125,7 +125,7 @@ class Processor(ProcessorDef):
         """Base ids with at least one active sequence (SSCAN over each partition, never KEYS)."""
         client = self.batcher.client
         for part in self.keys.parts:
-            with ops.reading(part.ids):
+            with calls.reading(part.ids):
                 found = list(client.sscan_iter(part.ids, count=500))
             for raw in found:
                 yield raw.decode() if isinstance(raw, bytes) else raw
@@ -139,19 +139,19 @@ class Processor(ProcessorDef):
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """Dead letters of this processor, newest first (without their items)."""
-        return self.batcher.executor.drive(ops.dead_letters_steps(self, limit))
+        return self.batcher.executor.drive(dead_ops.dead_letters_steps(self, limit))
 
     def dead_letter(self, dead_id: str) -> DeadLetter:
         """One dead letter with its items (entries the codec cannot read stay ``bytes``)."""
-        return self.batcher.executor.drive(ops.dead_letter_steps(self, dead_id))
+        return self.batcher.executor.drive(dead_ops.dead_letter_steps(self, dead_id))
 
     def replay_dead(self, dead_id: str) -> int:
         """Put a dead letter's items back into its batch id as a new sequence, due now.
 
         Returns the new sequence number."""
-        return self.batcher.executor.drive(ops.replay_dead_steps(self, dead_id))
+        return self.batcher.executor.drive(dead_ops.replay_dead_steps(self, dead_id))
 
     def purge_dead(self, dead_id: str | None = None) -> int:
         """Delete one dead letter, or all of them with ``None``. Returns how many were deleted."""
-        return self.batcher.executor.drive(ops.purge_dead_steps(self, dead_id))
+        return self.batcher.executor.drive(dead_ops.purge_dead_steps(self, dead_id))
 

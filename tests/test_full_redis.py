@@ -26,7 +26,7 @@ from redis.exceptions import OutOfMemoryError
 
 import redis_batcher as rb
 from redis_batcher import asyncio as aio
-from redis_batcher import ops
+from redis_batcher import dead_ops, ops
 from redis_batcher.connection import Arg, AsyncLink, Link
 from redis_batcher.job_ops import claim_call as job_claim_call
 from redis_batcher.job_ops import extend_call as job_extend_call
@@ -450,7 +450,7 @@ def exercise(batcher: rb.Batcher) -> None:
     assert batcher.executor.execute(ops.release_call(first)) == 1
     entry = ops.history_entry(second, 0, 1.0, False, "E: x")
     assert batcher.executor.execute(ops.nack_call(second, entry, 10, "E: x", "fail", []))[0] == b"retry"
-    assert batcher.executor.execute(ops.purge_call(part, ["none"])) == 0
+    assert batcher.executor.execute(dead_ops.purge_call(part, ["none"])) == 0
     stats = rb.Worker(batcher).run(burst=True)
     assert stats.delivered >= 1
 

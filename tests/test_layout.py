@@ -20,7 +20,7 @@ from redis.cluster import ClusterNode, RedisCluster
 
 import redis_batcher as rb
 import redis_batcher.asyncio as aio
-from redis_batcher import Batcher, Worker
+from redis_batcher import Batcher, Worker, calls, layout_ops
 from redis_batcher.cli import main
 from redis_batcher.keys import LAYOUT, MAX_PARTITIONS, key_slot, layout_key, partition_tag, slot_range
 from redis_batcher.testing import RedisClusterServers, RedisServer
@@ -260,10 +260,8 @@ def test_processes_starting_together_never_take_each_other_for_layout_1(
 ) -> None:
     """Another process stamps and registers between any two of this one's reads: this one
     still finds layout 2 (it reads the registry before the stamp)."""
-    from redis_batcher import ops
-
     other = Batcher(redis_server.url, prefix=PREFIX)
-    steps = ops.layout_steps(PREFIX)
+    steps = layout_ops.layout_steps(PREFIX)
     reply = None
     done = False
     for n in range(10):
@@ -275,7 +273,7 @@ def test_processes_starting_together_never_take_each_other_for_layout_1(
             assert stop.value == LAYOUT
             done = True
             break
-        assert isinstance(step, ops.Read)
+        assert isinstance(step, calls.Read)
         reply = step.send(fresh)
     assert done
     assert fresh.get(layout_key(PREFIX)) == str(LAYOUT).encode()

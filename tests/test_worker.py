@@ -780,6 +780,7 @@ def test_sched_times_reads_the_calling_threads_cpu_time() -> None:
     assert after is not None and after[0] - before[0] >= 5_000_000 and after[1] >= before[1]
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("computing, crowded", [(True, True), (False, True), (True, False)])
 def test_computing_handlers_work_through_a_backlog_on_two_threads_when_cpus_are_busy(
     real_batcher: Batcher, monkeypatch: pytest.MonkeyPatch, computing: bool, crowded: bool
@@ -847,6 +848,7 @@ def test_a_freed_thread_wakes_the_main_loop_only_when_it_has_something_to_do(rea
     assert w._needs_look()
 
 
+@pytest.mark.timing
 def test_a_flush_due_during_a_slow_handler_gets_another_thread_within_the_hold(
     real_batcher: Batcher,
 ) -> None:
@@ -871,6 +873,7 @@ def test_a_flush_due_during_a_slow_handler_gets_another_thread_within_the_hold(
     assert spans["second"][0] - spans["first"][0] < 0.3 - HOLD
 
 
+@pytest.mark.timing
 def test_flushes_due_during_a_fast_computing_handler_run_on_its_thread(real_batcher: Batcher) -> None:
     threads: list[int] = []
 

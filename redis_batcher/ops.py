@@ -315,7 +315,9 @@ def _claim_args(proc: Processor, limit: int, owner: str) -> tuple[Arg, ...]:
 
 
 def claim_call(proc: Processor, part: PartitionKeys, limit: int, owner: str) -> Call:
-    return Call(scripts().claim, (part.due, part.guard), (part.pfx, *_claim_args(proc, limit, owner)))
+    return Call(
+        scripts().claim, (part.due, part.paused, part.guard), (part.pfx, *_claim_args(proc, limit, owner))
+    )
 
 
 def parse_claim(
@@ -403,7 +405,7 @@ def ack_call(c: Claimed, entry: str, claim_owner: str | None = None) -> Call:
         args += _claim_args(proc, 1, claim_owner)
     return Call(
         scripts().ack,
-        (c.part.due, c.part.head(c.base), c.part.history(c.base), c.part.ids, c.part.guard),
+        (c.part.due, c.part.head(c.base), c.part.history(c.base), c.part.ids, c.part.paused, c.part.guard),
         args,
     )
 

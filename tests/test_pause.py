@@ -3,22 +3,25 @@ script and the claim inside the ack script check each partition's own flag), res
 what became due at once, waking the workers.
 
 The API cases run on the sync and the asyncio client, each on a real redis-server and on
-fakeredis (the ``api`` fixture); the wake-up and the ack's claim on the real server.
+fakeredis (the ``api`` fixture); the wake-up, the ack's claim and the CLI on the real server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from typing import Any
 
 import pytest
 import redis
+from click.testing import CliRunner, Result
 
 import redis_batcher as rb
 from redis_batcher import asyncio as aio
 from redis_batcher import ops
+from redis_batcher.cli import main
 from redis_batcher.testing import RedisServer
 
 from .clients import ClientApi, ProcessorApi
@@ -165,3 +168,53 @@ def test_resume_wakes_a_waiting_asyncio_worker(redis_server: RedisServer, real_c
         assert [f.items for f in got] == [[1, 2]]
 
     run_async(redis_server.port, body)
+
+
+# -- the CLI ---------------------------------------------------------------------------------------
+
+
+def cli(server: RedisServer, *args: str) -> Result:
+    return CliRunner(env={"COLUMNS": "200"}).invoke(
+        main, [*args, "--redis-url", server.url, "--prefix", "c"], catch_exceptions=False
+    )
+
+
+def test_cli_pause_resume_status_and_ls(redis_server: RedisServer, real_client: redis.Redis) -> None:
+    batcher = rb.Batcher(real_client, prefix="c")
+    proc = batcher.processor(name="events", max_batch_size=2, flush_interval=None)(lambda flush: None)
+    batcher.register()
+
+    result = cli(redis_server, "ls", "-p", "events")
+    assert result.exit_code == 0 and "no active batch ids" in result.output
+
+    result = cli(redis_server, "pause", "-p", "events")
+    assert result.exit_code == 0, result.output
+    assert "processor 'events' is paused" in result.output and proc.paused()
+    result = cli(redis_server, "pause", "-p", "events")
+    assert result.exit_code == 0 and "paused already" in result.output
+
+    proc.add_many("b", [1, 2])
+    time.sleep(0.2)
+    rb.Worker(batcher).run(burst=True)
+    result = cli(redis_server, "status", "b", "-p", "events")
+    assert result.exit_code == 0, result.output
+    assert "overdue since 20" in result.output and "is paused" in result.output
+    data = json.loads(cli(redis_server, "status", "b", "-p", "events", "--json").output)
+    assert data["paused"] is True and data["sequences"][0]["overdue"] is True
+
+    rows = json.loads(cli(redis_server, "ls", "--json").output)
+    [row] = rows
+    assert row["paused"] is True and row["oldest_overdue_s"] >= 0.15
+    result = cli(redis_server, "ls")
+    line = next(line for line in result.output.splitlines() if "events" in line)
+    assert " yes " in line and "s " in line.split("│")[-3], line
+
+    result = cli(redis_server, "resume", "-p", "events", "--json")
+    assert result.exit_code == 0 and json.loads(result.output)["changed"] is True
+    result = cli(redis_server, "resume", "-p", "events")
+    assert result.exit_code == 0 and "was not paused" in result.output
+    rb.Worker(batcher).run(burst=True)
+    assert proc.status("b") is None
+
+    result = cli(redis_server, "pause", "-p", "nope")
+    assert result.exit_code == 2 and "nope" in result.output

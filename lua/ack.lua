@@ -6,7 +6,8 @@
 -- KEYS[2] head     pfx.."b:"..base
 -- KEYS[3] history  pfx.."h:"..base
 -- KEYS[4] ids      pfx.."ids"
--- KEYS[5] guard    pfx.."guard": never written, so no script of a migrating slot runs
+-- KEYS[5] paused   pfx.."paused": while it exists the ack claims nothing (paused.lua)
+-- KEYS[6] guard    pfx.."guard": never written, so no script of a migrating slot runs
 -- ARGV[1] pfx
 -- ARGV[2] member         "base::N"
 -- ARGV[3] owner          token from claim.lua; a worker that lost its lease is refused
@@ -22,7 +23,8 @@
 --                        claim.lua does (one round trip per flush instead of two). When that claim
 --                        finds nothing due, pfx.."woke" is deleted as claim.lua does; when it
 --                        leaves due entries beyond its limit, the token goes out again
---                        (claim.lua) unless one is out already.
+--                        (claim.lua) unless one is out already. A paused partition's claim
+--                        takes nothing and answers {-1}, as claim.lua does.
 -- Derived keys: pfx.."s:"..member, pfx.."i:"..member (and claim.lua's, when claiming).
 -- Reply: {code, left} or, when claiming, {code, left, <claim.lua's reply>}
 --   code 'ok' | 'lease_lost' (nothing changed, nothing claimed) | 'corrupt' (left: what is
@@ -38,6 +40,7 @@
 --- @include "advance"
 --- @include "claim_opts"
 --- @include "claim_due"
+--- @include "paused"
 
 local due, hist = KEYS[1], KEYS[3]
 local pfx, member, owner = ARGV[1], ARGV[2], ARGV[3]
@@ -74,6 +77,9 @@ local base, seq = split_member(member)
 local left = advance(pfx, base, seq, window, now, cfg, {f.cutoff, f.fid_n, f.max, f.flush_id, f.fid_k},
   delivered)
 if ARGV[9] and tonumber(ARGV[9]) > 0 then
+  if paused(pfx, KEYS[5]) then
+    return {'ok', left, -1}
+  end
   local reply, more = claim_due(due, pfx, claim_opts(9), now, sub)
   if more or #reply == 1 then
     -- nothing due: the asking slot goes idle knowing all that is due, so it answers a pending

@@ -2,8 +2,9 @@
 -- allow-oom: per flush a few lease fields, one capped history entry; dead letters are moved
 -- claim.lua: take due sequences from a partition's delay queue and lease them to a worker.
 --
--- KEYS[1] due  pfx.."due"
--- KEYS[2] guard pfx.."guard": never written, so no script of a migrating slot runs
+-- KEYS[1] due    pfx.."due"
+-- KEYS[2] paused pfx.."paused": while it exists nothing is claimed (paused.lua, pause.lua)
+-- KEYS[3] guard  pfx.."guard": never written, so no script of a migrating slot runs
 -- ARGV[1] pfx
 -- ARGV[2] limit          claim at most this many sequences
 -- ARGV[3] lease_ms       lease length; the entry is re-scored to now + lease_ms, so a flush whose
@@ -35,15 +36,20 @@
 --   delivered as it is was quarantined instead: its window is -1, its flush_id the dead
 --   letter's id and its items what was wrong (claim_due).
 --   {-3, what}  the partition's own keys hold something else (nothing was written)
+--   {-1}        the partition is paused (nothing claimed; wake-ups held back: paused.lua)
 --- @include "now_ms"
 --- @include "wrong_type"
 --- @include "answer_wake"
 --- @include "claim_opts"
 --- @include "claim_due"
+--- @include "paused"
 
 local pfx = ARGV[1]
 if type(redis.pcall('ZCARD', KEYS[1])) == 'table' then
   return {-3, wrong_type({KEYS[1], 'zset'})}
+end
+if paused(pfx, KEYS[2]) then
+  return {-1}
 end
 local now, sub = now_ms()
 local reply, more = claim_due(KEYS[1], pfx, claim_opts(2), now, sub)

@@ -1,16 +1,20 @@
 -- status.lua: one consistent snapshot of a base id -- head record plus every active sequence.
 --
 -- KEYS[1] head  pfx.."b:"..base
--- KEYS[2] guard pfx.."guard": never written, so no script of a migrating slot runs
+-- KEYS[2] due   pfx.."due"
+-- KEYS[3] guard pfx.."guard": never written, so no script of a migrating slot runs
 -- ARGV[1] pfx
 -- ARGV[2] base
 -- Derived keys: state and items of each active sequence (the open list pfx.."o:"..base for the
 -- accumulating one).
--- Reply: {head_fields, {seq, state_fields, llen, added_at}, ...}
+-- Reply: {head_fields, now, {seq, state_fields, llen, added_at, due_at}, ...}
 --   head_fields   flat HGETALL of the head ({} when the base id is unknown)
---   per active sequence (accumulating or flushing): its number, flat HGETALL, item count, and
---   for the accumulating sequence the time of its last add (ms; '' for the others)
+--   now           the server's time (ms): what due_at is compared with (overdue)
+--   per active sequence (accumulating or flushing): its number, flat HGETALL, item count, for
+--   the accumulating sequence the time of its last add (ms; '' for the others), and its score
+--   in the delay queue (ms: when it is due, or its lease runs out; '' when it has no entry)
 -- or {'corrupt', what} when the keys hold something else
+--- @include "now_ms"
 --- @include "member_of"
 --- @include "wrong_type"
 --- @include "head_problem"
@@ -19,12 +23,13 @@
 
 local head = KEYS[1]
 local pfx, base = ARGV[1], ARGV[2]
-local why = head_problem(head) or wrong_type({pfx .. 'o:' .. base, 'list'})
+local why = head_problem(head) or wrong_type({pfx .. 'o:' .. base, 'list', KEYS[2], 'zset'})
 if why then
   return {'corrupt', why}
 end
 local fields = redis.call('HGETALL', head)
-local out = {fields}
+local now = now_ms()  -- its first value only: the ms
+local out = {fields, now}
 local acc = nil
 for i = 1, #fields, 2 do
   if fields[i] == 'acc' then acc = fields[i + 1] end
@@ -48,7 +53,8 @@ for i = 1, #fields, 2 do
         added = string.match(redis.call('LINDEX', okey, 0), '^%d+:(%d+)') or ''
       end
     end
-    table.insert(out, {tonumber(seq), redis.call('HGETALL', pfx .. 's:' .. member), llen, added})
+    local due_at = redis.call('ZSCORE', KEYS[2], member) or ''
+    table.insert(out, {tonumber(seq), redis.call('HGETALL', pfx .. 's:' .. member), llen, added, due_at})
   end
 end
 return out

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 
 from . import batcher as sync_batcher
-from . import calls, dead_ops, ops
+from . import calls, dead_ops, ops, pause_ops
 from .batcher import default_url
 from .codec import Codec, encode_item
 from .connection import ClusterNodePool
@@ -270,6 +270,19 @@ class AsyncProcessor:
         return ops.parse_flush(
             batch_id, base, await self.batcher.executor.execute(ops.flush_call(self.definition, base, seq))
         )
+
+    async def pause(self) -> bool:
+        """Stop the workers from claiming this processor's flushes until :meth:`resume` (see
+        :meth:`redis_batcher.Processor.pause`); False when it was paused already."""
+        return await self.batcher.executor.drive(pause_ops.pause_steps(self.definition, True))
+
+    async def resume(self) -> bool:
+        """Let the workers claim again, waking them; False when it was not paused."""
+        return await self.batcher.executor.drive(pause_ops.pause_steps(self.definition, False))
+
+    async def paused(self) -> bool:
+        """Whether the processor (any of its partitions) is paused."""
+        return await self.batcher.executor.drive(pause_ops.paused_steps(self.definition))
 
     async def _snapshot(self, batch_id: str) -> tuple[str, list[BatchInfo], BatchInfo | None]:
         base, _ = parse_batch_id(batch_id)

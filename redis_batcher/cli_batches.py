@@ -1,5 +1,5 @@
-"""``redis-batcher status|history|flush|ls|layout``: batches, processors and partitions of a
-prefix, read from the registry without the application's code."""
+"""``redis-batcher status|history|flush|ls|layout|pause|resume``: batches, processors and
+partitions of a prefix, read from the registry without the application's code."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from .cli_common import (
 from .keys import LAYOUT
 from .processor import Processor
 
-STATUS_COLUMNS = ("seq", "status", "items", "attempt", "created", "updated", "last error")
+STATUS_COLUMNS = ("seq", "status", "items", "attempt", "created", "updated", "due", "last error")
 HISTORY_COLUMNS = ("seq", "items", "started", "ms", "ok", "attempt", "error")
 
 
@@ -39,9 +39,12 @@ def status(batch_id: str, proc: Processor, as_json: bool) -> None:
     """Show the sequences of BATCH_ID (active ones and the last completed one)."""
     with exit_on_error("BATCH_ID"):
         seqs = proc.sequences(batch_id)
+    with exit_on_error():
+        paused = proc.paused()
     if as_json:
-        st = proc.status(batch_id)
-        print_json({"batch_id": batch_id, "active": st is not None, "sequences": seqs, "config": proc.config})
+        active = any(b.status != "completed" for b in seqs)
+        fields = {"batch_id": batch_id, "active": active, "paused": paused, "sequences": seqs}
+        print_json({**fields, "config": proc.config})
         return
     if not seqs:
         console.print(f"[yellow]no sequences for {batch_id!r} in processor {proc.name!r}[/]")
@@ -54,11 +57,18 @@ def status(batch_id: str, proc: Processor, as_json: bool) -> None:
             str(b.attempt),
             fmt_time(b.created_at),
             fmt_time(b.updated_at),
+            f"[red]overdue since {fmt_time(b.overdue_since)}[/]" if b.overdue else fmt_time(b.due_at),
             b.last_error or "",
         )
         for b in seqs
     ]
     print_table(f"{proc.name} / {batch_id}", STATUS_COLUMNS, rows)
+    if paused:
+        console.print(f"[yellow]{_paused_note(proc.name)}[/]")
+
+
+def _paused_note(name: str) -> str:
+    return f"processor {name!r} is paused: no flush is delivered until `redis-batcher resume -p {name}`"
 
 
 @_batch_command
@@ -119,6 +129,8 @@ def _print_processors(rows: list[overview.ProcessorOverview], prefix: str, as_js
                     "processor": row.name,
                     "active_batch_ids": row.active_batch_ids,
                     "queued_sequences": row.queued_sequences,
+                    "oldest_overdue_s": row.oldest_overdue,
+                    "paused": row.paused,
                     "config": row.config,
                 }
                 for row in rows
@@ -133,10 +145,21 @@ def _print_processors(rows: list[overview.ProcessorOverview], prefix: str, as_js
             r.config.partitions,
             r.active_batch_ids,
             r.queued_sequences,
+            "-" if r.oldest_overdue is None else f"{r.oldest_overdue:.1f}s",
+            "yes" if r.paused else "no",
         )
         for r in rows
     ]
-    columns = ("processor", "max size", "interval s", "partitions", "active ids", "queued")
+    columns = (
+        "processor",
+        "max size",
+        "interval s",
+        "partitions",
+        "active ids",
+        "queued",
+        "oldest overdue",
+        "paused",
+    )
     print_table(f"processors under prefix {prefix!r}", columns, [tuple(map(str, c)) for c in cells])
 
 
@@ -162,6 +185,8 @@ def ls_cmd(
     if as_json:
         print_json(batch_ids)
         return
+    if not batch_ids:
+        click.echo("no active batch ids", err=True)
     for bid in batch_ids:
         click.echo(bid)
 
@@ -190,4 +215,32 @@ def layout(upgrade: bool, redis_url: str | None, prefix: str, cluster: bool) -> 
         sys.exit(1)  # a mismatch: scripts and probes can tell
 
 
-COMMANDS: tuple[click.Command, ...] = (status, history, flush, ls_cmd, layout)
+def _pause_command(pause: bool) -> click.Command:
+    def command(proc: Processor, as_json: bool) -> None:
+        with exit_on_error():
+            changed = proc.pause() if pause else proc.resume()
+        if as_json:
+            print_json({"processor": proc.name, "paused": pause, "changed": changed})
+        elif pause:
+            click.echo(_paused_note(proc.name) if changed else f"processor {proc.name!r} was paused already")
+        else:
+            done = "resumed: what is due is delivered now" if changed else "was not paused"
+            click.echo(f"processor {proc.name!r} {done}")
+
+    command.__doc__ = (
+        "Pause a processor: adds go on, workers claim none of its flushes until `resume`."
+        if pause
+        else "Resume a paused processor: what became due meanwhile is delivered at once."
+    )
+    return click.command(name="pause" if pause else "resume")(processor_options(command))
+
+
+COMMANDS: tuple[click.Command, ...] = (
+    status,
+    history,
+    flush,
+    ls_cmd,
+    layout,
+    _pause_command(True),
+    _pause_command(False),
+)

@@ -17,6 +17,8 @@ Layout (prefix ``rb``, processor ``events``, one partition)::
     rb:{events:0}:di:<id>              LIST  its items
     rb:{events:0}:woke                 STRING the wake-up token: set while a wake-up is unanswered
                                        (add.lua); the woken worker that deletes it claims
+    rb:{events:0}:paused               STRING set while the partition is paused (the time it was
+                                       paused, ms): claims take none of its flushes
     rb:{events:0}:wake                 wake-up channel of the partition: sharded pub/sub
                                        (SPUBLISH/SSUBSCRIBE) on Redis 7+, else plain
     rb:{events:0}:guard                never written: the last key every script declares, so
@@ -175,6 +177,11 @@ class PartitionKeys:
         """The partition's wake-up token (see :meth:`WorkerCore.on_wake
         <redis_batcher.worker_core.WorkerCore.on_wake>`)."""
         return self.pfx + "woke"
+
+    @property
+    def paused(self) -> str:
+        """Set while the partition is paused: claims take none of its flushes (``pause.lua``)."""
+        return self.pfx + "paused"
 
     @property
     def wake(self) -> str:

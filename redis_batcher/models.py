@@ -134,6 +134,13 @@ class BatchInfo:
     window: int | None = None
     # the id its next delivery carries, fixed when it was sealed (None while accumulating)
     flush_id: str | None = None
+    # when it is due (its interval timer, a retry's backoff), or while a worker holds it when
+    # that worker's lease runs out; None when it waits for nothing of its own (ordered: parked)
+    due_at: datetime | None = None
+    # due in the past and no worker holding it: no worker is claiming (none running, or the
+    # processor paused), or the one that held it died; overdue_since is then due_at
+    overdue: bool = False
+    overdue_since: datetime | None = None
 
 
 @dataclass(frozen=True)

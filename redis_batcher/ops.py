@@ -150,7 +150,7 @@ def parse_flush(batch_id: str, base: str, reply: Sequence[Any]) -> FlushResult:
 
 def status_call(proc: Processor, base: str) -> Call:
     part = proc.keys.for_base(base)
-    return Call(scripts().status, (part.head(base), part.guard), (part.pfx, base))
+    return Call(scripts().status, (part.head(base), part.due, part.guard), (part.pfx, base))
 
 
 def parse_status(base: str, reply: Sequence[Any]) -> tuple[list[BatchInfo], BatchInfo | None]:
@@ -158,9 +158,12 @@ def parse_status(base: str, reply: Sequence[Any]) -> tuple[list[BatchInfo], Batc
     if not isinstance(reply[0], list) and as_text(reply[0]) == "corrupt":
         raise CorruptData(as_text(reply[1]))
     head = pairs(reply[0])
+    now = int(reply[1])
     active: list[BatchInfo] = []
-    for seq, flat, llen, added_at in reply[1:]:
+    for seq, flat, llen, added_at, due_ms in reply[2:]:
         meta = pairs(flat)
+        due = int(float(as_text(due_ms))) if due_ms else None
+        overdue = due is not None and due < now
         status = meta.get("status", "accumulating")
         if added_at:
             # add.lua records the accumulating sequence's last add in its open list's header
@@ -181,6 +184,9 @@ def parse_status(base: str, reply: Sequence[Any]) -> tuple[list[BatchInfo], Batc
                 deaths=int(meta.get("deaths", 0)),
                 window=int(meta["window"]) if "window" in meta else None,
                 flush_id=meta.get("flush_id"),
+                due_at=ms_to_dt(due),
+                overdue=overdue,
+                overdue_since=ms_to_dt(due) if overdue else None,
             )
         )
     active.sort(key=lambda b: b.sequence)
@@ -315,7 +321,9 @@ def _claim_args(proc: Processor, limit: int, owner: str) -> tuple[Arg, ...]:
 
 
 def claim_call(proc: Processor, part: PartitionKeys, limit: int, owner: str) -> Call:
-    return Call(scripts().claim, (part.due, part.guard), (part.pfx, *_claim_args(proc, limit, owner)))
+    return Call(
+        scripts().claim, (part.due, part.paused, part.guard), (part.pfx, *_claim_args(proc, limit, owner))
+    )
 
 
 def parse_claim(
@@ -403,7 +411,7 @@ def ack_call(c: Claimed, entry: str, claim_owner: str | None = None) -> Call:
         args += _claim_args(proc, 1, claim_owner)
     return Call(
         scripts().ack,
-        (c.part.due, c.part.head(c.base), c.part.history(c.base), c.part.ids, c.part.guard),
+        (c.part.due, c.part.head(c.base), c.part.history(c.base), c.part.ids, c.part.paused, c.part.guard),
         args,
     )
 

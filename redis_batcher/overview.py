@@ -15,6 +15,7 @@ The functions take a sync :class:`~redis_batcher.Batcher`; their reads go throug
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -50,14 +51,18 @@ class Registry:
 @dataclass(frozen=True)
 class ProcessorOverview:
     """One registered processor: its config, how many base ids have an active sequence, how
-    many sealed sequences wait in its queues (for a worker, a retry or a lease to run out) and
-    how many dead letters it keeps."""
+    many sequences wait in its queues (for a worker, an interval, a retry or a lease to run
+    out) and how many dead letters it keeps; how long its oldest overdue entry has been due
+    (seconds, by this machine's clock; None when nothing is overdue: due in the past and no
+    worker holding it) and whether it is paused."""
 
     name: str
     config: ProcessorConfig
     active_batch_ids: int
     queued_sequences: int
     dead_letters: int
+    oldest_overdue: float | None = None
+    paused: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,10 +116,34 @@ def counts_steps(proc: ProcessorDef) -> Steps[tuple[int, int, int]]:
     return active, queued, dead
 
 
+def earliest_due_steps(proc: ProcessorDef) -> Steps[tuple[float | None, bool]]:
+    """(the earliest score in ``proc``'s delay queues, epoch ms, None when they are empty;
+    whether any partition is paused): two commands per partition, whatever their size. A
+    worker's lease scores its entry in the future, so a score in the past is overdue."""
+    earliest: float | None = None
+    paused = False
+    for part in proc.keys.parts:
+        first = yield Read(part.due, methodcaller("zrange", part.due, 0, 0, withscores=True))
+        if first and (earliest is None or first[0][1] < earliest):
+            earliest = float(first[0][1])
+        paused = bool((yield Read(part.paused, methodcaller("exists", part.paused)))) or paused
+    return earliest, paused
+
+
+def overdue_age(earliest_ms: float | None, now: float) -> float | None:
+    """Seconds since ``earliest_ms`` (epoch ms) at ``now`` (epoch s), or None when it is not in
+    the past (nothing overdue)."""
+    if earliest_ms is None or earliest_ms >= now * 1000:
+        return None
+    return now - earliest_ms / 1000
+
+
 def processor_overview(proc: Processor) -> ProcessorOverview:
     """The counts of one processor (a local one, or one of :meth:`Batcher.remote`)."""
     active, queued, dead = proc.batcher.executor.drive(counts_steps(proc))
-    return ProcessorOverview(proc.name, proc.config, active, queued, dead)
+    earliest, paused = proc.batcher.executor.drive(earliest_due_steps(proc))
+    age = overdue_age(earliest, time.time())
+    return ProcessorOverview(proc.name, proc.config, active, queued, dead, age, paused)
 
 
 def processors(batcher: Batcher, names: Iterable[str] | None = None) -> list[ProcessorOverview]:

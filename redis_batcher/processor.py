@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from . import calls, dead_ops, ops
+from . import calls, dead_ops, ops, pause_ops
 from .codec import Codec, encode_item, encode_items
 from .definition import ADD_CHUNK, Handler, ProcessorDef
 from .errors import ConfigError
@@ -79,6 +79,26 @@ class Processor(ProcessorDef):
         self.batcher.executor.ensure_registered(self)
         reply = self.batcher.executor.execute(ops.flush_call(self, base, seq))
         return ops.parse_flush(batch_id, base, reply)
+
+    # -- pausing --------------------------------------------------------------------------------
+
+    def pause(self) -> bool:
+        """Stop the workers from claiming this processor's flushes until :meth:`resume`.
+
+        Adds go on: sequences accumulate and seal (by size, interval or :meth:`flush`) and wait.
+        Flushes already claimed finish normally. Every partition is paused (one call each).
+        Returns False when it was paused already."""
+        return self.batcher.executor.drive(pause_ops.pause_steps(self, True))
+
+    def resume(self) -> bool:
+        """Let the workers claim again: what became due meanwhile is delivered at once (the
+        workers are woken). Returns False when it was not paused."""
+        return self.batcher.executor.drive(pause_ops.pause_steps(self, False))
+
+    def paused(self) -> bool:
+        """Whether the processor is paused (any of its partitions: a pause cut short by an error
+        leaves some paused; :meth:`resume` resumes them all)."""
+        return self.batcher.executor.drive(pause_ops.paused_steps(self))
 
     # -- inspecting -----------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ SCRIPT_NAMES = (
     "delete",
     "replay",
     "purge",
+    "pause",
 )
 # iterator jobs (redis_batcher.jobs)
 JOB_SCRIPT_NAMES = (
@@ -467,6 +468,7 @@ class ScriptTable:
         self.release = self.scripts["release"]
         self.replay = self.scripts["replay"]
         self.purge = self.scripts["purge"]
+        self.pause = self.scripts["pause"]
 
 
 _TABLE: ScriptTable | None = None

@@ -179,6 +179,9 @@ class ProcessorApi(Protocol):
     def history(self, batch_id: str, limit: int = 20) -> list[rb.FlushRecord]: ...
     def delete(self, batch_id: str) -> rb.DeleteResult: ...
     def batch_ids(self) -> Iterable[str]: ...
+    def pause(self) -> bool: ...
+    def resume(self) -> bool: ...
+    def paused(self) -> bool: ...
 
 
 class ClientApi(ABC):
@@ -377,6 +380,15 @@ class AwaitedProcessor:
 
     def batch_ids(self) -> list[str]:
         return self.run(alist(self.proc.batch_ids()))
+
+    def pause(self) -> bool:
+        return self.run(self.proc.pause())
+
+    def resume(self) -> bool:
+        return self.run(self.proc.resume())
+
+    def paused(self) -> bool:
+        return self.run(self.proc.paused())
 
 
 def open_api(kind: str, backend: Backend) -> ClientApi:

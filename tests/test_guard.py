@@ -102,6 +102,9 @@ def test_every_script_call_declares_the_guard_last(server: RedisServer) -> None:
         proc.flush("a")
         proc.flush("bad")
         proc.status("b")
+        proc.pause()
+        Worker(batcher).run(burst=True)  # claims nothing: paused
+        proc.resume()
         Worker(batcher).run(burst=True)
         dead = proc.dead_letters()
         assert dead, "the failing flush was dead-lettered (max_attempts=1)"
@@ -120,7 +123,7 @@ def test_every_script_call_declares_the_guard_last(server: RedisServer) -> None:
     batcher.close()
 
     seen = {name for name, _ in wire.calls}
-    want = {"add", "flush", "status", "claim", "ack", "nack", "replay", "purge", "delete"}
+    want = {"add", "flush", "status", "claim", "ack", "nack", "replay", "purge", "delete", "pause"}
     want |= {"job_start", "job_pause", "job_resume", "job_claim", "job_commit", "job_finish"}
     want |= {"job_cancel", "job_delete"}
     assert want <= seen, sorted(want - seen)

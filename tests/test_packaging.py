@@ -171,6 +171,7 @@ def test_lua_script_flags_say_why(path: Path) -> None:
         "release",
         "purge",
         "delete",
+        "pause",
         "job_extend",
         "job_release",
         "job_fail",

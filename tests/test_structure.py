@@ -168,6 +168,7 @@ def test_the_definitions_and_the_ops_hold_no_client_code() -> None:
         "calls",
         "ops",
         "dead_ops",
+        "pause_ops",
         "layout_ops",
         "options",
         "keys",

@@ -32,7 +32,7 @@ from .errors import (
     UnknownProcessor,
 )
 from .executor_async import AsyncExecutor
-from .executor_core import ExecutorAttributes, check_client
+from .executor_core import ExecutorAttributes, check_client, client_from_url
 from .job_model import JobStatus
 from .jobs_async import AsyncJobIterator, list_jobs
 from .keys import parse_batch_id, validate_name
@@ -123,7 +123,7 @@ class Batcher(ExecutorAttributes):
             # machinery; like the sync client, wait for replies without one unless asked to.
             redis_options.setdefault("socket_timeout", None)
             factory = aioredis.RedisCluster if cluster else aioredis.Redis
-            client: Any = factory.from_url(connection, **redis_options)
+            client: Any = client_from_url(factory, connection, redis_options)
             self.url: str | None = connection
         else:
             client, self.url = connection, None

@@ -23,7 +23,7 @@ from .errors import (
     UnknownProcessor,
 )
 from .executor import Executor
-from .executor_core import ExecutorAttributes, check_client
+from .executor_core import ExecutorAttributes, check_client, client_from_url
 from .job_model import JobStatus, make_config
 from .jobs import JobIterator, define_iterator, list_jobs
 from .keys import layout_key, registry_key, validate_name
@@ -87,7 +87,7 @@ class Batcher(ExecutorAttributes):
     ``connection`` is a URL (``redis://``, ``rediss://``, ``unix://``), an existing
     ``redis.Redis`` / ``redis.RedisCluster`` client, or ``None`` for ``$REDIS_URL`` /
     ``redis://127.0.0.1:6379/0``. ``prefix`` namespaces every key. Pass ``cluster=True`` with a
-    URL to connect to Redis Cluster.
+    URL to connect to Redis Cluster. A URL redis-py cannot parse raises :class:`ConfigError`.
     """
 
     executor: Executor
@@ -149,10 +149,8 @@ class Batcher(ExecutorAttributes):
             # that failed before anything was sent are retried by Executor.execute instead. (Script
             # calls never go through these retries: see connection.Link and scripts._routing.)
             redis_options.setdefault("retry", Retry(NoBackoff(), 0))
-            if cluster:
-                client: Any = redis.RedisCluster.from_url(connection, **redis_options)
-            else:
-                client = redis.Redis.from_url(connection, **redis_options)
+            factory = redis.RedisCluster if cluster else redis.Redis
+            client: Any = client_from_url(factory, connection, redis_options)
             url: str | None = connection
         else:
             client, url = connection, None

@@ -185,7 +185,7 @@ def ls_cmd(
     if as_json:
         print_json(batch_ids)
         return
-    if not batch_ids:
+    if not batch_ids:  # on stderr: stdout stays a list of ids for scripts
         click.echo("no active batch ids", err=True)
     for bid in batch_ids:
         click.echo(bid)

@@ -16,8 +16,8 @@ from rich.logging import RichHandler
 
 from . import asyncio as aio
 from .batcher import Batcher
-from .cli_common import F
-from .errors import BatcherError, EvictionPolicyError, LayoutMismatch
+from .cli_common import TARGET, F, exit_on_error
+from .errors import BatcherError
 from .processor import Processor
 from .worker import Worker
 
@@ -25,6 +25,10 @@ LOG_LEVEL = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=F
 ITERATOR_HELP = "Only run jobs of these iterators (repeatable). With -p or -i, only what is named is served."
 IDLE_HELP = "Longest sleep between delay-queue checks when no wake-up arrives."
 GRACE_HELP = "On SIGTERM, how long in-flight handlers may finish before their leases are released."
+URL_HELP = (
+    "Serve this Redis instead of the one the app's batcher connects to "
+    "(default: $REDIS_BATCHER_URL; $REDIS_URL does not override the app)."
+)
 PREFETCH_HELP = (
     "Claim up to concurrency x this many flushes (above 1: ahead of free handler slots; "
     "if the worker dies, each claimed flush is charged a death)."
@@ -77,7 +81,7 @@ def _log_to_stderr(level: str) -> None:
 
 @click.command()
 @click.argument("app")
-@click.option("--redis-url", envvar="REDIS_URL", default=None, help="Override the app batcher's Redis URL.")
+@click.option("--redis-url", envvar="REDIS_BATCHER_URL", default=None, help=URL_HELP)
 @click.option("--concurrency", "-c", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--burst", is_flag=True, help="Deliver what is due now, then exit.")
 @click.option("--processor", "-p", "names", multiple=True, help="Only serve these processors (repeatable).")
@@ -124,7 +128,9 @@ def worker(
     if selected or iterator_names:
         selected, iterators = selected or [], list(iterator_names)
     if redis_url:
-        batcher.connect(redis_url, cluster=batcher.is_cluster)
+        with exit_on_error("--redis-url"):
+            batcher.connect(redis_url, cluster=batcher.is_cluster)
+    click.get_current_context().meta[TARGET] = batcher.target
     options: dict[str, Any] = {
         "concurrency": concurrency,
         "processors": selected,
@@ -139,15 +145,14 @@ def worker(
         )
     except BatcherError as exc:
         raise click.UsageError(str(exc)) from exc
-    try:
-        if isinstance(w, aio.Worker):
-            asyncio.run(w.run(burst=burst))
-            if w.forced:
-                sys.exit(1)
-        else:
-            w.run(burst=burst)
-    except (EvictionPolicyError, LayoutMismatch) as exc:  # a setting to fix, not a crash
-        raise click.ClickException(str(exc)) from exc
+    # an evicting policy, a layout mismatch or (--burst) an unreachable Redis ends run(): the
+    # main group prints it as one line, exit status 1
+    if isinstance(w, aio.Worker):
+        asyncio.run(w.run(burst=burst))
+        if w.forced:
+            sys.exit(1)
+    else:
+        w.run(burst=burst)
 
 
 COMMANDS: tuple[click.Command, ...] = (worker,)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.exceptions import AskError, ClusterDownError, ClusterError, MovedError, TryAgainError
 
@@ -51,6 +52,52 @@ def check_client(client: Any) -> None:
     kwargs: dict[str, Any] = getattr(client, "get_connection_kwargs", dict)()
     if kwargs.get("decode_responses"):
         raise ConfigError("redis-batcher needs a client with decode_responses=False (items are bytes)")
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with its password (in the user info or a ``password=`` query) shown as ``***``,
+    for logs and messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not even a URL: it may hold anything
+        return "<unparsable URL>"
+    userinfo, at, host = parts.netloc.rpartition("@")
+    netloc = parts.netloc
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    query = parts.query
+    if "password" in query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs], safe="*")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def client_from_url(factory: Any, url: str, options: dict[str, Any]) -> Any:
+    """``factory.from_url(url, **options)`` (a redis-py client class); a URL it cannot parse
+    raises :class:`ConfigError` naming it, password hidden."""
+    try:
+        return factory.from_url(url, **options)
+    except ValueError as exc:
+        raise ConfigError(f"invalid Redis URL {redacted_url(url)!r}: {exc}") from exc
+
+
+def client_target(client: Any) -> str:
+    """Where a client given by the application connects, read from its connection settings
+    (never the password): ``redis://host:port/db``, ``unix://path?db=N`` or, for Redis
+    Cluster, its default node."""
+    try:
+        node = client.get_default_node() if hasattr(client, "get_default_node") else None
+        kwargs: dict[str, Any] = getattr(client, "get_connection_kwargs", dict)()
+    except ConfigError:  # a batcher that only holds definitions
+        return "no Redis connection"
+    if node is not None:
+        return f"Redis Cluster node {node.name}"
+    db = kwargs.get("db", 0)
+    if kwargs.get("path"):
+        return f"unix://{kwargs['path']}?db={db}"
+    if "host" in kwargs:
+        return f"redis://{kwargs['host']}:{kwargs.get('port', 6379)}/{db}"
+    return type(client).__name__
 
 
 class Backoff:
@@ -150,6 +197,13 @@ class ExecutorAttributes:
     attributes of the batcher."""
 
     executor: ExecutorCore
+    url: str | None  # the URL the batcher was given (None: a client)
+
+    @property
+    def target(self) -> str:
+        """The Redis server the batcher talks to, for logs and messages: its URL with any
+        password hidden, or where the client it was given connects."""
+        return redacted_url(self.url) if self.url is not None else client_target(self.client)
 
     @property
     def client(self) -> Any:

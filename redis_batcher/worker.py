@@ -123,7 +123,8 @@ class Worker(Pacing):
         ``grace_period``, releasing the rest) and return.
 
         With ``burst=True``, deliver everything that is due now and return once nothing due is
-        left and no handler is running (for tests and cron jobs).
+        left and no handler is running (for tests and cron jobs); a Redis still unreachable
+        after ``connect_retry`` raises :class:`~redis_batcher.NotSentError` rather than waiting.
         """
         self._stopping.clear()
         self._done.clear()
@@ -137,7 +138,7 @@ class Worker(Pacing):
         elif not burst:
             threads.append(threading.Thread(target=self._listen, name="rb-wake", daemon=True))
         try:
-            self._register()
+            self._register(burst)
             for t in threads:
                 t.start()
             self.log_start(burst)
@@ -180,11 +181,12 @@ class Worker(Pacing):
 
     # -- main loop -------------------------------------------------------------------------------
 
-    def _register(self) -> None:
+    def _register(self, burst: bool) -> None:
         """Check Redis' memory policy and data layout (an
         :class:`~redis_batcher.EvictionPolicyError` or :class:`~redis_batcher.LayoutMismatch`
-        ends :meth:`run`) and publish the processor configs. Waits while Redis cannot be reached;
-        any other refusal (a full Redis) is retried later, never a reason not to serve."""
+        ends :meth:`run`) and publish the processor configs. Waits while Redis cannot be reached
+        (a burst run raises the error instead); any other refusal (a full Redis) is retried
+        later, never a reason not to serve."""
         delay = 0.1
         while not self._stopping.is_set():
             try:
@@ -193,7 +195,7 @@ class Worker(Pacing):
                 self.batcher.register(self.processors)
                 return
             except RedisError as exc:
-                if not self.registration_failed(exc, delay):
+                if not self.registration_failed(exc, delay, burst):
                     return
             self._stopping.wait(delay)
             delay = min(delay * 2, 5.0)

@@ -49,14 +49,17 @@ log = logging.getLogger("redis_batcher.worker")
 class AsyncWorkerHost(AsyncJobsHost, Protocol):
     """What the asyncio worker needs of an asyncio :class:`~redis_batcher.asyncio.Batcher`:
     what its iterator jobs need (:class:`~redis_batcher.jobs_async.AsyncJobsHost`), the sync
-    batcher holding the ``definitions``, ``wait_replicas``, and its awaited checks and
-    registration."""
+    batcher holding the ``definitions``, ``wait_replicas``, the ``target`` it logs, and its
+    awaited checks and registration."""
 
     @property
     def definitions(self) -> SyncBatcher: ...
 
     @property
     def wait_replicas(self) -> int: ...
+
+    @property
+    def target(self) -> str: ...
 
     async def check_memory_policy(self) -> None: ...
 
@@ -156,7 +159,8 @@ class Worker(WorkerCore[AsyncWorkerHost]):
 
     async def run(self, burst: bool = False) -> WorkerStats:
         """Serve until :meth:`stop` (or a signal), then finish in-flight flushes (up to
-        ``grace_period``, releasing the rest). ``burst=True``: deliver what is due, return."""
+        ``grace_period``, releasing the rest). ``burst=True``: deliver what is due, return (an
+        unreachable Redis raises, as in the sync worker)."""
         self.reset()
         self._stopping = False
         self._wake = asyncio.Event()
@@ -169,7 +173,7 @@ class Worker(WorkerCore[AsyncWorkerHost]):
             background.append(asyncio.ensure_future(self._listen()))
         jobs = None
         try:
-            await self._register()
+            await self._register(burst)
             self.log_start(burst)
             if self.jobs is not None:
                 jobs = asyncio.ensure_future(self.jobs.run(burst))
@@ -193,10 +197,10 @@ class Worker(WorkerCore[AsyncWorkerHost]):
             self.log_stop()
         return self.stats
 
-    async def _register(self) -> None:
+    async def _register(self, burst: bool) -> None:
         """As the sync worker's: checks the memory policy, waits while Redis cannot be
-        reached, serves anyway when it refuses the write (a full Redis), retrying at the full
-        checks."""
+        reached (a burst run raises the error), serves anyway when it refuses the write (a
+        full Redis), retrying at the full checks."""
         delay = 0.1
         while not self._stopping:
             try:
@@ -205,7 +209,7 @@ class Worker(WorkerCore[AsyncWorkerHost]):
                 await self.batcher.register(self.processors)
                 return
             except RedisError as exc:
-                if not self.registration_failed(exc, delay):
+                if not self.registration_failed(exc, delay, burst):
                     return
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)

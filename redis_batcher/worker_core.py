@@ -50,13 +50,20 @@ class WorkerStats:
 
 
 class WorkerHost(Protocol):
-    """What a worker needs of its batcher, sync or asyncio, to be built."""
+    """What a worker needs of its batcher, sync or asyncio, to be built and to say at start
+    what it serves (``target``: the server, password hidden; ``prefix``)."""
 
     @property
     def client(self) -> Any: ...
 
     @property
     def wait_replicas(self) -> int: ...
+
+    @property
+    def target(self) -> str: ...
+
+    @property
+    def prefix(self) -> str: ...
 
 
 H = TypeVar("H", bound=WorkerHost)
@@ -153,10 +160,14 @@ class WorkerCore(ABC, Generic[H]):
         else:
             log.warning("cannot register the processor configs (%s); serving anyway, retrying later", exc)
 
-    def registration_failed(self, exc: RedisError, delay: float) -> bool:
+    def registration_failed(self, exc: RedisError, delay: float, burst: bool) -> bool:
         """The first registration failed: True to try again in ``delay`` seconds (Redis cannot
-        be reached); False to serve anyway (see :meth:`registration_refused`)."""
+        be reached); False to serve anyway (see :meth:`registration_refused`). A burst run
+        raises ``exc`` instead of waiting for Redis: it already retried for ``connect_retry``
+        seconds, and a cron job or CI step must end (as rq's ``--burst`` does)."""
         if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+            if burst:
+                raise exc
             log.warning("cannot reach Redis (%s); retrying in %.1fs", exc, delay)
             return True
         self.registration_refused(exc)
@@ -469,10 +480,12 @@ class WorkerCore(ABC, Generic[H]):
 
     def log_start(self, burst: bool) -> None:
         log.info(
-            "worker serving %s (concurrency %d%s)",
+            "worker serving %s (concurrency %d%s) at %s, prefix %r",
             ", ".join(p.name for p in self.processors),
             self.concurrency,
             ", burst" if burst else "",
+            self.batcher.target,
+            self.batcher.prefix,
         )
 
     def log_stop(self) -> None:

@@ -453,8 +453,11 @@ def test_ls_table_and_json(populated: Populated) -> None:
     assert " 10 " in lines["orders"] and " None " in lines["orders"]
     assert " 5 " in lines["flaky"]
 
-    result = invoke("ls", "--json", "--redis-url", populated.url, "--prefix", "empty-prefix")
-    assert result.exit_code == 0 and json.loads(result.output) == []
+    # nothing registered under the prefix: the wrong server, db or prefix (tests/test_cli_errors.py)
+    args = ["ls", "--json", "--redis-url", populated.url, "--prefix", "empty"]
+    result = CliRunner(env=WIDE).invoke(main, args)
+    assert result.exit_code == 1 and result.stdout == ""
+    assert "no processors registered under prefix 'empty'" in result.stderr
 
 
 def test_ls_batch_ids_of_a_processor(populated: Populated) -> None:

@@ -282,7 +282,7 @@ def test_a_worker_still_waits_while_redis_cannot_be_reached(caplog: pytest.LogCa
     b = rb.Batcher(url, prefix="gone", connect_retry=0)
     b.processor(name="sink", flush_interval=None)(lambda f: None)
     w = rb.Worker(b)
-    t = threading.Thread(target=w.run, kwargs={"burst": True}, daemon=True)
+    t = threading.Thread(target=w.run, daemon=True)
     t.start()
     try:
         wait_for(lambda: "cannot reach Redis" in caplog.text, timeout=10)
@@ -292,6 +292,19 @@ def test_a_worker_still_waits_while_redis_cannot_be_reached(caplog: pytest.LogCa
         t.join(10)
     assert not t.is_alive()
     assert "out of memory" not in caplog.text
+
+
+def test_a_burst_worker_gives_up_when_redis_cannot_be_reached(caplog: pytest.LogCaptureFixture) -> None:
+    """A burst run (a cron job, a CI step) must end: once connect_retry has passed, it raises."""
+    with RedisServer() as server:
+        url = server.url
+    b = rb.Batcher(url, prefix="gone", connect_retry=0.3)
+    b.processor(name="sink", flush_interval=None)(lambda f: None)
+    began = time.monotonic()
+    with pytest.raises(rb.NotSentError, match="Connection refused"):
+        rb.Worker(b).run(burst=True)
+    assert 0.1 <= time.monotonic() - began < 5  # retried (pauses of 50 ms, 100 ms), then gave up
+    assert "retrying in" not in caplog.text
 
 
 # -- bookkeeping while Redis is full -----------------------------------------------------------------

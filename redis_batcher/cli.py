@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import click
 
-from . import cli_batches, cli_dead, cli_demo, cli_jobs, cli_worker
+from . import cli_batches, cli_dead, cli_demo, cli_jobs, cli_worker, cli_workers
 
-COMMAND_MODULES = (cli_worker, cli_batches, cli_dead, cli_jobs, cli_demo)
+COMMAND_MODULES = (cli_worker, cli_workers, cli_batches, cli_dead, cli_jobs, cli_demo)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -176,7 +176,7 @@ class Worker(WorkerCore[AsyncWorkerHost]):
         try:
             await self._register()
             register = functools.partial(self.batcher.register, self.processors)
-            background.append(asyncio.ensure_future(beat_task(self, register)))
+            background.append(asyncio.ensure_future(beat_task(self, register, lambda: self._stopping)))
             beating = True
             self.log_start(burst)
             if self.jobs is not None:

@@ -43,9 +43,13 @@ def beat_thread(worker: Beating, register: Callable[[], None], done: threading.E
         worker.beat_done(exc)
 
 
-async def beat_task(worker: Beating, register: Callable[[], Awaitable[None]]) -> None:
-    """Beat until cancelled (the asyncio worker's beat task); :func:`leave` deletes the record."""
-    while True:
+async def beat_task(
+    worker: Beating, register: Callable[[], Awaitable[None]], stopping: Callable[[], bool]
+) -> None:
+    """Beat until cancelled or ``stopping()`` (the asyncio worker's beat task); :func:`leave`
+    deletes the record. ``stopping`` ends it too because a cancellation that lands inside a
+    redis-py call can come out as a Redis timeout error, which a beat survives."""
+    while not stopping():
         record, now_ms = worker.beat_record()
         try:
             await worker_registry.beat(worker.client, worker.identity, record, now_ms).execute()

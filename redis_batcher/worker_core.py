@@ -207,11 +207,12 @@ class WorkerCore(ABC, Generic[H]):
         until a beat succeeds again (a full Redis refuses every one)."""
         if exc is None:
             if self.beat_failing:
-                log.info("worker registry heartbeat written again")
+                log.info("worker registry record written again")
             self.beat_failing = False
             return
         if not self.beat_failing:
-            log.warning("worker registry heartbeat failed, retrying every %gs: %s", self.beat_interval, exc)
+            every = self.beat_interval
+            log.warning("cannot write the worker registry record (retried every %gs): %s", every, exc)
         self.beat_failing = True
 
     def idle_expired(self, now: float, busy: bool) -> bool:

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -76,16 +76,19 @@ def start_worker(url: str, log: Path, *extra: str) -> subprocess.Popen[bytes]:
         )
 
 
+Spawn = Callable[..., tuple[subprocess.Popen[bytes], Path]]
+
+
 @pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        yield started
-    finally:
-        for p in started:
-            if p.poll() is None:
-                p.kill()
-                p.wait(5)
+def spawn(redis_server: RedisServer, tmp_path: Path, cli_procs: list[subprocess.Popen[bytes]]) -> Spawn:
+    """Start a worker subprocess of tests.apps.fleet with these extra options: (it, its log)."""
+
+    def start(*extra: str) -> tuple[subprocess.Popen[bytes], Path]:
+        log = tmp_path / f"worker{len(cli_procs)}.log"
+        cli_procs.append(start_worker(redis_server.url, log, *extra))
+        return cli_procs[-1], log
+
+    return start
 
 
 def pids(batcher: Batcher) -> set[int]:
@@ -99,6 +102,21 @@ def fleet_producer(url: str) -> tuple[Batcher, rb.Processor]:
     return producer, proc
 
 
+def sync_and_async(prefix: str, url: str) -> tuple[Batcher, rb.Processor, list[rb.Flush], aio.Batcher]:
+    """A sync batcher with processor "ping" (its handler keeps the flushes in the list
+    returned) and an asyncio batcher with processor "apong", under ``prefix``."""
+    sync_b = Batcher(url, prefix=prefix)
+    got: list[rb.Flush] = []
+    ping = sync_b.processor(name="ping", max_batch_size=1)(got.append)
+    ab = aio.Batcher(url, prefix=prefix)
+
+    @ab.processor(name="apong", max_batch_size=1)
+    async def apong(flush: rb.Flush) -> None:
+        pass
+
+    return sync_b, ping, got, ab
+
+
 # -- the registry -------------------------------------------------------------------------------
 
 
@@ -106,15 +124,7 @@ def test_the_registry_lists_a_sync_and_an_asyncio_worker_with_their_fields(
     redis_server: RedisServer, real_client: redis.Redis
 ) -> None:
     url = redis_server.url
-    sync_b = Batcher(url, prefix="reg")
-    got: list[rb.Flush] = []
-    ping = sync_b.processor(name="ping", max_batch_size=1)(got.append)
-    ab = aio.Batcher(url, prefix="reg")
-
-    @ab.processor(name="apong", max_batch_size=1)
-    async def apong(flush: rb.Flush) -> None:
-        pass
-
+    sync_b, ping, _, ab = sync_and_async("reg", url)
     sw = Worker(sync_b, concurrency=2, beat_interval=BEAT)
     aw = aio.Worker(ab, concurrency=3, beat_interval=BEAT)
     before = time.time()
@@ -154,13 +164,11 @@ def test_the_registry_lists_a_sync_and_an_asyncio_worker_with_their_fields(
 
 
 def test_a_killed_worker_leaves_the_registry_after_its_ttl_a_stopped_one_at_once(
-    redis_server: RedisServer, real_client: redis.Redis, tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+    redis_server: RedisServer, real_client: redis.Redis, spawn: Spawn
 ) -> None:
     url = redis_server.url
     lister = Batcher(url, prefix=fleet.PREFIX)
-    for i in range(2):
-        procs.append(start_worker(url, tmp_path / f"w{i}.log", "--beat-interval", str(BEAT)))
-    killed, stopped = procs
+    (killed, _), (stopped, stopped_log) = (spawn("--beat-interval", str(BEAT)) for _ in range(2))
     wait_for(lambda: pids(lister) == {killed.pid, stopped.pid}, timeout=20)
     (killed_id,) = [w.id for w in lister.workers() if w.pid == killed.pid]
 
@@ -174,7 +182,7 @@ def test_a_killed_worker_leaves_the_registry_after_its_ttl_a_stopped_one_at_once
     wait_for(lambda: real_client.zscore(workers_key(fleet.PREFIX), killed_id) is None, timeout=5)
 
     stopped.send_signal(signal.SIGTERM)
-    assert stopped.wait(10) == 0, (tmp_path / "w1.log").read_text()
+    assert stopped.wait(10) == 0, stopped_log.read_text()
     assert lister.workers() == []
     assert real_client.zcard(workers_key(fleet.PREFIX)) == 0
 
@@ -183,15 +191,7 @@ def test_flushall_under_running_workers_heals_the_processor_registry(
     redis_server: RedisServer, real_client: redis.Redis
 ) -> None:
     url = redis_server.url
-    sync_b = Batcher(url, prefix="heal")
-    got: list[rb.Flush] = []
-    ping = sync_b.processor(name="ping", max_batch_size=1)(got.append)
-    ab = aio.Batcher(url, prefix="heal")
-
-    @ab.processor(name="apong", max_batch_size=1)
-    async def apong(flush: rb.Flush) -> None:
-        pass
-
+    sync_b, ping, got, ab = sync_and_async("heal", url)
     probe = Batcher(url, prefix="heal")
     with running(Worker(sync_b, beat_interval=BEAT)), running_async(aio.Worker(ab, beat_interval=BEAT), ab):
         wait_for(lambda: set(probe.registered()) == {"ping", "apong"} and len(probe.workers()) == 2)
@@ -239,7 +239,7 @@ def test_health_exit_codes(redis_server: RedisServer, real_client: redis.Redis, 
 
 
 def test_pidfile_and_worker_check(
-    redis_server: RedisServer, real_client: redis.Redis, tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+    redis_server: RedisServer, real_client: redis.Redis, tmp_path: Path, spawn: Spawn
 ) -> None:
     url = redis_server.url
     pidfile = tmp_path / "worker.pid"
@@ -247,8 +247,7 @@ def test_pidfile_and_worker_check(
     none = invoke(*check)
     assert none.exit_code == 1 and "no live workers under prefix 'fleet'" in none.output
 
-    p = start_worker(url, tmp_path / "w.log", "--pidfile", str(pidfile), "--beat-interval", str(BEAT))
-    procs.append(p)
+    p, log = spawn("--pidfile", str(pidfile), "--beat-interval", str(BEAT))
     lister = Batcher(url, prefix=fleet.PREFIX)
     wait_for(lambda: pidfile.exists() and pidfile.read_text() == f"{p.pid}\n", timeout=20)
     wait_for(lambda: pids(lister) == {p.pid}, timeout=20)
@@ -258,7 +257,7 @@ def test_pidfile_and_worker_check(
     assert pidfile.read_text() == f"{p.pid}\n"  # a check leaves the pid file alone
 
     p.send_signal(signal.SIGTERM)
-    assert p.wait(10) == 0, (tmp_path / "w.log").read_text()
+    assert p.wait(10) == 0, log.read_text()
     assert not pidfile.exists()
     assert invoke(*check, "--pidfile", str(pidfile)).exit_code == 1
     assert invoke(*check).exit_code == 1
@@ -268,29 +267,25 @@ def test_pidfile_and_worker_check(
 
 
 def test_max_flushes_exits_0_and_leaves_the_rest_to_the_next_worker(
-    redis_server: RedisServer, real_client: redis.Redis, tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+    redis_server: RedisServer, real_client: redis.Redis, spawn: Spawn
 ) -> None:
     url = redis_server.url
     _, proc = fleet_producer(url)
     for i in range(3):
         proc.add(f"b{i}", i)
-    log = tmp_path / "w.log"
-    procs.append(start_worker(url, log, "--max-flushes", "2", "-c", "1"))
-    assert procs[0].wait(30) == 0, log.read_text()
+    recycled, log = spawn("--max-flushes", "2", "-c", "1")
+    assert recycled.wait(30) == 0, log.read_text()
     assert "worker recycling: 2 flushes handled (max_flushes)" in log.read_text()
     assert real_client.llen(fleet.DONE_KEY) == 2
-    procs.append(start_worker(url, tmp_path / "burst.log", "--burst"))
-    assert procs[1].wait(30) == 0
+    burst, log = spawn("--burst")
+    assert burst.wait(30) == 0, log.read_text()
     assert sorted(real_client.lrange(fleet.DONE_KEY, 0, -1)) == [b"b0", b"b1", b"b2"]
 
 
-def test_max_idle_exits_0_after_that_long_without_work(
-    redis_server: RedisServer, real_client: redis.Redis, tmp_path: Path, procs: list[subprocess.Popen[bytes]]
-) -> None:
+def test_max_idle_exits_0_after_that_long_without_work(redis_server: RedisServer, spawn: Spawn) -> None:
     url = redis_server.url
-    log = tmp_path / "w.log"
-    procs.append(start_worker(url, log, "--max-idle", "0.5"))
-    assert procs[0].wait(30) == 0, log.read_text()
+    idle, log = spawn("--max-idle", "0.5")
+    assert idle.wait(30) == 0, log.read_text()
     assert "worker recycling: idle for 0.5s (max_idle)" in log.read_text()
     assert Batcher(url, prefix=fleet.PREFIX).workers() == []
 

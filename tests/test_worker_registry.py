@@ -26,7 +26,7 @@ import redis_batcher as rb
 from redis_batcher import Batcher, Worker
 from redis_batcher import asyncio as aio
 from redis_batcher.cli import main
-from redis_batcher.testing import RedisServer
+from redis_batcher.testing import RedisClusterServers, RedisServer
 from redis_batcher.worker_registry import MISSED_BEATS, worker_key, workers_key
 from tests.apps import fleet
 from tests.conftest import ROOT, cli_command, subprocess_env
@@ -341,3 +341,28 @@ def test_bad_recycling_options_are_config_errors(real_batcher: Batcher, option: 
     with pytest.raises(rb.ConfigError):
         Worker(real_batcher, **option)
     assert real_batcher.client.dbsize() == 0
+
+
+# -- Redis Cluster ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_registry_on_redis_cluster(redis_cluster: RedisClusterServers) -> None:
+    for host, port in redis_cluster.startup_nodes:
+        redis.Redis(host=host, port=port).flushall()
+    url = redis_cluster.url
+    sync_b = Batcher(url, cluster=True, prefix="creg")
+    sync_b.processor(name="ping", partitions=4)(lambda f: None)
+    ab = aio.Batcher(url, cluster=True, prefix="creg")
+
+    @ab.processor(name="apong", partitions=4)
+    async def apong(flush: rb.Flush) -> None:
+        pass
+
+    args = ("--redis-url", url, "--cluster", "--prefix", "creg")
+    with running(Worker(sync_b, beat_interval=BEAT)), running_async(aio.Worker(ab, beat_interval=BEAT), ab):
+        wait_for(lambda: sorted(w.kind for w in sync_b.workers()) == ["asyncio", "sync"], timeout=20)
+        assert invoke("health", *args, "-p", "ping", "-p", "apong").exit_code == 0
+        assert len(json.loads(invoke("workers", *args, "--json").output)) == 2
+    assert sync_b.workers() == []
+    sync_b.close()

@@ -64,6 +64,7 @@ from .models import (
 )
 from .processor import Processor
 from .worker import Worker, WorkerStats
+from .worker_registry import WorkerInfo
 
 __version__ = "0.1.0"
 
@@ -119,6 +120,7 @@ __all__ = [
     "UnknownIterator",
     "UnknownProcessor",
     "Worker",
+    "WorkerInfo",
     "WorkerStats",
     "__version__",
 ]

@@ -36,11 +36,20 @@ from .executor_core import ExecutorAttributes, check_client, client_from_url
 from .job_model import JobStatus
 from .jobs_async import AsyncJobIterator, list_jobs
 from .keys import parse_batch_id, validate_name
-from .models import AddResult, BatchInfo, BatchStatus, DeadLetter, DeleteResult, FlushRecord, FlushResult
+from .models import (
+    AddResult,
+    BatchInfo,
+    BatchStatus,
+    DeadLetter,
+    DeleteResult,
+    FlushRecord,
+    FlushResult,
+    WorkerStats,
+)
 from .options import ProcessorOptions
 from .processor import ADD_CHUNK, Processor
 from .worker_async import Worker
-from .worker_core import WorkerStats
+from .worker_registry import WorkerInfo, workers_steps
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -188,6 +197,10 @@ class Batcher(ExecutorAttributes):
         """Active base ids of a processor (SSCAN over each partition, never KEYS)."""
         async for bid in self.use(processor).batch_ids():
             yield bid
+
+    async def workers(self) -> list[WorkerInfo]:
+        """As :meth:`redis_batcher.Batcher.workers`, awaited: the live workers of the prefix."""
+        return await self.executor.drive(workers_steps(self.prefix))
 
     async def register(self, processors: Iterable[Processor] | None = None) -> None:
         """Publish processor configs to ``<prefix>:processors`` (the CLI reads it)."""

@@ -30,6 +30,7 @@ from .keys import layout_key, registry_key, validate_name
 from .models import ProcessorConfig
 from .options import ProcessorOptions, processor_options
 from .processor import Processor
+from .worker_registry import WorkerInfo, workers_steps
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -254,6 +255,12 @@ class Batcher(ExecutorAttributes):
         found = self.executor.drive(steps)
         self.executor.layout_checked = False
         return found
+
+    def workers(self) -> list[WorkerInfo]:
+        """The live workers of this prefix, sync and asyncio, by id, as their last heartbeat
+        recorded them (two reads however many there are; see
+        :mod:`redis_batcher.worker_registry`)."""
+        return self.executor.drive(workers_steps(self.prefix))
 
     def registered(self) -> dict[str, ProcessorConfig]:
         """Processor configs found in Redis, written by any producer or worker of this prefix.

@@ -142,7 +142,7 @@ def error_line(exc: BaseException, target: str | None) -> str | None:
     return None
 
 
-def make_batcher(url: str | None, prefix: str, cluster: bool) -> Batcher:
+def make_batcher(url: str | None, prefix: str, cluster: bool, connect_retry: float = 10.0) -> Batcher:
     """The batcher of the connection options (a bad ``--prefix`` or ``--redis-url`` is a usage
     error, exit status 2); the command's error line names its server."""
     with exit_on_error("--prefix"):
@@ -152,7 +152,7 @@ def make_batcher(url: str | None, prefix: str, cluster: bool) -> Batcher:
     if ctx is not None:
         ctx.meta[TARGET] = redacted_url(url)
     with exit_on_error("--redis-url"):
-        return Batcher(url, prefix=prefix, cluster=cluster)
+        return Batcher(url, prefix=prefix, cluster=cluster, connect_retry=connect_retry)
 
 
 def remote(url: str | None, prefix: str, cluster: bool, name: str) -> Processor:

@@ -17,6 +17,7 @@ from rich.logging import RichHandler
 from . import asyncio as aio
 from .batcher import Batcher
 from .cli_common import TARGET, F, exit_on_error
+from .cli_workers import Lifecycle, lifecycle_options
 from .errors import BatcherError
 from .processor import Processor
 from .worker import Worker
@@ -89,6 +90,7 @@ def _log_to_stderr(level: str) -> None:
 @_bounded("--max-idle-wait", click.FloatRange(min=0.01), 5.0, IDLE_HELP)
 @_bounded("--grace-period", click.FloatRange(min=0), 30.0, GRACE_HELP)
 @_bounded("--prefetch-multiplier", click.IntRange(min=1), 1, PREFETCH_HELP)
+@lifecycle_options
 @click.option("--log-level", default="INFO", show_default=True, type=LOG_LEVEL)
 def worker(
     app: str,
@@ -101,6 +103,7 @@ def worker(
     grace_period: float,
     prefetch_multiplier: int,
     log_level: str,
+    lifecycle: Lifecycle,
 ) -> None:
     """Run a worker for the processors and iterator jobs of APP (``module:batcher`` or
     ``module:processor``). With --processor or --iterator it serves only what they name.
@@ -139,6 +142,9 @@ def worker(
         "grace_period": grace_period,
         "prefetch_multiplier": prefetch_multiplier,
     }
+    options.update(lifecycle.worker_options())
+    if lifecycle.check:
+        lifecycle.run_check(batcher, selected or sorted(batcher.processors))
     try:
         w: Any = (
             aio.Worker(batcher, **options) if isinstance(batcher, aio.Batcher) else Worker(batcher, **options)

@@ -24,6 +24,9 @@ Layout (prefix ``rb``, processor ``events``, one partition)::
     rb:{events:0}:guard                never written: the last key every script declares, so
                                        that no script runs while the slot migrates (:data:`GUARD`)
     rb:layout                          STRING the data layout's version (:data:`LAYOUT`)
+    rb:{workers}                       ZSET  worker registry: worker id -> record expiry (ms)
+    rb:{workers}:<worker id>           STRING a live worker's heartbeat record (JSON, expires)
+                                       (see :mod:`redis_batcher.worker_registry`)
 """
 
 from __future__ import annotations

@@ -248,3 +248,19 @@ class DeadLetter:
 def as_text(value: Any) -> str:
     """``value`` as str (bytes decoded as UTF-8): what redis-py returns without decoding."""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass
+class WorkerStats:
+    """Counters of one worker run."""
+
+    delivered: int = 0
+    failed: int = 0
+    items: int = 0
+    lease_lost: int = 0
+    dead_lettered: int = 0
+    partial: int = 0
+    timed_out: int = 0
+    released: int = 0
+    quarantined: int = 0
+    claims: int = 0  # claim calls sent (an ack that claims the next flush not counted)

@@ -11,6 +11,7 @@ threads are paced in :mod:`redis_batcher.worker_pace`. This module is the thread
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import os
@@ -39,7 +40,8 @@ from .delivery import (
 from .errors import NotReplicated, error_text
 from .job_runner import JobRunner
 from .jobs import JobIterator
-from .worker_core import WorkerStats
+from .models import WorkerStats
+from .worker_beat import beat_thread
 from .worker_pace import Pacing, Running
 
 __all__ = ["Worker", "WorkerStats", "backoff_seconds"]
@@ -87,6 +89,7 @@ class Worker(Pacing):
     ``grace_period``: on shutdown, how long in-flight handlers may still run; the leases of those
     still running after it are released at once so another worker takes them.
     ``iterators`` limits the iterator jobs it runs to those iterator names (``[]``: none).
+    ``max_flushes``, ``max_idle``, ``beat_interval``: see :class:`~redis_batcher.worker_core.WorkerCore`.
     """
 
     def definitions_of(self, batcher: Batcher) -> Batcher:
@@ -137,6 +140,8 @@ class Worker(Pacing):
             threads = []
         elif not burst:
             threads.append(threading.Thread(target=self._listen, name="rb-wake", daemon=True))
+        beats = (self, functools.partial(self.batcher.register, self.processors), self._done)
+        threads.append(threading.Thread(target=beat_thread, args=beats, name="rb-registry", daemon=True))
         try:
             self._register(burst)
             for t in threads:
@@ -236,6 +241,8 @@ class Worker(Pacing):
                 continue
             more = self._claim_round(now)
             if burst and not more and not self._inflight:
+                return
+            if self.idle_expired(time.monotonic(), more or bool(self._inflight)):
                 return
             if more and len(self._inflight) < self._slots():
                 continue

@@ -38,8 +38,10 @@ from .errors import NotReplicated, error_text
 from .job_runner_async import AsyncJobRunner
 from .jobs import JobIterator
 from .jobs_async import AsyncJobsHost
+from .models import WorkerStats
 from .processor import Processor
-from .worker_core import WorkerCore, WorkerStats
+from .worker_beat import beat_task, leave
+from .worker_core import WorkerCore
 
 __all__ = ["AsyncWorkerHost", "Worker"]
 
@@ -123,7 +125,10 @@ class Worker(WorkerCore[AsyncWorkerHost]):
     cancels an async handler's task. ``prefetch_multiplier``: flushes claimed ahead, as in the
     sync :class:`~redis_batcher.Worker`. ``await worker.run()`` until :meth:`stop` (or
     SIGTERM/SIGINT when run in the main thread); ``run(burst=True)`` delivers what is due and
-    returns. ``processors`` / ``iterators`` limit what it serves, as on the sync worker."""
+    returns. ``processors`` / ``iterators`` limit what it serves, and ``max_flushes``,
+    ``max_idle`` and ``beat_interval`` work, as on the sync worker."""
+
+    KIND = "asyncio"
 
     def definitions_of(self, batcher: AsyncWorkerHost) -> SyncBatcher:
         return batcher.definitions
@@ -172,8 +177,12 @@ class Worker(WorkerCore[AsyncWorkerHost]):
         if not burst and self.processors:
             background.append(asyncio.ensure_future(self._listen()))
         jobs = None
+        beating = False
         try:
             await self._register(burst)
+            register = functools.partial(self.batcher.register, self.processors)
+            background.append(asyncio.ensure_future(beat_task(self, register, lambda: self._stopping)))
+            beating = True
             self.log_start(burst)
             if self.jobs is not None:
                 jobs = asyncio.ensure_future(self.jobs.run(burst))
@@ -192,6 +201,8 @@ class Worker(WorkerCore[AsyncWorkerHost]):
             for t in background:
                 t.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            if beating:
+                await leave(self)
             for s in signals:
                 loop.remove_signal_handler(s)
             self.log_stop()
@@ -231,6 +242,8 @@ class Worker(WorkerCore[AsyncWorkerHost]):
             more = await self._claim_round(time.monotonic())
             free = self.capacity - len(self._inflight)
             if burst and not more and not self._inflight:
+                return
+            if self.idle_expired(time.monotonic(), more or bool(self._inflight)):
                 return
             if more and free > 0:
                 continue

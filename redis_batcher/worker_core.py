@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -22,7 +22,9 @@ from .delivery import Outcome, backoff_seconds
 from .errors import ConfigError, CorruptData
 from .jobs import JobIterator, select_iterators
 from .keys import PartitionKeys
+from .models import WorkerStats
 from .processor import Processor
+from .worker_registry import BEAT_INTERVAL, WorkerIdentity, check_beat_interval, new_worker_id
 
 if TYPE_CHECKING:
     from .batcher import Batcher
@@ -31,22 +33,6 @@ log = logging.getLogger("redis_batcher.worker")
 
 CORRUPT_RETRY = 5.0  # seconds before a partition whose own keys are corrupt is claimed from again
 CORRUPT_LOG_EVERY = 60.0  # seconds between reports of one such partition
-
-
-@dataclass
-class WorkerStats:
-    """Counters of one worker run."""
-
-    delivered: int = 0
-    failed: int = 0
-    items: int = 0
-    lease_lost: int = 0
-    dead_lettered: int = 0
-    partial: int = 0
-    timed_out: int = 0
-    released: int = 0
-    quarantined: int = 0
-    claims: int = 0  # claim calls sent (an ack that claims the next flush not counted)
 
 
 class WorkerHost(Protocol):
@@ -73,7 +59,16 @@ class WorkerCore(ABC, Generic[H]):
     """Scheduling state and bookkeeping of a worker, independent of how it does I/O.
 
     A driver says where its batcher keeps the definitions (:meth:`definitions_of`) and sets up
-    its own state, its iterator-job runner included, in :meth:`setup`."""
+    its own state, its iterator-job runner included, in :meth:`setup`.
+
+    ``max_flushes`` / ``max_idle`` recycle the worker as rq's ``--max-jobs`` and ``--max-idle-time``
+    or Celery's ``--max-tasks-per-child`` do: :meth:`run` stops (as by :meth:`stop`) once it has
+    handled that many flushes (delivered or failed), or once that many seconds passed without a
+    flush claimed or running; a supervisor then starts a fresh process. ``beat_interval``:
+    seconds between two heartbeats of the worker's record in the worker registry
+    (:mod:`redis_batcher.worker_registry`); the record expires after three missed beats."""
+
+    KIND = "sync"  # what the worker's registry record calls this driver
 
     def __init__(
         self,
@@ -85,6 +80,9 @@ class WorkerCore(ABC, Generic[H]):
         grace_period: float = 30.0,
         prefetch_multiplier: int = 1,
         iterators: Iterable[str] | None = None,
+        max_flushes: int | None = None,
+        max_idle: float | None = None,
+        beat_interval: float = BEAT_INTERVAL,
     ) -> None:
         definitions = self.definitions_of(batcher)
         chosen = select_iterators(definitions.iterators, iterators)
@@ -98,6 +96,30 @@ class WorkerCore(ABC, Generic[H]):
             raise ConfigError(f"grace_period must be >= 0, got {grace_period!r}")
         if not served and not chosen:  # iterator jobs only (redis_batcher.jobs)
             raise ConfigError("the worker has no processors or iterators to serve")
+        if max_flushes is not None and (
+            isinstance(max_flushes, bool) or not isinstance(max_flushes, int) or max_flushes < 1
+        ):
+            raise ConfigError(f"max_flushes must be an int >= 1 or None, got {max_flushes!r}")
+        if max_idle is not None and (
+            isinstance(max_idle, bool) or not isinstance(max_idle, (int, float)) or not max_idle > 0
+        ):
+            raise ConfigError(f"max_idle must be a number > 0 or None, got {max_idle!r}")
+        self.beat_interval = check_beat_interval(beat_interval)
+        self.max_flushes = max_flushes
+        self.max_idle = None if max_idle is None else float(max_idle)
+        self.last_work = 0.0  # monotonic time of the last flush claimed or settled (max_idle)
+        self.recycling: str | None = None  # why the worker stops by itself (max_flushes, max_idle)
+        self.beat_failing = False  # the last heartbeat failed (logged once, see beat_done)
+        self.identity = WorkerIdentity(
+            id=new_worker_id(),
+            kind=self.KIND,
+            prefix=definitions.prefix,
+            processors=[p.name for p in served],
+            iterators=[it.name for it in chosen],
+            concurrency=concurrency,
+            beat_interval=self.beat_interval,
+            started_ms=0,
+        )
         self.batcher = batcher
         self.client: Any = batcher.client
         self.processors = served
@@ -139,12 +161,67 @@ class WorkerCore(ABC, Generic[H]):
     def setup(self, iterators: list[JobIterator]) -> None:
         """The driver's own state, and its runner of ``iterators`` (none: no iterator jobs)."""
 
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop claiming; ``run`` returns once in-flight handlers have finished."""
+
+    @property
+    @abstractmethod
+    def inflight(self) -> int:
+        """Flushes whose handlers are running now."""
+
+    @property
+    def worker_id(self) -> str:
+        """This worker's id in the worker registry (``<host>.<pid>.<hex>``)."""
+        return self.identity.id
+
     def reset(self) -> None:
         self.stats = WorkerStats()
         self.full_check_at = 0.0
         self.due_at = [0.0] * len(self.parts)
         self.heard = [False] * len(self.parts)
         self.unregistered = False
+        self.last_work = time.monotonic()
+        self.recycling = None
+        self.identity.started_ms = int(time.time() * 1000)
+
+    # -- the worker registry and recycling ---------------------------------------------------------
+
+    def beat_record(self) -> tuple[str, int]:
+        """(this worker's registry record now, the time of the beat in ms)."""
+        now_ms = int(time.time() * 1000)
+        record = self.identity.record(now_ms, self.inflight, self.stats.delivered, self.stats.failed)
+        return record, now_ms
+
+    def beat_done(self, exc: Exception | None = None) -> None:
+        """Record a heartbeat written (``exc``: one that failed). A failure is logged once
+        until a beat succeeds again (a full Redis refuses every one)."""
+        if exc is None:
+            if self.beat_failing:
+                log.info("worker registry record written again")
+            self.beat_failing = False
+            return
+        if not self.beat_failing:
+            every = self.beat_interval
+            log.warning("cannot write the worker registry record (retried every %gs): %s", every, exc)
+        self.beat_failing = True
+
+    def idle_expired(self, now: float, busy: bool) -> bool:
+        """After a claim round: True (and the worker is stopped) once ``max_idle`` seconds
+        passed without a flush claimed or running (``busy``: one is)."""
+        if busy:
+            self.last_work = now
+        if self.max_idle is None or busy or now - self.last_work < self.max_idle:
+            return False
+        self.recycle(f"idle for {self.max_idle:g}s (max_idle)")
+        return True
+
+    def recycle(self, reason: str) -> None:
+        """Stop by itself, once (max_flushes, max_idle)."""
+        if self.recycling is None:
+            self.recycling = reason
+            log.info("worker recycling: %s", reason)
+            self.stop()
 
     def registration_refused(self, exc: RedisError) -> None:
         """Redis answered the registry write with an error (not a connection failure). The
@@ -224,6 +301,8 @@ class WorkerCore(ABC, Generic[H]):
                 log.error("%s: %s", proc.name, exc)
             self.due_at[idx] = now + CORRUPT_RETRY
             return [], False
+        if claimed:
+            self.last_work = now
         for q in quarantined:
             self.stats.quarantined += 1
             log.error(
@@ -276,6 +355,8 @@ class WorkerCore(ABC, Generic[H]):
         wait = self.full_check_at - now
         if free > 0:
             wait = min(wait, min(self.due_at) - now)
+        if self.max_idle is not None:
+            wait = min(wait, self.last_work + self.max_idle - now)
         return max(wait, 0.001)
 
     def mark_due(self, pfx: str) -> None:
@@ -368,9 +449,15 @@ class WorkerCore(ABC, Generic[H]):
 
     def settled(self, c: ops.Claimed, outcome: Outcome, reply: Any, duration_ms: float) -> None:
         """Count and log a recorded result (``reply`` None: it could not be recorded)."""
-        proc = c.processor
+        self.last_work = time.monotonic()
         if reply is None:
             return
+        self._count(c, outcome, reply, duration_ms)
+        if self.max_flushes is not None and self.stats.delivered + self.stats.failed >= self.max_flushes:
+            self.recycle(f"{self.max_flushes} flushes handled (max_flushes)")
+
+    def _count(self, c: ops.Claimed, outcome: Outcome, reply: Any, duration_ms: float) -> None:
+        proc = c.processor
         if outcome.mode == "ack":
             self.stats.delivered += 1
             self.stats.items += outcome.count

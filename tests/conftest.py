@@ -5,6 +5,7 @@ test the sync or the asyncio client on either backend (tests/clients.py)."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,6 +155,19 @@ def subprocess_env(url: str | None = None) -> dict[str, str]:
     if url:
         env["REDIS_URL"] = url
     return env
+
+
+@pytest.fixture
+def cli_procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Subprocesses a test starts (append them): killed at its end if still running."""
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        yield started
+    finally:
+        for p in started:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
 
 
 def cli_command(*args: str) -> list[str]:

@@ -783,18 +783,6 @@ def add_jobs(url: str, jobs: dict[str, list[Any]]) -> None:
     arun(body)
 
 
-@pytest.fixture
-def cli_procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        yield started
-    finally:
-        for p in started:
-            if p.poll() is None:
-                p.kill()
-                p.wait(5)
-
-
 def test_cli_sigterm_finishes_the_running_async_handler_and_exits_0(
     redis_server: RedisServer,
     real_client: redis.Redis,

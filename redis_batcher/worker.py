@@ -146,7 +146,8 @@ class Worker(Pacing):
             self._register(burst)
             for t in threads:
                 t.start()
-            self.log_start(burst)
+            if not self._stopping.is_set():  # a signal during registration: never started
+                self.log_start(burst)
             if self.jobs is not None:
                 self.jobs.start(burst)
             self.ready.set()
@@ -579,17 +580,12 @@ class Worker(Pacing):
             return lambda: None
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
-            if self._stopping.is_set():
-                log.warning("second signal: releasing unfinished flushes and exiting now")
+            action = self.on_stop_signal(signum, self._stopping.is_set())
+            if action == "force":
                 self._release_all()
                 os._exit(1)
-            log.info(
-                "%s: warm shutdown, finishing %d in-flight flush(es) (grace %.0fs)",
-                signal.Signals(signum).name,
-                len(self._inflight),
-                self.grace_period,
-            )
-            self.stop()
+            if action == "stop":
+                self.stop()
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 

@@ -183,7 +183,8 @@ class Worker(WorkerCore[AsyncWorkerHost]):
             register = functools.partial(self.batcher.register, self.processors)
             background.append(asyncio.ensure_future(beat_task(self, register, lambda: self._stopping)))
             beating = True
-            self.log_start(burst)
+            if not self._stopping:  # a signal during registration: never started
+                self.log_start(burst)
             if self.jobs is not None:
                 jobs = asyncio.ensure_future(self.jobs.run(burst))
             self.ready.set()
@@ -440,14 +441,13 @@ class Worker(WorkerCore[AsyncWorkerHost]):
         installed: list[int] = []
 
         def on_signal(signum: int) -> None:
-            if self._stopping:
-                log.warning("second signal: releasing unfinished flushes and exiting now")
+            action = self.on_stop_signal(signum, self._stopping)
+            if action == "force":
                 self.forced = True
                 self.grace_period = 0.0
                 self._poke()
-                return
-            log.info("%s: warm shutdown (grace %.0fs)", signal.Signals(signum).name, self.grace_period)
-            self.stop()
+            elif action == "stop":
+                self.stop()
 
         for s in (signal.SIGTERM, signal.SIGINT):
             try:

@@ -13,9 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from . import ops
 from .delivery import Outcome, backoff_seconds
@@ -24,6 +22,7 @@ from .jobs import JobIterator, select_iterators
 from .keys import PartitionKeys
 from .models import WorkerStats
 from .processor import Processor
+from .worker_lifecycle import WorkerLifecycle
 from .worker_registry import BEAT_INTERVAL, WorkerIdentity, check_beat_interval, new_worker_id
 
 if TYPE_CHECKING:
@@ -55,7 +54,7 @@ class WorkerHost(Protocol):
 H = TypeVar("H", bound=WorkerHost)
 
 
-class WorkerCore(ABC, Generic[H]):
+class WorkerCore(WorkerLifecycle, ABC, Generic[H]):
     """Scheduling state and bookkeeping of a worker, independent of how it does I/O.
 
     A driver says where its batcher keeps the definitions (:meth:`definitions_of`) and sets up
@@ -184,83 +183,7 @@ class WorkerCore(ABC, Generic[H]):
         self.last_work = time.monotonic()
         self.recycling = None
         self.identity.started_ms = int(time.time() * 1000)
-
-    # -- the worker registry and recycling ---------------------------------------------------------
-
-    def beat_record(self) -> tuple[str, int]:
-        """(this worker's registry record now, the time of the beat in ms)."""
-        now_ms = int(time.time() * 1000)
-        record = self.identity.record(now_ms, self.inflight, self.stats.delivered, self.stats.failed)
-        return record, now_ms
-
-    def beat_done(self, exc: Exception | None = None) -> None:
-        """Record a heartbeat written (``exc``: one that failed). A failure is logged once
-        until a beat succeeds again (a full Redis refuses every one)."""
-        if exc is None:
-            if self.beat_failing:
-                log.info("worker registry record written again")
-            self.beat_failing = False
-            return
-        if not self.beat_failing:
-            every = self.beat_interval
-            log.warning("cannot write the worker registry record (retried every %gs): %s", every, exc)
-        self.beat_failing = True
-
-    def idle_expired(self, now: float, busy: bool) -> bool:
-        """After a claim round: True (and the worker is stopped) once ``max_idle`` seconds
-        passed without a flush claimed or running (``busy``: one is)."""
-        if busy:
-            self.last_work = now
-        if self.max_idle is None or busy or now - self.last_work < self.max_idle:
-            return False
-        self.recycle(f"idle for {self.max_idle:g}s (max_idle)")
-        return True
-
-    def recycle(self, reason: str) -> None:
-        """Stop by itself, once (max_flushes, max_idle)."""
-        if self.recycling is None:
-            self.recycling = reason
-            log.info("worker recycling: %s", reason)
-            self.stop()
-
-    def registration_refused(self, exc: RedisError) -> None:
-        """Redis answered the registry write with an error (not a connection failure). The
-        worker serves anyway: a full Redis refuses that write but still runs claims and acks,
-        which free memory; the write is retried at each full check (register_due)."""
-        self.unregistered = True
-        if isinstance(exc, OutOfMemoryError):
-            log.warning(
-                "Redis is out of memory (%s); serving what is stored (deliveries free memory), "
-                "the processor configs are registered once Redis accepts writes again",
-                exc,
-            )
-        else:
-            log.warning("cannot register the processor configs (%s); serving anyway, retrying later", exc)
-
-    def registration_failed(self, exc: RedisError, delay: float, burst: bool) -> bool:
-        """The first registration failed: True to try again in ``delay`` seconds (Redis cannot
-        be reached); False to serve anyway (see :meth:`registration_refused`). A burst run
-        raises ``exc`` instead of waiting for Redis: it already retried for ``connect_retry``
-        seconds, and a cron job or CI step must end (as rq's ``--burst`` does)."""
-        if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
-            if burst:
-                raise exc
-            log.warning("cannot reach Redis (%s); retrying in %.1fs", exc, delay)
-            return True
-        self.registration_refused(exc)
-        return False
-
-    def register_due(self, now: float) -> bool:
-        """Retry a refused registration now: it was refused and a full check is due."""
-        return self.unregistered and now >= self.full_check_at
-
-    def registration_retried(self, exc: RedisError | None) -> None:
-        """Record a retried registration (``exc``: still refused)."""
-        if exc is None:
-            self.unregistered = False
-            log.info("processor configs registered")
-        else:
-            log.debug("processor configs still not registered: %s", exc)
+        self.first_signal: tuple[int, float] | None = None
 
     # -- scheduling ------------------------------------------------------------------------------
 

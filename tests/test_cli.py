@@ -125,6 +125,24 @@ def test_sigterm_finishes_the_running_flush_and_exits_0(
     assert real_client.zcard(proc.keys.parts[0].due) == 0
 
 
+def test_one_sigterm_delivered_twice_is_still_a_warm_shutdown(
+    redis_server: RedisServer, real_client: redis.Redis, tmp_path: Path, workers: list[Worker]
+) -> None:
+    """GNU timeout signals the worker and its process group: the same SIGTERM arrives twice."""
+    _, proc = slow.make(real_client)
+    proc.add_many("job", ["x"])
+    proc.flush("job")
+    w = Worker(redis_server.url, "tests.apps.slow:batcher", tmp_path / "worker.log")
+    workers.append(w)
+    w.wait_until("the handler to start", lambda: real_client.exists(slow.STARTED_KEY))
+    w.process.send_signal(signal.SIGTERM)
+    w.wait_until("the warm shutdown message", lambda: "warm shutdown" in w.stderr(), timeout=5)
+    w.process.send_signal(signal.SIGTERM)
+    assert w.process.wait(10) == 0, w.stderr()
+    assert "SIGTERM again within 1s: taken as the same signal" in w.stderr()
+    assert real_client.get(slow.FINISHED_KEY) == b"job::0:1"
+
+
 def test_second_signal_exits_at_once_and_releases_the_flush(
     redis_server: RedisServer, real_client: redis.Redis, tmp_path: Path, workers: list[Worker]
 ) -> None:

@@ -19,10 +19,13 @@ from .batcher import Batcher
 from .cli_common import TARGET, F, exit_on_error
 from .cli_workers import Lifecycle, lifecycle_options
 from .errors import BatcherError
+from .logs import JsonFormatter
 from .processor import Processor
 from .worker import Worker
 
 LOG_LEVEL = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)
+LOG_FORMAT = click.Choice(["text", "json"])
+LOG_FORMAT_HELP = "text: for people (rich on a terminal); json: one JSON object per line, for log shippers."
 ITERATOR_HELP = "Only run jobs of these iterators (repeatable). With -p or -i, only what is named is served."
 IDLE_HELP = "Longest sleep between delay-queue checks when no wake-up arrives."
 GRACE_HELP = "On SIGTERM, how long in-flight handlers may finish before their leases are released."
@@ -70,9 +73,12 @@ def _bounded(
     return click.option(name, type=kind, default=default, show_default=True, help=help_text)
 
 
-def _log_to_stderr(level: str) -> None:
-    if sys.stderr.isatty():
-        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False)
+def _log_to_stderr(level: str, log_format: str = "text") -> None:
+    if log_format == "json":
+        handler: logging.Handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+    elif sys.stderr.isatty():
+        handler = RichHandler(console=Console(stderr=True), show_path=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:  # one greppable line per record in log files
         handler = logging.StreamHandler()
@@ -92,6 +98,7 @@ def _log_to_stderr(level: str) -> None:
 @_bounded("--prefetch-multiplier", click.IntRange(min=1), 1, PREFETCH_HELP)
 @lifecycle_options
 @click.option("--log-level", default="INFO", show_default=True, type=LOG_LEVEL)
+@click.option("--log-format", type=LOG_FORMAT, default="text", show_default=True, help=LOG_FORMAT_HELP)
 def worker(
     app: str,
     redis_url: str | None,
@@ -103,6 +110,7 @@ def worker(
     grace_period: float,
     prefetch_multiplier: int,
     log_level: str,
+    log_format: str,
     lifecycle: Lifecycle,
 ) -> None:
     """Run a worker for the processors and iterator jobs of APP (``module:batcher`` or
@@ -110,7 +118,7 @@ def worker(
 
     SIGTERM/SIGINT: stop claiming, finish in-flight flushes, exit 0. A second signal exits at once.
     """
-    _log_to_stderr(log_level)
+    _log_to_stderr(log_level, log_format)
     batcher, only = load_target(app)
     selected = list(names) or only
     if selected:

@@ -9,7 +9,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -27,12 +27,14 @@ DRAIN_CHUNK = 10_000
 
 @dataclass
 class Outcome:
-    """How one delivery ended, before it is recorded in Redis."""
+    """How one delivery ended, before it is recorded in Redis; ``exc``: what the handler raised
+    (its traceback goes with the failure's log line)."""
 
     mode: str  # ack | fail | partial | decode | missing
     error: str | None
     indices: list[int]
     count: int
+    exc: BaseException | None = field(default=None, repr=False, compare=False)
 
 
 def backoff_seconds(proc: ProcessorDef, attempt: int) -> float:
@@ -103,6 +105,7 @@ def make_flush(c: ops.Claimed, items: list[Any]) -> Flush:
 
 def classify(n_items: int, result: Any = None, exc: BaseException | None = None) -> Outcome:
     """Turn what a handler returned or raised into an Outcome."""
+    raised = exc
     if exc is None and isinstance(result, PartialFailure):
         exc = result
     if exc is None:
@@ -111,11 +114,12 @@ def classify(n_items: int, result: Any = None, exc: BaseException | None = None)
         failed = [i for i in exc.failed if 0 <= i < n_items]
         if len(failed) != len(exc.failed):
             error = f"PartialFailure named indices outside 0..{n_items - 1}: {exc.failed}"
-            return Outcome("fail", error, [], n_items)
+            return Outcome("fail", error, [], n_items, raised)
         if not failed:
             return Outcome("ack", None, [], n_items)
-        return Outcome("partial", f"PartialFailure: {exc.message}"[:MAX_ERROR_CHARS], failed, n_items)
-    return Outcome("fail", error_text(exc), [], n_items)
+        error = f"PartialFailure: {exc.message}"[:MAX_ERROR_CHARS]
+        return Outcome("partial", error, failed, n_items, raised)
+    return Outcome("fail", error_text(exc), [], n_items, raised)
 
 
 class SettleRetry:

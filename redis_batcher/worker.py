@@ -401,7 +401,6 @@ class Worker(Pacing):
             if result is not None and inspect.isawaitable(result):  # an async handler, sync worker
                 result = asyncio.run(_awaited(result))
         except Exception as exc:  # a handler may raise anything: record it and retry later
-            log.debug("handler traceback", exc_info=True)
             return classify(len(items), exc=exc)
         except BaseException as exc:  # sys.exit() in a handler ends neither the thread nor the flush
             log_handler_exit(c, exc)
@@ -439,7 +438,7 @@ class Worker(Pacing):
         try:
             outcome = self._deliver(c)
         except BaseException as exc:  # Redis unreachable while draining, ...: keep the items
-            outcome = Outcome("fail", error_text(exc), [], c.cutoff)
+            outcome = Outcome("fail", error_text(exc), [], c.cutoff, exc)
         elapsed = time.perf_counter() - t0
         duration_ms = elapsed * 1000.0
         if elapsed > 0:  # what share of its time the handler computed (moving average)

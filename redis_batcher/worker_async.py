@@ -311,7 +311,6 @@ class Worker(WorkerCore[AsyncWorkerHost]):
             log_handler_exit(c, exc.exc)
             return classify(len(items), exc=exc.exc)
         except Exception as exc:  # a handler may raise anything: record it and retry later
-            log.debug("handler traceback", exc_info=True)
             return classify(len(items), exc=exc)
         return classify(len(items), result)
 
@@ -344,7 +343,7 @@ class Worker(WorkerCore[AsyncWorkerHost]):
             except asyncio.CancelledError:
                 return None  # released at shutdown: the lease was given back
             except BaseException as exc:  # Redis unreachable while draining, ...: keep the items
-                outcome = Outcome("fail", error_text(exc), [], c.cutoff)
+                outcome = Outcome("fail", error_text(exc), [], c.cutoff, exc)
             r.settling = True
             duration_ms = (time.perf_counter() - t0) * 1000.0
             # ask for the partition's next flush with the ack, unless stopping or flushes

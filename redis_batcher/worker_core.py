@@ -20,6 +20,7 @@ from .delivery import Outcome, backoff_seconds
 from .errors import ConfigError, CorruptData
 from .jobs import JobIterator, select_iterators
 from .keys import PartitionKeys
+from .logs import FlushSummary
 from .models import WorkerStats
 from .processor import Processor
 from .worker_lifecycle import WorkerLifecycle
@@ -134,6 +135,7 @@ class WorkerCore(WorkerLifecycle, ABC, Generic[H]):
         # the wake-up channel of each partition served (redis_batcher.wake)
         self.channels = [channel for p in self.processors for channel in p.keys.channels]
         self.stats = WorkerStats()
+        self.summary = FlushSummary()  # the periodic INFO line (see summarize)
         # monotonic time at which each partition may next have something due (0 = check now)
         self.due_at: list[float] = [0.0] * len(self.parts)
         # bumped whenever a partition is announced due: a claim reply read after such news must
@@ -181,6 +183,7 @@ class WorkerCore(WorkerLifecycle, ABC, Generic[H]):
         self.heard = [False] * len(self.parts)
         self.unregistered = False
         self.last_work = time.monotonic()
+        self.summary.reset(self.last_work)
         self.recycling = None
         self.identity.started_ms = int(time.time() * 1000)
         self.first_signal: tuple[int, float] | None = None
@@ -384,7 +387,7 @@ class WorkerCore(WorkerLifecycle, ABC, Generic[H]):
         if outcome.mode == "ack":
             self.stats.delivered += 1
             self.stats.items += outcome.count
-            log.info(
+            log.debug(
                 "%s %s: %d items in %.1f ms (attempt %d, %s)",
                 proc.name,
                 c.member,
@@ -403,6 +406,7 @@ class WorkerCore(WorkerLifecycle, ABC, Generic[H]):
                 c.member,
                 outcome.error,
                 outcome.count,
+                exc_info=outcome.exc,
             )
             return
         if outcome.mode == "missing":
@@ -424,27 +428,22 @@ class WorkerCore(WorkerLifecycle, ABC, Generic[H]):
             self.stats.items += outcome.count - len(outcome.indices)
         if code == "dead":
             self.stats.dead_lettered += 1
-            log.error(
-                "%s %s attempt %d failed: %s; moved to the dead-letter store (max_attempts=%d)",
-                proc.name,
-                c.member,
-                c.attempt,
-                outcome.error,
-                proc.config.max_attempts,
-            )
+            then = f"moved to the dead-letter store (max_attempts={proc.config.max_attempts})"
+            level = logging.ERROR
         elif code == "bisect":
-            log.warning(
-                "%s %s attempt %d failed: %s; retrying the first %s items alone",
-                proc.name,
-                c.member,
-                c.attempt,
-                outcome.error,
-                int(reply[1]),
-            )
+            level, then = logging.WARNING, f"retrying the first {int(reply[1])} items alone"
         else:
-            log.warning(
-                "%s %s attempt %d failed: %s; retry scheduled", proc.name, c.member, c.attempt, outcome.error
-            )
+            level, then = logging.WARNING, "retry scheduled"
+        log.log(
+            level,
+            "%s %s attempt %d failed: %s; %s",
+            proc.name,
+            c.member,
+            c.attempt,
+            outcome.error,
+            then,
+            exc_info=outcome.exc,
+        )
 
     def released(self, c: ops.Claimed, reply: Any = None, exc: RedisError | None = None) -> None:
         """Count and log the release of a flush's lease (``exc``: it failed)."""
@@ -498,7 +497,14 @@ class WorkerCore(WorkerLifecycle, ABC, Generic[H]):
             self.batcher.prefix,
         )
 
+    def summarize(self, final: bool = False) -> None:
+        """Log the periodic summary when due (every ``summary.interval`` seconds, checked at
+        each heartbeat; ``final``: at stop) and something happened since the last one."""
+        if line := self.summary.line(self.stats, time.monotonic(), final):
+            log.info("%s", line)
+
     def log_stop(self) -> None:
+        self.summarize(final=True)
         log.info(
             "worker stopped: %d delivered, %d failed, %d dead-lettered, %d items",
             self.stats.delivered,

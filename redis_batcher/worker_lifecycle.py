@@ -46,6 +46,9 @@ class WorkerLifecycle(ABC):
     @abstractmethod
     def stop(self) -> None: ...
 
+    @abstractmethod
+    def summarize(self, final: bool = False) -> None: ...
+
     def on_stop_signal(self, signum: int, stopping: bool) -> str:
         """What a SIGTERM/SIGINT means, logged: ``"stop"`` (a warm shutdown), ``"force"`` (a
         second one while stopping: release the leases at once) or ``"echo"`` (the same signal
@@ -78,6 +81,7 @@ class WorkerLifecycle(ABC):
     def beat_done(self, exc: Exception | None = None) -> None:
         """Record a heartbeat written (``exc``: one that failed). A failure is logged once
         until a beat succeeds again (a full Redis refuses every one)."""
+        self.summarize()
         if exc is None:
             if self.beat_failing:
                 log.info("worker registry record written again")

@@ -247,15 +247,14 @@ def test_burst_returns_when_a_handler_calls_sys_exit(
     assert "handler raised SystemExit: 3" in log and "Traceback" in log and "sys.exit(3)" in log
 
 
-def test_worker_logs_each_flush(redis_server: RedisServer, real_client: redis.Redis) -> None:
+def test_worker_logs_each_flush_at_debug(redis_server: RedisServer, real_client: redis.Redis) -> None:
     _, proc = ledger.make(real_client)
     proc.add_many("order-17", ["a", "b", "c", "d"])
     proc.flush("order-17")
     proc.add_many("order-18", list(range(ledger.MAX_BATCH_SIZE)))
+    args = ("--redis-url", redis_server.url, "--burst", "-c", "1", "--log-level", "debug")
     done = subprocess.run(
-        cli_command(
-            "worker", "tests.apps.ledger:batcher", "--redis-url", redis_server.url, "--burst", "-c", "1"
-        ),
+        cli_command("worker", "tests.apps.ledger:batcher", *args),
         cwd=ROOT,
         env=worker_env(redis_server.url),
         capture_output=True,

@@ -64,42 +64,30 @@ class WorkerMetrics:
     def __init__(self, registry: Any = None) -> None:
         require()
         reg = prometheus_client.REGISTRY if registry is None else registry
-        counter, histogram = prometheus_client.Counter, prometheus_client.Histogram
-        self.delivered = counter(
-            "redis_batcher_flushes_delivered", "Flushes whose handler succeeded.", LABELS, registry=reg
-        )
-        self.items = counter(
-            "redis_batcher_items_delivered", "Items handled successfully.", LABELS, registry=reg
-        )
+
+        def counter(name: str, doc: str) -> Any:
+            return prometheus_client.Counter(name, doc, LABELS, registry=reg)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
+            return prometheus_client.Histogram(name, doc, LABELS, registry=reg, buckets=buckets)
+
+        self.delivered = counter("redis_batcher_flushes_delivered", "Flushes whose handler succeeded.")
+        self.items = counter("redis_batcher_items_delivered", "Items handled successfully.")
         self.failures = counter(
             "redis_batcher_flush_failures",
             "Failed deliveries: the handler raised, timed out or reported a partial failure.",
-            LABELS,
-            registry=reg,
         )
-        self.retries = counter(
-            "redis_batcher_flush_retries", "Failed deliveries scheduled to run again.", LABELS, registry=reg
-        )
+        self.retries = counter("redis_batcher_flush_retries", "Failed deliveries scheduled to run again.")
         self.dead = counter(
             "redis_batcher_flushes_dead_lettered",
             "Dead letters written by this worker (attempts exhausted, undecodable entries).",
-            LABELS,
-            registry=reg,
         )
         self.duration = histogram(
             "redis_batcher_handler_duration_seconds",
             "How long a delivery took: reading its items and running the handler.",
-            LABELS,
-            registry=reg,
-            buckets=DURATION_BUCKETS,
+            DURATION_BUCKETS,
         )
-        self.size = histogram(
-            "redis_batcher_batch_size_items",
-            "Items per delivered flush.",
-            LABELS,
-            registry=reg,
-            buckets=SIZE_BUCKETS,
-        )
+        self.size = histogram("redis_batcher_batch_size_items", "Items per delivered flush.", SIZE_BUCKETS)
 
     def flush_settled(self, c: ops.Claimed, outcome: Outcome, code: str, seconds: float) -> None:
         """Count one recorded result (see :class:`~redis_batcher.instrument.WorkerObserver`)."""

@@ -20,6 +20,8 @@ from .cli_common import TARGET, F, exit_on_error
 from .cli_workers import Lifecycle, lifecycle_options
 from .errors import BatcherError
 from .logs import JsonFormatter
+from .metrics import require as require_metrics
+from .metrics import serve as serve_metrics
 from .processor import Processor
 from .worker import Worker
 
@@ -33,6 +35,8 @@ URL_HELP = (
     "Serve this Redis instead of the one the app's batcher connects to "
     "(default: $REDIS_BATCHER_URL; $REDIS_URL does not override the app)."
 )
+METRICS_HELP = "Serve Prometheus metrics on this port at /metrics (needs redis-batcher[metrics])."
+METRICS_HOST_HELP = "Address the metrics server listens on (0.0.0.0: every interface)."
 PREFETCH_HELP = (
     "Claim up to concurrency x this many flushes (above 1: ahead of free handler slots; "
     "if the worker dies, each claimed flush is charged a death)."
@@ -96,6 +100,8 @@ def _log_to_stderr(level: str, log_format: str = "text") -> None:
 @_bounded("--max-idle-wait", click.FloatRange(min=0.01), 5.0, IDLE_HELP)
 @_bounded("--grace-period", click.FloatRange(min=0), 30.0, GRACE_HELP)
 @_bounded("--prefetch-multiplier", click.IntRange(min=1), 1, PREFETCH_HELP)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, help=METRICS_HELP)
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help=METRICS_HOST_HELP)
 @lifecycle_options
 @click.option("--log-level", default="INFO", show_default=True, type=LOG_LEVEL)
 @click.option("--log-format", type=LOG_FORMAT, default="text", show_default=True, help=LOG_FORMAT_HELP)
@@ -109,6 +115,8 @@ def worker(
     max_idle_wait: float,
     grace_period: float,
     prefetch_multiplier: int,
+    metrics_port: int | None,
+    metrics_host: str,
     log_level: str,
     log_format: str,
     lifecycle: Lifecycle,
@@ -119,6 +127,8 @@ def worker(
     SIGTERM/SIGINT: stop claiming, finish in-flight flushes, exit 0. A second signal exits at once.
     """
     _log_to_stderr(log_level, log_format)
+    if metrics_port is not None:
+        require_metrics()  # before anything starts: the extra may be missing
     batcher, only = load_target(app)
     selected = list(names) or only
     if selected:
@@ -153,6 +163,8 @@ def worker(
     options.update(lifecycle.worker_options())
     if lifecycle.check:
         lifecycle.run_check(batcher, selected or sorted(batcher.processors))
+    if metrics_port is not None:
+        options["observer"] = serve_metrics(batcher, metrics_port, metrics_host)
     try:
         w: Any = (
             aio.Worker(batcher, **options) if isinstance(batcher, aio.Batcher) else Worker(batcher, **options)

@@ -138,6 +138,45 @@ def overdue_age(earliest_ms: float | None, now: float) -> float | None:
     return now - earliest_ms / 1000
 
 
+@dataclass(frozen=True)
+class Backlog:
+    """What a scrape reads of one processor (:func:`backlogs`): base ids with an active
+    sequence; sequences due now that no worker holds (``due_now``); the others queued
+    (``scheduled``: waiting for their interval or a retry's backoff, or held by a worker's
+    lease); dead letters kept; seconds its oldest overdue entry has been due (None: none);
+    whether it is paused."""
+
+    active_batch_ids: int
+    due_now: int
+    scheduled: int
+    dead_letters: int
+    oldest_overdue: float | None
+    paused: bool
+
+
+def backlog_steps(proc: ProcessorDef, now: float) -> Steps[Backlog]:
+    """The :class:`Backlog` of ``proc`` at ``now`` (epoch s): six commands per partition, however
+    many batch ids it holds."""
+    active, queued, dead = yield from counts_steps(proc)
+    earliest, paused = yield from earliest_due_steps(proc)
+    due = 0
+    for part in proc.keys.parts:
+        due += yield Read(part.due, methodcaller("zcount", part.due, "-inf", int(now * 1000)))
+    # ZCARD and ZCOUNT are separate reads: a claim between them may make the difference negative
+    scheduled = max(queued - due, 0)
+    return Backlog(active, due, scheduled, dead, overdue_age(earliest, now), paused)
+
+
+def backlogs(batcher: Batcher, names: Iterable[str] | None = None) -> dict[str, Backlog]:
+    """The :class:`Backlog` of each processor named (default: every readable registry entry), by
+    name: what :class:`redis_batcher.metrics.RedisCollector` exports at each scrape."""
+    now = time.time()
+    return {
+        name: batcher.executor.drive(backlog_steps(batcher.remote(name), now))
+        for name in _names(batcher, names)
+    }
+
+
 def processor_overview(proc: Processor) -> ProcessorOverview:
     """The counts of one processor (a local one, or one of :meth:`Batcher.remote`)."""
     active, queued, dead = proc.batcher.executor.drive(counts_steps(proc))

@@ -38,6 +38,7 @@ from .delivery import (
     make_flush,
 )
 from .errors import NotReplicated, error_text
+from .instrument import traced
 from .job_runner import JobRunner
 from .jobs import JobIterator
 from .models import WorkerStats
@@ -77,19 +78,18 @@ class Worker(Pacing):
     than wait, a flush due during a handler that started under 2 ms ago is left to that
     handler's thread; and on a saturated machine a backlog of such handlers is worked through by
     at most two threads: see :mod:`redis_batcher.worker_pace`).
-    ``prefetch_multiplier``: the
-    worker claims up to ``concurrency * prefetch_multiplier`` flushes (as Celery's setting of
-    that name); above 1, flushes wait claimed for a free thread, so bursts of small flushes
-    need fewer claim round trips. Their leases are renewed while they wait, and a stopping
-    worker releases the ones not started at once; but if the worker process dies, each claimed
-    flush is charged a death (``max_deaths``, bisection), started or not. Default 1.
-    ``processors`` limits the worker to some processor names. ``max_idle_wait`` bounds how long
-    an idle worker sleeps between full checks of its delay queues when no wake-up message
-    arrives (a safety net; wake-ups are instant).
-    ``grace_period``: on shutdown, how long in-flight handlers may still run; the leases of those
-    still running after it are released at once so another worker takes them.
-    ``iterators`` limits the iterator jobs it runs to those iterator names (``[]``: none).
-    ``max_flushes``, ``max_idle``, ``beat_interval``: see :class:`~redis_batcher.worker_core.WorkerCore`.
+    ``prefetch_multiplier``: the worker claims up to ``concurrency * prefetch_multiplier``
+    flushes (as Celery's setting of that name); above 1, flushes wait claimed for a free thread,
+    so bursts of small flushes need fewer claim round trips. Their leases are renewed while they
+    wait, and a stopping worker releases the ones not started at once; but if the worker process
+    dies, each claimed flush is charged a death (``max_deaths``, bisection), started or not.
+    Default 1. ``processors`` limits the worker to some processor names. ``max_idle_wait``
+    bounds how long an idle worker sleeps between full checks of its delay queues when no
+    wake-up message arrives (a safety net; wake-ups are instant). ``grace_period``: on
+    shutdown, how long in-flight handlers may still run; the leases of those still running
+    after it are released at once so another worker takes them. ``iterators`` limits the
+    iterator jobs it runs to those iterator names (``[]``: none). ``max_flushes``,
+    ``max_idle``, ``beat_interval``, ``observer``: see :class:`~redis_batcher.worker_core.WorkerCore`.
     """
 
     def definitions_of(self, batcher: Batcher) -> Batcher:
@@ -436,7 +436,7 @@ class Worker(Pacing):
         t0 = time.perf_counter()
         cpu0 = time.thread_time()
         try:
-            outcome = self._deliver(c)
+            outcome = traced(c, self._deliver)
         except BaseException as exc:  # Redis unreachable while draining, ...: keep the items
             outcome = Outcome("fail", error_text(exc), [], c.cutoff, exc)
         elapsed = time.perf_counter() - t0

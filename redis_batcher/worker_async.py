@@ -35,6 +35,7 @@ from .delivery import (
     make_flush,
 )
 from .errors import NotReplicated, error_text
+from .instrument import traced_async
 from .job_runner_async import AsyncJobRunner
 from .jobs import JobIterator
 from .jobs_async import AsyncJobsHost
@@ -126,7 +127,7 @@ class Worker(WorkerCore[AsyncWorkerHost]):
     sync :class:`~redis_batcher.Worker`. ``await worker.run()`` until :meth:`stop` (or
     SIGTERM/SIGINT when run in the main thread); ``run(burst=True)`` delivers what is due and
     returns. ``processors`` / ``iterators`` limit what it serves, and ``max_flushes``,
-    ``max_idle`` and ``beat_interval`` work, as on the sync worker."""
+    ``max_idle``, ``beat_interval`` and ``observer`` work, as on the sync worker."""
 
     KIND = "asyncio"
 
@@ -339,7 +340,7 @@ class Worker(WorkerCore[AsyncWorkerHost]):
         more = False
         try:
             try:
-                outcome = await self._deliver(c)
+                outcome = await traced_async(c, self._deliver)
             except asyncio.CancelledError:
                 return None  # released at shutdown: the lease was given back
             except BaseException as exc:  # Redis unreachable while draining, ...: keep the items

@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 from . import ops
 from .delivery import Outcome, backoff_seconds
 from .errors import ConfigError, CorruptData
+from .instrument import WorkerObserver, reply_code
 from .jobs import JobIterator, select_iterators
 from .keys import PartitionKeys
 from .logs import FlushSummary
@@ -66,7 +67,8 @@ class WorkerCore(WorkerLifecycle, ABC, Generic[H]):
     handled that many flushes (delivered or failed), or once that many seconds passed without a
     flush claimed or running; a supervisor then starts a fresh process. ``beat_interval``:
     seconds between two heartbeats of the worker's record in the worker registry
-    (:mod:`redis_batcher.worker_registry`); the record expires after three missed beats."""
+    (:mod:`redis_batcher.worker_registry`); the record expires after three missed beats.
+    ``observer``: told of every result recorded (:class:`~redis_batcher.metrics.WorkerMetrics`)."""
 
     KIND = "sync"  # what the worker's registry record calls this driver
 
@@ -83,6 +85,7 @@ class WorkerCore(WorkerLifecycle, ABC, Generic[H]):
         max_flushes: int | None = None,
         max_idle: float | None = None,
         beat_interval: float = BEAT_INTERVAL,
+        observer: WorkerObserver | None = None,
     ) -> None:
         definitions = self.definitions_of(batcher)
         chosen = select_iterators(definitions.iterators, iterators)
@@ -105,6 +108,7 @@ class WorkerCore(WorkerLifecycle, ABC, Generic[H]):
         ):
             raise ConfigError(f"max_idle must be a number > 0 or None, got {max_idle!r}")
         self.beat_interval = check_beat_interval(beat_interval)
+        self.observer = observer
         self.max_flushes = max_flushes
         self.max_idle = None if max_idle is None else float(max_idle)
         self.last_work = 0.0  # monotonic time of the last flush claimed or settled (max_idle)
@@ -379,6 +383,8 @@ class WorkerCore(WorkerLifecycle, ABC, Generic[H]):
         if reply is None:
             return
         self._count(c, outcome, reply, duration_ms)
+        if self.observer is not None:
+            self.observer.flush_settled(c, outcome, reply_code(reply), duration_ms / 1000.0)
         if self.max_flushes is not None and self.stats.delivered + self.stats.failed >= self.max_flushes:
             self.recycle(f"{self.max_flushes} flushes handled (max_flushes)")
 

@@ -129,7 +129,9 @@ def test_worker_process_serves_worker_and_redis_metrics_over_http(
     assert sample(got, "redis_batcher_paused", **proc_label) == 0
     proc.terminate()
     assert proc.wait(20) == 0, log.read_text()
-    assert "Traceback" not in log.read_text()
+    # the failing handler's tracebacks are logged with its failures; the shutdown shows none
+    text = log.read_text()
+    assert "warm shutdown" in text and "Traceback" not in text.split("warm shutdown", 1)[1], text
     producer.close()
 
 

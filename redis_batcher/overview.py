@@ -154,14 +154,21 @@ class Backlog:
     paused: bool
 
 
+def due_now_steps(proc: ProcessorDef, now_ms: int) -> Steps[int]:
+    """Sequences of ``proc`` due at ``now_ms`` (epoch ms) and held by no worker (a lease
+    scores its entry in the future): one ``ZCOUNT`` per partition."""
+    due = 0
+    for part in proc.keys.parts:
+        due += yield Read(part.due, methodcaller("zcount", part.due, "-inf", now_ms))
+    return due
+
+
 def backlog_steps(proc: ProcessorDef, now: float) -> Steps[Backlog]:
     """The :class:`Backlog` of ``proc`` at ``now`` (epoch s): six commands per partition, however
     many batch ids it holds."""
     active, queued, dead = yield from counts_steps(proc)
     earliest, paused = yield from earliest_due_steps(proc)
-    due = 0
-    for part in proc.keys.parts:
-        due += yield Read(part.due, methodcaller("zcount", part.due, "-inf", int(now * 1000)))
+    due = yield from due_now_steps(proc, int(now * 1000))
     # ZCARD and ZCOUNT are separate reads: a claim between them may make the difference negative
     scheduled = max(queued - due, 0)
     return Backlog(active, due, scheduled, dead, overdue_age(earliest, now), paused)

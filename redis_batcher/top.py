@@ -27,12 +27,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from operator import methodcaller
 
 from . import overview
 from .batcher import Batcher
-from .calls import Read, Steps
-from .definition import ProcessorDef
 from .worker_registry import WorkerInfo
 
 
@@ -88,15 +85,6 @@ class TopSnapshot:
         return sum(w.failures_per_s or 0.0 for w in self.workers)
 
 
-def due_now_steps(proc: ProcessorDef, now_ms: int) -> Steps[int]:
-    """Sequences of ``proc`` due at ``now_ms`` (epoch ms) and held by no worker (a lease
-    scores its entry in the future): one ``ZCOUNT`` per partition."""
-    due = 0
-    for part in proc.keys.parts:
-        due += yield Read(part.due, methodcaller("zcount", part.due, "-inf", now_ms))
-    return due
-
-
 def worker_rates(info: WorkerInfo, before: WorkerRates | None) -> WorkerRates:
     """``info``'s rates: between its beat ``before`` and this one (the rates ``before`` had if
     it has not beaten since), or, without ``before``, averaged since it started."""
@@ -124,7 +112,7 @@ def processor_top(batcher: Batcher, name: str, workers: list[WorkerRates]) -> Pr
     every live worker of the prefix."""
     proc = batcher.remote(name)
     seen = overview.processor_overview(proc)
-    backlog = batcher.executor.drive(due_now_steps(proc, int(time.time() * 1000)))
+    backlog = batcher.executor.drive(overview.due_now_steps(proc, int(time.time() * 1000)))
     serving = [w for w in workers if name in w.info.processors]
     return ProcessorTop(
         name=name,

@@ -125,18 +125,31 @@ def test_sigterm_finishes_the_running_flush_and_exits_0(
     assert real_client.zcard(proc.keys.parts[0].due) == 0
 
 
-def test_one_sigterm_delivered_twice_is_still_a_warm_shutdown(
-    redis_server: RedisServer, real_client: redis.Redis, tmp_path: Path, workers: list[Worker]
-) -> None:
-    """GNU timeout signals the worker and its process group: the same SIGTERM arrives twice."""
+def stopping_slow_worker(
+    redis_server: RedisServer,
+    real_client: redis.Redis,
+    tmp_path: Path,
+    workers: list[Worker],
+    items: list[str],
+) -> tuple[Worker, Any]:
+    """A CLI worker running the slow handler on ``items``, sent SIGTERM and logging its warm
+    shutdown; and the processor."""
     _, proc = slow.make(real_client)
-    proc.add_many("job", ["x"])
+    proc.add_many("job", items)
     proc.flush("job")
     w = Worker(redis_server.url, "tests.apps.slow:batcher", tmp_path / "worker.log")
     workers.append(w)
     w.wait_until("the handler to start", lambda: real_client.exists(slow.STARTED_KEY))
     w.process.send_signal(signal.SIGTERM)
     w.wait_until("the warm shutdown message", lambda: "warm shutdown" in w.stderr(), timeout=5)
+    return w, proc
+
+
+def test_one_sigterm_delivered_twice_is_still_a_warm_shutdown(
+    redis_server: RedisServer, real_client: redis.Redis, tmp_path: Path, workers: list[Worker]
+) -> None:
+    """GNU timeout signals the worker and its process group: the same SIGTERM arrives twice."""
+    w, _ = stopping_slow_worker(redis_server, real_client, tmp_path, workers, ["x"])
     w.process.send_signal(signal.SIGTERM)
     assert w.process.wait(10) == 0, w.stderr()
     assert "SIGTERM again within 1s: taken as the same signal" in w.stderr()
@@ -146,14 +159,7 @@ def test_one_sigterm_delivered_twice_is_still_a_warm_shutdown(
 def test_second_signal_exits_at_once_and_releases_the_flush(
     redis_server: RedisServer, real_client: redis.Redis, tmp_path: Path, workers: list[Worker]
 ) -> None:
-    _, proc = slow.make(real_client)
-    proc.add_many("job", ["x", "y"])
-    proc.flush("job")
-    w = Worker(redis_server.url, "tests.apps.slow:batcher", tmp_path / "worker.log")
-    workers.append(w)
-    w.wait_until("the handler to start", lambda: real_client.exists(slow.STARTED_KEY))
-    w.process.send_signal(signal.SIGTERM)
-    w.wait_until("the warm shutdown message", lambda: "warm shutdown" in w.stderr(), timeout=5)
+    w, proc = stopping_slow_worker(redis_server, real_client, tmp_path, workers, ["x", "y"])
     w.process.send_signal(signal.SIGINT)
     assert w.process.wait(5) == 1, w.stderr()
     assert "second signal: releasing unfinished flushes and exiting now" in w.stderr()

@@ -56,6 +56,7 @@
 --- @include "open_items_of"
 --- @include "seal"
 --- @include "wake_workers"
+--- @include "pending_delta"
 
 local head = KEYS[1]
 local base = ARGV[1]
@@ -249,7 +250,7 @@ if #head_set > 0 then
   redis.call('HSET', head, unpack(head_set))
 end
 if fresh_items > 0 then
-  redis.call('HINCRBY', head, 'pending', fresh_items)
+  pending_delta(pfx, head, fresh_items)
 end
 if seq and touched then
   redis.call('LSET', okey, 0, open_header(seq, now, smax))

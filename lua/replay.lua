@@ -22,6 +22,7 @@
 --- @include "next_free_seq"
 --- @include "flush_id_of"
 --- @include "wake_always"
+--- @include "pending_delta"
 
 local head, ids, due, hist = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local pfx, id, base = ARGV[1], ARGV[2], ARGV[3]
@@ -49,7 +50,7 @@ redis.call('HSET', pfx .. 's:' .. member, 'status', 'flushing', 'cutoff', count,
   'sealed_at', int(now), 'reason', 'replay', 'attempt', 0, 'max', ARGV[4],
   'flush_id', flush_id_of(pfx, base, seq, now * 1000 + sub))  -- a new flush: a new id
 redis.call('HSET', head, 'a:' .. seq, 'flushing')
-redis.call('HINCRBY', head, 'pending', count)
+pending_delta(pfx, head, count)
 if redis.call('HINCRBY', head, 'active', 1) == 1 then
   redis.call('SADD', ids, base)
   redis.call('PERSIST', head)

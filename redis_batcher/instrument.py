@@ -32,6 +32,10 @@ class WorkerObserver(Protocol):
         """``outcome``: how the delivery ended; ``code``: what Redis did with it (``ok``,
         ``retry``, ``bisect``, ``moving``, ``dead``, ...); ``seconds``: the delivery's duration."""
 
+    def flush_quarantined(self, processor: str, member: str) -> None:
+        """A claim found sequence ``member`` (``base::N``) of ``processor`` undeliverable (its
+        keys hold something else) and moved it to the dead letters (reason ``quarantine``)."""
+
 
 def reply_code(reply: Any) -> str:
     """The first word of an ack or nack reply (``ok``, ``retry``, ``dead``, ...)."""

@@ -19,6 +19,8 @@ Layout (prefix ``rb``, processor ``events``, one partition)::
                                        (add.lua); the woken worker that deletes it claims
     rb:{events:0}:paused               STRING set while the partition is paused (the time it was
                                        paused, ms): claims take none of its flushes
+    rb:{events:0}:pending              STRING items of the sealed sequences not yet delivered
+                                       (advisory, for metrics; absent = 0)
     rb:{events:0}:wake                 wake-up channel of the partition: sharded pub/sub
                                        (SPUBLISH/SSUBSCRIBE) on Redis 7+, else plain
     rb:{events:0}:guard                never written: the last key every script declares, so
@@ -185,6 +187,11 @@ class PartitionKeys:
     def paused(self) -> str:
         """Set while the partition is paused: claims take none of its flushes (``pause.lua``)."""
         return self.pfx + "paused"
+
+    @property
+    def pending(self) -> str:
+        """The partition's count of sealed, undelivered items (``includes/pending_delta.lua``)."""
+        return self.pfx + "pending"
 
     @property
     def wake(self) -> str:

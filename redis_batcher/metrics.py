@@ -8,9 +8,10 @@ Two parts, both registered in a ``prometheus_client`` registry (default: its glo
   failures, retries and dead letters and times handlers, labelled ``processor`` and ``reason``
   (what sealed the flush: ``size``, ``interval``, ``manual``, ...).
 - :class:`RedisCollector`, what Redis holds, read at each scrape: backlog, scheduled
-  sequences, active batch ids, the oldest overdue entry's age, dead letters, paused processors
-  and live workers, by ``processor``. A scrape costs six commands per partition and two for the
-  worker registry, however many batch ids there are.
+  sequences, active batch ids, items sealed and not yet delivered, the oldest overdue entry's
+  age, dead letters, paused processors and live workers, by ``processor``. A scrape costs
+  seven commands per partition and two for the worker registry, however many batch ids there
+  are.
 
 ``redis-batcher worker APP --metrics-port 9108`` serves both on ``/metrics``. The names and what
 to alert on are in ``docs/monitoring.md``. Nothing here runs on the producer's ``add()``.
@@ -80,7 +81,7 @@ class WorkerMetrics:
         self.retries = counter("redis_batcher_flush_retries", "Failed deliveries scheduled to run again.")
         self.dead = counter(
             "redis_batcher_flushes_dead_lettered",
-            "Dead letters written by this worker (attempts exhausted, undecodable entries).",
+            "Dead letters written by this worker (attempts exhausted, undecodable or damaged data).",
         )
         self.duration = histogram(
             "redis_batcher_handler_duration_seconds",
@@ -109,6 +110,10 @@ class WorkerMetrics:
             self.dead.labels(*labels).inc()
         elif outcome.mode != "missing":
             self.retries.labels(*labels).inc()
+
+    def flush_quarantined(self, processor: str, member: str) -> None:
+        """Count a sequence a claim moved to the dead letters (reason ``quarantine``)."""
+        self.dead.labels(processor, "quarantine").inc()
 
 
 def _gauge(name: str, doc: str) -> Any:
@@ -139,6 +144,10 @@ class RedisCollector:
                 "Sequences waiting for their interval or a retry, or held by a worker.",
             ),
             "active": _gauge("redis_batcher_active_batch_ids", "Batch ids with an active sequence."),
+            "pending": _gauge(
+                "redis_batcher_pending_items",
+                "Items of sealed sequences not yet delivered (accumulating items count once sealed).",
+            ),
             "overdue": _gauge(
                 "redis_batcher_oldest_overdue_seconds",
                 "How long the oldest sequence due and not held by a worker has waited (0: none).",
@@ -167,6 +176,7 @@ class RedisCollector:
                 ("due", b.due_now),
                 ("scheduled", b.scheduled),
                 ("active", b.active_batch_ids),
+                ("pending", b.pending_items),
                 ("overdue", b.oldest_overdue or 0.0),
                 ("dead", b.dead_letters),
                 ("paused", int(b.paused)),

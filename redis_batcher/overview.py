@@ -144,7 +144,9 @@ class Backlog:
     sequence; sequences due now that no worker holds (``due_now``); the others queued
     (``scheduled``: waiting for their interval or a retry's backoff, or held by a worker's
     lease); dead letters kept; seconds its oldest overdue entry has been due (None: none);
-    whether it is paused."""
+    whether it is paused; ``pending_items``, the items of its sealed sequences not yet
+    delivered (due, waiting for a retry or in a worker's hands: items still accumulating are
+    counted once their sequence is sealed, so that ``add()`` writes no counter)."""
 
     active_batch_ids: int
     due_now: int
@@ -152,6 +154,7 @@ class Backlog:
     dead_letters: int
     oldest_overdue: float | None
     paused: bool
+    pending_items: int = 0
 
 
 def due_now_steps(proc: ProcessorDef, now_ms: int) -> Steps[int]:
@@ -163,15 +166,29 @@ def due_now_steps(proc: ProcessorDef, now_ms: int) -> Steps[int]:
     return due
 
 
+def pending_items_steps(proc: ProcessorDef) -> Steps[int]:
+    """Items of ``proc``'s sealed sequences not yet delivered: one ``GET`` per partition of the
+    count the scripts keep (a value that is not a count reads as 0)."""
+    total = 0
+    for part in proc.keys.parts:
+        raw = yield Read(part.pending, methodcaller("get", part.pending))
+        try:
+            total += max(int(raw or 0), 0)
+        except ValueError:
+            pass
+    return total
+
+
 def backlog_steps(proc: ProcessorDef, now: float) -> Steps[Backlog]:
-    """The :class:`Backlog` of ``proc`` at ``now`` (epoch s): six commands per partition, however
-    many batch ids it holds."""
+    """The :class:`Backlog` of ``proc`` at ``now`` (epoch s): seven commands per partition,
+    however many batch ids it holds."""
     active, queued, dead = yield from counts_steps(proc)
     earliest, paused = yield from earliest_due_steps(proc)
     due = yield from due_now_steps(proc, int(now * 1000))
+    pending = yield from pending_items_steps(proc)
     # ZCARD and ZCOUNT are separate reads: a claim between them may make the difference negative
     scheduled = max(queued - due, 0)
-    return Backlog(active, due, scheduled, dead, overdue_age(earliest, now), paused)
+    return Backlog(active, due, scheduled, dead, overdue_age(earliest, now), paused, pending)
 
 
 def backlogs(batcher: Batcher, names: Iterable[str] | None = None) -> dict[str, Backlog]:

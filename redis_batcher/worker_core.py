@@ -235,6 +235,8 @@ class WorkerCore(WorkerLifecycle, ABC, Generic[H]):
             self.last_work = now
         for q in quarantined:
             self.stats.quarantined += 1
+            if self.observer is not None:
+                self.observer.flush_quarantined(proc.name, q.member)
             log.error(
                 "%s %s cannot be delivered (%s); moved to dead letter %s (reason quarantine)",
                 proc.name,

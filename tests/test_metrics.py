@@ -175,11 +175,13 @@ def test_redis_side_scrape_costs_the_same_for_1_and_50_batch_ids(
     time.sleep(0.05)
     fifty, samples = scrape_cost(real_client, registry)
     assert fifty == one
-    # the registry; the worker index (no worker: no MGET); 6 commands per partition (4 + 1)
-    assert sum(one.values()) == 1 + 1 + 6 * 5, one
+    # the registry; the worker index (no worker: no MGET); 7 commands per partition (4 + 1)
+    assert sum(one.values()) == 1 + 1 + 7 * 5, one
     assert sample(samples, "redis_batcher_active_batch_ids", **labels) == 50
     assert sample(samples, "redis_batcher_backlog_flushes", **labels) == 10
     assert sample(samples, "redis_batcher_scheduled_flushes", **labels) == 40
+    # the ten flushed ids' items (one each, id-0 two) are sealed; the 40 others accumulate
+    assert sample(samples, "redis_batcher_pending_items", **labels) == 11
     overdue = sample(samples, "redis_batcher_oldest_overdue_seconds", **labels)
     assert overdue is not None and 0.04 <= overdue < 30
     p.pause()
@@ -323,3 +325,21 @@ def test_without_prometheus_client_the_worker_names_the_extra(redis_server: Redi
     assert "api: Prometheus metrics need prometheus-client" in done.stdout
     assert "pip install 'redis-batcher[metrics]'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_sequences_a_claim_quarantines_count_as_dead_letters(
+    real_batcher: Batcher, real_client: redis.Redis
+) -> None:
+    p = real_batcher.processor(name="damaged", max_batch_size=2, flush_interval=None)(lambda f: None)
+    p.add_many("ok", [1, 2])
+    p.add_many("bad", [1, 2])
+    part = p.keys.for_base("bad")
+    real_client.delete(part.meta("bad", 0))
+    real_client.set(part.meta("bad", 0), "junk")  # its state is no hash: the claim quarantines it
+    registry = CollectorRegistry()
+    Worker(real_batcher, observer=WorkerMetrics(registry)).run(burst=True)
+    quarantine = {"processor": "damaged", "reason": "quarantine"}
+    assert registry.get_sample_value("redis_batcher_flushes_dead_lettered_total", quarantine) == 1
+    delivered = {"processor": "damaged", "reason": "size"}
+    assert registry.get_sample_value("redis_batcher_flushes_delivered_total", delivered) == 1
+    assert [d.reason for d in p.dead_letters()] == ["quarantine"]

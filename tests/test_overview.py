@@ -110,3 +110,52 @@ def test_layout_report(client: Any) -> None:
     client.set(layout_key("t"), "x")
     assert overview.layout_report(batcher) == overview.LayoutReport("x", False)
     assert not overview.layout_report(batcher).matches
+
+
+def pending(batcher: Batcher, name: str) -> int:
+    return overview.backlogs(batcher, [name])[name].pending_items
+
+
+def test_pending_items_follow_seals_deliveries_retries_and_dead_letters(
+    batcher: Batcher, client: Any
+) -> None:
+    """The partitions' pending-items count (the metrics' gauge): items enter when their sequence
+    is sealed (by size, by hand, by a replay) and leave when delivered, partly delivered or
+    dead-lettered; a drained processor leaves no count key behind."""
+    outcome: dict[str, Any] = {}
+
+    def handler(flush: rb.Flush) -> Any:
+        return outcome.get(flush.batch_id)
+
+    p = batcher.processor(
+        name="pend", max_batch_size=3, flush_interval=None, max_attempts=1, partitions=2
+    )(handler)
+    p.add_many("a", [1, 2])
+    p.add_many("b", [1, 2, 3, 4])  # b::0 sealed by size, b::1 accumulates
+    assert pending(batcher, "pend") == 3
+    p.flush("a")
+    assert pending(batcher, "pend") == 5
+    outcome["a"] = rb.PartialFailure([1], "one bad")  # one delivered, one dead
+    Worker(batcher, processors=["pend"]).run(burst=True)
+    assert pending(batcher, "pend") == 0
+    [dead] = p.dead_letters()
+    p.replay_dead(dead.id)
+    assert pending(batcher, "pend") == 1
+    outcome["a"] = None
+    Worker(batcher, processors=["pend"]).run(burst=True)
+    assert pending(batcher, "pend") == 0
+    p.flush("b")
+    assert pending(batcher, "pend") == 1
+    Worker(batcher, processors=["pend"]).run(burst=True)
+    assert pending(batcher, "pend") == 0
+    assert not [k for k in client.scan_iter("t:{pend*") if k.endswith(b":pending")]
+    # a count key holding something else reads as 0 and stops no seal or delivery
+    for part in p.keys.parts:
+        client.set(part.pfx + "pending", "garbage")
+    for i in range(4):
+        p.add_many(f"c{i}", [1, 2, 3])
+    assert [s.status for s in p.sequences("c0")] == ["flushing"]
+    assert pending(batcher, "pend") == 0
+    Worker(batcher, processors=["pend"]).run(burst=True)
+    assert {s.status for i in range(4) for s in p.sequences(f"c{i}")} == {"completed"}
+    assert {client.get(part.pfx + "pending") for part in p.keys.parts} == {b"garbage"}

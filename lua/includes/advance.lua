@@ -7,6 +7,7 @@
 --- @include "member_of"
 --- @include "unpark"
 --- @include "retire"
+--- @include "pending_delta"
 
 local function advance(pfx, base, seq, n, now, cfg, known, done)
   local member = member_of(base, seq)
@@ -16,8 +17,7 @@ local function advance(pfx, base, seq, n, now, cfg, known, done)
   local f = known or redis.call('HMGET', meta, 'cutoff', 'fid_n', 'max', 'flush_id', 'fid_k')
   local left = tonumber(f[1] or '0') - n
   if left > 0 then
-    local pending = redis.call('HINCRBY', head, 'pending', int(-n))
-    if pending < 0 then redis.call('HSET', head, 'pending', 0) end
+    pending_delta(pfx, head, -n)
     redis.call('HSET', meta, 'cutoff', left, 'window', math.min(left, tonumber(f[3] or cfg.max)),
       'owner', '', 'updated_at', int(now))
     redis.call('HDEL', meta, 'lease_until', 'next_attempt_at')
@@ -46,7 +46,9 @@ local function advance(pfx, base, seq, n, now, cfg, known, done)
   redis.call('ZREM', due, member)
   -- the head's counters, index and completion record: one read, one HDEL, one HSET
   local h = redis.call('HMGET', head, 'pending', 'acc', 'active', 'done_seq')
-  local set = {'pending', int(math.max(tonumber(h[1] or '0') - n, 0))}
+  local was = tonumber(h[1] or '0')
+  local set = {'pending', int(math.max(was - n, 0))}
+  partition_pending(pfx, math.max(was - n, 0) - was)
   if done and tonumber(seq) >= tonumber(h[4] or '-1') then
     -- concurrent flushes finish in any order: keep the highest completed sequence
     for _, v in ipairs({'done_seq', seq, 'done_items', done, 'done_at', int(now)}) do

@@ -7,6 +7,7 @@
 --- @include "advance"
 --- @include "register_dead"
 --- @include "move_fields"
+--- @include "pending_delta"
 
 local function move_finish(pfx, member, j, now, cfg, dead)
   local base, seq = split_member(member)
@@ -27,7 +28,7 @@ local function move_finish(pfx, member, j, now, cfg, dead)
   if dropped > 0 then redis.call('HINCRBY', meta, 'delivered', dropped) end
   if j.finish == 'retry' then
     local head = pfx .. 'b:' .. base
-    if redis.call('HINCRBY', head, 'pending', int(-gone)) < 0 then redis.call('HSET', head, 'pending', 0) end
+    pending_delta(pfx, head, -gone)
     local cutoff = tonumber(f[1]) - gone
     if j.keep == 0 then
       -- none failed: the window's items all left (its flush_id with them, unless the rest was

@@ -11,6 +11,7 @@
 --- @include "retire"
 --- @include "fresh_dead_id"
 --- @include "register_dead"
+--- @include "pending_delta"
 
 local function quarantine_member(pfx, member, why, id, now, cfg, dead)
   local due = pfx .. 'due'
@@ -45,7 +46,7 @@ local function quarantine_member(pfx, member, why, id, now, cfg, dead)
     local head = pfx .. 'b:' .. base
     if not head_problem(head) and redis.call('HEXISTS', head, 'a:' .. seq) == 1 then
       if status == 'flushing' and count > 0 then
-        if redis.call('HINCRBY', head, 'pending', -count) < 0 then redis.call('HSET', head, 'pending', 0) end
+        pending_delta(pfx, head, -count)
       end
       retire(pfx, head, pfx .. 'ids', base, seq, cfg.retention)
       if cfg.ordered then unpark(pfx, head, due, base, now) end

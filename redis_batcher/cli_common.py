@@ -142,7 +142,14 @@ def error_line(exc: BaseException, target: str | None) -> str | None:
     return None
 
 
-def make_batcher(url: str | None, prefix: str, cluster: bool, connect_retry: float = 10.0) -> Batcher:
+# an operator's command waits this long for an unreachable Redis (a failover's blip) before it
+# says so; the library's default (10 s) suits producers, not someone at a prompt
+CONNECT_RETRY = 3.0
+
+
+def make_batcher(
+    url: str | None, prefix: str, cluster: bool, connect_retry: float = CONNECT_RETRY
+) -> Batcher:
     """The batcher of the connection options (a bad ``--prefix`` or ``--redis-url`` is a usage
     error, exit status 2); the command's error line names its server."""
     with exit_on_error("--prefix"):

@@ -163,7 +163,7 @@ def lifecycle_options(f: Callable[..., None]) -> Callable[..., None]:
 @connection_options
 def workers(as_json: bool, redis_url: str | None, prefix: str, cluster: bool) -> None:
     """List the live workers of a prefix (sync and asyncio), from their heartbeat records."""
-    found = make_batcher(redis_url, prefix, cluster, 10.0).workers()
+    found = make_batcher(redis_url, prefix, cluster).workers()
     if as_json:
         print_json(found)
         return

@@ -255,12 +255,10 @@ def takes_job(method: Any) -> bool:
 
 
 def log_step_exit(iterator: str, job_id: str, exc: BaseException) -> None:
-    """A step's traceback: at debug level for an Exception (the failure is logged once
-    recorded), at error level for another BaseException (``sys.exit()`` in a step: a failed
-    step like any other, but likely a bug)."""
-    if isinstance(exc, Exception):
-        log.debug("job step traceback", exc_info=exc)
-    else:
+    """Log a step that raised another BaseException than an Exception (``sys.exit()`` in a
+    step: a failed step like any other, but likely a bug), with its traceback. An Exception's
+    traceback is logged with the failure once it is recorded."""
+    if not isinstance(exc, Exception):
         log.error(
             "%s %s: step raised %s; counted as a failed step", iterator, job_id, error_text(exc), exc_info=exc
         )

@@ -497,7 +497,9 @@ class JobRunnerCore:
             )
         elif outcome == "failed":
             self.stats.failed += 1
-            log.error("%s %s: failed after %d tries: %s", it.name, c.job_id, retries, error_text(exc))
+            log.error(
+                "%s %s: failed after %d tries: %s", it.name, c.job_id, retries, error_text(exc), exc_info=exc
+            )
         elif outcome == "retry":
             log.warning(
                 "%s %s: step failed (%s); retry %d in %.1fs",
@@ -506,4 +508,5 @@ class JobRunnerCore:
                 error_text(exc),
                 retries,
                 delay_ms / 1000.0,
+                exc_info=exc,
             )

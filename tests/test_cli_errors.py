@@ -143,7 +143,7 @@ UNREACHABLE = [
 
 
 def test_every_command_with_redis_unreachable_prints_one_line_and_exits_1() -> None:
-    """Each command retries for connect_retry (10 s), so they run side by side."""
+    """Each command retries for the CLI's connect_retry (3 s), so they run side by side."""
     url = dead_url()
     port = url.rsplit(":", 1)[1].split("/")[0]
     started = [(args, start([*args, "--redis-url", url])) for args in UNREACHABLE]

@@ -173,6 +173,9 @@ def test_a_step_failing_twice_then_succeeding_is_retried_with_backoff(
         "flaky f1: step failed (ConnectionError: database away (1)); retry 1 in 0.1s",
         "flaky f1: step failed (ConnectionError: database away (2)); retry 2 in 0.2s",
     ]
+    # at WARNING, each with the step's traceback
+    tracebacks = [r.exc_info for r in caplog.records if "step failed" in r.getMessage()]
+    assert [str(info[1]) for info in tracebacks if info] == ["database away (1)", "database away (2)"]
 
 
 def test_a_step_always_failing_fails_the_job_after_max_retries(real_batcher: Batcher) -> None:

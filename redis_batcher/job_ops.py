@@ -86,7 +86,7 @@ def fail_call(keys: JobKeys, config: IteratorConfig, job_id: str, owner: str, er
         job_id,
         owner,
         error,
-        config.max_retries,
+        config.max_attempts,
         _ms(config.retry_backoff),
         _ms(config.retry_backoff_max),
     )

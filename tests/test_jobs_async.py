@@ -157,7 +157,7 @@ def test_async_retries_then_failure_then_resume(
     healthy = [False]
 
     async def body(ab: aio.Batcher) -> None:
-        @ab.iterator(name="flaky", max_retries=2, retry_backoff=0.05, retry_backoff_max=0.1)
+        @ab.iterator(name="flaky", max_attempts=3, retry_backoff=0.05, retry_backoff_max=0.1)
         class Flaky:
             async def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
                 return Page(["a", "b"], "x", True)
@@ -202,7 +202,7 @@ def test_async_runner_counts_a_step_calling_sys_exit_as_a_failed_step(
         sys.exit(3)
 
     async def body(ab: aio.Batcher) -> None:
-        @ab.iterator(name="exits", max_retries=1, retry_backoff=0.02, retry_backoff_max=0.05)
+        @ab.iterator(name="exits", max_attempts=2, retry_backoff=0.02, retry_backoff_max=0.05)
         class Exits:
             async def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
                 return Page([1], None, True)

@@ -30,10 +30,10 @@ import logging
 import os
 import socket
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict
 
 from .errors import (
     ConfigError,
@@ -253,6 +253,51 @@ def make_config(
         retry_backoff_max=backoff_max,
         lease_timeout=_seconds("lease_timeout", lease_timeout, positive=True),
     )
+
+
+class JobOptions(TypedDict, total=False):
+    """The settings one job may override at ``start``, each checked as the iterator's own
+    (see :meth:`redis_batcher.Batcher.iterator`); the job keeps them, so whichever worker
+    claims it uses them. ``lease_timeout`` is the iterator's for all its jobs."""
+
+    batch_size: int
+    delay_between_batches: float | timedelta
+    max_attempts: int
+    max_retries: int
+    """The seed's spelling of ``max_attempts`` (N attempts), stored as ``max_attempts``."""
+    retry_backoff: float | timedelta
+    retry_backoff_max: float | timedelta
+
+
+JOB_OPTIONS = tuple(JobOptions.__annotations__)
+
+
+def job_config(base: IteratorConfig, overrides: Mapping[str, Any]) -> IteratorConfig:
+    """``base`` with a job's ``overrides`` (:class:`JobOptions`), checked as the iterator's own
+    settings are: :class:`ConfigError` for a bad value, ``TypeError`` for an unknown name."""
+    for key in overrides:
+        if key not in JOB_OPTIONS:
+            raise TypeError(f"start() got an unexpected keyword argument {key!r}")
+    settings: dict[str, Any] = {
+        "batch_size": base.batch_size,
+        "delay_between_batches": base.delay_between_batches,
+        "retry_backoff": base.retry_backoff,
+        "retry_backoff_max": base.retry_backoff_max,
+    }
+    if "max_attempts" not in overrides and "max_retries" not in overrides:
+        settings["max_attempts"] = base.max_attempts
+    settings.update(overrides)
+    return make_config(base.name, lease_timeout=base.lease_timeout, **settings)
+
+
+def job_overrides(base: IteratorConfig, overrides: Mapping[str, Any]) -> tuple[IteratorConfig, str]:
+    """The config a job started with ``overrides`` runs with, and the overrides as stored with
+    it (JSON of the checked values, ``max_retries`` as ``max_attempts``; ``""`` for none)."""
+    config = job_config(base, overrides)
+    if not overrides:
+        return config, ""
+    names = {"max_attempts" if key == "max_retries" else key for key in overrides}
+    return config, json.dumps({key: getattr(config, key) for key in sorted(names)})
 
 
 def check_iterator_class(cls: Any) -> None:

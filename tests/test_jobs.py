@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -804,3 +805,86 @@ def test_bad_listing_and_control_arguments_raise_batcher_errors(real_batcher: Ba
     with pytest.raises(rb.ConfigError):
         Worker(real_batcher, iterators=[])  # nothing to serve: no processors, no iterators
     assert snapshot(real_batcher.client) == before
+
+
+def sizing_iterator(batcher: Batcher, **options: Any) -> tuple[Any, list[tuple[str, int, int]]]:
+    """An iterator over range(params["n"]) recording (job id, page size, job.batch_size)."""
+    pages: list[tuple[str, int, int]] = []
+
+    @batcher.iterator(name="sized", batch_size=10, delay_between_batches=0.0, **options)
+    class Sized:
+        def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
+            start = int(cursor or 0)
+            stop = min(start + batch_size, job.params["n"])
+            return Page(list(range(start, stop)), str(stop), stop >= job.params["n"])
+
+        def process(self, items: list[int], job: JobContext) -> None:
+            pages.append((job.job_id, len(items), job.batch_size))
+
+    return Sized, pages
+
+
+def test_start_overrides_the_iterators_settings_for_one_job(real_batcher: Batcher) -> None:
+    """The seed takes batch size, delay and retries per startIterator call: start() takes them
+    for one job, stores them with it, and any worker honours them: here a worker of another
+    Batcher, whose definition of the iterator knows nothing of the job's settings."""
+    Sized, _ = sizing_iterator(real_batcher)
+    st = Sized.start("small", params={"n": 10}, batch_size=3, delay_between_batches=timedelta(0))
+    assert st.config is not None and (st.config.batch_size, st.config.delay_between_batches) == (3, 0.0)
+    assert st.config.max_attempts == 5 and Sized.config.batch_size == 10  # the iterator's are kept
+    Sized.start("plain", params={"n": 25})
+    assert real_batcher.client.hget(Sized.keys.job("plain"), "overrides") is None
+    assert real_batcher.client.hget(Sized.keys.job("small"), "overrides") == (
+        b'{"batch_size": 3, "delay_between_batches": 0.0}'
+    )
+
+    elsewhere = Batcher(real_batcher.client, prefix="t")
+    _, pages = sizing_iterator(elsewhere)
+    Worker(elsewhere).run(burst=True)
+    assert [(n, size) for job, n, size in pages if job == "small"] == [(3, 3), (3, 3), (3, 3), (1, 3)]
+    assert [(n, size) for job, n, size in pages if job == "plain"] == [(10, 10), (10, 10), (5, 10)]
+    assert {Sized.status(j).status for j in ("small", "plain")} == {"completed"}  # type: ignore[union-attr]
+
+
+def test_a_jobs_own_retry_settings_are_honoured(real_batcher: Batcher) -> None:
+    Failing, runs = always_failing(real_batcher, "fragile")  # 5 attempts, 2 s backoff
+    st = Failing.start("f1", max_attempts=3, retry_backoff=40, retry_backoff_max=timedelta(seconds=50))
+    assert st.config is not None
+    assert (st.config.max_attempts, st.config.retry_backoff, st.config.retry_backoff_max) == (3, 40.0, 50.0)
+    assert failure_schedule(real_batcher, Failing, "f1", runs) == [40000, 50000] and runs[0] == 3
+    runs[0] = 0
+    Failing.start("f2", max_retries=2)  # the seed's spelling: 2 attempts
+    assert failure_schedule(real_batcher, Failing, "f2", runs) == [2000] and runs[0] == 2
+    assert Failing.status("f2").config.max_attempts == 2  # type: ignore[union-attr]
+
+
+def test_bad_job_settings_leave_redis_untouched(real_batcher: Batcher) -> None:
+    Sized, _ = sizing_iterator(real_batcher, retry_backoff_max=30.0)
+    before = snapshot(real_batcher.client)
+    for bad in (
+        {"batch_size": 0},
+        {"batch_size": 2.5},
+        {"delay_between_batches": -1},
+        {"max_attempts": 0},
+        {"max_attempts": 2, "max_retries": 2},
+        {"retry_backoff": 31},  # above the iterator's retry_backoff_max
+        {"retry_backoff_max": "1m"},
+    ):
+        with pytest.raises(rb.ConfigError):
+            Sized.start("bad", params={"n": 1}, **bad)
+    with pytest.raises(TypeError, match="lease_timeout"):
+        Sized.start("bad", params={"n": 1}, lease_timeout=5)  # type: ignore[call-arg]
+    assert snapshot(real_batcher.client) == before
+
+
+def test_stored_settings_a_worker_refuses_leave_the_iterators(
+    real_batcher: Batcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Settings only this library writes, checked again when a worker claims the job: a value
+    that no longer passes (edited by hand) is logged and the iterator's settings apply."""
+    Sized, pages = sizing_iterator(real_batcher)
+    Sized.start("edited", params={"n": 12}, batch_size=4)
+    real_batcher.client.hset(Sized.keys.job("edited"), "overrides", '{"batch_size": 0}')
+    Worker(real_batcher).run(burst=True)
+    assert [n for _, n, _ in pages] == [10, 2]
+    assert any("edited: own settings refused" in r.getMessage() for r in caplog.records)

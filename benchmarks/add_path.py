@@ -1,4 +1,5 @@
-"""Add path, side by side in one run: redis-batcher add()/add_many() vs bare redis-py RPUSH.
+"""Add path, side by side in one run: redis-batcher add()/add_many() vs bare redis-py RPUSH, and
+add() of a processor with flush_idle (one ZADD more per add) vs the same processor without it.
 
 Starts its own redis-server on a free loopback port (--save '' --appendonly no). Each figure is
 the median of --runs runs (runs interleave the systems so noise hits both alike); the ratios are
@@ -45,6 +46,10 @@ def main() -> None:
         client = redis.Redis(host="127.0.0.1", port=server.port)
         batcher = redis_batcher.Batcher(client, prefix="bench")
         proc = batcher.processor(name="bench", max_batch_size=1_000_000, flush_interval=None)(lambda f: None)
+        # the same processor with debounce; never quiet for an hour: no worker would be woken
+        idle = batcher.processor(
+            name="bench-idle", max_batch_size=1_000_000, flush_interval=None, flush_idle=3600.0
+        )(lambda f: None)
         items = [dict(ITEM, n=i) for i in range(100)]
         print(
             f"redis-server {client.info()['redis_version']}, item {len(payload)} bytes, "
@@ -59,6 +64,10 @@ def main() -> None:
             proc.add("b1", ITEM)
             return 1
 
+        def rb_idle_one() -> int:
+            idle.add("b1", ITEM)
+            return 1
+
         def bare_many() -> int:
             client.rpush("bare:many", *hundred)
             return 100
@@ -70,6 +79,7 @@ def main() -> None:
         cases = {
             "bare RPUSH x1": bare_one,
             "add()": rb_one,
+            "add() flush_idle": rb_idle_one,
             "bare RPUSH x100": bare_many,
             "add_many(100)": rb_many,
         }
@@ -86,9 +96,11 @@ def main() -> None:
             f"add_many(100) / bare variadic RPUSH = {med['add_many(100)'] / med['bare RPUSH x100']:.2f}"
             "  (target >= 0.60)"
         )
+        print(f"add() with flush_idle / add() without = {med['add() flush_idle'] / med['add()']:.2f}")
         client.close()
     one = med["add()"] / med["bare RPUSH x1"]
     many = med["add_many(100)"] / med["bare RPUSH x100"]
+    debounced = med["add() flush_idle"] / med["add()"]
     append_json(
         args.json,
         [
@@ -96,6 +108,10 @@ def main() -> None:
             record(
                 "add_path", "add() items/s", results["add()"], "items/s",
                 ratio=one, ratio_of="bare RPUSH x1 items/s", target="≥ 0.80",
+            ),
+            record(
+                "add_path", "add() with flush_idle items/s", results["add() flush_idle"], "items/s",
+                ratio=debounced, ratio_of="add() items/s",
             ),
             record("add_path", "bare RPUSH x100 items/s", results["bare RPUSH x100"], "items/s"),
             record(

@@ -8,7 +8,8 @@
 --                   flush (-1 = no timer); max_pending refuses an add that would leave the base
 --                   id with more undelivered items (-1 = no limit); segments is '-' (all items
 --                   are one add) or "n1,n2,..": several adds coalesced into one call (group
---                   commit), each answered on its own
+--                   commit), each answered on its own. A processor with flush_idle sends
+--                   "<max_batch_size> <interval_ms> <max_pending> <idle_ms> <segments>"
 -- ARGV[3..] items   encoded items, in add order
 -- Few arguments and a one-string reply keep the client's cost down on the hot path. The
 -- accumulating sequence's items live in the base id's open list, pfx.."o:"..base, behind a
@@ -22,6 +23,11 @@
 -- is written sealed from the start, straight into its own list: HINCRBY next, HSET state,
 -- HINCRBY active, RPUSH, ZADD due, 5 commands instead of 10. Sealing writes the sequence's
 -- flush_id with its sealed state (see includes/flush_id_of.lua): the id its deliveries carry.
+-- flush_idle (debounce): a sequence opened with it is due idle_ms after its last add, but never
+-- later than interval_ms after its first. Its header carries that deadline, "/<cap ms>" (0: no
+-- flush_interval), so each add moves its due entry (one ZADD XX) without another read; a
+-- sequence opened without it has no cap in its header and is not moved, whoever adds to it.
+-- Without flush_idle an add does nothing of this.
 -- Derived keys (same hash tag): pfx.."o:"..base, pfx.."ids", pfx.."due", pfx.."h:"..base,
 -- pfx.."woke", and the state and items of the sequences touched. Wakes the workers serving the
 -- partition (a message on its channel pfx.."wake": SPUBLISH on Redis 7+, else PUBLISH) when a
@@ -57,15 +63,48 @@
 --- @include "seal"
 --- @include "wake_workers"
 --- @include "pending_delta"
+--- @include "idle_due"
 
 local head = KEYS[1]
 local base = ARGV[1]
 local pfx = string.sub(head, 1, #head - #base - 2)
-local max, interval, max_pending, segments = string.match(ARGV[2], '^(%-?%d+) (%-?%d+) (%-?%d+) (%S+)$')
+local max, interval, max_pending, segments, idle = string.match(ARGV[2], '^(%-?%d+) (%-?%d+) (%-?%d+) (%S+)$')
+if not max then
+  -- flush_idle's fifth field: only a processor that sets it pays for parsing it
+  max, interval, max_pending, idle, segments = string.match(ARGV[2], '^(%-?%d+) (%-?%d+) (%-?%d+) (%d+) (%S+)$')
+  idle = tonumber(idle)
+end
 max, interval, max_pending = tonumber(max), tonumber(interval), tonumber(max_pending)
 local first, last = 3, #ARGV
 local now, sub = now_ms()  -- sub: the microseconds past `now` (a seal's flush_id)
 local okey = pfx .. 'o:' .. base
+
+-- The hot path with flush_idle, into a sequence opened with it (its header names a cap): the
+-- same as the one below, and the due entry moved to idle_ms from now (never past the cap). Any
+-- other header goes on below.
+if idle and last == first and segments == '-' and max_pending < 0 then
+  local header = redis.pcall('LINDEX', okey, 0)
+  local seq, smax, cap = nil, nil, nil
+  if type(header) == 'string' then
+    seq, smax, cap = string.match(header, '^(%d+):%d+/(%d+)/(%d+)$')
+  end
+  if seq and #seq <= 15 and #smax <= 15 and #cap <= 15 then
+    local count = redis.call('RPUSH', okey, ARGV[first]) - 1
+    if count < tonumber(smax) then
+      redis.call('LSET', okey, 0, open_header(seq, now, smax) .. '/' .. cap)
+      redis.call('ZADD', pfx .. 'due', 'XX', idle_due(now, idle, tonumber(cap)), member_of(base, seq))
+      return seq .. ',' .. count .. ',A,0,1'
+    end
+    if seq_problem(pfx, member_of(base, seq)) or head_problem(head)
+        or wrong_type({pfx .. 'due', 'zset'}) then
+      redis.call('RPOP', okey)
+    else
+      count = seal(pfx, head, pfx .. 'due', base, seq, count, 'size', now, sub)
+      wake_workers(pfx)
+      return seq .. ',' .. count .. ',F,1,1'
+    end
+  end
+end
 
 -- The hot path, kept short (every Lua operation costs here): one item from one caller into
 -- the open sequence, no max_pending. The header is read first, so that nothing is written
@@ -109,6 +148,8 @@ if why then
   return 'corrupt,' .. why
 end
 local wake = false
+local scap = nil        -- the open sequence's flush_idle cap (its header's), nil: none
+local opened = false    -- this call opened it (and set its due entry)
 
 -- head fields written once at the end (field, value, ...)
 local head_set = {}
@@ -129,20 +170,29 @@ local function open_sequence(full)
       head_set = {}
     end
   else
-    redis.call('HSET', pfx .. 's:' .. member, 'status', 'accumulating',
-      'created_at', int(now), 'updated_at', int(now), 'attempt', 0, 'max', max, 'interval', interval)
+    local state = {'status', 'accumulating', 'created_at', int(now), 'updated_at', int(now), 'attempt', 0,
+      'max', max, 'interval', interval}
+    local header = open_header(seq, now, max)
+    if idle then
+      scap = interval >= 0 and int(now + interval) or '0'
+      header = header .. '/' .. scap
+      table.insert(state, 'idle')
+      table.insert(state, idle)
+    end
+    redis.call('HSET', pfx .. 's:' .. member, unpack(state))
     redis.call('HSET', head, 'acc', seq, 'a:' .. seq, 'accumulating')
     -- the open list does not exist here (it is renamed at sealing); LPUSH rather than RPUSH
     -- so that, were it ever left behind, its entries would be delivered, never overwritten
-    redis.call('LPUSH', okey, open_header(seq, now, max))
+    redis.call('LPUSH', okey, header)
+    opened = true
   end
   if redis.call('HINCRBY', head, 'active', 1) == 1 then
     redis.call('SADD', ids, base)
     redis.call('PERSIST', head)
     redis.call('PERSIST', hist)
   end
-  if interval >= 0 and not full then
-    redis.call('ZADD', due, int(now + interval), member)
+  if (interval >= 0 or idle) and not full then
+    redis.call('ZADD', due, idle and idle_due(now, idle, tonumber(scap)) or int(now + interval), member)
     -- an idle worker sleeps until the earliest due entry: tell it when that changed
     if redis.call('ZRANGE', due, 0, 0)[1] == member then
       wake = true
@@ -151,15 +201,15 @@ local function open_sequence(full)
   return seq
 end
 
--- The accumulating sequence's item count and max_batch_size (open_items_of). Should its open
--- list be missing (the head names a sequence, yet no add ever created it), it is started with
--- its header, so no item is ever pushed without one; a damaged header is rewritten, its items
--- kept for the sequence.
+-- The accumulating sequence's item count, max_batch_size and flush_idle cap (open_items_of).
+-- Should its open list be missing (the head names a sequence, yet no add ever created it), it is
+-- started with its header, so no item is ever pushed without one; a damaged header is
+-- rewritten, its items kept for the sequence (and its due entry left where it is).
 local function open_count(seq)
   local n, _, how = open_items_of(pfx, base, seq, seq)
   if how == 'own' then
-    local _, smax = parse_header(redis.call('LINDEX', okey, 0))
-    return n, smax or max
+    local _, smax, cap = parse_header(redis.call('LINDEX', okey, 0))
+    return n, smax or max, cap and int(cap)
   end
   if how == 'damaged' then
     redis.call('LSET', okey, 0, open_header(seq, now, max))
@@ -184,7 +234,7 @@ if seq then seq = tonumber(seq) end
 -- undelivered items of the base id: the sealed sequences' (head 'pending') and the open one's
 local pending = tonumber(state[2] or '0')
 if max_pending >= 0 and seq then
-  count, smax = open_count(seq)
+  count, smax, scap = open_count(seq)
   pending = pending + count
 end
 local fresh_items = 0    -- items written into sequences sealed from the start
@@ -213,7 +263,7 @@ for _, n in ipairs(segs) do
       end
       local member = member_of(base, seq)
       local key = fresh and pfx .. 'i:' .. member or okey
-      if count == nil then count, smax = open_count(seq) end
+      if count == nil then count, smax, scap = open_count(seq) end
       local take = math.max(math.min(smax - count, stop - i + 1), 0)
       local j = i
       while j < i + take do
@@ -235,7 +285,7 @@ for _, n in ipairs(segs) do
         end
         sealed = sealed + 1
         status = 'flushing'
-        seq, count = nil, nil
+        seq, count, scap, opened = nil, nil, nil, false
       else
         status = 'accumulating'
       end
@@ -253,7 +303,10 @@ if fresh_items > 0 then
   pending_delta(pfx, head, fresh_items)
 end
 if seq and touched then
-  redis.call('LSET', okey, 0, open_header(seq, now, smax))
+  redis.call('LSET', okey, 0, open_header(seq, now, smax) .. (scap and '/' .. scap or ''))
+  if idle and scap and not opened then
+    redis.call('ZADD', due, 'XX', idle_due(now, idle, tonumber(scap)), member_of(base, seq))
+  end
 end
 if any_sealed or wake then
   wake_workers(pfx)

@@ -10,10 +10,11 @@
 -- ARGV[5] worker    label of the worker (host:pid), shown by status
 -- Derived keys: pfx.."j:"..id, pfx.."r:"..id, pfx.."status:*" of each job. A job whose keys hold
 -- something else leaves the runnable set (its keys stay for inspection).
--- Reply: {next_due_ms, id, cursor, processed, retries, params, exhausted, ...}
+-- Reply: {next_due_ms, id, cursor, processed, retries, params, exhausted, overrides, ...}
 --   next_due_ms  ms until the earliest remaining entry is runnable (0 = now, -1 = none; also
 --                -1 when the runnable set itself holds something else)
---   then six fields per claimed job (cursor is nil when the walk has not started)
+--   then seven fields per claimed job (cursor is nil when the walk has not started; overrides
+--   is the JSON of the job's own settings, '' when it has none)
 --- @include "now_ms"
 --- @include "int"
 --- @include "wrong_type"
@@ -39,7 +40,7 @@ for _, id in ipairs(ids) do
   local job = pfx .. 'j:' .. id
   local bad = job_problem(pfx, job, id)
   local f = bad and {} or redis.call('HMGET', job, 'status', 'cursor', 'processed', 'retries', 'params',
-    'exhausted')
+    'exhausted', 'overrides')
   if bad or (f[1] ~= 'pending' and f[1] ~= 'running') then
     -- deleted, paused, finished: not runnable; keys holding something else: never runnable
     redis.call('ZREM', due, id)
@@ -62,6 +63,7 @@ for _, id in ipairs(ids) do
     table.insert(out, f[4] or '0')
     table.insert(out, f[5] or 'null')
     table.insert(out, f[6] or '0')
+    table.insert(out, f[7] or '')
   end
 end
 out[1] = next_due_ms(due, now)

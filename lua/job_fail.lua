@@ -1,7 +1,8 @@
 #!lua flags=allow-oom
 -- allow-oom: a few fixed fields and a bounded error text; moves the job between indexes
--- job_fail.lua: a step (or on_complete) raised: count the retry and schedule it with exponential
--- backoff, or fail the job once the retries are spent. Only the lease holder may do this.
+-- job_fail.lua: a step (or on_complete) raised: count the failure and schedule a retry with
+-- exponential backoff, or fail the job once the attempts are spent. Only the lease holder may
+-- do this.
 --
 -- KEYS[1] job  pfx.."j:"..id
 -- KEYS[2] guard pfx.."guard": never written, so no script of a migrating slot runs
@@ -9,8 +10,8 @@
 -- ARGV[2] job id
 -- ARGV[3] owner           token from job_claim.lua
 -- ARGV[4] error           error text to keep
--- ARGV[5] max_retries     failures in a row allowed before the job fails is max_retries + 1
--- ARGV[6] backoff_ms      delay before retry n = min(backoff_max_ms, backoff_ms * 2^(n-1))
+-- ARGV[5] max_attempts    attempts of a step: the job fails at the max_attempts-th failure in a row
+-- ARGV[6] backoff_ms      delay after failure n = min(backoff_max_ms, backoff_ms * 2^(n-1))
 -- ARGV[7] backoff_max_ms
 -- Derived keys: pfx.."due", pfx.."status:*".
 -- Reply: {outcome, retries, delay_ms}; outcome 'retry', 'failed', 'lease_lost', 'corrupt' (its
@@ -38,7 +39,7 @@ local status = redis.call('HGET', job, 'status')
 if status ~= 'running' then
   return {status, retries, 0}
 end
-if retries > tonumber(ARGV[5]) then
+if retries >= tonumber(ARGV[5]) then
   job_end(pfx, id, job, 'running', 'failed', now)
   return {'failed', retries, 0}
 end

@@ -6,7 +6,9 @@
 -- ARGV[2] job id
 -- ARGV[3] iterator name
 -- ARGV[4] params (JSON)
--- ARGV[5] config (JSON snapshot of the iterator's settings)
+-- ARGV[5] config (JSON snapshot of the settings the job runs with)
+-- ARGV[6] overrides (JSON of the settings given to this job's start, which every worker that
+--         claims it applies over its iterator's; '' for none: no field written)
 -- Derived keys: pfx.."due", pfx.."status:pending".
 -- Reply: {'ok', created_at_ms} or {'exists', current status}; an existing job is left untouched;
 -- {'corrupt', what} when its keys hold something else (nothing written)
@@ -27,6 +29,9 @@ end
 local now = now_ms()
 redis.call('HSET', job, 'job_id', id, 'iterator', ARGV[3], 'params', ARGV[4], 'config', ARGV[5],
   'processed', 0, 'retries', 0, 'created_at', int(now), 'owner', '')
+if ARGV[6] ~= '' then
+  redis.call('HSET', job, 'overrides', ARGV[6])
+end
 job_set_status(pfx, id, job, nil, 'pending', now)
 redis.call('ZADD', pfx .. 'due', int(now), id)
 return {'ok', int(now)}

@@ -24,7 +24,7 @@ from .errors import (
 )
 from .executor import Executor
 from .executor_core import ExecutorAttributes, check_client, client_from_url
-from .job_model import JobStatus, make_config
+from .job_model import DEFAULT_RETRY_BACKOFF, DEFAULT_RETRY_BACKOFF_MAX, JobStatus, make_config
 from .jobs import JobIterator, define_iterator, list_jobs
 from .keys import layout_key, registry_key, validate_name
 from .models import ProcessorConfig
@@ -314,9 +314,10 @@ class Batcher(ExecutorAttributes):
         name: str,
         batch_size: int = 100,
         delay_between_batches: float | timedelta = 0.1,
-        max_retries: int = 5,
-        retry_backoff: float | timedelta = 1.0,
-        retry_backoff_max: float | timedelta = 30.0,
+        max_attempts: int | None = None,
+        max_retries: int | None = None,
+        retry_backoff: float | timedelta = DEFAULT_RETRY_BACKOFF,
+        retry_backoff_max: float | timedelta = DEFAULT_RETRY_BACKOFF_MAX,
         lease_timeout: float | timedelta = 60.0,
     ) -> Callable[[type], JobIterator]:
         """Class decorator defining an iterator (see README "Iterator jobs"); returns a
@@ -326,15 +327,18 @@ class Batcher(ExecutorAttributes):
         ``on_complete(job)``.
 
         ``batch_size``: passed to ``next_batch``. ``delay_between_batches``: pause after each
-        saved step. ``max_retries``: how many times a failing step is retried; the job fails
-        at the ``max_retries + 1``-th failure in a row (``max_retries=0``: at the first
-        failure). Retry n waits ``retry_backoff * 2**(n-1)`` seconds, capped at
+        saved step. ``max_attempts`` (default 5): how many times a step runs; the job fails at
+        the ``max_attempts``-th failure in a row. ``max_retries=N`` is the seed's spelling of
+        the same, N attempts (0 like 1); give one of the two. After failure n the step waits
+        ``retry_backoff * 2**(n-1)`` seconds (2, 4, 8, 16 s by default), capped at
         ``retry_backoff_max``. ``lease_timeout``: how long a job stays owned by a worker that
-        stopped renewing it (a dead worker's job is resumed by another after this)."""
+        stopped renewing it (a dead worker's job is resumed by another after this). ``start``
+        may override all but ``lease_timeout`` for one job."""
         config = make_config(
             name,
             batch_size=batch_size,
             delay_between_batches=delay_between_batches,
+            max_attempts=max_attempts,
             max_retries=max_retries,
             retry_backoff=retry_backoff,
             retry_backoff_max=retry_backoff_max,

@@ -37,8 +37,11 @@ class ProcessorDef:
         self.dead_ttl_ms = 0 if ttl is None else max(1, round(ttl * 1000))
         self.dead_max = 0 if config.max_dead_letters is None else config.max_dead_letters
         pending_cap = -1 if config.max_pending is None else config.max_pending
-        # add.lua's packed config argument (one argument instead of three on the hot path)
+        # add.lua's packed config argument (one argument instead of three on the hot path);
+        # flush_idle adds a field only for the processors that set it
         self.add_config = f"{config.max_batch_size} {self.interval_ms} {pending_cap} "
+        if config.flush_idle is not None:
+            self.add_config += f"{max(1, round(config.flush_idle * 1000))} "
         self.add_config_one = self.add_config + "-"  # one add (no coalesced segments)
         self.add_config_frame = frames((self.add_config_one,))  # the same, RESP-encoded (ops.add_frame)
         self.__doc__ = getattr(handler, "__doc__", None)

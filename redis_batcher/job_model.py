@@ -30,10 +30,10 @@ import logging
 import os
 import socket
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict
 
 from .errors import (
     ConfigError,
@@ -41,7 +41,7 @@ from .errors import (
     error_text,
 )
 from .keys import GUARD, validate_name
-from .options import seconds_option
+from .options import positive_int, seconds_option
 
 log = logging.getLogger("redis_batcher.jobs")
 
@@ -49,6 +49,10 @@ log = logging.getLogger("redis_batcher.jobs")
 STATUSES = ("pending", "running", "paused", "completed", "failed", "cancelled")
 MAX_JOB_ID_BYTES = 512
 RATE_WINDOW_MS = 60_000
+# the seed's schedule: 5 attempts of a step, retry n after 2 s * 2**(n-1), at most 30 s
+DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_RETRY_BACKOFF = 2.0
+DEFAULT_RETRY_BACKOFF_MAX = 30.0
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -86,7 +90,7 @@ class IteratorConfig:
     name: str
     batch_size: int
     delay_between_batches: float
-    max_retries: int
+    max_attempts: int
     retry_backoff: float
     retry_backoff_max: float
     lease_timeout: float
@@ -97,6 +101,9 @@ class IteratorConfig:
     @classmethod
     def from_json(cls, raw: str | bytes) -> IteratorConfig:
         data = json.loads(raw)
+        if "max_attempts" not in data and isinstance(data.get("max_retries"), int):
+            # written by a version whose max_retries=N allowed N + 1 attempts
+            data["max_attempts"] = data["max_retries"] + 1
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
@@ -201,22 +208,38 @@ def _seconds(name: str, value: float | timedelta, *, positive: bool) -> float:
     return float(seconds_option(name, value, allow_none=False, positive=positive) or 0.0)
 
 
+def attempts_of(max_attempts: int | None, max_retries: int | None) -> int:
+    """The attempts a step gets: ``max_attempts`` (an int >= 1), or ``max_retries`` with the
+    seed's meaning (``max_retries=N``: N attempts, 0 like 1), or 5 when neither is given.
+    :class:`ConfigError` for both, or a bad value."""
+    if max_attempts is not None and max_retries is not None:
+        raise ConfigError("give max_attempts or max_retries, not both (max_retries=N means N attempts)")
+    if max_retries is not None:
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ConfigError(f"max_retries must be an int >= 0, got {max_retries!r}")
+        return max(max_retries, 1)
+    if max_attempts is None:
+        return DEFAULT_MAX_ATTEMPTS
+    return positive_int("max_attempts", max_attempts)
+
+
 def make_config(
     name: str,
     *,
     batch_size: int,
     delay_between_batches: float | timedelta,
-    max_retries: int,
+    max_attempts: int | None = None,
+    max_retries: int | None = None,
     retry_backoff: float | timedelta,
     retry_backoff_max: float | timedelta,
     lease_timeout: float | timedelta,
 ) -> IteratorConfig:
-    """Validated iterator settings (:class:`ConfigError` on bad values)."""
+    """Validated iterator settings (:class:`ConfigError` on bad values); see
+    :func:`attempts_of` for ``max_attempts`` and ``max_retries``."""
     validate_name("iterator name", name)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-        raise ConfigError(f"max_retries must be an int >= 0, got {max_retries!r}")
+    attempts = attempts_of(max_attempts, max_retries)
     backoff = _seconds("retry_backoff", retry_backoff, positive=True)
     backoff_max = _seconds("retry_backoff_max", retry_backoff_max, positive=True)
     if backoff_max < backoff:
@@ -225,11 +248,56 @@ def make_config(
         name=name,
         batch_size=batch_size,
         delay_between_batches=_seconds("delay_between_batches", delay_between_batches, positive=False),
-        max_retries=max_retries,
+        max_attempts=attempts,
         retry_backoff=backoff,
         retry_backoff_max=backoff_max,
         lease_timeout=_seconds("lease_timeout", lease_timeout, positive=True),
     )
+
+
+class JobOptions(TypedDict, total=False):
+    """The settings one job may override at ``start``, each checked as the iterator's own
+    (see :meth:`redis_batcher.Batcher.iterator`); the job keeps them, so whichever worker
+    claims it uses them. ``lease_timeout`` is the iterator's for all its jobs."""
+
+    batch_size: int
+    delay_between_batches: float | timedelta
+    max_attempts: int
+    max_retries: int
+    """The seed's spelling of ``max_attempts`` (N attempts), stored as ``max_attempts``."""
+    retry_backoff: float | timedelta
+    retry_backoff_max: float | timedelta
+
+
+JOB_OPTIONS = tuple(JobOptions.__annotations__)
+
+
+def job_config(base: IteratorConfig, overrides: Mapping[str, Any]) -> IteratorConfig:
+    """``base`` with a job's ``overrides`` (:class:`JobOptions`), checked as the iterator's own
+    settings are: :class:`ConfigError` for a bad value, ``TypeError`` for an unknown name."""
+    for key in overrides:
+        if key not in JOB_OPTIONS:
+            raise TypeError(f"start() got an unexpected keyword argument {key!r}")
+    settings: dict[str, Any] = {
+        "batch_size": base.batch_size,
+        "delay_between_batches": base.delay_between_batches,
+        "retry_backoff": base.retry_backoff,
+        "retry_backoff_max": base.retry_backoff_max,
+    }
+    if "max_attempts" not in overrides and "max_retries" not in overrides:
+        settings["max_attempts"] = base.max_attempts
+    settings.update(overrides)
+    return make_config(base.name, lease_timeout=base.lease_timeout, **settings)
+
+
+def job_overrides(base: IteratorConfig, overrides: Mapping[str, Any]) -> tuple[IteratorConfig, str]:
+    """The config a job started with ``overrides`` runs with, and the overrides as stored with
+    it (JSON of the checked values, ``max_retries`` as ``max_attempts``; ``""`` for none)."""
+    config = job_config(base, overrides)
+    if not overrides:
+        return config, ""
+    names = {"max_attempts" if key == "max_retries" else key for key in overrides}
+    return config, json.dumps({key: getattr(config, key) for key in sorted(names)})
 
 
 def check_iterator_class(cls: Any) -> None:

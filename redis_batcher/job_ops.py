@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import ops
@@ -35,9 +35,20 @@ def _call(name: str, keys: JobKeys, key: str, *args: str | int) -> ops.Call:
     return ops.Call(scripts().scripts[name], (key, keys.guard), tuple(args))
 
 
-def start_call(keys: JobKeys, config: IteratorConfig, job_id: str, params_json: str) -> ops.Call:
+def start_call(
+    keys: JobKeys, config: IteratorConfig, job_id: str, params_json: str, overrides_json: str = ""
+) -> ops.Call:
+    """``config``: what the job runs with; ``overrides_json``: its own settings (job_overrides)."""
     return _call(
-        "job_start", keys, keys.job(job_id), keys.pfx, job_id, config.name, params_json, config.to_json()
+        "job_start",
+        keys,
+        keys.job(job_id),
+        keys.pfx,
+        job_id,
+        config.name,
+        params_json,
+        config.to_json(),
+        overrides_json,
     )
 
 
@@ -86,7 +97,7 @@ def fail_call(keys: JobKeys, config: IteratorConfig, job_id: str, owner: str, er
         job_id,
         owner,
         error,
-        config.max_retries,
+        config.max_attempts,
         _ms(config.retry_backoff),
         _ms(config.retry_backoff_max),
     )
@@ -120,13 +131,14 @@ class Claimed:
     retries: int
     params: Any
     exhausted: bool
+    overrides: dict[str, Any] = field(default_factory=dict)  # the job's own settings (JobOptions)
 
 
 def parse_claim(owner: str, reply: Sequence[Any]) -> tuple[int, list[Claimed]]:
     """(ms until the earliest remaining entry is runnable, -1 for none; the claimed jobs)."""
     out: list[Claimed] = []
-    for i in range(1, len(reply), 6):
-        job_id, cursor, processed, retries, params, exhausted = reply[i : i + 6]
+    for i in range(1, len(reply), 7):
+        job_id, cursor, processed, retries, params, exhausted, overrides = reply[i : i + 7]
         out.append(
             Claimed(
                 job_id=as_text(job_id),
@@ -136,9 +148,26 @@ def parse_claim(owner: str, reply: Sequence[Any]) -> tuple[int, list[Claimed]]:
                 retries=int(retries),
                 params=json.loads(params),
                 exhausted=as_text(exhausted) == "1",
+                overrides=_overrides(job_id, overrides),
             )
         )
     return int(reply[0]), out
+
+
+def _overrides(job_id: Any, raw: Any) -> dict[str, Any]:
+    """A job's stored overrides; {} (its iterator's settings) when there are none or they are
+    not a JSON object (logged: only this library writes them)."""
+    text = as_text(raw)
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        log.error("job %s: overrides %r are not a JSON object; the iterator's apply", as_text(job_id), text)
+        return {}
+    return data
 
 
 def parse_start(iterator: str, job_id: str, reply: Sequence[Any]) -> None:

@@ -25,7 +25,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import ops
 from .errors import ConfigError, error_text
-from .job_model import JobContext, JobStats, iterator_registry_key, log_step_exit, takes_job, worker_label
+from .job_model import (
+    IteratorConfig,
+    JobContext,
+    JobStats,
+    iterator_registry_key,
+    job_config,
+    log_step_exit,
+    takes_job,
+    worker_label,
+)
 from .job_ops import (
     Claimed,
     check_page,
@@ -51,9 +60,22 @@ class Session:
 
     iterator: JobIterator
     claimed: Claimed
+    config: IteratorConfig  # the iterator's settings with the job's own (job_config)
     # given back at shutdown while its step still ran: the session saves nothing more
     abandoned: bool = False
     task: Any = None  # the thread or asyncio task the executor runs it in
+
+
+def session_config(it: JobIterator, claimed: Claimed) -> IteratorConfig:
+    """The settings a claimed job runs with: its iterator's, with the job's own overrides
+    (checked again: a stored value that no longer passes is logged, the iterator's used)."""
+    if not claimed.overrides:
+        return it.config
+    try:
+        return job_config(it.config, claimed.overrides)
+    except (ConfigError, TypeError) as exc:
+        log.error("%s %s: own settings refused (%s); using the iterator's", it.name, claimed.job_id, exc)
+        return it.config
 
 
 # -- effects: what an executor performs for the core -----------------------------------------------
@@ -338,7 +360,7 @@ class JobRunnerCore:
             due_at[it.name] = now + min(wait, self.poll_interval)
             more = more or next_ms == 0
             for c in claimed:
-                s = Session(it, c)
+                s = Session(it, c, session_config(it, c))
                 with self._lock:
                     self._sessions[(it.name, c.job_id)] = s
                 yield Spawn(s)
@@ -373,7 +395,7 @@ class JobRunnerCore:
 
     def _drive(self, s: Session) -> Steps[None]:
         it, c = s.iterator, s.claimed
-        cfg = it.config
+        cfg = s.config
         ctx = JobContext(c.job_id, it.name, c.params, c.cursor, c.processed, c.retries, cfg.batch_size)
         exhausted = c.exhausted
         step = 0
@@ -485,7 +507,7 @@ class JobRunnerCore:
         it, c = s.iterator, s.claimed
         self.stats.failures += 1
         log_step_exit(it.name, c.job_id, exc)
-        reply = yield from self._write(s, fail_call(it.keys, it.config, c.job_id, c.owner, error_text(exc)))
+        reply = yield from self._write(s, fail_call(it.keys, s.config, c.job_id, c.owner, error_text(exc)))
         if reply is None:
             return
         outcome, retries, delay_ms = as_text(reply[0]), int(reply[1]), int(reply[2])

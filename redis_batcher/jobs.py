@@ -4,10 +4,11 @@ the concepts and key layout; :mod:`redis_batcher.job_runner` runs the jobs in a 
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import (
     ConfigError,
@@ -20,16 +21,23 @@ from .job_model import (
     STATUSES,
     IteratorConfig,
     JobKeys,
+    JobOptions,
     JobStatus,
     check_iterator_class,
     encode_params,
     iterator_registry_key,
+    job_overrides,
     validate_job_id,
     validate_status,
 )
 from .job_ops import control_call, parse_control, parse_start, parse_status, start_call
 from .keys import validate_name
 from .models import as_text
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+elif TYPE_CHECKING:  # typing_extensions is no runtime dependency: annotations are not evaluated
+    from typing_extensions import Unpack
 
 
 class JobsHost(Protocol):
@@ -160,14 +168,20 @@ class JobIterator(JobControl):
         """A new instance of the iterator class (the runner makes one per claim of a job)."""
         return self.cls()
 
-    def start(self, job_id: str, params: Any = None) -> JobStatus:
+    def start(self, job_id: str, params: Any = None, **overrides: Unpack[JobOptions]) -> JobStatus:
         """Create job ``job_id`` (status ``pending``; a worker picks it up). ``params`` must be
-        JSON-serialisable; steps see them as ``job.params``. :class:`JobExists` when the id is
-        taken, :class:`InvalidJob` for a bad id or params (nothing is written then)."""
+        JSON-serialisable; steps see them as ``job.params``. The keywords (``batch_size``,
+        ``delay_between_batches``, ``max_attempts`` or ``max_retries``, ``retry_backoff``,
+        ``retry_backoff_max``: :class:`~redis_batcher.job_model.JobOptions`) override the
+        iterator's settings for this job; they are stored with it, so every worker uses them.
+        :class:`JobExists` when the id is taken, :class:`InvalidJob` for a bad id or params,
+        :class:`ConfigError` for a bad setting (nothing is written then)."""
         validate_job_id(job_id)
         params_json = encode_params(params)
+        config, overrides_json = job_overrides(self.config, overrides)
         self.batcher.client.hset(iterator_registry_key(self.batcher.prefix), self.name, self.config.to_json())
-        reply = self.batcher.executor.execute(start_call(self.keys, self.config, job_id, params_json))
+        call = start_call(self.keys, config, job_id, params_json, overrides_json)
+        reply = self.batcher.executor.execute(call)
         parse_start(self.name, job_id, reply)
         return self._must_status(job_id)
 

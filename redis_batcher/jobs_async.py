@@ -7,20 +7,28 @@ the sync definitions batcher (like processors), so one class serves both clients
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import sys
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import JobNotFound
 from .executor_async import AsyncExecutor
 from .job_model import (
     IteratorConfig,
+    JobOptions,
     JobStatus,
     encode_params,
     iterator_registry_key,
+    job_overrides,
     validate_job_id,
     validate_status,
 )
 from .job_ops import control_call, parse_control, parse_start, start_call
 from .jobs import JobControlBase, JobIterator, JobsHost, check_limit, iterator_names
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+elif TYPE_CHECKING:  # typing_extensions is no runtime dependency: annotations are not evaluated
+    from typing_extensions import Unpack
 
 
 class AsyncJobsHost(Protocol):
@@ -102,14 +110,17 @@ class AsyncJobIterator(AsyncJobControl):
         self.config: IteratorConfig = definition.config
         self.cls = definition.cls
 
-    async def start(self, job_id: str, params: Any = None) -> JobStatus:
-        """As :meth:`redis_batcher.jobs.JobIterator.start`, awaited."""
+    async def start(self, job_id: str, params: Any = None, **overrides: Unpack[JobOptions]) -> JobStatus:
+        """As :meth:`redis_batcher.jobs.JobIterator.start` (the same per-job settings), awaited."""
         validate_job_id(job_id)
         params_json = encode_params(params)
+        config, overrides_json = job_overrides(self.config, overrides)
         await self.batcher.client.hset(
             iterator_registry_key(self.batcher.prefix), self.name, self.config.to_json()
         )
-        reply = await self.batcher.executor.execute(start_call(self.keys, self.config, job_id, params_json))
+        reply = await self.batcher.executor.execute(
+            start_call(self.keys, config, job_id, params_json, overrides_json)
+        )
         parse_start(self.name, job_id, reply)
         return await self._must_status(job_id)
 

@@ -50,6 +50,7 @@ class ProcessorConfig:
     max_pending: int | None = None
     dead_letter_ttl: float | None = 180 * 86400.0
     max_dead_letters: int | None = 10_000
+    flush_idle: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)

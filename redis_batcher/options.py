@@ -147,6 +147,10 @@ class ProcessorOptions(TypedDict, total=False):
     max_dead_letters: Annotated[int | None, Option(10_000, optional(positive_int))]
     """At most this many dead letters per partition, the oldest dropped first; ``None``: no
     limit. With ``dead_letter_ttl``, this keeps a failing processor from filling Redis."""
+    flush_idle: Annotated[float | timedelta | None, Option(None, _positive_seconds_or_none)]
+    """Debounce: a sequence is delivered once this long passed without an add to it, never
+    later than ``flush_interval`` after its first item nor past ``max_batch_size``; less than
+    ``flush_interval``. ``None``: off."""
 
 
 PROCESSOR_OPTIONS: dict[str, Option] = {
@@ -161,7 +165,19 @@ def processor_options(options: Mapping[str, Any]) -> dict[str, Any]:
     for key in options:
         if key not in PROCESSOR_OPTIONS:
             raise TypeError(f"Batcher.processor() got an unexpected keyword argument {key!r}")
-    return {
+    settings = {
         name: option.check(name, options.get(name, option.default))
         for name, option in PROCESSOR_OPTIONS.items()
     }
+    check_flush_idle(settings["flush_idle"], settings["flush_interval"])
+    return settings
+
+
+def check_flush_idle(idle: float | None, interval: float | None) -> None:
+    """``flush_idle`` below ``flush_interval``: at or above it, the interval always comes first
+    and the option would do nothing. Raises :class:`ConfigError`."""
+    if idle is not None and interval is not None and idle >= interval:
+        raise ConfigError(
+            f"flush_idle ({idle:g} s) must be less than flush_interval ({interval:g} s), "
+            "which caps it; flush_idle=None turns it off"
+        )

@@ -159,3 +159,23 @@ def test_sigterm_stops_a_suite_and_its_redis_servers() -> None:
         for p in started | (_redis_servers() - before):  # whatever a failure left behind
             if _alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def test_add_path_measures_add_with_flush_idle_beside_add(tmp_path: Path) -> None:
+    """add_path's side-by-side line: add() of a processor with flush_idle, as a ratio of add()
+    of the same processor without it, measured in the same run."""
+    figures = tmp_path / "add_path.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.add_path", "--quick", "--json", str(figures)],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "add() with flush_idle / add() without = " in proc.stdout
+    records = {r["figure"]: r for r in map(json.loads, figures.read_text().splitlines())}
+    debounced = records["add() with flush_idle items/s"]
+    assert debounced["ratio_of"] == "add() items/s" and debounced["median"] > 0
+    assert math.isclose(debounced["ratio"], debounced["median"] / records["add() items/s"]["median"])

@@ -3,6 +3,7 @@ retries, pause/resume/cancel/delete, listing, fencing, and kill -9 of a worker p
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import redis
 
 import redis_batcher as rb
 from redis_batcher import Batcher, JobContext, Page, Worker
-from redis_batcher.job_ops import claim_call, commit_call, fail_call, parse_claim
+from redis_batcher.job_ops import claim_call, commit_call, parse_claim
 from redis_batcher.job_runner import JobRunner
 from redis_batcher.testing import RedisServer
 from tests.apps import jobs_app
@@ -178,11 +180,11 @@ def test_a_step_failing_twice_then_succeeding_is_retried_with_backoff(
     assert [str(info[1]) for info in tracebacks if info] == ["database away (1)", "database away (2)"]
 
 
-def test_a_step_always_failing_fails_the_job_after_max_retries(real_batcher: Batcher) -> None:
+def test_a_step_always_failing_fails_the_job_after_max_attempts(real_batcher: Batcher) -> None:
     attempts = [0]
     fixed = [False]
 
-    @real_batcher.iterator(name="broken", max_retries=2, retry_backoff=0.02, retry_backoff_max=0.05)
+    @real_batcher.iterator(name="broken", max_attempts=3, retry_backoff=0.02, retry_backoff_max=0.05)
     class Broken:
         def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
             attempts[0] += 1
@@ -198,7 +200,7 @@ def test_a_step_always_failing_fails_the_job_after_max_retries(real_batcher: Bat
         wait_until(lambda: Broken.status("b1").status == "failed", what="failure")  # type: ignore[union-attr]
     st = Broken.status("b1")
     assert st is not None
-    assert attempts[0] == 3  # the first try and max_retries=2 retries
+    assert attempts[0] == 3  # max_attempts=3
     assert (st.retry_count, st.error) == (3, "ValueError: schema mismatch in column 'since'")
     assert st.finished_at is not None
     assert [j.job_id for j in real_batcher.jobs(status="failed")] == ["b1"]
@@ -214,10 +216,10 @@ def test_a_step_calling_sys_exit_is_a_failed_step(
     real_batcher: Batcher, caplog: pytest.LogCaptureFixture
 ) -> None:
     """sys.exit() in a step ends neither the runner nor the job's bookkeeping: each try is a
-    counted failure (logged with its traceback) and the job fails after max_retries."""
+    counted failure (logged with its traceback) and the job fails after max_attempts."""
     tries = [0]
 
-    @real_batcher.iterator(name="exits", max_retries=1, retry_backoff=0.02, retry_backoff_max=0.05)
+    @real_batcher.iterator(name="exits", max_attempts=2, retry_backoff=0.02, retry_backoff_max=0.05)
     class Exits:
         def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
             return Page([1], None, True)
@@ -235,32 +237,100 @@ def test_a_step_calling_sys_exit_is_a_failed_step(
     assert record.levelname == "ERROR" and record.exc_info is not None
 
 
-def test_default_retry_backoff_is_1_2_4_seconds_capped_at_30(real_batcher: Batcher) -> None:
-    """The defaults follow the seed: retry n waits 1 s * 2**(n-1), at most 30 s. Each failure is
-    recorded by job_fail.lua, which schedules the retry in the due queue; the test makes each
-    retry runnable at once (score 0) instead of waiting for it."""
-    Count, _ = counting_iterator(real_batcher, max_retries=8)
-    keys, cfg, client = Count.keys, Count.config, real_batcher.client
-    assert (cfg.retry_backoff, cfg.retry_backoff_max) == (1.0, 30.0)
-    Count.start("bk", params={"n": 1})
+@contextmanager
+def fast_runner(batcher: Batcher) -> Iterator[JobRunner]:
+    """A job runner that looks for runnable jobs every 50 ms; always stopped."""
+    runner = JobRunner(batcher, concurrency=1, poll_interval=0.05, grace_period=5.0)
+    runner.start()
+    try:
+        yield runner
+    finally:
+        runner.stop()
+        runner.wait()
+
+
+def failure_schedule(batcher: Batcher, it: Any, job_id: str, runs: list[int]) -> list[int]:
+    """Run an always-failing job on a real runner until it fails; the delay job_fail.lua
+    scheduled after each failure (``next_run_at - error_at``, both written by it from one
+    clock reading). Each retry is made runnable at once (score 0) instead of waited for (so the
+    backoffs must be long enough not to end by themselves meanwhile); the number of runs is
+    checked against the recorded failures as it goes."""
+    client, key = batcher.client, it.keys.job(job_id)
     delays: list[int] = []
-    for n in range(1, 10):
-        client.zadd(keys.due, {"bk": 0})
-        owner = f"owner-{n}"
-        _, claimed = parse_claim(owner, claim_call(keys, cfg, 1, owner, "w").run(client))
-        assert [c.retries for c in claimed] == [n - 1]
-        before_ms = int(client.time()[0]) * 1000
-        outcome, retries, delay = fail_call(keys, cfg, "bk", owner, f"E{n}").run(client)
-        if n == 9:  # the first try and max_retries=8 retries have all failed
-            assert (outcome, retries) == (b"failed", 9)
-            break
-        assert (outcome, retries) == (b"retry", n)
-        delays.append(int(delay))
-        scheduled = client.zscore(keys.due, "bk")
-        assert scheduled is not None and 0 <= scheduled - before_ms - int(delay) <= 2000
-    assert delays == [1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
-    st = Count.status("bk")
-    assert st is not None and (st.status, st.retry_count, st.error) == ("failed", 9, "E9")
+    with fast_runner(batcher):
+        for n in range(1, 100):
+            wait_until(lambda n=n: int(client.hget(key, "retries") or 0) >= n, what=f"failure {n}")
+            status, error_at, next_run_at = client.hmget(key, ["status", "error_at", "next_run_at"])
+            assert runs[0] == n
+            if status == b"failed":
+                assert next_run_at is None
+                break
+            assert status == b"running"
+            delays.append(int(next_run_at) - int(error_at))
+            client.zadd(it.keys.due, {job_id: 0})
+    return delays
+
+
+def always_failing(batcher: Batcher, name: str, **options: Any) -> tuple[Any, list[int]]:
+    runs = [0]
+
+    @batcher.iterator(name=name, **options)
+    class Failing:
+        def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
+            runs[0] += 1
+            raise ConnectionError(f"source away ({runs[0]})")
+
+        def process(self, items: list[Any], job: JobContext) -> None:
+            pass
+
+    return Failing, runs
+
+
+def test_default_retry_schedule_is_the_seeds_5_attempts_2_4_8_16_seconds(real_batcher: Batcher) -> None:
+    """The seed (maxRetries=5 by default) fails a job at its 5th failure in a row and waits
+    min(1 s * 2**n, 30 s) after failure n: 2, 4, 8, 16 s. So do the defaults here."""
+    Failing, runs = always_failing(real_batcher, "defaults")
+    cfg = Failing.config
+    assert (cfg.max_attempts, cfg.retry_backoff, cfg.retry_backoff_max) == (5, 2.0, 30.0)
+    Failing.start("d1")
+    assert failure_schedule(real_batcher, Failing, "d1", runs) == [2000, 4000, 8000, 16000]
+    st = Failing.status("d1")
+    assert st is not None and (st.status, st.retry_count, runs[0]) == ("failed", 5, 5)
+    assert st.error == "ConnectionError: source away (5)"
+
+
+def test_max_attempts_counts_every_run_and_the_backoff_is_capped(real_batcher: Batcher) -> None:
+    Failing, runs = always_failing(real_batcher, "capped", max_attempts=8)
+    Failing.start("c1")
+    delays = failure_schedule(real_batcher, Failing, "c1", runs)
+    assert delays == [2000, 4000, 8000, 16000, 30000, 30000, 30000] and runs[0] == 8
+    Short, short_runs = always_failing(
+        real_batcher, "short", max_attempts=4, retry_backoff=25.5, retry_backoff_max=60
+    )
+    Short.start("s1")
+    assert failure_schedule(real_batcher, Short, "s1", short_runs) == [25500, 51000, 60000]
+    assert short_runs[0] == 4
+
+
+@pytest.mark.parametrize(("max_retries", "attempts"), [(3, 3), (1, 1), (0, 1)])
+def test_max_retries_keeps_the_seeds_meaning(real_batcher: Batcher, max_retries: int, attempts: int) -> None:
+    """The seed fails a job once its retry count, incremented at each failure, reaches
+    maxRetries: maxRetries=N allows N attempts (0 and 1: a single one)."""
+    Failing, runs = always_failing(real_batcher, "seed", max_retries=max_retries)
+    assert Failing.config.max_attempts == attempts
+    Failing.start("r1")
+    delays = failure_schedule(real_batcher, Failing, "r1", runs)
+    assert runs[0] == attempts and len(delays) == attempts - 1
+    with pytest.raises(rb.ConfigError, match="not both"):
+        real_batcher.iterator(name="both", max_attempts=3, max_retries=3)
+
+
+def test_a_config_stored_by_an_older_version_reads_max_retries_as_retries() -> None:
+    """Job snapshots written before max_attempts existed hold max_retries=N, which then
+    allowed N + 1 attempts."""
+    old = {"name": "x", "batch_size": 10, "delay_between_batches": 0.1, "max_retries": 5}
+    old |= {"retry_backoff": 1.0, "retry_backoff_max": 30.0, "lease_timeout": 60.0}
+    assert rb.IteratorConfig.from_json(json.dumps(old)).max_attempts == 6
 
 
 def test_cancel_is_final(real_batcher: Batcher) -> None:
@@ -329,7 +399,15 @@ def test_bad_input_leaves_redis_untouched(real_batcher: Batcher) -> None:
     for bad_params in ({"when": object()}, {"ratio": float("nan")}, {1, 2}):
         with pytest.raises(rb.InvalidJob):
             Count.start("new", params=bad_params)
-    for options in ({"batch_size": 0}, {"batch_size": -5}, {"max_retries": -1}, {"retry_backoff": 0}):
+    for options in (
+        {"batch_size": 0},
+        {"batch_size": -5},
+        {"max_retries": -1},
+        {"max_attempts": 0},
+        {"max_attempts": True},
+        {"max_attempts": 3, "max_retries": 3},
+        {"retry_backoff": 0},
+    ):
         with pytest.raises(rb.ConfigError):
             real_batcher.iterator(name="other", **options)
     with pytest.raises(rb.ConfigError):
@@ -374,7 +452,7 @@ def test_status_fields_and_items_per_second(real_batcher: Batcher) -> None:
         assert st.status == "running" and st.worker is not None and st.worker.endswith(f":{os.getpid()}")
         assert 100 < st.items_per_second < 100_000, st.items_per_second
         assert st.params == {"n": 100_000, "sleep": 0.005}
-        assert st.config is not None and (st.config.batch_size, st.config.max_retries) == (20, 5)
+        assert st.config is not None and (st.config.batch_size, st.config.max_attempts) == (20, 5)
         assert st.cursor == str(st.processed) or int(st.cursor or 0) >= st.processed
         assert st.created_at and st.started_at and st.last_run_at and st.updated_at
         assert st.created_at <= st.started_at <= st.last_run_at
@@ -532,7 +610,7 @@ def test_a_bad_page_fails_the_job_without_losing_progress_or_the_worker(real_bat
     good = [False]
 
     @real_batcher.iterator(
-        name="badpage", batch_size=5, delay_between_batches=0.0, max_retries=1, retry_backoff=0.01
+        name="badpage", batch_size=5, delay_between_batches=0.0, max_attempts=2, retry_backoff=0.01
     )
     class BadPage:
         def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Any:
@@ -730,3 +808,86 @@ def test_bad_listing_and_control_arguments_raise_batcher_errors(real_batcher: Ba
     with pytest.raises(rb.ConfigError):
         Worker(real_batcher, iterators=[])  # nothing to serve: no processors, no iterators
     assert snapshot(real_batcher.client) == before
+
+
+def sizing_iterator(batcher: Batcher, **options: Any) -> tuple[Any, list[tuple[str, int, int]]]:
+    """An iterator over range(params["n"]) recording (job id, page size, job.batch_size)."""
+    pages: list[tuple[str, int, int]] = []
+
+    @batcher.iterator(name="sized", batch_size=10, delay_between_batches=0.0, **options)
+    class Sized:
+        def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
+            start = int(cursor or 0)
+            stop = min(start + batch_size, job.params["n"])
+            return Page(list(range(start, stop)), str(stop), stop >= job.params["n"])
+
+        def process(self, items: list[int], job: JobContext) -> None:
+            pages.append((job.job_id, len(items), job.batch_size))
+
+    return Sized, pages
+
+
+def test_start_overrides_the_iterators_settings_for_one_job(real_batcher: Batcher) -> None:
+    """The seed takes batch size, delay and retries per startIterator call: start() takes them
+    for one job, stores them with it, and any worker honours them: here a worker of another
+    Batcher, whose definition of the iterator knows nothing of the job's settings."""
+    Sized, _ = sizing_iterator(real_batcher)
+    st = Sized.start("small", params={"n": 10}, batch_size=3, delay_between_batches=timedelta(0))
+    assert st.config is not None and (st.config.batch_size, st.config.delay_between_batches) == (3, 0.0)
+    assert st.config.max_attempts == 5 and Sized.config.batch_size == 10  # the iterator's are kept
+    Sized.start("plain", params={"n": 25})
+    assert real_batcher.client.hget(Sized.keys.job("plain"), "overrides") is None
+    assert real_batcher.client.hget(Sized.keys.job("small"), "overrides") == (
+        b'{"batch_size": 3, "delay_between_batches": 0.0}'
+    )
+
+    elsewhere = Batcher(real_batcher.client, prefix="t")
+    _, pages = sizing_iterator(elsewhere)
+    Worker(elsewhere).run(burst=True)
+    assert [(n, size) for job, n, size in pages if job == "small"] == [(3, 3), (3, 3), (3, 3), (1, 3)]
+    assert [(n, size) for job, n, size in pages if job == "plain"] == [(10, 10), (10, 10), (5, 10)]
+    assert {Sized.status(j).status for j in ("small", "plain")} == {"completed"}  # type: ignore[union-attr]
+
+
+def test_a_jobs_own_retry_settings_are_honoured(real_batcher: Batcher) -> None:
+    Failing, runs = always_failing(real_batcher, "fragile")  # 5 attempts, 2 s backoff
+    st = Failing.start("f1", max_attempts=3, retry_backoff=40, retry_backoff_max=timedelta(seconds=50))
+    assert st.config is not None
+    assert (st.config.max_attempts, st.config.retry_backoff, st.config.retry_backoff_max) == (3, 40.0, 50.0)
+    assert failure_schedule(real_batcher, Failing, "f1", runs) == [40000, 50000] and runs[0] == 3
+    runs[0] = 0
+    Failing.start("f2", max_retries=2)  # the seed's spelling: 2 attempts
+    assert failure_schedule(real_batcher, Failing, "f2", runs) == [2000] and runs[0] == 2
+    assert Failing.status("f2").config.max_attempts == 2  # type: ignore[union-attr]
+
+
+def test_bad_job_settings_leave_redis_untouched(real_batcher: Batcher) -> None:
+    Sized, _ = sizing_iterator(real_batcher, retry_backoff_max=30.0)
+    before = snapshot(real_batcher.client)
+    for bad in (
+        {"batch_size": 0},
+        {"batch_size": 2.5},
+        {"delay_between_batches": -1},
+        {"max_attempts": 0},
+        {"max_attempts": 2, "max_retries": 2},
+        {"retry_backoff": 31},  # above the iterator's retry_backoff_max
+        {"retry_backoff_max": "1m"},
+    ):
+        with pytest.raises(rb.ConfigError):
+            Sized.start("bad", params={"n": 1}, **bad)
+    with pytest.raises(TypeError, match="lease_timeout"):
+        Sized.start("bad", params={"n": 1}, lease_timeout=5)  # type: ignore[call-arg]
+    assert snapshot(real_batcher.client) == before
+
+
+def test_stored_settings_a_worker_refuses_leave_the_iterators(
+    real_batcher: Batcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Settings only this library writes, checked again when a worker claims the job: a value
+    that no longer passes (edited by hand) is logged and the iterator's settings apply."""
+    Sized, pages = sizing_iterator(real_batcher)
+    Sized.start("edited", params={"n": 12}, batch_size=4)
+    real_batcher.client.hset(Sized.keys.job("edited"), "overrides", '{"batch_size": 0}')
+    Worker(real_batcher).run(burst=True)
+    assert [n for _, n, _ in pages] == [10, 2]
+    assert any("edited: own settings refused" in r.getMessage() for r in caplog.records)

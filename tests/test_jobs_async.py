@@ -157,7 +157,7 @@ def test_async_retries_then_failure_then_resume(
     healthy = [False]
 
     async def body(ab: aio.Batcher) -> None:
-        @ab.iterator(name="flaky", max_retries=2, retry_backoff=0.05, retry_backoff_max=0.1)
+        @ab.iterator(name="flaky", max_attempts=3, retry_backoff=0.05, retry_backoff_max=0.1)
         class Flaky:
             async def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
                 return Page(["a", "b"], "x", True)
@@ -202,7 +202,7 @@ def test_async_runner_counts_a_step_calling_sys_exit_as_a_failed_step(
         sys.exit(3)
 
     async def body(ab: aio.Batcher) -> None:
-        @ab.iterator(name="exits", max_retries=1, retry_backoff=0.02, retry_backoff_max=0.05)
+        @ab.iterator(name="exits", max_attempts=2, retry_backoff=0.02, retry_backoff_max=0.05)
         class Exits:
             async def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
                 return Page([1], None, True)
@@ -353,3 +353,47 @@ def test_async_bad_runner_and_listing_arguments(redis_server: RedisServer, real_
             aio.Worker(ab, iterators=["nope"])
 
     arun(redis_server, body)
+
+
+def test_async_start_overrides_the_iterators_settings_for_one_job(
+    redis_server: RedisServer, real_client: redis.Redis
+) -> None:
+    """As the sync start: the job's own batch size and attempts, stored with it and honoured by
+    the async worker; bad settings write nothing."""
+    pages: list[tuple[str, int, int]] = []  # (job id, page size, job.batch_size)
+    runs = [0]
+
+    async def body(ab: aio.Batcher) -> None:
+        @ab.iterator(name="sized", batch_size=10, delay_between_batches=0.0)
+        class Sized:
+            async def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
+                start = int(cursor or 0)
+                stop = min(start + batch_size, job.params["n"])
+                return Page(list(range(start, stop)), str(stop), stop >= job.params["n"])
+
+            async def process(self, items: list[int], job: JobContext) -> None:
+                pages.append((job.job_id, len(items), job.batch_size))
+
+        @ab.iterator(name="failing", retry_backoff=0.01)
+        class Failing:
+            async def next_batch(self, cursor: str | None, batch_size: int, job: JobContext) -> Page:
+                runs[0] += 1
+                raise ValueError("no source")
+
+            async def process(self, items: list[int], job: JobContext) -> None:
+                pass
+
+        before = snapshot(real_client)
+        with pytest.raises(rb.ConfigError):
+            await Sized.start("bad", params={"n": 1}, batch_size=0)
+        assert snapshot(real_client) == before
+        st = await Sized.start("small", params={"n": 7}, batch_size=3)
+        assert st.config is not None and st.config.batch_size == 3
+        await Sized.start("plain", params={"n": 12})
+        await Failing.start("once", max_attempts=1)  # the iterator's: 5
+        await aio.Worker(ab).run(burst=True)
+        assert (await status_of(Failing, "once")).status == "failed" and runs[0] == 1
+
+    arun(redis_server, body)
+    assert [(n, size) for job, n, size in pages if job == "small"] == [(3, 3), (3, 3), (1, 3)]
+    assert [(n, size) for job, n, size in pages if job == "plain"] == [(10, 10), (2, 10)]

@@ -91,9 +91,9 @@ local function claim_due(due, pfx, o, now, sub)
       local deliver = true
       local sealing = false
       if f.status == 'accumulating' then
-        -- interval timer fired: seal with the current length as the cutoff (the sequence's
-        -- own fields and its due entry are written once, with the delivery below); the open
-        -- list becomes the sequence's list, so later adds open the next sequence
+        -- interval timer fired (or flush_idle's): seal with the current length as the cutoff
+        -- (the sequence's own fields and its due entry are written once, with the delivery
+        -- below); the open list becomes the sequence's list, so later adds open the next one
         local open, okey, how = open_items_of(pfx, base, seq, h[2])
         if how == 'damaged' then
           redis.call('LSET', okey, 0, open_header(seq, now, smax))  -- its items are delivered
@@ -106,6 +106,12 @@ local function claim_due(due, pfx, o, now, sub)
           seal_head(head, seq)
           sealing = true
           reason = 'interval'
+          -- opened with flush_idle (add.lua) and due before its flush_interval deadline: it was
+          -- left without an add for flush_idle
+          local iv = tonumber(f.interval or '') or -1
+          if f.idle and (iv < 0 or now < (tonumber(f.created_at or '') or 0) + iv) then
+            reason = 'idle'
+          end
         end
       elseif not cutoff then
         cutoff = held

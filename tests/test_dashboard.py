@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -29,6 +31,8 @@ from redis_batcher.errors import ConfigError
 from redis_batcher.scripts import scripts
 from redis_batcher.testing import RedisServer
 from redis_batcher.worker_registry import WorkerInfo
+
+from .conftest import subprocess_env
 
 PREFIX = "dash"
 TOKEN = "s3cret-token"
@@ -433,3 +437,38 @@ def test_a_page_view_costs_the_same_with_100_000_ids_as_with_1_000(
         assert cost <= bound and large[path] <= bound, (path, cost, large[path])
         if path != "/processor?name=big":
             assert large[path] == cost, (path, cost, large[path])
+
+
+WITHOUT_EXTRA = """
+import sys
+from importlib.abc import MetaPathFinder
+
+
+class NoExtra(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("starlette", "uvicorn", "jinja2"):
+            raise ModuleNotFoundError(name)
+        return None
+
+
+sys.meta_path.insert(0, NoExtra())
+from redis_batcher.cli import main
+
+main(["dashboard", "--redis-url", sys.argv[1]])
+"""
+
+
+def test_without_the_extra_the_cli_works_and_the_dashboard_says_what_to_install(
+    redis_server: RedisServer,
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_EXTRA, redis_server.url],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "Error: the dashboard needs starlette, uvicorn and jinja2: pip install 'redis-batcher[dashboard]'"
+    ]

@@ -17,9 +17,28 @@ from typing import Any
 
 import click
 
-from . import cli_batches, cli_common, cli_dead, cli_demo, cli_jobs, cli_top, cli_worker, cli_workers
+from . import (
+    cli_batches,
+    cli_common,
+    cli_dashboard,
+    cli_dead,
+    cli_demo,
+    cli_jobs,
+    cli_top,
+    cli_worker,
+    cli_workers,
+)
 
-COMMAND_MODULES = (cli_worker, cli_workers, cli_top, cli_batches, cli_dead, cli_jobs, cli_demo)
+COMMAND_MODULES = (
+    cli_worker,
+    cli_workers,
+    cli_top,
+    cli_batches,
+    cli_dead,
+    cli_jobs,
+    cli_dashboard,
+    cli_demo,
+)
 
 
 class Main(click.Group):

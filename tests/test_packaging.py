@@ -410,6 +410,12 @@ def test_wheel_contains_lua_scripts_and_py_typed(wheel: Path) -> None:
         # the console script is declared
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
         assert "redis-batcher = redis_batcher.cli:main" in zf.read(entry_points).decode()
+        # the web dashboard's templates and static files (redis_batcher/dashboard_assets)
+        assets = ROOT / "redis_batcher" / "dashboard_assets"
+        wanted = {f"redis_batcher/{p.relative_to(assets.parent).as_posix()}" for p in assets.rglob("*.*")}
+        assert {"redis_batcher/dashboard_assets/templates/base.html"} < wanted
+        assert {"redis_batcher/dashboard_assets/static/dashboard.js"} < wanted
+        assert wanted <= names, sorted(wanted - names)
         # nothing from the test suite or the top-level lua/ path leaks into the wheel
         assert not any(n.startswith(("tests/", "lua/")) for n in names)
 

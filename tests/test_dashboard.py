@@ -132,6 +132,16 @@ def test_every_page_answers_read_only_without_action_buttons(read_only: TestClie
         assert read_only.get(asset).status_code == 200
 
 
+def test_the_overview_shows_each_processors_pending_items(read_only: TestClient, app: Batcher) -> None:
+    def ok_row() -> str:
+        page = read_only.get("/").text
+        return page.split('data-processor="ok"', 1)[1].split("</tr>", 1)[0]
+
+    assert '<td data-label="pending items">0</td>' in ok_row()  # a and b still accumulate
+    app.remote("ok").flush("b")
+    assert '<td data-label="pending items">1</td>' in ok_row()
+
+
 def test_the_batch_page_decodes_items_and_shows_the_rest_in_hex(read_only: TestClient, app: Batcher) -> None:
     page = read_only.get("/batch?processor=ok&id=a").text
     assert "{&#34;n&#34;: 1}" in page and "&#34;two&#34;" in page

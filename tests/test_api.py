@@ -429,6 +429,9 @@ def test_bad_input_raises_and_leaves_redis_untouched(api: ClientApi) -> None:
         {"flush_interval": timedelta(seconds=-1)},
         {"flush_interval": float("nan")},
         {"flush_interval": "5"},
+        {"flush_interval": 0},
+        {"flush_interval": 0.0},
+        {"flush_interval": timedelta(0)},
         {"partitions": 0},
         {"codec": "pickle"},
         {"codec": object()},
@@ -447,6 +450,15 @@ def test_bad_config_raises_before_any_write(api: ClientApi, kwargs: dict[str, An
         api.processor(**{"name": "p", **kwargs})(lambda f: None)
     assert snapshot(api.client) == before
     assert api.processors == {}
+
+
+def test_flush_interval_zero_points_to_none(api: ClientApi) -> None:
+    # the seed's flushIntervalMs: 0 means "no timer"; ported literally it would deliver every
+    # item on its own, so it is refused with the spelling that means what the seed meant
+    with pytest.raises(rb.ConfigError, match="use None for no interval timer"):
+        api.processor(name="p", flush_interval=0)(lambda f: None)
+    proc = api.processor(name="p", flush_interval=None)(lambda f: None)
+    assert proc.config.flush_interval is None and proc.interval_ms == -1
 
 
 def test_duplicate_processor_name(api: ClientApi) -> None:

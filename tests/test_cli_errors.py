@@ -277,6 +277,13 @@ def test_a_bad_worker_target_is_a_usage_error(target: str, expected: str) -> Non
     assert_one_line(run("worker", target, "--burst"), 2, expected)
 
 
+def test_demo_refuses_a_flush_interval_of_zero() -> None:
+    # 0 would deliver every item alone (None is the "no timer" of the API; the demo has a timer)
+    result = invoke("demo", "--flush-interval", "0")
+    assert result.exit_code == 2
+    assert "--flush-interval" in result.output and "x>0" in result.output
+
+
 @pytest.mark.parametrize("target", ["tests.apps.pinned:batcher", "tests.apps.pinned:abatcher"])
 def test_burst_with_redis_unreachable_exits_1_after_connect_retry(target: str) -> None:
     url = dead_url()

@@ -318,12 +318,9 @@ class AsyncProcessor:
         st = await self.status(batch_id)
         return 0 if st is None else st.pending
 
-    async def history(self, batch_id: str, limit: int = 20) -> list[FlushRecord]:
-        """Flush attempts, newest first."""
-        if not isinstance(limit, int) or limit < 1:
-            raise ConfigError(f"limit must be a positive int, got {limit!r}")
-        base, _ = parse_batch_id(batch_id)
-        key, start, stop = ops.history_range(self.definition, base, limit)
+    async def history(self, batch_id: str, limit: int | None = 20) -> list[FlushRecord]:
+        """Flush attempts, newest first: the newest ``limit``, or every one kept with ``None``."""
+        key, start, stop = ops.history_range(self.definition, parse_batch_id(batch_id)[0], limit)
         client = self.batcher.client
         with calls.reading(key):
             raw = await self.batcher.executor.command(key, lambda: client.lrange(key, start, stop))

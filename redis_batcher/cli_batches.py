@@ -72,11 +72,16 @@ def _paused_note(name: str) -> str:
 
 
 @_batch_command
-@click.option("--limit", "-n", type=click.IntRange(min=1), default=20, show_default=True)
-def history(batch_id: str, proc: Processor, limit: int, as_json: bool) -> None:
+@click.option(
+    "--limit", "-n", type=click.IntRange(min=1), default=None, help="Newest entries shown [default: 20]."
+)
+@click.option("--all", "show_all", is_flag=True, help="Every entry kept (the processor's history_limit).")
+def history(batch_id: str, proc: Processor, limit: int | None, show_all: bool, as_json: bool) -> None:
     """Show the flush history of BATCH_ID, newest first."""
+    if show_all and limit is not None:
+        raise click.UsageError("--all shows every entry kept: leave out --limit")
     with exit_on_error("BATCH_ID"):
-        records = proc.history(batch_id, limit=limit)
+        records = proc.history(batch_id, limit=None if show_all else limit or 20)
     if as_json:
         print_json(records)
         return

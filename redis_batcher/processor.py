@@ -8,7 +8,6 @@ from typing import Any
 from . import calls, dead_ops, ops, pause_ops
 from .codec import Codec, encode_item, encode_items
 from .definition import ADD_CHUNK, Handler, ProcessorDef
-from .errors import ConfigError
 from .executor import ExecutorHost
 from .keys import parse_batch_id
 from .models import (
@@ -120,12 +119,10 @@ class Processor(ProcessorDef):
         _, active, done = self._snapshot(batch_id)
         return ([done] if done else []) + active
 
-    def history(self, batch_id: str, limit: int = 20) -> list[FlushRecord]:
-        """Flush attempts of the base id, newest first (successes and failures)."""
-        if not isinstance(limit, int) or limit < 1:
-            raise ConfigError(f"limit must be a positive int, got {limit!r}")
-        base, _ = parse_batch_id(batch_id)
-        key, start, stop = ops.history_range(self, base, limit)
+    def history(self, batch_id: str, limit: int | None = 20) -> list[FlushRecord]:
+        """Flush attempts of the base id, newest first (successes and failures): the newest
+        ``limit``, or every one kept (up to ``history_limit``) with ``None``."""
+        key, start, stop = ops.history_range(self, parse_batch_id(batch_id)[0], limit)
         client = self.batcher.client
         with calls.reading(key):
             raw = self.batcher.executor.command(key, lambda: client.lrange(key, start, stop))

@@ -194,6 +194,40 @@ def test_history_newest_first_and_capped(api: ClientApi) -> None:
         proc.history("h", limit=0)
 
 
+def test_history_limit_none_returns_every_entry_kept(api: ClientApi) -> None:
+    # the seed's getFlushHistory without a limit returns everything; here everything kept
+    proc, _ = make(api, max_batch_size=1, history_limit=25)
+    proc.add_many("h", list(range(30)))
+    api.burst()
+    newest = proc.history("h")
+    everything = proc.history("h", limit=None)
+    assert len(newest) == 20 and len(everything) == 25 == len({r.sequence for r in everything})
+    assert everything[:20] == newest
+    assert proc.history("unknown", limit=None) == []
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(rb.ConfigError):
+            proc.history("h", limit=bad)  # type: ignore[arg-type]
+
+
+def test_a_completed_sequence_keeps_its_created_at(api: ClientApi) -> None:
+    proc, _ = make(api)
+    proc.add("u", 1)
+    (open_seq,) = proc.sequences("u")
+    assert open_seq.created_at is not None
+    proc.flush("u")
+    api.burst()
+    (done,) = proc.sequences("u")
+    assert (done.sequence, done.status, done.created_at) == (0, "completed", open_seq.created_at)
+    assert done.updated_at is not None and done.updated_at >= open_seq.created_at
+    proc.add("u", 2)
+    proc.flush("u")
+    api.burst()
+    (later,) = proc.sequences("u")
+    assert later.sequence == 1 and later.created_at is not None and later.created_at >= done.created_at
+    assert proc.delete("u::1").deleted
+    assert "done_created" not in {k.decode() for k in api.client.hkeys("t:{events:0}:b:u")}
+
+
 def test_failed_flush_keeps_items_and_records_error(api: ClientApi) -> None:
     calls: list[int] = []
 

@@ -378,7 +378,7 @@ def test_status_table(populated: Populated) -> None:
     assert "orders / o1" in out
     rows = table_rows(out)
     assert [r[:4] for r in rows] == [["1", "completed", "10", "0"], ["2", "accumulating", "5", "0"]], out
-    assert rows[0][4] == "-" and rows[1][4].startswith("20")  # created_at: unknown / ISO time
+    assert rows[0][4].startswith("20") and rows[1][4].startswith("20")  # created_at: ISO times
 
     result = populated.cli("status", "f1", "--processor", "flaky")
     assert result.exit_code == 0, result.output
@@ -398,6 +398,7 @@ def test_status_json(populated: Populated) -> None:
         (2, "accumulating", 5),
     ]
     assert seqs[1]["batch_id"] == "o1::2" and seqs[1]["created_at"]
+    assert seqs[0]["created_at"] and seqs[0]["created_at"] <= seqs[1]["created_at"]
     assert data["config"]["name"] == "orders" and data["config"]["max_batch_size"] == 10
 
     data = populated.json("status", "f1", "--processor", "flaky")
@@ -427,6 +428,9 @@ def test_history_table_and_json(populated: Populated) -> None:
     ]
     assert all(r["error"] is None and r["flush_id"] and r["reason"] == "size" for r in records)
     assert len(populated.json("history", "o1", "--processor", "orders", "--limit", "1")) == 1
+    assert populated.json("history", "o1", "--processor", "orders", "--all") == records
+    both = populated.cli("history", "o1", "--processor", "orders", "--all", "--limit", "1")
+    assert both.exit_code == 2 and "leave out --limit" in both.output
 
     [failed] = populated.json("history", "f1", "--processor", "flaky")
     assert failed["success"] is False and failed["error"] == "ValueError: boom" and failed["item_count"] == 5

@@ -286,6 +286,23 @@ def test_completed_batches_leave_only_head_and_history_with_ttl(api: ClientApi) 
     assert api.client.ttl("t:{events:0}:b:u") == -1
 
 
+def test_flush_id_stays_unique_when_retention_restarts_the_numbering(api: ClientApi) -> None:
+    # (batch_id, sequence) is reused once retention drops a finished base id; flush_id is not
+    proc, got = make(api, retention=timedelta(hours=1))
+    proc.add_many("u", [1, 2, 3])
+    api.burst()
+    kept = ["t:{events:0}:b:u", "t:{events:0}:h:u"]
+    assert all(api.client.ttl(k) > 0 for k in kept)
+    api.client.delete(*kept)  # what their expiry does, without waiting for it
+    assert proc.sequences("u") == [] and proc.history("u") == []
+    proc.add_many("u", [4, 5, 6])
+    api.burst()
+    first, again = got
+    assert (first.batch_id, first.sequence) == (again.batch_id, again.sequence) == ("u", 0)
+    assert first.flush_id != again.flush_id
+    assert proc.history("u")[0].flush_id == again.flush_id
+
+
 def test_batch_ids_iterates_active_ids(api: ClientApi) -> None:
     proc, _ = make(api, partitions=4)
     ids = {f"tenant:{i}" for i in range(50)}

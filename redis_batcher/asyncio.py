@@ -277,11 +277,21 @@ class AsyncProcessor:
         return ops.combine_adds(base, results)
 
     async def flush(self, batch_id: str) -> FlushResult:
-        """Seal the accumulating sequence now (see :meth:`redis_batcher.Processor.flush`)."""
+        """Seal the accumulating sequence now and retry the ones waiting for a retry (see
+        :meth:`redis_batcher.Processor.flush`)."""
         base, seq = parse_batch_id(batch_id)
         await self.batcher.executor.ensure_registered(self.definition)
         return ops.parse_flush(
             batch_id, base, await self.batcher.executor.execute(ops.flush_call(self.definition, base, seq))
+        )
+
+    async def retry(self, batch_id: str) -> FlushResult:
+        """Make the sequences waiting for a retry due now, attempt counts kept (see
+        :meth:`redis_batcher.Processor.retry`)."""
+        base, seq = parse_batch_id(batch_id)
+        await self.batcher.executor.ensure_registered(self.definition)
+        return ops.parse_flush(
+            batch_id, base, await self.batcher.executor.execute(ops.retry_call(self.definition, base, seq))
         )
 
     async def pause(self) -> bool:

@@ -134,7 +134,21 @@ def flush_call(proc: Processor, base: str, seq: int | None) -> Call:
     )
 
 
+def retry_call(proc: Processor, base: str, seq: int | None) -> Call:
+    part = proc.keys.for_base(base)
+    return Call(
+        scripts().retry,
+        (part.head(base), part.due, part.guard),
+        (part.pfx, base, "" if seq is None else seq),
+    )
+
+
+NOTHING_TO_RETRY = "Nothing waits for a retry"
+
+
 def parse_flush(batch_id: str, base: str, reply: Sequence[Any]) -> FlushResult:
+    """A flush.lua or retry.lua reply (raises :class:`BatchNotFound`,
+    :class:`BatchNotAccumulating`, :class:`CorruptData`)."""
     if as_text(reply[0]) == "corrupt":
         raise corrupt(reply[3])
     code, seq, count, status = as_text(reply[0]), int(reply[1]), int(reply[2]), as_text(reply[3])
@@ -145,7 +159,9 @@ def parse_flush(batch_id: str, base: str, reply: Sequence[Any]) -> FlushResult:
         raise BatchNotAccumulating(batch_id, status)
     if code == "empty":
         return FlushResult(base, sequence, 0, False, status or None, "Batch is empty")
-    return FlushResult(base, sequence, count, True, status)
+    if code == "none":
+        return FlushResult(base, sequence, 0, False, status or None, NOTHING_TO_RETRY)
+    return FlushResult(base, sequence, count, True, status, retried=tuple(int(r) for r in reply[4:]))
 
 
 def status_call(proc: Processor, base: str) -> Call:

@@ -68,15 +68,33 @@ class Processor(ProcessorDef):
         return ops.combine_adds(base, [self.batcher.executor.run_add(self, base, chunk) for chunk in chunks])
 
     def flush(self, batch_id: str) -> FlushResult:
-        """Seal the accumulating sequence of ``batch_id`` (or the named ``base::N``) now.
+        """Seal the accumulating sequence of ``batch_id`` (or the named ``base::N``) now, and
+        make its sequences that wait for a retry due now too (as :meth:`retry`), in one atomic
+        call: everything the base id holds is delivered at once. A named ``base::N`` that waits
+        for a retry is retried.
 
         Raises :class:`BatchNotFound` for an unknown id and :class:`BatchNotAccumulating` when
-        ``base::N`` is already flushing or completed; an id with nothing accumulating returns
-        ``flushed=False, reason="Batch is empty"``.
+        ``base::N`` is completed, or flushing without waiting for a retry (a worker holds it,
+        or it is due already); an id with nothing accumulating and nothing waiting returns
+        ``flushed=False, reason="Batch is empty"``. ``FlushResult.retried`` names the
+        sequences retried.
         """
         base, seq = parse_batch_id(batch_id)
         self.batcher.executor.ensure_registered(self)
         reply = self.batcher.executor.execute(ops.flush_call(self, base, seq))
+        return ops.parse_flush(batch_id, base, reply)
+
+    def retry(self, batch_id: str) -> FlushResult:
+        """Make the sequences of ``batch_id`` that wait for a retry (a failed delivery's
+        backoff) due now, or only the named ``base::N``; the accumulating one is left alone.
+        Their attempt counts are kept, so ``max_attempts`` goes on counting.
+
+        ``FlushResult.retried`` names them; with none waiting, ``flushed=False`` and
+        ``reason="Nothing waits for a retry"``. Raises :class:`BatchNotFound` for an unknown id.
+        """
+        base, seq = parse_batch_id(batch_id)
+        self.batcher.executor.ensure_registered(self)
+        reply = self.batcher.executor.execute(ops.retry_call(self, base, seq))
         return ops.parse_flush(batch_id, base, reply)
 
     # -- pausing --------------------------------------------------------------------------------

@@ -250,6 +250,95 @@ def test_failed_flush_keeps_items_and_records_error(api: ClientApi) -> None:
     assert proc.delete("b") == rb.DeleteResult(False, "Cannot delete batch while flushing")
 
 
+def failing_until(api: ClientApi, fixed: list[bool], **kw: Any) -> tuple[ProcessorApi, list[rb.Flush]]:
+    """Processor "r" (2 items a batch, no interval, a 60 s backoff: a failed flush waits for
+    its retry through any burst) whose handler records each delivery and raises until
+    ``fixed`` holds True."""
+    got: list[rb.Flush] = []
+
+    def handler(flush: rb.Flush) -> None:
+        got.append(flush)
+        if not fixed:
+            raise RuntimeError("downstream is down")
+
+    options = {"name": "r", "max_batch_size": 2, "flush_interval": None, "retry_backoff": 60}
+    return api.processor(**{**options, **kw})(handler), got
+
+
+def waiting(proc: ProcessorApi, batch_id: str) -> list[tuple[int, int, bool]]:
+    """(sequence, attempt, due now) of each flushing sequence."""
+    st = proc.status(batch_id)
+    now = datetime.now(timezone.utc) + timedelta(seconds=1)
+    batches = st.batches if st else []
+    flushing = [b for b in batches if b.status == "flushing"]
+    return [(b.sequence, b.attempt, b.due_at is not None and b.due_at <= now) for b in flushing]
+
+
+def test_flush_of_a_sequence_waiting_for_a_retry_delivers_it_now(api: ClientApi) -> None:
+    # the seed's failed flush accumulates again and flush(id) retries it at once; here the
+    # sequence waits for its backoff, and flush("b::0") (or retry) ends the wait
+    fixed: list[bool] = []
+    proc, got = failing_until(api, fixed)
+    proc.add_many("b", [1, 2])
+    api.burst()
+    api.burst()  # the backoff holds it back
+    assert [f.attempt for f in got] == [1] and waiting(proc, "b") == [(0, 1, False)]
+    fixed.append(True)
+    result = proc.flush("b::0")
+    assert result == rb.FlushResult("b", 0, 2, True, "flushing", None, (0,))
+    assert waiting(proc, "b") == [(0, 1, True)]  # due now, its attempt count kept
+    assert api.burst().delivered == 1
+    assert [(f.sequence, f.items, f.attempt) for f in got] == [(0, [1, 2], 1), (0, [1, 2], 2)]
+    assert got[0].flush_id == got[1].flush_id
+    assert proc.status("b") is None
+    with pytest.raises(rb.BatchNotAccumulating):
+        proc.flush("b::0")
+
+
+def test_flush_of_a_base_id_retries_every_waiting_sequence(api: ClientApi) -> None:
+    fixed: list[bool] = []
+    proc, got = failing_until(api, fixed)
+    for bid in ("idle", "busy"):
+        proc.add_many(bid, [1, 2, 3, 4])
+    api.burst()
+    assert waiting(proc, "idle") == waiting(proc, "busy") == [(0, 1, False), (1, 1, False)]
+    proc.add("busy", 5)  # "busy" accumulates ::2 again
+    fixed.append(True)
+    # nothing accumulates: the waiting sequences are retried
+    assert proc.flush("idle") == rb.FlushResult("idle", 0, 4, True, "flushing", None, (0, 1))
+    # something accumulates: it is sealed, and the waiting ones are retried with it
+    assert proc.flush("busy") == rb.FlushResult("busy", 2, 5, True, "flushing", None, (0, 1))
+    assert api.burst().delivered == 5
+    assert sorted((f.batch_id, f.sequence, f.attempt) for f in got[4:]) == [
+        ("busy", 0, 2),
+        ("busy", 1, 2),
+        ("busy", 2, 1),
+        ("idle", 0, 2),
+        ("idle", 1, 2),
+    ]
+    assert proc.flush("idle").reason == "Batch is empty"
+
+
+def test_retry_keeps_the_attempt_count_and_leaves_the_accumulating_sequence(api: ClientApi) -> None:
+    proc, got = failing_until(api, [], max_attempts=2)
+    proc.add_many("b", [1, 2, 3, 4, 5])  # ::0 and ::1 sealed, ::2 accumulates
+    api.burst()
+    before = snapshot(api.client)
+    assert proc.retry("b::2") == rb.FlushResult("b", 2, 0, False, "accumulating", "Nothing waits for a retry")
+    assert snapshot(api.client) == before
+    assert proc.retry("b") == rb.FlushResult("b", 0, 4, True, "flushing", None, (0, 1))
+    assert proc.retry("b").reason == "Nothing waits for a retry"
+    assert api.burst().dead_lettered == 2  # the second failure spends max_attempts=2
+    assert sorted(f.attempt for f in got) == [1, 1, 2, 2]
+    (acc,) = proc.status("b").batches  # type: ignore[union-attr]
+    assert (acc.sequence, acc.status, acc.item_count) == (2, "accumulating", 1)
+    with pytest.raises(rb.BatchNotFound):
+        proc.retry("nope")
+    with pytest.raises(rb.BatchNotFound):
+        proc.retry("b::9")
+    assert proc.retry("b::0").reason == "Nothing waits for a retry"
+
+
 def test_delete_semantics(api: ClientApi) -> None:
     proc, _ = make(api)
     assert proc.delete("nothing") == rb.DeleteResult(False, "Batch not found")

@@ -134,6 +134,7 @@ UNREACHABLE = [
     ["status", "b1", "-p", "events"],
     ["history", "b1", "-p", "events"],
     ["flush", "b1", "-p", "events"],
+    ["retry", "b1", "-p", "events"],
     ["layout"],
     ["dead", "ls"],
     ["dead", "purge", "--all", "-p", "events"],

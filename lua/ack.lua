@@ -74,8 +74,8 @@ if tonumber(f.cutoff) > window then
 end
 local base, seq = split_member(member)
 -- a completed sequence is recorded on the head (done_seq: the highest completed one)
-local left = advance(pfx, base, seq, window, now, cfg, {f.cutoff, f.fid_n, f.max, f.flush_id, f.fid_k},
-  delivered)
+local left = advance(pfx, base, seq, window, now, cfg,
+  {f.cutoff, f.fid_n, f.max, f.flush_id, f.fid_k, f.created_at}, delivered)
 if ARGV[9] and tonumber(ARGV[9]) > 0 then
   if paused(pfx, KEYS[5]) then
     return {'ok', left, -1}

@@ -88,7 +88,7 @@ if redis.call('HEXISTS', head, 'a:' .. want) == 1 then
   return {1, ''}
 end
 if redis.call('HGET', head, 'done_seq') == want then
-  redis.call('HDEL', head, 'done_seq', 'done_items', 'done_at')
+  redis.call('HDEL', head, 'done_seq', 'done_items', 'done_at', 'done_created')
   return {1, ''}
 end
 return {0, 'Batch not found'}

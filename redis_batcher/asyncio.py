@@ -277,11 +277,21 @@ class AsyncProcessor:
         return ops.combine_adds(base, results)
 
     async def flush(self, batch_id: str) -> FlushResult:
-        """Seal the accumulating sequence now (see :meth:`redis_batcher.Processor.flush`)."""
+        """Seal the accumulating sequence now and retry the ones waiting for a retry (see
+        :meth:`redis_batcher.Processor.flush`)."""
         base, seq = parse_batch_id(batch_id)
         await self.batcher.executor.ensure_registered(self.definition)
         return ops.parse_flush(
             batch_id, base, await self.batcher.executor.execute(ops.flush_call(self.definition, base, seq))
+        )
+
+    async def retry(self, batch_id: str) -> FlushResult:
+        """Make the sequences waiting for a retry due now, attempt counts kept (see
+        :meth:`redis_batcher.Processor.retry`)."""
+        base, seq = parse_batch_id(batch_id)
+        await self.batcher.executor.ensure_registered(self.definition)
+        return ops.parse_flush(
+            batch_id, base, await self.batcher.executor.execute(ops.retry_call(self.definition, base, seq))
         )
 
     async def pause(self) -> bool:
@@ -318,12 +328,9 @@ class AsyncProcessor:
         st = await self.status(batch_id)
         return 0 if st is None else st.pending
 
-    async def history(self, batch_id: str, limit: int = 20) -> list[FlushRecord]:
-        """Flush attempts, newest first."""
-        if not isinstance(limit, int) or limit < 1:
-            raise ConfigError(f"limit must be a positive int, got {limit!r}")
-        base, _ = parse_batch_id(batch_id)
-        key, start, stop = ops.history_range(self.definition, base, limit)
+    async def history(self, batch_id: str, limit: int | None = 20) -> list[FlushRecord]:
+        """Flush attempts, newest first: the newest ``limit``, or every one kept with ``None``."""
+        key, start, stop = ops.history_range(self.definition, parse_batch_id(batch_id)[0], limit)
         client = self.batcher.client
         with calls.reading(key):
             raw = await self.batcher.executor.command(key, lambda: client.lrange(key, start, stop))

@@ -1,4 +1,4 @@
-"""``redis-batcher status|history|flush|ls|layout|pause|resume``: batches, processors and
+"""``redis-batcher status|history|flush|retry|ls|layout|pause|resume``: batches, processors and
 partitions of a prefix, read from the registry without the application's code."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from .cli_common import (
     remote,
 )
 from .keys import LAYOUT
+from .models import FlushResult
 from .processor import Processor
 
 STATUS_COLUMNS = ("seq", "status", "items", "attempt", "created", "updated", "due", "last error")
@@ -72,11 +73,16 @@ def _paused_note(name: str) -> str:
 
 
 @_batch_command
-@click.option("--limit", "-n", type=click.IntRange(min=1), default=20, show_default=True)
-def history(batch_id: str, proc: Processor, limit: int, as_json: bool) -> None:
+@click.option(
+    "--limit", "-n", type=click.IntRange(min=1), default=None, help="Newest entries shown [default: 20]."
+)
+@click.option("--all", "show_all", is_flag=True, help="Every entry kept (the processor's history_limit).")
+def history(batch_id: str, proc: Processor, limit: int | None, show_all: bool, as_json: bool) -> None:
     """Show the flush history of BATCH_ID, newest first."""
+    if show_all and limit is not None:
+        raise click.UsageError("--all shows every entry kept: leave out --limit")
     with exit_on_error("BATCH_ID"):
-        records = proc.history(batch_id, limit=limit)
+        records = proc.history(batch_id, limit=None if show_all else limit or 20)
     if as_json:
         print_json(records)
         return
@@ -95,17 +101,42 @@ def history(batch_id: str, proc: Processor, limit: int, as_json: bool) -> None:
     print_table(f"history of {proc.name} / {batch_id}", HISTORY_COLUMNS, rows)
 
 
+def _retried_note(base: str, result: FlushResult) -> str:
+    names = ", ".join(f"{base}::{seq}" for seq in result.retried)
+    return f"retried {names} now (attempt counts kept)"
+
+
 @_batch_command
 def flush(batch_id: str, proc: Processor, as_json: bool) -> None:
-    """Seal BATCH_ID's accumulating sequence now (a base id or base::N)."""
+    """Seal BATCH_ID's accumulating sequence now (a base id or base::N), and retry now what
+    waits for a retry."""
     with exit_on_error():
         result = proc.flush(batch_id)
     if as_json:
         print_json(result)
-    elif result.flushed:
-        console.print(f"sealed {batch_id}::{result.sequence} with {result.item_count} items")
-    else:
+    elif not result.flushed:
         console.print(f"nothing flushed: {result.reason}")
+    elif not result.retried:
+        console.print(f"sealed {result.batch_id}::{result.sequence} with {result.item_count} items")
+    elif result.sequence in result.retried:  # nothing was sealed
+        console.print(f"{_retried_note(result.batch_id, result)}: {result.item_count} items due now")
+    else:
+        sealed = f"sealed {result.batch_id}::{result.sequence} and {_retried_note(result.batch_id, result)}"
+        console.print(f"{sealed}: {result.item_count} items due now")
+
+
+@_batch_command
+def retry(batch_id: str, proc: Processor, as_json: bool) -> None:
+    """Deliver now what of BATCH_ID waits for a retry (a base id or base::N): a failed flush
+    waiting for its backoff. The accumulating sequence is left alone."""
+    with exit_on_error():
+        result = proc.retry(batch_id)
+    if as_json:
+        print_json(result)
+    elif result.flushed:
+        console.print(f"{_retried_note(result.batch_id, result)}: {result.item_count} items due now")
+    else:
+        console.print(f"nothing retried: {result.reason}")
 
 
 def _print_partitions(rows: list[overview.PartitionInfo], prefix: str, as_json: bool) -> None:
@@ -239,6 +270,7 @@ COMMANDS: tuple[click.Command, ...] = (
     status,
     history,
     flush,
+    retry,
     ls_cmd,
     layout,
     _pause_command(True),

@@ -16,7 +16,7 @@ from .cli_common import console
 @click.option("--producers", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--batch-ids", "batch_ids", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--flush-interval", type=click.FloatRange(min=0), default=0.5, show_default=True)
+@click.option("--flush-interval", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True)
 def demo(**options: Any) -> None:
     """Run producers and a worker against a throwaway redis-server and report throughput."""
     from .demo import run_demo  # not at the top: it makes its batcher when imported

@@ -107,7 +107,11 @@ def add_result(
 
 @dataclass(frozen=True)
 class FlushResult:
-    """Outcome of a manual ``flush``: ``flushed`` is false with ``reason`` when nothing was sealed."""
+    """Outcome of a manual ``flush`` or ``retry``: ``flushed`` is false with ``reason`` when
+    nothing was made due. ``retried`` names the sequences that waited for a retry (a failed
+    delivery's backoff) and are due now, their attempt counts kept; ``item_count`` counts the
+    items made due (the sealed sequence's and the retried ones'); ``sequence`` is the sealed
+    one, else the first retried one."""
 
     batch_id: str
     sequence: int | None
@@ -115,6 +119,7 @@ class FlushResult:
     flushed: bool
     status: str | None
     reason: str | None = None
+    retried: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

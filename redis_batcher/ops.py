@@ -22,7 +22,7 @@ import msgpack
 from .calls import Call as Call
 from .calls import corrupt, pairs
 from .connection import Arg
-from .errors import BatchFull, BatchNotAccumulating, BatchNotFound, CorruptData
+from .errors import BatchFull, BatchNotAccumulating, BatchNotFound, ConfigError, CorruptData
 from .keys import PartitionKeys
 from .models import (
     AddResult,
@@ -134,7 +134,21 @@ def flush_call(proc: Processor, base: str, seq: int | None) -> Call:
     )
 
 
+def retry_call(proc: Processor, base: str, seq: int | None) -> Call:
+    part = proc.keys.for_base(base)
+    return Call(
+        scripts().retry,
+        (part.head(base), part.due, part.guard),
+        (part.pfx, base, "" if seq is None else seq),
+    )
+
+
+NOTHING_TO_RETRY = "Nothing waits for a retry"
+
+
 def parse_flush(batch_id: str, base: str, reply: Sequence[Any]) -> FlushResult:
+    """A flush.lua or retry.lua reply (raises :class:`BatchNotFound`,
+    :class:`BatchNotAccumulating`, :class:`CorruptData`)."""
     if as_text(reply[0]) == "corrupt":
         raise corrupt(reply[3])
     code, seq, count, status = as_text(reply[0]), int(reply[1]), int(reply[2]), as_text(reply[3])
@@ -145,7 +159,9 @@ def parse_flush(batch_id: str, base: str, reply: Sequence[Any]) -> FlushResult:
         raise BatchNotAccumulating(batch_id, status)
     if code == "empty":
         return FlushResult(base, sequence, 0, False, status or None, "Batch is empty")
-    return FlushResult(base, sequence, count, True, status)
+    if code == "none":
+        return FlushResult(base, sequence, 0, False, status or None, NOTHING_TO_RETRY)
+    return FlushResult(base, sequence, count, True, status, retried=tuple(int(r) for r in reply[4:]))
 
 
 def status_call(proc: Processor, base: str) -> Call:
@@ -197,15 +213,19 @@ def parse_status(base: str, reply: Sequence[Any]) -> tuple[list[BatchInfo], Batc
             sequence=int(head["done_seq"]),
             status="completed",
             item_count=int(head.get("done_items", 0)),
-            created_at=None,
+            created_at=ms_to_dt(head.get("done_created")),
             updated_at=done_at,
             batch_id=f"{base}::{head['done_seq']}",
         )
     return active, done
 
 
-def history_range(proc: Processor, base: str, limit: int) -> tuple[str, int, int]:
-    return proc.keys.for_base(base).history(base), 0, limit - 1
+def history_range(proc: Processor, base: str, limit: int | None) -> tuple[str, int, int]:
+    """The history key of ``base`` and the LRANGE bounds of its newest ``limit`` entries (every
+    entry kept with ``None``); raises :class:`ConfigError` for a limit that is not an int >= 1."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"limit must be a positive int or None, got {limit!r}")
+    return proc.keys.for_base(base).history(base), 0, -1 if limit is None else limit - 1
 
 
 def parse_history(raw: Sequence[bytes], key: str) -> list[FlushRecord]:

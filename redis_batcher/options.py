@@ -69,13 +69,21 @@ def _seconds_check(*, allow_none: bool, positive: bool = False) -> Check:
 
 _seconds = _seconds_check(allow_none=False)
 _positive_seconds = _seconds_check(allow_none=False, positive=True)
-_seconds_or_none = _seconds_check(allow_none=True)
 _positive_seconds_or_none = _seconds_check(allow_none=True, positive=True)
 
 
 def optional(check: Check) -> Check:
     """``check``, with ``None`` accepted as it is."""
     return lambda name, value: None if value is None else check(name, value)
+
+
+def _interval(name: str, value: float | timedelta | None) -> float | None:
+    # the seed's flushIntervalMs 0 means "no timer"; 0 here would make every sequence due on
+    # its first item, so a port that copies it is refused rather than silently unbatched
+    seconds = seconds_option(name, value, allow_none=True)
+    if seconds == 0:
+        raise ConfigError(f"{name} must be > 0, got {value!r}; use None for no interval timer")
+    return seconds
 
 
 def _partitions(name: str, value: object) -> int:
@@ -103,9 +111,9 @@ class ProcessorOptions(TypedDict, total=False):
     ``module.qualname``."""
     max_batch_size: Annotated[int, Option(100, positive_int)]
     """A sequence is sealed and delivered when it holds this many items."""
-    flush_interval: Annotated[float | timedelta | None, Option(30.0, _seconds_or_none)]
+    flush_interval: Annotated[float | timedelta | None, Option(30.0, _interval)]
     """Time after a sequence's first item at which it is delivered even if not full; ``None``:
-    only size and manual flushes."""
+    only size and manual flushes (``0`` is refused: it would deliver every item on its own)."""
     partitions: Annotated[int, Option(1, _partitions)]
     """Hash-tagged shards of the processor (spread one hot processor over a cluster)."""
     codec: Annotated[str | Codec, Option("msgpack", _codec)]

@@ -8,7 +8,6 @@ from typing import Any
 from . import calls, dead_ops, ops, pause_ops
 from .codec import Codec, encode_item, encode_items
 from .definition import ADD_CHUNK, Handler, ProcessorDef
-from .errors import ConfigError
 from .executor import ExecutorHost
 from .keys import parse_batch_id
 from .models import (
@@ -69,15 +68,33 @@ class Processor(ProcessorDef):
         return ops.combine_adds(base, [self.batcher.executor.run_add(self, base, chunk) for chunk in chunks])
 
     def flush(self, batch_id: str) -> FlushResult:
-        """Seal the accumulating sequence of ``batch_id`` (or the named ``base::N``) now.
+        """Seal the accumulating sequence of ``batch_id`` (or the named ``base::N``) now, and
+        make its sequences that wait for a retry due now too (as :meth:`retry`), in one atomic
+        call: everything the base id holds is delivered at once. A named ``base::N`` that waits
+        for a retry is retried.
 
         Raises :class:`BatchNotFound` for an unknown id and :class:`BatchNotAccumulating` when
-        ``base::N`` is already flushing or completed; an id with nothing accumulating returns
-        ``flushed=False, reason="Batch is empty"``.
+        ``base::N`` is completed, or flushing without waiting for a retry (a worker holds it,
+        or it is due already); an id with nothing accumulating and nothing waiting returns
+        ``flushed=False, reason="Batch is empty"``. ``FlushResult.retried`` names the
+        sequences retried.
         """
         base, seq = parse_batch_id(batch_id)
         self.batcher.executor.ensure_registered(self)
         reply = self.batcher.executor.execute(ops.flush_call(self, base, seq))
+        return ops.parse_flush(batch_id, base, reply)
+
+    def retry(self, batch_id: str) -> FlushResult:
+        """Make the sequences of ``batch_id`` that wait for a retry (a failed delivery's
+        backoff) due now, or only the named ``base::N``; the accumulating one is left alone.
+        Their attempt counts are kept, so ``max_attempts`` goes on counting.
+
+        ``FlushResult.retried`` names them; with none waiting, ``flushed=False`` and
+        ``reason="Nothing waits for a retry"``. Raises :class:`BatchNotFound` for an unknown id.
+        """
+        base, seq = parse_batch_id(batch_id)
+        self.batcher.executor.ensure_registered(self)
+        reply = self.batcher.executor.execute(ops.retry_call(self, base, seq))
         return ops.parse_flush(batch_id, base, reply)
 
     # -- pausing --------------------------------------------------------------------------------
@@ -120,12 +137,10 @@ class Processor(ProcessorDef):
         _, active, done = self._snapshot(batch_id)
         return ([done] if done else []) + active
 
-    def history(self, batch_id: str, limit: int = 20) -> list[FlushRecord]:
-        """Flush attempts of the base id, newest first (successes and failures)."""
-        if not isinstance(limit, int) or limit < 1:
-            raise ConfigError(f"limit must be a positive int, got {limit!r}")
-        base, _ = parse_batch_id(batch_id)
-        key, start, stop = ops.history_range(self, base, limit)
+    def history(self, batch_id: str, limit: int | None = 20) -> list[FlushRecord]:
+        """Flush attempts of the base id, newest first (successes and failures): the newest
+        ``limit``, or every one kept (up to ``history_limit``) with ``None``."""
+        key, start, stop = ops.history_range(self, parse_batch_id(batch_id)[0], limit)
         client = self.batcher.client
         with calls.reading(key):
             raw = self.batcher.executor.command(key, lambda: client.lrange(key, start, stop))

@@ -38,6 +38,7 @@ from .connection import Arg, AsyncLink, Link, frames, pack
 SCRIPT_NAMES = (
     "add",
     "flush",
+    "retry",
     "claim",
     "ack",
     "nack",
@@ -459,6 +460,7 @@ class ScriptTable:
             self.scripts[name] = Script(name, includes.assemble(body, f"{name}.lua"), shebang)
         self.add = self.scripts["add"]
         self.flush = self.scripts["flush"]
+        self.retry = self.scripts["retry"]
         self.claim = self.scripts["claim"]
         self.ack = self.scripts["ack"]
         self.nack = self.scripts["nack"]

@@ -194,6 +194,40 @@ def test_history_newest_first_and_capped(api: ClientApi) -> None:
         proc.history("h", limit=0)
 
 
+def test_history_limit_none_returns_every_entry_kept(api: ClientApi) -> None:
+    # the seed's getFlushHistory without a limit returns everything; here everything kept
+    proc, _ = make(api, max_batch_size=1, history_limit=25)
+    proc.add_many("h", list(range(30)))
+    api.burst()
+    newest = proc.history("h")
+    everything = proc.history("h", limit=None)
+    assert len(newest) == 20 and len(everything) == 25 == len({r.sequence for r in everything})
+    assert everything[:20] == newest
+    assert proc.history("unknown", limit=None) == []
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(rb.ConfigError):
+            proc.history("h", limit=bad)  # type: ignore[arg-type]
+
+
+def test_a_completed_sequence_keeps_its_created_at(api: ClientApi) -> None:
+    proc, _ = make(api)
+    proc.add("u", 1)
+    (open_seq,) = proc.sequences("u")
+    assert open_seq.created_at is not None
+    proc.flush("u")
+    api.burst()
+    (done,) = proc.sequences("u")
+    assert (done.sequence, done.status, done.created_at) == (0, "completed", open_seq.created_at)
+    assert done.updated_at is not None and done.updated_at >= open_seq.created_at
+    proc.add("u", 2)
+    proc.flush("u")
+    api.burst()
+    (later,) = proc.sequences("u")
+    assert later.sequence == 1 and later.created_at is not None and later.created_at >= done.created_at
+    assert proc.delete("u::1").deleted
+    assert "done_created" not in {k.decode() for k in api.client.hkeys("t:{events:0}:b:u")}
+
+
 def test_failed_flush_keeps_items_and_records_error(api: ClientApi) -> None:
     calls: list[int] = []
 
@@ -214,6 +248,95 @@ def test_failed_flush_keeps_items_and_records_error(api: ClientApi) -> None:
     assert info.last_error == "RuntimeError: downstream is down"
     assert info.next_attempt_at is not None and info.next_attempt_at > datetime.now(timezone.utc)
     assert proc.delete("b") == rb.DeleteResult(False, "Cannot delete batch while flushing")
+
+
+def failing_until(api: ClientApi, fixed: list[bool], **kw: Any) -> tuple[ProcessorApi, list[rb.Flush]]:
+    """Processor "r" (2 items a batch, no interval, a 60 s backoff: a failed flush waits for
+    its retry through any burst) whose handler records each delivery and raises until
+    ``fixed`` holds True."""
+    got: list[rb.Flush] = []
+
+    def handler(flush: rb.Flush) -> None:
+        got.append(flush)
+        if not fixed:
+            raise RuntimeError("downstream is down")
+
+    options = {"name": "r", "max_batch_size": 2, "flush_interval": None, "retry_backoff": 60}
+    return api.processor(**{**options, **kw})(handler), got
+
+
+def waiting(proc: ProcessorApi, batch_id: str) -> list[tuple[int, int, bool]]:
+    """(sequence, attempt, due now) of each flushing sequence."""
+    st = proc.status(batch_id)
+    now = datetime.now(timezone.utc) + timedelta(seconds=1)
+    batches = st.batches if st else []
+    flushing = [b for b in batches if b.status == "flushing"]
+    return [(b.sequence, b.attempt, b.due_at is not None and b.due_at <= now) for b in flushing]
+
+
+def test_flush_of_a_sequence_waiting_for_a_retry_delivers_it_now(api: ClientApi) -> None:
+    # the seed's failed flush accumulates again and flush(id) retries it at once; here the
+    # sequence waits for its backoff, and flush("b::0") (or retry) ends the wait
+    fixed: list[bool] = []
+    proc, got = failing_until(api, fixed)
+    proc.add_many("b", [1, 2])
+    api.burst()
+    api.burst()  # the backoff holds it back
+    assert [f.attempt for f in got] == [1] and waiting(proc, "b") == [(0, 1, False)]
+    fixed.append(True)
+    result = proc.flush("b::0")
+    assert result == rb.FlushResult("b", 0, 2, True, "flushing", None, (0,))
+    assert waiting(proc, "b") == [(0, 1, True)]  # due now, its attempt count kept
+    assert api.burst().delivered == 1
+    assert [(f.sequence, f.items, f.attempt) for f in got] == [(0, [1, 2], 1), (0, [1, 2], 2)]
+    assert got[0].flush_id == got[1].flush_id
+    assert proc.status("b") is None
+    with pytest.raises(rb.BatchNotAccumulating):
+        proc.flush("b::0")
+
+
+def test_flush_of_a_base_id_retries_every_waiting_sequence(api: ClientApi) -> None:
+    fixed: list[bool] = []
+    proc, got = failing_until(api, fixed)
+    for bid in ("idle", "busy"):
+        proc.add_many(bid, [1, 2, 3, 4])
+    api.burst()
+    assert waiting(proc, "idle") == waiting(proc, "busy") == [(0, 1, False), (1, 1, False)]
+    proc.add("busy", 5)  # "busy" accumulates ::2 again
+    fixed.append(True)
+    # nothing accumulates: the waiting sequences are retried
+    assert proc.flush("idle") == rb.FlushResult("idle", 0, 4, True, "flushing", None, (0, 1))
+    # something accumulates: it is sealed, and the waiting ones are retried with it
+    assert proc.flush("busy") == rb.FlushResult("busy", 2, 5, True, "flushing", None, (0, 1))
+    assert api.burst().delivered == 5
+    assert sorted((f.batch_id, f.sequence, f.attempt) for f in got[4:]) == [
+        ("busy", 0, 2),
+        ("busy", 1, 2),
+        ("busy", 2, 1),
+        ("idle", 0, 2),
+        ("idle", 1, 2),
+    ]
+    assert proc.flush("idle").reason == "Batch is empty"
+
+
+def test_retry_keeps_the_attempt_count_and_leaves_the_accumulating_sequence(api: ClientApi) -> None:
+    proc, got = failing_until(api, [], max_attempts=2)
+    proc.add_many("b", [1, 2, 3, 4, 5])  # ::0 and ::1 sealed, ::2 accumulates
+    api.burst()
+    before = snapshot(api.client)
+    assert proc.retry("b::2") == rb.FlushResult("b", 2, 0, False, "accumulating", "Nothing waits for a retry")
+    assert snapshot(api.client) == before
+    assert proc.retry("b") == rb.FlushResult("b", 0, 4, True, "flushing", None, (0, 1))
+    assert proc.retry("b").reason == "Nothing waits for a retry"
+    assert api.burst().dead_lettered == 2  # the second failure spends max_attempts=2
+    assert sorted(f.attempt for f in got) == [1, 1, 2, 2]
+    (acc,) = proc.status("b").batches  # type: ignore[union-attr]
+    assert (acc.sequence, acc.status, acc.item_count) == (2, "accumulating", 1)
+    with pytest.raises(rb.BatchNotFound):
+        proc.retry("nope")
+    with pytest.raises(rb.BatchNotFound):
+        proc.retry("b::9")
+    assert proc.retry("b::0").reason == "Nothing waits for a retry"
 
 
 def test_delete_semantics(api: ClientApi) -> None:
@@ -250,6 +373,23 @@ def test_completed_batches_leave_only_head_and_history_with_ttl(api: ClientApi) 
     # a new add revives the base id: the head stops expiring and numbering continues
     assert proc.add("u", 5).sequence == 2
     assert api.client.ttl("t:{events:0}:b:u") == -1
+
+
+def test_flush_id_stays_unique_when_retention_restarts_the_numbering(api: ClientApi) -> None:
+    # (batch_id, sequence) is reused once retention drops a finished base id; flush_id is not
+    proc, got = make(api, retention=timedelta(hours=1))
+    proc.add_many("u", [1, 2, 3])
+    api.burst()
+    kept = ["t:{events:0}:b:u", "t:{events:0}:h:u"]
+    assert all(api.client.ttl(k) > 0 for k in kept)
+    api.client.delete(*kept)  # what their expiry does, without waiting for it
+    assert proc.sequences("u") == [] and proc.history("u") == []
+    proc.add_many("u", [4, 5, 6])
+    api.burst()
+    first, again = got
+    assert (first.batch_id, first.sequence) == (again.batch_id, again.sequence) == ("u", 0)
+    assert first.flush_id != again.flush_id
+    assert proc.history("u")[0].flush_id == again.flush_id
 
 
 def test_batch_ids_iterates_active_ids(api: ClientApi) -> None:
@@ -429,6 +569,9 @@ def test_bad_input_raises_and_leaves_redis_untouched(api: ClientApi) -> None:
         {"flush_interval": timedelta(seconds=-1)},
         {"flush_interval": float("nan")},
         {"flush_interval": "5"},
+        {"flush_interval": 0},
+        {"flush_interval": 0.0},
+        {"flush_interval": timedelta(0)},
         {"partitions": 0},
         {"codec": "pickle"},
         {"codec": object()},
@@ -447,6 +590,15 @@ def test_bad_config_raises_before_any_write(api: ClientApi, kwargs: dict[str, An
         api.processor(**{"name": "p", **kwargs})(lambda f: None)
     assert snapshot(api.client) == before
     assert api.processors == {}
+
+
+def test_flush_interval_zero_points_to_none(api: ClientApi) -> None:
+    # the seed's flushIntervalMs: 0 means "no timer"; ported literally it would deliver every
+    # item on its own, so it is refused with the spelling that means what the seed meant
+    with pytest.raises(rb.ConfigError, match="use None for no interval timer"):
+        api.processor(name="p", flush_interval=0)(lambda f: None)
+    proc = api.processor(name="p", flush_interval=None)(lambda f: None)
+    assert proc.config.flush_interval is None and proc.interval_ms == -1
 
 
 def test_duplicate_processor_name(api: ClientApi) -> None:

@@ -290,6 +290,7 @@ def test_worker_logs_each_flush_at_debug(redis_server: RedisServer, real_client:
         (["status", "x"], "Missing option '--processor'"),
         (["history", "x"], "Missing option '--processor'"),
         (["flush", "x"], "Missing option '--processor'"),
+        (["retry", "x"], "Missing option '--processor'"),
     ],
 )
 def test_bad_arguments_exit_non_zero(redis_server: RedisServer, args: list[str], message: str) -> None:
@@ -299,7 +300,7 @@ def test_bad_arguments_exit_non_zero(redis_server: RedisServer, args: list[str],
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
-@pytest.mark.parametrize("command", ["status", "history", "flush"])
+@pytest.mark.parametrize("command", ["status", "history", "flush", "retry"])
 def test_unregistered_processor_exits_non_zero(
     real_client: redis.Redis, redis_server: RedisServer, command: str
 ) -> None:
@@ -378,7 +379,7 @@ def test_status_table(populated: Populated) -> None:
     assert "orders / o1" in out
     rows = table_rows(out)
     assert [r[:4] for r in rows] == [["1", "completed", "10", "0"], ["2", "accumulating", "5", "0"]], out
-    assert rows[0][4] == "-" and rows[1][4].startswith("20")  # created_at: unknown / ISO time
+    assert rows[0][4].startswith("20") and rows[1][4].startswith("20")  # created_at: ISO times
 
     result = populated.cli("status", "f1", "--processor", "flaky")
     assert result.exit_code == 0, result.output
@@ -398,6 +399,7 @@ def test_status_json(populated: Populated) -> None:
         (2, "accumulating", 5),
     ]
     assert seqs[1]["batch_id"] == "o1::2" and seqs[1]["created_at"]
+    assert seqs[0]["created_at"] and seqs[0]["created_at"] <= seqs[1]["created_at"]
     assert data["config"]["name"] == "orders" and data["config"]["max_batch_size"] == 10
 
     data = populated.json("status", "f1", "--processor", "flaky")
@@ -427,6 +429,9 @@ def test_history_table_and_json(populated: Populated) -> None:
     ]
     assert all(r["error"] is None and r["flush_id"] and r["reason"] == "size" for r in records)
     assert len(populated.json("history", "o1", "--processor", "orders", "--limit", "1")) == 1
+    assert populated.json("history", "o1", "--processor", "orders", "--all") == records
+    both = populated.cli("history", "o1", "--processor", "orders", "--all", "--limit", "1")
+    assert both.exit_code == 2 and "leave out --limit" in both.output
 
     [failed] = populated.json("history", "f1", "--processor", "flaky")
     assert failed["success"] is False and failed["error"] == "ValueError: boom" and failed["item_count"] == 5
@@ -458,6 +463,38 @@ def test_flush_table_and_json(populated: Populated) -> None:
     redis_batcher.Worker(populated.batcher, processors=["orders"]).run(burst=True)
     assert sorted(populated.delivered) == [("o1", 0, 10), ("o1", 1, 10), ("o1", 2, 5), ("o2", 0, 3)]
     assert populated.orders.status("o1") is None and populated.orders.status("o2") is None
+
+
+def test_retry_table_and_json(populated: Populated) -> None:
+    # f1::0 failed once and waits 60 s for its retry: `retry` makes it due now
+    result = populated.cli("retry", "o1", "--processor", "orders")
+    assert result.exit_code == 0, result.output
+    assert "nothing retried: Nothing waits for a retry" in result.output
+    data = populated.json("retry", "f1", "--processor", "flaky")
+    assert (data["flushed"], data["retried"], data["item_count"], data["sequence"]) == (True, [0], 5, 0)
+    assert populated.json("retry", "f1::0", "--processor", "flaky")["flushed"] is False
+    [seq] = populated.json("status", "f1", "--processor", "flaky")["sequences"]
+    assert seq["attempt"] == 1  # kept: the retry is its second attempt
+    stats = redis_batcher.Worker(populated.batcher, processors=["flaky"]).run(burst=True)
+    assert stats.failed == 1
+    assert [r.attempt for r in populated.flaky.history("f1")] == [2, 1]
+
+    result = populated.cli("retry", "f1", "--processor", "flaky")  # the new backoff's wait
+    assert result.exit_code == 0, result.output
+    redis_batcher.Worker(populated.batcher, processors=["flaky"]).run(burst=True)
+    result = populated.cli("retry", "f1::0", "--processor", "flaky")
+    assert result.exit_code == 0, result.output
+    assert "retried f1::0 now (attempt counts kept): 5 items due now" in result.output
+    result = populated.cli("retry", "nope", "--processor", "flaky")
+    assert result.exit_code == 1 and "does not exist" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_flush_retries_what_waits_for_a_retry(populated: Populated) -> None:
+    populated.flaky.add("f1", 5)
+    result = populated.cli("flush", "f1", "--processor", "flaky")
+    assert result.exit_code == 0, result.output
+    assert "sealed f1::1 and retried f1::0 now (attempt counts kept): 6 items due now" in result.output
 
 
 def test_ls_table_and_json(populated: Populated) -> None:

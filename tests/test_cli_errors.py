@@ -134,6 +134,7 @@ UNREACHABLE = [
     ["status", "b1", "-p", "events"],
     ["history", "b1", "-p", "events"],
     ["flush", "b1", "-p", "events"],
+    ["retry", "b1", "-p", "events"],
     ["layout"],
     ["dead", "ls"],
     ["dead", "purge", "--all", "-p", "events"],
@@ -275,6 +276,13 @@ def test_out_of_memory_exits_1_with_one_line(
 )
 def test_a_bad_worker_target_is_a_usage_error(target: str, expected: str) -> None:
     assert_one_line(run("worker", target, "--burst"), 2, expected)
+
+
+def test_demo_refuses_a_flush_interval_of_zero() -> None:
+    # 0 would deliver every item alone (None is the "no timer" of the API; the demo has a timer)
+    result = invoke("demo", "--flush-interval", "0")
+    assert result.exit_code == 2
+    assert "--flush-interval" in result.output and "x>0" in result.output
 
 
 @pytest.mark.parametrize("target", ["tests.apps.pinned:batcher", "tests.apps.pinned:abatcher"])

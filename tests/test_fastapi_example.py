@@ -126,6 +126,7 @@ def test_concurrent_events_are_delivered_once_by_the_worker_command(
                 "flushed": True,
                 "status": "flushing",
                 "reason": None,
+                "retried": [],
             }
 
         worker = await asyncio.to_thread(run_worker, redis_server.url)

@@ -101,6 +101,7 @@ def test_every_script_call_declares_the_guard_last(server: RedisServer) -> None:
         proc.add("bad", 1)
         proc.flush("a")
         proc.flush("bad")
+        proc.retry("a")
         proc.status("b")
         proc.pause()
         Worker(batcher).run(burst=True)  # claims nothing: paused
@@ -123,7 +124,7 @@ def test_every_script_call_declares_the_guard_last(server: RedisServer) -> None:
     batcher.close()
 
     seen = {name for name, _ in wire.calls}
-    want = {"add", "flush", "status", "claim", "ack", "nack", "replay", "purge", "delete", "pause"}
+    want = {"add", "flush", "retry", "status", "claim", "ack", "nack", "replay", "purge", "delete", "pause"}
     want |= {"job_start", "job_pause", "job_resume", "job_claim", "job_commit", "job_finish"}
     want |= {"job_cancel", "job_delete"}
     assert want <= seen, sorted(want - seen)

@@ -1,8 +1,9 @@
 -- advance.lua: `n` items left the head of a sealed sequence (delivered or dead-lettered).
 -- Either the sequence is done (completed) or the rest becomes a fresh delivery, due now.
--- cfg: {retention=, ordered=, max=}; known: {cutoff, fid_n, max, flush_id, fid_k} when the
--- caller has read them; done: the sequence's delivered item count when an ack completes it
--- (the head then records the highest completed sequence: done_seq, done_items, done_at)
+-- cfg: {retention=, ordered=, max=}; known: {cutoff, fid_n, max, flush_id, fid_k, created_at}
+-- when the caller has read them; done: the sequence's delivered item count when an ack
+-- completes it (the head then records the highest completed sequence: done_seq, done_items,
+-- done_at, and done_created, its created_at: '' when the caller did not read it)
 --- @include "int"
 --- @include "member_of"
 --- @include "unpark"
@@ -51,7 +52,7 @@ local function advance(pfx, base, seq, n, now, cfg, known, done)
   partition_pending(pfx, math.max(was - n, 0) - was)
   if done and tonumber(seq) >= tonumber(h[4] or '-1') then
     -- concurrent flushes finish in any order: keep the highest completed sequence
-    for _, v in ipairs({'done_seq', seq, 'done_items', done, 'done_at', int(now)}) do
+    for _, v in ipairs({'done_seq', seq, 'done_items', done, 'done_at', int(now), 'done_created', f[6] or ''}) do
       table.insert(set, v)
     end
   end

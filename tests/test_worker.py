@@ -891,7 +891,8 @@ def test_flushes_due_during_a_fast_computing_handler_run_on_its_thread(real_batc
         assert w.ready.wait(10)
         proc.add("b0", 0)
         wait_for(lambda: len(threads) == 30)
-    # its ack claims the next one: one thread runs most of them instead of handing each to an
-    # idle thread, as it would without the hold (about 30 / 4 each); a busy machine lets an
-    # idle thread's wake-up win now and then
-    assert max(threads.count(t) for t in set(threads)) >= 18, [threads.count(t) for t in set(threads)]
+    # its ack claims the next one: the chain stays on the thread that ran the last flush instead
+    # of moving to an idle thread at each hand-off, as it would without the hold (about 3 in 4 of
+    # the 29 with 4 threads); a busy machine lets an idle thread's wake-up win now and then
+    moves = sum(a != b for a, b in zip(threads, threads[1:]))
+    assert moves <= 10, [threads.index(t) for t in threads]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 import threading
 import time
@@ -894,5 +895,5 @@ def test_flushes_due_during_a_fast_computing_handler_run_on_its_thread(real_batc
     # its ack claims the next one: the chain stays on the thread that ran the last flush instead
     # of moving to an idle thread at each hand-off, as it would without the hold (about 3 in 4 of
     # the 29 with 4 threads); a busy machine lets an idle thread's wake-up win now and then
-    moves = sum(a != b for a, b in zip(threads, threads[1:]))
+    moves = sum(a != b for a, b in itertools.pairwise(threads))
     assert moves <= 10, [threads.index(t) for t in threads]

@@ -58,6 +58,8 @@ async def beat_task(
             worker.beat_done()
         except (RedisError, BatcherError) as exc:
             worker.beat_done(exc)
+        if stopping():  # the cancellation was swallowed by the beat: do not sleep a whole interval
+            break
         await asyncio.sleep(worker.beat_interval)
 
 

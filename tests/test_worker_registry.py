@@ -27,6 +27,7 @@ from redis_batcher import Batcher, Worker
 from redis_batcher import asyncio as aio
 from redis_batcher.cli import main
 from redis_batcher.testing import RedisClusterServers, RedisServer
+from redis_batcher.worker_beat import beat_task
 from redis_batcher.worker_registry import MISSED_BEATS, worker_key, workers_key
 from tests.apps import fleet
 from tests.conftest import ROOT, cli_command, subprocess_env
@@ -366,3 +367,24 @@ def test_the_registry_on_redis_cluster(redis_cluster: RedisClusterServers) -> No
         assert len(json.loads(invoke("workers", *args, "--json").output)) == 2
     assert sync_b.workers() == []
     sync_b.close()
+
+
+def test_a_beat_that_swallowed_the_stop_ends_without_sleeping_an_interval(redis_server: RedisServer) -> None:
+    """A cancellation that lands inside a redis-py call may come out as a Redis error, which a
+    beat survives: the beat then sees the worker stopping and ends at once, instead of sleeping
+    a whole ``beat_interval`` (which held every asyncio burst run up to 5 s at its end)."""
+    stopping = [False]
+
+    async def register() -> None:
+        stopping[0] = True  # the worker stops while this beat is in Redis
+        raise redis.exceptions.TimeoutError("what a cancelled read may raise")
+
+    async def main() -> None:
+        ab = aio.Batcher(redis_server.url, prefix="swallow")
+        ab.processor(name="p", flush_interval=None)(lambda f: None)
+        worker = aio.Worker(ab, beat_interval=3600)
+        # an hour's sleep would hit this guard and fail the test
+        await asyncio.wait_for(beat_task(worker, register, lambda: stopping[0]), 30)
+        await ab.aclose()
+
+    asyncio.run(main())

@@ -79,6 +79,20 @@ local first, last = 3, #ARGV
 local now, sub = now_ms()  -- sub: the microseconds past `now` (a seal's flush_id)
 local okey = pfx .. 'o:' .. base
 
+-- The hot paths' seal of the open sequence their item filled: its reply, or nil when the head
+-- or the sequence's keys hold something else -- the item is then taken back and the general
+-- path below refuses the add.
+local function seal_full(seq, count)
+  if seq_problem(pfx, member_of(base, seq)) or head_problem(head)
+      or wrong_type({pfx .. 'due', 'zset'}) then
+    redis.call('RPOP', okey)
+    return nil
+  end
+  count = seal(pfx, head, pfx .. 'due', base, seq, count, 'size', now, sub)
+  wake_workers(pfx)
+  return seq .. ',' .. count .. ',F,1,1'
+end
+
 -- The hot path with flush_idle, into a sequence opened with it (its header names a cap): the
 -- same as the one below, and the due entry moved to idle_ms from now (never past the cap). Any
 -- other header goes on below.
@@ -95,14 +109,8 @@ if idle and last == first and segments == '-' and max_pending < 0 then
       redis.call('ZADD', pfx .. 'due', 'XX', idle_due(now, idle, tonumber(cap)), member_of(base, seq))
       return seq .. ',' .. count .. ',A,0,1'
     end
-    if seq_problem(pfx, member_of(base, seq)) or head_problem(head)
-        or wrong_type({pfx .. 'due', 'zset'}) then
-      redis.call('RPOP', okey)
-    else
-      count = seal(pfx, head, pfx .. 'due', base, seq, count, 'size', now, sub)
-      wake_workers(pfx)
-      return seq .. ',' .. count .. ',F,1,1'
-    end
+    local sealed = seal_full(seq, count)
+    if sealed then return sealed end
   end
 end
 
@@ -124,16 +132,8 @@ if last == first and segments == '-' and max_pending < 0 then
       redis.call('LSET', okey, 0, open_header(seq, now, smax))
       return seq .. ',' .. count .. ',A,0,1'
     end
-    -- sealing writes the head and the sequence's keys: should any of them hold something
-    -- else, the item is taken back and the general path refuses the add
-    if seq_problem(pfx, member_of(base, seq)) or head_problem(head)
-        or wrong_type({pfx .. 'due', 'zset'}) then
-      redis.call('RPOP', okey)
-    else
-      count = seal(pfx, head, pfx .. 'due', base, seq, count, 'size', now, sub)
-      wake_workers(pfx)
-      return seq .. ',' .. count .. ',F,1,1'
-    end
+    local sealed = seal_full(seq, count)
+    if sealed then return sealed end
   end
 end
 

@@ -34,6 +34,7 @@
 --- @include "waiting_retries"
 --- @include "retry_now"
 --- @include "wake_always"
+--- @include "gone_sequence"
 
 local head, due = KEYS[1], KEYS[2]
 local pfx, base, want = ARGV[1], ARGV[2], ARGV[3]
@@ -56,8 +57,7 @@ if want ~= '' then
   end
   local status = redis.call('HGET', pfx .. 's:' .. member_of(base, seq), 'status')
   if not status then
-    local nxt = tonumber(redis.call('HGET', head, 'next') or '0')
-    if tonumber(seq) < nxt then
+    if gone_sequence(head, seq) then
       return {'not_accumulating', tonumber(seq), 0, 'completed'}
     end
     return {'not_found', tonumber(seq), 0, ''}

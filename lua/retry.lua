@@ -21,6 +21,7 @@
 --- @include "waiting_retries"
 --- @include "retry_now"
 --- @include "wake_always"
+--- @include "gone_sequence"
 
 local head, due = KEYS[1], KEYS[2]
 local pfx, base, want = ARGV[1], ARGV[2], ARGV[3]
@@ -37,8 +38,7 @@ local status = ''
 if want ~= '' then
   status = redis.call('HGET', head, 'a:' .. want)
   if not status then
-    local nxt = tonumber(redis.call('HGET', head, 'next') or '0')
-    if tonumber(want) < nxt then
+    if gone_sequence(head, want) then
       return {'none', tonumber(want), 0, 'completed'}
     end
     return {'not_found', tonumber(want), 0, ''}

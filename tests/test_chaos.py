@@ -433,6 +433,9 @@ def test_poison_items_end_in_dead_letters_and_the_rest_is_delivered(tmp_path: Pa
             wait_until(settled, 90, "poison dead-lettered and everything else delivered", step=0.1)
             time.sleep(0.5)
             settled()
+            # a worker just restarted may still be importing, without its SIGTERM handler
+            for proc in procs.values():
+                wait_for_subscribers(client, proc.keys.channels[0], 3, workers)
             codes = workers.terminate_all()
             ledger.poll()
         assert all(c == 0 for c in codes), [workers.log_tail(i) for i in range(3)]
@@ -503,6 +506,9 @@ def test_worker_death_after_side_effects_keeps_one_flush_id_with_bisect(tmp_path
                 return ledger.covers(items) and deaths >= 1 and due_count(client, _pfx(proc)) == 0
 
             wait_until(settled, 30, "the sequence delivered after the death", step=0.05)
+            # a worker restarted by the last poll may still be importing, without its SIGTERM
+            # handler: let both serve before the warm shutdown
+            wait_for_subscribers(client, proc.keys.channels[0], 2, workers)
             codes = workers.terminate_all()
             ledger.poll()
         assert all(c == 0 for c in codes), [workers.log_tail(i) for i in range(2)]

@@ -1,7 +1,7 @@
 """What the web dashboard (``redis-batcher dashboard``) shows, read through a sync
 :class:`~redis_batcher.Batcher` at a cost per page that does not grow with the number of batch
-ids: the overview's figures come from :func:`redis_batcher.overview.backlog_steps` (six commands
-per partition), a processor's batch ids are one ``SSCAN`` page (a cursor, never ``KEYS``) plus
+ids: the overview's figures come from :func:`redis_batcher.overview.backlog_steps` (seven
+commands per partition), a processor's batch ids are one ``SSCAN`` page (a cursor, never ``KEYS``) plus
 one status call per id shown, a batch id's page reads its sequences, its history and a bounded
 preview of each sequence's items. From Python::
 
@@ -65,7 +65,7 @@ class Overview:
 
 
 def read_overview(batcher: Batcher) -> Overview:
-    """The overview: one ``HGETALL`` of the registry, six commands per partition of each
+    """The overview: one ``HGETALL`` of the registry, seven commands per partition of each
     processor, two for the worker registry."""
     found = overview.registry(batcher)
     now = time.time()
@@ -77,7 +77,7 @@ def read_overview(batcher: Batcher) -> Overview:
 
 
 def processor_backlog(proc: Processor) -> overview.Backlog:
-    """The :class:`~redis_batcher.overview.Backlog` of one processor: six commands per partition."""
+    """The :class:`~redis_batcher.overview.Backlog` of one processor: seven commands per partition."""
     return proc.batcher.executor.drive(overview.backlog_steps(proc, time.time()))
 
 
